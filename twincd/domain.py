@@ -110,3 +110,67 @@ class RolloutVerdict:
     phase: Phase
     message: str
     details: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """A release's merge request on any forge."""
+
+    ref: str  # forge-specific id, e.g. "!12"
+    source_branch: str
+    target_branch: str
+    title: str
+    state: str  # "opened" | "merged" | "closed"
+    web_url: str
+    merge_commit: str | None = None
+    reused: bool = False  # True when an open MR for the branch already existed ("already done")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a release's timeline: what a notifier tells the team."""
+
+    step: str  # build, push, set-image, merge-request, validate, merge, verify, result
+    status: str  # ok | failed | waiting | skipped | cancelled
+    text: str
+    at: str  # ISO 8601, UTC
+    cluster: str = ""
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The story of one release, rebuilt by the flow as steps finish (no hidden state)."""
+
+    app: str
+    tag: str
+    events: tuple[Event, ...] = ()
+
+    def add(self, event: Event) -> Timeline:
+        return Timeline(self.app, self.tag, (*self.events, event))
+
+    @property
+    def key(self) -> str:
+        """A Prefect artifact key: lowercase letters, digits and dashes only."""
+        return "release-" + re.sub(r"[^a-z0-9]+", "-", f"{self.app}-{self.tag}".lower()).strip("-")
+
+    def markdown(self) -> str:
+        icons = {"ok": "✅", "failed": "❌", "waiting": "⏳", "skipped": "⏭️", "cancelled": "🚫"}
+        rows = [f"# Release {self.app} {self.tag}", "", "| time (UTC) | step | cluster | status | details |",
+                "|---|---|---|---|---|"]
+        for e in self.events:
+            text = e.text.replace("|", "\\|").replace("\n", "<br>")
+            rows.append(f"| {e.at[11:19]} | {e.step} | {e.cluster} | {icons.get(e.status, '')} {e.status} | {text} |")
+        return "\n".join(rows) + "\n"
+
+
+@dataclass(frozen=True)
+class Release:
+    """A tagged release of an app, checked against the app's tag pattern and repository."""
+
+    app: str
+    tag: str
+    commit: str  # the commit the tag points at
+
+    @property
+    def branch(self) -> str:
+        return f"twincd/{self.app}/{self.tag}"

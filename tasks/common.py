@@ -1,0 +1,28 @@
+"""What every twincd task shares: retry only transient failures, with backoff."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.tasks import exponential_backoff
+
+from twincd.errors import TransientError
+
+
+def transient_only(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry network trouble, 5xx and 429; never a permanent error."""
+    try:
+        state.result()
+    except TransientError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+IO_RETRIES: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=2),
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": transient_only,
+}

@@ -1,0 +1,83 @@
+"""The local forge: a merge request is a branch of the manifests repo plus a JSON record.
+
+It lets people try twincd without GitLab. Approval happens in the Prefect UI (the deploy flow
+pauses with a form); approving merges the branch into the target with a merge commit.
+Records live under ``<state_dir>/forge/`` and are written atomically, so a crash never leaves a
+half-written record behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from twincd.adapters import git as gitrepo
+from twincd.domain import MergeRequest
+from twincd.errors import PermanentError
+
+
+class MergeRequestNotFound(PermanentError):
+    pass
+
+
+class LocalForge:
+    def __init__(self, *, repo_url: str, records_dir: Path) -> None:
+        self.repo_url = repo_url
+        self.records_dir = records_dir
+
+    def _record_path(self, source_branch: str) -> Path:
+        return self.records_dir / (re.sub(r"[^A-Za-z0-9._-]+", "_", source_branch) + ".json")
+
+    def find(self, *, source_branch: str) -> MergeRequest | None:
+        path = self._record_path(source_branch)
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        return MergeRequest(**{k: v for k, v in data.items() if k in MergeRequest.__dataclass_fields__})
+
+    def _save(self, mr: MergeRequest, **extra: str) -> MergeRequest:
+        path = self._record_path(mr.source_branch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        record = {**asdict(mr), "reused": False, **extra, "updated_at": datetime.now(UTC).isoformat()}
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+        return mr
+
+    def open(self, *, source_branch: str, target_branch: str, title: str, description: str) -> MergeRequest:
+        """Open the MR for ``source_branch``; an open or merged one is reused ("already done")."""
+        existing = self.find(source_branch=source_branch)
+        if existing is not None and existing.state in ("opened", "merged"):
+            return replace(existing, reused=True)
+        # No record, or a closed one (a person refused an earlier attempt and re-ran the release on
+        # purpose): open a fresh request for the branch as it is now.
+        ref = f"!{len(list(self.records_dir.glob('*.json'))) + 1}" if existing is None else existing.ref
+        mr = MergeRequest(ref=ref, source_branch=source_branch, target_branch=target_branch, title=title,
+                          state="opened", web_url=f"file://{self._record_path(source_branch)}")
+        return self._save(mr, description=description)
+
+    def merge(self, mr: MergeRequest, *, approved_by: str) -> MergeRequest:
+        """Merge the branch into the target; an already merged MR returns its merge commit."""
+        current = self.find(source_branch=mr.source_branch)
+        if current is None:
+            raise MergeRequestNotFound(f"no merge request for branch {mr.source_branch!r}")
+        if current.state == "merged":
+            return current
+        if current.state == "closed":
+            raise PermanentError(f"merge request {current.ref} ({current.source_branch}) is closed; re-run the release")
+        sha = gitrepo.merge_branch(
+            repo_url=self.repo_url, source=mr.source_branch, target=mr.target_branch,
+            message=f"Merge branch '{mr.source_branch}'\n\n{mr.title}\n\nApproved-by: {approved_by}",
+        )
+        return self._save(replace(current, state="merged", merge_commit=sha), merged_by=approved_by)
+
+    def close(self, mr: MergeRequest, *, reason: str) -> MergeRequest:
+        """Close without merging; the branch stays for inspection."""
+        current = self.find(source_branch=mr.source_branch) or mr
+        if current.state == "merged":
+            raise PermanentError(f"merge request {current.ref} is already merged and cannot be closed")
+        return self._save(replace(current, state="closed"), closed_reason=reason)

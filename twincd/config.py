@@ -1,0 +1,251 @@
+"""Typed models of ``deployments/*.yaml``.
+
+Loading validates everything before any side effect; errors name the file, the key and what was
+expected. Secret values are references (``secret:NAME`` for a Prefect Secret block, ``env:VAR``),
+never literals: a literal where a reference belongs is a config error, so a token pasted into the
+file is refused instead of being carried around.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from twincd.errors import ConfigError, PermanentError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ENV = REPO_ROOT / "deployments" / "local.yaml"
+
+_SECRET_REF = re.compile(r"^(secret:[a-z0-9][a-z0-9-]*|env:[A-Za-z_][A-Za-z0-9_]*)$")
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+DEFAULT_TAG_PATTERN = r"^v?\d+\.\d+\.\d+(-[0-9A-Za-z.-]+)?$"
+
+
+def _check_secret_ref(value: str) -> str:
+    if not _SECRET_REF.match(value):
+        # Never echo the value: it may be the secret itself.
+        raise ValueError("must be a secret reference `secret:NAME` or `env:VAR`, not a literal value")
+    return value
+
+
+SecretRef = Annotated[str, Field(description="secret:NAME (Prefect Secret block) or env:VAR")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PrefectConfig(_Model):
+    api_url: str = "http://127.0.0.1:4200/api"
+
+
+class ManifestsConfig(_Model):
+    repo: str
+    branch: str = "main"
+
+
+class LocalForge(_Model):
+    type: Literal["local"]
+
+
+class GitlabForge(_Model):
+    type: Literal["gitlab"]
+    url: str
+    project: str
+    token: SecretRef
+    labels: tuple[str, ...] = ("twincd",)
+
+    _token = field_validator("token")(_check_secret_ref)
+
+
+class ConsoleNotifier(_Model):
+    type: Literal["console"]
+
+
+class SlackNotifier(_Model):
+    type: Literal["slack"]
+    channel: str
+    token: SecretRef
+    mention_on_failure: str = ""
+
+    _token = field_validator("token")(_check_secret_ref)
+
+
+class RegistryConfig(_Model):
+    url: str  # host[:port], as in image references
+    insecure: bool = False
+
+
+class BuilderConfig(_Model):
+    url: str | None = None  # Docker Engine API; None = DOCKER_HOST or the default socket
+
+
+class ArgoCDConfig(_Model):
+    context: str
+    kubeconfig: str | None = None
+    namespace: str = "argocd"
+    application: str = "{app}-{cluster}"
+
+
+class ClusterConfig(_Model):
+    cloud: str
+    context: str
+    kubeconfig: str | None = None
+    overlay: str
+    ingress_ip: str | None = None
+    sync: Literal["argocd", "apply"] = "argocd"
+    argocd: ArgoCDConfig | None = None
+
+    @model_validator(mode="after")
+    def _argocd_needed(self) -> ClusterConfig:
+        if self.sync == "argocd" and self.argocd is None:
+            raise ValueError("sync: argocd needs an `argocd: {context: ...}` entry")
+        return self
+
+
+class TopologyConfig(_Model):
+    mode: Literal["active-active", "active-standby"] = "active-active"
+    active: str | None = None
+
+
+class DnsNone(_Model):
+    type: Literal["none"]
+
+
+class DnsRfc2136(_Model):
+    type: Literal["rfc2136"]
+    server: str
+    zone: str
+    record: str
+    ttl: int = 60
+    key: SecretRef
+
+    _key = field_validator("key")(_check_secret_ref)
+
+
+class WorkloadConfig(_Model):
+    kind: Literal["Deployment", "StatefulSet", "DaemonSet"] = "Deployment"
+    namespace: str
+    name: str
+
+
+class AppConfig(_Model):
+    repo: str
+    image: str
+    registries: tuple[str, ...]
+    tag_pattern: str = DEFAULT_TAG_PATTERN
+    workload: WorkloadConfig
+
+    @field_validator("tag_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"is not a valid regular expression: {e}") from None
+        return value
+
+
+class TimeoutsConfig(_Model):
+    approval_seconds: float = 3600
+    rollout_seconds: float = 300
+
+
+class Environment(_Model):
+    """One environment file: what is deployed where."""
+
+    state_dir: str = ".twincd"
+    kubernetes_version: str = "1.31"
+    prefect: PrefectConfig = PrefectConfig()
+    manifests: ManifestsConfig
+    forge: Annotated[LocalForge | GitlabForge, Field(discriminator="type")]
+    notifier: Annotated[ConsoleNotifier | SlackNotifier, Field(discriminator="type")]
+    registries: dict[str, RegistryConfig]
+    builder: BuilderConfig = BuilderConfig()
+    clusters: dict[str, ClusterConfig]
+    topology: TopologyConfig = TopologyConfig()
+    dns: Annotated[DnsNone | DnsRfc2136, Field(discriminator="type")] = DnsNone(type="none")
+    apps: dict[str, AppConfig]
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+
+    # Where the file was read from; relative paths in it are resolved against `base_dir`.
+    source: str = ""
+    base_dir: str = ""
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Environment:
+        for name in [*self.clusters, *self.apps]:
+            if not _NAME.match(name):
+                raise ValueError(f"name {name!r} must be a DNS label (lowercase letters, digits, '-')")
+        for app_name, app in self.apps.items():
+            for reg in app.registries:
+                if reg not in self.registries:
+                    raise ValueError(
+                        f"apps.{app_name}.registries names {reg!r}, which is not under `registries:` "
+                        f"(known: {', '.join(sorted(self.registries)) or 'none'})"
+                    )
+        if self.topology.mode == "active-standby" and self.topology.active not in self.clusters:
+            raise ValueError("topology.active must name one of the clusters when mode is active-standby")
+        return self
+
+    def path(self, value: str) -> Path:
+        """Resolve a path from the file: relative paths are relative to the file's repository root."""
+        p = Path(value)
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    @property
+    def state_path(self) -> Path:
+        return self.path(self.state_dir)
+
+    def app(self, name: str) -> AppConfig:
+        try:
+            return self.apps[name]
+        except KeyError:
+            known = ", ".join(sorted(self.apps)) or "none"
+            raise UnknownApp(f"unknown app {name!r} in {self.source} (known apps: {known})") from None
+
+    def app_overlay(self, app: str, cluster: str) -> str:
+        """Each app's overlay for a cluster lives at ``<cluster overlay>/<app>`` in the manifests repo."""
+        return f"{self.clusters[cluster].overlay.rstrip('/')}/{app}"
+
+    def image_repository(self, app: str, registry: str) -> str:
+        return f"{self.registries[registry].url}/{self.apps[app].image}"
+
+
+class UnknownApp(PermanentError):
+    pass
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def load_environment(path: str | os.PathLike[str] | None = None) -> Environment:
+    """Read and validate an environment file; raise ConfigError naming file, key and expectation."""
+    file = Path(path) if path else DEFAULT_ENV
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: environment file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{file}:{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: expected a mapping at the top level, got {type(raw).__name__}")
+    # A file under deployments/ resolves relative paths against the repository that holds it.
+    base = file.resolve().parent.parent if file.resolve().parent.name == "deployments" else file.resolve().parent
+    raw = {**raw, "source": str(file), "base_dir": str(base)}
+    try:
+        return Environment.model_validate(raw)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            # Secret fields: pydantic's `input` may be the secret itself, so it is never shown.
+            problems.append(f"  {_where(err['loc'])}: {err['msg']}")
+        raise ConfigError(f"{file}: invalid environment\n" + "\n".join(problems)) from None
