@@ -170,8 +170,11 @@ def tag_commit(*, repo_url: str, tag: str) -> str:
     """The commit a tag points at (annotated tags peeled); GitRefNotFound when there is no such tag."""
     out = str(_git_call("ls-remote", lambda: git.cmd.Git().ls_remote(
         repo_url, f"refs/tags/{tag}", f"refs/tags/{tag}^{{}}"))).strip()
-    refs = dict(reversed(line.split("\t", 1)) for line in out.splitlines() if "\t" in line)
-    sha = refs.get(f"refs/tags/{tag}^{{}}") or refs.get(f"refs/tags/{tag}")
-    if sha is None:
+    refs: dict[str, str] = {}
+    for line in out.splitlines():
+        sha, _, name = line.partition("\t")
+        refs[name] = sha
+    found = refs.get(f"refs/tags/{tag}^{{}}") or refs.get(f"refs/tags/{tag}")
+    if found is None:
         raise GitRefNotFound(f"tag {tag!r} does not exist in {repo_url}")
-    return sha
+    return found
