@@ -174,3 +174,29 @@ class Release:
     @property
     def branch(self) -> str:
         return f"twincd/{self.app}/{self.tag}"
+
+
+@dataclass(frozen=True)
+class ComponentChange:
+    """One Kustomize Component switched in one kustomization file.
+
+    ``removed`` and ``added`` are component paths as written in ``components:``; a swap made in
+    place (``../components/standby`` → ``../components/active``) has both, a plain removal or
+    addition has the other one empty.
+    """
+
+    file: str  # path relative to the manifests repo root
+    removed: str
+    added: str
+
+
+@dataclass(frozen=True)
+class ComponentEditResult:
+    """What a pure components edit did: the new text and each switch (empty when already done)."""
+
+    text: str
+    changes: tuple[ComponentChange, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
