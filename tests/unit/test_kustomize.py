@@ -1,0 +1,140 @@
+"""Golden tests of the kustomization edits: expected.yaml is compared byte for byte."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from twincd.domain import ComponentChange, ImageChange, ImageRef
+from twincd.kustomize import KustomizationError, KustomizeImage, images_of, set_components, set_image
+
+FIXTURES = Path(__file__).parent / "fixtures"
+OLD_DIGEST = "sha256:" + "1" * 64
+NEW_DIGEST = "sha256:" + "2" * 64
+REF = ImageRef(name="registry.example.com/team/hello", digest=NEW_DIGEST, tag="v1.2.0")
+NEW = f"registry.example.com/team/hello@{NEW_DIGEST}"
+
+# What each golden case must record as the old value of the `hello` entry ("" = entry added).
+IMAGE_OLD = {
+    "tag_to_digest": "registry.example.com/team/hello:v1.1.0",
+    "digest_to_new_digest": f"registry.example.com/team/hello@{OLD_DIGEST}",
+    "entry_missing": "",
+    "images_missing": "",
+    "images_empty": "",
+    "several_images_comments": "old-registry.example.com/hello:v1.1.0",
+    "already_at_digest": None,  # no change at all
+    "quoted_values": f"old.example.com/hello@{OLD_DIGEST}",
+    "newtag_first_no_newname": "hello:v1.1.0",
+}
+
+
+def _cases(kind: str) -> list[str]:
+    return sorted(p.name for p in (FIXTURES / kind).iterdir() if p.is_dir())
+
+
+def test_every_set_image_case_has_an_expectation() -> None:
+    assert sorted(IMAGE_OLD) == _cases("set_image")
+
+
+@pytest.mark.parametrize("case", _cases("set_image"))
+def test_set_image_golden(case: str) -> None:
+    original = (FIXTURES / "set_image" / case / "original.yaml").read_text()
+    expected = (FIXTURES / "set_image" / case / "expected.yaml").read_text()
+
+    result = set_image(original, file=f"overlays/{case}/kustomization.yaml", image="hello", ref=REF)
+
+    assert result.text == expected
+    old = IMAGE_OLD[case]
+    if old is None:
+        assert result.changes == () and not result.changed and result.text is original
+    else:
+        assert result.changes == (
+            ImageChange(file=f"overlays/{case}/kustomization.yaml", image="hello", old=old, new=NEW),
+        )
+    # Idempotent: pinning again is "already done".
+    again = set_image(result.text, file="k.yaml", image="hello", ref=REF)
+    assert again.text == result.text and again.changes == ()
+    # And the result reads back as the pinned entry.
+    (entry,) = [i for i in images_of(result.text) if i.name == "hello"]
+    assert entry.reference == REF.pinned and entry.new_tag == ""
+
+
+@pytest.mark.parametrize("case", _cases("components"))
+def test_set_components_golden(case: str) -> None:
+    folder = FIXTURES / "components" / case
+    original = (folder / "original.yaml").read_text()
+    args = json.loads((folder / "args.json").read_text())
+
+    result = set_components(original, file="overlays/aks/hello/kustomization.yaml",
+                            remove=args["remove"], add=args["add"])
+
+    assert result.text == (folder / "expected.yaml").read_text()
+    assert result.changes == tuple(
+        ComponentChange(file="overlays/aks/hello/kustomization.yaml", removed=r, added=a) for r, a in args["changes"]
+    )
+    again = set_components(result.text, file="k.yaml", remove=args["remove"], add=args["add"])
+    assert again.changes == () and again.text == result.text
+
+
+def test_images_of_reads_every_entry() -> None:
+    text = (FIXTURES / "set_image" / "several_images_comments" / "original.yaml").read_text()
+    assert images_of(text) == [
+        KustomizeImage(name="envoy", new_name="docker.io/envoyproxy/envoy", new_tag="v1.31.2"),
+        KustomizeImage(name="hello", new_name="old-registry.example.com/hello", new_tag="v1.1.0"),
+        KustomizeImage(name="busybox", digest=OLD_DIGEST),
+    ]
+    assert images_of("kind: Kustomization\n") == []
+
+
+def test_values_that_would_not_read_back_as_strings_are_quoted() -> None:
+    odd = ImageRef(name="yes", digest=NEW_DIGEST)  # plain `yes` is a boolean to YAML 1.1 readers
+    result = set_image("images: []\n", file="k.yaml", image="hello", ref=odd)
+    assert result.text == f'images:\n- name: hello\n  newName: "yes"\n  digest: {NEW_DIGEST}\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("images:\n- name: hello\n  newTag: [unclosed\n", "not valid YAML"),
+        ("- name: hello\n", "expected a mapping of kustomization fields, found a sequence"),
+        ("", "found an empty document"),
+        ("images: hello\n", "`images` must be a list"),
+        ("images:\n- hello\n", "images[0] must be a mapping"),
+        ("images: [{name: hello, newTag: v1}]\n", "flow-style `images` list"),
+        ("images:\n- newTag: v1\n", "images[0] has no `name`"),
+        ("images:\n- name: hello\n  newTag: |\n    v1\n", "newTag must be a one-line scalar"),
+        ("a: 1\n---\nb: 2\n", "not valid YAML"),
+    ],
+)
+def test_set_image_refuses_what_it_cannot_edit(text: str, complaint: str) -> None:
+    with pytest.raises(KustomizationError) as caught:
+        set_image(text, file="overlays/eks/hello/kustomization.yaml", image="hello", ref=REF)
+    assert "overlays/eks/hello/kustomization.yaml" in str(caught.value)
+    assert complaint in str(caught.value)
+
+
+def test_components_not_a_list_is_refused() -> None:
+    with pytest.raises(KustomizationError, match="k.yaml: `components` must be a list"):
+        set_components("components: active\n", file="k.yaml", remove=[], add=["x"])
+
+
+def test_pinned_overlay_renders_with_kubectl(tmp_path: Path) -> None:
+    """kustomize itself reads the edited file as intended: the image is rendered pinned."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "kustomization.yaml").write_text("resources:\n  - pod.yaml\n")
+    (base / "pod.yaml").write_text(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: hello\nspec:\n  containers:\n"
+        "    - name: hello\n      image: hello:v1.0.0\n"
+    )
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    original = (FIXTURES / "set_image" / "several_images_comments" / "original.yaml").read_text()
+    text = set_image(original.replace("../../base/hello", "../base").replace("- ingress.yaml\n", "")
+                     .replace("patches:\n- path: replicas.yaml\n", ""), file="k", image="hello", ref=REF).text
+    (overlay / "kustomization.yaml").write_text(text)
+    out = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, check=True).stdout
+    assert f"image: {REF.pinned}" in out
