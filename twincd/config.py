@@ -98,6 +98,7 @@ class ClusterConfig(_Model):
     kubeconfig: str | None = None
     overlay: str
     ingress_ip: str | None = None
+    registry: str | None = None  # the registry this cluster pulls from; default: the app's first
     sync: Literal["argocd", "apply"] = "argocd"
     argocd: ArgoCDConfig | None = None
 
@@ -189,6 +190,10 @@ class Environment(_Model):
                         f"apps.{app_name}.registries names {reg!r}, which is not under `registries:` "
                         f"(known: {', '.join(sorted(self.registries)) or 'none'})"
                     )
+        for cluster_name, cluster in self.clusters.items():
+            if cluster.registry is not None and cluster.registry not in self.registries:
+                raise ValueError(f"clusters.{cluster_name}.registry names {cluster.registry!r}, "
+                                 "which is not under `registries:`")
         if self.topology.mode == "active-standby" and self.topology.active not in self.clusters:
             raise ValueError("topology.active must name one of the clusters when mode is active-standby")
         return self
@@ -213,8 +218,10 @@ class Environment(_Model):
         """Each app's overlay for a cluster lives at ``<cluster overlay>/<app>`` in the manifests repo."""
         return f"{self.clusters[cluster].overlay.rstrip('/')}/{app}"
 
-    def image_repository(self, app: str, registry: str) -> str:
-        return f"{self.registries[registry].url}/{self.apps[app].image}"
+    def pull_registry(self, app: str, cluster: str) -> str:
+        """The registry URL a cluster pulls the app from (one registry per cloud is common)."""
+        name = self.clusters[cluster].registry
+        return self.registries[name if name in self.apps[app].registries else self.apps[app].registries[0]].url
 
 
 class UnknownApp(PermanentError):
