@@ -1,0 +1,237 @@
+"""Pure verdicts on rollouts: workload and Argo CD Application objects → RolloutVerdict.
+
+The objects are plain dicts as ``kubectl get -o json`` prints them. Workload verdicts follow
+``kubectl rollout status`` (kubectl/pkg/polymorphichelpers/rollout_status.go) check for check and
+message for message, so what twincd reports matches what an operator sees in a terminal. Two
+additions: when a digest is given, a template that does not carry it yet means the syncer has not
+applied the release (progressing), and a Deployment scaled to zero is reported as standby.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from twincd.domain import Phase, RolloutVerdict
+
+# deploymentutil.TimedOutReason: the controller gave up after spec.progressDeadlineSeconds.
+_TIMED_OUT = "ProgressDeadlineExceeded"
+
+
+def _map(obj: Mapping[str, Any], *keys: str) -> Mapping[str, Any]:
+    for key in keys:
+        value = obj.get(key)
+        obj = value if isinstance(value, Mapping) else {}
+    return obj
+
+
+def _int(obj: Mapping[str, Any], key: str) -> int:
+    """Go's zero value for absent counters: the API server omits zero fields from status."""
+    value = obj.get(key)
+    return value if isinstance(value, int) else 0
+
+
+def _images(pod_spec: Mapping[str, Any]) -> Iterator[str]:
+    for key in ("initContainers", "containers"):
+        containers = pod_spec.get(key)
+        for c in containers if isinstance(containers, list) else []:
+            if isinstance(c, Mapping):
+                yield str(c.get("image", ""))
+
+
+def _stale_template(obj: Mapping[str, Any], digest: str | None, *, cluster: str, kind: str) -> RolloutVerdict | None:
+    if digest is None:
+        return None
+    stale = sorted({i for i in _images(_map(obj, "spec", "template", "spec")) if not i.endswith(f"@{digest}")})
+    if not stale:
+        return None
+    name = _map(obj, "metadata").get("name", "?")
+    return RolloutVerdict(cluster, Phase.PROGRESSING,
+                          f"{kind} \"{name}\" template still at old image (not yet synced to {digest[:19]})",
+                          tuple(f"image {i}" for i in stale))
+
+
+def deployment_verdict(obj: Mapping[str, Any], *, cluster: str, digest: str | None) -> RolloutVerdict:
+    """``kubectl rollout status deployment/NAME``, plus the image check and the standby case."""
+    stale = _stale_template(obj, digest, cluster=cluster, kind="deployment")
+    if stale is not None:
+        return stale
+    name = _map(obj, "metadata").get("name", "?")
+    status = _map(obj, "status")
+    spec_replicas = _map(obj, "spec").get("replicas")
+    replicas, updated = _int(status, "replicas"), _int(status, "updatedReplicas")
+    available = _int(status, "availableReplicas")
+    details = (f"replicas {'?' if spec_replicas is None else spec_replicas} desired, {replicas} current, {updated} updated, {available} available",)
+
+    def progressing(message: str) -> RolloutVerdict:
+        return RolloutVerdict(cluster, Phase.PROGRESSING, message, details)
+
+    if _int(_map(obj, "metadata"), "generation") > _int(status, "observedGeneration"):
+        return progressing("Waiting for deployment spec update to be observed...")
+    conditions = status.get("conditions")
+    for cond in conditions if isinstance(conditions, list) else []:
+        if isinstance(cond, Mapping) and cond.get("type") == "Progressing" and cond.get("reason") == _TIMED_OUT:
+            message = f"deployment \"{name}\" exceeded its progress deadline"
+            if cond.get("message"):
+                message += f": {cond['message']}"
+            return RolloutVerdict(cluster, Phase.FAILED, message, details)
+    if isinstance(spec_replicas, int) and updated < spec_replicas:
+        return progressing(f"Waiting for deployment \"{name}\" rollout to finish: "
+                           f"{updated} out of {spec_replicas} new replicas have been updated...")
+    if replicas > updated:
+        return progressing(f"Waiting for deployment \"{name}\" rollout to finish: "
+                           f"{replicas - updated} old replicas are pending termination...")
+    if available < updated:
+        return progressing(f"Waiting for deployment \"{name}\" rollout to finish: "
+                           f"{available} of {updated} updated replicas are available...")
+    if spec_replicas == 0:
+        # kubectl says "successfully rolled out" here too; say why nothing runs (Active/Standby).
+        return RolloutVerdict(cluster, Phase.SUCCEEDED,
+                              f"deployment \"{name}\" is scaled to zero (standby): template updated, no pods to roll",
+                              details)
+    return RolloutVerdict(cluster, Phase.SUCCEEDED, f"deployment \"{name}\" successfully rolled out", details)
+
+
+def statefulset_verdict(obj: Mapping[str, Any], *, cluster: str, digest: str | None) -> RolloutVerdict:
+    """``kubectl rollout status statefulset/NAME``, plus the image check."""
+    stale = _stale_template(obj, digest, cluster=cluster, kind="statefulset")
+    if stale is not None:
+        return stale
+    spec, status = _map(obj, "spec"), _map(obj, "status")
+    strategy = _map(spec, "updateStrategy")
+    if strategy.get("type", "RollingUpdate") != "RollingUpdate":
+        # kubectl exits with this error: waiting cannot change it (OnDelete needs a person).
+        return RolloutVerdict(cluster, Phase.FAILED, "rollout status is only available for RollingUpdate strategy type")
+    observed = _int(status, "observedGeneration")
+    if observed == 0 or _int(_map(obj, "metadata"), "generation") > observed:
+        return RolloutVerdict(cluster, Phase.PROGRESSING, "Waiting for statefulset spec update to be observed...")
+    replicas = spec.get("replicas")
+    ready, updated = _int(status, "readyReplicas"), _int(status, "updatedReplicas")
+    if isinstance(replicas, int) and ready < replicas:
+        return RolloutVerdict(cluster, Phase.PROGRESSING, f"Waiting for {replicas - ready} pods to be ready...")
+    # The API server defaults rollingUpdate.partition to 0, so live objects take this branch.
+    partition = _map(strategy, "rollingUpdate").get("partition")
+    if isinstance(strategy.get("rollingUpdate"), Mapping):
+        if isinstance(replicas, int) and isinstance(partition, int) and updated < replicas - partition:
+            return RolloutVerdict(cluster, Phase.PROGRESSING,
+                                  f"Waiting for partitioned roll out to finish: {updated} out of "
+                                  f"{replicas - partition} new pods have been updated...")
+        return RolloutVerdict(cluster, Phase.SUCCEEDED,
+                              f"partitioned roll out complete: {updated} new pods have been updated...")
+    update_rev, current_rev = status.get("updateRevision", ""), status.get("currentRevision", "")
+    if update_rev != current_rev:
+        return RolloutVerdict(cluster, Phase.PROGRESSING,
+                              f"waiting for statefulset rolling update to complete {updated} pods "
+                              f"at revision {update_rev}...")
+    return RolloutVerdict(cluster, Phase.SUCCEEDED,
+                          f"statefulset rolling update complete {_int(status, 'currentReplicas')} pods "
+                          f"at revision {current_rev}...")
+
+
+def daemonset_verdict(obj: Mapping[str, Any], *, cluster: str, digest: str | None) -> RolloutVerdict:
+    """``kubectl rollout status daemonset/NAME``, plus the image check."""
+    stale = _stale_template(obj, digest, cluster=cluster, kind="daemon set")
+    if stale is not None:
+        return stale
+    name = _map(obj, "metadata").get("name", "?")
+    status = _map(obj, "status")
+    if _map(obj, "spec", "updateStrategy").get("type", "RollingUpdate") != "RollingUpdate":
+        return RolloutVerdict(cluster, Phase.FAILED, "rollout status is only available for RollingUpdate strategy type")
+    if _int(_map(obj, "metadata"), "generation") > _int(status, "observedGeneration"):
+        return RolloutVerdict(cluster, Phase.PROGRESSING, "Waiting for daemon set spec update to be observed...")
+    desired, updated = _int(status, "desiredNumberScheduled"), _int(status, "updatedNumberScheduled")
+    available = _int(status, "numberAvailable")
+    if updated < desired:
+        return RolloutVerdict(cluster, Phase.PROGRESSING, f"Waiting for daemon set \"{name}\" rollout to finish: "
+                              f"{updated} out of {desired} new pods have been updated...")
+    if available < desired:
+        return RolloutVerdict(cluster, Phase.PROGRESSING, f"Waiting for daemon set \"{name}\" rollout to finish: "
+                              f"{available} of {desired} updated pods are available...")
+    return RolloutVerdict(cluster, Phase.SUCCEEDED, f"daemon set \"{name}\" successfully rolled out")
+
+
+_WORKLOADS: dict[str, Callable[..., RolloutVerdict]] = {
+    "Deployment": deployment_verdict,
+    "StatefulSet": statefulset_verdict,
+    "DaemonSet": daemonset_verdict,
+}
+
+
+def workload_verdict(obj: Mapping[str, Any], *, cluster: str, digest: str | None) -> RolloutVerdict:
+    """The verdict for a Deployment, StatefulSet or DaemonSet, chosen by its ``kind``."""
+    kind = str(obj.get("kind", ""))
+    verdict = _WORKLOADS.get(kind)
+    if verdict is None:
+        return RolloutVerdict(cluster, Phase.FAILED, f"no rollout status for kind {kind!r}: "
+                              f"only {', '.join(_WORKLOADS)} are supported")
+    return verdict(obj, cluster=cluster, digest=digest)
+
+
+def _same_revision(a: str, b: str) -> bool:
+    """Git revisions: equal, or one an abbreviation (7+ characters) of the other."""
+    a, b = a.lower(), b.lower()
+    return a == b or (min(len(a), len(b)) >= 7 and (a.startswith(b) or b.startswith(a)))
+
+
+def _revisions(section: Mapping[str, Any]) -> list[str]:
+    """``revision``, or ``revisions`` of a multi-source Application."""
+    many = section.get("revisions")
+    if isinstance(many, list):
+        return [str(r) for r in many]
+    one = section.get("revision")
+    return [str(one)] if one else []
+
+
+def application_verdict(obj: Mapping[str, Any], *, cluster: str, revision: str) -> RolloutVerdict:
+    """An Argo CD Application against the merge commit it must run.
+
+    Failure is decided only for ``revision``: a Degraded health or a failed sync of an older
+    revision may well be what this release fixes, so it keeps the verdict progressing.
+    """
+    name = _map(obj, "metadata").get("name", "?")
+    status = _map(obj, "status")
+    sync, health, op = _map(status, "sync"), _map(status, "health"), _map(status, "operationState")
+    synced_to = _revisions(sync)
+    at_revision = any(_same_revision(r, revision) for r in synced_to)
+    sync_status, health_status = sync.get("status", "Unknown"), health.get("status", "Unknown")
+    op_revisions = _revisions(_map(op, "syncResult")) or _revisions(_map(op, "operation", "sync"))
+    op_for_revision = any(_same_revision(r, revision) for r in op_revisions)
+    conditions = status.get("conditions")
+    messages = tuple(f"{c.get('type', 'Condition')}: {c.get('message', '')}"
+                     for c in (conditions if isinstance(conditions, list) else []) if isinstance(c, Mapping))
+    details = (f"sync {sync_status} at {', '.join(r[:7] for r in synced_to) or 'no revision'}",
+               f"health {health_status}", *messages)
+
+    if op_for_revision and op.get("phase") in ("Failed", "Error"):
+        return RolloutVerdict(cluster, Phase.FAILED, f"Application \"{name}\" sync of {revision[:7]} "
+                              f"{str(op['phase']).lower()}: {op.get('message') or '; '.join(messages)}", details)
+    if at_revision and health_status == "Degraded":
+        why = health.get("message") or op.get("message") or "; ".join(messages) or "no message"
+        return RolloutVerdict(cluster, Phase.FAILED, f"Application \"{name}\" is Degraded at {revision[:7]}: {why}",
+                              details)
+    if at_revision and sync_status == "Synced" and health_status == "Healthy":
+        return RolloutVerdict(cluster, Phase.SUCCEEDED, f"Application \"{name}\" Synced and Healthy at {revision[:7]}",
+                              details)
+    if not at_revision:
+        where = f"synced to {synced_to[0][:7]}" if synced_to else "not synced yet"
+        awaited = f"{where}, waiting for {revision[:7]}"
+    elif sync_status != "Synced":
+        awaited = f"at {revision[:7]} but {sync_status}, waiting for Synced"
+    else:
+        awaited = f"Synced to {revision[:7]}, health {health_status}, waiting for Healthy"
+    if op.get("phase") == "Running":
+        awaited += f" (sync operation running: {op.get('message', '')})"
+    return RolloutVerdict(cluster, Phase.PROGRESSING, f"Application \"{name}\" {awaited}", details)
+
+
+def combine(app_verdict: RolloutVerdict, workload_verdict: RolloutVerdict) -> RolloutVerdict:
+    """One verdict for a cluster: failed if either failed, succeeded only if both succeeded."""
+    parts = (app_verdict, workload_verdict)
+    for phase in (Phase.FAILED, Phase.PROGRESSING):
+        hit = [v for v in parts if v.phase is phase]
+        if hit:
+            return RolloutVerdict(workload_verdict.cluster, phase, "; ".join(v.message for v in hit),
+                                  app_verdict.details + workload_verdict.details)
+    return RolloutVerdict(workload_verdict.cluster, Phase.SUCCEEDED,
+                          f"{app_verdict.message}; {workload_verdict.message}",
+                          app_verdict.details + workload_verdict.details)
