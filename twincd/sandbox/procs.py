@@ -42,6 +42,20 @@ def pid_path(name: str, *, state_dir: Path) -> Path:
     return state_dir / "run" / f"{name}.pid"
 
 
+def write_config(path: Path, text: str) -> bool:
+    """Write a daemon's config file; True if its content changed (a running daemon must restart)."""
+    try:
+        if path.read_text() == text:
+            return False
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return True
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, *, log: Path | None = None) -> None:
     """Poll ``predicate`` until it is true; raise DaemonNotReady naming ``what`` (and ``log``) if not."""
     deadline = time.monotonic() + timeout

@@ -1,0 +1,35 @@
+"""Session-scoped services for integration tests, each on a free port under its own temp dir.
+
+They never touch the local stack's state dir or default ports (5000, 4200, ...), so tests run beside
+a running `twincd up`, and every daemon is stopped at the end of the session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from twincd.sandbox.buildd import start_buildd, stop_buildd
+from twincd.sandbox.procs import free_port
+from twincd.sandbox.registry import start_registry, stop_registry
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A docker-registry on a free port: its address, ``127.0.0.1:<port>`` (plain HTTP)."""
+    state_dir = tmp_path_factory.mktemp("registry")
+    try:
+        yield start_registry(state_dir, free_port())
+    finally:
+        stop_registry(state_dir)
+
+
+@pytest.fixture(scope="session")
+def builder(tmp_path_factory: pytest.TempPathFactory, registry: str) -> Iterator[str]:
+    """The Docker Engine API base URL: an existing Docker, or a podman service pushing to `registry`."""
+    state_dir = tmp_path_factory.mktemp("buildd")
+    try:
+        yield start_buildd(state_dir, insecure_registries=[registry])
+    finally:
+        stop_buildd(state_dir)
