@@ -157,6 +157,12 @@ class TimeoutsConfig(_Model):
     rollout_seconds: float = 300
 
 
+class SandboxConfig(_Model):
+    """Ports of the local stack's own services (only used by `twincd up`)."""
+
+    cluster_ports: dict[str, int] = {}
+
+
 class Environment(_Model):
     """One environment file: what is deployed where."""
 
@@ -173,6 +179,7 @@ class Environment(_Model):
     dns: Annotated[DnsNone | DnsRfc2136, Field(discriminator="type")] = DnsNone(type="none")
     apps: dict[str, AppConfig]
     timeouts: TimeoutsConfig = TimeoutsConfig()
+    sandbox: SandboxConfig = SandboxConfig()
 
     # Where the file was read from; relative paths in it are resolved against `base_dir`.
     source: str = ""

@@ -1,0 +1,157 @@
+"""`twincd ...`: the local stack, deploys, approvals and serving the flows.
+
+Prefect is imported only by the commands that need it, after PREFECT_API_URL points at the
+stack's server: without it every command would start a throwaway server (20-30 s each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from twincd.config import DEFAULT_ENV, REPO_ROOT, Environment, load_environment
+from twincd.errors import TwincdError
+
+
+def _use_prefect(env: Environment) -> None:
+    from twincd.sandbox.stack import prefect_env
+
+    for key, value in prefect_env(env).items():
+        if key != "PREFECT_HOME":  # the client keeps the user's own profile directory
+            os.environ.setdefault(key, value)
+    # flows/ and tasks/ live at the repository root (prefect.yaml entrypoints).
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+
+
+def _ui_url(env: Environment, flow_run_id: Any) -> str:
+    base = os.environ.get("PREFECT_API_URL", env.prefect.api_url).rstrip("/").removesuffix("/api")
+    return f"{base}/runs/flow-run/{flow_run_id}"
+
+
+def cmd_up(env: Environment, args: argparse.Namespace) -> int:
+    from twincd.sandbox import stack
+
+    stack.up(env)
+    print(f"Prefect UI: {env.prefect.api_url.removesuffix('/api')}   stop with: twincd down")
+    return 0
+
+
+def cmd_down(env: Environment, args: argparse.Namespace) -> int:
+    from twincd.sandbox import stack
+
+    stack.down(env)
+    return 0
+
+
+def cmd_status(env: Environment, args: argparse.Namespace) -> int:
+    from twincd.sandbox import stack
+
+    states = stack.status(env)
+    for name, pid in states.items():
+        print(f"{name:<16} {'running (pid ' + str(pid) + ')' if pid else 'stopped'}")
+    return 0 if all(states.values()) else 3
+
+
+def cmd_seed(env: Environment, args: argparse.Namespace) -> int:
+    from twincd.sandbox import stack
+
+    stack.seed_repos(env)
+    print("seeded: " + ", ".join([env.manifests.repo, *(a.repo for a in env.apps.values())]))
+    return 0
+
+
+def _run_deploy(env: Environment, app: str, tag: str, auto_approve: bool) -> int:
+    _use_prefect(env)
+    from flows.deploy import deploy
+
+    state = deploy(app=app, tag=tag, env=env.source, auto_approve=auto_approve, return_state=True)
+    print(f"\n{state.name}: {state.message or ''}".rstrip())
+    print(f"Run in the Prefect UI: {_ui_url(env, state.state_details.flow_run_id)}")
+    return 0 if state.is_completed() else 1
+
+
+def cmd_deploy(env: Environment, args: argparse.Namespace) -> int:
+    env.app(args.app)  # an unknown app fails here, before Prefect is even imported
+    return _run_deploy(env, args.app, args.tag, args.auto_approve)
+
+
+def cmd_approve(env: Environment, args: argparse.Namespace) -> int:
+    _use_prefect(env)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, FlowRunFilterState
+    from prefect.client.schemas.filters import FlowRunFilterStateName
+    from prefect.flow_runs import resume_flow_run
+
+    name = f"deploy-{args.app}-{args.tag}"
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=[name]),
+            state=FlowRunFilterState(name=FlowRunFilterStateName(any_=["Paused"]))))
+    if not runs:
+        print(f"no paused run named {name}: nothing waits for approval", file=sys.stderr)
+        return 2
+    approve = not args.refuse
+    resume_flow_run(runs[0].id, run_input={"approved": approve, "approver": args.approver, "comment": args.comment})
+    print(f"{'approved' if approve else 'refused'} {name}: {_ui_url(env, runs[0].id)}")
+    return 0
+
+
+def cmd_demo(env: Environment, args: argparse.Namespace) -> int:
+    from twincd.sandbox import stack
+
+    t0 = time.monotonic()
+    stack.up(env)
+    app = next(iter(env.apps))
+    code = _run_deploy(env, app, args.tag, auto_approve=True)
+    print(f"demo finished in {time.monotonic() - t0:.1f} s; the stack keeps running (twincd down stops it)")
+    return code
+
+
+def cmd_serve(env: Environment, args: argparse.Namespace) -> int:
+    _use_prefect(env)
+    from prefect import serve
+
+    from flows.deploy import deploy
+
+    serve(deploy.to_deployment(name="deploy", parameters={"env": env.source}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="twincd", description=__doc__)
+    parser.add_argument("--env", default=str(DEFAULT_ENV), help="environment file (default: deployments/local.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start the local stack (Prefect, registry, build API, git repos, sandbox clusters)")
+    sub.add_parser("down", help="stop the local stack")
+    sub.add_parser("status", help="show which services of the local stack run")
+    sub.add_parser("seed", help="create the sample app and manifests repos (idempotent)")
+    p = sub.add_parser("deploy", help="deploy a tagged release of an app")
+    p.add_argument("app")
+    p.add_argument("tag")
+    p.add_argument("--auto-approve", action="store_true", help="merge without waiting for a person")
+    p = sub.add_parser("approve", help="approve (or --refuse) the release waiting for a merge")
+    p.add_argument("app")
+    p.add_argument("tag")
+    p.add_argument("--refuse", action="store_true")
+    p.add_argument("--approver", default=os.environ.get("USER", "cli"))
+    p.add_argument("--comment", default="")
+    p = sub.add_parser("demo", help="up + seed + deploy with auto-approve; leaves the stack running")
+    p.add_argument("--tag", default="v1.0.0")
+    sub.add_parser("serve", help="serve the flows as Prefect deployments (no worker needed)")
+    args = parser.parse_args(argv)
+    try:
+        env = load_environment(args.env)
+        handler = globals()[f"cmd_{args.command}"]
+        code: int = handler(env, args)
+        return code
+    except TwincdError as e:
+        print(f"twincd: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The local stack: `twincd up` / `down` / `status`.
+
+Everything binds to 127.0.0.1 and keeps state and logs under the environment's state dir
+(`.twincd/` by default); processes are tracked by PID files (see procs.py) so `down` stops only
+what `up` started. Ports come from the environment file, so tests run a whole second stack on
+free ports beside a running demo.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+from twincd.config import Environment
+from twincd.errors import ConfigError
+from twincd.sandbox import buildd, procs, registry, seed
+from twincd.sandbox.kubeconfig import write_kubeconfig
+
+PREFECT = "prefect-server"
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    url: str
+    pid: int | None
+
+
+def _port(url: str, what: str) -> int:
+    port = urlparse(url if "//" in url else f"//{url}").port
+    if port is None:
+        raise ConfigError(f"{what} {url!r} must name an explicit port for the local stack")
+    return port
+
+
+def cluster_name_of(cluster: str) -> str:
+    return f"cluster-{cluster}"
+
+
+def _cluster_ports(env: Environment) -> dict[str, int]:
+    ports = env.sandbox.cluster_ports
+    missing = [c for c in env.clusters if c not in ports]
+    if missing:
+        raise ConfigError(f"{env.source}: sandbox.cluster_ports has no port for cluster(s) {', '.join(missing)}")
+    return {c: ports[c] for c in env.clusters}
+
+
+def _argocd_cluster(env: Environment, cluster: str) -> str:
+    """The sandbox cluster that plays Argo CD for ``cluster`` (matched by kubeconfig context)."""
+    argocd = env.clusters[cluster].argocd
+    if argocd is None:
+        return cluster
+    by_context = {c.context: name for name, c in env.clusters.items()}
+    return by_context.get(argocd.context, cluster)
+
+
+def prefect_env(env: Environment) -> dict[str, str]:
+    state = env.state_path
+    return {
+        "PREFECT_HOME": str(state / "prefect"),
+        "PREFECT_API_URL": env.prefect.api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": env.prefect.api_url,
+    }
+
+
+def _healthy(url: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return check
+
+
+def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]:
+    """Start every service (idempotent: running ones are kept) and seed the repositories."""
+    state = env.state_path
+    state.mkdir(parents=True, exist_ok=True)
+    services: list[Service] = []
+    t0 = time.monotonic()
+
+    local_registries = [r.url for r in env.registries.values() if r.url.startswith("127.0.0.1:")]
+    for url in local_registries:
+        say(f"registry      {url}")
+        registry.start_registry(state, _port(url, "registry"))
+        services.append(Service(registry.NAME, f"http://{url}", procs.daemon_status(registry.NAME, state_dir=state)))
+
+    say("build API     (Docker if it answers, else podman's service)")
+    base_url = buildd.start_buildd(state, insecure_registries=[r.url for r in env.registries.values() if r.insecure])
+    services.append(Service("build-api", base_url, procs.daemon_status(buildd.NAME, state_dir=state)))
+
+    say("git repos     " + ", ".join([env.manifests.repo, *(a.repo for a in env.apps.values())]))
+    seed_repos(env)
+
+    ports = _cluster_ports(env)
+    contexts: dict[str, str] = {}
+    # Clusters that hold Applications for others start first, so syncers find their Argo CD.
+    order = sorted(env.clusters, key=lambda c: _argocd_cluster(env, c) != c)
+    for name in order:
+        url = f"http://127.0.0.1:{ports[name]}"
+        argocd_url = f"http://127.0.0.1:{ports[_argocd_cluster(env, name)]}"
+        say(f"cluster {name:<5} {url} (sandbox API server + Deployment controller + Argo-CD-like syncer)")
+        argv = [sys.executable, "-m", "twincd.sandbox.cluster", "--name", name, "--port", str(ports[name]),
+                "--manifests", str(env.path(env.manifests.repo)), "--argocd-api", argocd_url]
+        pid = procs.start_daemon(cluster_name_of(name), argv, state_dir=state, ready=_healthy(f"{url}/readyz"),
+                                 timeout=30)
+        contexts[env.clusters[name].context] = url
+        services.append(Service(f"cluster {name}", url, pid))
+    kubeconfigs = {env.clusters[c].kubeconfig for c in env.clusters} - {None}
+    for kc in kubeconfigs:
+        assert kc is not None
+        write_kubeconfig(env.path(kc), contexts)
+
+    api = env.prefect.api_url.rstrip("/")
+    say(f"prefect       {api.removesuffix('/api')} (server + UI; first start runs migrations, ~20 s)")
+    port = _port(api, "prefect.api_url")
+    pid = procs.start_daemon(
+        PREFECT, [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                  "--port", str(port)],
+        state_dir=state, env=prefect_env(env), ready=_healthy(f"{api}/health"), timeout=120)
+    services.append(Service(PREFECT, api.removesuffix("/api"), pid))
+    say(f"stack up in {time.monotonic() - t0:.1f} s")
+    return services
+
+
+def seed_repos(env: Environment) -> None:
+    """Create the sample app repos (tagged v1.0.0) and the manifests monorepo when missing."""
+    for name, app in env.apps.items():
+        seed.seed_app(env.path(app.repo), app=name)
+    seed.seed_manifests(env.path(env.manifests.repo), apps=list(env.apps), clusters=list(env.clusters))
+
+
+def _names(env: Environment) -> list[str]:
+    return [PREFECT, *(cluster_name_of(c) for c in env.clusters), buildd.NAME, registry.NAME]
+
+
+def down(env: Environment, *, say: Callable[[str], None] = print) -> None:
+    state = env.state_path
+    for name in _names(env):
+        if procs.stop_daemon(name, state_dir=state):
+            say(f"stopped {name}")
+
+
+def status(env: Environment) -> dict[str, int | None]:
+    return {name: procs.daemon_status(name, state_dir=env.state_path) for name in _names(env)}
