@@ -121,7 +121,7 @@ def open_merge_request(env: Environment, release: Release, branch: git.ReleaseBr
 @task(name="validate", **IO_RETRIES)
 def validate(env: Environment, release: Release, branch: git.ReleaseBranch) -> ValidationReport:
     """Render and check every overlay of the app at the branch head."""
-    validator = SchemaValidator(env.kubernetes_version)
+    validator = SchemaValidator(kubernetes_version=env.kubernetes_version)
     overlays: list[str] = []
     resources = 0
     findings = []
