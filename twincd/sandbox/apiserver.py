@@ -83,8 +83,10 @@ class ResourceType:
     short_names: tuple[str, ...] = ()
     categories: tuple[str, ...] = ()
     columns: tuple[Column, ...] = ()
-    # What the server puts in status on create (the real Namespace strategy sets phase Active).
-    initial_status: tuple[tuple[str, str], ...] = ()
+    # What the server puts in status on create: the real Namespace strategy sets phase Active, and
+    # some status fields are not omitempty in the Go types, so they always serialise (the v37
+    # client rejects a ReplicaSet status without ``replicas``).
+    initial_status: tuple[tuple[str, Any], ...] = ()
 
     @property
     def api_version(self) -> str:
@@ -115,10 +117,12 @@ RESOURCES: tuple[ResourceType, ...] = (
                           Column("Available", "{status.availableReplicas}", "0"))),
     ResourceType("apps", "v1", "replicasets", "ReplicaSet", short_names=("rs",), categories=_ALL,
                  columns=(Column("Desired", "{spec.replicas}", "0"), Column("Current", "{status.replicas}", "0"),
-                          Column("Ready", "{status.readyReplicas}", "0"))),
+                          Column("Ready", "{status.readyReplicas}", "0")), initial_status=(("replicas", 0),)),
     ResourceType("apps", "v1", "statefulsets", "StatefulSet", short_names=("sts",), categories=_ALL,
-                 columns=(_READY_REPLICAS,)),
-    ResourceType("apps", "v1", "daemonsets", "DaemonSet", short_names=("ds",), categories=_ALL),
+                 columns=(_READY_REPLICAS,), initial_status=(("replicas", 0),)),
+    ResourceType("apps", "v1", "daemonsets", "DaemonSet", short_names=("ds",), categories=_ALL,
+                 initial_status=tuple((key, 0) for key in ("currentNumberScheduled", "desiredNumberScheduled",
+                                                           "numberMisscheduled", "numberReady"))),
     ResourceType("batch", "v1", "jobs", "Job", categories=_ALL),
     ResourceType("batch", "v1", "cronjobs", "CronJob", short_names=("cj",), categories=_ALL),
     ResourceType("networking.k8s.io", "v1", "ingresses", "Ingress", short_names=("ing",)),
@@ -830,8 +834,11 @@ class _Api:
 
     async def version(self, request: Request) -> Response:
         major, minor, *_ = self.kubernetes_version.split(".")
+        # The official client rejects a VersionInfo missing any of these fields.
         return _respond({"major": major, "minor": minor, "gitVersion": f"v{self.kubernetes_version}",
-                         "platform": "linux/amd64", "twincdSandbox": self.name})
+                         "gitCommit": f"twincd-sandbox-{self.name}", "gitTreeState": "clean",
+                         "buildDate": "1970-01-01T00:00:00Z", "goVersion": "none", "compiler": "none",
+                         "platform": "linux/amd64"})
 
     async def core_versions(self, request: Request) -> Response:
         return _respond({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
@@ -867,10 +874,15 @@ class _Api:
 
     # ------------------------------------------------------------------------------ resources
 
+    # The client asks for "/api/" and "/apis/" with a trailing slash, which routes here.
     async def core(self, request: Request) -> Response:
+        if not request.path_params["path"].strip("/"):
+            return await self.core_versions(request)
         return await self._serve(request, "", request.path_params["path"].split("/"))
 
     async def named_group(self, request: Request) -> Response:
+        if not request.path_params["path"].strip("/"):
+            return await self.groups(request)
         group, *segments = request.path_params["path"].split("/")
         return await self._serve(request, group, segments)
 
