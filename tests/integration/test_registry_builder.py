@@ -19,6 +19,7 @@ import pytest
 
 from twincd.adapters.builder import (
     BuilderUnavailable,
+    BuildFailed,
     PushFailed,
     TagNotFound,
     build_image,
@@ -141,6 +142,22 @@ def test_builds_the_tag_not_the_dirty_worktree(registry: str, builder: str, app_
         insecure_registries={registry},
     )
     assert image_labels(builder, built.image_id)["test.revision"] == "one"
+
+
+def test_failing_build_is_permanent(registry: str, builder: str, app_worktree: Path) -> None:
+    (app_worktree / "Containerfile").write_text("FROM scratch\nCOPY missing /missing\n")
+    git("commit", "--quiet", "-am", "broken", cwd=app_worktree)
+    git("tag", "v2.0.0", cwd=app_worktree)
+    with pytest.raises(BuildFailed) as caught:
+        build_image(
+            repo_url=str(app_worktree),
+            tag="v2.0.0",
+            image="hello-broken",
+            registries=[registry],
+            base_url=builder,
+            insecure_registries={registry},
+        )
+    assert isinstance(caught.value, PermanentError) and "COPY missing" in str(caught.value)
 
 
 def test_unknown_tag_is_permanent(app_repo: Path, tmp_path: Path) -> None:

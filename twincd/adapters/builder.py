@@ -13,9 +13,9 @@ import subprocess
 import tempfile
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit, urlunsplit
 
 import docker
@@ -138,11 +138,14 @@ def build_image(
     with tempfile.TemporaryDirectory(prefix="twincd-build-") as tmp:
         context, build_file = _export_tree(repo_url, tag, Path(tmp))
         with _client(base_url, timeout=_BUILD_TIMEOUT_SECONDS) as client, open(context, "rb") as tar:
-            image_id = _run_build(client, built, tar, build_file, source=_redact(repo_url))
+            image_id = _run_build(client, base_url, built, tar, build_file, source=_redact(repo_url))
             for target in built.targets[1:]:
                 repository, _, target_tag = target.rpartition(":")
-                _call(base_url, client.api.tag, image_id, repository, target_tag)
-    return BuiltImage(image, tag, commit, tuple(registries), image_id=image_id)
+                try:
+                    client.api.tag(image_id, repository, target_tag)
+                except (docker.errors.APIError, requests.exceptions.RequestException) as e:
+                    raise _daemon_error(base_url, e) from e
+    return replace(built, image_id=image_id)
 
 
 def push_image(
@@ -189,7 +192,9 @@ def _client(base_url: str, *, timeout: int) -> Iterator[docker.DockerClient]:
         client.close()
 
 
-def _run_build(client: docker.DockerClient, built: BuiltImage, tar: Any, build_file: str, source: str) -> str:
+def _run_build(
+    client: docker.DockerClient, base_url: str, built: BuiltImage, tar: BinaryIO, build_file: str, source: str
+) -> str:
     labels = {
         # OCI annotation keys, so `podman inspect` shows people where an image came from.
         "org.opencontainers.image.source": source,
@@ -208,10 +213,10 @@ def _run_build(client: docker.DockerClient, built: BuiltImage, tar: Any, build_f
             decode=True,
         )
     except (docker.errors.APIError, requests.exceptions.RequestException) as e:
-        raise _daemon_error(client.api.base_url, e) from e
+        raise _daemon_error(base_url, e) from e
     image_id = ""
     log: list[str] = []
-    for item in _consume(client.api.base_url, stream):
+    for item in _consume(base_url, stream):
         if "error" in item:
             tail = "".join(log[-10:]).strip()
             raise BuildFailed(f"build of {built.targets[0]} failed: {item['error']}\n{tail}".strip())
@@ -231,13 +236,6 @@ def _consume(base_url: str, stream: Iterator[dict[str, Any]]) -> Iterator[dict[s
         yield from stream
     except requests.exceptions.RequestException as e:
         raise BuilderUnavailable(f"builder at {base_url}: connection lost: {type(e).__name__}") from e
-
-
-def _call(base_url: str, fn: Any, *args: Any) -> Any:
-    try:
-        return fn(*args)
-    except (docker.errors.APIError, requests.exceptions.RequestException) as e:
-        raise _daemon_error(base_url, e) from e
 
 
 def _daemon_error(base_url: str, e: Exception) -> Exception:

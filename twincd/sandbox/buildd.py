@@ -72,10 +72,11 @@ driver = {q(storage_driver)}
 graphroot = {q(state / "podman" / "storage")}
 runroot = {q(state / "run" / "podman-storage")}
 """
-    # Plain-HTTP registries must be listed, or push tries HTTPS and fails. No search registries:
-    # a short name like `FROM busybox` fails at once instead of trying docker.io (no network here).
-    registries_conf = "unqualified-search-registries = []\n" + "".join(
-        f"\n[[registry]]\nlocation = {q(registry)}\ninsecure = true\n" for registry in insecure_registries
+    # Plain-HTTP registries must be listed, or push tries HTTPS and fails ("server gave HTTP
+    # response to HTTPS client"). Nothing else: the Docker-compatible API maps short names such as
+    # `FROM busybox` to docker.io itself, whatever search registries say.
+    registries_conf = "".join(
+        f"[[registry]]\nlocation = {q(registry)}\ninsecure = true\n\n" for registry in insecure_registries
     )
     files = {
         "CONTAINERS_CONF": (conf / "containers.conf", containers_conf),

@@ -39,7 +39,8 @@ http:
 def registry_ready(port: int) -> bool:
     """``GET /v2/`` answers 200 (the distribution API's version check)."""
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1.0).status_code == 200
+        # trust_env=False: a proxy from the environment must not intercept loopback.
+        return httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1.0, trust_env=False).status_code == 200
     except httpx.HTTPError:
         return False
 
