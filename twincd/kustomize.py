@@ -101,8 +101,10 @@ def _line_start(text: str, index: int) -> int:
 
 
 def _line_end(text: str, index: int) -> int:
+    """End of the line's content: before "\n", and before a CRLF file's "\r" so that it stays."""
     end = text.find("\n", index)
-    return len(text) if end < 0 else end
+    end = len(text) if end < 0 else end
+    return end - 1 if end > index and text[end - 1] == "\r" else end
 
 
 def _next_line(text: str, index: int) -> int:

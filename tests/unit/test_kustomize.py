@@ -138,3 +138,9 @@ def test_pinned_overlay_renders_with_kubectl(tmp_path: Path) -> None:
     (overlay / "kustomization.yaml").write_text(text)
     out = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, check=True).stdout
     assert f"image: {REF.pinned}" in out
+
+
+def test_crlf_lines_keep_their_carriage_returns() -> None:
+    text = "images:\r\n- name: hello\r\n  newName: registry.example.com/team/hello\r\n  newTag: v1\r\nresources:\r\n- a\r\n"
+    result = set_image(text, file="k.yaml", image="hello", ref=REF)
+    assert result.text == text.replace("newTag: v1", f"digest: {NEW_DIGEST}  # v1.2.0")
