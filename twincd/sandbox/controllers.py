@@ -1049,6 +1049,7 @@ class ManifestsSyncer:
         self.stop = stop
         self.interval = interval
         self._head = ""
+        self._repo_error = ""
         self._outcomes: dict[str, SyncOutcome] = {}
         self._published: dict[str, Obj] = {}  # app -> last status written (without reconciledAt)
 
@@ -1068,8 +1069,12 @@ class ManifestsSyncer:
     def poll_once(self, work: str, cache: str) -> None:
         try:
             head = remote_head(self.repo, self.branch)
+            self._repo_error = ""
         except TransientError as e:
-            log.warning("syncer %s: %s", self.cluster, e)
+            # Said once, not every interval: an empty repo before its first push is normal.
+            if str(e) != self._repo_error:
+                log.warning("syncer %s: %s", self.cluster, e)
+            self._repo_error = str(e)
             head = self._head
         if head and head != self._head:
             try:
