@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -665,7 +665,6 @@ class KubeUnavailable(TransientError):
 class _ResourceInfo:
     plural: str
     namespaced: bool
-    subresources: frozenset[str] = field(default_factory=frozenset)
 
 
 class KubeClient:
@@ -705,18 +704,11 @@ class KubeClient:
             if api_version not in self._discovery:
                 path = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
                 listing = self._request("GET", path)
-                kinds: dict[str, _ResourceInfo] = {}
-                subs: dict[str, set[str]] = {}
-                for r in listing.get("resources", []):
-                    plural, _, sub = str(r["name"]).partition("/")
-                    if sub:
-                        subs.setdefault(plural, set()).add(sub)
-                for r in listing.get("resources", []):
-                    if "/" not in r["name"]:
-                        kinds[r["kind"]] = _ResourceInfo(
-                            r["name"], bool(r.get("namespaced")), frozenset(subs.get(r["name"], ()))
-                        )
-                self._discovery[api_version] = kinds
+                self._discovery[api_version] = {
+                    r["kind"]: _ResourceInfo(r["name"], bool(r.get("namespaced")))
+                    for r in listing.get("resources", [])
+                    if "/" not in r["name"]  # subresources such as deployments/status
+                }
             return self._discovery[api_version]
 
     def info(self, api_version: str, kind: str) -> _ResourceInfo:
@@ -797,10 +789,10 @@ class KubeClient:
             raise KubeUnavailable(f"watch {self.base_url}{url}: {type(e).__name__}: {e}") from e
 
 
-def apply_object(client: KubeClient, obj: Mapping[str, Any], attempts: int = 5) -> tuple[Obj, bool]:
+def apply_object(client: KubeClient, obj: Mapping[str, Any], attempts: int = 5) -> Obj:
     """Create ``obj`` or replace the live one by PUT of the whole object at the live resourceVersion.
 
-    Returns the live object and whether anything was written. A 409 (someone wrote in between) is
+    Returns the live object; an object already in sync is left alone. A 409 (someone wrote in between) is
     retried with the new resourceVersion, as ``kubectl replace`` users do by hand.
     """
     key = ResourceKey.of(obj)
@@ -808,17 +800,17 @@ def apply_object(client: KubeClient, obj: Mapping[str, Any], attempts: int = 5) 
         live = client.get(key)
         if live is None:
             try:
-                return client.create(obj), True
+                return client.create(obj)
             except KubeApiError as e:
                 if e.code == 409:  # created in between: replace it on the next attempt
                     continue
                 raise
         if is_in_sync(obj, live):
-            return live, False
+            return live
         body = copy.deepcopy(dict(obj))
         body.setdefault("metadata", {})["resourceVersion"] = live["metadata"]["resourceVersion"]
         try:
-            return client.replace(body), True
+            return client.replace(body)
         except KubeApiError as e:
             if e.code != 409:
                 raise
