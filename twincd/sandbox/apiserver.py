@@ -1097,7 +1097,10 @@ def serve_in_thread(app: Starlette, host: str = "127.0.0.1", port: int = 0) -> R
     Returns once the server accepts connections. Binding the socket here, before uvicorn starts,
     is what makes the chosen port known without a race.
     """
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # IPPROTO_TCP must be explicit: asyncio sets TCP_NODELAY on accepted connections only when the
+    # listener's proto is IPPROTO_TCP, and socket.socket() leaves it 0. Without it, Nagle plus
+    # delayed ACKs cost ~40 ms per request (45 ms vs 1 ms per create, measured).
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound = sock.getsockname()[1]
