@@ -26,6 +26,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import itertools
 import json
 import re
 import secrets
@@ -34,7 +35,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -482,6 +483,7 @@ class Store:
         self._events: deque[WatchEvent] = deque(maxlen=event_buffer)
         self._evicted_upto = 0  # the newest resourceVersion dropped from the buffer
         self._subscribers: dict[int, Subscriber] = {}
+        self._subscriber_tokens = itertools.count()
         self._closed = False
         for name in INITIAL_NAMESPACES:
             self.create(NAMESPACES, None, {"metadata": {"name": name}})
@@ -614,7 +616,7 @@ class Store:
                 seen = (event.seen_through(selection) for event in self._events
                         if event.resource is rt and event.resource_version > since)
                 backlog = [(kind, _copy(obj)) for kind, obj in filter(None, seen)]
-            token = id(subscriber)
+            token = next(self._subscriber_tokens)
             self._subscribers[token] = subscriber
 
         def unsubscribe() -> None:
@@ -977,6 +979,15 @@ class _Api:
             timeout = float(query.get("timeoutSeconds") or 0)
         except ValueError as error:
             raise _bad_request("timeoutSeconds must be a number") from error
+        resource_version = query.get("resourceVersion", "")
+        if resource_version and not resource_version.isdigit():
+            raise _bad_request(f"invalid resource version {resource_version!r}")
+        return StreamingResponse(self._stream(rt, selection, resource_version, timeout), media_type="application/json")
+
+    async def _stream(self, rt: ResourceType, selection: Selection, resource_version: str,
+                      timeout: float) -> AsyncIterator[bytes]:
+        # Subscribing here, inside the generator, ties the subscription to the finally below: a
+        # client gone before the first byte never starts the generator, so it never subscribes.
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[WatchEvent | None] = asyncio.Queue()
 
@@ -987,44 +998,33 @@ class _Api:
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
         try:
-            backlog, unsubscribe = self.store.watch(rt, selection, query.get("resourceVersion", ""), deliver)
-        except ApiError as error:
-            if error.code != 410:
-                raise
-            # Like the real server: 200, then one ERROR event carrying the 410 Status.
-            return StreamingResponse(_lines([("ERROR", error.status())]), media_type="application/json")
-
-        async def stream() -> AsyncIterator[bytes]:
-            deadline = loop.time() + timeout if timeout > 0 else None
-            try:
-                async for line in _lines(backlog):
-                    yield line
-                while True:
-                    remaining = None if deadline is None else deadline - loop.time()
-                    if remaining is not None and remaining <= 0:
-                        return
-                    try:
-                        event = await asyncio.wait_for(queue.get(), remaining)
-                    except TimeoutError:
-                        return
-                    if event is None:
-                        return
-                    seen = event.seen_through(selection) if event.resource is rt else None
-                    if seen is not None:
-                        yield _event_line(*seen)
-            finally:
-                unsubscribe()
-
-        return StreamingResponse(stream(), media_type="application/json")
+            backlog, unsubscribe = self.store.watch(rt, selection, resource_version, deliver)
+        except ApiError as error:  # like the real server: 200, then one ERROR event (410 Expired)
+            yield _event_line("ERROR", error.status())
+            return
+        deadline = loop.time() + timeout if timeout > 0 else None
+        try:
+            for kind, obj in backlog:
+                yield _event_line(kind, obj)
+            while True:
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    return
+                try:
+                    event = await asyncio.wait_for(queue.get(), remaining)
+                except TimeoutError:
+                    return
+                if event is None:
+                    return
+                seen = event.seen_through(selection) if event.resource is rt else None
+                if seen is not None:
+                    yield _event_line(*seen)
+        finally:
+            unsubscribe()
 
 
 def _event_line(kind: str, obj: JSON) -> bytes:
     return json.dumps({"type": kind, "object": obj}, separators=(",", ":")).encode() + b"\n"
-
-
-async def _lines(events: Iterable[tuple[str, JSON]]) -> AsyncIterator[bytes]:
-    for kind, obj in events:
-        yield _event_line(kind, obj)
 
 
 def _loads(raw: bytes) -> Any:
