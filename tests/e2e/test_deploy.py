@@ -1,0 +1,202 @@
+"""The deploy flow end to end on a local stack of its own: the main job and every bad input.
+
+Tests run in file order and share one stack; each release after the first tags a new commit of
+the sample app, so every test starts from the state the one before left (as a user's stack would).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import git_refs, release_app, twincd
+from twincd.config import Environment
+from twincd.sandbox import procs
+from twincd.sandbox.stack import cluster_name_of
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+RUN_URL = re.compile(r"Run in the Prefect UI: (\S+)")
+
+
+def kubectl_json(env: Environment, context: str, *args: str) -> dict:
+    out = subprocess.run(["kubectl", "--kubeconfig", str(env.state_path / "kubeconfig"), "--context", context,
+                          "get", *args, "-o", "json"], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def main_file(env: Environment, path: str) -> str:
+    return subprocess.run(["git", "-C", str(env.path(env.manifests.repo)), "show", f"main:{path}"],
+                          check=True, capture_output=True, text=True).stdout
+
+
+def main_head(env: Environment) -> str:
+    return git_refs(env.path(env.manifests.repo))["refs/heads/main"]
+
+
+def registry_digest(env: Environment, tag: str) -> str:
+    import httpx
+
+    r = httpx.head(f"http://{env.registries['local'].url}/v2/hello/manifests/{tag}", headers={
+        "Accept": "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"})
+    assert r.status_code == 200, r.text
+    return r.headers["Docker-Content-Digest"]
+
+
+def test_deploy_verifies_both_clusters_and_rerun_changes_nothing(stack_env: Environment) -> None:
+    env = stack_env
+    first = twincd(env, "deploy", "hello", "v1.0.0", "--auto-approve")
+    assert first.returncode == 0, first.stdout + first.stderr
+    digest = registry_digest(env, "v1.0.0")
+    head = main_head(env)
+    for cluster in ("eks", "aks"):
+        overlay = main_file(env, f"overlays/{cluster}/hello/kustomization.yaml")
+        assert f"digest: {digest}" in overlay
+        app = kubectl_json(env, "sandbox-aks", "applications", "-n", "argocd", f"hello-{cluster}")
+        assert app["status"]["sync"]["revision"] == head
+        assert app["status"]["health"]["status"] == "Healthy"
+        dep = kubectl_json(env, f"sandbox-{cluster}", "deployment", "-n", "hello", "hello")
+        assert dep["spec"]["template"]["spec"]["containers"][0]["image"].endswith("@" + digest)
+        assert dep["status"]["availableReplicas"] == 2
+    refs = git_refs(env.path(env.manifests.repo))
+    records = sorted((env.state_path / "forge").glob("*.json"))
+    (ARTIFACTS / "run-url.txt").parent.mkdir(exist_ok=True)
+    (ARTIFACTS / "run-url.txt").write_text(RUN_URL.search(first.stdout).group(1))  # type: ignore[union-attr]
+
+    again = twincd(env, "deploy", "hello", "v1.0.0", "--auto-approve")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert git_refs(env.path(env.manifests.repo)) == refs  # no second commit or branch
+    assert sorted((env.state_path / "forge").glob("*.json")) == records  # no second MR
+    assert registry_digest(env, "v1.0.0") == digest  # no second image
+
+
+def test_prefect_ui_shows_the_completed_run_with_its_tasks(stack_env: Environment) -> None:
+    url = (ARTIFACTS / "run-url.txt").read_text()
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium is installed by scripts/setup.sh"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--window-size=1400,1000", "--virtual-time-budget=20000"]
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run([chromium, *flags, f"--user-data-dir={profile}", "--dump-dom", url],
+                             capture_output=True, text=True, timeout=120).stdout
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run([chromium, *flags, f"--user-data-dir={profile}",
+                        f"--screenshot={ARTIFACTS / 'deploy-run.png'}", url], capture_output=True, timeout=120)
+    assert "deploy-hello-v1.0.0" in dom
+    assert "Completed" in dom
+    for task in ("build-image", "push-image", "set-image", "open-merge-request", "validate", "verify-eks"):
+        assert task in dom, f"task {task} not shown on the run page"
+    assert (ARTIFACTS / "deploy-run.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("tag,reason", [
+    ("1.0", "does not match the app's tag_pattern"),
+    ("v1.0.0;rm -rf /", "is not a safe release tag"),
+    ("-v1.0.0", "is not a safe release tag"),
+    ("v1.0.0..v2", "is not a safe release tag"),
+])
+def test_bad_tag_is_refused_before_any_change(stack_env: Environment, tag: str, reason: str) -> None:
+    refs = git_refs(stack_env.path(stack_env.manifests.repo))
+    result = twincd(stack_env, "deploy", "--auto-approve", "hello", "--", tag)
+    assert result.returncode != 0
+    assert reason in result.stdout + result.stderr
+    assert git_refs(stack_env.path(stack_env.manifests.repo)) == refs
+
+
+def test_missing_tag_names_the_repo(stack_env: Environment) -> None:
+    result = twincd(stack_env, "deploy", "hello", "v9.9.9", "--auto-approve")
+    assert result.returncode != 0
+    assert "tag 'v9.9.9' does not exist in" in result.stdout + result.stderr
+
+
+def test_unknown_app_lists_the_known_ones(stack_env: Environment) -> None:
+    result = twincd(stack_env, "deploy", "nope", "v1.0.0")
+    assert result.returncode == 2
+    assert "unknown app 'nope'" in result.stderr and "known apps: hello" in result.stderr
+
+
+def _push_to_main(env: Environment, path: str, text: str, message: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        git = ["git", "-C", tmp, "-c", "user.name=dev", "-c", "user.email=dev@example.test"]
+        subprocess.run(["git", "clone", "-q", str(env.path(env.manifests.repo)), tmp], check=True)
+        Path(tmp, path).write_text(text)
+        subprocess.run([*git, "commit", "-qam", message], check=True)
+        subprocess.run([*git, "push", "-q", "origin", "main"], check=True)
+
+
+def test_broken_overlay_fails_validation_and_merges_nothing(stack_env: Environment) -> None:
+    env = stack_env
+    path = "overlays/eks/hello/kustomization.yaml"
+    good = main_file(env, path)
+    broken = good + "patches:\n  - target: {kind: Deployment}\n    patch: |-\n      - op: replace\n" \
+                    "        path: /spec/replicas\n        value: two\n"
+    _push_to_main(env, path, broken, "break the eks overlay")
+    try:
+        release_app(env, "v1.1.0", page="<h1>hello 1.1.0</h1>\n")
+        head = main_head(env)
+        result = twincd(env, "deploy", "hello", "v1.1.0", "--auto-approve")
+        out = result.stdout + result.stderr
+        assert result.returncode != 0
+        assert "validation of" in out and "nothing was merged" in out
+        assert "overlays/eks/hello" in out and "spec.replicas" in out.replace("/", ".")
+        assert main_head(env) == head
+    finally:
+        _push_to_main(env, path, good, "repair the eks overlay")
+
+
+def _wait_paused_then(env: Environment, *args: str) -> subprocess.CompletedProcess[str]:
+    deadline = time.monotonic() + 120
+    while True:
+        result = twincd(env, "approve", *args)
+        if result.returncode == 0 or time.monotonic() > deadline:
+            return result
+        time.sleep(1)
+
+
+def test_refused_approval_cancels_and_keeps_the_branch(stack_env: Environment) -> None:
+    env = stack_env
+    release_app(env, "v1.2.0", page="<h1>hello 1.2.0</h1>\n")
+    head = main_head(env)
+    run = subprocess.Popen([sys.executable, "-m", "twincd.cli", "--env", env.source, "deploy", "hello", "v1.2.0"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    refused = _wait_paused_then(env, "hello", "v1.2.0", "--refuse", "--approver", "alice", "--comment", "not today")
+    out, _ = run.communicate(timeout=120)
+    assert refused.returncode == 0, refused.stderr
+    assert run.returncode == 1
+    assert "Cancelled" in out and "refused by alice" in out
+    refs = git_refs(env.path(env.manifests.repo))
+    assert refs["refs/heads/main"] == head  # nothing reached main
+    assert "refs/heads/twincd/hello/v1.2.0" in refs  # kept for inspection
+
+
+def test_approval_in_the_cli_merges_and_verifies(stack_env: Environment) -> None:
+    env = stack_env
+    release_app(env, "v1.3.0", page="<h1>hello 1.3.0</h1>\n")
+    run = subprocess.Popen([sys.executable, "-m", "twincd.cli", "--env", env.source, "deploy", "hello", "v1.3.0"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    approved = _wait_paused_then(env, "hello", "v1.3.0", "--approver", "bob")
+    out, _ = run.communicate(timeout=180)
+    assert approved.returncode == 0, approved.stderr
+    assert run.returncode == 0, out
+    assert "Approved-by: bob" in subprocess.run(
+        ["git", "-C", str(env.path(env.manifests.repo)), "log", "-1", "main"], capture_output=True, text=True).stdout
+    assert registry_digest(env, "v1.3.0") in main_file(env, "overlays/aks/hello/kustomization.yaml")
+
+
+def test_cluster_down_fails_that_cluster_and_verifies_the_other(stack_env: Environment) -> None:
+    env = stack_env
+    release_app(env, "v1.4.0", page="<h1>hello 1.4.0</h1>\n")
+    assert procs.stop_daemon(cluster_name_of("eks"), state_dir=env.state_path)
+    result = twincd(env, "deploy", "hello", "v1.4.0", "--auto-approve")
+    out = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "rollout failed on eks: cluster eks" in out and "unreachable" in out
+    assert "verified on aks" in out
