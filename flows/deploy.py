@@ -62,8 +62,9 @@ def _event(timeline: Timeline, step: str, status: str, text: str, cluster: str =
     return timeline.add(Event(step, status, text, datetime.now(UTC).isoformat(), cluster))
 
 
-def approval_key(app: str, tag: str) -> str:
-    return f"approve-{app}-{tag}"
+def approval_key(timeline: Timeline) -> str:
+    # Prefect run-input keys allow lowercase letters, digits and dashes only.
+    return timeline.key.replace("release-", "approve-", 1)
 
 
 @flow(name="deploy", flow_run_name="deploy-{app}-{tag}", log_prints=True)
@@ -119,7 +120,7 @@ def _deploy(environment: Environment, release: Release, timeline: Timeline, auto
                     wait_for_input=Approval.with_initial_data(
                         description=_approval_text(mr.title, branch.diff, timeline), approved=False),
                     timeout=int(environment.timeouts.approval_seconds), poll_interval=2,
-                    key=approval_key(app, tag),
+                    key=approval_key(timeline),
                 )
                 if answer is None or not answer.approved:
                     who = (answer.approver if answer else "") or "a reviewer"

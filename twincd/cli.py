@@ -19,9 +19,10 @@ from twincd.errors import TwincdError
 def _use_prefect(env: Environment) -> None:
     from twincd.sandbox.stack import prefect_env
 
+    # The environment file says which Prefect server runs its flows; it wins over the shell's.
     for key, value in prefect_env(env).items():
         if key != "PREFECT_HOME":  # the client keeps the user's own profile directory
-            os.environ.setdefault(key, value)
+            os.environ[key] = value
     # flows/ and tasks/ live at the repository root (prefect.yaml entrypoints).
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
