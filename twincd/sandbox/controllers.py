@@ -822,6 +822,11 @@ def apply_object(client: KubeClient, obj: Mapping[str, Any], attempts: int = 5) 
 # ---------------------------------------------------------------------------------------------
 
 
+def _rv(obj: Mapping[str, Any]) -> int:
+    value = str(obj.get("metadata", {}).get("resourceVersion") or "0")
+    return int(value) if value.isdigit() else 0
+
+
 class DeploymentController:
     """Reconciles every Deployment of one cluster: a watch thread keeps a cache, a tick loop steps
     each unsettled rollout every ``tick`` seconds."""
@@ -861,8 +866,14 @@ class DeploymentController:
 
     def _store(self, obj: Obj) -> None:
         meta = obj["metadata"]
+        key = (meta.get("namespace", ""), meta["name"])
         with self._lock:
-            self._cache[(meta.get("namespace", ""), meta["name"])] = obj
+            # The tick loop stores what its writes return while the watch thread stores events: an
+            # older copy must never replace a newer one, or a spec change that arrived in between is
+            # lost and the rollout is never stepped. (The sandbox's resourceVersions are a counter.)
+            cached = self._cache.get(key)
+            if cached is None or _rv(obj) >= _rv(cached):
+                self._cache[key] = obj
 
     def _watch_loop(self) -> None:
         resource_version = ""
