@@ -104,7 +104,7 @@ class RolloutTarget:
     namespace: str
     name: str
     revision: str  # the merge commit
-    digest: str
+    digest: str | None = None  # None: any image (e.g. a failover only changes replicas)
 
 
 def observe(target: RolloutTarget, clients: dict[str, k8s.ApiClient]) -> RolloutVerdict:
