@@ -15,7 +15,7 @@ def transient_only(task: Any, task_run: Any, state: Any) -> bool:
         state.result()
     except TransientError:
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - any other failure is permanent: do not retry
         return False
     return False
 

@@ -14,6 +14,7 @@ from twincd.adapters.forge_local import LocalForge
 from twincd.config import Environment, load_environment
 from twincd.domain import (
     EditResult,
+    Finding,
     ImageChange,
     ImageRef,
     MergeRequest,
@@ -124,7 +125,7 @@ def validate(env: Environment, release: Release, branch: git.ReleaseBranch) -> V
     validator = SchemaValidator(kubernetes_version=env.kubernetes_version)
     overlays: list[str] = []
     resources = 0
-    findings = []
+    findings: list[Finding] = []
     with git.clone(str(env.path(env.manifests.repo)), ref=branch.head) as repo:
         for name in env.clusters:
             overlay = env.app_overlay(release.app, name)

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from twincd.config import DEFAULT_ENV, REPO_ROOT, Environment, load_environment
@@ -83,8 +84,12 @@ def cmd_deploy(env: Environment, args: argparse.Namespace) -> int:
 def cmd_approve(env: Environment, args: argparse.Namespace) -> int:
     _use_prefect(env)
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, FlowRunFilterState
-    from prefect.client.schemas.filters import FlowRunFilterStateName
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterName,
+        FlowRunFilterState,
+        FlowRunFilterStateName,
+    )
     from prefect.flow_runs import resume_flow_run
 
     name = f"deploy-{args.app}-{args.tag}"
@@ -118,7 +123,9 @@ def cmd_serve(env: Environment, args: argparse.Namespace) -> int:
 
     from flows.deploy import deploy
 
-    serve(deploy.to_deployment(name="deploy", parameters={"env": env.source}))
+    deployment = deploy.to_deployment(name="deploy", parameters={"env": env.source})
+    assert not isinstance(deployment, Coroutine)  # sync context: to_deployment returns it directly
+    serve(deployment)
     return 0
 
 
