@@ -135,6 +135,10 @@ class Event:
     text: str
     at: str  # ISO 8601, UTC
     cluster: str = ""
+    # Optional details a notifier shows as links and short forms (issue 5); empty when unknown.
+    url: str = ""  # e.g. the merge request's web URL
+    digest: str = ""  # "sha256:<64 hex>" of the released image, on the push event
+    actor: str = ""  # who acted, e.g. the approver on the merge event
 
 
 @dataclass(frozen=True)
