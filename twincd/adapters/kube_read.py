@@ -1,0 +1,176 @@
+"""Cheap reads of live objects for the drift check: one LIST per (kind, namespace), never a GET per object.
+
+The number of API calls grows with kinds × namespaces, not with objects. Built-in kinds map to
+their API paths through a static table; any other kind (custom resources such as SealedSecret) is
+resolved by one discovery GET of its group-version per reader, cached. Callers get plain dicts
+(the objects as ``kubectl get -o json`` prints them) and ``ClusterError``/``ClusterDenied``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import urllib3
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+
+from twincd.adapters.cluster import REQUEST_TIMEOUT, ClusterDenied, ClusterError, ClusterRef, api_client
+from twincd.drift import ListScope, list_scopes, place_namespaces
+
+
+@dataclass(frozen=True)
+class KindInfo:
+    api_version: str
+    kind: str
+    plural: str
+    namespaced: bool
+
+    def path(self, namespace: str) -> str:
+        prefix = f"/apis/{self.api_version}" if "/" in self.api_version else f"/api/{self.api_version}"
+        return f"{prefix}/namespaces/{namespace}/{self.plural}" if self.namespaced else f"{prefix}/{self.plural}"
+
+
+def _builtin(api_version: str, namespaced: bool, *kinds: tuple[str, str]) -> dict[tuple[str, str], KindInfo]:
+    return {(api_version, kind): KindInfo(api_version, kind, plural, namespaced) for kind, plural in kinds}
+
+
+# The built-in kinds manifests usually hold; their paths are fixed by Kubernetes, so no discovery.
+BUILTIN_KINDS: dict[tuple[str, str], KindInfo] = {
+    **_builtin("v1", True, ("ConfigMap", "configmaps"), ("Secret", "secrets"), ("Service", "services"),
+               ("ServiceAccount", "serviceaccounts"), ("PersistentVolumeClaim", "persistentvolumeclaims"),
+               ("Pod", "pods"), ("LimitRange", "limitranges"), ("ResourceQuota", "resourcequotas")),
+    **_builtin("v1", False, ("Namespace", "namespaces"), ("PersistentVolume", "persistentvolumes")),
+    **_builtin("apps/v1", True, ("Deployment", "deployments"), ("StatefulSet", "statefulsets"),
+               ("DaemonSet", "daemonsets"), ("ReplicaSet", "replicasets")),
+    **_builtin("batch/v1", True, ("Job", "jobs"), ("CronJob", "cronjobs")),
+    **_builtin("networking.k8s.io/v1", True, ("Ingress", "ingresses"), ("NetworkPolicy", "networkpolicies")),
+    **_builtin("networking.k8s.io/v1", False, ("IngressClass", "ingressclasses")),
+    **_builtin("policy/v1", True, ("PodDisruptionBudget", "poddisruptionbudgets")),
+    **_builtin("autoscaling/v2", True, ("HorizontalPodAutoscaler", "horizontalpodautoscalers")),
+    **_builtin("rbac.authorization.k8s.io/v1", True, ("Role", "roles"), ("RoleBinding", "rolebindings")),
+    **_builtin("rbac.authorization.k8s.io/v1", False, ("ClusterRole", "clusterroles"),
+               ("ClusterRoleBinding", "clusterrolebindings")),
+    **_builtin("apiextensions.k8s.io/v1", False, ("CustomResourceDefinition", "customresourcedefinitions")),
+}
+
+
+class KindNotServed(ClusterDenied):
+    """The cluster does not serve a kind the manifests use (e.g. a CRD that is not installed)."""
+
+
+class LiveReader:
+    """Reads one cluster; counts every API call it makes (``calls``) and the LISTs among them (``lists``)."""
+
+    def __init__(self, ref: ClusterRef, *, api: k8s.ApiClient | None = None) -> None:
+        self.ref = ref
+        self._api = api if api is not None else api_client(ref)
+        self._owns_api = api is None
+        self._discovered: dict[str, dict[str, KindInfo]] = {}  # group-version → kind → info
+        self.calls = 0
+        self.lists = 0
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._owns_api:
+            self._api.close()
+
+    def _get(self, what: str, path: str, query: Sequence[tuple[str, str]] = ()) -> dict[str, Any] | None:
+        self.calls += 1
+        try:
+            request = self._api.param_serialize(method="GET", resource_path=path, query_params=list(query),
+                                                header_params={"Accept": "application/json"},
+                                                auth_settings=["BearerToken"])
+            response = self._api.call_api(*request, _request_timeout=REQUEST_TIMEOUT)
+            body = response.read()
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise ClusterError(f"cluster {self.ref.name}: {what}: API server unreachable ({type(e).__name__})") from e
+        if response.status == 404:
+            return None
+        if not 200 <= response.status <= 299:
+            error = ApiException(status=response.status, reason=response.reason)
+            if response.status in (401, 403):
+                raise ClusterDenied(f"cluster {self.ref.name}: {what}: access denied ({response.status} "
+                                    f"{response.reason}); check the credentials of context {self.ref.context!r}") \
+                    from error
+            raise ClusterError(f"cluster {self.ref.name}: {what}: HTTP {response.status} {response.reason}") from error
+        data: dict[str, Any] = json.loads(body)
+        return data
+
+    def kind(self, api_version: str, kind: str) -> KindInfo | None:
+        """How to list ``kind``; None when the cluster does not serve it."""
+        info = BUILTIN_KINDS.get((api_version, kind))
+        if info is not None:
+            return info
+        if api_version not in self._discovered:
+            prefix = "/apis/" if "/" in api_version else "/api/"
+            found = self._get(f"discover {api_version}", prefix + api_version) or {}
+            self._discovered[api_version] = {
+                str(r["kind"]): KindInfo(api_version, str(r["kind"]), str(r["name"]), bool(r.get("namespaced")))
+                for r in found.get("resources", []) if "/" not in str(r.get("name", ""))}
+        return self._discovered[api_version].get(kind)
+
+    def namespaced(self, api_version: str, kind: str) -> bool:
+        info = self.kind(api_version, kind)
+        return True if info is None else info.namespaced  # unknown kinds are reported missing as they are
+
+    def list(self, scope: ListScope) -> list[dict[str, Any]]:
+        """Every object of one kind in one namespace (label-selected when the scope says so): one call.
+
+        No ``limit``/``continue`` paging: one response per scope is what keeps the call count at
+        kinds × namespaces; a real API server answers an unpaged LIST from its watch cache.
+        """
+        info = self.kind(scope.api_version, scope.kind)
+        if info is None:
+            return []
+        query = [("labelSelector", scope.label_selector)] if scope.label_selector else []
+        where = f" in {scope.namespace}" if scope.namespace else ""
+        self.lists += 1
+        body = self._get(f"list {scope.kind}{where}", info.path(scope.namespace), query)
+        items = (body or {}).get("items", [])
+        # Items of a LIST carry neither apiVersion nor kind: put them back, the comparison keys on them.
+        return [{**item, "apiVersion": scope.api_version, "kind": scope.kind} for item in items]
+
+
+@dataclass(frozen=True)
+class AppRead:
+    app: str
+    desired: tuple[dict[str, Any], ...]  # namespaces placed as the cluster places them
+    live: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class ClusterRead:
+    cluster: str
+    apps: tuple[AppRead, ...]
+    lists: int
+    calls: int
+
+    @property
+    def objects(self) -> int:
+        return sum(len(a.live) for a in self.apps)
+
+
+def read_cluster(ref: ClusterRef, *, desired: Mapping[str, Iterable[Mapping[str, Any]]],
+                 api: k8s.ApiClient | None = None) -> ClusterRead:
+    """The live objects of every app's (kind, namespace) scopes on one cluster.
+
+    ``desired`` maps app → its rendered objects for this cluster. Two apps sharing a scope each
+    list it with their own label selector, so each app's read stays independent.
+    """
+    with LiveReader(ref, api=api) as reader:
+        apps = []
+        for app, docs in desired.items():
+            placed = place_namespaces(docs, namespaced=reader.namespaced)
+            live = [obj for scope in list_scopes(placed, app=app) for obj in reader.list(scope)]
+            apps.append(AppRead(app, placed, tuple(live)))
+        return ClusterRead(ref.name, tuple(apps), reader.lists, reader.calls)
