@@ -1,0 +1,270 @@
+"""DNS adapter: one port, the A record set of one name, read from and replaced at the authority.
+
+Providers:
+
+- ``Rfc2136``: dynamic updates (RFC 2136) signed with a TSIG key, over TCP, through dnspython;
+  works with BIND, Knot, PowerDNS and the many providers that accept them.
+- ``Route53``: boto3 ``change_resource_record_sets`` with one UPSERT.
+- ``NoDns``: DNS is not managed by twincd; it reads and writes nothing and says so.
+
+(No Azure DNS provider yet: see the issue note.) Every replace swaps the whole record set in one
+atomic operation (one UPDATE message, one change batch), so resolvers never see a half-changed
+set. Callers read back afterwards. SDK errors are translated here; the TSIG secret never appears
+in a message, a repr or a log line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import dns.exception
+import dns.message
+import dns.name
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import dns.tsig
+import dns.tsigkeyring
+import dns.update
+
+from twincd.errors import PermanentError, TransientError
+
+TIMEOUT = 5.0
+
+
+class DnsUnavailable(TransientError):
+    """The DNS server or API did not answer in time, refused the connection, or is throttling."""
+
+
+class DnsRefused(PermanentError):
+    """The server refused the change: bad or missing key, no permission, not authoritative."""
+
+
+class DnsConfigError(PermanentError):
+    """A key, zone or address in the configuration cannot be used."""
+
+
+class DnsPort(Protocol):
+    """The A record set of names in one zone, as the authoritative server holds it."""
+
+    @property
+    def description(self) -> str:
+        """Where records live, for plans and messages (never holds a secret)."""
+        ...
+
+    @property
+    def managed(self) -> bool:
+        """False when twincd does not manage DNS (``dns: none``)."""
+        ...
+
+    def read_a(self, name: str) -> frozenset[str]:
+        """The IPv4 addresses of ``name`` (relative to the zone); empty when there is none."""
+        ...
+
+    def replace_a(self, name: str, ips: Iterable[str], *, ttl: int) -> None:
+        """Make ``name`` hold exactly ``ips`` (one atomic change); an empty set is refused."""
+        ...
+
+
+def _checked_ips(name: str, ips: Iterable[str]) -> list[str]:
+    values = sorted(set(ips))
+    if not values:
+        # Deleting the record set is never what a failover wants: it would take the name offline.
+        raise DnsConfigError(f"refusing to replace the A records of {name!r} with an empty set")
+    for ip in values:
+        try:
+            ipaddress.IPv4Address(ip)
+        except ValueError:
+            raise DnsConfigError(f"{ip!r} is not an IPv4 address (A records of {name!r})") from None
+    return values
+
+
+@dataclass(frozen=True)
+class Tsig:
+    """A TSIG key. ``repr`` hides the secret, so the key can cross Prefect boundaries safely."""
+
+    name: str
+    algorithm: str
+    secret: str = field(repr=False)
+
+    @classmethod
+    def parse(cls, value: str) -> Tsig:
+        """``[algorithm:]name:secret``, the ``nsupdate -y`` / ``dig -y`` syntax; default hmac-sha256."""
+        parts = value.strip().split(":")
+        if len(parts) == 2:
+            parts.insert(0, "hmac-sha256")
+        if len(parts) != 3 or not all(parts):
+            # Never echo the value: it is the secret.
+            raise DnsConfigError("the TSIG key must look like [algorithm:]name:base64-secret")
+        return cls(name=parts[1], algorithm=parts[0], secret=parts[2])
+
+
+def _server(server: str) -> tuple[str, int]:
+    host, sep, port = server.rpartition(":")
+    if not sep or not port.isdigit():
+        return server, 53
+    return host.strip("[]"), int(port)
+
+
+class Rfc2136:
+    """Dynamic updates to an authoritative server, signed with a TSIG key."""
+
+    managed = True
+
+    def __init__(self, *, server: str, zone: str, key: Tsig | None, timeout: float = TIMEOUT) -> None:
+        self.host, self.port = _server(server)
+        self.zone = dns.name.from_text(zone)
+        self.key = key
+        self.timeout = timeout
+        self.keyring: dict[dns.name.Name, dns.tsig.Key] | None = None
+        if key is not None:
+            try:
+                self.keyring = dns.tsigkeyring.from_text({key.name: (key.algorithm, key.secret)})
+            except Exception as e:  # noqa: BLE001 - bad base64 or unknown algorithm; the text may hold the secret
+                raise DnsConfigError(f"the TSIG key {key.name!r} cannot be used ({type(e).__name__})") from None
+
+    @property
+    def description(self) -> str:
+        return f"rfc2136 {self.host}:{self.port} zone {self.zone.to_text(omit_final_dot=True)}"
+
+    def _fqdn(self, name: str) -> dns.name.Name:
+        return dns.name.from_text(name, origin=self.zone)
+
+    def _send(self, message: dns.message.Message, what: str) -> dns.message.Message:
+        try:
+            return dns.query.tcp(message, self.host, port=self.port, timeout=self.timeout)
+        except dns.tsig.PeerBadSignature as e:
+            raise DnsRefused(f"{self.description}: {what}: BADSIG, the server does not accept the signature "
+                             "of the TSIG key (wrong secret or algorithm in dns.key)") from e
+        except dns.tsig.PeerBadKey as e:
+            raise DnsRefused(f"{self.description}: {what}: BADKEY, the server does not know the key named "
+                             f"{self.key.name if self.key else '?'!r}") from e
+        except dns.tsig.PeerBadTime as e:
+            raise DnsRefused(f"{self.description}: {what}: BADTIME, the clocks of twincd and the server "
+                             "differ by more than the TSIG fudge") from e
+        except dns.exception.Timeout as e:
+            raise DnsUnavailable(f"{self.description}: {what}: no answer within {self.timeout:g} s") from e
+        except (OSError, EOFError, dns.exception.DNSException) as e:
+            raise DnsUnavailable(f"{self.description}: {what}: {type(e).__name__}") from e
+
+    def read_a(self, name: str) -> frozenset[str]:
+        fqdn = self._fqdn(name)
+        response = self._send(dns.message.make_query(fqdn, dns.rdatatype.A), f"read A {fqdn}")
+        rcode = response.rcode()
+        if rcode == dns.rcode.NXDOMAIN:
+            return frozenset()
+        if rcode != dns.rcode.NOERROR:
+            raise _rcode_error(rcode, f"{self.description}: read A {fqdn}")
+        return frozenset(str(rr) for rrset in response.answer if rrset.rdtype == dns.rdatatype.A
+                         and rrset.name == fqdn for rr in rrset)
+
+    def replace_a(self, name: str, ips: Iterable[str], *, ttl: int) -> None:
+        values = _checked_ips(name, ips)
+        update = dns.update.UpdateMessage(self.zone, keyring=self.keyring)
+        # One message deletes the old set and adds the new: the server applies it atomically.
+        update.replace(name, ttl, dns.rdatatype.A, *values)
+        what = f"replace A {self._fqdn(name)} with {', '.join(values)}"
+        response = self._send(update, what)
+        rcode = response.rcode()
+        if rcode != dns.rcode.NOERROR:
+            raise _rcode_error(rcode, f"{self.description}: {what}", signed=self.keyring is not None)
+
+
+def _rcode_error(rcode: dns.rcode.Rcode, what: str, *, signed: bool = True) -> TransientError | PermanentError:
+    text = dns.rcode.to_text(rcode)
+    if rcode == dns.rcode.SERVFAIL:
+        return DnsUnavailable(f"{what}: SERVFAIL (the server could not process it now)")
+    hints = {
+        dns.rcode.REFUSED: "the server refused the update" + (
+            "; the key may lack the permission (update-policy)" if signed else
+            "; no TSIG key was sent (set dns.key)"),
+        dns.rcode.NOTAUTH: "the server is not authoritative for the zone, or the key was not accepted",
+        dns.rcode.NOTZONE: "the name is outside the zone",
+    }
+    return DnsRefused(f"{what}: {text}, {hints.get(rcode, 'the server rejected the request')}")
+
+
+# Route 53 error codes that a retry may cure; every other client error is permanent.
+_AWS_TRANSIENT = {"Throttling", "ThrottlingException", "PriorRequestNotComplete", "ServiceUnavailable",
+                  "InternalError", "InternalFailure", "RequestTimeout", "RequestLimitExceeded"}
+
+
+class Route53:
+    """Amazon Route 53 through boto3; credentials from the standard AWS chain (env, profile, IRSA)."""
+
+    managed = True
+
+    def __init__(self, *, zone: str, hosted_zone_id: str | None = None, region: str = "us-east-1") -> None:
+        import boto3  # here, so the other providers work without boto3 installed
+
+        self.zone = zone.rstrip(".") + "."
+        self.client: Any = boto3.client("route53", region_name=region)
+        self._zone_id = hosted_zone_id
+
+    @property
+    def description(self) -> str:
+        return f"route53 zone {self.zone.rstrip('.')}"
+
+    def _call(self, what: str, method: str, **kwargs: Any) -> dict[str, Any]:
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        try:
+            result: dict[str, Any] = getattr(self.client, method)(**kwargs)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            message = e.response.get("Error", {}).get("Message", "")
+            error = DnsUnavailable if code in _AWS_TRANSIENT else DnsRefused
+            raise error(f"{self.description}: {what}: {code}: {message}"[:500]) from e
+        except NoCredentialsError as e:
+            raise DnsRefused(f"{self.description}: {what}: no AWS credentials found") from e
+        except BotoCoreError as e:
+            raise DnsUnavailable(f"{self.description}: {what}: {type(e).__name__}") from e
+        return result
+
+    def zone_id(self) -> str:
+        if self._zone_id is None:
+            found = self._call("find hosted zone", "list_hosted_zones_by_name", DNSName=self.zone, MaxItems="1")
+            zones = [z for z in found.get("HostedZones", []) if z["Name"] == self.zone]
+            if not zones:
+                raise DnsRefused(f"{self.description}: no hosted zone named {self.zone} in this account")
+            self._zone_id = str(zones[0]["Id"]).rsplit("/", 1)[-1]
+        return self._zone_id
+
+    def _fqdn(self, name: str) -> str:
+        return f"{name}.{self.zone}" if name not in ("@", "") else self.zone
+
+    def read_a(self, name: str) -> frozenset[str]:
+        fqdn = self._fqdn(name)
+        found = self._call(f"read A {fqdn}", "list_resource_record_sets", HostedZoneId=self.zone_id(),
+                           StartRecordName=fqdn, StartRecordType="A", MaxItems="1")
+        for rrset in found.get("ResourceRecordSets", []):
+            if rrset["Name"] == fqdn and rrset["Type"] == "A":
+                return frozenset(r["Value"] for r in rrset.get("ResourceRecords", []))
+        return frozenset()
+
+    def replace_a(self, name: str, ips: Iterable[str], *, ttl: int) -> None:
+        values = _checked_ips(name, ips)
+        fqdn = self._fqdn(name)
+        # One UPSERT replaces the whole set; Route 53 applies a change batch atomically.
+        self._call(f"replace A {fqdn} with {', '.join(values)}", "change_resource_record_sets",
+                   HostedZoneId=self.zone_id(), ChangeBatch={
+                       "Comment": "twincd failover",
+                       "Changes": [{"Action": "UPSERT", "ResourceRecordSet": {
+                           "Name": fqdn, "Type": "A", "TTL": ttl,
+                           "ResourceRecords": [{"Value": ip} for ip in values]}}]})
+
+
+class NoDns:
+    """``dns: none``: twincd does not manage the record; the plan tells people to change it themselves."""
+
+    managed = False
+    description = "none (DNS is not managed by twincd)"
+
+    def read_a(self, name: str) -> frozenset[str]:
+        return frozenset()
+
+    def replace_a(self, name: str, ips: Iterable[str], *, ttl: int) -> None:
+        raise DnsConfigError("dns: none; twincd does not change DNS records (set dns.type in the environment)")
