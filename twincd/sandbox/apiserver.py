@@ -100,6 +100,7 @@ class ResourceType:
 
 
 _ALL = ("all",)
+_REPLICATED_KINDS = frozenset({"Deployment", "StatefulSet", "ReplicaSet"})
 _NO_STATUS: dict[str, Any] = {"status_subresource": False}
 _READY_REPLICAS = Column("Ready", "{status.readyReplicas}/{spec.replicas}", "0")
 
@@ -517,6 +518,7 @@ class Store:
     def create(self, rt: ResourceType, namespace: str | None, body: JSON) -> JSON:
         obj: JSON = _copy(body)
         meta = self._checked_metadata(rt, obj)
+        self._check_typed_fields(rt, obj)
         with self._lock:
             namespace = self._target_namespace(rt, namespace, meta)
             if namespace and ("", namespace) not in self._objects[NAMESPACES]:
@@ -655,6 +657,22 @@ class Store:
         return meta
 
     @staticmethod
+    def _check_typed_fields(rt: ResourceType, obj: JSON) -> None:
+        """The few typed fields the sandbox's own controllers read, decoded as the real server does.
+
+        A real API server decodes built-in kinds into Go structs and answers 400 for a wrong type
+        (so `replicas: two` never reaches a controller); a sandbox that stored it would crash its
+        Deployment controller instead of failing the sync the way Argo CD reports it.
+        """
+        spec = obj.get("spec")
+        if rt.builtin and rt.kind in _REPLICATED_KINDS and isinstance(spec, dict) and "replicas" in spec:
+            replicas = spec["replicas"]
+            if not isinstance(replicas, int) or isinstance(replicas, bool):
+                got = type(replicas).__name__.replace("str", "string")
+                raise _bad_request(f"json: cannot unmarshal {got} into Go struct field "
+                                   f"{rt.kind}Spec.spec.replicas of type int32")
+
+    @staticmethod
     def _target_namespace(rt: ResourceType, namespace: str | None, meta: JSON) -> str:
         if not rt.namespaced:
             meta.pop("namespace", None)
@@ -683,6 +701,7 @@ class Store:
         if subresource == "status":  # only status changes through /status
             new = {**current, "status": obj.get("status", {})}
         else:
+            self._check_typed_fields(rt, obj)
             new = obj
             if rt.status_subresource:  # ...and never through the object itself
                 new["status"] = current.get("status", {})

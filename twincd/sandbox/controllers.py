@@ -856,7 +856,7 @@ class DeploymentController:
                         continue
                     try:
                         self._reconcile(d)
-                    except (KubeApiError, KubeUnavailable) as e:
+                    except Exception as e:  # noqa: BLE001 - one bad object must not stop the controller
                         log.warning(
                             "deployment %s/%s: %s", d["metadata"].get("namespace"), d["metadata"]["name"], e
                         )
