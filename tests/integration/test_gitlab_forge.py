@@ -1,0 +1,294 @@
+"""The GitLab forge adapter with the real python-gitlab client, over HTTP, against the fake GitLab.
+
+The fake's project is backed by a real bare repo: merging makes a real merge commit there.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import gitlab
+import pytest
+
+from tests.fakes.gitlab import FakeGitlab
+from twincd.adapters.gitlab import (
+    FAILED_LABEL,
+    GitlabAuthError,
+    GitlabForge,
+    GitlabNotFound,
+    GitlabUnavailable,
+    MergeTimeout,
+)
+from twincd.config import GitlabForge as GitlabForgeConfig
+from twincd.domain import Finding, MergeRequest, ValidationReport
+from twincd.errors import CancelledByUser, PermanentError, TransientError
+from twincd.secrets import Secret, resolve_secret
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "glpat-TOPSECRET-0123456789"
+READ_ONLY = "glpat-READONLY-9876543210"
+PROJECT = "infra/manifests"
+BRANCH = "twincd/hello/v1.0.0"
+
+
+def _git(*args: str, cwd: Path | None = None) -> str:
+    return subprocess.run(["git", "-c", "user.name=dev", "-c", "user.email=dev@example.test", *args], cwd=cwd,
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def bare(tmp_path: Path) -> Path:
+    """A manifests repo with `main` and a release branch that changes one file."""
+    bare, work = tmp_path / "manifests.git", tmp_path / "work"
+    _git("init", "-q", "--bare", "-b", "main", str(bare))
+    _git("clone", "-q", str(bare), str(work))
+    (work / "kustomization.yaml").write_text("images: []\n")
+    _git("add", ".", cwd=work)
+    _git("commit", "-qm", "initial", cwd=work)
+    _git("push", "-q", "origin", "HEAD:refs/heads/main", cwd=work)
+    _git("checkout", "-qb", BRANCH, cwd=work)
+    (work / "kustomization.yaml").write_text("images:\n- name: hello\n  digest: sha256:" + "a" * 64 + "\n")
+    _git("commit", "-qam", "hello: release v1.0.0", cwd=work)
+    _git("push", "-q", "origin", BRANCH, cwd=work)
+    return bare
+
+
+@pytest.fixture
+def fake(bare: Path) -> Iterator[FakeGitlab]:
+    with FakeGitlab(repo=bare, token=TOKEN, project=PROJECT, read_only_token=READ_ONLY) as server:
+        yield server
+
+
+def forge(fake: FakeGitlab, *, token: str = TOKEN, project: str = PROJECT, max_retries: int = 5) -> GitlabForge:
+    return GitlabForge(url=fake.url, project=project, token=Secret(token), labels=("twincd", "release"),
+                       timeout=5, max_retries=max_retries)
+
+
+def open_release(f: GitlabForge) -> MergeRequest:
+    return f.open(source_branch=BRANCH, target_branch="main", title="hello: release v1.0.0",
+                  description="Pin hello to sha256:aaaa in overlays/eks/hello.")
+
+
+def assert_no_token(*texts: str) -> None:
+    for text in texts:
+        assert TOKEN not in text and READ_ONLY not in text
+
+
+def failing_report() -> ValidationReport:
+    return ValidationReport(("overlays/eks/hello",), 3, (
+        Finding("overlays/eks/hello", "Deployment/hello/hello", "replicas: 'two' is not of type 'integer'",
+                path="spec.replicas"),))
+
+
+# ---- merge requests ---------------------------------------------------------------------------
+
+
+def test_open_creates_with_labels_then_reuses(fake: FakeGitlab) -> None:
+    f = forge(fake)
+    mr = open_release(f)
+    assert (mr.ref, mr.state, mr.reused, mr.source_branch, mr.target_branch) == ("!1", "opened", False, BRANCH, "main")
+    assert mr.web_url.endswith(f"/{PROJECT}/-/merge_requests/1")
+    assert fake.mrs[1].labels == ["twincd", "release"]
+    # One list (nothing there) and one create: the project itself is never fetched (lazy).
+    assert [(m, p.rsplit("/", 1)[-1]) for m, p, _ in fake.calls()] == [("GET", "merge_requests"),
+                                                                      ("POST", "merge_requests")]
+    again = open_release(f)
+    assert again.reused and again.ref == mr.ref and len(fake.mrs) == 1
+
+
+def test_409_from_a_racing_attempt_is_reuse(fake: FakeGitlab) -> None:
+    first = open_release(forge(fake))
+    fake.hide_from_lists(1)  # the second attempt's lookup misses it, so its create gets the 409
+    second = open_release(forge(fake))
+    assert second.reused and second.ref == first.ref
+    assert ("POST", f"/api/v4/projects/{PROJECT.replace('/', '%2F')}/merge_requests", 409) in fake.calls()
+    assert len(fake.mrs) == 1
+
+
+def test_open_mr_into_another_target_is_a_permanent_conflict(fake: FakeGitlab) -> None:
+    f = forge(fake)
+    f.open(source_branch=BRANCH, target_branch="main", title="t", description="d")
+    _git("push", "-q", str(fake.repo), "main:refs/heads/staging", cwd=fake.repo)
+    with pytest.raises(PermanentError, match="other than 'staging'"):
+        f.open(source_branch=BRANCH, target_branch="staging", title="t", description="d")
+
+
+def test_missing_source_branch_is_not_found(fake: FakeGitlab) -> None:
+    with pytest.raises(GitlabNotFound, match="twincd/hello/v9.9.9") as e:
+        forge(fake).open(source_branch="twincd/hello/v9.9.9", target_branch="main", title="t", description="d")
+    assert_no_token(str(e.value))
+
+
+def test_closed_mr_is_not_reused(fake: FakeGitlab) -> None:
+    f = forge(fake)
+    first = open_release(f)
+    fake.close(1)
+    second = open_release(f)
+    assert second.ref != first.ref and not second.reused and second.state == "opened"
+
+
+# ---- validation notes and labels --------------------------------------------------------------
+
+
+def test_failed_validation_posts_one_note_and_labels(fake: FakeGitlab) -> None:
+    f = forge(fake)
+    mr = open_release(f)
+    f.post_validation(mr, failing_report())
+    f.post_validation(mr, failing_report())  # a retried task posts nothing twice
+    notes = fake.notes(1)
+    assert len(notes) == 1
+    assert "validation failed" in notes[0] and "spec.replicas" in notes[0]
+    assert FAILED_LABEL in fake.mrs[1].labels and "twincd" in fake.mrs[1].labels
+    # Fixed and validated again: a new note, and the failure label goes away.
+    f.post_validation(mr, ValidationReport(("overlays/eks/hello",), 3))
+    assert "validation passed" in fake.notes(1)[-1]
+    assert fake.mrs[1].labels == ["twincd", "release"]
+
+
+# ---- waiting for a person ---------------------------------------------------------------------
+
+
+def test_wait_returns_the_real_merge_commit(fake: FakeGitlab) -> None:
+    f = forge(fake)
+    mr = open_release(f)
+
+    def person_merges() -> None:
+        # A maintainer merges through the API, as the GitLab UI does.
+        gl = gitlab.Gitlab(fake.url, private_token=TOKEN)
+        gl.projects.get(PROJECT, lazy=True).mergerequests.get(1, lazy=True).merge()
+
+    timer = threading.Timer(0.6, person_merges)
+    timer.start()
+    t0 = time.monotonic()
+    merged = f.wait_for_merge(mr, timeout=20, poll=0.1, max_poll=0.3)
+    timer.join()
+    assert 0.6 <= time.monotonic() - t0 < 3
+    assert merged.state == "merged"
+    assert merged.merge_commit == _git("rev-parse", "main", cwd=fake.repo)
+    parents = _git("rev-list", "--parents", "-n1", "main", cwd=fake.repo).split()
+    assert len(parents) == 3  # a real --no-ff merge: the commit and its two parents
+
+
+def test_wait_on_closed_mr_is_cancelled_by_user(fake: FakeGitlab) -> None:
+    f = forge(fake)
+    mr = open_release(f)
+    threading.Timer(0.3, fake.close, args=(1,)).start()
+    with pytest.raises(CancelledByUser, match=r"!1 .* closed without being merged; nothing reached main"):
+        f.wait_for_merge(mr, timeout=20, poll=0.1, max_poll=0.2)
+
+
+def test_wait_times_out_saying_still_open(fake: FakeGitlab) -> None:
+    f = forge(fake)
+    mr = open_release(f)
+    before = len(fake.calls())
+    t0 = time.monotonic()
+    with pytest.raises(MergeTimeout, match=r"still open after 1 s"):
+        f.wait_for_merge(mr, timeout=1.0, poll=0.1, max_poll=0.4)
+    elapsed = time.monotonic() - t0
+    assert 1.0 <= elapsed < 1.6
+    # Backoff: 0.1, 0.15, 0.225, 0.34, 0.4 ... s, so a handful of polls, not a busy loop.
+    assert 4 <= len(fake.calls()) - before <= 8
+
+
+def test_wait_rides_out_a_gitlab_outage(fake: FakeGitlab) -> None:
+    f = forge(fake, max_retries=0)
+    mr = open_release(f)
+    fake.fail_next(503, count=3)
+    threading.Timer(0.5, fake.merge, args=(1,)).start()
+    assert f.wait_for_merge(mr, timeout=20, poll=0.1, max_poll=0.2).state == "merged"
+
+
+def test_close_comments_and_closes(fake: FakeGitlab) -> None:
+    f = forge(fake)
+    mr = open_release(f)
+    closed = f.close(mr, reason="refused by ops: wrong digest")
+    assert closed.state == "closed" and fake.mrs[1].state == "closed"
+    assert fake.notes(1) == ["Closed by twincd: refused by ops: wrong digest"]
+    assert f.close(mr, reason="again").state == "closed"  # already done
+
+
+# ---- retries and errors -----------------------------------------------------------------------
+
+
+def test_429_waits_retry_after_then_succeeds(fake: FakeGitlab) -> None:
+    fake.fail_next(429, count=1, retry_after="1")
+    t0 = time.monotonic()
+    mr = open_release(forge(fake))
+    assert mr.ref == "!1"
+    assert time.monotonic() - t0 >= 1.0  # python-gitlab slept Retry-After, not its 0.1 s backoff
+    assert [s for _, _, s in fake.calls()] == [429, 200, 201]
+
+
+def test_500s_are_retried(fake: FakeGitlab) -> None:
+    fake.fail_next(500, count=2)
+    assert open_release(forge(fake)).ref == "!1"
+    assert [s for _, _, s in fake.calls()] == [500, 500, 200, 201]
+
+
+def test_persistent_500_is_transient_after_the_retries(fake: FakeGitlab) -> None:
+    fake.fail_next(502, count=100)
+    with pytest.raises(GitlabUnavailable, match="502") as e:
+        open_release(forge(fake, max_retries=2))
+    assert isinstance(e.value, TransientError)
+    assert len(fake.calls()) == 3  # the first try and python-gitlab's two retries
+
+
+def test_unreachable_gitlab_is_transient(fake: FakeGitlab) -> None:
+    url = fake.url
+    fake.stop()
+    f = GitlabForge(url=url, project=PROJECT, token=Secret(TOKEN), timeout=2, max_retries=1)
+    with pytest.raises(GitlabUnavailable, match="could not be reached") as e:
+        open_release(f)
+    assert_no_token(str(e.value), repr(e.value.__cause__))
+
+
+def test_wrong_token_is_permanent_and_says_what_to_fix(fake: FakeGitlab, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(GitlabAuthError) as e:
+        open_release(forge(fake, token="glpat-wrong"))
+    message = str(e.value)
+    assert "401" in message and PROJECT in message and "`api` scope" in message
+    assert "glpat-wrong" not in message
+
+
+def test_read_only_token_gets_403_naming_the_permission(fake: FakeGitlab, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(GitlabAuthError) as e:
+        open_release(forge(fake, token=READ_ONLY))
+    message = str(e.value)
+    assert "403" in message and PROJECT in message and "Developer role" in message
+    assert_no_token(message, caplog.text)
+
+
+def test_unknown_project_is_not_found(fake: FakeGitlab) -> None:
+    with pytest.raises(GitlabNotFound, match="infra/nope") as e:
+        open_release(forge(fake, project="infra/nope"))
+    assert "Reporter role" in str(e.value)
+
+
+def test_token_is_in_no_message_log_or_repr(fake: FakeGitlab, caplog: pytest.LogCaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.DEBUG)  # urllib3 and python-gitlab at their most verbose
+    monkeypatch.setenv("TWINCD_TEST_GITLAB_TOKEN", TOKEN)
+    cfg = GitlabForgeConfig(type="gitlab", url=fake.url, project=PROJECT, token="env:TWINCD_TEST_GITLAB_TOKEN")
+    f = GitlabForge.from_config(cfg)
+    texts = [repr(f), repr(resolve_secret(cfg.token)), str(resolve_secret(cfg.token))]
+    # A description that quotes the token by mistake is masked before it reaches GitLab.
+    mr = f.open(source_branch=BRANCH, target_branch="main", title="t", description=f"oops {TOKEN}")
+    texts.append(fake.mrs[1].description)
+    f.post_validation(mr, failing_report())
+    texts += fake.notes(1)
+    impatient = GitlabForge(url=fake.url, project=PROJECT, token=Secret(TOKEN), max_retries=0)
+    fake.fail_next(500, count=2)
+    for call in (lambda: impatient.get(mr), lambda: impatient.post_validation(mr, failing_report())):
+        with pytest.raises(TransientError) as e:
+            call()
+        texts += [str(e.value), repr(e.value), str(e.value.__cause__), repr(e.value.__cause__)]
+    assert "oops ***" in fake.mrs[1].description
+    assert_no_token(*texts, caplog.text)

@@ -1,0 +1,291 @@
+"""The GitLab forge: release merge requests on a GitLab project, through ``python-gitlab``.
+
+Same shape as :class:`twincd.adapters.forge_local.LocalForge` (open, get, close) plus the two
+things a real forge adds: validation results posted on the MR, and waiting for a person to merge.
+
+Retries. python-gitlab retries inside each call (``retry_transient_errors=True``): 429 and
+500/502/503/504/52x and connection errors, sleeping ``Retry-After`` seconds when the server sends
+the header (GitLab sends whole seconds) and ``0.1 * 2**n`` s otherwise, up to ``max_retries``
+times (client.py ``http_request`` / utils.py ``Retry``). The header is only visible inside the SDK,
+so it is the SDK that honours it; once its retries are spent the error surfaces here as a
+:class:`GitlabUnavailable` (transient) and the Prefect task's own retries take over.
+
+Errors. SDK and ``requests`` errors never leave this module: they become the small hierarchy
+below, with messages that name the project and the permission that is missing. The token is in
+no message: python-gitlab sends it only as the ``PRIVATE-TOKEN`` header, its exceptions carry the
+server's message and status, and every foreign text is masked with the token anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import gitlab
+import gitlab.exceptions
+import requests
+
+from twincd.domain import MergeRequest, ValidationReport
+from twincd.errors import CancelledByUser, PermanentError, TransientError
+from twincd.secrets import Secret, resolve_secret
+
+if TYPE_CHECKING:
+    from gitlab.v4.objects import Project, ProjectMergeRequest
+
+    from twincd.config import GitlabForge as GitlabForgeConfig
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FAILED_LABEL = "twincd::validation-failed"
+MAX_FINDINGS_IN_NOTE = 50
+# GitLab may answer 409 for reasons other than a duplicate MR; only this one means "already done".
+_DUPLICATE_MR = "Another open merge request already exists"
+
+# What each operation needs on the project, for the messages of 403s (GitLab's roles/permissions).
+_READ = "Reporter role (read merge requests)"
+_WRITE_MR = "Developer role (create and update merge requests)"
+_COMMENT = "Reporter role (comment on merge requests)"
+
+
+class GitlabForgeError(PermanentError):
+    """A GitLab request that retrying cannot fix (bad token, missing permission, missing object)."""
+
+
+class GitlabAuthError(GitlabForgeError):
+    """401 (the token is refused) or 403 (the token's user lacks a permission on the project)."""
+
+
+class GitlabNotFound(GitlabForgeError):
+    """404: the project, a branch or the merge request does not exist, or the token cannot see it."""
+
+
+class GitlabUnavailable(TransientError):
+    """429, 5xx, or GitLab could not be reached, after python-gitlab's own retries."""
+
+
+class MergeTimeout(GitlabForgeError):
+    """The merge request is still open when the wait ends."""
+
+
+class GitlabForge:
+    def __init__(self, *, url: str, project: str, token: Secret, labels: Sequence[str] = ("twincd",),
+                 failed_label: str = FAILED_LABEL, timeout: float = 30, max_retries: int = 5) -> None:
+        self.url = url.rstrip("/")
+        self.project = project
+        self.labels = tuple(labels)
+        self.failed_label = failed_label
+        self._token = token
+        # max_retries bounds python-gitlab's in-call retries (its default of 10 is ~100 s of backoff
+        # per call on a down server); the task's retries come on top of it.
+        self._max_retries = max_retries
+        self._gl = gitlab.Gitlab(self.url, private_token=token.reveal(), timeout=timeout,
+                                 retry_transient_errors=True)
+        # lazy: no request until the first real call, so opening an MR costs no extra GET.
+        self._project: Project = self._gl.projects.get(project, lazy=True)
+
+    @classmethod
+    def from_config(cls, cfg: GitlabForgeConfig, *, timeout: float = 30) -> GitlabForge:
+        return cls(url=cfg.url, project=cfg.project, token=resolve_secret(cfg.token), labels=cfg.labels,
+                   timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"GitlabForge(url={self.url!r}, project={self.project!r})"
+
+    # ---- the forge port --------------------------------------------------------------------
+
+    def find(self, *, source_branch: str, target_branch: str) -> MergeRequest | None:
+        """The open MR for ``source_branch`` or, when there is none, the latest merged one."""
+        what = f"listing merge requests of {source_branch!r}"
+
+        def list_mrs() -> list[ProjectMergeRequest]:
+            return self._project.mergerequests.list(source_branch=source_branch, target_branch=target_branch,
+                                                    state="all", per_page=20, get_all=False, max_retries=self._max_retries)
+
+        found = self._call(what, list_mrs, needs=_READ)
+        for state in ("opened", "merged"):
+            match = next((m for m in found if m.attributes.get("state") == state), None)  # newest first
+            if match is not None:
+                return self._to_mr(match.attributes)
+        return None
+
+    def open(self, *, source_branch: str, target_branch: str, title: str, description: str) -> MergeRequest:
+        """Open the release MR; an open (or merged) one for the branch is reused ("already done")."""
+        existing = self.find(source_branch=source_branch, target_branch=target_branch)
+        if existing is not None:
+            return replace(existing, reused=True)
+        data = {"source_branch": source_branch, "target_branch": target_branch,
+                "title": self._token.mask(title), "description": self._token.mask(description),
+                "labels": ",".join(self.labels), "remove_source_branch": False}
+
+        def create() -> dict[str, Any] | None:
+            try:
+                return self._project.mergerequests.create(data, max_retries=self._max_retries).attributes
+            except gitlab.exceptions.GitlabCreateError as e:
+                if e.response_code == 409 and _DUPLICATE_MR in str(e.error_message):
+                    return None  # someone (an earlier attempt of this task) opened it meanwhile
+                raise
+
+        created = self._call(f"opening a merge request from {source_branch!r} into {target_branch!r}", create,
+                             needs=_WRITE_MR)
+        if created is not None:
+            return self._to_mr(created)
+        again = self.find(source_branch=source_branch, target_branch=target_branch)
+        if again is not None:
+            return replace(again, reused=True)
+        # GitLab allows one open MR per source branch whatever its target: an MR from this branch
+        # into another branch is a person's doing, and reusing it would release to the wrong place.
+        raise GitlabForgeError(
+            f"GitLab project {self.project}: an open merge request from {source_branch!r} into a branch other "
+            f"than {target_branch!r} already exists; close it and re-run the deploy")
+
+    def get(self, mr: MergeRequest) -> MergeRequest:
+        iid = _iid(mr)
+        attrs = self._call(f"reading merge request !{iid}",
+                           lambda: self._project.mergerequests.get(iid, max_retries=self._max_retries).attributes, needs=_READ)
+        return self._to_mr(attrs)
+
+    def post_validation(self, mr: MergeRequest, report: ValidationReport) -> None:
+        """Post the validation result as an MR note (once) and set or clear the failure label."""
+        iid = _iid(mr)
+        body = self._token.mask(validation_note(report))
+        # A retried task must not post the same note twice: the note carries a digest of itself.
+        marker = f"<!-- twincd:validation:{hashlib.sha256(body.encode()).hexdigest()[:16]} -->"
+        lazy_mr = self._project.mergerequests.get(iid, lazy=True)
+
+        def recent_bodies() -> list[str]:
+            notes = lazy_mr.notes.list(sort="desc", order_by="created_at", per_page=50, get_all=False, max_retries=self._max_retries)
+            return [str(n.attributes.get("body", "")) for n in notes]
+
+        if not any(marker in b for b in self._call(f"reading notes of !{iid}", recent_bodies, needs=_READ)):
+            self._call(f"posting the validation note on !{iid}",
+                       lambda: lazy_mr.notes.create({"body": f"{body}\n\n{marker}"}, max_retries=self._max_retries), needs=_COMMENT)
+        change = {"add_labels": self.failed_label} if not report.ok else {"remove_labels": self.failed_label}
+        self._call(f"labelling !{iid}", lambda: self._project.mergerequests.update(iid, change, max_retries=self._max_retries),
+                   needs=_WRITE_MR)
+
+    def wait_for_merge(self, mr: MergeRequest, *, timeout: float, poll: float = 5, max_poll: float = 60) -> MergeRequest:
+        """Poll until a person merges (return it, with ``merge_commit``) or closes it (CancelledByUser).
+
+        The interval grows by half each time up to ``max_poll``: quick answers are seen quickly,
+        and an MR that waits for hours costs one request a minute. Sleeping, never spinning.
+        A GitLab outage while waiting is logged and waited out; only the deadline ends the wait.
+        """
+        deadline = time.monotonic() + timeout
+        delay = poll
+        while True:
+            try:
+                current = self.get(mr)
+            except TransientError as e:
+                log.warning("still waiting for %s; GitLab did not answer: %s", mr.ref, e)
+            else:
+                if current.state == "merged":
+                    return current
+                if current.state == "closed":
+                    raise CancelledByUser(
+                        f"merge request {current.ref} ({current.web_url}) was closed without being merged; "
+                        f"nothing reached {current.target_branch}. Reopen it and re-run the deploy to release.")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise MergeTimeout(
+                    f"merge request {mr.ref} ({mr.web_url}) is still open after {timeout:.0f} s: nobody merged or "
+                    "closed it. Merge it and re-run the deploy (the open MR is reused), or close it.")
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 1.5, max_poll)
+
+    def close(self, mr: MergeRequest, *, reason: str) -> MergeRequest:
+        """Close without merging, saying why in a note; the branch stays for inspection."""
+        current = self.get(mr)
+        if current.state == "merged":
+            raise GitlabForgeError(f"merge request {current.ref} ({current.web_url}) is already merged "
+                                   "and cannot be closed")
+        if current.state == "closed":
+            return current
+        iid = _iid(mr)
+        lazy_mr = self._project.mergerequests.get(iid, lazy=True)
+        if reason:
+            self._call(f"commenting on !{iid}",
+                       lambda: lazy_mr.notes.create({"body": self._token.mask(f"Closed by twincd: {reason}")},
+                                                    max_retries=self._max_retries), needs=_COMMENT)
+        attrs = self._call(f"closing !{iid}", lambda: self._project.mergerequests.update(
+            iid, {"state_event": "close"}, max_retries=self._max_retries), needs=_WRITE_MR)
+        return self._to_mr(attrs)
+
+    # ---- translation -----------------------------------------------------------------------
+
+    def _to_mr(self, attrs: dict[str, Any]) -> MergeRequest:
+        state = str(attrs["state"])
+        commit = None
+        if state == "merged":
+            # merge_commit_sha is null when the project fast-forwards; then the squash commit (squash
+            # + fast-forward) or the source head itself (plain fast-forward) is what the target runs.
+            commit = attrs.get("merge_commit_sha") or attrs.get("squash_commit_sha") or attrs.get("sha")
+        return MergeRequest(ref=f"!{attrs['iid']}", source_branch=str(attrs["source_branch"]),
+                            target_branch=str(attrs["target_branch"]), title=str(attrs["title"]), state=state,
+                            web_url=str(attrs.get("web_url") or ""), merge_commit=commit)
+
+    def _call(self, what: str, fn: Callable[[], T], *, needs: str) -> T:
+        try:
+            return fn()
+        except gitlab.exceptions.GitlabError as e:
+            raise self._translate(what, e, needs) from e
+        except requests.RequestException as e:
+            # Connection refused, DNS, TLS, timeouts: python-gitlab already retried them.
+            raise GitlabUnavailable(f"GitLab at {self.url} could not be reached while {what} "
+                                    f"(project {self.project}): {self._token.mask(type(e).__name__)}") from e
+
+    def _translate(self, what: str, e: gitlab.exceptions.GitlabError, needs: str) -> Exception:
+        code = e.response_code
+        detail = self._token.mask(str(e.error_message))[:300]
+        where = f"GitLab at {self.url}, project {self.project}"
+        if code == 401:
+            return GitlabAuthError(
+                f"{where}: the token was refused (401) while {what}: it is invalid, expired or revoked. "
+                "Use a project or personal access token with the `api` scope (forge.token in the environment file).")
+        if code == 403:
+            return GitlabAuthError(
+                f"{where}: permission denied (403) while {what}: the token needs the `api` scope and at least the "
+                f"{needs} on {self.project}.")
+        if code == 404:
+            return GitlabNotFound(
+                f"{where}: not found (404) while {what}: {detail}. Check forge.project and the branch names; "
+                f"a private project looks missing to a token without at least the {_READ} on it.")
+        if code is None or code == 429 or code >= 500 or (code == 409 and "Resource lock" in detail):
+            return GitlabUnavailable(f"{where}: GitLab is unavailable or rate-limiting ({code}) while {what}: {detail}")
+        return GitlabForgeError(f"{where}: GitLab refused {what} ({code}): {detail}")
+
+
+def _iid(mr: MergeRequest) -> int:
+    try:
+        return int(mr.ref.removeprefix("!"))
+    except ValueError:
+        raise GitlabForgeError(f"{mr.ref!r} is not a GitLab merge request reference (!<iid>)") from None
+
+
+def validation_note(report: ValidationReport) -> str:
+    """The MR note for a validation result (Markdown)."""
+    overlays = ", ".join(f"`{o}`" for o in report.overlays) or "none"
+    if report.ok:
+        lines = ["### ✅ twincd validation passed", "",
+                 f"{report.resources} resources valid in {overlays}."]
+    else:
+        lines = ["### ❌ twincd validation failed", "",
+                 (f"{len(report.errors)} error(s) in {report.resources} resources of {overlays}; "
+                 "the release will not wait for a merge."), ""]
+        lines += [f"- {_md(str(f))}" for f in report.errors[:MAX_FINDINGS_IN_NOTE]]
+        if len(report.errors) > MAX_FINDINGS_IN_NOTE:
+            lines.append(f"- … and {len(report.errors) - MAX_FINDINGS_IN_NOTE} more")
+    if report.unchecked:
+        lines += ["", f"{len(report.unchecked)} resource(s) unchecked (no schema): "
+                  + ", ".join(sorted({f"`{f.resource}`" for f in report.unchecked}))]
+    return "\n".join(lines)
+
+
+def _md(text: str) -> str:
+    # Findings quote user YAML; keep them from opening HTML or mentioning people.
+    return text.replace("<", "&lt;").replace("@", "@\u200b")
