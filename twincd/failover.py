@@ -23,7 +23,6 @@ from typing import Literal
 
 import yaml
 
-from twincd.domain import ComponentChange
 from twincd.errors import PermanentError
 
 ACTIVE = "components/active"
@@ -195,18 +194,6 @@ def switch_edit(overlay: Overlay, role: Role) -> tuple[list[str], list[str]]:
     """``(remove, add)`` for ``kustomize.set_components``: reference ``role``'s component only."""
     other: Role = "standby" if role == "active" else "active"
     return [component_path(overlay.file, other)], [component_path(overlay.file, role)]
-
-
-def reverse_edit(changes: Sequence[ComponentChange]) -> dict[str, tuple[list[str], list[str]]]:
-    """Per file, the ``(remove, add)`` that puts back what ``changes`` switched (the undo of a merge)."""
-    result: dict[str, tuple[list[str], list[str]]] = {}
-    for c in changes:
-        remove, add = result.setdefault(c.file, ([], []))
-        if c.added:
-            remove.append(c.added)
-        if c.removed:
-            add.append(c.removed)
-    return result
 
 
 def plan_failover(current: Topology, target: Target, *, http_health: bool = False) -> FailoverPlan:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from twincd.domain import ComponentChange
 from twincd.failover import (
     FailoverPlan,
     Health,
@@ -22,7 +21,6 @@ from twincd.failover import (
     component_path,
     gate,
     plan_failover,
-    reverse_edit,
     role_of,
     switch_edit,
 )
@@ -165,13 +163,6 @@ def test_roles_and_component_paths_follow_the_overlay_location() -> None:
     assert switch_edit(overlay, "active") == (["../../../components/standby"], ["../../../components/active"])
     with pytest.raises(PlanError, match="not valid YAML"):
         role_of("components: [", file=file)
-
-
-def test_reverse_edit_puts_back_each_switch() -> None:
-    changes = [ComponentChange("a/kustomization.yaml", "../c/standby", "../c/active"),
-               ComponentChange("b/kustomization.yaml", "", "../c/active")]
-    assert reverse_edit(changes) == {"a/kustomization.yaml": (["../c/active"], ["../c/standby"]),
-                                     "b/kustomization.yaml": (["../c/active"], [])}
 
 
 def test_branch_names_are_per_target_run_and_step() -> None:
