@@ -1,0 +1,335 @@
+"""The drift check on sandbox clusters: two in-thread API servers, a real bare manifests repo rendered
+by kustomize, drift and noise injected through the Kubernetes API with the official client.
+
+The sandbox API server defaults nothing, so the objects are created the way a real server would
+serve them back: defaults filled in, quantities respelled, lists reordered, ports as strings, status
+written through /status. That is the noise that must stay silent.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client as k8s
+from prefect.artifacts import Artifact
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.drift import DriftReport, drift_check
+from tasks.drift import compare_cluster, state_slug
+from twincd.adapters.cluster import ClusterError, ClusterRef
+from twincd.adapters.kube_read import BUILTIN_KINDS, read_cluster
+from twincd.config import Environment, load_environment
+from twincd.drift import Drift, DriftItem, find_skew
+from twincd.sandbox.apiserver import RunningServer, create_app, serve_in_thread
+from twincd.sandbox.kubeconfig import write_kubeconfig
+from twincd.sandbox.procs import free_port
+from twincd.validate import parse_documents, render_overlay
+
+pytestmark = pytest.mark.integration
+
+CLUSTERS = ("eks", "aks")
+OLD = "sha256:" + "0" * 64
+NEW = "sha256:" + "1" * 64
+IMAGE = "registry.example/web"
+NAMESPACES = ("web", "web-batch")
+KINDS = ("ConfigMap", "Deployment", "SealedSecret", "Service")  # namespaced kinds in each namespace
+
+DEPLOYMENT = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}, namespace: {ns}, labels: {{app.kubernetes.io/name: web}}}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app.kubernetes.io/name: web, component: {name}}}}}
+  template:
+    metadata: {{labels: {{app.kubernetes.io/name: web, component: {name}}}}}
+    spec:
+      containers:
+        - name: {name}
+          image: web
+          ports: [{{containerPort: 8080}}]
+          env: [{{name: MODE, value: {name}}}, {{name: LOG_LEVEL, value: info}}, {{name: WORKERS, value: "4"}}]
+          resources:
+            limits: {{cpu: "1", memory: 1Gi}}
+            requests: {{cpu: 500m, memory: 256Mi}}
+"""
+SERVICE = """\
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  selector: {{app.kubernetes.io/name: web, component: {name}}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+"""
+CONFIGMAP = """\
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: {name}-config, namespace: {ns}, labels: {{app.kubernetes.io/name: web}}}}
+data: {{greeting: hello from {name}}}
+"""
+SEALED = """\
+apiVersion: bitnami.com/v1alpha1
+kind: SealedSecret
+metadata: {{name: {name}-credentials, namespace: {ns}}}
+spec:
+  encryptedData: {{TOKEN: AgBy3i4OJSWK+PiTySYZZA9rO43cGDEq}}
+"""
+
+
+def manifests_files(digest: str) -> dict[str, str]:
+    files = {"base/web/kustomization.yaml": yaml.safe_dump({"resources": [
+        "namespaces.yaml", *(f"{w}-{k}.yaml" for w in ("web", "worker") for k in ("deploy", "svc", "cm", "sealed"))]})}
+    files["base/web/namespaces.yaml"] = "---\n".join(
+        f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n" for ns in NAMESPACES)
+    for name, ns in (("web", "web"), ("worker", "web-batch")):
+        for suffix, text in (("deploy", DEPLOYMENT), ("svc", SERVICE), ("cm", CONFIGMAP), ("sealed", SEALED)):
+            files[f"base/web/{name}-{suffix}.yaml"] = text.format(name=name, ns=ns)
+    for cluster in CLUSTERS:
+        files[f"overlays/{cluster}/web/kustomization.yaml"] = yaml.safe_dump(
+            {"resources": ["../../../base/web"], "images": [{"name": "web", "newName": IMAGE, "digest": digest}]})
+    return files
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.test", *args], check=True,
+                          capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def manifests(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("manifests")
+    work, bare = root / "work", root / "manifests.git"
+    for rel, text in manifests_files(NEW).items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_text(text)
+    git("init", "-q", "-b", "main", str(work))
+    git("-C", str(work), "add", "-A")
+    git("-C", str(work), "commit", "-qm", "web")
+    git("clone", "-q", "--bare", str(work), str(bare))
+    return bare
+
+
+def rendered(manifests: Path, cluster: str) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        git("clone", "-q", str(manifests), tmp)
+        return parse_documents(render_overlay(Path(tmp), f"overlays/{cluster}/web"))
+
+
+# --- the API, through the official client ---------------------------------------------------------
+
+
+def call(api: k8s.ApiClient, method: str, path: str, body: Any = None,
+         content_type: str = "application/json") -> dict[str, Any]:
+    request = api.param_serialize(method=method, resource_path=path, body=body,
+                                  header_params={"Content-Type": content_type, "Accept": "application/json"})
+    response = api.call_api(*request)
+    data = response.read()
+    assert 200 <= response.status < 300, data
+    result: dict[str, Any] = json.loads(data)
+    return result
+
+
+def path_of(obj: dict[str, Any], *, name: bool = False) -> str:
+    av, kind, meta = obj["apiVersion"], obj["kind"], obj["metadata"]
+    info = BUILTIN_KINDS.get((av, kind))
+    plural, namespaced = (info.plural, info.namespaced) if info else (kind.lower() + "s", True)
+    prefix = f"/apis/{av}" if "/" in av else f"/api/{av}"
+    where = f"/namespaces/{meta['namespace']}" if namespaced else ""
+    return f"{prefix}{where}/{plural}" + (f"/{meta['name']}" if name else "")
+
+
+def served(obj: dict[str, Any]) -> dict[str, Any]:
+    """What a real API server (and Argo CD) would make of ``obj``: the noise that must stay silent."""
+    live = copy.deepcopy(obj)
+    live["metadata"].setdefault("annotations", {}).update({
+        "kubectl.kubernetes.io/last-applied-configuration": json.dumps(obj),
+        "argocd.argoproj.io/tracking-id": "web-x:apps/Deployment:web/web"})
+    if obj["kind"] == "Deployment":
+        spec = live["spec"]
+        spec.update(revisionHistoryLimit=10, progressDeadlineSeconds=600)
+        pod = spec["template"]["spec"]
+        pod.update(restartPolicy="Always", dnsPolicy="ClusterFirst", terminationGracePeriodSeconds=30)
+        c = pod["containers"][0]
+        c.update(imagePullPolicy="IfNotPresent", terminationMessagePath="/dev/termination-log")
+        c["ports"][0]["protocol"] = "TCP"
+        c["env"] = list(reversed(c["env"]))
+        c["resources"] = {"limits": {"cpu": "1000m", "memory": "1024Mi"},
+                          "requests": {"cpu": "0.5", "memory": "268435456"}}
+    elif obj["kind"] == "Service":
+        live["spec"].update(type="ClusterIP", sessionAffinity="None", clusterIP="10.96.0.10")
+        live["spec"]["ports"] = [{**p, "protocol": "TCP", "targetPort": str(p["targetPort"])}
+                                 for p in live["spec"]["ports"]]
+    elif obj["kind"] == "Namespace":
+        live["metadata"]["labels"] = {"kubernetes.io/metadata.name": obj["metadata"]["name"]}
+    return live
+
+
+def apply_served(api: k8s.ApiClient, desired: list[dict[str, Any]]) -> None:
+    for obj in sorted(desired, key=lambda o: o["kind"] != "Namespace"):
+        if obj["kind"] == "Namespace" and obj["metadata"]["name"] == "default":
+            continue
+        call(api, "POST", path_of(obj), served(obj))
+        if obj["kind"] == "Deployment":  # status through /status, as the controller writes it
+            call(api, "PATCH", path_of(obj, name=True) + "/status",
+                 {"status": {"replicas": 2, "readyReplicas": 2, "observedGeneration": 1}},
+                 "application/merge-patch+json")
+
+
+def json_patch(api: k8s.ApiClient, obj_path: str, *ops: dict[str, Any]) -> None:
+    call(api, "PATCH", obj_path, list(ops), "application/json-patch+json")
+
+
+@pytest.fixture()
+def clusters(tmp_path: Path, manifests: Path) -> Iterator[dict[str, tuple[RunningServer, k8s.ApiClient]]]:
+    servers = {name: serve_in_thread(create_app(name), port=0) for name in CLUSTERS}
+    write_kubeconfig(tmp_path / "kubeconfig", {f"sandbox-{n}": s.url for n, s in servers.items()})
+    apis = {n: k8s.ApiClient(k8s.Configuration(host=s.url)) for n, s in servers.items()}
+    for name in CLUSTERS:
+        apply_served(apis[name], rendered(manifests, name))
+    try:
+        yield {n: (servers[n], apis[n]) for n in CLUSTERS}
+    finally:
+        for n in CLUSTERS:
+            apis[n].close()
+            servers[n].stop()
+
+
+def write_env(tmp_path: Path, manifests: Path) -> Environment:
+    clusters = {n: {"cloud": c, "context": f"sandbox-{n}", "kubeconfig": str(tmp_path / "kubeconfig"),
+                    "overlay": f"overlays/{n}", "sync": "apply"} for n, c in zip(CLUSTERS, ("aws", "azure"), strict=True)}
+    env = {"state_dir": str(tmp_path / "state"), "manifests": {"repo": str(manifests), "branch": "main"},
+           "forge": {"type": "local"}, "notifier": {"type": "console"},
+           "registries": {"local": {"url": "registry.example"}}, "clusters": clusters,
+           "apps": {"web": {"repo": str(tmp_path / "web.git"), "image": "web", "registries": ["local"],
+                            "workload": {"kind": "Deployment", "namespace": "web", "name": "web"}}}}
+    path = tmp_path / "env.yaml"
+    path.write_text(yaml.safe_dump(env))
+    return load_environment(path)
+
+
+def check(env: Environment, manifests: Path) -> tuple[set[DriftItem], dict[str, tuple[int, int, int]]]:
+    """The drift check without Prefect: adapters and pure functions, as the tasks compose them."""
+    checks = []
+    for name in CLUSTERS:
+        read = read_cluster(ClusterRef(name, f"sandbox-{name}", str(env.path(env.clusters[name].kubeconfig or ""))),
+                            desired={"web": rendered(manifests, name)})
+        checks.append(compare_cluster(env, name, read))
+    items = {i for c in checks for i in c.items} | set(find_skew([w for c in checks for w in c.workloads],
+                                                                 serving=set(CLUSTERS)))
+    return items, {c.cluster: (c.lists, c.calls, c.objects) for c in checks}
+
+
+# --- tests -------------------------------------------------------------------------------------------
+
+
+def test_noise_gives_no_findings_and_one_list_per_kind_and_namespace(
+        clusters: dict[str, Any], manifests: Path, tmp_path: Path) -> None:
+    env = write_env(tmp_path, manifests)
+    # Noise that piles up on a live cluster: more objects of the same kinds that are not the app's.
+    for name in CLUSTERS:
+        api = clusters[name][1]
+        for i in range(30):
+            call(api, "POST", "/api/v1/namespaces/web/configmaps",
+                 {"metadata": {"name": f"other-{i}", "labels": {"app.kubernetes.io/name": "other"}}})
+    items, counts = check(env, manifests)
+    assert items == set()
+    lists = len(KINDS) * len(NAMESPACES) + 1  # + Namespaces, cluster-scoped: one list
+    for name in CLUSTERS:
+        assert counts[name][:2] == (lists, lists + 1)  # + one discovery GET for bitnami.com/v1alpha1
+        # Every Namespace (the app's 2 and the 4 a cluster starts with) and the app's 8 objects; the
+        # ConfigMap list is label-selected, so the 30 objects of another app are never read.
+        assert counts[name][2] == len(NAMESPACES) + 4 + len(KINDS) * len(NAMESPACES)
+
+
+def test_injected_drift_gives_exactly_these_findings(
+        clusters: dict[str, Any], manifests: Path, tmp_path: Path) -> None:
+    env = write_env(tmp_path, manifests)
+    eks, aks = clusters["eks"][1], clusters["aks"][1]
+    deploy = "/apis/apps/v1/namespaces/web/deployments/web"
+    # eks: on an older digest; aks: scaled by hand, its Service deleted, and a debug pod-runner added.
+    json_patch(eks, deploy, {"op": "replace", "path": "/spec/template/spec/containers/0/image",
+                             "value": f"{IMAGE}@{OLD}"})
+    json_patch(aks, deploy, {"op": "replace", "path": "/spec/replicas", "value": 5})
+    call(aks, "DELETE", "/api/v1/namespaces/web/services/web")
+    call(aks, "POST", "/apis/apps/v1/namespaces/web/deployments", {
+        "metadata": {"name": "web-debug", "labels": {"app.kubernetes.io/name": "web"}},
+        "spec": {"selector": {"matchLabels": {"x": "y"}}, "template": {"spec": {"containers": []}}}})
+    items, _ = check(env, manifests)
+    container = "spec.template.spec.containers[name=web].image"
+    assert items == {
+        DriftItem("web", "eks", "Deployment", "web", "web", Drift.MODIFIED, container, f"{IMAGE}@{NEW}",
+                  f"{IMAGE}@{OLD}"),
+        DriftItem("web", "aks", "Deployment", "web", "web", Drift.MODIFIED, "spec.replicas", "2", "5"),
+        DriftItem("web", "aks", "Service", "web", "web", Drift.MISSING),
+        DriftItem("web", "aks", "Deployment", "web", "web-debug", Drift.UNEXPECTED),
+        DriftItem("web", "aks,eks", "Deployment", "web", "web", Drift.SKEW, container,
+                  "the same digest on every cluster", f"aks={NEW}; eks={OLD}"),
+        DriftItem("web", "aks,eks", "Deployment", "web", "web", Drift.SKEW, "spec.replicas",
+                  "the same replicas on every serving cluster", "aks=5; eks=2"),
+    }
+
+
+def test_unreachable_cluster_is_a_transient_error_naming_it(manifests: Path, tmp_path: Path) -> None:
+    write_kubeconfig(tmp_path / "kubeconfig", {"sandbox-eks": f"http://127.0.0.1:{free_port()}"})
+    with pytest.raises(ClusterError, match="^cluster eks: .*: API server unreachable"):
+        read_cluster(ClusterRef("eks", "sandbox-eks", str(tmp_path / "kubeconfig")),
+                     desired={"web": rendered(manifests, "eks")})
+
+
+# --- the flow ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=120), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
+def run(env: Environment, **kwargs: Any) -> tuple[Any, DriftReport | None]:
+    state = drift_check(env=env.source, return_state=True, **kwargs)
+    return state, (state.result() if state.is_completed() else None)
+
+
+def test_flow_notifies_on_change_only_and_reports_what_cleared(
+        prefect_harness: None, clusters: dict[str, Any], manifests: Path, tmp_path: Path) -> None:
+    env = write_env(tmp_path, manifests)
+    eks = clusters["eks"][1]
+    deploy = "/apis/apps/v1/namespaces/web/deployments/web"
+    image = "/spec/template/spec/containers/0/image"
+    json_patch(eks, deploy, {"op": "replace", "path": image, "value": f"{IMAGE}@{OLD}"})
+
+    state, first = run(env)
+    assert state.is_completed() and first is not None
+    assert state.name == "Completed" and "2 drift finding(s)" in (state.message or "")
+    assert {(i.finding, i.cluster) for i in first.items} == {(Drift.MODIFIED, "eks"), (Drift.SKEW, "aks,eks")}
+    assert first.notified and set(first.appeared) == set(first.items) and first.cleared == ()
+
+    state, _ = run(env, fail_on_drift=True)
+    assert state.is_failed() and "2 drift finding(s)" in (state.message or "")
+
+    state, third = run(env)
+    assert third is not None and not third.notified and third.fingerprint == first.fingerprint
+
+    json_patch(eks, deploy, {"op": "replace", "path": image, "value": f"{IMAGE}@{NEW}"})
+    state, repaired = run(env)
+    assert repaired is not None and repaired.items == () and repaired.notified
+    assert repaired.appeared == () and set(repaired.cleared) == set(first.items)
+    assert state.message == f"no drift at {repaired.revision[:12]}"
+
+    changes = Artifact.get(f"drift-changes-{state_slug(env)}")
+    assert changes is not None and "## Appeared (0)" in str(changes.data) and "## Cleared (2)" in str(changes.data)
+    assert Artifact.get(f"drift-findings-{state_slug(env)}") is not None
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(state.state_details.flow_run_id)
+    assert re.fullmatch(r"drift-check-\d{8}-\d{6}", flow_run.name)
