@@ -15,8 +15,10 @@ The module has two layers:
 Deliberate simplifications, each chosen because the sandbox's clients do not depend on them:
 deletion is immediate (no finalizers, no Terminating phase that lingers), owner-reference garbage
 collection is synchronous, ``continue`` tokens page over live state instead of a snapshot, there
-is no admission, defaulting, schema validation, server-side apply or dry run (the last two answer
-415 and 400 rather than pretending).
+is no admission, defaulting, schema validation or dry run (the last answers 400 rather than
+pretending). Server-side apply is reduced to what a single field manager needs: the applied fields
+are merged onto the live object like a merge patch (lists replace), the manager gets one
+``managedFields`` entry, and there is no field ownership, so no apply conflicts (``force`` is moot).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import uvicorn
+import yaml
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
@@ -515,7 +518,8 @@ class Store:
 
     # ------------------------------------------------------------------------------ writes
 
-    def create(self, rt: ResourceType, namespace: str | None, body: JSON) -> JSON:
+    def create(self, rt: ResourceType, namespace: str | None, body: JSON, *,
+               managed_fields: list[JSON] | None = None) -> JSON:
         obj: JSON = _copy(body)
         meta = self._checked_metadata(rt, obj)
         self._check_typed_fields(rt, obj)
@@ -530,6 +534,8 @@ class Store:
                 raise ApiError.about(409, "AlreadyExists", rt, name, f'{rt.qualified} "{name}" already exists')
             for system_field in ("deletionTimestamp", "deletionGracePeriodSeconds", "managedFields"):
                 meta.pop(system_field, None)
+            if managed_fields:
+                meta["managedFields"] = managed_fields
             meta.update(name=name, uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
             if namespace:
                 meta["namespace"] = namespace
@@ -572,6 +578,48 @@ class Store:
             if namespace:
                 patched["metadata"]["namespace"] = namespace
             return self._update(rt, current, _copy(patched), subresource)
+
+    def apply(self, rt: ResourceType, namespace: str | None, name: str, body: Any, *, manager: str,
+              subresource: str | None = None) -> tuple[JSON, bool]:
+        """Server-side apply of ``body`` by ``manager``: the object and whether it was created.
+
+        A missing object is created from the applied configuration; an existing one gets the applied
+        fields merged on like a merge patch, and ``manager``'s ``managedFields`` entry replaced.
+        Re-applying the same configuration is a no-op (no new resourceVersion, no watch event), as
+        on a real server.
+        """
+        obj: JSON = _copy(body)
+        if not isinstance(obj, dict) or not obj.get("apiVersion") or not obj.get("kind"):
+            # The real server cannot decode an applied configuration without its type.
+            raise _bad_request("apply patches must set apiVersion and kind")
+        meta = self._checked_metadata(rt, obj)
+        if meta.get("name", name) != name:
+            raise _bad_request(f"the name of the object ({meta.get('name')}) does not match the name on the URL ({name})")
+        meta.pop("managedFields", None)
+        meta["name"] = name
+        applied = {key: value for key, value in obj.items() if key not in ("apiVersion", "kind")}
+        applied["metadata"] = {key: value for key, value in meta.items() if key not in ("name", "namespace")}
+        entry: JSON = {"manager": manager, "operation": "Apply", "apiVersion": rt.api_version, "time": _now(),
+                       "fieldsType": "FieldsV1", "fieldsV1": _fields_v1(applied)}
+        if subresource is not None:
+            entry["subresource"] = subresource
+        with self._lock:
+            current = self._objects[rt].get(((namespace or "") if rt.namespaced else "", name))
+            if current is None:
+                if subresource is not None:
+                    raise _not_found(rt, name)
+                return self.create(rt, namespace, obj, managed_fields=[entry]), True
+            merged = merge_patch(current, obj)
+            self._target_namespace(rt, namespace, merged["metadata"])
+            entries = list(current["metadata"].get("managedFields") or [])
+            mine = next((i for i, e in enumerate(entries) if e.get("manager") == manager
+                         and e.get("operation") == "Apply" and e.get("subresource") == subresource), None)
+            if mine is None:
+                entries.append(entry)
+            elif entries[mine].get("fieldsV1") != entry["fieldsV1"]:
+                entries[mine] = entry  # an unchanged entry keeps its time, so a re-apply stays a no-op
+            merged["metadata"]["managedFields"] = entries
+            return self._update(rt, current, _copy(merged), subresource), False
 
     def delete(self, rt: ResourceType, namespace: str | None, name: str, *, preconditions: JSON | None = None,
                orphan_dependents: bool = False) -> JSON:
@@ -748,6 +796,16 @@ class Store:
             subscriber(event)
 
 
+def _fields_v1(value: Any) -> Any:
+    """A FieldsV1 set for an applied configuration: ``f:<key>`` per map key, lists as leaves.
+
+    Upstream names list elements too (``k:{"name":"hello"}``); nothing in the sandbox reads them.
+    """
+    if isinstance(value, dict):
+        return {f"f:{key}": _fields_v1(item) for key, item in value.items()}
+    return {}
+
+
 def _generation_part(rt: ResourceType, obj: JSON) -> Any:
     """What a generation bump tracks: spec for types with a status subresource; for the others
     (custom resources without one, like Argo CD's Application), everything but metadata."""
@@ -774,6 +832,7 @@ def _decode_continue(token: str) -> tuple[str, str]:
 
 _PLACEHOLDER = re.compile(r"\{([^}]+)\}")
 _VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
+_APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply: YAML, or JSON (which is YAML)
 _PATCH_TYPES: dict[str, PatchType] = {
     "application/json-patch+json": "json",
     "application/merge-patch+json": "merge",
@@ -964,9 +1023,16 @@ class _Api:
                                                    subresource=target.subresource))
             case "PATCH":
                 content_type = request.headers.get("content-type", "").split(";")[0].strip()
+                if content_type == _APPLY_PATCH:
+                    manager = query.get("fieldManager", "")
+                    if not manager:
+                        raise ApiError(422, "Invalid", 'PatchOptions.meta.k8s.io "" is invalid: fieldManager: '
+                                                       'Required value: is required for apply patch')
+                    obj, created = self.store.apply(rt, namespace, name, _load_yaml(await request.body()),
+                                                    manager=manager, subresource=target.subresource)
+                    return _respond(obj, 201 if created else 200)
                 if content_type not in _PATCH_TYPES:
-                    raise ApiError(415, "UnsupportedMediaType", f"the sandbox does not support {content_type!r} "
-                                                                f"patches (server-side apply is not implemented)")
+                    raise ApiError(415, "UnsupportedMediaType", f"the sandbox does not support {content_type!r} patches")
                 return _respond(self.store.patch(rt, namespace, name, _PATCH_TYPES[content_type],
                                                  _loads(await request.body()), subresource=target.subresource))
             case "DELETE":
@@ -1051,6 +1117,24 @@ def _loads(raw: bytes) -> Any:
         return json.loads(raw)
     except ValueError as error:
         raise _bad_request(f"the request body is not valid JSON: {error}") from error
+
+
+class _ApplyLoader(yaml.SafeLoader):
+    """YAML as the API server reads it: an unquoted date stays a string (PyYAML would make it a
+    datetime, which is not JSON)."""
+
+
+_ApplyLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _load_yaml(raw: bytes) -> Any:
+    try:
+        return yaml.load(raw, Loader=_ApplyLoader)  # a SafeLoader: no arbitrary objects
+    except yaml.YAMLError as error:
+        raise _bad_request(f"the request body is not valid YAML: {error}") from error
 
 
 async def _body(request: Request) -> Any:
