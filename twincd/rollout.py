@@ -5,11 +5,12 @@ The objects are plain dicts as ``kubectl get -o json`` prints them. Workload ver
 message for message, so what twincd reports matches what an operator sees in a terminal. Two
 additions: when a digest is given, a template that does not carry it yet means the syncer has not
 applied the release (progressing), and a Deployment scaled to zero is reported as standby.
+``pods_verdict`` goes one step past kubectl: the running pods report the release's digest.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from twincd.domain import Phase, RolloutVerdict
@@ -235,3 +236,100 @@ def combine(app_verdict: RolloutVerdict, workload_verdict: RolloutVerdict) -> Ro
     return RolloutVerdict(workload_verdict.cluster, Phase.SUCCEEDED,
                           f"{app_verdict.message}; {workload_verdict.message}",
                           app_verdict.details + workload_verdict.details)
+
+
+def label_selector(selector: Mapping[str, Any]) -> str:
+    """A workload's ``spec.selector`` as a ``labelSelector`` query (``metav1.FormatLabelSelector``)."""
+    terms = [f"{key}={value}" for key, value in sorted(_map(selector, "matchLabels").items())]
+    expressions = selector.get("matchExpressions")
+    for expr in expressions if isinstance(expressions, list) else []:
+        if not isinstance(expr, Mapping):
+            continue
+        key, op = str(expr.get("key", "")), expr.get("operator")
+        values = expr.get("values")
+        listed = ",".join(sorted(str(v) for v in (values if isinstance(values, list) else [])))
+        match op:
+            case "In":
+                terms.append(f"{key} in ({listed})")
+            case "NotIn":
+                terms.append(f"{key} notin ({listed})")
+            case "Exists":
+                terms.append(key)
+            case "DoesNotExist":
+                terms.append(f"!{key}")
+    return ",".join(terms)
+
+
+# Per kind: the status counters of pods that are available and of pods at the current template.
+_POD_COUNTERS = {
+    "Deployment": ("availableReplicas", "updatedReplicas"),
+    "StatefulSet": ("availableReplicas", "updatedReplicas"),
+    "DaemonSet": ("numberAvailable", "updatedNumberScheduled"),
+}
+
+
+def _reported_image(status: Mapping[str, Any]) -> str:
+    image_id = str(status.get("imageID", ""))
+    return image_id if "@sha256:" in image_id else str(status.get("image", ""))
+
+
+def _carries(pod: Mapping[str, Any], digest: str) -> bool:
+    """A ready pod with a ready container whose runtime-reported image carries ``digest``.
+
+    ``imageID`` is what the runtime resolved (containerd: ``repo@sha256:…``, Docker:
+    ``docker-pullable://repo@sha256:…``); ``image`` is the fallback only for runtimes that put a
+    local image ID (no ``@sha256:``) there. Readiness matters: a container stuck in
+    ImagePullBackOff reports the pinned ``image`` too.
+    """
+    if _map(pod, "metadata").get("deletionTimestamp"):
+        return False  # terminating: it no longer counts as running
+    conditions = _map(pod, "status").get("conditions")
+    ready = any(isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True"
+                for c in (conditions if isinstance(conditions, list) else []))
+    statuses = _map(pod, "status").get("containerStatuses")
+    return ready and any(
+        isinstance(s, Mapping) and s.get("ready") is True
+        and digest in _reported_image(s)
+        for s in (statuses if isinstance(statuses, list) else []))
+
+
+def _pod_summary(pod: Mapping[str, Any]) -> str:
+    statuses = _map(pod, "status").get("containerStatuses")
+    parts = []
+    for s in statuses if isinstance(statuses, list) else []:
+        if not isinstance(s, Mapping):
+            continue
+        waiting = _map(s, "state", "waiting").get("reason")
+        parts.append(f"{s.get('name', '?')}={s.get('imageID') or s.get('image') or '?'}"
+                     + (f" ({waiting})" if waiting else ""))
+    phase = _map(pod, "status").get("phase", "Unknown")
+    return f"pod {_map(pod, 'metadata').get('name', '?')} {phase}: {', '.join(parts) or 'no container status'}"
+
+
+def pods_verdict(workload: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], *, cluster: str,
+                 digest: str) -> RolloutVerdict:
+    """The running pods carry the release's digest, as the container runtime reports it.
+
+    ``pods`` are the pods the workload's selector matches. As many ready pods must carry the
+    digest as the workload counts available pods of its current template (``min(available,
+    updated)``: a partitioned StatefulSet keeps older pods on purpose). A workload scaled to zero
+    has nothing to check (standby).
+    """
+    kind = str(workload.get("kind", ""))
+    name = _map(workload, "metadata").get("name", "?")
+    available_key, updated_key = _POD_COUNTERS.get(kind, ("availableReplicas", "updatedReplicas"))
+    status = _map(workload, "status")
+    available = _int(status, available_key) or (_int(status, "readyReplicas") if kind == "StatefulSet" else 0)
+    required = min(available, _int(status, updated_key))
+    short = digest.removeprefix("sha256:")[:12]
+    if required == 0:
+        why = "scaled to zero (standby)" if _map(workload, "spec").get("replicas") == 0 else "no available pods"
+        return RolloutVerdict(cluster, Phase.SUCCEEDED, f"{kind.lower()} \"{name}\" {why}: no pods to check")
+    carrying = sorted(str(_map(p, "metadata").get("name", "?")) for p in pods if _carries(p, digest))
+    if len(carrying) >= required:
+        return RolloutVerdict(cluster, Phase.SUCCEEDED, f"{len(carrying)} running pods carry {short}",
+                              tuple(f"pod {p} runs {short}" for p in carrying))
+    others = tuple(_pod_summary(p) for p in pods if not _carries(p, digest))
+    return RolloutVerdict(cluster, Phase.PROGRESSING,
+                          f"{len(carrying)} of {required} available pods of {kind.lower()} \"{name}\" run {short} "
+                          f"so far", others)

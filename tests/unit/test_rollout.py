@@ -13,6 +13,8 @@ from twincd.rollout import (
     combine,
     daemonset_verdict,
     deployment_verdict,
+    label_selector,
+    pods_verdict,
     statefulset_verdict,
     workload_verdict,
 )
@@ -358,3 +360,81 @@ def test_combine(app: Phase, workload: Phase, expected: Phase) -> None:
     assert v.phase is expected and v.cluster == "eks" and v.details == ("a", "w")
     if expected is Phase.FAILED:
         assert v.message == ("app says" if app is Phase.FAILED else "workload says")
+
+
+def pod(name: str, image_id: str, *, ready: bool = True, **meta: Any) -> dict[str, Any]:
+    """A Pod as `kubectl get pod -o json` prints it (trimmed), running or stuck pulling."""
+    flag = "True" if ready else "False"
+    state = ({"running": {"startedAt": "2026-11-26T10:01:02Z"}} if ready else
+             {"waiting": {"reason": "ImagePullBackOff", "message": f'Back-off pulling image "{IMAGE}@{NEW}"'}})
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "hello", "labels": {"app.kubernetes.io/name": "hello"}, **meta},
+        "spec": {"containers": [{"name": "hello", "image": f"{IMAGE}@{NEW}"}]},
+        "status": {
+            "phase": "Running" if ready else "Pending",
+            "conditions": [{"type": "Ready", "status": flag}, {"type": "ContainersReady", "status": flag}],
+            "containerStatuses": [{"name": "hello", "image": f"{IMAGE}@{NEW}", "imageID": image_id, "ready": ready,
+                                   "restartCount": 0, "started": ready, "state": state}],
+        },
+    }
+
+
+def test_pods_carrying_the_digest_succeed() -> None:
+    pods = [pod(f"hello-7d9c6b5f4d-{s}", f"{IMAGE}@{NEW}") for s in ("x2b4c", "q9z8k", "m3n4p")]
+    v = pods_verdict(DEPLOYMENT, pods, cluster="eks", digest=NEW)
+    assert (v.phase, v.message) == (Phase.SUCCEEDED, "3 running pods carry bbbbbbbbbbbb")
+    # Docker-based nodes prefix the repo digest; the digest is what matters.
+    docker = [pod(f"hello-7d9c6b5f4d-{i}", f"docker-pullable://{IMAGE}@{NEW}") for i in range(3)]
+    assert pods_verdict(DEPLOYMENT, docker, cluster="eks", digest=NEW).phase is Phase.SUCCEEDED
+
+
+def test_pods_still_on_the_old_digest_keep_waiting() -> None:
+    pods = [pod("hello-7d9c6b5f4d-a", f"{IMAGE}@{NEW}"), pod("hello-5f8d7c9b6a-b", f"{IMAGE}@{OLD}"),
+            pod("hello-7d9c6b5f4d-c", "", ready=False)]
+    v = pods_verdict(DEPLOYMENT, pods, cluster="aks", digest=NEW)
+    assert v.phase is Phase.PROGRESSING
+    assert v.message == '1 of 3 available pods of deployment "hello" run bbbbbbbbbbbb so far'
+    assert f"pod hello-5f8d7c9b6a-b Running: hello={IMAGE}@{OLD}" in v.details
+    assert "pod hello-7d9c6b5f4d-c Pending: hello=" + f"{IMAGE}@{NEW} (ImagePullBackOff)" in v.details
+
+
+def test_image_is_the_fallback_only_without_a_repo_digest() -> None:
+    local_id = pod("hello-7d9c6b5f4d-a", "sha256:" + "c" * 64)  # a runtime reporting the config digest
+    assert pods_verdict(DEPLOYMENT, [local_id] * 3, cluster="eks", digest=NEW).phase is Phase.SUCCEEDED
+    moved = pod("hello-7d9c6b5f4d-b", f"{IMAGE}@{OLD}")  # the image field says NEW, the runtime OLD
+    assert pods_verdict(DEPLOYMENT, [moved] * 3, cluster="eks", digest=NEW).phase is Phase.PROGRESSING
+
+
+def test_terminating_pods_do_not_count() -> None:
+    pods = [pod(f"hello-7d9c6b5f4d-{i}", f"{IMAGE}@{NEW}", deletionTimestamp="2026-11-26T10:03:00Z")
+            for i in range(3)]
+    assert pods_verdict(DEPLOYMENT, pods, cluster="eks", digest=NEW).phase is Phase.PROGRESSING
+
+
+def test_standby_has_no_pods_to_check() -> None:
+    obj = copy.deepcopy(DEPLOYMENT)
+    obj["spec"]["replicas"] = 0
+    obj["status"] = {"conditions": DEPLOYMENT["status"]["conditions"], "observedGeneration": 4}
+    v = pods_verdict(obj, [], cluster="aks", digest=NEW)
+    assert (v.phase, v.message) == (Phase.SUCCEEDED, 'deployment "hello" scaled to zero (standby): no pods to check')
+
+
+def test_partitioned_statefulset_needs_only_its_updated_pods() -> None:
+    obj = copy.deepcopy(STATEFULSET)
+    obj["spec"]["updateStrategy"]["rollingUpdate"]["partition"] = 2
+    obj["status"].update(updatedReplicas=1)
+    pods = [pod("db-2", f"{IMAGE}@{NEW}"), pod("db-1", f"{IMAGE}@{OLD}"), pod("db-0", f"{IMAGE}@{OLD}")]
+    assert pods_verdict(obj, pods, cluster="eks", digest=NEW).phase is Phase.SUCCEEDED
+    daemons = [pod("agent-a", f"{IMAGE}@{NEW}"), pod("agent-b", f"{IMAGE}@{NEW}")]
+    assert pods_verdict(DAEMONSET, daemons, cluster="eks", digest=NEW).message == "2 running pods carry bbbbbbbbbbbb"
+
+
+def test_label_selector_formats_like_kubectl() -> None:
+    assert label_selector({"matchLabels": {"b": "2", "a": "1"}}) == "a=1,b=2"
+    selector = {"matchLabels": {"app": "hello"}, "matchExpressions": [
+        {"key": "tier", "operator": "In", "values": ["web", "api"]},
+        {"key": "track", "operator": "NotIn", "values": ["canary"]},
+        {"key": "owner", "operator": "Exists"}, {"key": "legacy", "operator": "DoesNotExist"}]}
+    assert label_selector(selector) == "app=hello,tier in (api,web),track notin (canary),owner,!legacy"
+    assert label_selector({}) == ""
