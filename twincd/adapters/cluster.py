@@ -1,14 +1,23 @@
 """Cluster adapter: the official ``kubernetes`` client, one per kubeconfig context.
 
 SDK types and errors stay in here: callers get plain dicts (the objects as ``kubectl get -o json``
-prints them), RolloutVerdicts, and ClusterError subclasses.
+prints them), RolloutVerdicts, ApplyResults, and ClusterError subclasses.
+
+Verification is list-then-watch, the informer pattern of client-go: each collection it looks at
+(the workload, its pods, the Argo CD Application) is listed once, then watched from the list's
+resourceVersion by a thread of its own; every change re-evaluates the verdict at once, so success
+or failure is noticed as soon as the objects get there, not at the next poll.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +26,21 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
+from kubernetes.watch.watch import iter_resp_lines
 
 from twincd.domain import Phase, RolloutVerdict
-from twincd.errors import PermanentError, TransientError
-from twincd.rollout import application_verdict, combine, workload_verdict
+from twincd.errors import PermanentError, TransientError, TwincdError
+from twincd.rollout import application_verdict, combine, label_selector, pods_verdict, workload_verdict
+
+log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = (3.0, 10.0)  # connect, read: a cluster that is down must not hang a deploy
+# Server-side timeoutSeconds of one watch request. The stream then resumes from its last
+# resourceVersion; the read timeout of the request is this plus REQUEST_TIMEOUT's, because a quiet
+# watch sends nothing until the server ends it.
+WATCH_SECONDS = 60
+_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)  # seconds between attempts on an unreachable API server
+_APPLY_PATCH = "application/apply-patch+yaml"
 
 
 class ClusterError(TransientError):
@@ -31,6 +49,10 @@ class ClusterError(TransientError):
 
 class ClusterDenied(PermanentError):
     """401/403, or a kubeconfig/context that does not exist."""
+
+
+class ApplyRejected(PermanentError):
+    """The API server refused an object of the overlay (invalid, or a kind it does not serve)."""
 
 
 @dataclass(frozen=True)
@@ -51,45 +73,53 @@ def api_client(ref: ClusterRef) -> k8s.ApiClient:
     return k8s.ApiClient(cfg)
 
 
-def _translate(ref: ClusterRef, what: str, e: Exception) -> Exception:
-    if isinstance(e, ApiException):
-        if e.status in (401, 403):
-            return ClusterDenied(f"cluster {ref.name}: {what}: access denied ({e.status} {e.reason}); "
-                                 f"check the credentials of context {ref.context!r}")
-        return ClusterError(f"cluster {ref.name}: {what}: HTTP {e.status} {e.reason}")
-    return ClusterError(f"cluster {ref.name}: {what}: API server unreachable ({type(e).__name__})")
-
-
-def _get(ref: ClusterRef, api: k8s.ApiClient, what: str, call: Callable[..., Any]) -> dict[str, Any] | None:
+def _status_error(ref: ClusterRef, what: str, status: int, reason: str, body: bytes = b"") -> TwincdError:
+    """The error for a non-2xx answer; the server's Status message is kept, trimmed."""
+    if status in (401, 403):
+        return ClusterDenied(f"cluster {ref.name}: {what}: access denied ({status} {reason}); "
+                             f"check the credentials of context {ref.context!r}")
+    if status == 429 or status >= 500:
+        return ClusterError(f"cluster {ref.name}: {what}: HTTP {status} {reason}")
     try:
-        resp = call(_preload_content=False, _request_timeout=REQUEST_TIMEOUT)
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise _translate(ref, what, e) from e
+        message = str(json.loads(body).get("message", ""))
+    except (ValueError, AttributeError):
+        message = ""
+    return ApplyRejected(f"cluster {ref.name}: {what}: HTTP {status} {reason}"
+                         + (f": {message[:500]}" if message else ""))
+
+
+def _request(ref: ClusterRef, api: k8s.ApiClient, what: str, method: str, path: str, *,
+             query: Sequence[tuple[str, str]] = (), body: Any = None, content_type: str = "application/json",
+             timeout: tuple[float, float] = REQUEST_TIMEOUT) -> Any:
+    """One HTTP call through the client (its auth, TLS and exec plugins); the urllib3 response,
+    unread, so a watch can stream it. Only an unreachable server raises here."""
+    try:
+        request = api.param_serialize(method=method, resource_path=path, query_params=list(query),
+                                      header_params={"Accept": "application/json", "Content-Type": content_type},
+                                      body=body, auth_settings=["BearerToken"])
+        return api.call_api(*request, _request_timeout=timeout).response
+    except ApiException as e:  # the client's wrapper around TLS failures (status 0)
+        raise ClusterError(f"cluster {ref.name}: {what}: API server unreachable ({e.reason})") from e
     except (urllib3.exceptions.HTTPError, OSError) as e:
-        raise _translate(ref, what, e) from e
-    data: dict[str, Any] = json.loads(resp.data)
-    return data
+        raise ClusterError(f"cluster {ref.name}: {what}: API server unreachable ({type(e).__name__})") from e
 
 
-_WORKLOAD_READERS = {
-    "Deployment": "read_namespaced_deployment",
-    "StatefulSet": "read_namespaced_stateful_set",
-    "DaemonSet": "read_namespaced_daemon_set",
-}
+def _read_json(ref: ClusterRef, api: k8s.ApiClient, what: str, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+    response = _request(ref, api, what, method, path, **kw)
+    try:
+        data = response.data
+    except (urllib3.exceptions.HTTPError, OSError) as e:
+        raise ClusterError(f"cluster {ref.name}: {what}: connection lost ({type(e).__name__})") from e
+    if not 200 <= response.status <= 299:
+        if response.status == 404:
+            return 404, None
+        raise _status_error(ref, what, response.status, response.reason, data)
+    return response.status, json.loads(data)
 
 
-def read_workload(ref: ClusterRef, api: k8s.ApiClient, *, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-    reader = getattr(k8s.AppsV1Api(api), _WORKLOAD_READERS[kind])
-    return _get(ref, api, f"read {kind} {namespace}/{name}", lambda **kw: reader(name, namespace, **kw))
-
-
-def read_application(ref: ClusterRef, api: k8s.ApiClient, *, namespace: str, name: str) -> dict[str, Any] | None:
-    objs = k8s.CustomObjectsApi(api)
-    return _get(ref, api, f"read Application {namespace}/{name}",
-                lambda **kw: objs.get_namespaced_custom_object("argoproj.io", "v1alpha1", namespace,
-                                                               "applications", name, **kw))
+# --------------------------------------------------------------------------------------------------
+# Verification
+# --------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -107,56 +137,415 @@ class RolloutTarget:
     digest: str | None = None  # None: any image (e.g. a failover only changes replicas)
 
 
-def observe(target: RolloutTarget, clients: dict[str, k8s.ApiClient]) -> RolloutVerdict:
-    """One look at the cluster (and its Argo CD): the verdict as of now."""
+_WORKLOAD_PLURALS = {"Deployment": "deployments", "StatefulSet": "statefulsets", "DaemonSet": "daemonsets"}
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One collection to list and watch on one cluster, narrowed by selectors."""
+
+    key: str  # "workload", "pods" or "application"
+    ref: ClusterRef
+    what: str  # for messages, e.g. "Deployment hello/hello"
+    path: str
+    selectors: tuple[tuple[str, str], ...]  # ("fieldSelector", "metadata.name=hello"), ...
+
+
+def _sources(target: RolloutTarget) -> list[_Source]:
+    ns, name = target.namespace, target.name
+    plural = _WORKLOAD_PLURALS.get(target.kind)
+    if plural is None:
+        raise PermanentError(f"cluster {target.cluster.name}: no rollout status for kind {target.kind!r}: "
+                             f"only {', '.join(_WORKLOAD_PLURALS)} are supported")
+    sources = [_Source("workload", target.cluster, f"{target.kind} {ns}/{name}",
+                       f"/apis/apps/v1/namespaces/{ns}/{plural}", (("fieldSelector", f"metadata.name={name}"),))]
+    if target.argocd is not None and target.application is not None:
+        sources.append(_Source("application", target.argocd,
+                               f"Application {target.argocd_namespace}/{target.application}",
+                               f"/apis/argoproj.io/v1alpha1/namespaces/{target.argocd_namespace}/applications",
+                               (("fieldSelector", f"metadata.name={target.application}"),)))
+    return sources
+
+
+def _pods_source(target: RolloutTarget, workload: Mapping[str, Any]) -> _Source:
+    spec = workload.get("spec")
+    selector = spec.get("selector") if isinstance(spec, Mapping) else None
+    query = label_selector(selector) if isinstance(selector, Mapping) else ""
+    return _Source("pods", target.cluster, f"pods of {target.kind} {target.namespace}/{target.name}",
+                   f"/api/v1/namespaces/{target.namespace}/pods", (("labelSelector", query),) if query else ())
+
+
+def _list(source: _Source, api: k8s.ApiClient) -> tuple[dict[str, dict[str, Any]], str]:
+    """The objects by name, and the resourceVersion to watch from."""
+    status, body = _read_json(source.ref, api, f"list {source.what}", "GET", source.path, query=source.selectors)
+    if status == 404:
+        raise ClusterDenied(f"cluster {source.ref.name}: list {source.what}: the API server does not serve "
+                            f"{source.path} (is the CRD installed?)")
+    items = body.get("items") or []
+    return {str(o["metadata"]["name"]): o for o in items}, str(body["metadata"].get("resourceVersion", ""))
+
+
+class _Expired(Exception):
+    """410 Gone: the resourceVersion is older than the server keeps; relist."""
+
+
+class _Dropped(Exception):
+    """The watch connection broke mid-stream; resume from the last resourceVersion."""
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What a stream reports: the objects it holds now, or the error it is retrying (or died of)."""
+
+    key: str
+    objects: tuple[dict[str, Any], ...] = ()
+    error: TwincdError | None = None
+
+
+class _Stream:
+    """List once, then watch from the resourceVersion, forever: a dropped or timed-out watch resumes
+    from the last version seen, a 410 relists, an unreachable server is retried with a backoff.
+
+    Its own loop rather than ``kubernetes.watch.Watch.stream``: that one gives no sign that the watch
+    connected (so a recovered server would stay reported as down until an event came), retries a
+    410 by itself only once, and fails on ERROR events when not deserialising.
+    """
+
+    def __init__(self, source: _Source, api: k8s.ApiClient, out: queue.Queue[_Seen], *, watch_seconds: int) -> None:
+        self.source = source
+        self._api = api
+        self._out = out
+        self._watch_seconds = watch_seconds
+        self._stop = threading.Event()
+        self._response: Any = None
+        self._objects: dict[str, dict[str, Any]] = {}
+        self._resource_version = ""
+        self._failing = False
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"twincd-watch-{source.ref.name}-{source.key}")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        response = self._response
+        if response is not None:
+            # Unblocks a read waiting for the next event; the thread then sees the stop flag.
+            with contextlib.suppress(Exception):
+                response.shutdown()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _report(self) -> None:
+        self._failing = False
+        self._out.put(_Seen(self.source.key, tuple(self._objects.values())))
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                if not self._resource_version:
+                    self._objects, self._resource_version = _list(self.source, self._api)
+                    self._report()
+                self._watch()
+                failures = 0
+            except _Expired:
+                log.info("%s: watch from resourceVersion %s expired (410): relisting", self.source.what,
+                         self._resource_version)
+                self._resource_version = ""
+            except _Dropped as e:
+                log.info("%s: watch dropped (%s): resuming from resourceVersion %s", self.source.what, e,
+                         self._resource_version)
+            except ClusterDenied as e:
+                self._out.put(_Seen(self.source.key, error=e))
+                return
+            except TwincdError as e:
+                if self._stop.is_set():
+                    return
+                self._failing = True
+                self._out.put(_Seen(self.source.key, error=e))
+                self._stop.wait(_BACKOFF[min(failures, len(_BACKOFF) - 1)])
+                failures += 1
+
+    def _watch(self) -> None:
+        source = self.source
+        query = (*source.selectors, ("watch", "true"), ("resourceVersion", self._resource_version),
+                 ("allowWatchBookmarks", "true"), ("timeoutSeconds", str(self._watch_seconds)))
+        response = _request(source.ref, self._api, f"watch {source.what}", "GET", source.path, query=query,
+                            timeout=(REQUEST_TIMEOUT[0], self._watch_seconds + REQUEST_TIMEOUT[1]))
+        self._response = response
+        try:
+            if response.status == 410:
+                raise _Expired
+            if not 200 <= response.status <= 299:
+                raise _status_error(source.ref, f"watch {source.what}", response.status, response.reason,
+                                    response.data)
+            log.debug("%s: watching from resourceVersion %s", source.what, self._resource_version)
+            if self._failing:  # connected again: the verifier must stop counting this stream as down
+                self._report()
+            for line in iter_resp_lines(response):
+                if self._stop.is_set():
+                    return
+                if line.strip():
+                    self._event(json.loads(line))
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            if not self._stop.is_set():
+                raise _Dropped(type(e).__name__) from e
+        finally:
+            self._response = None
+            response.release_conn()
+        log.debug("%s: watch ended by the server at resourceVersion %s", source.what, self._resource_version)
+
+    def _event(self, event: Mapping[str, Any]) -> None:
+        kind, obj = event.get("type"), event.get("object") or {}
+        if kind == "ERROR":
+            if obj.get("code") == 410:
+                raise _Expired
+            raise ClusterError(f"cluster {self.source.ref.name}: watch {self.source.what}: "
+                               f"{obj.get('reason', 'error')}: {obj.get('message', '')}")
+        meta = obj.get("metadata") or {}
+        self._resource_version = str(meta.get("resourceVersion", self._resource_version))
+        log.debug("%s: %s at resourceVersion %s", self.source.what, kind, self._resource_version)
+        if kind == "BOOKMARK":  # only moves the version forward, so a resume does not hit 410
+            return
+        if kind == "DELETED":
+            self._objects.pop(str(meta.get("name")), None)
+        else:
+            self._objects[str(meta.get("name"))] = obj
+        self._report()
+
+
+
+def _evaluate(target: RolloutTarget, seen: Mapping[str, tuple[dict[str, Any], ...]]) -> RolloutVerdict:
+    """The verdict from what the streams hold now (a key is absent until its first list)."""
     name = target.cluster.name
-    workload = read_workload(target.cluster, clients["cluster"], kind=target.kind,
-                             namespace=target.namespace, name=target.name)
-    if workload is None:
-        w = RolloutVerdict(name, Phase.PROGRESSING, f"{target.kind} {target.namespace}/{target.name} not found yet")
+    workloads = seen.get("workload")
+    if not workloads:
+        what = "being listed" if workloads is None else "not found yet"
+        w = RolloutVerdict(name, Phase.PROGRESSING, f"{target.kind} {target.namespace}/{target.name} {what}")
     else:
+        workload = {**workloads[0], "kind": target.kind}  # LIST items carry no kind
         w = workload_verdict(workload, cluster=name, digest=target.digest)
+        spec = workload.get("spec")
+        scaled_to_zero = isinstance(spec, Mapping) and spec.get("replicas") == 0
+        if w.phase is Phase.SUCCEEDED and target.digest is not None and not scaled_to_zero:
+            pods = seen.get("pods")
+            p = (pods_verdict(workload, pods, cluster=name, digest=target.digest) if pods is not None
+                 else RolloutVerdict(name, Phase.PROGRESSING, "pods being listed"))
+            w = combine(w, p)
     if target.argocd is None or target.application is None:
         return w
-    app = read_application(target.argocd, clients["argocd"], namespace=target.argocd_namespace,
-                           name=target.application)
-    if app is None:
-        a = RolloutVerdict(name, Phase.PROGRESSING,
-                           f"Application {target.argocd_namespace}/{target.application} not found yet")
+    apps = seen.get("application")
+    if not apps:
+        what = "being listed" if apps is None else "not found yet"
+        a = RolloutVerdict(name, Phase.PROGRESSING, f"Application {target.argocd_namespace}/{target.application} {what}")
     else:
-        a = application_verdict(app, cluster=name, revision=target.revision)
+        a = application_verdict(apps[0], cluster=name, revision=target.revision)
     return combine(a, w)
 
 
-def verify_rollout(target: RolloutTarget, *, timeout: float, interval: float = 0.5) -> RolloutVerdict:
-    """Wait until the rollout succeeded or failed, or the deadline passed.
+class _Clients:
+    """One ApiClient per distinct (context, kubeconfig), shared by the streams on that cluster."""
 
-    An unreachable API is retried until the deadline, then reported as the cluster's failure with
-    the reason; a permanent error (denied, bad kubeconfig) fails at once.
+    def __init__(self, refs: Iterable[ClusterRef]) -> None:
+        self._by_context: dict[tuple[str, str | None], k8s.ApiClient] = {}
+        try:
+            for ref in refs:
+                key = (ref.context, ref.kubeconfig)
+                if key not in self._by_context:
+                    self._by_context[key] = api_client(ref)
+        except ClusterDenied:
+            self.close()
+            raise
+
+    def __getitem__(self, ref: ClusterRef) -> k8s.ApiClient:
+        return self._by_context[(ref.context, ref.kubeconfig)]
+
+    def close(self) -> None:
+        for api in self._by_context.values():
+            api.close()
+
+
+def observe(target: RolloutTarget) -> RolloutVerdict:
+    """One look at the cluster (and its Argo CD): the verdict as of now, from one LIST per collection.
+
+    Raises ClusterError when a server cannot be reached and ClusterDenied when access is refused.
     """
-    deadline = time.monotonic() + timeout
-    clients = {"cluster": api_client(target.cluster)}
-    if target.argocd is not None:
-        clients["argocd"] = api_client(target.argocd)
-    last: RolloutVerdict | None = None
-    last_error: ClusterError | None = None
+    sources = _sources(target)
+    clients = _Clients(s.ref for s in sources)
     try:
+        seen = {s.key: tuple(_list(s, clients[s.ref])[0].values()) for s in sources}
+        if target.digest is not None and seen["workload"]:
+            pods = _pods_source(target, seen["workload"][0])
+            seen["pods"] = tuple(_list(pods, clients[pods.ref])[0].values())
+        return _evaluate(target, seen)
+    finally:
+        clients.close()
+
+
+def verify_rollout(target: RolloutTarget, *, timeout: float, watch_seconds: int = WATCH_SECONDS) -> RolloutVerdict:
+    """Wait until the rollout succeeded or failed, or the deadline passed; never raises for a cluster.
+
+    The verdict is re-evaluated on every watch event, so it is known as soon as the objects reach
+    it. A permanent error (denied, bad kubeconfig, a collection the server does not serve) fails at
+    once; an unreachable API server is retried until the deadline and then is the failure's reason.
+    ``watch_seconds`` is the server-side length of one watch request (shorter in tests, to show
+    that a watch resumes).
+    """
+    name = target.cluster.name
+    deadline = time.monotonic() + timeout
+    try:
+        sources = _sources(target)
+        clients = _Clients(s.ref for s in sources)
+    except PermanentError as e:
+        return RolloutVerdict(name, Phase.FAILED, str(e))
+    out: queue.Queue[_Seen] = queue.Queue()
+    streams: dict[str, _Stream] = {}
+    seen: dict[str, tuple[dict[str, Any], ...]] = {}
+    errors: dict[str, TwincdError] = {}
+
+    def start(source: _Source) -> None:
+        streams[source.key] = _Stream(source, clients[source.ref], out, watch_seconds=watch_seconds)
+        streams[source.key].start()
+
+    last = RolloutVerdict(name, Phase.PROGRESSING, "nothing listed yet")
+    try:
+        for source in sources:
+            start(source)
         while True:
             try:
-                last = observe(target, clients)
-                last_error = None
-                if last.phase is not Phase.PROGRESSING:
-                    return last
-            except ClusterError as e:
-                last_error = e
-            if time.monotonic() >= deadline:
+                batch = [out.get(timeout=max(0.0, deadline - time.monotonic()))]
+            except queue.Empty:
                 break
-            time.sleep(interval)
+            while not out.empty():  # judge the newest state, not every step on the way to it
+                batch.append(out.get_nowait())
+            for update in batch:
+                if update.error is None:
+                    errors.pop(update.key, None)
+                    seen[update.key] = update.objects
+                else:
+                    errors[update.key] = update.error
+            denied = next((e for e in errors.values() if isinstance(e, PermanentError)), None)
+            if denied is not None:
+                return RolloutVerdict(name, Phase.FAILED, str(denied))
+            if "pods" not in streams and target.digest is not None and seen.get("workload"):
+                # The selector is known once the workload is: it is immutable in apps/v1.
+                start(_pods_source(target, seen["workload"][0]))
+            last = _evaluate(target, seen)
+            if last.phase is not Phase.PROGRESSING:
+                return last
     finally:
-        for c in clients.values():
-            c.close()
-    if last_error is not None:
-        return RolloutVerdict(target.cluster.name, Phase.FAILED, str(last_error))
-    assert last is not None
-    return RolloutVerdict(target.cluster.name, Phase.FAILED,
-                          f"not rolled out after {timeout:.0f}s: {last.message}", last.details)
+        for stream in streams.values():
+            stream.stop()
+        for stream in streams.values():
+            stream.join(1.0)
+        clients.close()
+    if errors:
+        reason = "; ".join(str(e) for e in errors.values())
+        return RolloutVerdict(name, Phase.FAILED, f"{reason} (still failing at the {timeout:.0f}s deadline)",
+                              last.details)
+    return RolloutVerdict(name, Phase.FAILED, f"not rolled out after {timeout:.0f}s: {last.message}", last.details)
+
+
+# --------------------------------------------------------------------------------------------------
+# sync: apply
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AppliedObject:
+    api_version: str
+    kind: str
+    namespace: str  # "" for cluster-scoped objects
+    name: str
+    created: bool  # False: it existed and the applied fields were merged onto it
+
+    def __str__(self) -> str:
+        where = f"{self.namespace}/" if self.namespace else ""
+        return f"{self.kind}/{where}{self.name}"
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What one server-side apply of an overlay did, object by object, in the order applied."""
+
+    cluster: str
+    objects: tuple[AppliedObject, ...]
+
+    @property
+    def created(self) -> tuple[AppliedObject, ...]:
+        return tuple(o for o in self.objects if o.created)
+
+
+@dataclass(frozen=True)
+class _Kind:
+    plural: str
+    namespaced: bool
+
+
+class _Discovery:
+    """kind → (plural, namespaced) per group-version, read from the server once per apply."""
+
+    def __init__(self, ref: ClusterRef, api: k8s.ApiClient) -> None:
+        self._ref, self._api = ref, api
+        self._found: dict[str, dict[str, _Kind]] = {}
+
+    def kind(self, api_version: str, kind: str) -> _Kind:
+        if api_version not in self._found:
+            path = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
+            _, body = _read_json(self._ref, self._api, f"discover {api_version}", "GET", path)
+            self._found[api_version] = {str(r["kind"]): _Kind(str(r["name"]), bool(r.get("namespaced")))
+                                        for r in (body or {}).get("resources", []) if "/" not in str(r["name"])}
+        found = self._found[api_version].get(kind)
+        if found is None:
+            raise ApplyRejected(f"cluster {self._ref.name}: kind {kind} of {api_version} is not served "
+                                f"(is its CRD installed?)")
+        return found
+
+
+# Applied first, as kubectl and Argo CD do: the objects of the other kinds may live in them or be of them.
+_FIRST = ("Namespace", "CustomResourceDefinition")
+
+
+def apply_overlay(ref: ClusterRef, objects: Iterable[Mapping[str, Any]], *,
+                  field_manager: str = "twincd") -> ApplyResult:
+    """Server-side apply of every rendered object of an overlay, namespaces first.
+
+    Each object is one PATCH ``application/apply-patch+yaml`` with ``force=true``: twincd owns the
+    fields it applies, even if someone changed them with kubectl since (what ``sync: apply`` is
+    for). A namespaced object without a namespace goes to ``default``, as with ``kubectl apply``.
+    Idempotent: applying the same objects again changes nothing. Nothing is pruned.
+    """
+    docs = list(objects)
+    ordered = [d for d in docs if d.get("kind") in _FIRST] + [d for d in docs if d.get("kind") not in _FIRST]
+    api = api_client(ref)
+    try:
+        discovery = _Discovery(ref, api)
+        applied = []
+        for doc in ordered:
+            api_version, kind = str(doc.get("apiVersion") or ""), str(doc.get("kind") or "")
+            meta = dict(doc.get("metadata") or {})
+            name = str(meta.get("name") or "")
+            if not (api_version and kind and name):
+                raise ApplyRejected(f"cluster {ref.name}: cannot apply an object without apiVersion, kind and "
+                                    f"metadata.name ({kind or '?'}/{name or '?'})")
+            info = discovery.kind(api_version, kind)
+            namespace = str(meta.get("namespace") or "default") if info.namespaced else ""
+            if namespace:
+                meta["namespace"] = namespace
+            else:
+                meta.pop("namespace", None)
+            root = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
+            path = f"{root}/namespaces/{namespace}/{info.plural}/{name}" if namespace else f"{root}/{info.plural}/{name}"
+            what = f"apply {kind} {namespace + '/' if namespace else ''}{name}"
+            status, _ = _read_json(ref, api, what, "PATCH", path, body={**doc, "metadata": meta},
+                                   content_type=_APPLY_PATCH,
+                                   query=(("fieldManager", field_manager), ("force", "true")))
+            if status == 404:  # the namespace is neither there nor in the overlay
+                raise ApplyRejected(f"cluster {ref.name}: {what}: HTTP 404 (does namespace {namespace!r} exist?)")
+            applied.append(AppliedObject(api_version, kind, namespace, name, created=status == 201))
+        return ApplyResult(ref.name, tuple(applied))
+    finally:
+        api.close()
