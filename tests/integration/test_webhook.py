@@ -1,0 +1,210 @@
+"""The tag-push webhook over real HTTP, creating runs on a real Prefect server (the test harness).
+
+The ``deploy`` deployment here belongs to a stub flow with the real one's name and parameters:
+the webhook only creates runs (no worker picks them up), so what is checked is the run the
+Prefect server holds: its deployment, parameters and idempotency.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from uuid import UUID
+
+import httpx
+import pytest
+import uvicorn
+from prefect import flow
+from prefect.blocks.system import Secret as PrefectSecret
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+from starlette.applications import Starlette
+
+from twincd.config import DEFAULT_ENV, Environment, load_environment
+from twincd.secrets import SecretNotFound, resolve_secret
+from twincd.webhook import PATH, create_app
+
+pytestmark = pytest.mark.integration
+
+SECRET = "hook-secret-0123456789"
+SHA = "4f2a" * 10
+
+
+@flow(name="deploy")
+def deploy_stub(app: str, tag: str, env: str = "") -> None:
+    """Stands in for flows/deploy.py:deploy; never runs here (no worker)."""
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    # Analytics off: the harness server's telemetry write races its migrations ("database is locked").
+    with temporary_settings({PREFECT_SERVER_ANALYTICS_ENABLED: False}), \
+            prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def deployment_id(prefect_server: None) -> UUID:
+    deployment = deploy_stub.to_deployment(name="deploy")
+    result = deployment.apply()
+    assert isinstance(result, UUID)
+    return result
+
+
+@pytest.fixture(scope="session")
+def env() -> Environment:
+    return load_environment(DEFAULT_ENV)  # app `hello`, repo .twincd/git/hello.git
+
+
+def _serve(app: Starlette) -> Iterator[str]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive()
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def hook(env: Environment, deployment_id: UUID) -> Iterator[str]:
+    """The webhook URL (projects mapped by repository basename)."""
+    yield from (f"{url}{PATH}" for url in _serve(create_app(env, secret=SECRET, max_body=64 * 1024)))
+
+
+def tag_push(tag: str = "v1.2.3", *, sha: str | None = SHA, project: str = "apps/hello") -> dict[str, Any]:
+    """A GitLab Tag Push Hook payload (trimmed to what GitLab always sends)."""
+    return {"object_kind": "tag_push", "event_name": "tag_push", "ref": f"refs/tags/{tag}",
+            "before": "0" * 40, "after": sha or "0" * 40, "checkout_sha": sha, "user_name": "dev",
+            "project": {"id": 7, "path_with_namespace": project, "name": project.rsplit("/", 1)[-1]},
+            "commits": [], "total_commits_count": 0}
+
+
+def post(url: str, body: object, *, token: str | None = SECRET, raw: bytes | None = None) -> httpx.Response:
+    headers = {"X-Gitlab-Event": "Tag Push Hook", "Content-Type": "application/json"}
+    if token is not None:
+        headers["X-Gitlab-Token"] = token
+    return httpx.post(url, content=raw if raw is not None else json.dumps(body).encode(), headers=headers,
+                      timeout=30)
+
+
+@pytest.mark.parametrize("token", [None, "", "wrong", SECRET + "x"])
+def test_missing_or_wrong_token_is_401(hook: str, token: str | None) -> None:
+    r = post(hook, tag_push(), token=token)
+    assert r.status_code == 401 and "X-Gitlab-Token" in r.json()["error"]
+
+
+def test_oversized_body_is_413_declared_or_streamed(hook: str) -> None:
+    big = json.dumps({**tag_push(), "padding": "x" * 70_000}).encode()
+    assert post(hook, None, raw=big).status_code == 413
+
+    def chunks() -> Iterator[bytes]:  # chunked transfer: no Content-Length to refuse up front
+        yield from (big[i:i + 8192] for i in range(0, len(big), 8192))
+
+    r = httpx.post(hook, content=chunks(), headers={"X-Gitlab-Token": SECRET}, timeout=30)
+    assert r.status_code == 413
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    (b"{not json", "not JSON"),
+    (b"[1, 2]", "JSON object"),
+    (json.dumps({**tag_push(), "ref": "refs/heads/main"}).encode(), "refs/tags/"),
+    (json.dumps({**tag_push(), "project": None}).encode(), "path_with_namespace"),
+    (json.dumps({**tag_push(), "checkout_sha": "$(reboot)"}).encode(), "checkout_sha"),
+])
+def test_malformed_body_is_400(hook: str, raw: bytes, reason: str) -> None:
+    r = post(hook, None, raw=raw)
+    assert r.status_code == 400 and reason in r.json()["error"]
+
+
+def test_tag_deletion_is_ignored(hook: str) -> None:
+    r = post(hook, tag_push(sha=None))
+    assert r.status_code == 202 and "deleted" in r.json()["ignored"]
+
+
+@pytest.mark.parametrize(("tag", "reason"), [("latest", "tag_pattern"), ("v1.0.0..x", "not a safe release tag")])
+def test_tag_that_is_no_release_is_ignored(hook: str, tag: str, reason: str) -> None:
+    r = post(hook, tag_push(tag))
+    assert r.status_code == 202 and reason in r.json()["ignored"]
+
+
+def test_other_event_kinds_are_ignored(hook: str) -> None:
+    r = post(hook, {**tag_push(), "object_kind": "push", "ref": "refs/heads/main"})
+    assert r.status_code == 202 and "not a Tag Push Hook" in r.json()["ignored"]
+
+
+def test_unknown_project_is_404(hook: str) -> None:
+    r = post(hook, tag_push(project="apps/unknown"))
+    assert r.status_code == 404 and "apps/unknown" in r.json()["error"]
+
+
+async def _read_run(run_id: str) -> Any:
+    async with get_client() as client:
+        return await client.read_flow_run(UUID(run_id))
+
+
+async def _create_run_directly(deployment_id: UUID, key: str) -> UUID:
+    async with get_client() as client:
+        run = await client.create_flow_run_from_deployment(deployment_id, parameters={"app": "hello", "tag": "v1.2.3"},
+                                                           idempotency_key=key)
+        return run.id
+
+
+def test_release_tag_creates_one_run_and_replays_land_on_it(hook: str, deployment_id: UUID) -> None:
+    import asyncio
+
+    timings = []
+    ids = []
+    for _ in range(3):  # the delivery, then GitLab's retry and a manual redelivery
+        t0 = time.perf_counter()
+        r = post(hook, tag_push("v1.2.3"))
+        timings.append(time.perf_counter() - t0)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["flow_run_id"])
+    assert len(set(ids)) == 1
+    run = asyncio.run(_read_run(ids[0]))
+    assert run.deployment_id == deployment_id
+    assert run.parameters == {"app": "hello", "tag": "v1.2.3"}
+    assert run.idempotency_key == f"apps/hello:v1.2.3:{SHA}"
+    # For comparison, the one Prefect API call the webhook makes per delivery, made directly.
+    t0 = time.perf_counter()
+    asyncio.run(_create_run_directly(deployment_id, f"apps/hello:v1.2.3:{SHA}"))
+    direct = time.perf_counter() - t0
+    print(f"webhook answer times: first {timings[0] * 1000:.0f} ms, replays "
+          + ", ".join(f"{t * 1000:.0f} ms" for t in timings[1:])
+          + f"; the Prefect call alone (new client): {direct * 1000:.0f} ms")
+    # ~50-150 ms on an idle machine; the bound is GitLab's: it times a webhook out after 10 s.
+    assert max(timings) < 5.0
+
+    # The same tag moved to another commit is another release: a new run.
+    other = post(hook, tag_push("v1.2.3", sha="9" * 40)).json()["flow_run_id"]
+    assert other != ids[0]
+
+
+def test_explicit_project_mapping_and_missing_deployment(env: Environment, deployment_id: UUID) -> None:
+    app = create_app(env, secret=SECRET, projects={"Platform/Hello-Service": "hello"}, deployment="deploy/missing")
+    for url in _serve(app):
+        assert post(url + PATH, tag_push(project="apps/hello")).status_code == 404  # basenames no longer count
+        r = post(url + PATH, tag_push(project="platform/hello-service"))
+        assert r.status_code == 500 and "no deployment deploy/missing" in r.json()["error"]
+
+
+def test_secret_references_resolve_from_prefect_blocks(prefect_server: None) -> None:
+    # Here because this module has a Prefect server: `secret:NAME` reads a Prefect Secret block.
+    PrefectSecret(value=SECRET).save("twincd-webhook-test", overwrite=True)
+    resolved = resolve_secret("secret:twincd-webhook-test")
+    assert resolved.reveal() == SECRET and SECRET not in f"{resolved} {resolved!r}"
+    with pytest.raises(SecretNotFound, match="no Prefect Secret block named 'twincd-nope'") as e:
+        resolve_secret("secret:twincd-nope")
+    with pytest.raises(SecretNotFound, match="TWINCD_SURELY_UNSET"):
+        resolve_secret("env:TWINCD_SURELY_UNSET")
+    assert SECRET not in str(e.value)

@@ -1,0 +1,240 @@
+"""`twincd webhook`: GitLab "Tag Push Hook" events start runs of the Prefect ``deploy`` deployment.
+
+Prefect's incoming webhooks are a Prefect Cloud feature; on a self-hosted server this small
+Starlette app is the receiving end. It answers fast and does no deploying itself: it checks the
+delivery, maps the project to an app, and creates a flow run through the Prefect API with the
+idempotency key ``<project>:<tag>:<sha>``, so GitLab's retries and duplicate deliveries all land
+on one run (the Prefect server returns the existing run for a known key).
+
+Answers: 401 wrong or missing ``X-Gitlab-Token``; 413 body over ``max_body``; 400 not JSON or not
+a tag push payload; 202 ``{"ignored": reason}`` for tag deletions, other event kinds and tags that
+are not releases of the app; 404 unknown project; 202 ``{"flow_run_id": ...}`` for a run; 503 when
+the Prefect API cannot be reached (GitLab shows it in the hook's recent events).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from twincd.config import Environment
+from twincd.errors import ConfigError
+from twincd.release import BadTag, check_tag
+from twincd.secrets import Secret
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import PrefectClient
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 1 << 20  # GitLab tag push payloads are a few KiB; commits lists are capped at 20
+PATH = "/hooks/gitlab"
+_SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")  # SHA-1, or SHA-256 object format
+
+
+@dataclass(frozen=True)
+class TagPush:
+    """The fields of a GitLab Tag Push Hook payload that twincd uses."""
+
+    project: str  # project.path_with_namespace, e.g. "apps/hello"
+    tag: str
+    sha: str | None  # checkout_sha: the tagged commit; None when the tag was deleted
+
+
+class MalformedEvent(ValueError):
+    pass
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def parse_tag_push(payload: object) -> TagPush | None:
+    """The tag push in ``payload``; None for other event kinds; MalformedEvent when fields are wrong."""
+    if not isinstance(payload, dict):
+        raise MalformedEvent("the body must be a JSON object")
+    if payload.get("object_kind") != "tag_push":
+        return None
+    ref, project, sha = payload.get("ref"), payload.get("project"), payload.get("checkout_sha")
+    if not isinstance(ref, str) or not ref.startswith("refs/tags/") or ref == "refs/tags/":
+        raise MalformedEvent("`ref` must be a string refs/tags/<tag>")
+    path = project.get("path_with_namespace") if isinstance(project, dict) else None
+    if not isinstance(path, str) or not path:
+        raise MalformedEvent("`project.path_with_namespace` must be a non-empty string")
+    if sha is not None and (not isinstance(sha, str) or not _SHA.match(sha)):
+        raise MalformedEvent("`checkout_sha` must be null or a commit SHA")
+    return TagPush(project=path, tag=ref.removeprefix("refs/tags/"), sha=sha)
+
+
+def default_projects(env: Environment) -> dict[str, str]:
+    """Project name → app, by the basename of each app's repository (``apps/hello`` ↔ ``…/hello.git``).
+
+    Only the last path segment is compared, so ``team-a/hello`` and ``team-b/hello`` both match:
+    pass ``projects=`` (full paths) when project names are not unique on the GitLab instance.
+    """
+    return {PurePosixPath(app.repo).name.removesuffix(".git").lower(): name for name, app in env.apps.items()}
+
+
+def create_app(env: Environment, *, secret: Secret | str, deployment: str = "deploy/deploy",
+               max_body: int = MAX_BODY, projects: Mapping[str, str] | None = None) -> Starlette:
+    """The webhook app. ``projects`` maps GitLab ``path_with_namespace`` to an app name."""
+    token = secret.reveal() if isinstance(secret, Secret) else secret
+    if not token:
+        raise ConfigError("the webhook secret is empty: GitLab's X-Gitlab-Token would not be checked")
+    expected = token.encode()
+    exact = {k.lower(): v for k, v in projects.items()} if projects is not None else None
+    by_basename = default_projects(env)
+    for project, app in (exact or {}).items():
+        if app not in env.apps:
+            raise ConfigError(f"webhook project {project!r} maps to unknown app {app!r} "
+                              f"(known apps: {', '.join(sorted(env.apps))})")
+    cached: dict[str, UUID] = {}  # deployment name -> id: saves one API call per delivery
+
+    def app_of(project: str) -> str | None:
+        if exact is not None:
+            return exact.get(project.lower())
+        return by_basename.get(project.rsplit("/", 1)[-1].lower())
+
+    async def receive(request: Request) -> JSONResponse:
+        t0 = time.perf_counter()
+        # Constant-time comparison of bytes: a timing side channel cannot guess the token.
+        given = request.headers.get("x-gitlab-token", "").encode()
+        if not hmac.compare_digest(given, expected):
+            return _answer(401, {"error": "missing or wrong X-Gitlab-Token"})
+        try:
+            body = await _read_capped(request, max_body)
+        except _TooLarge:
+            return _answer(413, {"error": f"body larger than {max_body} bytes"})
+        except ClientDisconnect:
+            return _answer(400, {"error": "the client disconnected before sending the whole body"})
+        try:
+            event = parse_tag_push(json.loads(body))
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError and MalformedEvent are ValueErrors
+            reason = str(e) if isinstance(e, MalformedEvent) else "the body is not JSON"
+            return _answer(400, {"error": f"malformed tag push event: {reason}"})
+        if event is None:
+            return _ignored("not a Tag Push Hook event")
+        if event.sha is None:
+            return _ignored(f"tag {event.tag} of {event.project} was deleted")
+        app = app_of(event.project)
+        if app is None:
+            return _answer(404, {"error": f"project {event.project} is not mapped to an app of {env.source}"})
+        try:
+            check_tag(app=app, tag=event.tag, pattern=env.apps[app].tag_pattern)
+        except BadTag as e:
+            return _ignored(str(e))
+        key = f"{event.project}:{event.tag}:{event.sha}"
+        try:
+            run_id = await _create_run(deployment, cached, {"app": app, "tag": event.tag}, key)
+        except _DeploymentMissing as e:
+            log.error("%s", e)
+            return _answer(500, {"error": str(e)})
+        except Exception as e:  # noqa: BLE001 - the Prefect API is down or refused: GitLab may redeliver
+            log.warning("could not create a %s run for %s: %s", deployment, key, type(e).__name__)
+            return _answer(503, {"error": f"the Prefect API did not accept the run ({type(e).__name__}); "
+                                          "redeliver later"}, headers={"Retry-After": "30"})
+        log.info("tag push %s %s -> %s run %s (%.0f ms)", event.project, event.tag, deployment, run_id,
+                 (time.perf_counter() - t0) * 1000)
+        return _answer(202, {"flow_run_id": str(run_id), "app": app, "tag": event.tag, "idempotency_key": key})
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Look the deployment up at startup: a missing one is reported before the first tag is
+        # pushed, and the first delivery does not pay for the lookup.
+        from prefect.client.orchestration import get_client
+
+        try:
+            async with get_client() as client:
+                cached[deployment] = await _deployment_id(client, deployment)
+        except Exception as e:  # noqa: BLE001 - serve anyway: every delivery looks it up again
+            log.warning("webhook starting without deployment %s: %s", deployment, e)
+        yield
+
+    return Starlette(routes=[Route(PATH, receive, methods=["POST"]), Route("/healthz", health, methods=["GET"])],
+                     lifespan=lifespan)
+
+
+class _DeploymentMissing(Exception):
+    pass
+
+
+async def _create_run(deployment: str, cached: dict[str, UUID], parameters: dict[str, Any], key: str) -> UUID:
+    # Imported here: `twincd webhook` points PREFECT_API_URL at the environment's server first.
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        for attempt in (1, 2):
+            deployment_id = cached.get(deployment) or await _deployment_id(client, deployment)
+            cached[deployment] = deployment_id
+            try:
+                run = await client.create_flow_run_from_deployment(
+                    deployment_id, parameters=parameters, idempotency_key=key)
+                return run.id
+            except ObjectNotFound:
+                # The deployment was re-created under a new id since it was cached: look it up again.
+                cached.pop(deployment, None)
+                if attempt == 2:
+                    raise _DeploymentMissing(f"deployment {deployment} vanished while creating a run") from None
+    raise AssertionError("unreachable")
+
+
+async def _deployment_id(client: PrefectClient, deployment: str) -> UUID:
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        return (await client.read_deployment_by_name(deployment)).id
+    except ObjectNotFound:
+        raise _DeploymentMissing(f"no deployment {deployment} on the Prefect server at {client.api_url}: "
+                                 "start `twincd serve` or run `prefect deploy`") from None
+
+
+def _answer(status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+def _ignored(reason: str) -> JSONResponse:
+    log.info("ignored delivery: %s", reason)
+    return _answer(202, {"ignored": reason})
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    """The body, refusing more than ``limit`` bytes (declared or actually streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge  # refused before reading a byte
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():  # chunked bodies carry no Content-Length
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def serve(env: Environment, *, secret: Secret, host: str = "127.0.0.1", port: int = 8085,
+          deployment: str = "deploy/deploy", projects: Mapping[str, str] | None = None) -> None:
+    """Serve the webhook until interrupted (``twincd webhook``)."""
+    import uvicorn
+
+    app = create_app(env, secret=secret, deployment=deployment, projects=projects)
+    # The access log shows method, path and status; the token travels in a header and is never logged.
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
