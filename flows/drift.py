@@ -15,6 +15,7 @@ from prefect.states import Completed
 from tasks.deploy import load_environment_task
 from tasks.drift import (
     check_cluster,
+    manifests_head,
     notify_change,
     publish_report,
     read_previous,
@@ -58,7 +59,7 @@ def drift_check(env: str = str(DEFAULT_ENV), fail_on_drift: bool = False) -> Sta
     """
     logger = get_run_logger()
     environment = load_environment_task(env)
-    desired = render_desired(environment)
+    desired = render_desired(environment, manifests_head(environment))
     futures = {name: check_cluster.submit(environment, name, desired) for name in environment.clusters}
     previous = read_previous(environment)
 

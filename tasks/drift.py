@@ -8,13 +8,14 @@ import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import INPUTS, NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId
 from prefect.variables import Variable
@@ -77,11 +78,23 @@ def render_all(repo_dir: Path, overlays: dict[tuple[str, str], str]) -> dict[str
     return out
 
 
-@task(name="render-desired", **IO_RETRIES, **_FRESH)
-def render_desired(env: Environment) -> DesiredState:
-    """One clone at the head of the manifests branch; every app's overlay for every cluster."""
-    with git.clone(str(env.path(env.manifests.repo)), ref=env.manifests.branch) as repo:
-        revision = repo.head.commit.hexsha
+@task(name="manifests-head", **IO_RETRIES, **_FRESH)
+def manifests_head(env: Environment) -> str:
+    """The commit the manifests branch points at now (one ls-remote)."""
+    repo = str(env.path(env.manifests.repo))
+    head = git.branch_head(repo_url=repo, branch=env.manifests.branch)
+    if head is None:
+        raise git.GitRefNotFound(f"{repo}: branch {env.manifests.branch!r} does not exist")
+    return head
+
+
+# What a commit renders to does not change, and kustomize is the slow part of a check (~2 s of CPU
+# per 1,000 objects here): the scheduled runs between two merges reuse the render of the commit.
+@task(name="render-desired", cache_policy=INPUTS, persist_result=True, cache_expiration=timedelta(days=7),
+      **IO_RETRIES)
+def render_desired(env: Environment, revision: str) -> DesiredState:
+    """One clone at ``revision``; every app's overlay for every cluster, rendered."""
+    with git.clone(str(env.path(env.manifests.repo)), ref=revision) as repo:
         overlays = {(c, a): env.app_overlay(a, c) for c in env.clusters for a in env.apps}
         by_cluster = render_all(Path(str(repo.working_tree_dir)), overlays)
     return DesiredState(revision, {c: by_cluster.get(c, {}) for c in env.clusters})

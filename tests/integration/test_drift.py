@@ -22,6 +22,7 @@ import yaml
 from kubernetes import client as k8s
 from prefect.artifacts import Artifact
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
@@ -301,6 +302,13 @@ def run(env: Environment, **kwargs: Any) -> tuple[Any, DriftReport | None]:
     return state, (state.result() if state.is_completed() else None)
 
 
+def task_states(flow_state: Any) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs if r.state is not None}
+
+
 def test_flow_notifies_on_change_only_and_reports_what_cleared(
         prefect_harness: None, clusters: dict[str, Any], manifests: Path, tmp_path: Path) -> None:
     env = write_env(tmp_path, manifests)
@@ -320,6 +328,7 @@ def test_flow_notifies_on_change_only_and_reports_what_cleared(
 
     state, third = run(env)
     assert third is not None and not third.notified and third.fingerprint == first.fingerprint
+    assert task_states(state)["render-desired"] == "Cached"  # the commit did not change: no kustomize
 
     json_patch(eks, deploy, {"op": "replace", "path": image, "value": f"{IMAGE}@{NEW}"})
     state, repaired = run(env)
