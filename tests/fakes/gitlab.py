@@ -305,22 +305,23 @@ class FakeGitlab:
             mr.updated_at = _now()
         return JSONResponse(self._mr_json(mr))
 
-    def _merge_mr(self, *, iid: str, **_: Any) -> Response:
+    def _merge_mr(self, *, iid: str, body: dict[str, Any], **_: Any) -> Response:
         mr = self._find(iid)
         if mr is None:
             return _error(404, "404 Not found")
         if mr.state != "opened":
             return _error(405, "405 Method Not Allowed")
         try:
-            self._merge(mr)
+            self._merge(mr, message=body.get("merge_commit_message"))
         except PermanentError as e:
             return _error(406, f"Branch cannot be merged: {e}")
         return JSONResponse(self._mr_json(mr))
 
-    def _merge(self, mr: FakeMergeRequest) -> str:
+    def _merge(self, mr: FakeMergeRequest, *, message: str | None = None) -> str:
+        default = (f"Merge branch '{mr.source_branch}' into '{mr.target_branch}'\n\n{mr.title}\n\n"
+                   f"See merge request {self.project}!{mr.iid}")
         sha = gitrepo.merge_branch(repo_url=str(self.repo), source=mr.source_branch, target=mr.target_branch,
-                                   message=f"Merge branch '{mr.source_branch}' into '{mr.target_branch}'\n\n"
-                                           f"{mr.title}\n\nSee merge request {self.project}!{mr.iid}")
+                                   message=message or default)
         with self._lock:
             mr.state, mr.merge_commit_sha, mr.updated_at = "merged", sha, _now()
         return sha

@@ -292,3 +292,23 @@ def test_token_is_in_no_message_log_or_repr(fake: FakeGitlab, caplog: pytest.Log
         texts += [str(e.value), repr(e.value), str(e.value.__cause__), repr(e.value.__cause__)]
     assert "oops ***" in fake.mrs[1].description
     assert_no_token(*texts, caplog.text)
+
+
+def test_merge_through_the_api_for_auto_approve(fake: FakeGitlab) -> None:
+    f = forge(fake)
+    mr = open_release(f)
+    merged = f.merge(mr, approved_by="auto-approve")
+    assert merged.state == "merged" and merged.merge_commit == _git("rev-parse", "main", cwd=fake.repo)
+    assert "Approved-by: auto-approve" in _git("log", "-1", "--format=%B", "main", cwd=fake.repo)
+    assert f.merge(mr, approved_by="again") == merged  # already done
+
+
+def test_merge_conflict_is_permanent(fake: FakeGitlab, tmp_path: Path) -> None:
+    work = tmp_path / "other"
+    _git("clone", "-q", str(fake.repo), str(work))
+    (work / "kustomization.yaml").write_text("images: [conflict]\n")
+    _git("commit", "-qam", "someone else", cwd=work)
+    _git("push", "-q", "origin", "main", cwd=work)
+    f = forge(fake)
+    with pytest.raises(PermanentError, match=r"cannot be merged now \(406"):
+        f.merge(open_release(f), approved_by="auto-approve")

@@ -198,6 +198,34 @@ class GitlabForge:
             time.sleep(min(delay, remaining))
             delay = min(delay * 1.5, max_poll)
 
+    def merge(self, mr: MergeRequest, *, approved_by: str) -> MergeRequest:
+        """Merge through the API (``auto_approve``: demos and CI); an already merged MR is returned."""
+        current = self.get(mr)
+        if current.state == "merged":
+            return current
+        if current.state != "opened":
+            raise GitlabForgeError(f"merge request {current.ref} ({current.web_url}) is {current.state}; "
+                                   "re-run the release")
+        iid = _iid(mr)
+        message = self._token.mask(f"Merge branch '{mr.source_branch}'\n\n{mr.title}\n\nApproved-by: {approved_by}")
+
+        def accept() -> None:
+            try:
+                self._project.mergerequests.get(iid, lazy=True).merge(
+                    merge_commit_message=message, should_remove_source_branch=False, max_retries=self._max_retries)
+            except gitlab.exceptions.GitlabMRClosedError as e:
+                # 405/406/409/422 on merge: conflicts, a required pipeline or approvals, a moved head.
+                if e.response_code in (405, 406, 409, 422):
+                    raise GitlabForgeError(
+                        f"GitLab project {self.project}: merge request {current.ref} ({current.web_url}) cannot be "
+                        f"merged now ({e.response_code}: {self._token.mask(str(e.error_message))[:200]}); "
+                        "resolve it in GitLab and re-run the deploy") from e
+                raise
+
+        self._call(f"merging !{iid}", accept, needs="Developer role allowed to merge into "
+                   f"{mr.target_branch} (protected branch settings)")
+        return self.get(mr)
+
     def close(self, mr: MergeRequest, *, reason: str) -> MergeRequest:
         """Close without merging, saying why in a note; the branch stays for inspection."""
         current = self.get(mr)
