@@ -312,3 +312,16 @@ def test_merge_conflict_is_permanent(fake: FakeGitlab, tmp_path: Path) -> None:
     f = forge(fake)
     with pytest.raises(PermanentError, match=r"cannot be merged now \(406"):
         f.merge(open_release(f), approved_by="auto-approve")
+
+
+def test_api_calls_of_one_release(fake: FakeGitlab) -> None:
+    """The GitLab requests of one deploy: open 2, validation 3, then one GET per poll while waiting."""
+    f = forge(fake)
+    mr = open_release(f)
+    assert len(fake.calls()) == 2  # list, create
+    f.post_validation(mr, ValidationReport(("overlays/eks/hello", "overlays/aks/hello"), 6))
+    assert len(fake.calls()) == 5  # list notes, create note, label
+    threading.Timer(0.5, fake.merge, args=(1,)).start()
+    f.wait_for_merge(mr, timeout=10, poll=0.1, max_poll=1)
+    polls = len(fake.calls()) - 5
+    assert polls == len(fake.calls("GET")) - 2 and 4 <= polls <= 6  # 0, .1, .25, .475, .81 s
