@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -75,16 +76,18 @@ def _pull_ref(env: Environment, release: Release, cluster_name: str, pushed: bui
     return next(r for r in pushed.refs if r.name.startswith(url + "/"))
 
 
-@task(name="set-image", **IO_RETRIES)
-def set_image(env: Environment, release: Release, pushed: builder.PushedImage) -> git.ReleaseBranch:
-    """Pin the digest in every overlay of the app, on branch twincd/<app>/<tag>, and push it."""
+@task(name="set-image", task_run_name="set-image-{branch}", **IO_RETRIES)
+def set_image(env: Environment, release: Release, pushed: builder.PushedImage, clusters: tuple[str, ...],
+              branch: str) -> git.ReleaseBranch:
+    """Pin the digest in the app's overlay of each cluster, on ``branch``, and push it."""
     image = env.app(release.app).image
+    overlays = [env.app_overlay(release.app, name) for name in clusters]
 
     def edit(work: Path) -> tuple[dict[str, str], tuple[ImageChange, ...]]:
         files: dict[str, str] = {}
         changes: list[ImageChange] = []
-        for name in env.clusters:
-            rel = f"{env.app_overlay(release.app, name)}/kustomization.yaml"
+        for name, overlay in zip(clusters, overlays):
+            rel = f"{overlay}/kustomization.yaml"
             path = work / rel
             if not path.exists():
                 raise PermanentError(f"{env.manifests.repo}: {rel} does not exist (overlay of app "
@@ -96,12 +99,30 @@ def set_image(env: Environment, release: Release, pushed: builder.PushedImage) -
                 changes.extend(result.changes)
         return files, tuple(changes)
 
-    digest = pushed.digest
-    message = (f"{release.app}: release {release.tag}\n\nPin {image} to {digest} in "
-               f"{', '.join(env.app_overlay(release.app, c) for c in env.clusters)}.\n\n"
-               f"Source: {release.commit}\n")
+    message = (f"{release.app}: release {release.tag}\n\nPin {image} to {pushed.digest} in "
+               f"{', '.join(overlays)}.\n\nSource: {release.commit}\n")
     return git.write_release_branch(repo_url=str(env.path(env.manifests.repo)), target=env.manifests.branch,
-                                    branch=release.branch, edit=edit, message=message)
+                                    branch=branch, edit=edit, message=message)
+
+
+@task(name="revert-branch", **IO_RETRIES)
+def revert_branch(env: Environment, release: Release, merge_commits: list[str]) -> git.ReleaseBranch:
+    """A branch `twincd/<app>/<tag>-revert` reverting the release's merge commits."""
+    return git.write_revert_branch(repo_url=str(env.path(env.manifests.repo)), target=env.manifests.branch,
+                                   branch=f"{release.branch}-revert", merge_commits=merge_commits[::-1])
+
+
+@task(name="read-pins", **IO_RETRIES)
+def read_pins(env: Environment, app: str, revision: str) -> dict[str, str | None]:
+    """The digest each cluster's overlay of the app pins at ``revision`` (None: not pinned)."""
+    image = env.app(app).image
+    pins: dict[str, str | None] = {}
+    with git.clone(str(env.path(env.manifests.repo)), ref=revision) as repo:
+        for name in env.clusters:
+            rel = f"{env.app_overlay(app, name)}/kustomization.yaml"
+            entries = kustomize.images_of((Path(str(repo.working_tree_dir)) / rel).read_text(), file=rel)
+            pins[name] = next((e.digest for e in entries if e.name == image and e.digest), None)
+    return pins
 
 
 def _forge(env: Environment) -> LocalForge:
@@ -111,24 +132,21 @@ def _forge(env: Environment) -> LocalForge:
 
 
 @task(name="open-merge-request", **IO_RETRIES)
-def open_merge_request(env: Environment, release: Release, branch: git.ReleaseBranch,
-                       pushed: builder.PushedImage) -> MergeRequest:
-    title = f"{release.app}: release {release.tag} ({pushed.refs[0].short_digest})"
-    description = f"Release `{release.tag}` of `{release.app}` (source {release.commit}).\n\n```diff\n{branch.diff}```\n"
+def open_merge_request(env: Environment, branch: git.ReleaseBranch, title: str, description: str) -> MergeRequest:
     return _forge(env).open(source_branch=branch.branch, target_branch=env.manifests.branch,
                             title=title, description=description)
 
 
 @task(name="validate", **IO_RETRIES)
-def validate(env: Environment, release: Release, branch: git.ReleaseBranch) -> ValidationReport:
-    """Render and check every overlay of the app at the branch head."""
+def validate(env: Environment, app: str, branch: git.ReleaseBranch, clusters: tuple[str, ...]) -> ValidationReport:
+    """Render and check the app's overlay of each cluster at the branch head."""
     validator = SchemaValidator(kubernetes_version=env.kubernetes_version)
     overlays: list[str] = []
     resources = 0
     findings: list[Finding] = []
     with git.clone(str(env.path(env.manifests.repo)), ref=branch.head) as repo:
-        for name in env.clusters:
-            overlay = env.app_overlay(release.app, name)
+        for name in clusters:
+            overlay = env.app_overlay(app, name)
             report = validate_overlay(Path(str(repo.working_tree_dir)), overlay, validator=validator)
             overlays.append(overlay)
             resources += report.resources
@@ -158,7 +176,7 @@ def close_merge_request(env: Environment, mr: MergeRequest, reason: str) -> Merg
 
 @task(name="verify-rollout", task_run_name="verify-{cluster_name}")
 def verify_rollout(env: Environment, release: Release, cluster_name: str, revision: str,
-                   pushed: builder.PushedImage) -> RolloutVerdict:
+                   digest: str | None, timeout: float | None = None) -> RolloutVerdict:
     """Wait for the cluster to run the release; a cluster that is down becomes a FAILED verdict."""
     c = env.clusters[cluster_name]
     w = env.app(release.app).workload
@@ -172,9 +190,17 @@ def verify_rollout(env: Environment, release: Release, cluster_name: str, revisi
         application=argocd.application.format(app=release.app, cluster=cluster_name) if argocd else None,
         argocd_namespace=argocd.namespace if argocd else "argocd",
         kind=w.kind, namespace=w.namespace, name=w.name, revision=revision,
-        digest=_pull_ref(env, release, cluster_name, pushed).digest,
+        digest=digest,
     )
     try:
-        return cluster.verify_rollout(target, timeout=env.timeouts.rollout_seconds)
+        return cluster.verify_rollout(target, timeout=env.timeouts.rollout_seconds if timeout is None else timeout)
     except TwincdError as e:
         return RolloutVerdict(cluster_name, Phase.FAILED, str(e))
+
+
+@task(name="bake", task_run_name="bake-{cluster_name}")
+def bake(env: Environment, release: Release, cluster_name: str, revision: str, digest: str | None,
+         seconds: float) -> RolloutVerdict:
+    """Let a verified stage run for ``seconds``, then check it is still rolled out and healthy."""
+    time.sleep(seconds)
+    return verify_rollout.fn(env, release, cluster_name, revision, digest, timeout=5)

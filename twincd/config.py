@@ -157,6 +157,20 @@ class TimeoutsConfig(_Model):
     rollout_seconds: float = 300
 
 
+class RevertConfig(_Model):
+    on_failure: bool = True  # open a revert MR when verification fails
+    wait: bool = True  # wait for the revert MR and verify the rollback like a deploy
+
+
+class RolloutConfig(_Model):
+    """How a release reaches the clusters: all at once, or cloud by cloud with a bake time."""
+
+    strategy: Literal["parallel", "sequential"] = "parallel"
+    order: tuple[str, ...] = ()  # sequential: the clusters in order (default: as listed in `clusters`)
+    bake_seconds: float = 0  # sequential: how long a verified stage must stay healthy before the next
+    revert: RevertConfig = RevertConfig()
+
+
 class SandboxConfig(_Model):
     """Ports of the local stack's own services (only used by `twincd up`)."""
 
@@ -179,6 +193,7 @@ class Environment(_Model):
     dns: Annotated[DnsNone | DnsRfc2136, Field(discriminator="type")] = DnsNone(type="none")
     apps: dict[str, AppConfig]
     timeouts: TimeoutsConfig = TimeoutsConfig()
+    rollout: RolloutConfig = RolloutConfig()
     sandbox: SandboxConfig = SandboxConfig()
 
     # Where the file was read from; relative paths in it are resolved against `base_dir`.
@@ -201,6 +216,11 @@ class Environment(_Model):
             if cluster.registry is not None and cluster.registry not in self.registries:
                 raise ValueError(f"clusters.{cluster_name}.registry names {cluster.registry!r}, "
                                  "which is not under `registries:`")
+        unknown = [c for c in self.rollout.order if c not in self.clusters]
+        if unknown:
+            raise ValueError(f"rollout.order names unknown cluster(s) {', '.join(unknown)}")
+        if self.rollout.order and sorted(self.rollout.order) != sorted(self.clusters):
+            raise ValueError("rollout.order must list every cluster exactly once")
         if self.topology.mode == "active-standby" and self.topology.active not in self.clusters:
             raise ValueError("topology.active must name one of the clusters when mode is active-standby")
         return self
@@ -224,6 +244,12 @@ class Environment(_Model):
     def app_overlay(self, app: str, cluster: str) -> str:
         """Each app's overlay for a cluster lives at ``<cluster overlay>/<app>`` in the manifests repo."""
         return f"{self.clusters[cluster].overlay.rstrip('/')}/{app}"
+
+    def rollout_stages(self) -> list[tuple[str, ...]]:
+        """Parallel: one stage with every cluster; sequential: one stage per cluster, in order."""
+        if self.rollout.strategy == "parallel":
+            return [tuple(self.clusters)]
+        return [(c,) for c in (self.rollout.order or tuple(self.clusters))]
 
     def pull_registry(self, app: str, cluster: str) -> str:
         """The registry URL a cluster pulls the app from (one registry per cloud is common)."""

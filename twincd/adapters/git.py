@@ -178,3 +178,40 @@ def tag_commit(*, repo_url: str, tag: str) -> str:
     if found is None:
         raise GitRefNotFound(f"tag {tag!r} does not exist in {repo_url}")
     return found
+
+
+def write_revert_branch(*, repo_url: str, target: str, branch: str, merge_commits: list[str]) -> ReleaseBranch:
+    """Make ``branch`` (from ``target``) hold a `git revert -m 1` of each merge commit, newest first.
+
+    Idempotent: an existing branch is taken as it is (it holds the reverts of an earlier run).
+    Rollback is a new commit on top, never a force-push: what ran stays in history and Argo CD
+    syncs the revert like any other change (argo-cd#2441).
+    """
+    for attempt in range(PUSH_ATTEMPTS):
+        with clone(repo_url) as repo:
+            target_ref = _remote_branch(repo, target)
+            if target_ref is None:
+                raise GitRefNotFound(f"{repo_url}: target branch {target!r} does not exist")
+            base = target_ref.commit.hexsha
+            existing = _remote_branch(repo, branch)
+            if existing is not None:
+                head = existing.commit.hexsha
+                return ReleaseBranch(branch, head, base, (), False, _diff(repo, base, head))
+            repo.git.checkout("-B", branch, target_ref.name)
+            env = {"GIT_AUTHOR_NAME": AUTHOR.name, "GIT_AUTHOR_EMAIL": AUTHOR.email,
+                   "GIT_COMMITTER_NAME": AUTHOR.name, "GIT_COMMITTER_EMAIL": AUTHOR.email}
+            for sha in merge_commits:
+                try:
+                    repo.git.revert("--no-edit", "-m", "1", sha, env=env)
+                except git.GitCommandError as e:
+                    raise PermanentError(f"{repo_url}: cannot revert {sha[:12]} on {target}: "
+                                         f"{(e.stderr or e.stdout or '').strip()[:300]}") from e
+            try:
+                _push(repo, branch)
+            except GitError:
+                if attempt == PUSH_ATTEMPTS - 1:
+                    raise
+                continue
+            head = repo.head.commit.hexsha
+            return ReleaseBranch(branch, head, base, (), True, _diff(repo, base, head))
+    raise AssertionError("unreachable")
