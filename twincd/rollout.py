@@ -206,7 +206,9 @@ def application_verdict(obj: Mapping[str, Any], *, cluster: str, revision: str) 
     if op_for_revision and op.get("phase") in ("Failed", "Error"):
         return RolloutVerdict(cluster, Phase.FAILED, f"Application \"{name}\" sync of {revision[:7]} "
                               f"{str(op['phase']).lower()}: {op.get('message') or '; '.join(messages)}", details)
-    if at_revision and health_status == "Degraded":
+    # Degraded counts once the revision is applied (Synced): while its sync runs, health is still
+    # that of the older revision's objects (seen with the sandbox syncer; Argo CD does the same).
+    if at_revision and sync_status == "Synced" and health_status == "Degraded":
         why = health.get("message") or op.get("message") or "; ".join(messages) or "no message"
         return RolloutVerdict(cluster, Phase.FAILED, f"Application \"{name}\" is Degraded at {revision[:7]}: {why}",
                               details)
@@ -223,6 +225,16 @@ def application_verdict(obj: Mapping[str, Any], *, cluster: str, revision: str) 
     if op.get("phase") == "Running":
         awaited += f" (sync operation running: {op.get('message', '')})"
     return RolloutVerdict(cluster, Phase.PROGRESSING, f"Application \"{name}\" {awaited}", details)
+
+
+def synced_at(obj: Mapping[str, Any], revision: str) -> bool:
+    """Whether an Application's live objects are those of ``revision`` (Synced there).
+
+    Until then the workload on the cluster is an older revision's, and its state says nothing about
+    this release: a previous release's ProgressDeadlineExceeded must not fail the next one.
+    """
+    sync = _map(obj, "status", "sync")
+    return sync.get("status") == "Synced" and any(_same_revision(r, revision) for r in _revisions(sync))
 
 
 def combine(app_verdict: RolloutVerdict, workload_verdict: RolloutVerdict) -> RolloutVerdict:

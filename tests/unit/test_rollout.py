@@ -16,6 +16,7 @@ from twincd.rollout import (
     label_selector,
     pods_verdict,
     statefulset_verdict,
+    synced_at,
     workload_verdict,
 )
 
@@ -317,6 +318,15 @@ def test_application_degraded_at_older_revision_keeps_waiting() -> None:
     assert application_verdict(obj, cluster="aks", revision=MERGE).phase is Phase.PROGRESSING
 
 
+def test_application_degraded_while_its_sync_runs_keeps_waiting() -> None:
+    """The health is still the previous revision's objects' until the sync of this one is done."""
+    op = {"phase": "Running", "message": "one or more tasks are running", "operation": {"sync": {"revision": MERGE}}}
+    obj = application(health={"status": "Degraded", "message": 'ReplicaSet "hello-5f8d7c9b6a" has timed out'},
+                      sync={"revision": MERGE, "status": "OutOfSync"}, operationState=op)
+    v = application_verdict(obj, cluster="eks", revision=MERGE)
+    assert v.phase is Phase.PROGRESSING and "waiting for Synced" in v.message
+
+
 def test_application_failed_sync_operation_fails_with_argo_message() -> None:
     op = copy.deepcopy(APPLICATION["status"]["operationState"])
     op.update(phase="Failed", message='one or more objects failed to apply, reason: Deployment.apps "hello" is invalid')
@@ -438,3 +448,11 @@ def test_label_selector_formats_like_kubectl() -> None:
         {"key": "owner", "operator": "Exists"}, {"key": "legacy", "operator": "DoesNotExist"}]}
     assert label_selector(selector) == "app=hello,tier in (api,web),track notin (canary),owner,!legacy"
     assert label_selector({}) == ""
+
+
+def test_synced_at_the_merge_commit_only() -> None:
+    assert synced_at(APPLICATION, MERGE) and synced_at(APPLICATION, MERGE[:7])
+    assert not synced_at(application(sync={"revision": PREVIOUS, "status": "Synced"}), MERGE)
+    # A failed sync of the revision names it but did not apply it.
+    assert not synced_at(application(sync={"revision": MERGE, "status": "OutOfSync"}), MERGE)
+    assert not synced_at({"metadata": {"name": "hello-eks"}}, MERGE)

@@ -30,7 +30,14 @@ from kubernetes.watch.watch import iter_resp_lines
 
 from twincd.domain import Phase, RolloutVerdict
 from twincd.errors import PermanentError, TransientError, TwincdError
-from twincd.rollout import application_verdict, combine, label_selector, pods_verdict, workload_verdict
+from twincd.rollout import (
+    application_verdict,
+    combine,
+    label_selector,
+    pods_verdict,
+    synced_at,
+    workload_verdict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -340,9 +347,12 @@ def _evaluate(target: RolloutTarget, seen: Mapping[str, tuple[dict[str, Any], ..
     apps = seen.get("application")
     if not apps:
         what = "being listed" if apps is None else "not found yet"
-        a = RolloutVerdict(name, Phase.PROGRESSING, f"Application {target.argocd_namespace}/{target.application} {what}")
-    else:
-        a = application_verdict(apps[0], cluster=name, revision=target.revision)
+        return RolloutVerdict(name, Phase.PROGRESSING,
+                              f"Application {target.argocd_namespace}/{target.application} {what}", w.details)
+    a = application_verdict(apps[0], cluster=name, revision=target.revision)
+    if a.phase is not Phase.FAILED and not synced_at(apps[0], target.revision):
+        # The live workload is still an older revision's: its state cannot decide this release.
+        return RolloutVerdict(name, a.phase, a.message, a.details + w.details)
     return combine(a, w)
 
 
