@@ -15,8 +15,10 @@ from tasks.common import IO_RETRIES
 from twincd import kustomize
 from twincd.adapters import cluster, git
 from twincd.adapters import dns as dnsport
+from twincd.adapters.kube_read import LiveReader
 from twincd.config import Environment
 from twincd.domain import ComponentChange, ImageChange, Phase, RolloutVerdict
+from twincd.drift import ListScope
 from twincd.errors import PermanentError, TwincdError
 from twincd.failover import (
     FailoverPlan,
@@ -142,15 +144,12 @@ def _target(env: Environment, cluster_name: str, app: str, revision: str) -> clu
     )
 
 
-def _replicas(env: Environment, target: cluster.RolloutTarget) -> int | None:
-    api = cluster.api_client(target.cluster)
-    try:
-        obj = cluster.read_workload(target.cluster, api, kind=target.kind, namespace=target.namespace,
-                                    name=target.name)
-    finally:
-        api.close()
-    replicas = (obj or {}).get("spec", {}).get("replicas")
-    return replicas if isinstance(replicas, int) else None
+def _workload(env: Environment, ref: cluster.ClusterRef, app: str) -> dict[str, Any] | None:
+    """The app's workload as the cluster holds it now (one LIST of its kind in its namespace)."""
+    w = env.app(app).workload
+    with LiveReader(ref) as reader:
+        items = reader.list(ListScope("apps/v1", w.kind, w.namespace))
+    return next((o for o in items if o.get("metadata", {}).get("name") == w.name), None)
 
 
 @task(name="verify-role", task_run_name="verify-{app}-{cluster_name}-{role}", **_FRESH)
@@ -165,7 +164,7 @@ def verify_role(env: Environment, cluster_name: str, app: str, role: Role, revis
         if verdict.phase is not Phase.SUCCEEDED:
             return verdict
         # "Rolled out" holds at any replica count: check the count is the one the component sets.
-        replicas = _replicas(env, target)
+        replicas = (_workload(env, target.cluster, app) or {}).get("spec", {}).get("replicas")
     except TwincdError as e:
         return RolloutVerdict(cluster_name, Phase.FAILED, str(e))
     if (role == "standby") != (replicas == 0):
@@ -186,20 +185,16 @@ def check_health(env: Environment, cluster_name: str, health_url: str) -> Health
     ref = cluster.ClusterRef(cluster_name, c.context, str(env.path(c.kubeconfig)) if c.kubeconfig else None)
     checks: list[str] = []
     try:
-        api = cluster.api_client(ref)
-        try:
-            for app in env.apps:
-                w = env.app(app).workload
-                obj = cluster.read_workload(ref, api, kind=w.kind, namespace=w.namespace, name=w.name)
-                spec, status = (obj or {}).get("spec", {}), (obj or {}).get("status", {})
-                want, available = spec.get("replicas", 1), status.get("availableReplicas", 0)
-                if obj is None or not want or available < want:
-                    checks.append(f"{app}: {w.kind} {w.namespace}/{w.name} "
-                                  f"{'not found' if obj is None else f'{available}/{want} replicas available'}")
-                    return Health(cluster_name, False, tuple(checks))
-                checks.append(f"{app}: {available}/{want} replicas available")
-        finally:
-            api.close()
+        for app in env.apps:
+            w = env.app(app).workload
+            obj = _workload(env, ref, app)
+            spec, status = (obj or {}).get("spec", {}), (obj or {}).get("status", {})
+            want, available = spec.get("replicas", 1), status.get("availableReplicas", 0)
+            if obj is None or not want or available < want:
+                checks.append(f"{app}: {w.kind} {w.namespace}/{w.name} "
+                              f"{'not found' if obj is None else f'{available}/{want} replicas available'}")
+                return Health(cluster_name, False, tuple(checks))
+            checks.append(f"{app}: {available}/{want} replicas available")
     except TwincdError as e:
         return Health(cluster_name, False, (*checks, f"API server: {e}"))
     if health_url:

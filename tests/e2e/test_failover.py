@@ -1,0 +1,219 @@
+"""The failover flow end to end: the shared test stack, a real BIND with a TSIG-protected zone.
+
+Tests run in file order and walk one topology: dry run (nothing changes) → active-standby on aks →
+back to active-active refused by DNS (wrong key: the promotion is reverted) → back with eks down
+(the promotion is reverted, DNS untouched) → back for real (emergency). The stack ends
+active-active, as the deploy tests expect it.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import git_refs
+from twincd.adapters.dns import Rfc2136, Tsig
+from twincd.config import REPO_ROOT, Environment, load_environment
+from twincd.sandbox import dns as sandbox_dns
+from twincd.sandbox import procs, stack
+
+pytestmark = pytest.mark.e2e
+
+EKS, AKS = "127.0.0.11", "127.0.0.12"
+ZONE = "example.test"
+
+# The flow in a subprocess, as `twincd failover` runs it: a real Prefect flow run on the stack's server.
+RUN_FLOW = """
+import json, sys
+from flows.failover import failover
+state = failover(env=sys.argv[1], return_state=True, **json.loads(sys.argv[2]))
+print(f"FLOW-STATE {state.name}: {state.message}")
+sys.exit(0 if state.is_completed() else 1)
+"""
+
+
+class FailoverStack:
+    def __init__(self, env: Environment, key: str, dns_server: str) -> None:
+        self.env = env
+        self.key = key
+        self.dns = Rfc2136(server=dns_server, zone=ZONE, key=Tsig.parse(key))
+
+    def run(self, *, key: str | None = None, **params: Any) -> tuple[subprocess.CompletedProcess[str], float]:
+        t0 = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-c", RUN_FLOW, self.env.source, json.dumps(params)], check=False, cwd=REPO_ROOT,
+            capture_output=True, text=True, timeout=600,
+            env={**os.environ, "PREFECT_API_URL": self.env.prefect.api_url,
+                 sandbox_dns.SECRET_ENV: key or self.key})
+        return result, time.monotonic() - t0
+
+    def main_file(self, path: str) -> str:
+        return subprocess.run(["git", "-C", str(self.env.path(self.env.manifests.repo)), "show", f"main:{path}"],
+                              check=True, capture_output=True, text=True).stdout
+
+    def component(self, cluster: str) -> str:
+        text = self.main_file(f"overlays/{cluster}/hello/kustomization.yaml")
+        return "active" if "components/active" in text else "standby" if "components/standby" in text else "?"
+
+    def deployment(self, cluster: str) -> dict[str, Any]:
+        out = subprocess.run(["kubectl", "--kubeconfig", str(self.env.state_path / "kubeconfig"), "--context",
+                              f"sandbox-{cluster}", "get", "deployment", "-n", "hello", "hello", "-o", "json"],
+                             check=True, capture_output=True, text=True).stdout
+        data: dict[str, Any] = json.loads(out)
+        return data
+
+    def forge_records(self) -> dict[str, dict[str, Any]]:
+        return {p.name: json.loads(p.read_text()) for p in (self.env.state_path / "forge").glob("*.json")}
+
+    def message(self, rev: str) -> str:
+        return subprocess.run(["git", "-C", str(self.env.path(self.env.manifests.repo)), "log", "-1", "--format=%B",
+                               rev], check=True, capture_output=True, text=True).stdout
+
+
+def _wait_available(fs: FailoverStack, cluster: str, replicas: int, timeout: float = 60) -> None:
+    """Before the walk starts, both clusters must serve (a fresh stack is still syncing)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            dep = fs.deployment(cluster)
+            if dep["status"].get("availableReplicas", 0) == replicas:
+                return
+        except subprocess.CalledProcessError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"hello on {cluster} not at {replicas} available replicas within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def fs(stack_env: Environment) -> Iterator[FailoverStack]:
+    root = Path(tempfile.mkdtemp(prefix="twincd-failover-"))
+    port = procs.free_port()
+    key = sandbox_dns.start_dns(root, port, zone=ZONE, records={"web": (EKS, AKS)})
+    try:
+        raw = yaml.safe_load(Path(stack_env.source).read_text())
+        raw["dns"] = {"type": "rfc2136", "server": f"127.0.0.1:{port}", "zone": ZONE, "record": "web", "ttl": 60,
+                      "key": f"env:{sandbox_dns.SECRET_ENV}"}
+        raw["timeouts"] = {**raw.get("timeouts", {}), "rollout_seconds": 20}
+        path = Path(stack_env.source).with_name("env-failover.yaml")
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        fs = FailoverStack(load_environment(path), key, f"127.0.0.1:{port}")
+        for cluster in ("eks", "aks"):
+            _wait_available(fs, cluster, 2)
+        yield fs
+    finally:
+        sandbox_dns.stop_dns(root)
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/healthz" else 404)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def aks_ingress() -> Iterator[int]:
+    """An HTTP health endpoint on aks's ingress IP (the sandbox has no ingress controller of its own)."""
+    server = http.server.ThreadingHTTPServer((AKS, 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+
+
+def test_dry_run_publishes_the_plan_and_changes_nothing(fs: FailoverStack) -> None:
+    refs, records = git_refs(fs.env.path(fs.env.manifests.repo)), fs.forge_records()
+    result, _ = fs.run(mode="active-standby", active="aks", dry_run=True)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "**Dry run**" in out and "current: eks active, aks active; web.example.test: 127.0.0.11, 127.0.0.12" in out
+    assert out.index("**health gate** aks") < out.index("**dns** replace A `web.example.test`") \
+        < out.index("**demote** eks")
+    assert git_refs(fs.env.path(fs.env.manifests.repo)) == refs
+    assert fs.forge_records() == records
+    assert fs.dns.read_a("web") == {EKS, AKS}
+
+
+def test_active_active_to_standby_on_aks(fs: FailoverStack, aks_ingress: int) -> None:
+    result, seconds = fs.run(mode="active-standby", active="aks", reason="e2e: AWS maintenance window",
+                             auto_approve=True, health_url=f"http://{{ingress_ip}}:{aks_ingress}/healthz")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    print(f"\nactive-active -> active-standby(aks): {seconds:.1f} s (flow subprocess, start to end)")
+    assert f"GET http://{AKS}:{aks_ingress}/healthz: HTTP 200" in out
+    assert fs.dns.read_a("web") == {AKS}
+    assert fs.component("eks") == "standby" and fs.component("aks") == "active"
+    eks, aks = fs.deployment("eks"), fs.deployment("aks")
+    assert eks["spec"]["replicas"] == 0 and eks["status"].get("availableReplicas", 0) == 0
+    assert aks["spec"]["replicas"] == 2 and aks["status"]["availableReplicas"] == 2
+    demote = [r for r in fs.forge_records().values() if r["source_branch"].startswith(
+        "twincd/failover/active-standby-aks-") and r["source_branch"].endswith("/demote")]
+    assert len(demote) == 1 and demote[0]["state"] == "merged" and demote[0]["merged_by"] == "auto-approve"
+    # The audit trail in git: the switch commit says why.
+    body = fs.message("main^2")
+    assert body.startswith("failover: demote eks (standby)") and "Reason: e2e: AWS maintenance window" in body
+
+
+def test_dns_refusing_the_update_reverts_the_promotion(fs: FailoverStack) -> None:
+    alg, name, _ = fs.key.split(":")
+    wrong = f"{alg}:{name}:{'A' * 43}="
+    result, _ = fs.run(mode="active-active", reason="e2e: wrong key", auto_approve=True, key=wrong)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "BADSIG" in out and "promote of eks reverted by" in out
+    assert "DNS still held 127.0.0.12: nothing to put back" in out
+    assert wrong.split(":")[2] not in out and fs.key.split(":")[2] not in out
+    assert fs.component("eks") == "standby" and fs.dns.read_a("web") == {AKS}
+    # `git revert -m 1` of the promotion's merge, merged through its own MR.
+    assert fs.message("main").startswith("Merge branch 'twincd/failover/active-active-")
+    assert fs.message("main^2").startswith('Revert "Merge branch \'twincd/failover/active-active-')
+    print("\n" + next(line for line in out.splitlines() if line.startswith("FLOW-STATE")))
+
+
+def test_unhealthy_target_aborts_before_dns_and_reverts_the_switch(fs: FailoverStack, stack_env: Environment) -> None:
+    assert procs.stop_daemon(stack.cluster_name_of("eks"), state_dir=stack_env.state_path)
+    try:
+        result, seconds = fs.run(mode="active-active", reason="e2e: eks is down", auto_approve=True)
+    finally:
+        stack.up(stack_env, say=lambda line: None)  # the sandbox cluster back, resynced from main
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    print(f"\naborted failover with eks down: {seconds:.1f} s")
+    assert "promote not verified: eks" in out and "promote of eks reverted by" in out
+    assert "replace-dns" not in out  # never reached
+    assert fs.dns.read_a("web") == {AKS}
+    assert fs.component("eks") == "standby"
+    _wait_available(fs, "aks", 2)
+
+
+def test_back_to_active_active_in_an_emergency(fs: FailoverStack) -> None:
+    result, seconds = fs.run(mode="active-active", reason="e2e: aks degraded", emergency=True)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    print(f"\nactive-standby(aks) -> active-active (emergency): {seconds:.1f} s")
+    assert fs.dns.read_a("web") == {EKS, AKS}
+    assert fs.component("eks") == "active" and fs.component("aks") == "active"
+    assert fs.deployment("eks")["status"]["availableReplicas"] == 2
+    promote = [r for r in fs.forge_records().values() if r["source_branch"].startswith(
+        "twincd/failover/active-active-") and r["source_branch"].endswith("/promote") and r["state"] == "merged"]
+    # Earlier runs' promotions were merged too, then reverted: this run's is the emergency one.
+    assert [r["merged_by"] for r in promote].count("emergency (e2e: aks degraded)") == 1
+    again, _ = fs.run(mode="active-active", reason="e2e: again")
+    assert again.returncode == 0 and "Already at the target: nothing to do." in again.stdout + again.stderr
