@@ -38,18 +38,20 @@ from tasks.deploy import (
     merge,
     notify,
     open_merge_request,
+    post_validation,
     push_image,
     read_pins,
     revert_branch,
     set_image,
     validate,
     verify_rollout,
+    wait_for_merge,
 )
 from twincd.adapters.builder import PushedImage
 from twincd.adapters.git import ReleaseBranch
-from twincd.config import DEFAULT_ENV, Environment
+from twincd.config import DEFAULT_ENV, Environment, GitlabForge
 from twincd.domain import Event, MergeRequest, Phase, Release, RolloutVerdict, Timeline
-from twincd.errors import PermanentError, TwincdError
+from twincd.errors import CancelledByUser, PermanentError, TwincdError
 
 
 class Approval(RunInput):
@@ -81,8 +83,25 @@ class DeployResult:
     verdicts: tuple[RolloutVerdict, ...]
 
 
-def _event(timeline: Timeline, step: str, status: str, text: str, cluster: str = "") -> Timeline:
-    return timeline.add(Event(step, status, text, datetime.now(UTC).isoformat(), cluster))
+class _Story:
+    """The release's timeline as the run goes on: every step adds an event, `tell` notifies.
+
+    One object per flow run, so a failure anywhere can still tell the whole story so far.
+    """
+
+    def __init__(self, environment: Environment, app: str, tag: str) -> None:
+        self.environment = environment
+        self.timeline = Timeline(app, tag)
+
+    def add(self, step: str, status: str, text: str, *, cluster: str = "", url: str = "", digest: str = "",
+            actor: str = "", tell: bool = False) -> None:
+        self.timeline = self.timeline.add(Event(step, status, text, datetime.now(UTC).isoformat(), cluster,
+                                                url=url, digest=digest, actor=actor))
+        if tell:
+            self.tell()
+
+    def tell(self) -> None:
+        notify(self.environment, self.timeline)
 
 
 def approval_key(branch: str) -> str:
@@ -99,52 +118,63 @@ def deploy(app: str, tag: str, env: str = str(DEFAULT_ENV), auto_approve: bool =
     """
     environment = load_environment_task(env)
     release = check_release(environment, app, tag)
-    timeline = _event(Timeline(app, tag), "release", "ok", f"tag {tag} is commit {release.commit[:12]}")
+    story = _Story(environment, app, tag)
+    story.add("release", "ok", f"tag {tag} is commit {release.commit[:12]}")
     try:
-        return _deploy(environment, release, timeline, auto_approve)
+        return _deploy(environment, release, story, auto_approve)
     except Refused as e:
         return Cancelled(message=str(e))
     except TwincdError as e:
-        notify(environment, _event(timeline, "result", "failed", str(e)))
+        story.add("result", "failed", str(e), tell=True)
         raise
 
 
-@dataclass(frozen=True)
-class _Merged:
-    timeline: Timeline
-    revision: str  # what the clusters must run: the merge commit, or the target head when already there
-    merge_commit: str | None  # None when nothing had to be merged
-    approver: str
-
-
 def _merge_stage(environment: Environment, release: Release, branch: ReleaseBranch, clusters: tuple[str, ...],
-                 title: str, timeline: Timeline, approver: str | None, auto_approve: bool) -> _Merged:
-    """Open, validate and merge one branch; ``approver`` set means the release was approved already."""
+                 title: str, story: _Story, approver: str | None, auto_approve: bool) -> tuple[str, str]:
+    """Open, validate and merge one branch; return (merge commit, approver).
+
+    ``approver`` set means the release was approved already (a later stage of a sequential rollout).
+    """
     mr = open_merge_request(environment, branch, title, _mr_description(release, branch, clusters))
-    timeline = _event(timeline, "merge-request", "ok", f"{'reused' if mr.reused else 'opened'} {mr.ref} ({mr.state}): {mr.title}")
+    story.add("merge-request", "ok", f"{'reused' if mr.reused else 'opened'} {mr.ref} ({mr.state}): {mr.title}",
+              url=mr.web_url)
     report = validate(environment, release.app, branch, clusters)
+    post_validation(environment, mr, report)
     if not report.ok:
         findings = "\n".join(str(f) for f in report.errors)
-        notify(environment, _event(timeline, "validate", "failed", findings))
+        story.add("validate", "failed", findings, tell=True)
         raise ValidationFailed(f"validation of {', '.join(report.overlays)} failed; nothing was merged:\n{findings}")
-    timeline = _event(timeline, "validate", "ok", f"{report.resources} resources valid in {', '.join(report.overlays)}"
-                      + (f"; {len(report.unchecked)} unchecked (no schema)" if report.unchecked else ""))
+    story.add("validate", "ok", f"{report.resources} resources valid in {', '.join(report.overlays)}"
+              + (f"; {len(report.unchecked)} unchecked (no schema)" if report.unchecked else ""))
     if mr.state != "merged":
-        if approver is None:
-            timeline = _event(timeline, "merge", "waiting", f"waiting for approval of {mr.ref}")
-            notify(environment, timeline)
-            approver = "auto-approve" if auto_approve else _wait_for_approval(environment, mr, branch, timeline)
-        mr = merge(environment, mr, approver)
+        mr, approver = _land(environment, mr, branch, story, auto_approve, approver)
     assert mr.merge_commit is not None
-    timeline = _event(timeline, "merge", "ok", f"{mr.ref} merged as {mr.merge_commit[:12]} (approved by {approver})")
-    notify(environment, timeline)
-    return _Merged(timeline, mr.merge_commit, mr.merge_commit, approver or "")
+    story.add("merge", "ok", f"{mr.ref} merged as {mr.merge_commit[:12]}", url=mr.web_url, actor=approver or "",
+              tell=True)
+    return mr.merge_commit, approver or ""
 
 
-def _wait_for_approval(environment: Environment, mr: MergeRequest, branch: ReleaseBranch, timeline: Timeline) -> str:
+def _land(environment: Environment, mr: MergeRequest, branch: ReleaseBranch, story: _Story, auto_approve: bool,
+          approver: str | None = None) -> tuple[MergeRequest, str]:
+    """Get the MR merged: by a person on GitLab, or approved in the Prefect UI (or auto) and merged."""
+    if approver is None and not auto_approve and isinstance(environment.forge, GitlabForge):
+        # People review and merge on GitLab; twincd waits for them.
+        story.add("merge", "waiting", f"waiting for a merge of {mr.ref}", url=mr.web_url, tell=True)
+        try:
+            return wait_for_merge(environment, mr), "GitLab"
+        except CancelledByUser as e:
+            story.add("merge", "cancelled", str(e), tell=True)
+            raise Refused(str(e)) from e
+    if approver is None:
+        story.add("merge", "waiting", f"waiting for approval of {mr.ref}", url=mr.web_url, tell=True)
+        approver = "auto-approve" if auto_approve else _wait_for_approval(environment, mr, branch, story)
+    return merge(environment, mr, approver), approver
+
+
+def _wait_for_approval(environment: Environment, mr: MergeRequest, branch: ReleaseBranch, story: _Story) -> str:
     answer = pause_flow_run(
         wait_for_input=Approval.with_initial_data(
-            description=_approval_text(mr.title, branch.diff, timeline), approved=False),
+            description=_approval_text(mr.title, branch.diff, story.timeline), approved=False),
         timeout=int(environment.timeouts.approval_seconds), poll_interval=2,
         key=approval_key(branch.branch),
     )
@@ -154,26 +184,25 @@ def _wait_for_approval(environment: Environment, mr: MergeRequest, branch: Relea
         close_merge_request(environment, mr, f"refused by {who}: {comment}")
         message = (f"{mr.ref} refused by {who}{': ' + comment if comment else ''}; nothing reached "
                    f"{environment.manifests.branch}; branch {branch.branch} kept for inspection")
-        notify(environment, _event(timeline, "merge", "cancelled", message))
+        story.add("merge", "cancelled", message, actor=who, tell=True)
         raise Refused(message)
     return answer.approver or "a reviewer"
 
 
 def _verify(environment: Environment, release: Release, clusters: tuple[str, ...], revision: str,
-            digests: Mapping[str, str | None], timeline: Timeline, step: str) -> tuple[Timeline, tuple[RolloutVerdict, ...]]:
+            digests: Mapping[str, str | None], story: _Story, step: str) -> tuple[RolloutVerdict, ...]:
     futures = [verify_rollout.submit(environment, release, name, revision, digests[name]) for name in clusters]
     verdicts = tuple(f.result() for f in futures)
     for v in verdicts:
-        timeline = _event(timeline, step, "ok" if v.phase is Phase.SUCCEEDED else "failed", v.message, cluster=v.cluster)
-        notify(environment, timeline)
-    return timeline, verdicts
+        story.add(step, "ok" if v.phase is Phase.SUCCEEDED else "failed", v.message, cluster=v.cluster, tell=True)
+    return verdicts
 
 
-def _deploy(environment: Environment, release: Release, timeline: Timeline, auto_approve: bool) -> DeployResult:
+def _deploy(environment: Environment, release: Release, story: _Story, auto_approve: bool) -> DeployResult:
     built = build_image(environment, release)
     pushed = push_image(environment, built)
     verb = "already in the registry" if pushed.reused else "pushed"
-    timeline = _event(timeline, "push", "ok", f"{verb}: " + ", ".join(r.pinned for r in pushed.refs))
+    story.add("push", "ok", f"{verb}: " + ", ".join(r.pinned for r in pushed.refs), digest=pushed.digest, tell=True)
 
     stages = environment.rollout_stages()
     digests = {c: _pulled_digest(environment, release, pushed, c) for c in environment.clusters}
@@ -185,67 +214,63 @@ def _deploy(environment: Environment, release: Release, timeline: Timeline, auto
         branch = set_image(environment, release, pushed, clusters, name)
         if not branch.diff:
             # The target branch already pins this digest for these clusters (released before).
-            timeline = _event(timeline, "set-image", "skipped",
-                              f"{environment.manifests.branch} already pins {pushed.digest} for {', '.join(clusters)}")
+            story.add("set-image", "skipped",
+                      f"{environment.manifests.branch} already pins {pushed.digest} for {', '.join(clusters)}",
+                      tell=True)
             revision = branch.base
         else:
             what = "committed" if branch.committed else "already on the branch"
-            timeline = _event(timeline, "set-image", "ok", f"{what}: {branch.branch} at {branch.head[:12]}")
+            story.add("set-image", "ok", f"{what}: {branch.branch} at {branch.head[:12]}")
             title = _mr_title(release, pushed, clusters, number, len(stages))
-            merged = _merge_stage(environment, release, branch, clusters, title, timeline, approver, auto_approve)
-            timeline, revision, approver = merged.timeline, merged.revision, merged.approver
-            if merged.merge_commit:
-                merges.append(merged.merge_commit)
-        notify(environment, timeline)
-        timeline, stage_verdicts = _verify(environment, release, clusters, revision, digests, timeline, "verify")
+            revision, approver = _merge_stage(environment, release, branch, clusters, title, story, approver,
+                                              auto_approve)
+            merges.append(revision)
+        stage_verdicts = _verify(environment, release, clusters, revision, digests, story, "verify")
         if all(v.phase is Phase.SUCCEEDED for v in stage_verdicts) and number < len(stages) \
                 and environment.rollout.bake_seconds > 0:
             stage_verdicts = tuple(bake(environment, release, v.cluster, revision, digests[v.cluster],
                                         environment.rollout.bake_seconds) for v in stage_verdicts)
             for v in stage_verdicts:
-                timeline = _event(timeline, "bake", "ok" if v.phase is Phase.SUCCEEDED else "failed",
-                                  f"after {environment.rollout.bake_seconds:.0f}s: {v.message}", cluster=v.cluster)
+                story.add("bake", "ok" if v.phase is Phase.SUCCEEDED else "failed",
+                          f"after {environment.rollout.bake_seconds:.0f}s: {v.message}", cluster=v.cluster, tell=True)
         verdicts.extend(stage_verdicts)
         if any(v.phase is not Phase.SUCCEEDED for v in stage_verdicts):
             skipped = [c for later in stages[number:] for c in later]
             verdicts.extend(RolloutVerdict(c, Phase.FAILED, "not rolled out: an earlier stage failed") for c in skipped)
-            _fail(environment, release, timeline, tuple(verdicts), merges, auto_approve, approver)
-    notify(environment, _event(timeline, "result", "ok",
-                               f"{release.app} {release.tag} runs on {', '.join(v.cluster for v in verdicts)}"))
+            _fail(environment, release, story, tuple(verdicts), merges, auto_approve)
+    story.add("result", "ok", f"{release.app} {release.tag} runs on {', '.join(v.cluster for v in verdicts)}",
+              tell=True)
     return DeployResult(release.app, release.tag, pushed.digest, tuple(merges), tuple(verdicts))
 
 
-def _fail(environment: Environment, release: Release, timeline: Timeline, verdicts: tuple[RolloutVerdict, ...],
-          merges: list[str], auto_approve: bool, approver: str | None) -> None:
+def _fail(environment: Environment, release: Release, story: _Story, verdicts: tuple[RolloutVerdict, ...],
+          merges: list[str], auto_approve: bool) -> None:
     failed = [v for v in verdicts if v.phase is not Phase.SUCCEEDED]
     summary = "rollout failed on " + "; ".join(f"{v.cluster}: {v.message}" for v in failed) \
         + "; verified on " + (", ".join(v.cluster for v in verdicts if v not in failed) or "none")
     if merges and environment.rollout.revert.on_failure:
-        summary += _revert(environment, release, timeline, merges, auto_approve)
+        summary += _revert(environment, release, story, merges, auto_approve)
     raise RolloutFailed(summary)
 
 
-def _revert(environment: Environment, release: Release, timeline: Timeline, merges: list[str],
-            auto_approve: bool) -> str:
+def _revert(environment: Environment, release: Release, story: _Story, merges: list[str], auto_approve: bool) -> str:
     """Open the revert MR; when configured, merge it (after approval) and verify the rollback."""
     branch = revert_branch(environment, release, merges)
     title = f"Revert {release.app} {release.tag}"
     mr = open_merge_request(environment, branch, title, f"Rollback of {release.app} {release.tag}: reverts "
                             f"{', '.join(m[:12] for m in merges)}.\n\n```diff\n{branch.diff}```\n")
-    timeline = _event(timeline, "revert", "waiting", f"revert MR {mr.ref} opened: {mr.web_url}")
-    notify(environment, timeline)
+    story.add("revert", "waiting", f"revert MR {mr.ref} opened: {mr.web_url}", url=mr.web_url, tell=True)
     if not environment.rollout.revert.wait:
         return f"; revert MR {mr.ref} opened ({branch.branch})"
     try:
-        approver = "auto-approve" if auto_approve else _wait_for_approval(environment, mr, branch, timeline)
+        mr, approver = _land(environment, mr, branch, story, auto_approve)
     except Refused as e:
         return f"; the revert was refused: {e}"
-    mr = merge(environment, mr, approver)
     assert mr.merge_commit is not None
+    story.add("revert", "ok", f"{mr.ref} merged as {mr.merge_commit[:12]}", url=mr.web_url, actor=approver)
     digests = read_pins(environment, release.app, mr.merge_commit)
-    timeline, verdicts = _verify(environment, release, tuple(environment.clusters), mr.merge_commit, digests,
-                                 _event(timeline, "revert", "ok", f"{mr.ref} merged as {mr.merge_commit[:12]}"),
-                                 "verify-rollback")
+    verdicts = _verify(environment, release, tuple(environment.clusters), mr.merge_commit, digests, story,
+                       "verify-rollback")
     ok = all(v.phase is Phase.SUCCEEDED for v in verdicts)
     return f"; reverted by {mr.ref} ({mr.merge_commit[:12]}), rollback " + (
         "verified on every cluster" if ok else "NOT verified: " + "; ".join(

@@ -7,12 +7,16 @@ import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 
 from tasks.common import IO_RETRIES
 from twincd import kustomize
-from twincd.adapters import builder, cluster, git, notify_console
+from twincd.adapters import builder, cluster, git, notify_console, slack
 from twincd.adapters.forge_local import LocalForge
+from twincd.adapters.gitlab import GitlabForge
 from twincd.config import Environment, load_environment
+from twincd.config import GitlabForge as GitlabConfig
+from twincd.config import SlackNotifier as SlackConfig
 from twincd.domain import (
     EditResult,
     Finding,
@@ -27,6 +31,7 @@ from twincd.domain import (
 )
 from twincd.errors import PermanentError, TwincdError
 from twincd.release import check_tag
+from twincd.secrets import resolve_secret
 from twincd.validate import SchemaValidator, validate_overlay
 
 
@@ -125,10 +130,27 @@ def read_pins(env: Environment, app: str, revision: str) -> dict[str, str | None
     return pins
 
 
-def _forge(env: Environment) -> LocalForge:
-    if env.forge.type != "local":
-        raise PermanentError(f"{env.source}: forge type {env.forge.type!r} is not supported by this version")
+def _forge(env: Environment) -> LocalForge | GitlabForge:
+    if isinstance(env.forge, GitlabConfig):
+        return GitlabForge.from_config(env.forge)
     return LocalForge(repo_url=str(env.path(env.manifests.repo)), records_dir=env.state_path / "forge")
+
+
+@task(name="post-validation", **IO_RETRIES)
+def post_validation(env: Environment, mr: MergeRequest, report: ValidationReport) -> None:
+    """The validation result as an MR note (GitLab); the local forge shows it in the approval form."""
+    forge = _forge(env)
+    if isinstance(forge, GitlabForge):
+        forge.post_validation(mr, report)
+
+
+# No retries and no timeout here: the adapter owns its deadline and rides out GitLab outages.
+@task(name="wait-for-merge")
+def wait_for_merge(env: Environment, mr: MergeRequest) -> MergeRequest:
+    """Wait for a person to merge the MR on GitLab (polling with backoff, never a busy loop)."""
+    assert isinstance(env.forge, GitlabConfig)
+    return GitlabForge.from_config(env.forge).wait_for_merge(
+        mr, timeout=env.timeouts.approval_seconds, poll=env.forge.poll_seconds, max_poll=env.forge.max_poll_seconds)
 
 
 @task(name="open-merge-request", **IO_RETRIES)
@@ -156,12 +178,26 @@ def validate(env: Environment, app: str, branch: git.ReleaseBranch, clusters: tu
 
 @task(name="notify")
 def notify(env: Environment, timeline: Timeline) -> None:
-    """Tell the team. A failing notifier never fails a deploy: the failure is logged and dropped."""
+    """Tell the team. A failing notifier never fails a deploy: the failure is logged and noted."""
     logger = get_run_logger()
     try:
         notify_console.publish(timeline, logger=logger)
     except Exception as e:  # noqa: BLE001 - by design, see docstring
-        logger.warning("notifier failed (the deploy goes on): %s", type(e).__name__)
+        logger.warning("console notifier failed (the deploy goes on): %s", type(e).__name__)
+    if not isinstance(env.notifier, SlackConfig):
+        return
+    try:
+        token = resolve_secret(env.notifier.token)
+    except TwincdError as e:
+        logger.warning("Slack notifier not configured (the deploy goes on): %s", e)
+        return
+    result = slack.SlackNotifier(
+        token.reveal(), env.notifier.channel, mention_on_failure=env.notifier.mention_on_failure,
+        store=slack.PrefectVariableThreadStore(), logger=logger,
+    ).publish(timeline, list(env.clusters))
+    if not result.ok:  # the error text is token-free (the adapter scrubs it)
+        create_markdown_artifact(key=timeline.key.replace("release-", "slack-", 1),
+                                 markdown=f"Slack notifier failed: `{result.error}`")
 
 
 @task(name="merge", **IO_RETRIES)

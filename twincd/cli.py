@@ -14,7 +14,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from twincd.config import DEFAULT_ENV, REPO_ROOT, Environment, load_environment
-from twincd.errors import TwincdError
+from twincd.errors import ConfigError, TwincdError
 
 
 def _use_prefect(env: Environment) -> None:
@@ -129,6 +129,21 @@ def cmd_serve(env: Environment, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_webhook(env: Environment, args: argparse.Namespace) -> int:
+    if env.webhook is None:
+        raise ConfigError(f"{env.source}: `twincd webhook` needs a `webhook: {{secret: env:VAR}}` section")
+    _use_prefect(env)
+    from twincd import webhook
+    from twincd.secrets import resolve_secret
+
+    cfg = env.webhook
+    projects = {a.project: name for name, a in env.apps.items() if a.project} or None
+    print(f"GitLab Tag Push Hook endpoint: http://{cfg.host}:{cfg.port}/hooks/gitlab -> deployment {cfg.deployment}")
+    webhook.serve(env, secret=resolve_secret(cfg.secret), host=cfg.host, port=cfg.port, deployment=cfg.deployment,
+                  projects=projects, max_body=cfg.max_body)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twincd", description=__doc__)
     parser.add_argument("--env", default=str(DEFAULT_ENV), help="environment file (default: deployments/local.yaml)")
@@ -150,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="up + seed + deploy with auto-approve; leaves the stack running")
     p.add_argument("--tag", default="v1.0.0")
     sub.add_parser("serve", help="serve the flows as Prefect deployments (no worker needed)")
+    sub.add_parser("webhook", help="serve the GitLab Tag Push Hook endpoint that starts deploy runs")
     args = parser.parse_args(argv)
     try:
         env = load_environment(args.env)

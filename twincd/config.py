@@ -59,6 +59,9 @@ class GitlabForge(_Model):
     project: str
     token: SecretRef
     labels: tuple[str, ...] = ("twincd",)
+    failed_label: str = "twincd::validation-failed"
+    poll_seconds: float = 5  # first wait between merge polls; grows to max_poll_seconds
+    max_poll_seconds: float = 60
 
     _token = field_validator("token")(_check_secret_ref)
 
@@ -137,6 +140,7 @@ class WorkloadConfig(_Model):
 
 class AppConfig(_Model):
     repo: str
+    project: str | None = None  # the app repo's GitLab path_with_namespace (tag-push webhook)
     image: str
     registries: tuple[str, ...]
     tag_pattern: str = DEFAULT_TAG_PATTERN
@@ -171,6 +175,18 @@ class RolloutConfig(_Model):
     revert: RevertConfig = RevertConfig()
 
 
+class WebhookConfig(_Model):
+    """`twincd webhook`: GitLab Tag Push Hook → a run of the `deploy` deployment."""
+
+    secret: SecretRef
+    host: str = "127.0.0.1"
+    port: int = 8085
+    deployment: str = "deploy/deploy"
+    max_body: int = 1024 * 1024
+
+    _secret = field_validator("secret")(_check_secret_ref)
+
+
 class SandboxConfig(_Model):
     """Ports of the local stack's own services (only used by `twincd up`)."""
 
@@ -194,6 +210,7 @@ class Environment(_Model):
     apps: dict[str, AppConfig]
     timeouts: TimeoutsConfig = TimeoutsConfig()
     rollout: RolloutConfig = RolloutConfig()
+    webhook: WebhookConfig | None = None
     sandbox: SandboxConfig = SandboxConfig()
 
     # Where the file was read from; relative paths in it are resolved against `base_dir`.

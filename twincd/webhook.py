@@ -231,10 +231,11 @@ async def _read_capped(request: Request, limit: int) -> bytes:
 
 
 def serve(env: Environment, *, secret: Secret, host: str = "127.0.0.1", port: int = 8085,
-          deployment: str = "deploy/deploy", projects: Mapping[str, str] | None = None) -> None:
+          deployment: str = "deploy/deploy", projects: Mapping[str, str] | None = None,
+          max_body: int = 1024 * 1024) -> None:
     """Serve the webhook until interrupted (``twincd webhook``)."""
     import uvicorn
 
-    app = create_app(env, secret=secret, deployment=deployment, projects=projects)
+    app = create_app(env, secret=secret, deployment=deployment, projects=projects, max_body=max_body)
     # The access log shows method, path and status; the token travels in a header and is never logged.
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

@@ -59,7 +59,7 @@ def stack_env() -> Iterator[Environment]:
 
 def twincd(env: Environment, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a user does, against the test stack's environment file."""
-    return subprocess.run([*TWINCD, "--env", env.source, *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([*TWINCD, "--env", env.source, *args], capture_output=True, text=True, timeout=timeout, check=False,
                           env={**os.environ, "PREFECT_API_URL": env.prefect.api_url})
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from tests.e2e.conftest import git_refs, release_app, twincd
 from twincd.config import Environment
-from twincd.sandbox import procs
+from twincd.sandbox import procs, stack
 from twincd.sandbox.stack import cluster_name_of
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -85,11 +85,11 @@ def test_prefect_ui_shows_the_completed_run_with_its_tasks(stack_env: Environmen
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              "--window-size=1400,1000", "--virtual-time-budget=20000"]
     with tempfile.TemporaryDirectory() as profile:
-        dom = subprocess.run([chromium, *flags, f"--user-data-dir={profile}", "--dump-dom", url],
+        dom = subprocess.run([chromium, *flags, f"--user-data-dir={profile}", "--dump-dom", url], check=False,
                              capture_output=True, text=True, timeout=120).stdout
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run([chromium, *flags, f"--user-data-dir={profile}",
-                        f"--screenshot={ARTIFACTS / 'deploy-run.png'}", url], capture_output=True, timeout=120)
+                        f"--screenshot={ARTIFACTS / 'deploy-run.png'}", url], capture_output=True, timeout=120, check=False)
     assert "deploy-hello-v1.0.0" in dom
     assert "Completed" in dom
     for task in ("build-image", "push-image", "set-image", "open-merge-request", "validate", "verify-eks"):
@@ -187,7 +187,7 @@ def test_approval_in_the_cli_merges_and_verifies(stack_env: Environment) -> None
     assert approved.returncode == 0, approved.stderr
     assert run.returncode == 0, out
     assert "Approved-by: bob" in subprocess.run(
-        ["git", "-C", str(env.path(env.manifests.repo)), "log", "-1", "main"], capture_output=True, text=True).stdout
+        ["git", "-C", str(env.path(env.manifests.repo)), "log", "-1", "main"], capture_output=True, text=True, check=True).stdout
     assert registry_digest(env, "v1.3.0") in main_file(env, "overlays/aks/hello/kustomization.yaml")
 
 
@@ -195,7 +195,10 @@ def test_cluster_down_fails_that_cluster_and_verifies_the_other(stack_env: Envir
     env = stack_env
     release_app(env, "v1.4.0", page="<h1>hello 1.4.0</h1>\n")
     assert procs.stop_daemon(cluster_name_of("eks"), state_dir=env.state_path)
-    result = twincd(env, "deploy", "hello", "v1.4.0", "--auto-approve")
+    try:
+        result = twincd(env, "deploy", "hello", "v1.4.0", "--auto-approve")
+    finally:
+        stack.up(env, say=lambda line: None)  # bring eks back for the tests after this one
     out = result.stdout + result.stderr
     assert result.returncode == 1
     assert "rollout failed on eks: cluster eks" in out and "unreachable" in out

@@ -92,7 +92,7 @@ class GitlabForge:
     @classmethod
     def from_config(cls, cfg: GitlabForgeConfig, *, timeout: float = 30) -> GitlabForge:
         return cls(url=cfg.url, project=cfg.project, token=resolve_secret(cfg.token), labels=cfg.labels,
-                   timeout=timeout)
+                   failed_label=cfg.failed_label, timeout=timeout)
 
     def __repr__(self) -> str:
         return f"GitlabForge(url={self.url!r}, project={self.project!r})"

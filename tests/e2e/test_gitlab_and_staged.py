@@ -1,0 +1,115 @@
+"""The deploy flow with the GitLab forge (an HTTP fake backed by the stack's manifests repo), and
+the sequential rollout that stops before the second cloud and reverts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from tests.e2e.conftest import git_refs, release_app, twincd
+from tests.e2e.test_deploy import main_file, main_head, registry_digest
+from tests.fakes.gitlab import FakeGitlab
+from twincd.config import Environment, load_environment
+
+TOKEN = "glpat-e2e-secret-token"
+
+
+def _variant(env: Environment, name: str, **changes: object) -> Environment:
+    """Another environment file for the same running stack."""
+    data = yaml.safe_load(Path(env.source).read_text())
+    data.update(changes)
+    path = Path(env.source).with_name(f"{name}.yaml")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_environment(path)
+
+
+def _start_deploy(env: Environment, tag: str, **extra_env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "twincd.cli", "--env", env.source, "deploy", "hello", tag],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **extra_env})
+
+
+def _wait_for(predicate, what: str, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_gitlab_forge_waits_for_a_person_to_merge(stack_env: Environment) -> None:
+    fake = FakeGitlab(repo=stack_env.path(stack_env.manifests.repo), token=TOKEN).start()
+    try:
+        env = _variant(stack_env, "gitlab", forge={"type": "gitlab", "url": fake.url, "project": "infra/manifests",
+                                                   "token": "env:TWINCD_E2E_GITLAB_TOKEN", "poll_seconds": 0.5})
+        release_app(env, "v2.0.0", page="<h1>hello 2.0.0</h1>\n")
+        run = _start_deploy(env, "v2.0.0", TWINCD_E2E_GITLAB_TOKEN=TOKEN)
+        _wait_for(lambda: any(m.source_branch == "twincd/hello/v2.0.0" for m in fake.mrs.values()), "the MR")
+        iid = next(m.iid for m in fake.mrs.values() if m.source_branch == "twincd/hello/v2.0.0")
+        _wait_for(lambda: bool(fake.notes(iid)), "the validation note")
+        merge_commit = fake.merge(iid)  # a person merges in GitLab
+        out, _ = run.communicate(timeout=180)
+        assert run.returncode == 0, out
+        assert main_head(env) == merge_commit
+        assert registry_digest(env, "v2.0.0") in main_file(env, "overlays/eks/hello/kustomization.yaml")
+        assert "valid" in fake.notes(iid)[0].lower()
+        assert TOKEN not in out
+    finally:
+        fake.stop()
+
+
+def test_gitlab_mr_closed_without_merge_cancels_the_run(stack_env: Environment) -> None:
+    fake = FakeGitlab(repo=stack_env.path(stack_env.manifests.repo), token=TOKEN).start()
+    try:
+        env = _variant(stack_env, "gitlab", forge={"type": "gitlab", "url": fake.url, "project": "infra/manifests",
+                                                   "token": "env:TWINCD_E2E_GITLAB_TOKEN", "poll_seconds": 0.5})
+        release_app(env, "v2.1.0", page="<h1>hello 2.1.0</h1>\n")
+        head = main_head(env)
+        run = _start_deploy(env, "v2.1.0", TWINCD_E2E_GITLAB_TOKEN=TOKEN)
+        _wait_for(lambda: any(m.source_branch == "twincd/hello/v2.1.0" for m in fake.mrs.values()), "the MR")
+        fake.close(next(m.iid for m in fake.mrs.values() if m.source_branch == "twincd/hello/v2.1.0"))
+        out, _ = run.communicate(timeout=180)
+        assert run.returncode == 1 and "Cancelled" in out, out
+        assert main_head(env) == head
+    finally:
+        fake.stop()
+
+
+def test_sequential_rollout_stops_before_the_second_cloud_and_reverts(stack_env: Environment) -> None:
+    env = _variant(stack_env, "sequential", rollout={"strategy": "sequential", "order": ["eks", "aks"],
+                                                     "bake_seconds": 1})
+    # A short progress deadline, so the missing image fails the rollout in seconds.
+    deployment = main_file(env, "base/hello/deployment.yaml").replace("progressDeadlineSeconds: 60",
+                                                                      "progressDeadlineSeconds: 3")
+    from tests.e2e.test_deploy import _push_to_main
+
+    _push_to_main(env, "base/hello/deployment.yaml", deployment, "short progress deadline")
+    before = {c: main_file(env, f"overlays/{c}/hello/kustomization.yaml") for c in ("eks", "aks")}
+    old_digest = registry_digest(env, "v2.0.0")
+    release_app(env, "v3.0.0", page="<h1>hello 3.0.0</h1>\n")
+    run = _start_deploy(env, "v3.0.0")
+    _wait_for(lambda: twincd(env, "approve", "hello", "v3.0.0", "--approver", "carol").returncode == 0,
+              "the first stage's approval")
+    # The image vanishes from the registry before eks pulls it: the rollout there must fail.
+    new_digest = registry_digest(env, "v3.0.0")
+    deleted = httpx.delete(f"http://{env.registries['local'].url}/v2/hello/manifests/{new_digest}")
+    assert deleted.status_code == 202, deleted.text
+    _wait_for(lambda: "refs/heads/twincd/hello/v3.0.0-revert" in git_refs(env.path(env.manifests.repo)),
+              "the revert branch", timeout=180)
+    _wait_for(lambda: twincd(env, "approve", "hello", "v3.0.0", "--approver", "carol").returncode == 0,
+              "the revert's approval")
+    out, _ = run.communicate(timeout=240)
+    assert run.returncode == 1, out
+    assert "rollout failed on eks" in out and "ProgressDeadlineExceeded" in out or "timed out progressing" in out
+    assert "aks: not rolled out: an earlier stage failed" in out
+    assert "rollback verified on every cluster" in out, out
+    refs = git_refs(env.path(env.manifests.repo))
+    assert "refs/heads/twincd/hello/v3.0.0-aks" not in refs  # the second cloud was never touched
+    for cluster in ("eks", "aks"):
+        assert main_file(env, f"overlays/{cluster}/hello/kustomization.yaml") == before[cluster]
+        assert old_digest in before[cluster]
