@@ -149,7 +149,7 @@ def failover(mode: Literal["active-active", "active-standby"], active: str | Non
         notify(environment, _event(timeline, "result", "failed", text))
         raise FailoverFailed(text) from e
     final = read_dns(environment)
-    notify(environment, _event(timeline, "result", "ok", f"{target.label}: {', '.join(plan.serving)} serve"))
+    notify(environment, _event(timeline, "result", "ok", f"{target.label}: serving {', '.join(plan.serving)}"))
     return FailoverResult(target.label, False, markdown, done, final)
 
 

@@ -156,7 +156,7 @@ class FailoverPlan:
         target = ", ".join(self.serving)
         ips = ", ".join(ip for c in self.serving if (ip := self.current.ip(c)))
         lines += [f"- current: {self.current.describe()}",
-                  f"- target: {self.target.label}: {target} serve"
+                  f"- target: {self.target.label}: {target} {'serves' if len(self.serving) == 1 else 'serve'}"
                   + (f" ({ips})" if self.current.record is not None else ""), ""]
         if self.noop:
             lines.append("Already at the target: nothing to do.")
