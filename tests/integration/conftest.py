@@ -9,6 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from prefect.settings import (
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    PREFECT_SERVER_ANALYTICS_ENABLED,
+    temporary_settings,
+)
+from prefect.testing.utilities import prefect_test_harness
 
 from twincd.sandbox.buildd import start_buildd, stop_buildd
 from twincd.sandbox.procs import free_port
@@ -33,3 +39,15 @@ def builder(tmp_path_factory: pytest.TempPathFactory, registry: str) -> Iterator
         yield start_buildd(state_dir, insecure_registries=[registry])
     finally:
         stop_buildd(state_dir)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One throwaway Prefect server for the whole session (~20 s to start here, so only once).
+
+    Analytics off: the server's telemetry write races its migrations ("database is locked").
+    Heartbeats off: they add ~1 s to every flow run (PLATFORM-NOTES).
+    """
+    with temporary_settings({PREFECT_SERVER_ANALYTICS_ENABLED: False, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), \
+            prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -23,8 +23,6 @@ from kubernetes import client as k8s
 from prefect.artifacts import Artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.drift import DriftReport, drift_check
 from tasks.drift import compare_cluster, state_slug
@@ -289,12 +287,6 @@ def test_unreachable_cluster_is_a_transient_error_naming_it(manifests: Path, tmp
 
 
 # --- the flow ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def prefect_harness() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=120), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        yield
 
 
 def run(env: Environment, **kwargs: Any) -> tuple[Any, DriftReport | None]:

@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from tests.fakes.slack import FakeSlack, RunningFake, start_fake_slack
 from twincd.adapters.slack import (
@@ -277,13 +276,7 @@ def test_thread_key_is_a_prefect_variable_name() -> None:
     assert thread_key("Web_App", "v2+build.7") == thread_key("Web_App", "v2+build.7")
 
 
-@pytest.fixture(scope="session")
-def prefect_api() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-def test_prefect_variable_store_continues_the_thread(slack: FakeSlack, prefect_api: None) -> None:
+def test_prefect_variable_store_continues_the_thread(slack: FakeSlack, prefect_harness: None) -> None:
     run = Run(app="varapp")
     timelines = run.until_merged()
     first = notifier(slack, PrefectVariableThreadStore()).publish(timelines[0], CLUSTERS)

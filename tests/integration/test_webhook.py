@@ -21,8 +21,6 @@ import uvicorn
 from prefect import flow
 from prefect.blocks.system import Secret as PrefectSecret
 from prefect.client.orchestration import get_client
-from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
-from prefect.testing.utilities import prefect_test_harness
 from starlette.applications import Starlette
 
 from twincd.config import DEFAULT_ENV, Environment, load_environment
@@ -41,15 +39,7 @@ def deploy_stub(app: str, tag: str, env: str = "") -> None:
 
 
 @pytest.fixture(scope="session")
-def prefect_server() -> Iterator[None]:
-    # Analytics off: the harness server's telemetry write races its migrations ("database is locked").
-    with temporary_settings({PREFECT_SERVER_ANALYTICS_ENABLED: False}), \
-            prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="session")
-def deployment_id(prefect_server: None) -> UUID:
+def deployment_id(prefect_harness: None) -> UUID:
     deployment = deploy_stub.to_deployment(name="deploy")
     result = deployment.apply()
     assert isinstance(result, UUID)
@@ -198,7 +188,7 @@ def test_explicit_project_mapping_and_missing_deployment(env: Environment, deplo
         assert r.status_code == 500 and "no deployment deploy/missing" in r.json()["error"]
 
 
-def test_secret_references_resolve_from_prefect_blocks(prefect_server: None) -> None:
+def test_secret_references_resolve_from_prefect_blocks(prefect_harness: None) -> None:
     # Here because this module has a Prefect server: `secret:NAME` reads a Prefect Secret block.
     PrefectSecret(value=SECRET).save("twincd-webhook-test", overwrite=True)
     resolved = resolve_secret("secret:twincd-webhook-test")
