@@ -157,7 +157,6 @@ def test_active_active_to_standby_on_aks(fs: FailoverStack, aks_ingress: int) ->
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     print(f"\nactive-active -> active-standby(aks): {seconds:.1f} s (flow subprocess, start to end)")
-    print("OUT-BEGIN\n" + out + "\nOUT-END")
     assert f"GET http://{AKS}:{aks_ingress}/healthz: HTTP 200" in out
     assert fs.dns.read_a("web") == {AKS}
     assert fs.component("eks") == "standby" and fs.component("aks") == "active"
