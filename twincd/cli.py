@@ -117,15 +117,31 @@ def cmd_demo(env: Environment, args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_drift(env: Environment, args: argparse.Namespace) -> int:
+    _use_prefect(env)
+    from flows.drift import drift_check
+
+    state = drift_check(env=env.source, fail_on_drift=args.fail_on_drift, return_state=True)
+    print(f"\n{state.name}: {state.message or ''}".rstrip())
+    print(f"Run in the Prefect UI: {_ui_url(env, state.state_details.flow_run_id)}")
+    if not state.is_completed():
+        return 1
+    report = state.result()
+    return 3 if getattr(report, "items", ()) else 0  # like terraform's -detailed-exitcode: drift is not an error
+
+
 def cmd_serve(env: Environment, args: argparse.Namespace) -> int:
     _use_prefect(env)
     from prefect import serve
 
     from flows.deploy import deploy
+    from flows.drift import drift_check
 
-    deployment = deploy.to_deployment(name="deploy", parameters={"env": env.source})
-    assert not isinstance(deployment, Coroutine)  # sync context: to_deployment returns it directly
-    serve(deployment)
+    deployments = [deploy.to_deployment(name="deploy", parameters={"env": env.source}),
+                   drift_check.to_deployment(name="drift-check", parameters={"env": env.source},
+                                             cron="*/15 * * * *")]
+    # In a sync context to_deployment returns the deployment itself, never a coroutine.
+    serve(*[d for d in deployments if not isinstance(d, Coroutine)])
     return 0
 
 
@@ -165,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="up + seed + deploy with auto-approve; leaves the stack running")
     p.add_argument("--tag", default="v1.0.0")
     sub.add_parser("serve", help="serve the flows as Prefect deployments (no worker needed)")
+    p = sub.add_parser("drift", help="compare the clusters with the manifests branch and with each other")
+    p.add_argument("--fail-on-drift", action="store_true", help="end the run failed when drift is found")
     sub.add_parser("webhook", help="serve the GitLab Tag Push Hook endpoint that starts deploy runs")
     args = parser.parse_args(argv)
     try:
