@@ -95,13 +95,16 @@ def failover(mode: Literal["active-active", "active-standby"], active: str | Non
              health_url: str = "") -> FailoverResult | State:
     """Switch the clusters between Active/Active and Active/Standby, or move the active side.
 
-    mode: active-active (every cluster serves) or active-standby (only `active` serves);
-    active: the serving cluster for active-standby; dry_run: publish the plan and stop;
-    reason: why (required unless dry_run; goes into commits, MRs and notifications);
-    emergency: merge without waiting for approval (still recorded as an MR with the reason);
-    env: the environment file; auto_approve: merge without waiting (demos, CI);
-    health_url: optional HTTP URL checked on each serving cluster before DNS changes, with
-    `{ingress_ip}` replaced by the cluster's ingress IP (e.g. http://{ingress_ip}/healthz).
+    Args:
+        mode: active-active (every cluster serves) or active-standby (only `active` serves).
+        active: The serving cluster when mode is active-standby (e.g. aks); empty for active-active.
+        dry_run: Publish the plan as an artifact and stop; nothing is changed.
+        reason: Why (required unless dry_run); goes into the commits, merge requests and notifications.
+        emergency: Merge without waiting for approval; still recorded as merge requests with the reason.
+        env: The environment file (clusters, manifests repo, forge, DNS).
+        auto_approve: Merge without waiting for approval (demos, CI).
+        health_url: Optional HTTP URL checked on each serving cluster before DNS changes;
+            `{ingress_ip}` is replaced by the cluster's ingress IP, e.g. http://{ingress_ip}/healthz.
     """
     environment = load_environment_task(env)
     target = Target(mode, active)
