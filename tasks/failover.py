@@ -45,6 +45,8 @@ def dns_port(env: Environment) -> dnsport.DnsPort:
     cfg = env.dns
     if cfg.type == "none":
         return dnsport.NoDns()
+    if cfg.type == "route53":
+        return dnsport.Route53(zone=cfg.zone, hosted_zone_id=cfg.hosted_zone_id, region=cfg.region)
     return dnsport.Rfc2136(server=cfg.server, zone=cfg.zone, key=dnsport.Tsig.parse(resolve_secret(cfg.key).reveal()))
 
 

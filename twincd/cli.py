@@ -18,8 +18,9 @@ from twincd.errors import ConfigError, TwincdError
 
 
 def _use_prefect(env: Environment) -> None:
-    from twincd.sandbox.stack import prefect_env
+    from twincd.sandbox.stack import export_sandbox_secrets, prefect_env
 
+    export_sandbox_secrets(env)
     # The environment file says which Prefect server runs its flows; it wins over the shell's.
     for key, value in prefect_env(env).items():
         if key != "PREFECT_HOME":  # the client keeps the user's own profile directory
@@ -81,8 +82,8 @@ def cmd_deploy(env: Environment, args: argparse.Namespace) -> int:
     return _run_deploy(env, args.app, args.tag, args.auto_approve)
 
 
-def cmd_approve(env: Environment, args: argparse.Namespace) -> int:
-    _use_prefect(env)
+def _resume(env: Environment, name: str, run_input: dict[str, Any]) -> int:
+    """Resume the paused run called ``name`` with ``run_input`` (the UI's approval form)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -92,7 +93,6 @@ def cmd_approve(env: Environment, args: argparse.Namespace) -> int:
     )
     from prefect.flow_runs import resume_flow_run
 
-    name = f"deploy-{args.app}-{args.tag}"
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             name=FlowRunFilterName(any_=[name]),
@@ -100,10 +100,16 @@ def cmd_approve(env: Environment, args: argparse.Namespace) -> int:
     if not runs:
         print(f"no paused run named {name}: nothing waits for approval", file=sys.stderr)
         return 2
-    approve = not args.refuse
-    resume_flow_run(runs[0].id, run_input={"approved": approve, "approver": args.approver, "comment": args.comment})
-    print(f"{'approved' if approve else 'refused'} {name}: {_ui_url(env, runs[0].id)}")
+    resume_flow_run(runs[0].id, run_input=run_input)
+    print(f"{'approved' if run_input['approved'] else 'refused'} {name}: {_ui_url(env, runs[0].id)}")
     return 0
+
+
+def cmd_approve(env: Environment, args: argparse.Namespace) -> int:
+    _use_prefect(env)
+    target = f"failover-{args.app}" if args.app in ("active-active", "active-standby") else \
+        f"deploy-{args.app}-{args.tag}"
+    return _resume(env, target, {"approved": not args.refuse, "approver": args.approver, "comment": args.comment})
 
 
 def cmd_demo(env: Environment, args: argparse.Namespace) -> int:
@@ -136,13 +142,27 @@ def cmd_serve(env: Environment, args: argparse.Namespace) -> int:
 
     from flows.deploy import deploy
     from flows.drift import drift_check
+    from flows.failover import failover
 
     deployments = [deploy.to_deployment(name="deploy", parameters={"env": env.source}),
+                   failover.to_deployment(name="failover", parameters={"env": env.source}),
                    drift_check.to_deployment(name="drift-check", parameters={"env": env.source},
                                              cron="*/15 * * * *")]
     # In a sync context to_deployment returns the deployment itself, never a coroutine.
     serve(*[d for d in deployments if not isinstance(d, Coroutine)])
     return 0
+
+
+def cmd_failover(env: Environment, args: argparse.Namespace) -> int:
+    _use_prefect(env)
+    from flows.failover import failover
+
+    mode = "active-active" if args.active_active else "active-standby"
+    state = failover(mode=mode, active=args.to, dry_run=args.dry_run, reason=args.reason, emergency=args.emergency,
+                     env=env.source, auto_approve=args.auto_approve, health_url=args.health_url, return_state=True)
+    print(f"\n{state.name}: {state.message or ''}".rstrip())
+    print(f"Run in the Prefect UI: {_ui_url(env, state.state_details.flow_run_id)}")
+    return 0 if state.is_completed() else 1
 
 
 def cmd_webhook(env: Environment, args: argparse.Namespace) -> int:
@@ -172,14 +192,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("app")
     p.add_argument("tag")
     p.add_argument("--auto-approve", action="store_true", help="merge without waiting for a person")
-    p = sub.add_parser("approve", help="approve (or --refuse) the release waiting for a merge")
-    p.add_argument("app")
-    p.add_argument("tag")
+    p = sub.add_parser("approve", help="approve (or --refuse) the release or failover waiting for a merge")
+    p.add_argument("app", help="the app, or `active-active` / `active-standby` for a failover")
+    p.add_argument("tag", nargs="?", default="", help="the release tag (not for a failover)")
     p.add_argument("--refuse", action="store_true")
     p.add_argument("--approver", default=os.environ.get("USER", "cli"))
     p.add_argument("--comment", default="")
     p = sub.add_parser("demo", help="up + seed + deploy with auto-approve; leaves the stack running")
     p.add_argument("--tag", default="v1.0.0")
+    p = sub.add_parser("failover", help="switch Active/Active <-> Active/Standby through git and DNS")
+    side = p.add_mutually_exclusive_group(required=True)
+    side.add_argument("--to", metavar="CLUSTER", help="active-standby with CLUSTER serving")
+    side.add_argument("--active-active", action="store_true", help="every cluster serves")
+    p.add_argument("--reason", default="", help="why (required unless --dry-run); recorded everywhere")
+    p.add_argument("--dry-run", action="store_true", help="show the plan and stop")
+    p.add_argument("--emergency", action="store_true", help="merge without waiting for approval (still audited)")
+    p.add_argument("--auto-approve", action="store_true")
+    p.add_argument("--health-url", default="", help="HTTP health URL checked through each ingress IP")
     sub.add_parser("serve", help="serve the flows as Prefect deployments (no worker needed)")
     p = sub.add_parser("drift", help="compare the clusters with the manifests branch and with each other")
     p.add_argument("--fail-on-drift", action="store_true", help="end the run failed when drift is found")

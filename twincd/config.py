@@ -132,6 +132,17 @@ class DnsRfc2136(_Model):
     _key = field_validator("key")(_check_secret_ref)
 
 
+class DnsRoute53(_Model):
+    """Amazon Route 53; credentials come from the standard AWS chain (no secret in the file)."""
+
+    type: Literal["route53"]
+    zone: str
+    record: str
+    ttl: int = 60
+    hosted_zone_id: str | None = None
+    region: str = "us-east-1"
+
+
 class WorkloadConfig(_Model):
     kind: Literal["Deployment", "StatefulSet", "DaemonSet"] = "Deployment"
     namespace: str
@@ -206,7 +217,7 @@ class Environment(_Model):
     builder: BuilderConfig = BuilderConfig()
     clusters: dict[str, ClusterConfig]
     topology: TopologyConfig = TopologyConfig()
-    dns: Annotated[DnsNone | DnsRfc2136, Field(discriminator="type")] = DnsNone(type="none")
+    dns: Annotated[DnsNone | DnsRfc2136 | DnsRoute53, Field(discriminator="type")] = DnsNone(type="none")
     apps: dict[str, AppConfig]
     timeouts: TimeoutsConfig = TimeoutsConfig()
     rollout: RolloutConfig = RolloutConfig()

@@ -8,6 +8,7 @@ free ports beside a running demo.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,9 +18,9 @@ from urllib.parse import urlparse
 
 import httpx
 
-from twincd.config import Environment
+from twincd.config import DnsRfc2136, Environment
 from twincd.errors import ConfigError
-from twincd.sandbox import buildd, procs, registry, seed
+from twincd.sandbox import buildd, dns, procs, registry, seed
 from twincd.sandbox.kubeconfig import write_kubeconfig
 
 PREFECT = "prefect-server"
@@ -100,6 +101,14 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
     say("git repos     " + ", ".join([env.manifests.repo, *(a.repo for a in env.apps.values())]))
     seed_repos(env)
 
+    if isinstance(env.dns, DnsRfc2136) and env.dns.server.startswith("127.0.0.1:"):
+        say(f"dns           {env.dns.server} (BIND: {env.dns.record}.{env.dns.zone}, RFC 2136 updates with TSIG)")
+        serving = tuple(c.ingress_ip for name, c in env.clusters.items() if c.ingress_ip and
+                        (env.topology.mode == "active-active" or env.topology.active == name))
+        dns.start_dns(state, _port(env.dns.server, "dns.server"), zone=env.dns.zone,
+                      records={env.dns.record: serving}, ttl=env.dns.ttl)
+        services.append(Service(dns.NAME, env.dns.server, procs.daemon_status(dns.NAME, state_dir=state)))
+
     ports = _cluster_ports(env)
     contexts: dict[str, str] = {}
     # Clusters that hold Applications for others start first, so syncers find their Argo CD.
@@ -139,7 +148,7 @@ def seed_repos(env: Environment) -> None:
 
 
 def _names(env: Environment) -> list[str]:
-    return [PREFECT, *(cluster_name_of(c) for c in env.clusters), buildd.NAME, registry.NAME]
+    return [PREFECT, *(cluster_name_of(c) for c in env.clusters), dns.NAME, buildd.NAME, registry.NAME]
 
 
 def down(env: Environment, *, say: Callable[[str], None] = print) -> None:
@@ -150,4 +159,13 @@ def down(env: Environment, *, say: Callable[[str], None] = print) -> None:
 
 
 def status(env: Environment) -> dict[str, int | None]:
-    return {name: procs.daemon_status(name, state_dir=env.state_path) for name in _names(env)}
+    names = _names(env) if isinstance(env.dns, DnsRfc2136) else [n for n in _names(env) if n != dns.NAME]
+    return {name: procs.daemon_status(name, state_dir=env.state_path) for name in names}
+
+
+def export_sandbox_secrets(env: Environment) -> None:
+    """Point `env:` references at the secrets the local stack generated (the sandbox DNS key)."""
+    if isinstance(env.dns, DnsRfc2136) and env.dns.key == f"env:{dns.SECRET_ENV}":
+        path = dns.secret_path(env.state_path)
+        if path.exists() and not os.environ.get(dns.SECRET_ENV):
+            os.environ[dns.SECRET_ENV] = path.read_text().strip()
