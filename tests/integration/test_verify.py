@@ -32,7 +32,7 @@ from tests.integration.test_sandbox_cluster import (
     overlay,
     stop_process,
 )
-from twincd.adapters.cluster import ClusterRef, RolloutTarget, apply_overlay, verify_rollout
+from twincd.adapters.cluster import ApplyRejected, ClusterRef, RolloutTarget, apply_overlay, verify_rollout
 from twincd.domain import Phase, RolloutVerdict
 from twincd.sandbox.apiserver import RunningServer, create_app, serve_in_thread
 from twincd.sandbox.controllers import DeploymentController, render_overlay
@@ -328,3 +328,14 @@ def test_sync_apply_applies_the_overlay_and_verifies_it(plain_cluster: tuple[Run
     refused = httpx.patch(f"{server.url}/apis/apps/v1/namespaces/hello/deployments/hello", content=b"{}",
                           headers={"Content-Type": "application/apply-patch+yaml"})
     assert refused.status_code == 422 and "fieldManager: Required value" in refused.json()["message"]
+
+
+def test_sync_apply_refusals_are_permanent_and_name_the_object(plain_cluster: tuple[RunningServer, str]) -> None:
+    ref = ClusterRef("plain", "plain", plain_cluster[1])
+    invalid = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "default"},
+               "spec": {"replicas": "two"}}
+    with pytest.raises(ApplyRejected, match=r"apply Deployment default/web: HTTP 400 .*cannot unmarshal string"):
+        apply_overlay(ref, [invalid])
+    unknown = {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": {"name": "web"}}
+    with pytest.raises(ApplyRejected, match="kind ServiceMonitor of monitoring.coreos.com/v1 is not served"):
+        apply_overlay(ref, [unknown])

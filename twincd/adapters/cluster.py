@@ -58,7 +58,11 @@ class ClusterDenied(PermanentError):
     """401/403, or a kubeconfig/context that does not exist."""
 
 
-class ApplyRejected(PermanentError):
+class ClusterRefused(PermanentError):
+    """The API server refused a request (4xx other than 401/403): retrying the same one cannot help."""
+
+
+class ApplyRejected(ClusterRefused):
     """The API server refused an object of the overlay (invalid, or a kind it does not serve)."""
 
 
@@ -80,7 +84,8 @@ def api_client(ref: ClusterRef) -> k8s.ApiClient:
     return k8s.ApiClient(cfg)
 
 
-def _status_error(ref: ClusterRef, what: str, status: int, reason: str, body: bytes = b"") -> TwincdError:
+def _status_error(ref: ClusterRef, what: str, status: int, reason: str, body: bytes = b"", *,
+                  refused: type[ClusterRefused] = ClusterRefused) -> TwincdError:
     """The error for a non-2xx answer; the server's Status message is kept, trimmed."""
     if status in (401, 403):
         return ClusterDenied(f"cluster {ref.name}: {what}: access denied ({status} {reason}); "
@@ -91,7 +96,7 @@ def _status_error(ref: ClusterRef, what: str, status: int, reason: str, body: by
         message = str(json.loads(body).get("message", ""))
     except (ValueError, AttributeError):
         message = ""
-    return ApplyRejected(f"cluster {ref.name}: {what}: HTTP {status} {reason}"
+    return refused(f"cluster {ref.name}: {what}: HTTP {status} {reason}"
                          + (f": {message[:500]}" if message else ""))
 
 
@@ -111,7 +116,8 @@ def _request(ref: ClusterRef, api: k8s.ApiClient, what: str, method: str, path: 
         raise ClusterError(f"cluster {ref.name}: {what}: API server unreachable ({type(e).__name__})") from e
 
 
-def _read_json(ref: ClusterRef, api: k8s.ApiClient, what: str, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+def _read_json(ref: ClusterRef, api: k8s.ApiClient, what: str, method: str, path: str, *,
+               refused: type[ClusterRefused] = ClusterRefused, **kw: Any) -> tuple[int, Any]:
     response = _request(ref, api, what, method, path, **kw)
     try:
         data = response.data
@@ -120,7 +126,7 @@ def _read_json(ref: ClusterRef, api: k8s.ApiClient, what: str, method: str, path
     if not 200 <= response.status <= 299:
         if response.status == 404:
             return 404, None
-        raise _status_error(ref, what, response.status, response.reason, data)
+        raise _status_error(ref, what, response.status, response.reason, data, refused=refused)
     return response.status, json.loads(data)
 
 
@@ -265,7 +271,7 @@ class _Stream:
             except _Dropped as e:
                 log.info("%s: watch dropped (%s): resuming from resourceVersion %s", self.source.what, e,
                          self._resource_version)
-            except ClusterDenied as e:
+            except PermanentError as e:
                 self._out.put(_Seen(self.source.key, error=e))
                 return
             except TwincdError as e:
@@ -280,10 +286,14 @@ class _Stream:
         source = self.source
         query = (*source.selectors, ("watch", "true"), ("resourceVersion", self._resource_version),
                  ("allowWatchBookmarks", "true"), ("timeoutSeconds", str(self._watch_seconds)))
+        if self._stop.is_set():  # the verdict may have been reached on the list just reported
+            return
         response = _request(source.ref, self._api, f"watch {source.what}", "GET", source.path, query=query,
                             timeout=(REQUEST_TIMEOUT[0], self._watch_seconds + REQUEST_TIMEOUT[1]))
         self._response = response
         try:
+            if self._stop.is_set():  # stop() ran before there was a response for it to shut down
+                return
             if response.status == 410:
                 raise _Expired
             if not 200 <= response.status <= 299:
@@ -296,12 +306,18 @@ class _Stream:
                 if self._stop.is_set():
                     return
                 if line.strip():
-                    self._event(json.loads(line))
+                    try:
+                        event = json.loads(line)
+                    except ValueError as e:  # a line cut short by a breaking connection
+                        raise _Dropped("unreadable event") from e
+                    self._event(event)
         except (urllib3.exceptions.HTTPError, OSError) as e:
             if not self._stop.is_set():
                 raise _Dropped(type(e).__name__) from e
         finally:
             self._response = None
+            # Closed, not just released: a connection with unread events must never be reused.
+            response.close()
             response.release_conn()
         log.debug("%s: watch ended by the server at resourceVersion %s", source.what, self._resource_version)
 
@@ -551,7 +567,7 @@ def apply_overlay(ref: ClusterRef, objects: Iterable[Mapping[str, Any]], *,
             path = f"{root}/namespaces/{namespace}/{info.plural}/{name}" if namespace else f"{root}/{info.plural}/{name}"
             what = f"apply {kind} {namespace + '/' if namespace else ''}{name}"
             status, _ = _read_json(ref, api, what, "PATCH", path, body={**doc, "metadata": meta},
-                                   content_type=_APPLY_PATCH,
+                                   content_type=_APPLY_PATCH, refused=ApplyRejected,
                                    query=(("fieldManager", field_manager), ("force", "true")))
             if status == 404:  # the namespace is neither there nor in the overlay
                 raise ApplyRejected(f"cluster {ref.name}: {what}: HTTP 404 (does namespace {namespace!r} exist?)")
