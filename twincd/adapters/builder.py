@@ -16,12 +16,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit, urlunsplit
 
 import docker
 import docker.errors
 import requests.exceptions
 
+from twincd.adapters import git as gitrepo
 from twincd.adapters.registry import RegistryDenied, manifest_digest
 from twincd.domain import ImageRef
 from twincd.errors import PermanentError, TransientError
@@ -138,7 +138,7 @@ def build_image(
     with tempfile.TemporaryDirectory(prefix="twincd-build-") as tmp:
         context, build_file = _export_tree(repo_url, tag, Path(tmp))
         with _client(base_url, timeout=_BUILD_TIMEOUT_SECONDS) as client, open(context, "rb") as tar:
-            image_id = _run_build(client, base_url, built, tar, build_file, source=_redact(repo_url))
+            image_id = _run_build(client, base_url, built, tar, build_file, source=gitrepo.redact_url(repo_url))
             for target in built.targets[1:]:
                 repository, _, target_tag = target.rpartition(":")
                 try:
@@ -259,8 +259,8 @@ def _git(repo_url: str, what: str, *args: str, cwd: Path) -> str:
         timeout=600,
     )
     if result.returncode != 0:
-        stderr = result.stderr.replace(repo_url, _redact(repo_url))
-        raise SourceUnavailable(f"{what} {_redact(repo_url)}: {_last_line(stderr)}")
+        stderr = result.stderr.replace(repo_url, gitrepo.redact_url(repo_url))
+        raise SourceUnavailable(f"{what} {gitrepo.redact_url(repo_url)}: {_last_line(stderr)}")
     return result.stdout
 
 
@@ -276,17 +276,12 @@ def _git_url(repo_url: str) -> str:
 
 def _resolve_tag(repo_url: str, tag: str) -> str:
     """The commit that ``tag`` points to (annotated tags peeled); TagNotFound if there is none."""
-    out = _git(
-        repo_url,
-        "cannot read app repository",
-        *("ls-remote", "--tags", "--", _git_url(repo_url), f"refs/tags/{tag}", f"refs/tags/{tag}^{{}}"),
-        cwd=Path(tempfile.gettempdir()),
-    )
-    refs = {ref: sha for sha, _, ref in (line.partition("\t") for line in out.splitlines())}
-    commit = refs.get(f"refs/tags/{tag}^{{}}") or refs.get(f"refs/tags/{tag}")
-    if not commit:
-        raise TagNotFound(f"app repository {_redact(repo_url)} has no tag {tag!r}")
-    return commit
+    try:
+        return gitrepo.tag_commit(repo_url=repo_url, tag=tag)
+    except gitrepo.GitRefNotFound as e:
+        raise TagNotFound(f"app repository {gitrepo.redact_url(repo_url)} has no tag {tag!r}") from e
+    except gitrepo.GitError as e:
+        raise SourceUnavailable(f"cannot read app repository {gitrepo.redact_url(repo_url)}: {e}") from e
 
 
 def _export_tree(repo_url: str, tag: str, tmp: Path) -> tuple[Path, str]:
@@ -316,20 +311,9 @@ def _export_tree(repo_url: str, tag: str, tmp: Path) -> tuple[Path, str]:
     build_file = next((name for name in _BUILD_FILES if name in names), None)
     if build_file is None:
         raise SourceInvalid(
-            f"{_redact(repo_url)} at tag {tag!r} has no Containerfile or Dockerfile at its root"
+            f"{gitrepo.redact_url(repo_url)} at tag {tag!r} has no Containerfile or Dockerfile at its root"
         )
     return context, build_file
-
-
-def _redact(url: str) -> str:
-    """A repository URL without any ``user:token@`` part, fit for messages and image labels."""
-    if "://" not in url:
-        return url
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def _last_line(text: str) -> str:

@@ -9,10 +9,14 @@ our edits are pure functions of the files, so re-applying them on the new head i
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import git
 
@@ -20,11 +24,16 @@ from twincd.domain import ImageChange
 from twincd.errors import PermanentError, TransientError
 
 AUTHOR = git.Actor("twincd", "twincd@localhost")
+T = TypeVar("T")
 PUSH_ATTEMPTS = 4
 
 
 class GitError(TransientError):
     """The repository could not be reached or a push kept being rejected."""
+
+
+class PushRejected(GitError):
+    """The remote refused a push (usually: someone pushed first). Retried from a fresh clone."""
 
 
 class GitRefNotFound(PermanentError):
@@ -45,11 +54,28 @@ class ReleaseBranch:
 Edit = Callable[[Path], tuple[dict[str, str], tuple[ImageChange, ...]]]
 
 
+def redact_url(url: str) -> str:
+    """A repository URL without any ``user:token@`` part, fit for messages, logs and labels."""
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _scrub(text: str) -> str:
+    """git's own output may echo a URL with credentials: redact every URL in it."""
+    return re.sub(r"[a-z][a-z0-9+.-]*://\S+", lambda m: redact_url(m.group(0)), text)
+
+
 def _git_call(what: str, fn: Callable[[], object]) -> object:
     try:
         return fn()
     except git.GitCommandError as e:
-        raise GitError(f"git {what} failed: {(e.stderr or '').strip()[:500]}") from e
+        # Not `from e`: the SDK error's text carries the command line, URL credentials included.
+        raise GitError(f"git {what} failed: {_scrub(str(e.stderr or '')).strip()[:500]}") from None
 
 
 @contextlib.contextmanager
@@ -62,7 +88,7 @@ def clone(repo_url: str, *, ref: str | None = None) -> Iterator[git.Repo]:
             try:
                 repo.git.checkout(ref)
             except git.GitCommandError:
-                raise GitRefNotFound(f"{repo_url}: no branch, tag or commit named {ref!r}") from None
+                raise GitRefNotFound(f"{redact_url(repo_url)}: no branch, tag or commit named {ref!r}") from None
         yield repo
 
 
@@ -75,44 +101,66 @@ def _diff(repo: git.Repo, base: str, head: str) -> str:
     return str(repo.git.diff(f"{base}...{head}"))
 
 
+def _in_fresh_clone(repo_url: str, body: Callable[[git.Repo], T]) -> T:
+    """Run ``body`` in a fresh clone; when its push is rejected (someone pushed first), start over.
+
+    Rebase-and-retry without a real rebase: our edits are pure functions of the files, so doing
+    them again on the new remote state is exact.
+    """
+    for attempt in range(PUSH_ATTEMPTS):
+        with clone(repo_url) as repo:
+            try:
+                return body(repo)
+            except PushRejected:
+                if attempt == PUSH_ATTEMPTS - 1:
+                    raise
+    raise AssertionError("unreachable")
+
+
+def _push(repo: git.Repo, branch: str) -> None:
+    try:
+        _git_call(f"push {branch}", lambda: repo.git.push("origin", f"HEAD:refs/heads/{branch}"))
+    except GitError as e:
+        raise PushRejected(str(e)) from None
+
+
+def _branches(repo: git.Repo, repo_url: str, target: str, branch: str) -> tuple[git.RemoteReference,
+                                                                                 git.RemoteReference | None]:
+    target_ref = _remote_branch(repo, target)
+    if target_ref is None:
+        raise GitRefNotFound(f"{redact_url(repo_url)}: target branch {target!r} does not exist")
+    return target_ref, _remote_branch(repo, branch)
+
+
+_AS_TWINCD = {"GIT_AUTHOR_NAME": AUTHOR.name, "GIT_AUTHOR_EMAIL": AUTHOR.email,
+              "GIT_COMMITTER_NAME": AUTHOR.name, "GIT_COMMITTER_EMAIL": AUTHOR.email}
+
+
 def write_release_branch(*, repo_url: str, target: str, branch: str, edit: Edit, message: str) -> ReleaseBranch:
     """Make ``branch`` (created from ``target`` when missing) hold ``edit``; push it.
 
     Idempotent: when the branch already holds the edit no commit is made and nothing is pushed.
     """
-    for attempt in range(PUSH_ATTEMPTS):
-        with clone(repo_url) as repo:
-            target_ref = _remote_branch(repo, target)
-            if target_ref is None:
-                raise GitRefNotFound(f"{repo_url}: target branch {target!r} does not exist")
-            existing = _remote_branch(repo, branch)
-            start = existing if existing is not None else target_ref
-            repo.git.checkout("-B", branch, start.name)
-            work = Path(str(repo.working_tree_dir))
-            files, changes = edit(work)
-            base = target_ref.commit.hexsha
-            if not changes:
-                # Already done: either the branch holds the edit (an earlier run) or, when there is
-                # no branch, the target already does (released before): no branch is made then and
-                # the empty diff tells the caller so.
-                head = repo.head.commit.hexsha
-                return ReleaseBranch(branch, head, base, (), False, _diff(repo, base, head))
-            for rel, text in files.items():
-                (work / rel).write_text(text)
-            repo.index.add(list(files))
-            commit = repo.index.commit(message, author=AUTHOR, committer=AUTHOR)
-            try:
-                _push(repo, branch)
-            except GitError:
-                if attempt == PUSH_ATTEMPTS - 1:
-                    raise
-                continue  # someone pushed first: start again from the new remote state
-            return ReleaseBranch(branch, commit.hexsha, base, changes, True, _diff(repo, base, commit.hexsha))
-    raise AssertionError("unreachable")
+    def body(repo: git.Repo) -> ReleaseBranch:
+        target_ref, existing = _branches(repo, repo_url, target, branch)
+        repo.git.checkout("-B", branch, (existing or target_ref).name)
+        work = Path(str(repo.working_tree_dir))
+        files, changes = edit(work)
+        base = target_ref.commit.hexsha
+        if not changes:
+            # Already done: either the branch holds the edit (an earlier run) or, when there is no
+            # branch, the target already does (released before): no branch is made then and the
+            # empty diff tells the caller so.
+            head = repo.head.commit.hexsha
+            return ReleaseBranch(branch, head, base, (), False, _diff(repo, base, head))
+        for rel, text in files.items():
+            (work / rel).write_text(text)
+        repo.index.add(list(files))
+        commit = repo.index.commit(message, author=AUTHOR, committer=AUTHOR)
+        _push(repo, branch)
+        return ReleaseBranch(branch, commit.hexsha, base, changes, True, _diff(repo, base, commit.hexsha))
 
-
-def _push(repo: git.Repo, branch: str) -> None:
-    _git_call(f"push {branch}", lambda: repo.git.push("origin", f"HEAD:refs/heads/{branch}"))
+    return _in_fresh_clone(repo_url, body)
 
 
 def branch_head(*, repo_url: str, branch: str) -> str | None:
@@ -128,34 +176,24 @@ def merge_branch(*, repo_url: str, source: str, target: str, message: str) -> st
     "Already merged" is success: the existing merge commit (the first commit on ``target`` whose
     parents include the source head) is returned and nothing is pushed.
     """
-    for attempt in range(PUSH_ATTEMPTS):
-        with clone(repo_url) as repo:
-            src = _remote_branch(repo, source)
-            if src is None:
-                raise GitRefNotFound(f"{repo_url}: source branch {source!r} does not exist")
-            tgt = _remote_branch(repo, target)
-            if tgt is None:
-                raise GitRefNotFound(f"{repo_url}: target branch {target!r} does not exist")
-            src_sha = src.commit.hexsha
-            if repo.is_ancestor(src.commit, tgt.commit):
-                return _merge_commit_of(repo, src_sha, tgt.name)
-            repo.git.checkout("-B", target, tgt.name)
-            try:
-                repo.git.merge("--no-ff", "-m", message, src.name,
-                               env={"GIT_AUTHOR_NAME": AUTHOR.name, "GIT_AUTHOR_EMAIL": AUTHOR.email,
-                                    "GIT_COMMITTER_NAME": AUTHOR.name, "GIT_COMMITTER_EMAIL": AUTHOR.email})
-            except git.GitCommandError as e:
-                raise PermanentError(
-                    f"{repo_url}: {source} does not merge cleanly into {target}: {(e.stdout or '').strip()[:300]}"
-                ) from e
-            try:
-                _push(repo, target)
-            except GitError:
-                if attempt == PUSH_ATTEMPTS - 1:
-                    raise
-                continue
-            return repo.head.commit.hexsha
-    raise AssertionError("unreachable")
+    def body(repo: git.Repo) -> str:
+        tgt, src = _branches(repo, repo_url, target, source)
+        if src is None:
+            raise GitRefNotFound(f"{redact_url(repo_url)}: source branch {source!r} does not exist")
+        if repo.is_ancestor(src.commit, tgt.commit):
+            return _merge_commit_of(repo, src.commit.hexsha, tgt.name)
+        repo.git.checkout("-B", target, tgt.name)
+        try:
+            repo.git.merge("--no-ff", "-m", message, src.name, env=_AS_TWINCD)
+        except git.GitCommandError as e:
+            raise PermanentError(
+                f"{redact_url(repo_url)}: {source} does not merge cleanly into {target}: "
+                f"{_scrub(str(e.stdout or '')).strip()[:300]}"
+            ) from None
+        _push(repo, target)
+        return str(repo.head.commit.hexsha)
+
+    return _in_fresh_clone(repo_url, body)
 
 
 def _merge_commit_of(repo: git.Repo, source_sha: str, target_ref: str) -> str:
@@ -168,50 +206,42 @@ def _merge_commit_of(repo: git.Repo, source_sha: str, target_ref: str) -> str:
 
 def tag_commit(*, repo_url: str, tag: str) -> str:
     """The commit a tag points at (annotated tags peeled); GitRefNotFound when there is no such tag."""
+    # `--` so that a URL can never be read as an option; no prompt for a missing credential.
     out = str(_git_call("ls-remote", lambda: git.cmd.Git().ls_remote(
-        repo_url, f"refs/tags/{tag}", f"refs/tags/{tag}^{{}}"))).strip()
+        "--tags", "--", repo_url, f"refs/tags/{tag}", f"refs/tags/{tag}^{{}}",
+        env={**os.environ, "GIT_TERMINAL_PROMPT": "0"}))).strip()
     refs: dict[str, str] = {}
     for line in out.splitlines():
         sha, _, name = line.partition("\t")
         refs[name] = sha
     found = refs.get(f"refs/tags/{tag}^{{}}") or refs.get(f"refs/tags/{tag}")
     if found is None:
-        raise GitRefNotFound(f"tag {tag!r} does not exist in {repo_url}")
+        raise GitRefNotFound(f"tag {tag!r} does not exist in {redact_url(repo_url)}")
     return found
 
 
 def write_revert_branch(*, repo_url: str, target: str, branch: str, merge_commits: list[str]) -> ReleaseBranch:
-    """Make ``branch`` (from ``target``) hold a `git revert -m 1` of each merge commit, newest first.
+    """Make ``branch`` (from ``target``) hold a `git revert -m 1` of each merge commit, in the order given.
 
     Idempotent: an existing branch is taken as it is (it holds the reverts of an earlier run).
     Rollback is a new commit on top, never a force-push: what ran stays in history and Argo CD
     syncs the revert like any other change (argo-cd#2441).
     """
-    for attempt in range(PUSH_ATTEMPTS):
-        with clone(repo_url) as repo:
-            target_ref = _remote_branch(repo, target)
-            if target_ref is None:
-                raise GitRefNotFound(f"{repo_url}: target branch {target!r} does not exist")
-            base = target_ref.commit.hexsha
-            existing = _remote_branch(repo, branch)
-            if existing is not None:
-                head = existing.commit.hexsha
-                return ReleaseBranch(branch, head, base, (), False, _diff(repo, base, head))
-            repo.git.checkout("-B", branch, target_ref.name)
-            env = {"GIT_AUTHOR_NAME": AUTHOR.name, "GIT_AUTHOR_EMAIL": AUTHOR.email,
-                   "GIT_COMMITTER_NAME": AUTHOR.name, "GIT_COMMITTER_EMAIL": AUTHOR.email}
-            for sha in merge_commits:
-                try:
-                    repo.git.revert("--no-edit", "-m", "1", sha, env=env)
-                except git.GitCommandError as e:
-                    raise PermanentError(f"{repo_url}: cannot revert {sha[:12]} on {target}: "
-                                         f"{(e.stderr or e.stdout or '').strip()[:300]}") from e
+    def body(repo: git.Repo) -> ReleaseBranch:
+        target_ref, existing = _branches(repo, repo_url, target, branch)
+        base = target_ref.commit.hexsha
+        if existing is not None:
+            head = existing.commit.hexsha
+            return ReleaseBranch(branch, head, base, (), False, _diff(repo, base, head))
+        repo.git.checkout("-B", branch, target_ref.name)
+        for sha in merge_commits:
             try:
-                _push(repo, branch)
-            except GitError:
-                if attempt == PUSH_ATTEMPTS - 1:
-                    raise
-                continue
-            head = repo.head.commit.hexsha
-            return ReleaseBranch(branch, head, base, (), True, _diff(repo, base, head))
-    raise AssertionError("unreachable")
+                repo.git.revert("--no-edit", "-m", "1", sha, env=_AS_TWINCD)
+            except git.GitCommandError as e:
+                raise PermanentError(f"{redact_url(repo_url)}: cannot revert {sha[:12]} on {target}: "
+                                     f"{_scrub(str(e.stderr or e.stdout or '')).strip()[:300]}") from None
+        _push(repo, branch)
+        head = repo.head.commit.hexsha
+        return ReleaseBranch(branch, head, base, (), True, _diff(repo, base, head))
+
+    return _in_fresh_clone(repo_url, body)

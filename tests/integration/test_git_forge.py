@@ -1,0 +1,120 @@
+"""The manifests git adapter and the local forge against real bare repositories."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from twincd.adapters import git as gitrepo
+from twincd.adapters.forge_local import LocalForge
+from twincd.domain import ImageChange
+from twincd.errors import PermanentError
+from twincd.sandbox.seed import seed_app, seed_manifests
+
+OVERLAY = "overlays/eks/hello/kustomization.yaml"
+
+
+def run_git(*args: str, cwd: Path | None = None) -> str:
+    return subprocess.run(["git", "-c", "user.name=dev", "-c", "user.email=dev@example.test", *args], cwd=cwd,
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def manifests(tmp_path: Path) -> str:
+    bare = tmp_path / "manifests.git"
+    seed_manifests(bare, apps=["hello"], clusters=["eks", "aks"])
+    return str(bare)
+
+
+def append_line(line: str) -> gitrepo.Edit:
+    """An edit that appends ``line`` to the eks overlay unless it is already there."""
+    def edit(work: Path) -> tuple[dict[str, str], tuple[ImageChange, ...]]:
+        text = (work / OVERLAY).read_text()
+        if line in text:
+            return {}, ()
+        return {OVERLAY: text + line + "\n"}, (ImageChange(OVERLAY, "hello", "", line),)
+    return edit
+
+
+def refs(bare: str) -> str:
+    return run_git("-C", bare, "for-each-ref")
+
+
+def test_release_branch_is_written_once(manifests: str) -> None:
+    first = gitrepo.write_release_branch(repo_url=manifests, target="main", branch="twincd/hello/v1",
+                                         edit=append_line("# v1"), message="v1")
+    assert first.committed and "+# v1" in first.diff
+    before = refs(manifests)
+    again = gitrepo.write_release_branch(repo_url=manifests, target="main", branch="twincd/hello/v1",
+                                         edit=append_line("# v1"), message="v1")
+    assert not again.committed and again.head == first.head and again.diff == first.diff
+    assert refs(manifests) == before  # no second commit, no second branch
+
+
+def test_push_rejected_once_is_redone_on_the_new_remote_state(manifests: str, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    run_git("clone", "-q", manifests, str(other))
+    calls: list[int] = []
+
+    def racing_edit(work: Path) -> tuple[dict[str, str], tuple[ImageChange, ...]]:
+        if not calls:  # someone else pushes to main while our first attempt edits its clone
+            (other / "README.md").write_text("changed by someone else\n")
+            run_git("commit", "-qam", "concurrent", cwd=other)
+            run_git("push", "-q", "origin", "HEAD:main", cwd=other)
+        calls.append(1)
+        files = {"README.md": (work / "README.md").read_text() + "ours\n"}
+        return files, (ImageChange("README.md", "x", "", "ours"),)
+
+    merged = gitrepo.write_release_branch(repo_url=manifests, target="main", branch="main", edit=racing_edit,
+                                          message="ours")
+    assert len(calls) == 2  # rejected once, redone from the new head
+    assert run_git("-C", manifests, "show", "main:README.md") == "changed by someone else\nours"
+    assert merged.head == run_git("-C", manifests, "rev-parse", "main")
+
+
+def test_merge_is_idempotent_and_revert_restores(manifests: str) -> None:
+    base = run_git("-C", manifests, "rev-parse", "main")
+    gitrepo.write_release_branch(repo_url=manifests, target="main", branch="rel", edit=append_line("# rel"),
+                                 message="rel")
+    merge = gitrepo.merge_branch(repo_url=manifests, source="rel", target="main", message="merge rel")
+    assert gitrepo.merge_branch(repo_url=manifests, source="rel", target="main", message="merge rel") == merge
+    revert = gitrepo.write_revert_branch(repo_url=manifests, target="main", branch="rel-revert",
+                                         merge_commits=[merge])
+    assert revert.committed and "-# rel" in revert.diff
+    gitrepo.merge_branch(repo_url=manifests, source="rel-revert", target="main", message="revert rel")
+    assert run_git("-C", manifests, "diff", base, "main", "--", OVERLAY) == ""
+
+
+def test_tag_commit_and_missing_refs(tmp_path: Path, manifests: str) -> None:
+    app = tmp_path / "hello.git"
+    seed_app(app, tag="v1.0.0")
+    assert gitrepo.tag_commit(repo_url=str(app), tag="v1.0.0") == run_git("-C", str(app), "rev-parse", "v1.0.0^{}")
+    with pytest.raises(gitrepo.GitRefNotFound, match="tag 'v9' does not exist"):
+        gitrepo.tag_commit(repo_url=str(app), tag="v9")
+    with pytest.raises(gitrepo.GitRefNotFound, match="target branch 'nope'"):
+        gitrepo.write_release_branch(repo_url=manifests, target="nope", branch="b", edit=append_line("x"), message="x")
+
+
+def test_credentials_in_a_repo_url_never_reach_a_message() -> None:
+    url = "http://deploy:glpat-SECRET@127.0.0.1:9/infra/manifests.git"
+    assert gitrepo.redact_url(url) == "http://127.0.0.1:9/infra/manifests.git"
+    with pytest.raises(gitrepo.GitError) as error:
+        gitrepo.tag_commit(repo_url=url, tag="v1")
+    assert "SECRET" not in str(error.value) and error.value.__cause__ is None
+
+
+def test_local_forge_reuses_merges_and_refuses(manifests: str, tmp_path: Path) -> None:
+    forge = LocalForge(repo_url=manifests, records_dir=tmp_path / "forge")
+    gitrepo.write_release_branch(repo_url=manifests, target="main", branch="twincd/hello/v2",
+                                 edit=append_line("# v2"), message="v2")
+    mr = forge.open(source_branch="twincd/hello/v2", target_branch="main", title="v2", description="d")
+    assert mr.state == "opened" and not mr.reused
+    assert forge.open(source_branch="twincd/hello/v2", target_branch="main", title="v2", description="d").reused
+    merged = forge.merge(mr, approved_by="alice")
+    assert merged.state == "merged" and merged.merge_commit == run_git("-C", manifests, "rev-parse", "main")
+    assert "Approved-by: alice" in run_git("-C", manifests, "log", "-1", "--format=%B", "main")
+    assert forge.merge(mr, approved_by="alice") == merged  # already merged: same commit
+    with pytest.raises(PermanentError, match="already merged"):
+        forge.close(merged, reason="too late")
