@@ -22,14 +22,17 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from prefect import flow
 from prefect.client.schemas.objects import State
 from prefect.flow_runs import pause_flow_run
+from prefect.futures import PrefectFuture
 from prefect.input import RunInput
 from prefect.states import Cancelled
 
 from tasks.deploy import (
+    apply_overlay,
     bake,
     build_image,
     check_release,
@@ -191,11 +194,25 @@ def _wait_for_approval(environment: Environment, mr: MergeRequest, branch: Relea
 
 def _verify(environment: Environment, release: Release, clusters: tuple[str, ...], revision: str,
             digests: Mapping[str, str | None], story: _Story, step: str) -> tuple[RolloutVerdict, ...]:
-    futures = [verify_rollout.submit(environment, release, name, revision, digests[name]) for name in clusters]
-    verdicts = tuple(f.result() for f in futures)
+    # Clusters without Argo CD get the overlay applied by twincd first (`sync: apply`).
+    applies = {name: apply_overlay.submit(environment, release.app, name, revision)
+               for name in clusters if environment.clusters[name].sync == "apply"}
+    apply_errors = {name: error for name, future in applies.items() if (error := _error_of(future))}
+    futures = {name: verify_rollout.submit(environment, release, name, revision, digests[name])
+               for name in clusters if name not in apply_errors}
+    verdicts = tuple(futures[name].result() if name in futures else
+                     RolloutVerdict(name, Phase.FAILED, f"apply failed: {apply_errors[name]}") for name in clusters)
     for v in verdicts:
         story.add(step, "ok" if v.phase is Phase.SUCCEEDED else "failed", v.message, cluster=v.cluster, tell=True)
     return verdicts
+
+
+def _error_of(future: PrefectFuture[Any]) -> str:
+    try:
+        future.result()
+    except TwincdError as e:
+        return str(e)
+    return ""
 
 
 def _deploy(environment: Environment, release: Release, story: _Story, auto_approve: bool) -> DeployResult:

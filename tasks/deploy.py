@@ -32,7 +32,7 @@ from twincd.domain import (
 from twincd.errors import PermanentError, TwincdError
 from twincd.release import check_tag
 from twincd.secrets import resolve_secret
-from twincd.validate import SchemaValidator, validate_overlay
+from twincd.validate import SchemaValidator, parse_documents, render_overlay, validate_overlay
 
 
 @task(name="load-environment")
@@ -210,6 +210,20 @@ def close_merge_request(env: Environment, mr: MergeRequest, reason: str) -> Merg
     return _forge(env).close(mr, reason=reason)
 
 
+@task(name="apply-overlay", task_run_name="apply-{cluster_name}", **IO_RETRIES)
+def apply_overlay(env: Environment, app: str, cluster_name: str, revision: str) -> cluster.ApplyResult:
+    """`sync: apply` clusters (no Argo CD): server-side apply of the app's overlay at ``revision``."""
+    overlay = env.app_overlay(app, cluster_name)
+    with git.clone(str(env.path(env.manifests.repo)), ref=revision) as repo:
+        docs = parse_documents(render_overlay(Path(str(repo.working_tree_dir)), overlay), source=overlay)
+    return cluster.apply_overlay(_cluster_ref(env, cluster_name), docs)
+
+
+def _cluster_ref(env: Environment, cluster_name: str) -> cluster.ClusterRef:
+    c = env.clusters[cluster_name]
+    return cluster.ClusterRef(cluster_name, c.context, str(env.path(c.kubeconfig)) if c.kubeconfig else None)
+
+
 @task(name="verify-rollout", task_run_name="verify-{cluster_name}")
 def verify_rollout(env: Environment, release: Release, cluster_name: str, revision: str,
                    digest: str | None, timeout: float | None = None) -> RolloutVerdict:
@@ -217,11 +231,11 @@ def verify_rollout(env: Environment, release: Release, cluster_name: str, revisi
     c = env.clusters[cluster_name]
     w = env.app(release.app).workload
     argocd = c.argocd if c.sync == "argocd" else None
-    kubeconfig = str(env.path(c.kubeconfig)) if c.kubeconfig else None
+    ref = _cluster_ref(env, cluster_name)
     target = cluster.RolloutTarget(
-        cluster=cluster.ClusterRef(cluster_name, c.context, kubeconfig),
+        cluster=ref,
         argocd=cluster.ClusterRef(f"Argo CD of {cluster_name}", argocd.context,
-                                  str(env.path(argocd.kubeconfig)) if argocd.kubeconfig else kubeconfig)
+                                  str(env.path(argocd.kubeconfig)) if argocd.kubeconfig else ref.kubeconfig)
         if argocd else None,
         application=argocd.application.format(app=release.app, cluster=cluster_name) if argocd else None,
         argocd_namespace=argocd.namespace if argocd else "argocd",
