@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from twincd.config import DEFAULT_ENV, REPO_ROOT, Environment, load_environment
@@ -144,9 +145,10 @@ def cmd_serve(env: Environment, args: argparse.Namespace) -> int:
     from flows.drift import drift_check
     from flows.failover import failover
 
-    deployments = [deploy.to_deployment(name="deploy", parameters={"env": env.source}),
-                   failover.to_deployment(name="failover", parameters={"env": env.source}),
-                   drift_check.to_deployment(name="drift-check", parameters={"env": env.source},
+    source = str(Path(env.source).resolve())  # runs may start in another working directory
+    deployments = [deploy.to_deployment(name="deploy", parameters={"env": source}),
+                   failover.to_deployment(name="failover", parameters={"env": source}),
+                   drift_check.to_deployment(name="drift-check", parameters={"env": source},
                                              cron="*/15 * * * *")]
     # In a sync context to_deployment returns the deployment itself, never a coroutine.
     serve(*[d for d in deployments if not isinstance(d, Coroutine)])
