@@ -193,7 +193,7 @@ def notify(env: Environment, timeline: Timeline) -> None:
         return
     result = slack.SlackNotifier(
         token.reveal(), env.notifier.channel, mention_on_failure=env.notifier.mention_on_failure,
-        store=slack.PrefectVariableThreadStore(), logger=logger,
+        store=slack.PrefectVariableThreadStore(), logger=logger, base_url=env.notifier.api_url,
     ).publish(timeline, list(env.clusters))
     if not result.ok:  # the error text is token-free (the adapter scrubs it)
         create_markdown_artifact(key=timeline.key.replace("release-", "slack-", 1),

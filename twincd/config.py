@@ -75,6 +75,7 @@ class SlackNotifier(_Model):
     channel: str
     token: SecretRef
     mention_on_failure: str = ""
+    api_url: str | None = None  # the Web API base URL, default https://slack.com/api/ (proxies, tests)
 
     _token = field_validator("token")(_check_secret_ref)
 

@@ -113,3 +113,28 @@ def test_sequential_rollout_stops_before_the_second_cloud_and_reverts(stack_env:
     for cluster in ("eks", "aks"):
         assert main_file(env, f"overlays/{cluster}/hello/kustomization.yaml") == before[cluster]
         assert old_digest in before[cluster]
+
+
+def test_slack_tells_the_release_in_one_thread(stack_env: Environment) -> None:
+    from tests.fakes.slack import start_fake_slack
+
+    running = start_fake_slack(token="xoxb-e2e-secret")
+    try:
+        env = _variant(stack_env, "slack", notifier={"type": "slack", "channel": "#deploys",
+                                                     "token": "env:TWINCD_E2E_SLACK", "api_url": running.fake.api_url})
+        release_app(env, "v2.2.0", page="<h1>hello 2.2.0</h1>\n")
+        result = subprocess.run([sys.executable, "-m", "twincd.cli", "--env", env.source, "deploy", "hello", "v2.2.0",
+                                 "--auto-approve"], capture_output=True, text=True, timeout=300, check=False,
+                                env={**os.environ, "TWINCD_E2E_SLACK": "xoxb-e2e-secret"})
+        assert result.returncode == 0, result.stdout + result.stderr
+        calls = running.fake.calls
+        posts = [c for c in calls if c.method == "chat.postMessage"]
+        parents = [c for c in posts if not c.thread_ts]
+        assert len(parents) == 1  # one thread per release
+        assert all(c.thread_ts == parents[0].ts for c in posts[1:])
+        assert any(c.method == "chat.update" and c.ts == parents[0].ts for c in calls)  # updated in place
+        final = running.fake.messages[(running.fake.channels["#deploys"], parents[0].ts)].text
+        assert "hello" in final and "2.2.0" in final and "eks" in final and "aks" in final
+        assert "xoxb-e2e-secret" not in result.stdout + result.stderr
+    finally:
+        running.stop()
