@@ -181,7 +181,7 @@ def notify(env: Environment, timeline: Timeline) -> None:
     """Tell the team. A failing notifier never fails a deploy: the failure is logged and noted."""
     logger = get_run_logger()
     try:
-        notify_console.publish(timeline, logger=logger)
+        notify_console.publish(timeline, list(env.clusters), logger=logger)
     except Exception as e:  # noqa: BLE001 - by design, see docstring
         logger.warning("console notifier failed (the deploy goes on): %s", type(e).__name__)
     if not isinstance(env.notifier, SlackConfig):

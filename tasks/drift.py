@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,9 +23,12 @@ from prefect.variables import Variable
 
 from tasks.common import IO_RETRIES
 from twincd import drift
-from twincd.adapters import git, kube_read
+from twincd.adapters import git, kube_read, slack
 from twincd.adapters.cluster import ClusterRef
 from twincd.config import Environment
+from twincd.config import SlackNotifier as SlackConfig
+from twincd.errors import TwincdError
+from twincd.secrets import resolve_secret
 from twincd.validate import parse_documents, render_overlay
 
 # A drift check must always look at the clusters as they are now: never a cached answer.
@@ -172,7 +176,20 @@ def notify_change(env: Environment, desired: DesiredState, appeared: tuple[drift
         logger.info("cleared: %s", i)
     text = drift.changes_markdown(appeared, cleared, revision=desired.revision)
     create_markdown_artifact(text, key=f"drift-changes-{state_slug(env)}", description="Drift changed")
+    if isinstance(env.notifier, SlackConfig):
+        _tell_slack(env.notifier, text, logger)
     return text
+
+
+def _tell_slack(cfg: SlackConfig, text: str, logger: logging.Logger | logging.LoggerAdapter[logging.Logger]) -> None:
+    """Drift changes as one Slack message; like every notifier failure, logged and never raised."""
+    try:
+        token = resolve_secret(cfg.token)
+    except TwincdError as e:
+        logger.warning("Slack notifier not configured: %s", e)
+        return
+    slack.SlackNotifier(token.reveal(), cfg.channel, store=slack.MemoryThreadStore(), base_url=cfg.api_url,
+                        logger=logger).announce(text)
 
 
 @task(name="save-drift-state", **IO_RETRIES, **_FRESH)

@@ -287,3 +287,12 @@ def test_prefect_variable_store_continues_the_thread(slack: FakeSlack, prefect_h
     second = notifier(slack, PrefectVariableThreadStore()).publish(timelines[1], CLUSTERS)
     assert second.ok and second.ts == first.ts and not second.posted_parent and second.replies == 1
     assert len([m for m in slack.messages.values() if not m.thread_ts]) == 1
+
+
+def test_announce_posts_one_standalone_message_and_never_raises(slack: FakeSlack) -> None:
+    result = notifier(slack, MemoryThreadStore()).announce("*Drift changed*: 1 appeared")
+    assert result.ok and result.ts
+    assert [(c.method, c.thread_ts) for c in slack.calls] == [("chat.postMessage", "")]
+    slack.fail(1, status=500)
+    failed = notifier(slack, MemoryThreadStore()).announce("again")
+    assert not failed.ok and "HTTP 500" in failed.error

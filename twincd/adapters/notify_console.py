@@ -1,23 +1,29 @@
 """The console notifier: log lines plus a markdown "release timeline" artifact in the Prefect UI.
 
-The artifact keeps one key per release, so each publish adds a version and the UI shows the
-latest timeline under the same name.
+It tells the same story as the Slack notifier, from the same model (twincd.notify): the replies
+people act on become log lines, and the artifact opens with the parent message's summary. The
+artifact keeps one key per release, so each publish adds a version and the UI shows the latest.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from prefect.artifacts import create_markdown_artifact
 
 from twincd.domain import Timeline
+from twincd.notify import is_reply, parent_summary, reply
 
 
-def publish(timeline: Timeline, *, logger: logging.Logger | logging.LoggerAdapter[logging.Logger]) -> None:
+def publish(timeline: Timeline, clusters: Sequence[str], *,
+            logger: logging.Logger | logging.LoggerAdapter[logging.Logger]) -> None:
     if timeline.events:
         e = timeline.events[-1]
         where = f" [{e.cluster}]" if e.cluster else ""
-        level = logging.ERROR if e.status == "failed" else logging.INFO
-        logger.log(level, "%s %s %s%s: %s: %s", timeline.app, timeline.tag, e.step, where, e.status, e.text)
-    create_markdown_artifact(markdown=timeline.markdown(), key=timeline.key,
+        text = reply(e).plain if is_reply(e) else f"{e.step}{where}: {e.status}: {e.text}"
+        logger.log(logging.ERROR if e.status == "failed" else logging.INFO, "%s %s: %s",
+                   timeline.app, timeline.tag, text)
+    summary = parent_summary(timeline, clusters).plain
+    create_markdown_artifact(markdown=f"**{summary}**\n\n{timeline.markdown()}", key=timeline.key,
                              description=f"Release timeline of {timeline.app} {timeline.tag}")

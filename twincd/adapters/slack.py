@@ -182,6 +182,17 @@ class SlackNotifier:
         assert state is not None
         return PublishResult(True, "", state.ts, state.channel_id, posted_parent, updated_parent, replies)
 
+    def announce(self, text: str) -> PublishResult:
+        """One standalone message (e.g. drift that appeared or cleared); never raises."""
+        try:
+            response = self._call("chat.postMessage", time.monotonic() + self._budget, channel=self._channel,
+                                  text=text, unfurl_links=False)
+        except _Failed as e:
+            return self._failed(str(e))
+        except Exception as e:  # noqa: BLE001 - a bug here must not fail the run either
+            return self._failed(f"unexpected {type(e).__name__}: {e}")
+        return PublishResult(True, "", str(response["ts"]), str(response["channel"]), posted_parent=True)
+
     def _post_parent(self, parent: ParentMessage, parent_hash: str, deadline: float) -> ThreadState:
         response = self._call("chat.postMessage", deadline, channel=self._channel, text=parent.text,
                               blocks=list(parent.blocks), unfurl_links=False)
