@@ -33,7 +33,7 @@ from twincd.adapters.kube_read import read_cluster
 from twincd.config import load_environment
 from twincd.drift import find_skew
 from twincd.sandbox.apiserver import RESOURCES, create_app, serve_in_thread
-from twincd.sandbox.kubeconfig import write_kubeconfig
+from twincd.sandbox.contexts import write_kubeconfig
 
 CLUSTERS = ("eks", "aks")
 DIGEST = "sha256:" + "a" * 64

@@ -36,7 +36,7 @@ from kubernetes import client
 
 from twincd.adapters.cluster import ClusterRef, RolloutTarget, verify_rollout
 from twincd.domain import Phase, RolloutVerdict
-from twincd.sandbox.kubeconfig import write_kubeconfig
+from twincd.sandbox.contexts import write_kubeconfig
 from twincd.sandbox.procs import free_port
 
 IMAGE = "registry.test/hello"

@@ -31,7 +31,7 @@ from twincd.adapters.kube_read import BUILTIN_KINDS, read_cluster
 from twincd.config import Environment, load_environment
 from twincd.drift import Drift, DriftItem, find_skew
 from twincd.sandbox.apiserver import RunningServer, create_app, serve_in_thread
-from twincd.sandbox.kubeconfig import write_kubeconfig
+from twincd.sandbox.contexts import write_kubeconfig
 from twincd.sandbox.procs import free_port
 from twincd.validate import parse_documents, render_overlay
 

@@ -17,7 +17,7 @@ import pytest
 from kubernetes import client, watch
 
 from twincd.sandbox.apiserver import RunningServer, create_app, serve_in_thread
-from twincd.sandbox.kubeconfig import write_kubeconfig
+from twincd.sandbox.contexts import write_kubeconfig
 
 pytestmark = pytest.mark.integration
 

@@ -35,8 +35,8 @@ from tests.integration.test_sandbox_cluster import (
 from twincd.adapters.cluster import ApplyRejected, ClusterRef, RolloutTarget, apply_overlay, verify_rollout
 from twincd.domain import Phase, RolloutVerdict
 from twincd.sandbox.apiserver import RunningServer, create_app, serve_in_thread
+from twincd.sandbox.contexts import write_kubeconfig
 from twincd.sandbox.controllers import DeploymentController, render_overlay
-from twincd.sandbox.kubeconfig import write_kubeconfig
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ import httpx
 from twincd.config import DnsRfc2136, Environment
 from twincd.errors import ConfigError
 from twincd.sandbox import buildd, dns, procs, registry, seed
-from twincd.sandbox.kubeconfig import write_kubeconfig
+from twincd.sandbox.contexts import write_kubeconfig
 
 PREFECT = "prefect-server"
 
