@@ -1,0 +1,90 @@
+"""Environment files: typed, checked before any side effect; errors name file, key and expectation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from twincd.config import DEFAULT_ENV, UnknownApp, load_environment
+from twincd.errors import ConfigError
+from twincd.release import BadTag, check_tag
+
+
+def write(tmp_path: Path, **changes: object) -> Path:
+    data = yaml.safe_load(DEFAULT_ENV.read_text())
+    data.update(changes)
+    path = tmp_path / "env.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_the_embedded_default_loads() -> None:
+    env = load_environment()
+    assert env.app_overlay("hello", "eks") == "overlays/eks/hello"
+    assert env.pull_registry("hello", "aks") == "127.0.0.1:5000"
+    assert env.rollout_stages() == [("eks", "aks")]
+    assert env.path(env.manifests.repo) == DEFAULT_ENV.parent.parent / ".twincd/git/manifests.git"
+
+
+def test_broken_yaml_names_the_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "env.yaml"
+    path.write_text("manifests: {repo: x\nforge: [\n")
+    with pytest.raises(ConfigError, match=rf"{path}: line \d+, column \d+ is not valid YAML"):
+        load_environment(path)
+
+
+def test_wrong_type_names_the_key(tmp_path: Path) -> None:
+    path = write(tmp_path, timeouts={"rollout_seconds": "soon"})
+    with pytest.raises(ConfigError, match=r"timeouts\.rollout_seconds: Input should be a valid number"):
+        load_environment(path)
+
+
+def test_unknown_key_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"clustres: Extra inputs are not permitted"):
+        load_environment(write(tmp_path, clustres={}))
+
+
+def test_a_literal_secret_is_refused_and_never_echoed(tmp_path: Path) -> None:
+    path = write(tmp_path, notifier={"type": "slack", "channel": "#deploys", "token": "xoxb-123-literal"})
+    with pytest.raises(ConfigError) as error:
+        load_environment(path)
+    assert "notifier.slack.token" in str(error.value) and "secret reference" in str(error.value)
+    assert "xoxb-123-literal" not in str(error.value)
+
+
+def test_cross_references_are_checked(tmp_path: Path) -> None:
+    data = yaml.safe_load(DEFAULT_ENV.read_text())
+    data["apps"]["hello"]["registries"] = ["ecr"]
+    path = tmp_path / "env.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"apps.hello.registries names 'ecr'.*known: local"):
+        load_environment(path)
+    with pytest.raises(ConfigError, match="rollout.order must list every cluster"):
+        load_environment(write(tmp_path, rollout={"strategy": "sequential", "order": ["eks"]}))
+
+
+def test_unknown_app_lists_the_known_ones() -> None:
+    with pytest.raises(UnknownApp, match=r"unknown app 'nope' .*known apps: hello"):
+        load_environment().app("nope")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="environment file not found"):
+        load_environment(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize("tag", ["v1.2.3", "1.2.3", "v1.2.3-rc.1"])
+def test_release_tags_that_pass(tag: str) -> None:
+    assert check_tag(app="hello", tag=tag, pattern=load_environment().apps["hello"].tag_pattern) == tag
+
+
+@pytest.mark.parametrize("tag,why", [
+    ("v1.2", "does not match"), ("latest", "does not match"), ("v1.2.3;id", "not a safe"), ("-x", "not a safe"),
+    ("v1..2", "not a safe"), ("v1.2.3.lock", "not a safe"), ("$(id)", "not a safe"), ("v1 2", "not a safe"),
+    ("x" * 129, "not a safe"),
+])
+def test_release_tags_refused(tag: str, why: str) -> None:
+    with pytest.raises(BadTag, match=why):
+        check_tag(app="hello", tag=tag, pattern=load_environment().apps["hello"].tag_pattern)
