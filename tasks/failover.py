@@ -47,6 +47,9 @@ def dns_port(env: Environment) -> dnsport.DnsPort:
         return dnsport.NoDns()
     if cfg.type == "route53":
         return dnsport.Route53(zone=cfg.zone, hosted_zone_id=cfg.hosted_zone_id, region=cfg.region)
+    if cfg.type == "azure":
+        return dnsport.AzureDns(subscription_id=cfg.subscription_id, resource_group=cfg.resource_group,
+                                zone=cfg.zone, base_url=cfg.base_url)
     return dnsport.Rfc2136(server=cfg.server, zone=cfg.zone, key=dnsport.Tsig.parse(resolve_secret(cfg.key).reveal()))
 
 

@@ -144,6 +144,19 @@ class DnsRoute53(_Model):
     region: str = "us-east-1"
 
 
+class DnsAzure(_Model):
+    """Azure DNS; credentials come from the standard Azure chain (env vars, managed identity,
+    `az login`), so no secret is in the file. The identity needs "DNS Zone Contributor" on the zone."""
+
+    type: Literal["azure"]
+    subscription_id: str
+    resource_group: str
+    zone: str
+    record: str
+    ttl: int = 60
+    base_url: str | None = None  # the ARM endpoint, default https://management.azure.com (other clouds, tests)
+
+
 class WorkloadConfig(_Model):
     kind: Literal["Deployment", "StatefulSet", "DaemonSet"] = "Deployment"
     namespace: str
@@ -218,7 +231,7 @@ class Environment(_Model):
     builder: BuilderConfig = BuilderConfig()
     clusters: dict[str, ClusterConfig]
     topology: TopologyConfig = TopologyConfig()
-    dns: Annotated[DnsNone | DnsRfc2136 | DnsRoute53, Field(discriminator="type")] = DnsNone(type="none")
+    dns: Annotated[DnsNone | DnsRfc2136 | DnsRoute53 | DnsAzure, Field(discriminator="type")] = DnsNone(type="none")
     apps: dict[str, AppConfig]
     timeouts: TimeoutsConfig = TimeoutsConfig()
     rollout: RolloutConfig = RolloutConfig()

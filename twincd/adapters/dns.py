@@ -5,20 +5,23 @@ Providers:
 - ``Rfc2136``: dynamic updates (RFC 2136) signed with a TSIG key, over TCP, through dnspython;
   works with BIND, Knot, PowerDNS and the many providers that accept them.
 - ``Route53``: boto3 ``change_resource_record_sets`` with one UPSERT.
+- ``AzureDns``: azure-mgmt-dns, one PUT of the whole record set guarded by its etag (If-Match).
 - ``NoDns``: DNS is not managed by twincd; it reads and writes nothing and says so.
 
-(No Azure DNS provider yet: see the issue note.) Every replace swaps the whole record set in one
-atomic operation (one UPDATE message, one change batch), so resolvers never see a half-changed
-set. Callers read back afterwards. SDK errors are translated here; the TSIG secret never appears
-in a message, a repr or a log line.
+Every replace swaps the whole record set in one atomic operation (one UPDATE message, one change
+batch, one PUT), so resolvers never see a half-changed set. Callers read back afterwards. SDK
+errors are translated here; the TSIG secret and Azure bearer tokens never appear in a message, a
+repr or a log line.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
 import dns.exception
 import dns.message
@@ -31,6 +34,11 @@ import dns.tsigkeyring
 import dns.update
 
 from twincd.errors import PermanentError, TransientError
+
+if TYPE_CHECKING:
+    from azure.core.credentials import TokenCredential
+    from azure.core.exceptions import AzureError
+    from azure.mgmt.dns.models import RecordSet
 
 TIMEOUT = 5.0
 
@@ -256,6 +264,187 @@ class Route53:
                            "Name": fqdn, "Type": "A", "TTL": ttl,
                            "ResourceRecords": [{"Value": ip} for ip in values]}}]})
 
+
+
+# The role that grants read and write on record sets of a zone (built-in Azure RBAC role).
+AZURE_DNS_ROLE = "DNS Zone Contributor"
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+_AZURE_RECORD_NAME = re.compile(r"^(@|[A-Za-z0-9_*]([A-Za-z0-9_-]*)(\.[A-Za-z0-9_-]+)*)$")
+_ARM_CODE = re.compile(r"^[A-Za-z0-9_.]{1,80}$")
+# Bearer tokens are JWTs (three base64url parts, the first starting "eyJ"); a server may echo one.
+_TOKEN_LIKE = re.compile(r"(?i:bearer\s+)\S+|eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.?[A-Za-z0-9_-]*")
+
+
+class AzureDns:
+    """Azure DNS through azure-mgmt-dns; credentials from the standard Azure chain.
+
+    ``DefaultAzureCredential`` (environment variables, workload or managed identity, ``az login``)
+    unless a ``TokenCredential`` is given. The identity needs the "DNS Zone Contributor" role on
+    the zone (or its resource group). ``base_url`` points at another ARM endpoint (sovereign
+    clouds, Azure Stack, a local fake); plain http is only accepted for a loopback host.
+
+    A replace reads the record set, then PUTs the whole new set with ``If-Match: <etag>`` (or
+    ``If-None-Match: *`` when there was none), so a concurrent writer makes it fail with 412
+    instead of being overwritten silently; then it reads the record set back.
+    """
+
+    managed = True
+
+    def __init__(self, *, subscription_id: str, resource_group: str, zone: str,
+                 credential: TokenCredential | None = None, base_url: str | None = None,
+                 timeout: float = TIMEOUT, retries: int = 3) -> None:
+        from azure.mgmt.dns import DnsManagementClient  # here, so importing this module stays cheap
+
+        self.subscription_id = subscription_id
+        self.resource_group = resource_group
+        self.zone = zone.rstrip(".")
+        self.base_url = base_url
+        # Passed with every operation: azure-core's BearerTokenCredentialPolicy refuses to send a
+        # token over plain http unless the request option enforce_https=False is given.
+        self._options: dict[str, Any] = {}
+        if base_url is not None:
+            url = urlsplit(base_url)
+            if url.scheme == "http" and url.hostname in _LOOPBACK:
+                self._options["enforce_https"] = False
+            elif url.scheme != "https" or not url.hostname:
+                raise DnsConfigError(f"dns.base_url {base_url!r}: the ARM endpoint must be https "
+                                     "(plain http only on a loopback address)")
+        if credential is None:
+            from azure.identity import DefaultAzureCredential
+
+            credential = DefaultAzureCredential()
+        self.credential = credential
+        # The SDK retries 408/429/5xx and connection errors itself (honouring Retry-After); keep
+        # it short, the Prefect task retries transient failures again with a fresh read.
+        self.client = DnsManagementClient(
+            credential, subscription_id, base_url=base_url, connection_timeout=timeout, read_timeout=timeout,
+            retry_total=retries, retry_backoff_factor=0.5, retry_backoff_max=8, timeout=max(30.0, 6 * timeout))
+
+    @property
+    def description(self) -> str:
+        return f"azure zone {self.zone} (resource group {self.resource_group}, subscription {self.subscription_id})"
+
+    def _relative(self, name: str) -> str:
+        relative = name.rstrip(".")
+        if relative in ("", "@", self.zone):
+            return "@"
+        relative = relative.removesuffix(f".{self.zone}")
+        if not _AZURE_RECORD_NAME.match(relative):
+            raise DnsConfigError(f"{name!r} is not a record name in zone {self.zone}")
+        return relative
+
+    def _get(self, relative: str, what: str) -> RecordSet | None:
+        from azure.core.exceptions import AzureError
+
+        error: DnsUnavailable | PermanentError
+        try:
+            return self.client.record_sets.get(self.resource_group, self.zone, relative, "A", **self._options)
+        except AzureError as e:
+            if _status(e) == 404 and _arm_code(e) in ("NotFound", "ResourceNotFound"):
+                return None  # the record set does not exist; zone and group do (else ParentResourceNotFound, ...)
+            error = self._translate(e, what)
+        # Raised outside the handler on purpose: the SDK exception holds the request, whose
+        # Authorization header carries the bearer token; chained (from e, or implicitly as
+        # __context__) it would travel with our error into logs, pickled task states and reports.
+        raise error
+
+    def read_a(self, name: str) -> frozenset[str]:
+        relative = self._relative(name)
+        found = self._get(relative, f"read A {relative}")
+        return frozenset(a.ipv4_address for a in (found.a_records or []) if a.ipv4_address) if found else frozenset()
+
+    def replace_a(self, name: str, ips: Iterable[str], *, ttl: int) -> None:
+        from azure.core.exceptions import AzureError
+        from azure.mgmt.dns.models import ARecord, RecordSet
+
+        values = _checked_ips(name, ips)
+        relative = self._relative(name)
+        what = f"replace A {relative} with {', '.join(values)}"
+        current = self._get(relative, what)
+        if current is not None and current.target_resource is not None and current.target_resource.id:
+            raise DnsConfigError(f"{self.description}: {what}: the record set is an alias of "
+                                 f"{current.target_resource.id}; twincd manages plain A record sets only")
+        record_set = RecordSet(ttl=ttl, a_records=[ARecord(ipv4_address=ip) for ip in values],
+                               metadata=current.metadata if current is not None else None)
+        # If-Match with the etag just read (If-None-Match: * when there was no record set): the PUT
+        # fails with 412 if anyone changed the record set in between, instead of overwriting them.
+        guard: dict[str, str] = ({"if_match": current.etag} if current is not None and current.etag
+                                 else {"if_none_match": "*"})
+        error: DnsUnavailable | PermanentError
+        try:
+            self.client.record_sets.create_or_update(self.resource_group, self.zone, relative, "A", record_set,
+                                                     **guard, **self._options)
+        except AzureError as e:
+            error = self._translate(e, what)
+        else:
+            written = self._get(relative, f"read back A {relative}")
+            shown = sorted(a.ipv4_address or "" for a in (written.a_records or [])) if written else []
+            if written is None or shown != values or written.ttl != ttl:
+                error = DnsUnavailable(
+                    f"{self.description}: {what}: read back shows {', '.join(shown) or 'no A records'}"
+                    f" (TTL {written.ttl if written else '-'}); someone changed it right after twincd's write")
+            else:
+                return
+        raise error  # outside the handler: see _get
+
+    def _translate(self, e: AzureError, what: str) -> DnsUnavailable | PermanentError:
+        """An SDK error as ours, carrying only the status, the ARM error code and a cleaned message."""
+        from azure.core.exceptions import (
+            ClientAuthenticationError,
+            ServiceRequestError,
+            ServiceResponseError,
+            ServiceResponseTimeoutError,
+        )
+
+        where = f"{self.description}: {what}"
+        status, code, message = _status(e), _arm_code(e), _arm_message(e)
+        detail = f"{status} {code}".strip() + (f": {message}" if message else "")
+        role = (f"the identity needs the {AZURE_DNS_ROLE!r} role on zone {self.zone} in resource group "
+                f"{self.resource_group} (or on the group)")
+        if isinstance(e, ClientAuthenticationError) and status is None:
+            # The credential could not get a token. Its text lists what it tried; only the type is
+            # shown, as a credential's own errors are not ours to vouch for.
+            return DnsRefused(f"{where}: no Azure token ({type(e).__name__}); sign in with `az login`, set "
+                              f"AZURE_CLIENT_ID/AZURE_TENANT_ID/... or use a managed identity; {role}")
+        if status == 401:
+            return DnsRefused(f"{where}: {detail}; Azure did not accept the token (expired, another tenant or "
+                              f"cloud?); {role}")
+        if status == 403:
+            return DnsRefused(f"{where}: {detail}; grant it: {role}")
+        if status == 412:
+            return DnsUnavailable(f"{where}: someone changed the record set between twincd's read and its write "
+                                  "(etag mismatch, 412); read it again and retry")
+        if status == 404:
+            return DnsConfigError(f"{where}: {detail}; check dns.zone, dns.resource_group and dns.subscription_id")
+        if status == 400:
+            return DnsConfigError(f"{where}: {detail}")
+        if status in (408, 429) or (status is not None and status >= 500):
+            return DnsUnavailable(f"{where}: {detail}")
+        if status is not None:
+            return DnsRefused(f"{where}: {detail}")
+        if isinstance(e, (ServiceRequestError, ServiceResponseError, ServiceResponseTimeoutError)):
+            return DnsUnavailable(f"{where}: {type(e).__name__} (the ARM endpoint did not answer)")
+        return DnsUnavailable(f"{where}: {type(e).__name__}")
+
+
+def _status(e: AzureError) -> int | None:
+    status = getattr(e, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _arm_code(e: AzureError) -> str:
+    error = getattr(e, "error", None)
+    code = getattr(error, "code", None)
+    return code if isinstance(code, str) and _ARM_CODE.match(code) else ""
+
+
+def _arm_message(e: AzureError) -> str:
+    """The ARM error message from the response body, one line, trimmed, anything token-like removed."""
+    error = getattr(e, "error", None)
+    message = getattr(error, "message", None)
+    if not isinstance(message, str):
+        return ""
+    return _TOKEN_LIKE.sub("[redacted]", " ".join(message.split()))[:300].rstrip(".")
 
 class NoDns:
     """``dns: none``: twincd does not manage the record; the plan tells people to change it themselves."""
