@@ -26,6 +26,7 @@ from typing import Any
 
 from prefect import flow
 from prefect.client.schemas.objects import State
+from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.futures import PrefectFuture
 from prefect.input import RunInput
@@ -127,8 +128,10 @@ def deploy(app: str, tag: str, env: str = str(DEFAULT_ENV), auto_approve: bool =
         return _deploy(environment, release, story, auto_approve)
     except Refused as e:
         return Cancelled(message=str(e))
-    except TwincdError as e:
-        story.add("result", "failed", str(e), tell=True)
+    except Exception as e:
+        # Only our own errors' text goes to chat: an SDK's may carry request details.
+        why = str(e) if isinstance(e, TwincdError) else f"unexpected {type(e).__name__} (see the run's logs)"
+        story.add("result", "failed", why, tell=True)
         raise
 
 
@@ -175,17 +178,21 @@ def _land(environment: Environment, mr: MergeRequest, branch: ReleaseBranch, sto
 
 
 def _wait_for_approval(environment: Environment, mr: MergeRequest, branch: ReleaseBranch, story: _Story) -> str:
-    answer = pause_flow_run(
-        wait_for_input=Approval.with_initial_data(
-            description=_approval_text(mr.title, branch.diff, story.timeline), approved=False),
-        timeout=int(environment.timeouts.approval_seconds), poll_interval=2,
-        key=approval_key(branch.branch),
-    )
+    try:
+        answer = pause_flow_run(
+            wait_for_input=Approval.with_initial_data(
+                description=_approval_text(mr.title, branch.diff, story.timeline), approved=False),
+            timeout=int(environment.timeouts.approval_seconds), poll_interval=2,
+            key=approval_key(branch.branch),
+        )
+    except FlowPauseTimeout:
+        answer = None
     if answer is None or not answer.approved:
         who = (answer.approver if answer else "") or "a reviewer"
-        comment = answer.comment if answer else ""
+        comment = answer.comment if answer else f"no answer within {environment.timeouts.approval_seconds:.0f} s"
         close_merge_request(environment, mr, f"refused by {who}: {comment}")
-        message = (f"{mr.ref} refused by {who}{': ' + comment if comment else ''}; nothing reached "
+        message = (f"{mr.ref} {'refused by ' + who if answer else 'not approved in time'}"
+                   f"{': ' + comment if comment else ''}; nothing reached "
                    f"{environment.manifests.branch}; branch {branch.branch} kept for inspection")
         story.add("merge", "cancelled", message, actor=who, tell=True)
         raise Refused(message)
@@ -212,6 +219,8 @@ def _error_of(future: PrefectFuture[Any]) -> str:
         future.result()
     except TwincdError as e:
         return str(e)
+    except Exception as e:  # noqa: BLE001 - one cluster's surprise must not stop the others' verification
+        return f"unexpected {type(e).__name__} (see the run's logs)"
     return ""
 
 

@@ -16,6 +16,7 @@ from typing import Literal
 
 from prefect import flow
 from prefect.client.schemas.objects import State
+from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
@@ -127,16 +128,21 @@ def failover(mode: Literal["active-active", "active-standby"], active: str | Non
     else:
         timeline = _event(timeline, "approve", "waiting", "waiting for approval of the plan")
         notify(environment, timeline)
-        answer = pause_flow_run(
-            wait_for_input=Approval.with_initial_data(
-                description=f"{markdown}\n\nApprove to carry out this plan; leave unticked to refuse.",
-                approved=False),
-            timeout=int(environment.timeouts.approval_seconds), poll_interval=2,
-            key=f"approve-failover-{run_id[:8]}",
-        )
+        try:
+            answer = pause_flow_run(
+                wait_for_input=Approval.with_initial_data(
+                    description=f"{markdown}\n\nApprove to carry out this plan; leave unticked to refuse.",
+                    approved=False),
+                timeout=int(environment.timeouts.approval_seconds), poll_interval=2,
+                key=f"approve-failover-{run_id[:8]}",
+            )
+        except FlowPauseTimeout:
+            answer = None
         if answer is None or not answer.approved:
             who = (answer.approver if answer else "") or "a reviewer"
-            message = f"failover to {target.label} refused by {who}; nothing was changed"
+            message = (f"failover to {target.label} refused by {who}; nothing was changed" if answer else
+                       f"no approval of the failover to {target.label} within "
+                       f"{environment.timeouts.approval_seconds:.0f} s; nothing was changed")
             notify(environment, _event(timeline, "approve", "cancelled", message))
             return Cancelled(message=message)
         approver = answer.approver or "a reviewer"
@@ -146,9 +152,11 @@ def failover(mode: Literal["active-active", "active-standby"], active: str | Non
     try:
         timeline, done = _execute(environment, plan, run_id, reason, approver, health_url,
                                   timeline, changes)
-    except TwincdError as e:
+    except Exception as e:  # whatever failed, what was changed is put back
         undone = _undo(environment, plan, run_id, reason, changes)
-        text = f"failover to {target.label} failed: {e}. Undone: " + ("; ".join(undone) or "nothing had changed")
+        # Only our own errors' text goes to chat: an SDK's may carry request details.
+        why = str(e) if isinstance(e, TwincdError) else f"unexpected {type(e).__name__} (see the run's logs)"
+        text = f"failover to {target.label} failed: {why}. Undone: " + ("; ".join(undone) or "nothing had changed")
         notify(environment, _event(timeline, "result", "failed", text))
         raise FailoverFailed(text) from e
     final = read_dns(environment)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -196,8 +197,11 @@ def notify(env: Environment, timeline: Timeline) -> None:
         store=slack.PrefectVariableThreadStore(), logger=logger, base_url=env.notifier.api_url,
     ).publish(timeline, list(env.clusters))
     if not result.ok:  # the error text is token-free (the adapter scrubs it)
-        create_markdown_artifact(key=timeline.key.replace("release-", "slack-", 1),
-                                 markdown=f"Slack notifier failed: `{result.error}`")
+        try:
+            create_markdown_artifact(key=timeline.key.replace("release-", "slack-", 1),
+                                     markdown=f"Slack notifier failed: `{result.error}`")
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            logger.warning("could not note the Slack failure in an artifact: %s", type(e).__name__)
 
 
 @task(name="merge", **IO_RETRIES)
@@ -243,7 +247,9 @@ def verify_rollout(env: Environment, release: Release, cluster_name: str, revisi
         digest=digest,
     )
     try:
-        return cluster.verify_rollout(target, timeout=env.timeouts.rollout_seconds if timeout is None else timeout)
+        with git.contains_checker(str(env.path(env.manifests.repo)), revision) as contains:
+            return cluster.verify_rollout(replace(target, contains=contains),
+                                          timeout=env.timeouts.rollout_seconds if timeout is None else timeout)
     except TwincdError as e:
         return RolloutVerdict(cluster_name, Phase.FAILED, str(e))
 

@@ -83,8 +83,8 @@ def cmd_deploy(env: Environment, args: argparse.Namespace) -> int:
     return _run_deploy(env, args.app, args.tag, args.auto_approve)
 
 
-def _resume(env: Environment, name: str, run_input: dict[str, Any]) -> int:
-    """Resume the paused run called ``name`` with ``run_input`` (the UI's approval form)."""
+def _resume(env: Environment, name: str, run_input: dict[str, Any], run_id: str = "") -> int:
+    """Resume the paused run called ``name`` (or with id ``run_id``) with ``run_input`` (the UI's form)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -98,8 +98,16 @@ def _resume(env: Environment, name: str, run_input: dict[str, Any]) -> int:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             name=FlowRunFilterName(any_=[name]),
             state=FlowRunFilterState(name=FlowRunFilterStateName(any_=["Paused"]))))
+    if run_id:
+        runs = [r for r in runs if str(r.id) == run_id]
     if not runs:
-        print(f"no paused run named {name}: nothing waits for approval", file=sys.stderr)
+        print(f"no paused run named {name}{' with id ' + run_id if run_id else ''}: nothing waits for approval",
+              file=sys.stderr)
+        return 2
+    if len(runs) > 1:
+        # Never guess which one a person meant to approve.
+        print(f"{len(runs)} paused runs are named {name}; choose one with --run:\n"
+              + "\n".join(f"  {r.id}  started {r.start_time}" for r in runs), file=sys.stderr)
         return 2
     resume_flow_run(runs[0].id, run_input=run_input)
     print(f"{'approved' if run_input['approved'] else 'refused'} {name}: {_ui_url(env, runs[0].id)}")
@@ -110,7 +118,8 @@ def cmd_approve(env: Environment, args: argparse.Namespace) -> int:
     _use_prefect(env)
     target = f"failover-{args.app}" if args.app in ("active-active", "active-standby") else \
         f"deploy-{args.app}-{args.tag}"
-    return _resume(env, target, {"approved": not args.refuse, "approver": args.approver, "comment": args.comment})
+    return _resume(env, target, {"approved": not args.refuse, "approver": args.approver, "comment": args.comment},
+                   args.run)
 
 
 def cmd_demo(env: Environment, args: argparse.Namespace) -> int:
@@ -200,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refuse", action="store_true")
     p.add_argument("--approver", default=os.environ.get("USER", "cli"))
     p.add_argument("--comment", default="")
+    p.add_argument("--run", default="", metavar="FLOW_RUN_ID", help="which run, when several wait under one name")
     p = sub.add_parser("demo", help="up + seed + deploy with auto-approve; leaves the stack running")
     p.add_argument("--tag", default="v1.0.0")
     p = sub.add_parser("failover", help="switch Active/Active <-> Active/Standby through git and DNS")

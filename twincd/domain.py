@@ -124,6 +124,7 @@ class MergeRequest:
     web_url: str
     merge_commit: str | None = None
     reused: bool = False  # True when an open MR for the branch already existed ("already done")
+    sha: str = ""  # the source branch's head the MR was opened or merged with
 
 
 @dataclass(frozen=True)

@@ -254,7 +254,15 @@ def validate_documents(docs: Iterable[Mapping[str, Any]], *, overlay: str,
 
 
 def validate_overlay(repo_dir: Path, overlay: str, *, validator: SchemaValidator) -> ValidationReport:
-    """Render ``overlay`` of the manifests checkout and validate what it renders."""
-    docs = parse_documents(render_overlay(repo_dir, overlay), source=overlay)
+    """Render ``overlay`` of the manifests checkout and validate what it renders.
+
+    An overlay that does not render is a finding like any other (reported on the MR and to the
+    team), not a crash of the step; a render that timed out stays a transient error.
+    """
+    try:
+        docs = parse_documents(render_overlay(repo_dir, overlay), source=overlay)
+    except (RenderError, ManifestError) as e:
+        return ValidationReport(overlays=(overlay,), resources=0,
+                                findings=(Finding(overlay=overlay, resource="kustomization.yaml", message=str(e)),))
     return ValidationReport(overlays=(overlay,), resources=len(docs),
                             findings=validate_documents(docs, overlay=overlay, validator=validator))

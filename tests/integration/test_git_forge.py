@@ -118,3 +118,51 @@ def test_local_forge_reuses_merges_and_refuses(manifests: str, tmp_path: Path) -
     assert forge.merge(mr, approved_by="alice") == merged  # already merged: same commit
     with pytest.raises(PermanentError, match="already merged"):
         forge.close(merged, reason="too late")
+
+
+def _push_to_main(manifests: str, tmp_path: Path, text: str) -> str:
+    work = tmp_path / "main-work"
+    if not work.exists():
+        run_git("clone", "-q", manifests, str(work))
+    run_git("pull", "-q", cwd=work)
+    (work / "README.md").write_text(text)
+    run_git("commit", "-qam", "main moves on", cwd=work)
+    run_git("push", "-q", "origin", "HEAD:main", cwd=work)
+    return run_git("rev-parse", "HEAD", cwd=work)
+
+
+def test_a_release_branch_follows_main_and_comes_back_after_a_revert(manifests: str, tmp_path: Path) -> None:
+    forge = LocalForge(repo_url=manifests, records_dir=tmp_path / "forge")
+
+    def write() -> gitrepo.ReleaseBranch:
+        return gitrepo.write_release_branch(repo_url=manifests, target="main", branch="twincd/hello/v3",
+                                            edit=append_line("# v3"), message="v3")
+
+    first = write()
+    mr = forge.open(source_branch="twincd/hello/v3", target_branch="main", title="v3", description="d")
+    # main moves on (a fix): the branch is rebuilt on it, and the open MR follows the branch
+    moved = _push_to_main(manifests, tmp_path, "a fix on main\n")
+    rebuilt = write()
+    assert rebuilt.committed and rebuilt.base == moved and rebuilt.head != first.head
+    assert run_git("-C", manifests, "rev-parse", "twincd/hello/v3^") == moved
+    followed = forge.open(source_branch="twincd/hello/v3", target_branch="main", title="v3", description="d")
+    assert followed.ref == mr.ref and followed.sha == rebuilt.head
+    merged = forge.merge(followed, approved_by="alice")
+    assert write().diff == ""  # main holds the release now: nothing to do
+    # the release is reverted; deploying it again must make a new commit and a new MR
+    revert = gitrepo.write_revert_branch(repo_url=manifests, target="main", branch="twincd/hello/v3-revert",
+                                         merge_commits=[str(merged.merge_commit)])
+    gitrepo.merge_branch(repo_url=manifests, source=revert.branch, target="main", message="revert")
+    again = write()
+    assert again.committed and "+# v3" in again.diff
+    reopened = forge.open(source_branch="twincd/hello/v3", target_branch="main", title="v3", description="d")
+    assert reopened.state == "opened" and not reopened.reused and reopened.ref != mr.ref
+
+
+def test_contains_checker_sees_later_commits(manifests: str, tmp_path: Path) -> None:
+    base = run_git("-C", manifests, "rev-parse", "main")
+    with gitrepo.contains_checker(manifests, base) as contains:
+        later = _push_to_main(manifests, tmp_path, "later\n")  # pushed after the checker cloned
+        assert contains(later) and contains(base)
+    with gitrepo.contains_checker(manifests, later) as contains:
+        assert not contains(base)

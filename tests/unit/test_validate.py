@@ -212,10 +212,19 @@ def test_render_and_validate_a_real_overlay(tmp_path: Path, validator: SchemaVal
 def test_broken_overlay_raises_render_error_naming_it(tmp_path: Path, validator: SchemaValidator) -> None:
     _write(tmp_path, {"overlays/aks/hello/kustomization.yaml": "resources:\n  - ../../../base/missing\n"})
     with pytest.raises(RenderError) as caught:
-        validate_overlay(tmp_path, "overlays/aks/hello", validator=validator)
+        render_overlay(tmp_path, "overlays/aks/hello")
     assert caught.value.overlay == "overlays/aks/hello"
     assert "overlays/aks/hello" in str(caught.value)
     assert "base/missing" in caught.value.stderr
+
+
+def test_an_overlay_that_does_not_render_is_a_validation_finding(tmp_path: Path, validator: SchemaValidator) -> None:
+    _write(tmp_path, {"overlays/aks/hello/kustomization.yaml": "resources:\n  - ../../../base/missing\n"})
+    report = validate_overlay(tmp_path, "overlays/aks/hello", validator=validator)
+    assert not report.ok and report.resources == 0
+    (finding,) = report.errors
+    assert finding.overlay == "overlays/aks/hello" and finding.resource == "kustomization.yaml"
+    assert "base/missing" in finding.message
 
 
 def test_schemas_of_the_newest_version_not_newer_than_asked() -> None:

@@ -17,8 +17,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import urllib3
@@ -148,6 +148,9 @@ class RolloutTarget:
     name: str
     revision: str  # the merge commit
     digest: str | None = None  # None: any image (e.g. a failover only changes replicas)
+    # Whether a later revision contains ``revision`` (the manifests monorepo moves on: another
+    # app's release may land before Argo CD syncs ours, and then it syncs to that later commit).
+    contains: Callable[[str], bool] | None = field(default=None, compare=False)
 
 
 _WORKLOAD_PLURALS = {"Deployment": "deployments", "StatefulSet": "statefulsets", "DaemonSet": "daemonsets"}
@@ -365,11 +368,21 @@ def _evaluate(target: RolloutTarget, seen: Mapping[str, tuple[dict[str, Any], ..
         what = "being listed" if apps is None else "not found yet"
         return RolloutVerdict(name, Phase.PROGRESSING,
                               f"Application {target.argocd_namespace}/{target.application} {what}", w.details)
-    a = application_verdict(apps[0], cluster=name, revision=target.revision)
-    if a.phase is not Phase.FAILED and not synced_at(apps[0], target.revision):
+    revision = _effective_revision(apps[0], target)
+    a = application_verdict(apps[0], cluster=name, revision=revision)
+    if a.phase is not Phase.FAILED and not synced_at(apps[0], revision):
         # The live workload is still an older revision's: its state cannot decide this release.
         return RolloutVerdict(name, a.phase, a.message, a.details + w.details)
     return combine(a, w)
+
+
+def _effective_revision(app: Mapping[str, Any], target: RolloutTarget) -> str:
+    """The Application's synced revision when it contains the release's merge commit, else the merge commit."""
+    synced = app.get("status", {}).get("sync", {}).get("revision")
+    if isinstance(synced, str) and synced and target.contains is not None \
+            and not synced.startswith(target.revision[:7]) and target.contains(synced):
+        return synced
+    return target.revision
 
 
 class _Clients:

@@ -49,16 +49,34 @@ class LocalForge:
         return mr
 
     def open(self, *, source_branch: str, target_branch: str, title: str, description: str) -> MergeRequest:
-        """Open the MR for ``source_branch``; an open or merged one is reused ("already done")."""
+        """Open the MR for ``source_branch``; an open one, or one merged at the branch's current
+        head, is reused ("already done")."""
+        head = gitrepo.branch_head(repo_url=self.repo_url, branch=source_branch) or ""
         existing = self.find(source_branch=source_branch)
-        if existing is not None and existing.state in ("opened", "merged"):
+        if existing is not None and existing.state == "opened":
+            # Like a GitLab MR, an open one follows its branch: it now shows the branch's head.
+            return self._save(replace(existing, sha=head, title=title), description=description) \
+                if existing.sha != head else replace(existing, reused=True)
+        if existing is not None and existing.state == "merged" and existing.sha == head:
             return replace(existing, reused=True)
-        # No record, or a closed one (a person refused an earlier attempt and re-ran the release on
-        # purpose): open a fresh request for the branch as it is now.
-        ref = f"!{len(list(self.records_dir.glob('*.json'))) + 1}" if existing is None else existing.ref
-        mr = MergeRequest(ref=ref, source_branch=source_branch, target_branch=target_branch, title=title,
-                          state="opened", web_url=f"file://{self._record_path(source_branch)}")
+        # No record; a closed one (a person refused an earlier attempt and re-ran the release on
+        # purpose); or a merged one whose branch was rebuilt since (the release was reverted):
+        # open a fresh request for the branch as it is now.
+        mr = MergeRequest(ref=self._next_ref(), source_branch=source_branch, target_branch=target_branch,
+                          title=title, state="opened", web_url=f"file://{self._record_path(source_branch)}", sha=head)
         return self._save(mr, description=description)
+
+    def _next_ref(self) -> str:
+        """``!N`` reserved with an exclusive create, so two runs at once never share a number."""
+        numbers = self.records_dir / "numbers"
+        numbers.mkdir(parents=True, exist_ok=True)
+        n = len(list(numbers.iterdir())) + 1
+        while True:
+            try:
+                os.close(os.open(numbers / str(n), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                return f"!{n}"
+            except FileExistsError:
+                n += 1
 
     def merge(self, mr: MergeRequest, *, approved_by: str) -> MergeRequest:
         """Merge the branch into the target; an already merged MR returns its merge commit."""
@@ -69,11 +87,12 @@ class LocalForge:
             return current
         if current.state == "closed":
             raise PermanentError(f"merge request {current.ref} ({current.source_branch}) is closed; re-run the release")
+        head = gitrepo.branch_head(repo_url=self.repo_url, branch=mr.source_branch) or ""
         sha = gitrepo.merge_branch(
             repo_url=self.repo_url, source=mr.source_branch, target=mr.target_branch,
             message=f"Merge branch '{mr.source_branch}'\n\n{mr.title}\n\nApproved-by: {approved_by}",
         )
-        return self._save(replace(current, state="merged", merge_commit=sha), merged_by=approved_by)
+        return self._save(replace(current, state="merged", merge_commit=sha, sha=head), merged_by=approved_by)
 
     def close(self, mr: MergeRequest, *, reason: str) -> MergeRequest:
         """Close without merging; the branch stays for inspection."""

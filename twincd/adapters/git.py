@@ -32,6 +32,10 @@ class GitError(TransientError):
     """The repository could not be reached or a push kept being rejected."""
 
 
+class GitDenied(PermanentError):
+    """Bad credentials, a protected branch, a declined hook: retrying cannot help."""
+
+
 class PushRejected(GitError):
     """The remote refused a push (usually: someone pushed first). Retried from a fresh clone."""
 
@@ -45,7 +49,7 @@ class ReleaseBranch:
     branch: str
     head: str  # the branch's head commit after this call
     base: str  # the target branch's head the diff was computed against
-    changes: tuple[ImageChange, ...]  # everything the branch changes (also when made by an earlier run)
+    changes: tuple[ImageChange, ...]  # what the branch changes against the target
     committed: bool  # False when the branch already held the edit ("already done")
     diff: str  # `git diff base...head`, for the MR description and the approval form
 
@@ -70,26 +74,42 @@ def _scrub(text: str) -> str:
     return re.sub(r"[a-z][a-z0-9+.-]*://\S+", lambda m: redact_url(m.group(0)), text)
 
 
+# A missing credential must fail, not wait for a password on a terminal nobody watches.
+_NO_PROMPT = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+_DENIED = re.compile(r"Authentication failed|could not read Username|Permission denied|HTTP 40[13]|"
+                     r"protected branch|pre-receive hook declined|hook declined", re.IGNORECASE)
+_REJECTED = re.compile(r"\[rejected\]|fetch first|non-fast-forward|stale info|failed to update ref", re.IGNORECASE)
+
+
 def _git_call(what: str, fn: Callable[[], object]) -> object:
     try:
         return fn()
     except git.GitCommandError as e:
         # Not `from e`: the SDK error's text carries the command line, URL credentials included.
-        raise GitError(f"git {what} failed: {_scrub(str(e.stderr or '')).strip()[:500]}") from None
+        detail = _scrub(str(e.stderr or "")).strip()[:500]
+        if _DENIED.search(detail):
+            raise GitDenied(f"git {what} refused: {detail}; check the credentials and the branch's "
+                            "protection for twincd") from None
+        if _REJECTED.search(detail):
+            raise PushRejected(f"git {what} rejected: {detail}") from None
+        raise GitError(f"git {what} failed: {detail}") from None
 
 
 @contextlib.contextmanager
 def clone(repo_url: str, *, ref: str | None = None) -> Iterator[git.Repo]:
     """A temporary clone of ``repo_url``, checked out at ``ref`` (branch, tag or commit) if given."""
     with tempfile.TemporaryDirectory(prefix="twincd-git-") as tmp:
-        repo = _git_call("clone", lambda: git.Repo.clone_from(repo_url, tmp, no_checkout=ref is not None))
+        repo = _git_call("clone", lambda: git.Repo.clone_from(repo_url, tmp, no_checkout=ref is not None,
+                                                              env=_NO_PROMPT))
         assert isinstance(repo, git.Repo)
-        if ref is not None:
-            try:
-                repo.git.checkout(ref)
-            except git.GitCommandError:
-                raise GitRefNotFound(f"{redact_url(repo_url)}: no branch, tag or commit named {ref!r}") from None
-        yield repo
+        with repo:  # ends git's persistent cat-file processes before the directory goes
+            repo.git.update_environment(**_NO_PROMPT)
+            if ref is not None:
+                try:
+                    repo.git.checkout(ref)
+                except git.GitCommandError:
+                    raise GitRefNotFound(f"{redact_url(repo_url)}: no branch, tag or commit named {ref!r}") from None
+            yield repo
 
 
 def _remote_branch(repo: git.Repo, branch: str) -> git.RemoteReference | None:
@@ -117,11 +137,11 @@ def _in_fresh_clone(repo_url: str, body: Callable[[git.Repo], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def _push(repo: git.Repo, branch: str) -> None:
-    try:
-        _git_call(f"push {branch}", lambda: repo.git.push("origin", f"HEAD:refs/heads/{branch}"))
-    except GitError as e:
-        raise PushRejected(str(e)) from None
+def _push(repo: git.Repo, branch: str, *, replacing: str | None = None) -> None:
+    """Push HEAD to ``branch``; ``replacing``: the branch's commit we rebuild it over (twincd's own
+    branches only), refused if someone else moved it meanwhile."""
+    lease = [f"--force-with-lease=refs/heads/{branch}:{replacing}"] if replacing else []
+    _git_call(f"push {branch}", lambda: repo.git.push(*lease, "origin", f"HEAD:refs/heads/{branch}"))
 
 
 def _branches(repo: git.Repo, repo_url: str, target: str, branch: str) -> tuple[git.RemoteReference,
@@ -137,27 +157,31 @@ _AS_TWINCD = {"GIT_AUTHOR_NAME": AUTHOR.name, "GIT_AUTHOR_EMAIL": AUTHOR.email,
 
 
 def write_release_branch(*, repo_url: str, target: str, branch: str, edit: Edit, message: str) -> ReleaseBranch:
-    """Make ``branch`` (created from ``target`` when missing) hold ``edit``; push it.
+    """Make ``branch`` hold ``target`` plus ``edit``, push it, and return its diff against ``target``.
 
-    Idempotent: when the branch already holds the edit no commit is made and nothing is pushed.
+    The branch is twincd's own: it is always (re)built on the target's head, so it validates and
+    merges what the target is now (after a fix on main, or after the release was reverted).
+    Idempotent: when the branch already is exactly target + edit, nothing is committed or pushed;
+    when the target itself already holds the edit, the diff is empty and no branch is made.
     """
     def body(repo: git.Repo) -> ReleaseBranch:
         target_ref, existing = _branches(repo, repo_url, target, branch)
-        repo.git.checkout("-B", branch, (existing or target_ref).name)
+        base = target_ref.commit.hexsha
+        repo.git.checkout("-B", branch, target_ref.name)
         work = Path(str(repo.working_tree_dir))
         files, changes = edit(work)
-        base = target_ref.commit.hexsha
         if not changes:
-            # Already done: either the branch holds the edit (an earlier run) or, when there is no
-            # branch, the target already does (released before): no branch is made then and the
-            # empty diff tells the caller so.
-            head = repo.head.commit.hexsha
-            return ReleaseBranch(branch, head, base, (), False, _diff(repo, base, head))
+            return ReleaseBranch(branch, base, base, (), False, "")
         for rel, text in files.items():
             (work / rel).write_text(text)
         repo.index.add(list(files))
+        tree = repo.index.write_tree()
+        if existing is not None and existing.commit.tree.hexsha == tree.hexsha \
+                and [p.hexsha for p in existing.commit.parents] == [base]:
+            head = existing.commit.hexsha  # an earlier run made exactly this commit
+            return ReleaseBranch(branch, head, base, changes, False, _diff(repo, base, head))
         commit = repo.index.commit(message, author=AUTHOR, committer=AUTHOR)
-        _push(repo, branch)
+        _push(repo, branch, replacing=existing.commit.hexsha if existing is not None else None)
         return ReleaseBranch(branch, commit.hexsha, base, changes, True, _diff(repo, base, commit.hexsha))
 
     return _in_fresh_clone(repo_url, body)
@@ -223,15 +247,16 @@ def tag_commit(*, repo_url: str, tag: str) -> str:
 def write_revert_branch(*, repo_url: str, target: str, branch: str, merge_commits: list[str]) -> ReleaseBranch:
     """Make ``branch`` (from ``target``) hold a `git revert -m 1` of each merge commit, in the order given.
 
-    Idempotent: an existing branch is taken as it is (it holds the reverts of an earlier run).
+    Idempotent: an unmerged branch from an earlier run is taken as it is; a merged one (an older
+    revert of the same release) is rebuilt on the target.
     Rollback is a new commit on top, never a force-push: what ran stays in history and Argo CD
     syncs the revert like any other change (argo-cd#2441).
     """
     def body(repo: git.Repo) -> ReleaseBranch:
         target_ref, existing = _branches(repo, repo_url, target, branch)
         base = target_ref.commit.hexsha
-        if existing is not None:
-            head = existing.commit.hexsha
+        if existing is not None and not repo.is_ancestor(existing.commit, target_ref.commit):
+            head = existing.commit.hexsha  # not merged yet: an earlier run's revert, reused
             return ReleaseBranch(branch, head, base, (), False, _diff(repo, base, head))
         repo.git.checkout("-B", branch, target_ref.name)
         for sha in merge_commits:
@@ -240,8 +265,40 @@ def write_revert_branch(*, repo_url: str, target: str, branch: str, merge_commit
             except git.GitCommandError as e:
                 raise PermanentError(f"{redact_url(repo_url)}: cannot revert {sha[:12]} on {target}: "
                                      f"{_scrub(str(e.stderr or e.stdout or '')).strip()[:300]}") from None
-        _push(repo, branch)
+        _push(repo, branch, replacing=existing.commit.hexsha if existing is not None else None)
         head = repo.head.commit.hexsha
         return ReleaseBranch(branch, head, base, (), True, _diff(repo, base, head))
 
     return _in_fresh_clone(repo_url, body)
+
+
+@contextlib.contextmanager
+def contains_checker(repo_url: str, commit: str) -> Iterator[Callable[[str], bool]]:
+    """A test "does revision ``rev`` contain ``commit``?", answered from a local bare clone.
+
+    Revisions the clone does not know yet (pushed after it was made) trigger one fetch; answers
+    are cached. Safe to call from several threads.
+    """
+    with tempfile.TemporaryDirectory(prefix="twincd-ancestry-") as tmp:
+        repo = _git_call("clone", lambda: git.Repo.clone_from(repo_url, tmp, bare=True, env=_NO_PROMPT))
+        assert isinstance(repo, git.Repo)
+        answers: dict[str, bool] = {}
+
+        def contains(rev: str) -> bool:
+            if rev not in answers:
+                for attempt in range(2):
+                    try:
+                        repo.git.merge_base("--is-ancestor", commit, rev)
+                        answers[rev] = True
+                        break
+                    except git.GitCommandError as e:
+                        if e.status == 1:  # a known revision that does not contain the commit
+                            answers[rev] = False
+                            break
+                        if attempt:
+                            return False  # still unknown: not ours to judge
+                        _git_call("fetch", lambda: repo.git.fetch("origin", "+refs/heads/*:refs/heads/*"))
+            return answers[rev]
+
+        with repo:
+            yield contains
