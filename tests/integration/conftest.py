@@ -32,11 +32,21 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def builder(tmp_path_factory: pytest.TempPathFactory, registry: str) -> Iterator[str]:
-    """The Docker Engine API base URL: an existing Docker, or a podman service pushing to `registry`."""
+def second_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Another docker-registry, like `registry`: an app that pushes to one registry per cloud."""
+    state_dir = tmp_path_factory.mktemp("registry-b")
+    try:
+        yield start_registry(state_dir, free_port())
+    finally:
+        stop_registry(state_dir)
+
+
+@pytest.fixture(scope="session")
+def builder(tmp_path_factory: pytest.TempPathFactory, registry: str, second_registry: str) -> Iterator[str]:
+    """The Docker Engine API base URL: an existing Docker, or a podman service pushing to both registries."""
     state_dir = tmp_path_factory.mktemp("buildd")
     try:
-        yield start_buildd(state_dir, insecure_registries=[registry])
+        yield start_buildd(state_dir, insecure_registries=[registry, second_registry])
     finally:
         stop_buildd(state_dir)
 

@@ -22,7 +22,7 @@ import docker.errors
 import requests.exceptions
 
 from twincd.adapters import git as gitrepo
-from twincd.adapters.registry import RegistryDenied, manifest_digest
+from twincd.adapters.registry import RegistryDenied, display_name, manifest_digest
 from twincd.domain import ImageRef
 from twincd.errors import PermanentError, TransientError
 
@@ -61,6 +61,14 @@ class ImageNotBuilt(PermanentError):
     """The builder no longer holds the image to push (e.g. its storage was reset): build again."""
 
 
+class TagConflict(PermanentError):
+    """Some registries hold ``<image>:<tag>`` and the others cannot get that same image from the builder.
+
+    Rebuilding would put a second image (another digest) under a release tag, so a person decides:
+    copy the image between registries, or delete the tag where it exists.
+    """
+
+
 @dataclass(frozen=True)
 class BuiltImage:
     """What build_image produced: the image tagged locally for every registry, or found in all of them."""
@@ -71,7 +79,10 @@ class BuiltImage:
     registries: tuple[str, ...]  # e.g. ("127.0.0.1:5000",)
     image_id: str = ""  # local image ID; "" when reused (nothing was built)
     reused: bool = False  # every registry already held <image>:<tag>: no build, no push
-    existing: tuple[ImageRef, ...] = ()  # when reused: what each registry holds
+    # What registries already hold <image>:<tag>: all of them when reused; some of them after an
+    # earlier run pushed to part of the registries (then nothing was built: the builder's image
+    # from that run is pushed to the rest, and must come out with the same digest).
+    existing: tuple[ImageRef, ...] = ()
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -112,7 +123,11 @@ def build_image(
     """Build ``repo_url`` at git tag ``tag`` and tag it ``<registry>/<image>:<tag>`` for each registry.
 
     If every registry already holds ``<image>:<tag>`` nothing is built (tags are immutable releases)
-    and the result says ``reused=True``. ``insecure_registries`` are reached over plain HTTP.
+    and the result says ``reused=True``. If only some do (an earlier run's push stopped half way),
+    nothing is built either: a rebuild would make a second image, with another digest, under the
+    same tag. The builder's own ``<registry>/<image>:<tag>`` from that run is what push_image sends
+    to the other registries; if the builder no longer holds it, TagConflict says how to fix it.
+    ``insecure_registries`` are reached over plain HTTP.
     """
     if not registries:
         raise PermanentError(f"image {image!r}: no registry to build for")
@@ -133,6 +148,13 @@ def build_image(
             if digest is not None
         )
         return BuiltImage(image, tag, commit, tuple(registries), reused=True, existing=refs)
+    if any(existing):
+        return _resume_partial_push(
+            BuiltImage(image, tag, commit, tuple(registries)),
+            existing,
+            base_url=base_url,
+            insecure_registries=insecure_registries,
+        )
 
     built = BuiltImage(image, tag, commit, tuple(registries))
     with tempfile.TemporaryDirectory(prefix="twincd-build-") as tmp:
@@ -154,10 +176,14 @@ def push_image(
     """Push ``built`` to every registry; return the digests read back from the registries."""
     if built.reused:
         return PushedImage(refs=built.existing, reused=True)
+    held = {ref.name: ref for ref in built.existing}
     refs: list[ImageRef] = []
     with _client(base_url, timeout=_BUILD_TIMEOUT_SECONDS) as client:
         for registry, target in zip(built.registries, built.targets):
             repository, _, tag = target.rpartition(":")
+            if repository in held:
+                refs.append(held[repository])  # never pushed over: its digest is the release's
+                continue
             try:
                 stream = client.api.push(repository, tag=tag, stream=True, decode=True)
             except docker.errors.NotFound as e:
@@ -179,8 +205,77 @@ def push_image(
             )
             if digest is None:
                 raise PushFailed(f"push {target} reported success but the registry has no such tag")
+            if built.existing and digest != built.existing[0].digest:
+                pushed = {**{ref.name: ref.digest for ref in built.existing}, repository: digest}
+                raise TagConflict(
+                    f"{built.image}:{tag}: the builder's image pushed to {display_name(registry)} came out as "
+                    f"{digest}, not the digest the other registries hold under that tag "
+                    f"({_holdings(pushed)}). {_conflict_fix(built, registry, insecure_registries)}"
+                )
             refs.append(ImageRef(name=f"{registry}/{built.image}", digest=digest, tag=tag))
     return PushedImage(refs=tuple(refs))
+
+
+def _resume_partial_push(
+    built: BuiltImage,
+    existing: Sequence[str | None],
+    *,
+    base_url: str,
+    insecure_registries: Collection[str],
+) -> BuiltImage:
+    """Some registries hold the tag: find the builder's image for the others, or raise TagConflict."""
+    held = tuple(
+        ImageRef(name=f"{registry}/{built.image}", digest=digest, tag=built.tag)
+        for registry, digest in zip(built.registries, existing)
+        if digest is not None
+    )
+    built = replace(built, existing=held)
+    holdings = _holdings({ref.name: ref.digest for ref in held})
+    if len({ref.digest for ref in held}) > 1:
+        raise TagConflict(
+            f"{built.image}:{built.tag} has different digests in different registries ({holdings}). "
+            f"{_conflict_fix(built, held[1].name.removesuffix(f'/{built.image}'), insecure_registries)}"
+        )
+    missing = [
+        (registry, target)
+        for registry, target, digest in zip(built.registries, built.targets, existing)
+        if digest is None
+    ]
+    image_ids: list[str] = []
+    with _client(base_url, timeout=60) as client:
+        for registry, target in missing:
+            try:
+                image_ids.append(str(client.api.inspect_image(target)["Id"]))
+            except docker.errors.NotFound:
+                raise TagConflict(
+                    f"{built.image}:{built.tag} is in {holdings} but not in {display_name(registry)}, and the "
+                    f"builder no longer holds {display_name(registry)}/{built.image}:{built.tag} to push "
+                    f"there; building again would put a second image under the same tag. "
+                    f"{_conflict_fix(built, registry, insecure_registries)}"
+                ) from None
+            except (docker.errors.APIError, requests.exceptions.RequestException) as e:
+                raise _daemon_error(base_url, e) from e
+    return replace(built, image_id=image_ids[0])
+
+
+def _holdings(digests: dict[str, str]) -> str:
+    """``{"127.0.0.1:5000/hello": "sha256:..."}`` → ``127.0.0.1:5000/hello has sha256:...``, joined."""
+    return "; ".join(f"{display_name(name)} has {digest}" for name, digest in digests.items())
+
+
+def _conflict_fix(built: BuiltImage, target: str, insecure_registries: Collection[str]) -> str:
+    """How a person makes every registry hold one image under the tag again (``target`` lacks it)."""
+    source = built.existing[0].name.removesuffix(f"/{built.image}")
+    flags = "".join(
+        f" --{side}-tls-verify=false"
+        for side, registry in (("src", source), ("dest", target))
+        if registry in insecure_registries
+    )
+    return (
+        f"Fix: copy the image, e.g. `skopeo copy{flags} docker://{display_name(source)}/{built.image}:{built.tag} "
+        f"docker://{display_name(target)}/{built.image}:{built.tag}`, or delete the tag {built.tag} of "
+        f"{built.image} from every registry that has it (the next run builds it anew); then run again."
+    )
 
 
 @contextmanager
