@@ -10,7 +10,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.common import IO_RETRIES
+from tasks.common import IO_RETRIES, cluster_ref, rollout_target
 from twincd import kustomize
 from twincd.adapters import builder, cluster, git, notify_console, slack
 from twincd.adapters.forge_local import LocalForge
@@ -220,32 +220,14 @@ def apply_overlay(env: Environment, app: str, cluster_name: str, revision: str) 
     overlay = env.app_overlay(app, cluster_name)
     with git.clone(str(env.path(env.manifests.repo)), ref=revision) as repo:
         docs = parse_documents(render_overlay(Path(str(repo.working_tree_dir)), overlay), source=overlay)
-    return cluster.apply_overlay(_cluster_ref(env, cluster_name), docs)
-
-
-def _cluster_ref(env: Environment, cluster_name: str) -> cluster.ClusterRef:
-    c = env.clusters[cluster_name]
-    return cluster.ClusterRef(cluster_name, c.context, str(env.path(c.kubeconfig)) if c.kubeconfig else None)
+    return cluster.apply_overlay(cluster_ref(env, cluster_name), docs)
 
 
 @task(name="verify-rollout", task_run_name="verify-{cluster_name}")
 def verify_rollout(env: Environment, release: Release, cluster_name: str, revision: str,
                    digest: str | None, timeout: float | None = None) -> RolloutVerdict:
     """Wait for the cluster to run the release; a cluster that is down becomes a FAILED verdict."""
-    c = env.clusters[cluster_name]
-    w = env.app(release.app).workload
-    argocd = c.argocd if c.sync == "argocd" else None
-    ref = _cluster_ref(env, cluster_name)
-    target = cluster.RolloutTarget(
-        cluster=ref,
-        argocd=cluster.ClusterRef(f"Argo CD of {cluster_name}", argocd.context,
-                                  str(env.path(argocd.kubeconfig)) if argocd.kubeconfig else ref.kubeconfig)
-        if argocd else None,
-        application=argocd.application.format(app=release.app, cluster=cluster_name) if argocd else None,
-        argocd_namespace=argocd.namespace if argocd else "argocd",
-        kind=w.kind, namespace=w.namespace, name=w.name, revision=revision,
-        digest=digest,
-    )
+    target = rollout_target(env, cluster_name, release.app, revision, digest)
     try:
         with git.contains_checker(str(env.path(env.manifests.repo)), revision) as contains:
             return cluster.verify_rollout(replace(target, contains=contains),

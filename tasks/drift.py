@@ -21,10 +21,9 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId
 from prefect.variables import Variable
 
-from tasks.common import IO_RETRIES
+from tasks.common import IO_RETRIES, cluster_ref
 from twincd import drift
 from twincd.adapters import git, kube_read, slack
-from twincd.adapters.cluster import ClusterRef
 from twincd.config import Environment
 from twincd.config import SlackNotifier as SlackConfig
 from twincd.errors import TwincdError
@@ -102,11 +101,6 @@ def render_desired(env: Environment, revision: str) -> DesiredState:
         overlays = {(c, a): env.app_overlay(a, c) for c in env.clusters for a in env.apps}
         by_cluster = render_all(Path(str(repo.working_tree_dir)), overlays)
     return DesiredState(revision, {c: by_cluster.get(c, {}) for c in env.clusters})
-
-
-def cluster_ref(env: Environment, cluster_name: str) -> ClusterRef:
-    c = env.clusters[cluster_name]
-    return ClusterRef(cluster_name, c.context, str(env.path(c.kubeconfig)) if c.kubeconfig else None)
 
 
 def application_name(env: Environment, app: str, cluster_name: str) -> str | None:

@@ -11,7 +11,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import IO_RETRIES
+from tasks.common import IO_RETRIES, cluster_ref, rollout_target
 from twincd import kustomize
 from twincd.adapters import cluster, git
 from twincd.adapters import dns as dnsport
@@ -133,22 +133,6 @@ def revert_switch(env: Environment, step: str, merge_commit: str, branch: str) -
                                    branch=branch, merge_commits=[merge_commit])
 
 
-def _target(env: Environment, cluster_name: str, app: str, revision: str) -> cluster.RolloutTarget:
-    c = env.clusters[cluster_name]
-    w = env.app(app).workload
-    argocd = c.argocd if c.sync == "argocd" else None
-    kubeconfig = str(env.path(c.kubeconfig)) if c.kubeconfig else None
-    return cluster.RolloutTarget(
-        cluster=cluster.ClusterRef(cluster_name, c.context, kubeconfig),
-        argocd=cluster.ClusterRef(f"Argo CD of {cluster_name}", argocd.context,
-                                  str(env.path(argocd.kubeconfig)) if argocd.kubeconfig else kubeconfig)
-        if argocd else None,
-        application=argocd.application.format(app=app, cluster=cluster_name) if argocd else None,
-        argocd_namespace=argocd.namespace if argocd else "argocd",
-        kind=w.kind, namespace=w.namespace, name=w.name, revision=revision,
-    )
-
-
 def _workload(env: Environment, ref: cluster.ClusterRef, app: str) -> dict[str, Any] | None:
     """The app's workload as the cluster holds it now (one LIST of its kind in its namespace)."""
     w = env.app(app).workload
@@ -163,7 +147,7 @@ def verify_role(env: Environment, cluster_name: str, app: str, role: Role, revis
 
     Any image will do (digest None): a failover changes replicas, never images.
     """
-    target = _target(env, cluster_name, app, revision)
+    target = rollout_target(env, cluster_name, app, revision)
     try:
         verdict = cluster.verify_rollout(target, timeout=env.timeouts.rollout_seconds)
         if verdict.phase is not Phase.SUCCEEDED:
@@ -187,7 +171,7 @@ def check_health(env: Environment, cluster_name: str, health_url: str) -> Health
     reason not to send traffic here.
     """
     c = env.clusters[cluster_name]
-    ref = cluster.ClusterRef(cluster_name, c.context, str(env.path(c.kubeconfig)) if c.kubeconfig else None)
+    ref = cluster_ref(env, cluster_name)
     checks: list[str] = []
     try:
         for app in env.apps:
