@@ -240,12 +240,13 @@ def test_persistent_500_is_transient_after_the_retries(fake: FakeGitlab) -> None
 
 
 def test_unreachable_gitlab_is_transient(fake: FakeGitlab) -> None:
-    url = fake.url
+    url = fake.url.replace("http://", "http://deploy:url-s3cret@")  # credentials in the URL: never shown
     fake.stop()
     f = GitlabForge(url=url, project=PROJECT, token=Secret(TOKEN), timeout=2, max_retries=1)
     with pytest.raises(GitlabUnavailable, match="could not be reached") as e:
         open_release(f)
     assert_no_token(str(e.value), repr(e.value.__cause__))
+    assert fake.url in str(e.value) and "url-s3cret" not in str(e.value) + repr(f)
 
 
 def test_wrong_token_is_permanent_and_says_what_to_fix(fake: FakeGitlab, caplog: pytest.LogCaptureFixture) -> None:
@@ -255,6 +256,12 @@ def test_wrong_token_is_permanent_and_says_what_to_fix(fake: FakeGitlab, caplog:
     message = str(e.value)
     assert "401" in message and PROJECT in message and "`api` scope" in message
     assert "glpat-wrong" not in message
+    # A URL with credentials in it is shown without them.
+    with_credentials = GitlabForge(url=fake.url.replace("http://", "http://deploy:url-s3cret@"), project=PROJECT,
+                                   token=Secret("glpat-wrong"), timeout=5)
+    with pytest.raises(GitlabAuthError) as e:
+        open_release(with_credentials)
+    assert f"GitLab at {fake.url}," in str(e.value) and "url-s3cret" not in str(e.value)
 
 
 def test_read_only_token_gets_403_naming_the_permission(fake: FakeGitlab, caplog: pytest.LogCaptureFixture) -> None:

@@ -18,11 +18,13 @@ from pathlib import Path
 import docker
 import pytest
 
+import twincd.adapters.builder as builder_module
 from twincd.adapters.builder import (
     BuilderUnavailable,
     BuildFailed,
     BuiltImage,
     PushFailed,
+    SourceUnavailable,
     TagConflict,
     TagNotFound,
     build_image,
@@ -260,6 +262,19 @@ def test_unknown_tag_is_permanent(app_repo: Path, tmp_path: Path) -> None:
         )
     assert isinstance(caught.value, PermanentError)
     assert str(app_repo) in str(caught.value) and "v9.9.9" in str(caught.value)
+
+
+def test_git_errors_show_no_url_credentials(tmp_path: Path) -> None:
+    # git may echo a URL in another spelling than repo_url (here: another URL altogether); every
+    # URL in its output loses its user:token part.
+    repo_url = "http://deploy:url-s3cret@127.0.0.1:1/hello.git"
+    echoed = "https://deploy:url-s3cret@gitlab.example.test/infra/hello.git/"
+    git("init", "--quiet", cwd=tmp_path)
+    with pytest.raises(SourceUnavailable) as caught:  # "fatal: Not a valid object name <echoed>"
+        builder_module._git(repo_url, "cannot read", "ls-tree", "--name-only", echoed, cwd=tmp_path)
+    message = str(caught.value)
+    assert "url-s3cret" not in message
+    assert "http://127.0.0.1:1/hello.git" in message and "https://gitlab.example.test/infra/hello.git/" in message
 
 
 def test_registry_on_a_closed_port_is_unavailable() -> None:

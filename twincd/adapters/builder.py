@@ -354,7 +354,9 @@ def _git(repo_url: str, what: str, *args: str, cwd: Path) -> str:
         timeout=600,
     )
     if result.returncode != 0:
-        stderr = result.stderr.replace(repo_url, gitrepo.redact_url(repo_url))
+        # Every URL, not just repo_url's spelling: git may echo it rewritten (file:// form,
+        # a trailing slash, a redirect target) or another URL altogether.
+        stderr = gitrepo._scrub(result.stderr)
         raise SourceUnavailable(f"{what} {gitrepo.redact_url(repo_url)}: {_last_line(stderr)}")
     return result.stdout
 

@@ -29,6 +29,7 @@ import gitlab
 import gitlab.exceptions
 import requests
 
+from twincd.adapters.git import redact_url
 from twincd.domain import MergeRequest, ValidationReport
 from twincd.errors import CancelledByUser, PermanentError, TransientError
 from twincd.secrets import Secret, resolve_secret
@@ -95,7 +96,7 @@ class GitlabForge:
                    failed_label=cfg.failed_label, timeout=timeout)
 
     def __repr__(self) -> str:
-        return f"GitlabForge(url={self.url!r}, project={self.project!r})"
+        return f"GitlabForge(url={redact_url(self.url)!r}, project={self.project!r})"
 
     # ---- the forge port --------------------------------------------------------------------
 
@@ -264,13 +265,13 @@ class GitlabForge:
             raise self._translate(what, e, needs) from e
         except requests.RequestException as e:
             # Connection refused, DNS, TLS, timeouts: python-gitlab already retried them.
-            raise GitlabUnavailable(f"GitLab at {self.url} could not be reached while {what} "
+            raise GitlabUnavailable(f"GitLab at {redact_url(self.url)} could not be reached while {what} "
                                     f"(project {self.project}): {self._token.mask(type(e).__name__)}") from e
 
     def _translate(self, what: str, e: gitlab.exceptions.GitlabError, needs: str) -> Exception:
         code = e.response_code
         detail = self._token.mask(str(e.error_message))[:300]
-        where = f"GitLab at {self.url}, project {self.project}"
+        where = f"GitLab at {redact_url(self.url)}, project {self.project}"
         if code == 401:
             return GitlabAuthError(
                 f"{where}: the token was refused (401) while {what}: it is invalid, expired or revoked. "
