@@ -16,6 +16,7 @@ Served endpoints (``:id`` is the numeric id or the URL-encoded path, as on GitLa
     POST /api/v4/projects/:id/merge_requests/:iid/notes
 
 Knobs: ``fail_next(status, count, retry_after=...)`` answers the next requests with 429/5xx;
+``complete_merges_after(gets, shown_state=...)`` makes API merges asynchronous, as merge trains are;
 ``requests`` records every request (method, path, status) so tests can count API calls.
 """
 
@@ -58,6 +59,9 @@ class FakeMergeRequest:
     merge_commit_sha: str | None = None
     sha: str | None = None
     notes: list[dict[str, Any]] = field(default_factory=list)
+    # An asynchronous merge in progress: how many more GETs show `pending_state` and no merge commit.
+    pending_gets: int = 0
+    pending_state: str = "opened"
     created_at: str = field(default_factory=_now)
     updated_at: str = field(default_factory=_now)
 
@@ -83,6 +87,7 @@ class FakeGitlab:
         self.requests: list[tuple[str, str, int]] = []
         self._faults: list[_Fault] = []
         self._hidden: dict[int, int] = {}  # iid -> how many more list answers leave it out
+        self._merge_delay: tuple[int, str] = (0, "merged")  # (GETs until a merge shows, state shown before)
         self._lock = threading.Lock()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -103,6 +108,15 @@ class FakeGitlab:
         """
         with self._lock:
             self._hidden[iid] = count
+
+    def complete_merges_after(self, gets: int, *, shown_state: str = "opened") -> None:
+        """Merges through the API complete asynchronously: the merge PUT and the next GETs of the MR
+        show ``shown_state`` ("opened": a merge train; "merged": a merge commit not written yet) with
+        ``merge_commit_sha`` null; the ``gets``-th GET of the MR after the PUT is the first to show it
+        merged with its merge commit. The merge commit itself is made at once in the bare repo.
+        """
+        with self._lock:
+            self._merge_delay = (gets, shown_state)
 
     def calls(self, method: str | None = None) -> list[tuple[str, str, int]]:
         with self._lock:
@@ -225,11 +239,12 @@ class FakeGitlab:
                 "web_url": f"{self.url}/{self.project}"}
 
     def _mr_json(self, mr: FakeMergeRequest) -> dict[str, Any]:
+        pending = mr.pending_gets > 0
         return {
             "id": mr.id, "iid": mr.iid, "project_id": self.project_id, "title": mr.title,
-            "description": mr.description, "state": mr.state, "source_branch": mr.source_branch,
-            "target_branch": mr.target_branch, "labels": list(mr.labels), "sha": mr.sha,
-            "merge_commit_sha": mr.merge_commit_sha, "squash_commit_sha": None,
+            "description": mr.description, "state": mr.pending_state if pending else mr.state,
+            "source_branch": mr.source_branch, "target_branch": mr.target_branch, "labels": list(mr.labels),
+            "sha": mr.sha, "merge_commit_sha": None if pending else mr.merge_commit_sha, "squash_commit_sha": None,
             "web_url": f"{self.url}/{self.project}/-/merge_requests/{mr.iid}",
             "references": {"short": f"!{mr.iid}", "full": f"{self.project}!{mr.iid}"},
             "created_at": mr.created_at, "updated_at": mr.updated_at,
@@ -280,7 +295,11 @@ class FakeGitlab:
 
     def _get_mr(self, *, iid: str, **_: Any) -> Response:
         mr = self._find(iid)
-        return _error(404, "404 Not found") if mr is None else JSONResponse(self._mr_json(mr))
+        if mr is None:
+            return _error(404, "404 Not found")
+        with self._lock:
+            mr.pending_gets = max(0, mr.pending_gets - 1)
+            return JSONResponse(self._mr_json(mr))
 
     def _update_mr(self, *, iid: str, body: dict[str, Any], **_: Any) -> Response:
         mr = self._find(iid)
@@ -315,7 +334,9 @@ class FakeGitlab:
             self._merge(mr, message=body.get("merge_commit_message"))
         except PermanentError as e:
             return _error(406, f"Branch cannot be merged: {e}")
-        return JSONResponse(self._mr_json(mr))
+        with self._lock:
+            mr.pending_gets, mr.pending_state = self._merge_delay
+            return JSONResponse(self._mr_json(mr))
 
     def _merge(self, mr: FakeMergeRequest, *, message: str | None = None) -> str:
         default = (f"Merge branch '{mr.source_branch}' into '{mr.target_branch}'\n\n{mr.title}\n\n"

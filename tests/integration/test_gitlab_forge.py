@@ -310,6 +310,37 @@ def test_merge_through_the_api_for_auto_approve(fake: FakeGitlab) -> None:
     assert f.merge(mr, approved_by="again") == merged  # already done
 
 
+@pytest.mark.parametrize("shown_state", ["opened", "merged"])  # a merge train; a merge commit not written yet
+def test_merge_waits_until_gitlab_shows_the_merge_commit(fake: FakeGitlab, shown_state: str) -> None:
+    f = forge(fake)
+    mr = open_release(f)
+    fake.complete_merges_after(3, shown_state=shown_state)
+    merged = f.merge(mr, approved_by="auto-approve")
+    assert merged.state == "merged" and merged.merge_commit == _git("rev-parse", "main", cwd=fake.repo)
+    mr_path = f"/api/v4/projects/{PROJECT.replace('/', '%2F')}/merge_requests/1"
+    after = fake.calls()[fake.calls().index(("PUT", f"{mr_path}/merge", 200)) + 1:]
+    assert [c for c in after if c[1] == mr_path] == [("GET", mr_path, 200)] * 3  # the third GET shows it merged
+    # "merged" without a merge commit is final only where the project fast-forwards: asked once.
+    assert len(after) == 3 + (shown_state == "merged")
+
+
+def test_merge_that_does_not_complete_is_transient(fake: FakeGitlab) -> None:
+    f = forge(fake)
+    mr = open_release(f)
+    fake.complete_merges_after(1_000_000)
+    with pytest.raises(GitlabUnavailable, match=r"!1 .* accepted for merging but is still 'opened' after 1 s") as e:
+        f.merge(mr, approved_by="auto-approve", settle_timeout=1)
+    assert isinstance(e.value, TransientError)
+
+
+def test_context_manager_closes_the_http_session(fake: FakeGitlab) -> None:
+    with forge(fake) as f:
+        open_release(f)
+        pools = f._gl.session.get_adapter(fake.url).poolmanager.pools  # read only: python-gitlab's session
+        assert len(pools) == 1
+    assert len(pools) == 0  # its pooled connection is closed
+
+
 def test_merge_conflict_is_permanent(fake: FakeGitlab, tmp_path: Path) -> None:
     work = tmp_path / "other"
     _git("clone", "-q", str(fake.repo), str(work))

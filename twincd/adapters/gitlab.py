@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import gitlab
 import gitlab.exceptions
@@ -89,11 +89,22 @@ class GitlabForge:
                                  retry_transient_errors=True)
         # lazy: no request until the first real call, so opening an MR costs no extra GET.
         self._project: Project = self._gl.projects.get(project, lazy=True)
+        self._merge_method_cache: str | None = None
 
     @classmethod
     def from_config(cls, cfg: GitlabForgeConfig, *, timeout: float = 30) -> GitlabForge:
         return cls(url=cfg.url, project=cfg.project, token=resolve_secret(cfg.token), labels=cfg.labels,
                    failed_label=cfg.failed_label, timeout=timeout)
+
+    def close_session(self) -> None:
+        """Close python-gitlab's HTTP session (its pooled connections). ``close`` closes an MR."""
+        self._gl.session.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close_session()
 
     def __repr__(self) -> str:
         return f"GitlabForge(url={redact_url(self.url)!r}, project={self.project!r})"
@@ -146,10 +157,7 @@ class GitlabForge:
             f"than {target_branch!r} already exists; close it and re-run the deploy")
 
     def get(self, mr: MergeRequest) -> MergeRequest:
-        iid = _iid(mr)
-        attrs = self._call(f"reading merge request !{iid}",
-                           lambda: self._project.mergerequests.get(iid, max_retries=self._max_retries).attributes, needs=_READ)
-        return self._to_mr(attrs)
+        return self._to_mr(self._read(_iid(mr)))
 
     def post_validation(self, mr: MergeRequest, report: ValidationReport) -> None:
         """Post the validation result as an MR note (once) and set or clear the failure label."""
@@ -199,20 +207,25 @@ class GitlabForge:
             time.sleep(min(delay, remaining))
             delay = min(delay * 1.5, max_poll)
 
-    def merge(self, mr: MergeRequest, *, approved_by: str) -> MergeRequest:
-        """Merge through the API (``auto_approve``: demos and CI); an already merged MR is returned."""
-        current = self.get(mr)
-        if current.state == "merged":
-            return current
+    def merge(self, mr: MergeRequest, *, approved_by: str, settle_timeout: float = 30) -> MergeRequest:
+        """Merge through the API (``auto_approve``: demos and CI); an already merged MR is returned.
+
+        Returns once GitLab reports the MR merged with its merge commit; if that takes longer than
+        ``settle_timeout`` seconds, GitlabUnavailable (transient: a retry finds it merged).
+        """
+        iid = _iid(mr)
+        attrs = self._read(iid)
+        current = self._to_mr(attrs)
+        if current.state == "merged":  # already done (possibly by an earlier attempt still settling)
+            return self._settled_merge(mr, attrs, settle_timeout)
         if current.state != "opened":
             raise GitlabForgeError(f"merge request {current.ref} ({current.web_url}) is {current.state}; "
                                    "re-run the release")
-        iid = _iid(mr)
         message = self._token.mask(f"Merge branch '{mr.source_branch}'\n\n{mr.title}\n\nApproved-by: {approved_by}")
 
-        def accept() -> None:
+        def accept() -> dict[str, Any]:
             try:
-                self._project.mergerequests.get(iid, lazy=True).merge(
+                return self._project.mergerequests.get(iid, lazy=True).merge(
                     merge_commit_message=message, should_remove_source_branch=False, max_retries=self._max_retries)
             except gitlab.exceptions.GitlabMRClosedError as e:
                 # 405/406/409/422 on merge: conflicts, a required pipeline or approvals, a moved head.
@@ -223,9 +236,54 @@ class GitlabForge:
                         "resolve it in GitLab and re-run the deploy") from e
                 raise
 
-        self._call(f"merging !{iid}", accept, needs="Developer role allowed to merge into "
-                   f"{mr.target_branch} (protected branch settings)")
-        return self.get(mr)
+        attrs = self._call(f"merging !{iid}", accept, needs="Developer role allowed to merge into "
+                           f"{mr.target_branch} (protected branch settings)")
+        return self._settled_merge(mr, attrs, settle_timeout)
+
+    def _settled_merge(self, mr: MergeRequest, attrs: dict[str, Any], settle_timeout: float) -> MergeRequest:
+        """Poll from ``attrs`` until the MR is merged with a known merge commit."""
+        # The merge PUT may answer before the merge is done (merge trains, merges GitLab runs in
+        # the background): still "opened", or "merged" with merge_commit_sha null for a moment.
+        # The flow needs the merge commit, so wait for it, briefly, with a short backoff.
+        deadline = time.monotonic() + settle_timeout
+        delay = 0.1
+        while not self._merge_settled(attrs):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                state = attrs.get("state")
+                raise GitlabUnavailable(
+                    f"GitLab at {redact_url(self.url)}, project {self.project}: merge request {mr.ref} "
+                    f"({attrs.get('web_url') or mr.web_url}) was accepted for merging but is still {state!r}"
+                    f"{' without a merge commit' if state == 'merged' else ''} after {settle_timeout:.0f} s "
+                    "(a merge train or a slow merge); retry once GitLab shows it merged")
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 5.0)
+            attrs = self._read(_iid(mr))
+        return self._to_mr(attrs)
+
+    def _read(self, iid: int) -> dict[str, Any]:
+        attrs: dict[str, Any] = self._call(
+            f"reading merge request !{iid}",
+            lambda: self._project.mergerequests.get(iid, max_retries=self._max_retries).attributes, needs=_READ)
+        return attrs
+
+    def _merge_settled(self, attrs: dict[str, Any]) -> bool:
+        """Merged, and the commit the target branch now runs is known."""
+        if attrs.get("state") != "merged":
+            return False
+        if attrs.get("merge_commit_sha") or attrs.get("squash_commit_sha"):
+            return True
+        # No merge commit is normal only where the project fast-forwards (merge_method "ff");
+        # elsewhere the merge commit is still being written.
+        return bool(attrs.get("sha")) and self._merge_method() == "ff"
+
+    def _merge_method(self) -> str:
+        if self._merge_method_cache is None:
+            project = self._call("reading the project's merge method",
+                                 lambda: self._gl.projects.get(self.project, max_retries=self._max_retries).attributes,
+                                 needs=_READ)
+            self._merge_method_cache = str(project.get("merge_method") or "merge")
+        return self._merge_method_cache
 
     def close(self, mr: MergeRequest, *, reason: str) -> MergeRequest:
         """Close without merging, saying why in a note; the branch stays for inspection."""
