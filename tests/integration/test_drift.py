@@ -9,10 +9,12 @@ written through /status. That is the noise that must stay silent.
 from __future__ import annotations
 
 import copy
+import http.server
 import json
 import re
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,9 +29,9 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from flows.drift import DriftReport, drift_check
 from tasks.drift import compare_cluster, state_slug
 from twincd.adapters.cluster import ClusterError, ClusterRef
-from twincd.adapters.kube_read import BUILTIN_KINDS, read_cluster
+from twincd.adapters.kube_read import BUILTIN_KINDS, LiveReader, read_cluster
 from twincd.config import Environment, load_environment
-from twincd.drift import Drift, DriftItem, find_skew
+from twincd.drift import Drift, DriftItem, ListScope, find_skew
 from twincd.sandbox.apiserver import RunningServer, create_app, serve_in_thread
 from twincd.sandbox.contexts import write_kubeconfig
 from twincd.sandbox.procs import free_port
@@ -281,6 +283,41 @@ def test_injected_drift_gives_exactly_these_findings(
 
 def test_unreachable_cluster_is_a_transient_error_naming_it(manifests: Path, tmp_path: Path) -> None:
     write_kubeconfig(tmp_path / "kubeconfig", {"sandbox-eks": f"http://127.0.0.1:{free_port()}"})
+    with pytest.raises(ClusterError, match="^cluster eks: .*: API server unreachable"):
+        read_cluster(ClusterRef("eks", "sandbox-eks", str(tmp_path / "kubeconfig")),
+                     desired={"web": rendered(manifests, "eks")})
+
+
+@pytest.fixture
+def plain_http_server() -> Iterator[int]:
+    """A plain-HTTP server: its port, to be addressed as https:// (a TLS handshake it cannot answer)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize("retries", [0, False])  # False: urllib3 raises SSLError, the client's ApiException(0)
+def test_tls_failure_is_a_cluster_error_not_an_sdk_error(plain_http_server: int, tmp_path: Path,
+                                                          retries: int | bool) -> None:
+    url = f"https://127.0.0.1:{plain_http_server}"
+    cfg = k8s.Configuration(host=url)
+    cfg.retries = retries
+    with k8s.ApiClient(cfg) as api, LiveReader(ClusterRef("eks", "sandbox-eks"), api=api) as reader:
+        with pytest.raises(ClusterError, match="^cluster eks: discover bitnami.com/v1alpha1: API server unreachable"):
+            reader.kind("bitnami.com/v1alpha1", "SealedSecret")
+        with pytest.raises(ClusterError, match="^cluster eks: list ConfigMap in web: API server unreachable"):
+            reader.list(ListScope("v1", "ConfigMap", "web", ""))
+
+
+def test_tls_url_of_a_kubeconfig_served_by_plain_http_is_a_cluster_error(plain_http_server: int, manifests: Path,
+                                                                         tmp_path: Path) -> None:
+    write_kubeconfig(tmp_path / "kubeconfig", {"sandbox-eks": f"https://127.0.0.1:{plain_http_server}"})
     with pytest.raises(ClusterError, match="^cluster eks: .*: API server unreachable"):
         read_cluster(ClusterRef("eks", "sandbox-eks", str(tmp_path / "kubeconfig")),
                      desired={"web": rendered(manifests, "eks")})

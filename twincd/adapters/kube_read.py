@@ -3,22 +3,20 @@
 The number of API calls grows with kinds × namespaces, not with objects. Built-in kinds map to
 their API paths through a static table; any other kind (custom resources such as SealedSecret) is
 resolved by one discovery GET of its group-version per reader, cached. Callers get plain dicts
-(the objects as ``kubectl get -o json`` prints them) and ``ClusterError``/``ClusterDenied``.
+(the objects as ``kubectl get -o json`` prints them) and the cluster adapter's errors only:
+``ClusterError`` (transient), ``ClusterDenied`` (401/403), ``ClusterRefused`` (another 4xx).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
-import urllib3
 from kubernetes import client as k8s
-from kubernetes.client.exceptions import ApiException
 
-from twincd.adapters.cluster import REQUEST_TIMEOUT, ClusterDenied, ClusterError, ClusterRef, api_client
+from twincd.adapters.cluster import ClusterDenied, ClusterError, ClusterRef, _read_json, api_client
 from twincd.drift import ListScope, list_scopes, place_namespaces
 
 
@@ -85,25 +83,19 @@ class LiveReader:
             self._api.close()
 
     def _get(self, what: str, path: str, query: Sequence[tuple[str, str]] = ()) -> dict[str, Any] | None:
+        """GET ``path`` as JSON; None on 404. Every failure is a cluster adapter error: the client's
+        ApiException (status 0 for TLS failures), urllib3 and OS errors become ClusterError, 401/403
+        ClusterDenied (through cluster.py's own request helper, so both adapters agree)."""
         self.calls += 1
         try:
-            request = self._api.param_serialize(method="GET", resource_path=path, query_params=list(query),
-                                                header_params={"Accept": "application/json"},
-                                                auth_settings=["BearerToken"])
-            response = self._api.call_api(*request, _request_timeout=REQUEST_TIMEOUT)
-            body = response.read()
-        except (urllib3.exceptions.HTTPError, OSError) as e:
-            raise ClusterError(f"cluster {self.ref.name}: {what}: API server unreachable ({type(e).__name__})") from e
-        if response.status == 404:
+            status, data = _read_json(self.ref, self._api, what, "GET", path, query=query)
+        except ValueError as e:  # a 2xx body that is not JSON: not an API server (yet), e.g. a proxy page
+            raise ClusterError(f"cluster {self.ref.name}: {what}: the API server's answer is not JSON") from e
+        if status == 404:
             return None
-        if not 200 <= response.status <= 299:
-            error = ApiException(status=response.status, reason=response.reason)
-            if response.status in (401, 403):
-                raise ClusterDenied(f"cluster {self.ref.name}: {what}: access denied ({response.status} "
-                                    f"{response.reason}); check the credentials of context {self.ref.context!r}") \
-                    from error
-            raise ClusterError(f"cluster {self.ref.name}: {what}: HTTP {response.status} {response.reason}") from error
-        data: dict[str, Any] = json.loads(body)
+        if not isinstance(data, dict):
+            raise ClusterError(f"cluster {self.ref.name}: {what}: the API server answered {type(data).__name__}, "
+                               "not a JSON object")
         return data
 
     def kind(self, api_version: str, kind: str) -> KindInfo | None:
