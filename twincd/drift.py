@@ -21,6 +21,8 @@ Objects of kinds or namespaces the desired set does not use are never read, so n
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import re
@@ -45,6 +47,7 @@ IGNORED_ANNOTATIONS = frozenset({
 })
 # Top-level keys never compared: status is the controllers', apiVersion/kind are part of the key,
 # metadata is compared through labels and annotations only, and Secret.stringData is write-only.
+# (v1 Secret data is compared apart, showing fingerprints instead of values: _secret_data.)
 _SKIPPED_TOP_LEVEL = frozenset({"apiVersion", "kind", "metadata", "status", "stringData"})
 # Kinds that carry a pod template, and where their pod spec lives (workloads for skew).
 _POD_SPEC_PATHS: dict[str, tuple[str, ...]] = {
@@ -368,9 +371,44 @@ def compare_object(desired: Mapping[str, Any], live: Mapping[str, Any]) -> list[
         want = {k: v for k, v in (_meta(desired).get(part) or {}).items() if k not in IGNORED_ANNOTATIONS}
         have = _meta(live).get(part) or {}
         out += walk.mapping(f"metadata.{part}", ("metadata", part), want, have)
-    body = {k: v for k, v in desired.items() if k not in _SKIPPED_TOP_LEVEL}
+    secret = desired.get("apiVersion") == "v1" and desired.get("kind") == "Secret"
+    body = {k: v for k, v in desired.items() if k not in _SKIPPED_TOP_LEVEL and not (secret and k == "data")}
     out += walk.mapping("", (), body, live)
+    if secret:
+        out += _secret_data(desired.get("data"), live.get("data"))
     return out
+
+
+def _secret_data(desired: Any, live: Any) -> list[Difference]:
+    """Secret ``data`` compared key by key; findings show fingerprints, never a value (they are
+    published: Prefect artifacts, chat)."""
+    if not isinstance(desired, Mapping):
+        return []
+    have = live if isinstance(live, Mapping) else {}
+    out: list[Difference] = []
+    for key, want in desired.items():
+        if want is None:
+            continue
+        path = f"data{_segment(key)}"
+        if key not in have or have[key] is None:
+            out.append((path, secret_fingerprint(want), ABSENT))
+        elif _secret_bytes(want) != _secret_bytes(have[key]):
+            out.append((path, secret_fingerprint(want), secret_fingerprint(have[key])))
+    return out
+
+
+def _secret_bytes(value: Any) -> bytes:
+    """A Secret data value (base64) decoded; a value that is not base64 stays as its text."""
+    text = str(value)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return text.encode()
+
+
+def secret_fingerprint(value: Any) -> str:
+    """How a Secret value is shown: ``sha256:`` and the first 12 hex digits of its decoded bytes."""
+    return "sha256:" + hashlib.sha256(_secret_bytes(value)).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------------------------------
