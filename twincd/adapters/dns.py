@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -257,12 +258,23 @@ class Route53:
         values = _checked_ips(name, ips)
         fqdn = self._fqdn(name)
         # One UPSERT replaces the whole set; Route 53 applies a change batch atomically.
-        self._call(f"replace A {fqdn} with {', '.join(values)}", "change_resource_record_sets",
-                   HostedZoneId=self.zone_id(), ChangeBatch={
-                       "Comment": "twincd failover",
-                       "Changes": [{"Action": "UPSERT", "ResourceRecordSet": {
-                           "Name": fqdn, "Type": "A", "TTL": ttl,
-                           "ResourceRecords": [{"Value": ip} for ip in values]}}]})
+        change = self._call(f"replace A {fqdn} with {', '.join(values)}", "change_resource_record_sets",
+                            HostedZoneId=self.zone_id(), ChangeBatch={
+                                "Comment": "twincd failover",
+                                "Changes": [{"Action": "UPSERT", "ResourceRecordSet": {
+                                    "Name": fqdn, "Type": "A", "TTL": ttl,
+                                    "ResourceRecords": [{"Value": ip} for ip in values]}}]})
+        # The API lists the new set at once, while the change is still PENDING on the name servers:
+        # a read-back proves nothing until the change is INSYNC.
+        self._wait_insync(str(change["ChangeInfo"]["Id"]), fqdn)
+
+    def _wait_insync(self, change_id: str, fqdn: str, *, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self._call(f"wait for {fqdn}", "get_change", Id=change_id)["ChangeInfo"]["Status"] != "INSYNC":
+            if time.monotonic() > deadline:
+                raise DnsUnavailable(f"{self.description}: change {change_id} of {fqdn} not INSYNC after "
+                                     f"{timeout:.0f} s")
+            time.sleep(2)
 
 
 
