@@ -25,6 +25,7 @@ from flows.deploy import Approval
 from tasks.deploy import load_environment_task, merge, notify, open_merge_request
 from tasks.failover import (
     check_health,
+    merged_into,
     publish_plan,
     read_back_dns,
     read_dns,
@@ -68,13 +69,21 @@ class MergedSwitch:
 
 
 @dataclass(frozen=True)
+class PendingSwitch:
+    """A switch whose merge was asked for: it may have reached the branch even if the call failed."""
+
+    action: SwitchComponents
+    mr: MergeRequest
+
+
+@dataclass(frozen=True)
 class ReplacedRecord:
     """A DNS write that was attempted: undone by writing ``old`` back unless the server still holds it."""
 
     old: frozenset[str]
 
 
-Change = MergedSwitch | ReplacedRecord
+Change = MergedSwitch | PendingSwitch | ReplacedRecord
 
 
 @dataclass(frozen=True)
@@ -176,9 +185,11 @@ def _execute(environment: Environment, plan: FailoverPlan, run_id: str, reason: 
             if branch.diff:
                 mr = open_merge_request(environment, branch, f"failover: {action.step} {', '.join(action.clusters)}",
                                         f"{action.describe()}\n\nReason: {reason}\n\n```diff\n{branch.diff}```\n")
+                # Recorded before the merge: a failure after the forge merged must still be undone.
+                changes.append(PendingSwitch(action, mr))
                 mr = merge(environment, mr, approver)
                 assert mr.merge_commit is not None
-                changes.append(MergedSwitch(action, mr))
+                changes[-1] = MergedSwitch(action, mr)
                 revision = mr.merge_commit
                 timeline = _event(timeline, action.step, "ok", f"{mr.ref} merged as {revision[:12]} by {approver}")
                 notify(environment, timeline)
@@ -227,8 +238,13 @@ def _undo(environment: Environment, plan: FailoverPlan, run_id: str, reason: str
                 undone.append(f"DNS put back to {', '.join(sorted(change.old))}")
             else:
                 step = change.action.step
-                assert change.mr.merge_commit is not None
-                branch = revert_switch(environment, step, change.mr.merge_commit,
+                merge_commit = change.mr.merge_commit if isinstance(change, MergedSwitch) else \
+                    merged_into(environment, change.mr.source_branch)
+                if merge_commit is None:
+                    undone.append(f"{step} of {', '.join(change.action.clusters)}: {change.mr.ref} never "
+                                  "reached the branch, nothing to revert")
+                    continue
+                branch = revert_switch(environment, step, merge_commit,
                                        branch_name(plan.target, run_id, f"undo-{step}"))
                 mr = open_merge_request(environment, branch, f"Revert failover: {step}",
                                         f"Undo of {change.mr.ref} after a failed failover to {plan.target.label}."

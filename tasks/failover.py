@@ -133,6 +133,12 @@ def revert_switch(env: Environment, step: str, merge_commit: str, branch: str) -
                                    branch=branch, merge_commits=[merge_commit])
 
 
+@task(name="merged-into", **IO_RETRIES, **_FRESH)
+def merged_into(env: Environment, branch: str) -> str | None:
+    """Whether a switch branch reached the manifests branch after all (its merge call failed)."""
+    return git.merged_into(repo_url=str(env.path(env.manifests.repo)), source=branch, target=env.manifests.branch)
+
+
 def _workload(env: Environment, ref: cluster.ClusterRef, app: str) -> dict[str, Any] | None:
     """The app's workload as the cluster holds it now (one LIST of its kind in its namespace)."""
     w = env.app(app).workload

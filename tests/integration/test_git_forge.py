@@ -166,3 +166,11 @@ def test_contains_checker_sees_later_commits(manifests: str, tmp_path: Path) -> 
         assert contains(later) and contains(base)
     with gitrepo.contains_checker(manifests, later) as contains:
         assert not contains(base)
+
+
+def test_merged_into_finds_the_merge_commit_or_none(manifests: str) -> None:
+    gitrepo.write_release_branch(repo_url=manifests, target="main", branch="switch", edit=append_line("# s"),
+                                 message="s")
+    assert gitrepo.merged_into(repo_url=manifests, source="switch", target="main") is None
+    merge = gitrepo.merge_branch(repo_url=manifests, source="switch", target="main", message="merge switch")
+    assert gitrepo.merged_into(repo_url=manifests, source="switch", target="main") == merge

@@ -220,6 +220,15 @@ def merge_branch(*, repo_url: str, source: str, target: str, message: str) -> st
     return _in_fresh_clone(repo_url, body)
 
 
+def merged_into(*, repo_url: str, source: str, target: str) -> str | None:
+    """The merge commit that brought ``source``'s head into ``target``, or None when it is not merged."""
+    with clone(repo_url) as repo:
+        tgt, src = _branches(repo, repo_url, target, source)
+        if src is None or not repo.is_ancestor(src.commit, tgt.commit):
+            return None
+        return _merge_commit_of(repo, src.commit.hexsha, tgt.name)
+
+
 def _merge_commit_of(repo: git.Repo, source_sha: str, target_ref: str) -> str:
     for commit in repo.iter_commits(target_ref, ancestry_path=False, max_count=1000):
         if any(p.hexsha == source_sha for p in commit.parents[1:]):
