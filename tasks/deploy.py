@@ -157,7 +157,7 @@ def wait_for_merge(env: Environment, mr: MergeRequest) -> MergeRequest:
 @task(name="open-merge-request", **IO_RETRIES)
 def open_merge_request(env: Environment, branch: git.ReleaseBranch, title: str, description: str) -> MergeRequest:
     return _forge(env).open(source_branch=branch.branch, target_branch=env.manifests.branch,
-                            title=title, description=description)
+                            title=title, description=description, head=branch.head)
 
 
 @task(name="validate", **IO_RETRIES)

@@ -48,10 +48,11 @@ class LocalForge:
         os.replace(tmp, path)
         return mr
 
-    def open(self, *, source_branch: str, target_branch: str, title: str, description: str) -> MergeRequest:
+    def open(self, *, source_branch: str, target_branch: str, title: str, description: str,
+             head: str = "") -> MergeRequest:
         """Open the MR for ``source_branch``; an open one, or one merged at the branch's current
         head, is reused ("already done")."""
-        head = gitrepo.branch_head(repo_url=self.repo_url, branch=source_branch) or ""
+        head = head or gitrepo.branch_head(repo_url=self.repo_url, branch=source_branch) or ""
         existing = self.find(source_branch=source_branch)
         if existing is not None and existing.state == "opened":
             # Like a GitLab MR, an open one follows its branch: it now shows the branch's head.

@@ -126,11 +126,15 @@ class GitlabForge:
                 return self._to_mr(match.attributes)
         return None
 
-    def open(self, *, source_branch: str, target_branch: str, title: str, description: str) -> MergeRequest:
-        """Open the release MR; an open (or merged) one for the branch is reused ("already done")."""
+    def open(self, *, source_branch: str, target_branch: str, title: str, description: str,
+             head: str = "") -> MergeRequest:
+        """Open the release MR; an open one for the branch, or one merged at ``head`` (the branch's
+        current head, when known), is reused ("already done")."""
         existing = self.find(source_branch=source_branch, target_branch=target_branch)
-        if existing is not None:
+        if existing is not None and (existing.state == "opened" or not head or existing.sha == head):
             return replace(existing, reused=True)
+        # Otherwise the merged MR is of an older build of the branch (the release was reverted and
+        # is deployed again): GitLab takes a new MR for the same source branch.
         data = {"source_branch": source_branch, "target_branch": target_branch,
                 "title": self._token.mask(title), "description": self._token.mask(description),
                 "labels": ",".join(self.labels), "remove_source_branch": False}
@@ -314,7 +318,8 @@ class GitlabForge:
             commit = attrs.get("merge_commit_sha") or attrs.get("squash_commit_sha") or attrs.get("sha")
         return MergeRequest(ref=f"!{attrs['iid']}", source_branch=str(attrs["source_branch"]),
                             target_branch=str(attrs["target_branch"]), title=str(attrs["title"]), state=state,
-                            web_url=str(attrs.get("web_url") or ""), merge_commit=commit)
+                            web_url=str(attrs.get("web_url") or ""), merge_commit=commit,
+                            sha=str(attrs.get("sha") or ""))
 
     def _call(self, what: str, fn: Callable[[], T], *, needs: str) -> T:
         try:
