@@ -43,6 +43,7 @@ from tasks.deploy import (
     notify,
     open_merge_request,
     post_validation,
+    pull_ref,
     push_image,
     read_pins,
     revert_branch,
@@ -231,7 +232,7 @@ def _deploy(environment: Environment, release: Release, story: _Story, auto_appr
     story.add("push", "ok", f"{verb}: " + ", ".join(r.pinned for r in pushed.refs), digest=pushed.digest, tell=True)
 
     stages = environment.rollout_stages()
-    digests = {c: _pulled_digest(environment, release, pushed, c) for c in environment.clusters}
+    digests = {c: pull_ref(environment, release.app, c, pushed).digest for c in environment.clusters}
     merges: list[str] = []
     verdicts: list[RolloutVerdict] = []
     approver: str | None = None
@@ -301,11 +302,6 @@ def _revert(environment: Environment, release: Release, story: _Story, merges: l
     return f"; reverted by {mr.ref} ({mr.merge_commit[:12]}), rollback " + (
         "verified on every cluster" if ok else "NOT verified: " + "; ".join(
             f"{v.cluster}: {v.message}" for v in verdicts if v.phase is not Phase.SUCCEEDED))
-
-
-def _pulled_digest(environment: Environment, release: Release, pushed: PushedImage, cluster: str) -> str:
-    url = environment.pull_registry(release.app, cluster)
-    return next(r.digest for r in pushed.refs if r.name.startswith(url + "/"))
 
 
 def _mr_title(release: Release, pushed: PushedImage, clusters: tuple[str, ...], number: int, stages: int) -> str:

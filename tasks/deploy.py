@@ -77,9 +77,9 @@ def push_image(env: Environment, built: builder.BuiltImage) -> builder.PushedIma
     return builder.push_image(built=built, base_url=_builder_url(env), insecure_registries=_insecure(env))
 
 
-def _pull_ref(env: Environment, release: Release, cluster_name: str, pushed: builder.PushedImage) -> ImageRef:
-    url = env.pull_registry(release.app, cluster_name)
-    return next(r for r in pushed.refs if r.name.startswith(url + "/"))
+def pull_ref(env: Environment, app: str, cluster_name: str, pushed: builder.PushedImage) -> ImageRef:
+    """The image as the registry the cluster pulls from holds it (one registry per cloud is common)."""
+    return pushed.ref_for(env.pull_registry(app, cluster_name), env.app(app).image)
 
 
 @task(name="set-image", task_run_name="set-image-{branch}", **IO_RETRIES)
@@ -99,7 +99,7 @@ def set_image(env: Environment, release: Release, pushed: builder.PushedImage, c
                 raise PermanentError(f"{env.manifests.repo}: {rel} does not exist (overlay of app "
                                      f"{release.app!r} on cluster {name!r}); add it to the manifests repo")
             result: EditResult = kustomize.set_image(path.read_text(), file=rel, image=image,
-                                                     ref=_pull_ref(env, release, name, pushed))
+                                                     ref=pull_ref(env, release.app, name, pushed))
             if result.changed:
                 files[rel] = result.text
                 changes.extend(result.changes)

@@ -101,6 +101,10 @@ class PushedImage:
         """The digest in the first registry (the same everywhere unless a registry re-encodes)."""
         return self.refs[0].digest
 
+    def ref_for(self, registry: str, image: str) -> ImageRef:
+        """The image as registry ``registry`` (``host[:port][/path]``) holds it."""
+        return next(r for r in self.refs if r.name == f"{registry}/{image}")
+
 
 def ping(base_url: str) -> bool:
     """Whether a Docker Engine API answers at ``base_url``."""
