@@ -478,7 +478,7 @@ def test_watch_applies_selectors(core: client.CoreV1Api, namespace: str) -> None
 def test_watch_honours_timeout_seconds(core: client.CoreV1Api, namespace: str) -> None:
     started = time.monotonic()
     assert list(watch.Watch().stream(core.list_namespaced_pod, namespace, timeout_seconds=1)) == []
-    assert 0.9 <= time.monotonic() - started < 5
+    assert 0.9 <= time.monotonic() - started < 10  # waited the 1 s, then ended by itself
 
 
 def test_watch_from_expired_resource_version_is_410() -> None:
