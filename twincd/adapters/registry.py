@@ -1,8 +1,11 @@
 """OCI distribution API client: read what a registry holds under a tag.
 
-Only the HTTP API (https://github.com/opencontainers/distribution-spec) is used, so any registry
-works: docker-registry / distribution, ECR, ACR, Harbor. Anonymous access only for now; errors name
-the registry and repository and never carry credentials.
+Only the HTTP API (https://github.com/opencontainers/distribution-spec) is used, and only anonymously:
+no credentials are sent and the Bearer token flow (a 401 with ``WWW-Authenticate``) is not implemented.
+Supported: registries that answer anonymous reads, over HTTPS or plain HTTP (``insecure``), such as
+the local stack's docker-registry / distribution. Registries that need a token, as ECR, ACR and
+Harbor (for private projects) do, are not supported yet: their 401 becomes ``RegistryDenied``.
+Errors name the registry and repository and never carry credentials.
 """
 
 from __future__ import annotations
