@@ -164,27 +164,51 @@ def stop_daemon(name: str, *, state_dir: Path, grace: float = 10.0) -> bool:
         pidfile.unlink(missing_ok=True)
         return False
     start_time = _start_time(pid)
+    try:
+        own_group = os.getpgid(pid) == pid
+    except ProcessLookupError:  # exited since daemon_status looked
+        own_group = False
+
+    def gone() -> bool:
+        # The leader's exit is not enough: its children (uvicorn workers, conmon, ...) may still hold
+        # the ports a restart wants, so the whole process group must be gone.
+        return _start_time(pid) != start_time and not (own_group and _group_alive(pid))
+
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        _signal(pid, sig)
+        _signal(pid, sig, group=own_group)
         deadline = time.monotonic() + grace
-        while _start_time(pid) == start_time and time.monotonic() < deadline:
+        while not gone() and time.monotonic() < deadline:
             time.sleep(_POLL_SECONDS)
-        if _start_time(pid) != start_time:
+        if gone():
             pidfile.unlink(missing_ok=True)
             return True
     # Only a process stuck in the kernel (state D) survives SIGKILL; a later retry may find it gone.
     raise DaemonStuck(f"daemon {name!r} (pid {pid}) did not exit after SIGKILL")
 
 
-def _signal(pid: int, sig: signal.Signals) -> None:
+def _signal(pid: int, sig: signal.Signals, *, group: bool) -> None:
     try:
         # The daemon leads its own group unless it moved itself elsewhere: then signal only it.
-        if os.getpgid(pid) == pid:
+        if group:
             os.killpg(pid, sig)
         else:
             os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` still runs (zombies do not count: PID 1 may never reap
+    them on this kind of machine)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def _start_time(pid: int) -> int | None:
