@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -131,18 +133,22 @@ def read_pins(env: Environment, app: str, revision: str) -> dict[str, str | None
     return pins
 
 
-def _forge(env: Environment) -> LocalForge | GitlabForge:
+@contextlib.contextmanager
+def forge_of(env: Environment) -> Iterator[LocalForge | GitlabForge]:
+    """The configured forge for one task; a GitLab session is closed when the task is done."""
     if isinstance(env.forge, GitlabConfig):
-        return GitlabForge.from_config(env.forge)
-    return LocalForge(repo_url=str(env.path(env.manifests.repo)), records_dir=env.state_path / "forge")
+        with GitlabForge.from_config(env.forge) as gitlab:
+            yield gitlab
+    else:
+        yield LocalForge(repo_url=str(env.path(env.manifests.repo)), records_dir=env.state_path / "forge")
 
 
 @task(name="post-validation", **IO_RETRIES)
 def post_validation(env: Environment, mr: MergeRequest, report: ValidationReport) -> None:
     """The validation result as an MR note (GitLab); the local forge shows it in the approval form."""
-    forge = _forge(env)
-    if isinstance(forge, GitlabForge):
-        forge.post_validation(mr, report)
+    with forge_of(env) as forge:
+        if isinstance(forge, GitlabForge):
+            forge.post_validation(mr, report)
 
 
 # No retries and no timeout here: the adapter owns its deadline and rides out GitLab outages.
@@ -150,14 +156,16 @@ def post_validation(env: Environment, mr: MergeRequest, report: ValidationReport
 def wait_for_merge(env: Environment, mr: MergeRequest) -> MergeRequest:
     """Wait for a person to merge the MR on GitLab (polling with backoff, never a busy loop)."""
     assert isinstance(env.forge, GitlabConfig)
-    return GitlabForge.from_config(env.forge).wait_for_merge(
-        mr, timeout=env.timeouts.approval_seconds, poll=env.forge.poll_seconds, max_poll=env.forge.max_poll_seconds)
+    with GitlabForge.from_config(env.forge) as gitlab:
+        return gitlab.wait_for_merge(mr, timeout=env.timeouts.approval_seconds, poll=env.forge.poll_seconds,
+                                     max_poll=env.forge.max_poll_seconds)
 
 
 @task(name="open-merge-request", **IO_RETRIES)
 def open_merge_request(env: Environment, branch: git.ReleaseBranch, title: str, description: str) -> MergeRequest:
-    return _forge(env).open(source_branch=branch.branch, target_branch=env.manifests.branch,
-                            title=title, description=description, head=branch.head)
+    with forge_of(env) as forge:
+        return forge.open(source_branch=branch.branch, target_branch=env.manifests.branch,
+                          title=title, description=description, head=branch.head)
 
 
 @task(name="validate", **IO_RETRIES)
@@ -206,12 +214,14 @@ def notify(env: Environment, timeline: Timeline) -> None:
 
 @task(name="merge", **IO_RETRIES)
 def merge(env: Environment, mr: MergeRequest, approved_by: str) -> MergeRequest:
-    return _forge(env).merge(mr, approved_by=approved_by)
+    with forge_of(env) as forge:
+        return forge.merge(mr, approved_by=approved_by)
 
 
 @task(name="close-merge-request", **IO_RETRIES)
 def close_merge_request(env: Environment, mr: MergeRequest, reason: str) -> MergeRequest:
-    return _forge(env).close(mr, reason=reason)
+    with forge_of(env) as forge:
+        return forge.close(mr, reason=reason)
 
 
 @task(name="apply-overlay", task_run_name="apply-{cluster_name}", **IO_RETRIES)
