@@ -10,7 +10,9 @@ for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ! command -v kubectl >/dev/null; then
-  missing+=(kubectl)   # kubectl ships kustomize; it is preinstalled on this machine kind
+  # kubectl (with its built-in kustomize) renders overlays; Debian has no package for it.
+  echo "setup: kubectl is missing: install it from https://kubernetes.io/docs/tasks/tools/ (v1.27 or newer)" >&2
+  exit 1
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing apt packages: ${missing[*]}"
