@@ -29,18 +29,18 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Self
 
-import uvicorn
 from azure.core.credentials import AccessToken
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
+
+from twincd.sandbox.serving import ServedApp, serve_asgi
 
 API_VERSION = "2018-05-01"
 
@@ -105,8 +105,7 @@ class FakeAzureDns:
         self._faults: list[_Fault] = []
         self._concurrent: list[tuple[str, ...]] = []
         self._lock = threading.Lock()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._served: ServedApp | None = None
         self.url = ""
 
     # ---- knobs for tests -------------------------------------------------------------------
@@ -139,30 +138,13 @@ class FakeAzureDns:
     # ---- serving ---------------------------------------------------------------------------
 
     def start(self) -> Self:
-        # IPPROTO_TCP explicitly: asyncio then sets TCP_NODELAY on accepted connections (see
-        # twincd/sandbox/apiserver.py serve_in_thread: ~40 ms per request without it).
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        config = uvicorn.Config(self._asgi, interface="asgi3", log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=1)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True,
-                                        name=f"fake-azure-dns-{port}")
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the fake Azure DNS did not start")
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{port}"
+        self._served = serve_asgi(self._asgi, name="fake-azure-dns", graceful_seconds=1)
+        self.url = self._served.url
         return self
 
     def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout=5)
+        if self._served is not None:
+            self._served.stop(5)
 
     def __enter__(self) -> Self:
         return self.start()

@@ -15,18 +15,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from twincd.sandbox.serving import ServedApp, serve_asgi
 
 
 @dataclass(frozen=True)
@@ -199,34 +199,15 @@ class FakeSlack:
 @dataclass
 class RunningFake:
     fake: FakeSlack
-    _server: uvicorn.Server
-    _thread: threading.Thread
-    _socket: socket.socket
+    _served: ServedApp
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout)
-        self._socket.close()
+        self._served.stop(timeout)
 
 
 def start_fake_slack(token: str) -> RunningFake:
     """Serve a FakeSlack on a free port of 127.0.0.1 in a daemon thread; returns once it listens."""
     fake = FakeSlack(token=token)
-    # Bind here, before uvicorn starts, so the port is known without a race; IPPROTO_TCP so asyncio
-    # sets TCP_NODELAY (see twincd/sandbox/apiserver.py: ~40 ms per request otherwise).
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(fake.app(), log_level="warning", access_log=False, lifespan="off",
-                                           timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"fake-slack-{port}")
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            sock.close()
-            raise RuntimeError(f"the fake Slack did not start on 127.0.0.1:{port}")
-        time.sleep(0.01)
-    fake.url = f"http://127.0.0.1:{port}"
-    return RunningFake(fake, server, thread, sock)
+    served = serve_asgi(fake.app(), name="fake-slack", graceful_seconds=1)
+    fake.url = served.url
+    return RunningFake(fake, served)
