@@ -17,6 +17,7 @@ from twincd import kustomize
 from twincd.adapters import builder, cluster, git, notify_console, slack
 from twincd.adapters.forge_local import LocalForge
 from twincd.adapters.gitlab import GitlabForge
+from twincd.adapters.secrets import resolve_secret
 from twincd.config import Environment, load_environment
 from twincd.config import GitlabForge as GitlabConfig
 from twincd.config import SlackNotifier as SlackConfig
@@ -34,7 +35,6 @@ from twincd.domain import (
 )
 from twincd.errors import PermanentError, TwincdError
 from twincd.release import check_tag
-from twincd.secrets import resolve_secret
 from twincd.validate import SchemaValidator, parse_documents, render_overlay, validate_overlay
 
 

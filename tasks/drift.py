@@ -24,10 +24,10 @@ from prefect.variables import Variable
 from tasks.common import IO_RETRIES, cluster_ref
 from twincd import drift
 from twincd.adapters import git, kube_read, slack
+from twincd.adapters.secrets import resolve_secret
 from twincd.config import Environment
 from twincd.config import SlackNotifier as SlackConfig
 from twincd.errors import TwincdError
-from twincd.secrets import resolve_secret
 from twincd.validate import parse_documents, render_overlay
 
 # A drift check must always look at the clusters as they are now: never a cached answer.

@@ -16,6 +16,7 @@ from twincd import kustomize
 from twincd.adapters import cluster, git
 from twincd.adapters import dns as dnsport
 from twincd.adapters.kube_read import LiveReader
+from twincd.adapters.secrets import resolve_secret
 from twincd.config import Environment
 from twincd.domain import ComponentChange, ImageChange, Phase, RolloutVerdict
 from twincd.drift import ListScope
@@ -30,7 +31,6 @@ from twincd.failover import (
     role_of,
     switch_edit,
 )
-from twincd.secrets import resolve_secret
 
 HTTP_TIMEOUT = 5.0
 # Reads must see the world as it is now, and writes must happen: never a cached answer.

@@ -180,8 +180,8 @@ def cmd_webhook(env: Environment, args: argparse.Namespace) -> int:
     if env.webhook is None:
         raise ConfigError(f"{env.source}: `twincd webhook` needs a `webhook: {{secret: env:VAR}}` section")
     _use_prefect(env)
-    from twincd import webhook
-    from twincd.secrets import resolve_secret
+    from twincd.adapters import webhook
+    from twincd.adapters.secrets import resolve_secret
 
     cfg = env.webhook
     projects = {a.project: name for name, a in env.apps.items() if a.project} or None

@@ -24,10 +24,10 @@ from twincd.adapters.gitlab import (
     GitlabUnavailable,
     MergeTimeout,
 )
+from twincd.adapters.secrets import Secret, resolve_secret
 from twincd.config import GitlabForge as GitlabForgeConfig
 from twincd.domain import Finding, MergeRequest, ValidationReport
 from twincd.errors import CancelledByUser, PermanentError, TransientError
-from twincd.secrets import Secret, resolve_secret
 
 pytestmark = pytest.mark.integration
 

@@ -23,9 +23,9 @@ from prefect.blocks.system import Secret as PrefectSecret
 from prefect.client.orchestration import get_client
 from starlette.applications import Starlette
 
+from twincd.adapters.secrets import SecretNotFound, resolve_secret
+from twincd.adapters.webhook import PATH, create_app
 from twincd.config import DEFAULT_ENV, Environment, load_environment
-from twincd.secrets import SecretNotFound, resolve_secret
-from twincd.webhook import PATH, create_app
 
 pytestmark = pytest.mark.integration
 

@@ -30,9 +30,9 @@ import gitlab.exceptions
 import requests
 
 from twincd.adapters.git import redact_url
+from twincd.adapters.secrets import Secret, resolve_secret
 from twincd.domain import MergeRequest, ValidationReport
 from twincd.errors import CancelledByUser, PermanentError, TransientError
-from twincd.secrets import Secret, resolve_secret
 
 if TYPE_CHECKING:
     from gitlab.v4.objects import Project, ProjectMergeRequest

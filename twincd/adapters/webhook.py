@@ -31,10 +31,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from twincd.adapters.secrets import Secret
 from twincd.config import Environment
 from twincd.errors import ConfigError
 from twincd.release import BadTag, check_tag
-from twincd.secrets import Secret
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient

@@ -49,7 +49,7 @@ class Secret:
 
     def __reduce__(self) -> tuple[object, ...]:
         # Never pickled into a Prefect result or a cache: resolve the reference again instead.
-        raise TypeError("twincd.secrets.Secret cannot be pickled; pass the reference (env:/secret:) instead")
+        raise TypeError("twincd.adapters.secrets.Secret cannot be pickled; pass the reference (env:/secret:) instead")
 
 
 def resolve_secret(ref: str) -> Secret:
