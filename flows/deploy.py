@@ -118,8 +118,11 @@ def approval_key(branch: str) -> str:
 def deploy(app: str, tag: str, env: str = str(DEFAULT_ENV), auto_approve: bool = False) -> DeployResult | State:
     """Deploy a tagged release of an app to every cluster.
 
-    app: the app's name in the environment file; tag: the git tag of the app repo to release;
-    env: the environment file; auto_approve: merge without waiting for a person (demos, CI).
+    Args:
+        app: The app's name in the environment file (e.g. hello).
+        tag: The git tag of the app's repository to release (e.g. v1.2.0).
+        env: The environment file: clusters, manifests repo, forge, registries, notifier.
+        auto_approve: Merge without waiting for a person (demos, CI).
     """
     environment = load_environment_task(env)
     release = check_release(environment, app, tag)
