@@ -54,8 +54,10 @@ def _run_name() -> str:
 def drift_check(env: str = str(DEFAULT_ENV), fail_on_drift: bool = False) -> State:
     """Compare every cluster with the overlays at the head of the manifests branch.
 
-    env: the environment file; fail_on_drift: end the run Failed (instead of Completed with the
-    drift flagged) when there is any finding.
+    Args:
+        env: The environment file: clusters, manifests repo, notifier.
+        fail_on_drift: End the run Failed (instead of Completed with the drift flagged) when there
+            is any finding.
     """
     logger = get_run_logger()
     environment = load_environment_task(env)
