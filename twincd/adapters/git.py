@@ -289,7 +289,9 @@ def contains_checker(repo_url: str, commit: str) -> Iterator[Callable[[str], boo
     are cached. Safe to call from several threads.
     """
     with tempfile.TemporaryDirectory(prefix="twincd-ancestry-") as tmp:
-        repo = _git_call("clone", lambda: git.Repo.clone_from(repo_url, tmp, bare=True, env=_NO_PROMPT))
+        # Commits only: ancestry needs no file contents (a local path ignores the filter).
+        repo = _git_call("clone", lambda: git.Repo.clone_from(repo_url, tmp, bare=True, filter="blob:none",
+                                                              env=_NO_PROMPT))
         assert isinstance(repo, git.Repo)
         answers: dict[str, bool] = {}
 
