@@ -251,8 +251,10 @@ class _Stream:
             with contextlib.suppress(Exception):
                 response.shutdown()
 
-    def join(self, timeout: float) -> None:
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the loop to end; whether it did."""
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _report(self) -> None:
         self._failing = False
@@ -478,9 +480,12 @@ def verify_rollout(target: RolloutTarget, *, timeout: float, watch_seconds: int 
     finally:
         for stream in streams.values():
             stream.stop()
-        for stream in streams.values():
-            stream.join(1.0)
-        clients.close()
+        ended = [stream.join(1.0) for stream in streams.values()]
+        if all(ended):
+            clients.close()
+        # Otherwise a stream is inside a request (a list, up to its read timeout): closing its client
+        # under it would only turn the end of that request into an error; it ends on its own, as a
+        # daemon thread, and the clients are collected with it.
     if errors:
         reason = "; ".join(str(e) for e in errors.values())
         return RolloutVerdict(name, Phase.FAILED, f"{reason} (still failing at the {timeout:.0f}s deadline)",
