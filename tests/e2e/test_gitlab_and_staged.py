@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 from tests.e2e.conftest import git_refs, release_app, twincd
@@ -42,42 +44,46 @@ def _wait_for(predicate, what: str, timeout: float = 120) -> None:  # type: igno
         time.sleep(0.5)
 
 
-def test_gitlab_forge_waits_for_a_person_to_merge(stack_env: Environment) -> None:
-    fake = FakeGitlab(repo=stack_env.path(stack_env.manifests.repo), token=TOKEN).start()
-    try:
-        env = _variant(stack_env, "gitlab", forge={"type": "gitlab", "url": fake.url, "project": "infra/manifests",
-                                                   "token": "env:TWINCD_E2E_GITLAB_TOKEN", "poll_seconds": 0.5})
-        release_app(env, "v2.0.0", page="<h1>hello 2.0.0</h1>\n")
-        run = _start_deploy(env, "v2.0.0", TWINCD_E2E_GITLAB_TOKEN=TOKEN)
-        _wait_for(lambda: any(m.source_branch == "twincd/hello/v2.0.0" for m in fake.mrs.values()), "the MR")
-        iid = next(m.iid for m in fake.mrs.values() if m.source_branch == "twincd/hello/v2.0.0")
-        _wait_for(lambda: bool(fake.notes(iid)), "the validation note")
-        merge_commit = fake.merge(iid)  # a person merges in GitLab
-        out, _ = run.communicate(timeout=180)
-        assert run.returncode == 0, out
-        assert main_head(env) == merge_commit
-        assert registry_digest(env, "v2.0.0") in main_file(env, "overlays/eks/hello/kustomization.yaml")
-        assert "valid" in fake.notes(iid)[0].lower()
-        assert TOKEN not in out
-    finally:
-        fake.stop()
+@pytest.fixture
+def gitlab(stack_env: Environment) -> Iterator[tuple[FakeGitlab, Environment]]:
+    """The stack's manifests repo behind a GitLab fake, and an environment whose forge is GitLab."""
+    with FakeGitlab(repo=stack_env.path(stack_env.manifests.repo), token=TOKEN) as fake:
+        yield fake, _variant(stack_env, "gitlab", forge={
+            "type": "gitlab", "url": fake.url, "project": "infra/manifests",
+            "token": "env:TWINCD_E2E_GITLAB_TOKEN", "poll_seconds": 0.5})
 
 
-def test_gitlab_mr_closed_without_merge_cancels_the_run(stack_env: Environment) -> None:
-    fake = FakeGitlab(repo=stack_env.path(stack_env.manifests.repo), token=TOKEN).start()
-    try:
-        env = _variant(stack_env, "gitlab", forge={"type": "gitlab", "url": fake.url, "project": "infra/manifests",
-                                                   "token": "env:TWINCD_E2E_GITLAB_TOKEN", "poll_seconds": 0.5})
-        release_app(env, "v2.1.0", page="<h1>hello 2.1.0</h1>\n")
-        head = main_head(env)
-        run = _start_deploy(env, "v2.1.0", TWINCD_E2E_GITLAB_TOKEN=TOKEN)
-        _wait_for(lambda: any(m.source_branch == "twincd/hello/v2.1.0" for m in fake.mrs.values()), "the MR")
-        fake.close(next(m.iid for m in fake.mrs.values() if m.source_branch == "twincd/hello/v2.1.0"))
-        out, _ = run.communicate(timeout=180)
-        assert run.returncode == 1 and "Cancelled" in out, out
-        assert main_head(env) == head
-    finally:
-        fake.stop()
+def _release_mr(fake: FakeGitlab, tag: str) -> int:
+    """The iid of the release MR of ``tag``, once the flow has opened it."""
+    branch = f"twincd/hello/{tag}"
+    _wait_for(lambda: any(m.source_branch == branch for m in fake.mrs.values()), "the MR")
+    return next(m.iid for m in fake.mrs.values() if m.source_branch == branch)
+
+
+def test_gitlab_forge_waits_for_a_person_to_merge(gitlab: tuple[FakeGitlab, Environment]) -> None:
+    fake, env = gitlab
+    release_app(env, "v2.0.0", page="<h1>hello 2.0.0</h1>\n")
+    run = _start_deploy(env, "v2.0.0", TWINCD_E2E_GITLAB_TOKEN=TOKEN)
+    iid = _release_mr(fake, "v2.0.0")
+    _wait_for(lambda: bool(fake.notes(iid)), "the validation note")
+    merge_commit = fake.merge(iid)  # a person merges in GitLab
+    out, _ = run.communicate(timeout=180)
+    assert run.returncode == 0, out
+    assert main_head(env) == merge_commit
+    assert registry_digest(env, "v2.0.0") in main_file(env, "overlays/eks/hello/kustomization.yaml")
+    assert "valid" in fake.notes(iid)[0].lower()
+    assert TOKEN not in out
+
+
+def test_gitlab_mr_closed_without_merge_cancels_the_run(gitlab: tuple[FakeGitlab, Environment]) -> None:
+    fake, env = gitlab
+    release_app(env, "v2.1.0", page="<h1>hello 2.1.0</h1>\n")
+    head = main_head(env)
+    run = _start_deploy(env, "v2.1.0", TWINCD_E2E_GITLAB_TOKEN=TOKEN)
+    fake.close(_release_mr(fake, "v2.1.0"))
+    out, _ = run.communicate(timeout=180)
+    assert run.returncode == 1 and "Cancelled" in out, out
+    assert main_head(env) == head
 
 
 def test_sequential_rollout_stops_before_the_second_cloud_and_reverts(stack_env: Environment) -> None:

@@ -33,14 +33,14 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple
 
 from azure.core.credentials import AccessToken
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from twincd.sandbox.serving import ServedApp, serve_asgi
+from tests.fakes import ServedFake
 
 API_VERSION = "2018-05-01"
 
@@ -89,8 +89,10 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-class FakeAzureDns:
+class FakeAzureDns(ServedFake):
     """Azure DNS zones ``zones`` in one resource group of one subscription, served over HTTP."""
+
+    _name = "fake-azure-dns"
 
     def __init__(self, *, token: str, subscription_id: str, resource_group: str, zones: tuple[str, ...],
                  reader_token: str | None = None) -> None:
@@ -105,8 +107,6 @@ class FakeAzureDns:
         self._faults: list[_Fault] = []
         self._concurrent: list[tuple[str, ...]] = []
         self._lock = threading.Lock()
-        self._served: ServedApp | None = None
-        self.url = ""
 
     # ---- knobs for tests -------------------------------------------------------------------
 
@@ -137,20 +137,6 @@ class FakeAzureDns:
 
     # ---- serving ---------------------------------------------------------------------------
 
-    def start(self) -> Self:
-        self._served = serve_asgi(self._asgi, name="fake-azure-dns", graceful_seconds=1)
-        self.url = self._served.url
-        return self
-
-    def stop(self) -> None:
-        if self._served is not None:
-            self._served.stop(5)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ---- HTTP ------------------------------------------------------------------------------
 

@@ -28,16 +28,16 @@ import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from tests.fakes import ServedFake
 from twincd.adapters import git as gitrepo
 from twincd.errors import PermanentError
-from twincd.sandbox.serving import ServedApp, serve_asgi
 
 
 def _now() -> str:
@@ -71,8 +71,10 @@ class _Fault:
     retry_after: str | None
 
 
-class FakeGitlab:
+class FakeGitlab(ServedFake):
     """One GitLab project (``project``, numeric id ``project_id``) whose repository is ``repo``."""
+
+    _name = "fake-gitlab"
 
     def __init__(self, *, repo: Path, token: str, project: str = "infra/manifests", project_id: int = 42,
                  read_only_token: str | None = None) -> None:
@@ -87,8 +89,6 @@ class FakeGitlab:
         self._hidden: dict[int, int] = {}  # iid -> how many more list answers leave it out
         self._merge_delay: tuple[int, str] = (0, "merged")  # (GETs until a merge shows, state shown before)
         self._lock = threading.Lock()
-        self._served: ServedApp | None = None
-        self.url = ""
 
     # ---- knobs for tests -------------------------------------------------------------------
 
@@ -136,20 +136,6 @@ class FakeGitlab:
 
     # ---- serving ---------------------------------------------------------------------------
 
-    def start(self) -> FakeGitlab:
-        self._served = serve_asgi(self._asgi, name="fake-gitlab", graceful_seconds=1)
-        self.url = self._served.url
-        return self
-
-    def stop(self) -> None:
-        if self._served is not None:
-            self._served.stop(5)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ---- HTTP ------------------------------------------------------------------------------
 
