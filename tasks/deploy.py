@@ -70,7 +70,7 @@ def build_image(env: Environment, release: Release) -> builder.BuiltImage:
     return builder.build_image(
         repo_url=str(env.path(cfg.repo)), tag=release.tag, image=cfg.image,
         registries=[env.registries[r].url for r in cfg.registries], base_url=_builder_url(env),
-        insecure_registries=_insecure(env),
+        insecure_registries=_insecure(env), commit=release.commit,
     )
 
 

@@ -123,6 +123,7 @@ def build_image(
     registries: Sequence[str],
     base_url: str,
     insecure_registries: Collection[str] = frozenset(),
+    commit: str | None = None,
 ) -> BuiltImage:
     """Build ``repo_url`` at git tag ``tag`` and tag it ``<registry>/<image>:<tag>`` for each registry.
 
@@ -131,11 +132,12 @@ def build_image(
     nothing is built either: a rebuild would make a second image, with another digest, under the
     same tag. The builder's own ``<registry>/<image>:<tag>`` from that run is what push_image sends
     to the other registries; if the builder no longer holds it, TagConflict says how to fix it.
-    ``insecure_registries`` are reached over plain HTTP.
+    ``insecure_registries`` are reached over plain HTTP. ``commit``: what the tag points at, when
+    the caller resolved it already (the deploy flow checks the release first); else it is looked up.
     """
     if not registries:
         raise PermanentError(f"image {image!r}: no registry to build for")
-    commit = _resolve_tag(repo_url, tag)
+    commit = commit or _resolve_tag(repo_url, tag)
     existing = [
         manifest_digest(
             registry_url=registry,
