@@ -31,8 +31,11 @@ def main() -> None:
         if len(sys.argv) > 1:
             run = client.read_flow_run(UUID(sys.argv[1]))
         else:
-            runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["deploy"])),
-                                         sort=FlowRunSort.START_TIME_DESC, limit=1)
+            runs = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["deploy"])),
+                sort=FlowRunSort.START_TIME_DESC,
+                limit=1,
+            )
             if not runs:
                 sys.exit("no deploy run on this Prefect server")
             run = runs[0]

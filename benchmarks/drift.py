@@ -47,17 +47,47 @@ def objects(namespaces: int, per_kind: int) -> list[dict[str, Any]]:
         out.append({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
         for i in range(per_kind):
             name = f"svc-{i}"
-            out.append({"apiVersion": "apps/v1", "kind": "Deployment",
-                        "metadata": {"name": name, "namespace": ns, "labels": labels},
-                        "spec": {"replicas": 2, "selector": {"matchLabels": {"c": name}},
-                                 "template": {"metadata": {"labels": {"c": name, **labels}}, "spec": {"containers": [{
-                                     "name": name, "image": "shop", "ports": [{"containerPort": 8080}],
-                                     "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}],
-                                     "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}]}}}})
-            out.append({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
-                        "spec": {"selector": {"c": name}, "ports": [{"port": 80, "targetPort": 8080}]}})
-            out.append({"apiVersion": "v1", "kind": "ConfigMap",
-                        "metadata": {"name": name, "namespace": ns, "labels": labels}, "data": {"k": "v" * 64}})
+            out.append(
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "metadata": {"name": name, "namespace": ns, "labels": labels},
+                    "spec": {
+                        "replicas": 2,
+                        "selector": {"matchLabels": {"c": name}},
+                        "template": {
+                            "metadata": {"labels": {"c": name, **labels}},
+                            "spec": {
+                                "containers": [
+                                    {
+                                        "name": name,
+                                        "image": "shop",
+                                        "ports": [{"containerPort": 8080}],
+                                        "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}],
+                                        "resources": {"limits": {"cpu": "1", "memory": "1Gi"}},
+                                    }
+                                ]
+                            },
+                        },
+                    },
+                }
+            )
+            out.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": {"name": name, "namespace": ns},
+                    "spec": {"selector": {"c": name}, "ports": [{"port": 80, "targetPort": 8080}]},
+                }
+            )
+            out.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "metadata": {"name": name, "namespace": ns, "labels": labels},
+                    "data": {"k": "v" * 64},
+                }
+            )
     return out
 
 
@@ -85,7 +115,8 @@ def manifests_repo(root: Path, docs: list[dict[str, Any]]) -> Path:
     for c in CLUSTERS:
         (work / f"overlays/{c}/shop").mkdir(parents=True)
         (work / f"overlays/{c}/shop/kustomization.yaml").write_text(
-            f"resources: [../../../base/shop]\nimages: [{{name: shop, newName: registry.example/shop, digest: '{DIGEST}'}}]\n")
+            f"resources: [../../../base/shop]\nimages: [{{name: shop, newName: registry.example/shop, digest: '{DIGEST}'}}]\n"
+        )
     run = ["git", "-c", "user.name=b", "-c", "user.email=b@example.test"]
     subprocess.run([*run, "init", "-q", "-b", "main", str(work)], check=True)
     subprocess.run([*run, "-C", str(work), "add", "-A"], check=True)
@@ -102,7 +133,9 @@ def _children_cpu() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--namespaces", type=int, default=10)
-    parser.add_argument("--per-namespace", type=int, default=33, help="objects of each of 3 kinds per namespace")
+    parser.add_argument(
+        "--per-namespace", type=int, default=33, help="objects of each of 3 kinds per namespace"
+    )
     args = parser.parse_args()
     docs = objects(args.namespaces, args.per_namespace)
     by_kind = {rt.kind: rt for rt in RESOURCES}
@@ -120,19 +153,42 @@ def main() -> None:
         fill = time.perf_counter() - t
         kubeconfig = write_kubeconfig(root / "kubeconfig", {f"bench-{c}": s.url for c, s in servers.items()})
         env_file = root / "env.yaml"
-        env_file.write_text(yaml.safe_dump({
-            "manifests": {"repo": str(bare)}, "forge": {"type": "local"}, "notifier": {"type": "console"},
-            "registries": {"r": {"url": "registry.example"}},
-            "clusters": {c: {"cloud": c, "context": f"bench-{c}", "kubeconfig": str(kubeconfig),
-                             "overlay": f"overlays/{c}", "sync": "apply"} for c in CLUSTERS},
-            "apps": {"shop": {"repo": str(bare), "image": "shop", "registries": ["r"],
-                              "workload": {"namespace": "shop-0", "name": "svc-0"}}}}))
+        env_file.write_text(
+            yaml.safe_dump(
+                {
+                    "manifests": {"repo": str(bare)},
+                    "forge": {"type": "local"},
+                    "notifier": {"type": "console"},
+                    "registries": {"r": {"url": "registry.example"}},
+                    "clusters": {
+                        c: {
+                            "cloud": c,
+                            "context": f"bench-{c}",
+                            "kubeconfig": str(kubeconfig),
+                            "overlay": f"overlays/{c}",
+                            "sync": "apply",
+                        }
+                        for c in CLUSTERS
+                    },
+                    "apps": {
+                        "shop": {
+                            "repo": str(bare),
+                            "image": "shop",
+                            "registries": ["r"],
+                            "workload": {"namespace": "shop-0", "name": "svc-0"},
+                        }
+                    },
+                }
+            )
+        )
         env = load_environment(env_file)
         try:
             t0, cpu0, kids0 = time.perf_counter(), time.process_time(), _children_cpu()
             with git.clone(str(bare), ref="main") as repo:
-                desired = render_all(Path(str(repo.working_tree_dir)),
-                                     {(c, "shop"): env.app_overlay("shop", c) for c in CLUSTERS})
+                desired = render_all(
+                    Path(str(repo.working_tree_dir)),
+                    {(c, "shop"): env.app_overlay("shop", c) for c in CLUSTERS},
+                )
             t1, cpu1, kids1 = time.perf_counter(), time.process_time(), _children_cpu()
 
             def check(cluster: str) -> Any:
@@ -148,17 +204,23 @@ def main() -> None:
                 s.stop()
     print(f"clusters filled through the in-process store in {fill:.2f} s ({len(docs)} objects each)")
     print(f"render (clone + kustomize both overlays + parse): {t1 - t0:.2f} s")
-    print(f"read + compare both clusters in parallel + skew:  {t2 - t1:.2f} s "
-          "(render excluded: what a scheduled run pays while the commit's render is cached)")
+    print(
+        f"read + compare both clusters in parallel + skew:  {t2 - t1:.2f} s "
+        "(render excluded: what a scheduled run pays while the commit's render is cached)"
+    )
     # Wall time moves with the machine's load (other jobs share its 2 cores); CPU time does not.
-    print(f"CPU: render {kids1 - kids0:.2f} s in kustomize + {cpu1 - cpu0:.2f} s here; "
-          f"read + compare {cpu2 - cpu1:.2f} s (client and both in-thread API servers); "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"CPU: render {kids1 - kids0:.2f} s in kustomize + {cpu1 - cpu0:.2f} s here; "
+        f"read + compare {cpu2 - cpu1:.2f} s (client and both in-thread API servers); "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"whole check, render included:                     {t2 - t0:.2f} s (goal < 3 s)")
     for c in checks:
-        print(f"  {c.cluster}: {len(desired[c.cluster]['shop'])} managed objects, {c.objects} live objects read, "
-              f"{c.calls} API calls ({c.lists} LISTs = {3} kinds x {args.namespaces} namespaces + 1 for Namespaces), "
-              f"{len(c.items)} findings")
+        print(
+            f"  {c.cluster}: {len(desired[c.cluster]['shop'])} managed objects, {c.objects} live objects read, "
+            f"{c.calls} API calls ({c.lists} LISTs = {3} kinds x {args.namespaces} namespaces + 1 for Namespaces), "
+            f"{len(c.items)} findings"
+        )
     print(f"  skew findings: {len(skew)}")
 
 

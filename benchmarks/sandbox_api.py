@@ -38,8 +38,9 @@ def subprocess_server() -> Iterator[str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "twincd.sandbox.apiserver", "--name", "bench",
-                                "--port", str(port)])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "twincd.sandbox.apiserver", "--name", "bench", "--port", str(port)]
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
@@ -59,11 +60,26 @@ def subprocess_server() -> Iterator[str]:
 
 def deployment(name: str) -> dict[str, Any]:
     labels = {"app": name, "bench": "yes"}
-    return {"metadata": {"name": name, "labels": labels}, "spec": {
-        "replicas": 2, "selector": {"matchLabels": {"app": name}},
-        "template": {"metadata": {"labels": labels}, "spec": {"containers": [
-            {"name": "app", "image": f"registry.test/{name}@sha256:{'0' * 64}", "ports": [{"containerPort": 8080}]},
-            {"name": "sidecar", "image": "registry.test/proxy:1"}]}}}}
+    return {
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "app",
+                            "image": f"registry.test/{name}@sha256:{'0' * 64}",
+                            "ports": [{"containerPort": 8080}],
+                        },
+                        {"name": "sidecar", "image": "registry.test/proxy:1"},
+                    ]
+                },
+            },
+        },
+    }
 
 
 def timed(label: str, count: int, action: Callable[[], object]) -> None:
@@ -79,7 +95,7 @@ def main() -> None:
     parser.add_argument("--subprocess", action="store_true", help="run the server in its own process")
     args = parser.parse_args()
     count: int = args.count
-    with (subprocess_server() if args.subprocess else threaded_server()) as url:
+    with subprocess_server() if args.subprocess else threaded_server() as url:
         configuration = client.Configuration()
         configuration.host = url
         with client.ApiClient(configuration) as api:
@@ -89,8 +105,9 @@ def main() -> None:
 
             def create_configmaps() -> None:
                 for i in range(count):
-                    core.create_namespaced_config_map("bench", {"metadata": {"name": f"cm-{i}"},
-                                                                "data": {"key": "value" * 20}})
+                    core.create_namespaced_config_map(
+                        "bench", {"metadata": {"name": f"cm-{i}"}, "data": {"key": "value" * 20}}
+                    )
 
             def create_deployments() -> None:
                 for i in range(count):
@@ -103,7 +120,9 @@ def main() -> None:
                 assert len(apps.list_namespaced_deployment("bench").items) == count
 
             def list_deployments_raw() -> None:
-                assert httpx.get(f"{url}/apis/apps/v1/namespaces/bench/deployments").json()["items"][count - 1]
+                assert httpx.get(f"{url}/apis/apps/v1/namespaces/bench/deployments").json()["items"][
+                    count - 1
+                ]
 
             timed("create ConfigMaps", count, create_configmaps)
             timed("create Deployments", count, create_deployments)

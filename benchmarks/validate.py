@@ -30,71 +30,173 @@ DIGEST = "sha256:" + "0123456789abcdef" * 4
 
 
 def _meta(kind: str, i: int) -> dict[str, Any]:
-    return {"name": f"{kind.lower()}-{i}", "namespace": f"team-{i % 17}",
-            "labels": {"app.kubernetes.io/name": f"app-{i}", "app.kubernetes.io/part-of": "bench"}}
+    return {
+        "name": f"{kind.lower()}-{i}",
+        "namespace": f"team-{i % 17}",
+        "labels": {"app.kubernetes.io/name": f"app-{i}", "app.kubernetes.io/part-of": "bench"},
+    }
 
 
 def _pod_spec(i: int) -> dict[str, Any]:
     return {
         "serviceAccountName": f"serviceaccount-{i}",
-        "containers": [{
-            "name": "app", "image": f"registry.example.com/app-{i}@{DIGEST}",
-            "ports": [{"containerPort": 8080, "name": "http", "protocol": "TCP"}],
-            "env": [{"name": "LOG_LEVEL", "value": "info"},
-                    {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": f"app-{i}", "key": "token"}}}],
-            "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
-            "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
-            "securityContext": {"runAsNonRoot": True, "readOnlyRootFilesystem": True},
-        }],
+        "containers": [
+            {
+                "name": "app",
+                "image": f"registry.example.com/app-{i}@{DIGEST}",
+                "ports": [{"containerPort": 8080, "name": "http", "protocol": "TCP"}],
+                "env": [
+                    {"name": "LOG_LEVEL", "value": "info"},
+                    {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": f"app-{i}", "key": "token"}}},
+                ],
+                "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
+                "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
+                "securityContext": {"runAsNonRoot": True, "readOnlyRootFilesystem": True},
+            }
+        ],
     }
 
 
 def _template(i: int) -> dict[str, Any]:
-    return {"metadata": {"creationTimestamp": None, "labels": {"app.kubernetes.io/name": f"app-{i}"}},
-            "spec": _pod_spec(i)}
+    return {
+        "metadata": {"creationTimestamp": None, "labels": {"app.kubernetes.io/name": f"app-{i}"}},
+        "spec": _pod_spec(i),
+    }
 
 
 def _resource(kind: str, i: int) -> dict[str, Any]:
     selector = {"matchLabels": {"app.kubernetes.io/name": f"app-{i}"}}
     if kind == "Deployment":
-        return {"apiVersion": "apps/v1", "kind": kind, "metadata": _meta(kind, i),
-                "spec": {"replicas": 2, "selector": selector, "template": _template(i),
-                         "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}}}}
+        return {
+            "apiVersion": "apps/v1",
+            "kind": kind,
+            "metadata": _meta(kind, i),
+            "spec": {
+                "replicas": 2,
+                "selector": selector,
+                "template": _template(i),
+                "strategy": {
+                    "type": "RollingUpdate",
+                    "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0},
+                },
+            },
+        }
     if kind == "StatefulSet":
-        return {"apiVersion": "apps/v1", "kind": kind, "metadata": _meta(kind, i),
-                "spec": {"replicas": 3, "serviceName": f"service-{i}", "selector": selector, "template": _template(i),
-                         "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": {
-                             "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]}}
+        return {
+            "apiVersion": "apps/v1",
+            "kind": kind,
+            "metadata": _meta(kind, i),
+            "spec": {
+                "replicas": 3,
+                "serviceName": f"service-{i}",
+                "selector": selector,
+                "template": _template(i),
+                "volumeClaimTemplates": [
+                    {
+                        "metadata": {"name": "data"},
+                        "spec": {
+                            "accessModes": ["ReadWriteOnce"],
+                            "resources": {"requests": {"storage": "1Gi"}},
+                        },
+                    }
+                ],
+            },
+        }
     if kind == "Service":
-        return {"apiVersion": "v1", "kind": kind, "metadata": _meta(kind, i),
-                "spec": {"selector": {"app.kubernetes.io/name": f"app-{i}"},
-                         "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}}
+        return {
+            "apiVersion": "v1",
+            "kind": kind,
+            "metadata": _meta(kind, i),
+            "spec": {
+                "selector": {"app.kubernetes.io/name": f"app-{i}"},
+                "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+            },
+        }
     if kind == "ConfigMap":
-        return {"apiVersion": "v1", "kind": kind, "metadata": _meta(kind, i),
-                "data": {"LOG_LEVEL": "info", "config.yaml": f"listen: :8080\nname: app-{i}\n"}}
+        return {
+            "apiVersion": "v1",
+            "kind": kind,
+            "metadata": _meta(kind, i),
+            "data": {"LOG_LEVEL": "info", "config.yaml": f"listen: :8080\nname: app-{i}\n"},
+        }
     if kind == "ServiceAccount":
-        return {"apiVersion": "v1", "kind": kind, "metadata": _meta(kind, i), "automountServiceAccountToken": False}
+        return {
+            "apiVersion": "v1",
+            "kind": kind,
+            "metadata": _meta(kind, i),
+            "automountServiceAccountToken": False,
+        }
     if kind == "Ingress":
-        return {"apiVersion": "networking.k8s.io/v1", "kind": kind, "metadata": _meta(kind, i),
-                "spec": {"ingressClassName": "nginx", "rules": [{"host": f"app-{i}.example.test", "http": {"paths": [
-                    {"path": "/", "pathType": "Prefix",
-                     "backend": {"service": {"name": f"service-{i}", "port": {"number": 80}}}}]}}]}}
+        return {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": kind,
+            "metadata": _meta(kind, i),
+            "spec": {
+                "ingressClassName": "nginx",
+                "rules": [
+                    {
+                        "host": f"app-{i}.example.test",
+                        "http": {
+                            "paths": [
+                                {
+                                    "path": "/",
+                                    "pathType": "Prefix",
+                                    "backend": {"service": {"name": f"service-{i}", "port": {"number": 80}}},
+                                }
+                            ]
+                        },
+                    }
+                ],
+            },
+        }
     if kind == "Role":
-        return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind, "metadata": _meta(kind, i),
-                "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]}]}
+        return {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": kind,
+            "metadata": _meta(kind, i),
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]}],
+        }
     if kind == "HorizontalPodAutoscaler":
-        return {"apiVersion": "autoscaling/v2", "kind": kind, "metadata": _meta(kind, i),
-                "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"deployment-{i}"},
-                         "minReplicas": 2, "maxReplicas": 6, "metrics": [{"type": "Resource", "resource": {
-                             "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}]}}
+        return {
+            "apiVersion": "autoscaling/v2",
+            "kind": kind,
+            "metadata": _meta(kind, i),
+            "spec": {
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"deployment-{i}"},
+                "minReplicas": 2,
+                "maxReplicas": 6,
+                "metrics": [
+                    {
+                        "type": "Resource",
+                        "resource": {
+                            "name": "cpu",
+                            "target": {"type": "Utilization", "averageUtilization": 70},
+                        },
+                    }
+                ],
+            },
+        }
     if kind == "SealedSecret":
-        return {"apiVersion": "bitnami.com/v1alpha1", "kind": kind, "metadata": _meta(kind, i),
-                "spec": {"encryptedData": {"token": "AgBy3i4OJSWK+PiTySYZZA9rO43cGDEq"}}}
+        return {
+            "apiVersion": "bitnami.com/v1alpha1",
+            "kind": kind,
+            "metadata": _meta(kind, i),
+            "spec": {"encryptedData": {"token": "AgBy3i4OJSWK+PiTySYZZA9rO43cGDEq"}},
+        }
     raise ValueError(kind)
 
 
-KINDS = ["Deployment", "Service", "ConfigMap", "ServiceAccount", "Ingress", "StatefulSet", "Role",
-         "HorizontalPodAutoscaler", "SealedSecret"]
+KINDS = [
+    "Deployment",
+    "Service",
+    "ConfigMap",
+    "ServiceAccount",
+    "Ingress",
+    "StatefulSet",
+    "Role",
+    "HorizontalPodAutoscaler",
+    "SealedSecret",
+]
 WEIGHTS = [22, 22, 20, 12, 8, 5, 5, 4, 2]
 
 
@@ -140,23 +242,33 @@ def _rate(count: int, seconds: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--resources", type=int, default=5000)
-    ap.add_argument("--reference-subset", type=int, default=0,
-                    help="run kubernetes_validate.validate() on this many evenly spread resources (0: all)")
+    ap.add_argument(
+        "--reference-subset",
+        type=int,
+        default=0,
+        help="run kubernetes_validate.validate() on this many evenly spread resources (0: all)",
+    )
     args = ap.parse_args()
 
     text = corpus(args.resources)
     docs = parse_documents(text)
-    print(f"corpus: {len(docs):,} resources, {len(text) / 1e6:.1f} MB of YAML, Kubernetes {VERSION} strict schemas")
+    print(
+        f"corpus: {len(docs):,} resources, {len(text) / 1e6:.1f} MB of YAML, Kubernetes {VERSION} strict schemas"
+    )
 
     validator = SchemaValidator(kubernetes_version=VERSION)
     t = time.perf_counter()
     validate_documents(docs, overlay="bench", validator=validator)
     cold = time.perf_counter() - t
-    warm = min(_timed(lambda: validate_documents(docs, overlay="bench", validator=validator)) for _ in range(5))
+    warm = min(
+        _timed(lambda: validate_documents(docs, overlay="bench", validator=validator)) for _ in range(5)
+    )
     schema_only = min(_timed(lambda: [validator.check(d, overlay="bench") for d in docs]) for _ in range(5))
     parse = min(_timed(lambda: parse_documents(text)) for _ in range(3))
-    both = min(_timed(lambda: validate_documents(parse_documents(text), overlay="bench", validator=validator))
-               for _ in range(3))
+    both = min(
+        _timed(lambda: validate_documents(parse_documents(text), overlay="bench", validator=validator))
+        for _ in range(3)
+    )
 
     print("twincd.validate (jsonschema-rs, one compiled validator per kind):")
     print(f"  validation alone, schema only     {_rate(len(docs), schema_only)}")
@@ -179,8 +291,14 @@ def main() -> None:
     ref_seconds = time.perf_counter() - t
     subset = "" if step == 1 else f" on {len(sample):,} of {len(docs):,} (every {step}th), extrapolated"
     print(f"kubernetes_validate.validate() as shipped{subset}:")
-    print(f"  validation alone                  {_rate(len(sample), ref_seconds)}"
-          + (f"; the whole corpus would take ~{ref_seconds * len(docs) / len(sample):,.0f} s" if step > 1 else ""))
+    print(
+        f"  validation alone                  {_rate(len(sample), ref_seconds)}"
+        + (
+            f"; the whole corpus would take ~{ref_seconds * len(docs) / len(sample):,.0f} s"
+            if step > 1
+            else ""
+        )
+    )
     speedup = (len(docs) / schema_only) / (len(sample) / ref_seconds)
     print(f"  twincd's schema check is {speedup:,.0f}x faster")
 
@@ -192,7 +310,10 @@ def main() -> None:
         if Severity.UNCHECKED in severities:
             ours_unchecked.add(i)
     print(f"comparison on the {len(sample):,} resources both checked:")
-    for label, ours, ref in (("invalid", ours_invalid, ref_invalid), ("unchecked", ours_unchecked, ref_unchecked)):
+    for label, ours, ref in (
+        ("invalid", ours_invalid, ref_invalid),
+        ("unchecked", ours_unchecked, ref_unchecked),
+    ):
         verdict = "identical" if ours == ref else "DIFFERENT"
         print(f"  {label:<9} twincd {len(ours):>4}  kubernetes-validate {len(ref):>4}  -> {verdict}")
         for i in sorted(ours ^ ref):

@@ -46,7 +46,9 @@ REPLICAS = 2
 @contextmanager
 def api_server(name: str) -> Iterator[str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "twincd.sandbox.apiserver", "--name", name, "--port", str(port)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "twincd.sandbox.apiserver", "--name", name, "--port", str(port)]
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
@@ -82,16 +84,32 @@ class Cluster:
         self.core.create_namespace({"metadata": {"name": "hello"}})
         client.CoreV1Api(self.custom.api_client).create_namespace({"metadata": {"name": "argocd"}})
         self.apps.create_namespaced_deployment("hello", self._deployment(0))
-        self.custom.create_namespaced_custom_object("argoproj.io", "v1alpha1", "argocd", "applications", {
-            "apiVersion": "argoproj.io/v1alpha1", "kind": "Application",
-            "metadata": {"name": "hello-eks"}, "spec": {"project": "default"}})
+        self.custom.create_namespaced_custom_object(
+            "argoproj.io",
+            "v1alpha1",
+            "argocd",
+            "applications",
+            {
+                "apiVersion": "argoproj.io/v1alpha1",
+                "kind": "Application",
+                "metadata": {"name": "hello-eks"},
+                "spec": {"project": "default"},
+            },
+        )
 
     @staticmethod
     def _deployment(i: int) -> dict[str, Any]:
-        return {"metadata": {"name": "hello"}, "spec": {
-            "replicas": REPLICAS, "selector": {"matchLabels": {"app": "hello"}},
-            "template": {"metadata": {"labels": {"app": "hello"}},
-                         "spec": {"containers": [{"name": "hello", "image": f"{IMAGE}@{digest_of(i)}"}]}}}}
+        return {
+            "metadata": {"name": "hello"},
+            "spec": {
+                "replicas": REPLICAS,
+                "selector": {"matchLabels": {"app": "hello"}},
+                "template": {
+                    "metadata": {"labels": {"app": "hello"}},
+                    "spec": {"containers": [{"name": "hello", "image": f"{IMAGE}@{digest_of(i)}"}]},
+                },
+            },
+        }
 
     def release(self, i: int) -> int:
         """The syncer's apply of release ``i``; returns the new generation."""
@@ -103,22 +121,63 @@ class Cluster:
             self.core.delete_namespaced_pod(pod.metadata.name, "hello")
         for n in range(REPLICAS):
             name = f"hello-r{i}-{n}"
-            self.core.create_namespaced_pod("hello", {"metadata": {"name": name, "labels": {"app": "hello"}},
-                                                      "spec": {"containers": [{"name": "hello", "image": IMAGE}]}})
-            self.core.patch_namespaced_pod_status(name, "hello", {"status": {
-                "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}],
-                "containerStatuses": [{"name": "hello", "image": f"{IMAGE}@{digest_of(i)}", "ready": True,
-                                       "imageID": f"{IMAGE}@{digest_of(i)}", "restartCount": 0}]}})
+            self.core.create_namespaced_pod(
+                "hello",
+                {
+                    "metadata": {"name": name, "labels": {"app": "hello"}},
+                    "spec": {"containers": [{"name": "hello", "image": IMAGE}]},
+                },
+            )
+            self.core.patch_namespaced_pod_status(
+                name,
+                "hello",
+                {
+                    "status": {
+                        "phase": "Running",
+                        "conditions": [{"type": "Ready", "status": "True"}],
+                        "containerStatuses": [
+                            {
+                                "name": "hello",
+                                "image": f"{IMAGE}@{digest_of(i)}",
+                                "ready": True,
+                                "imageID": f"{IMAGE}@{digest_of(i)}",
+                                "restartCount": 0,
+                            }
+                        ],
+                    }
+                },
+            )
 
     def deployment_rolled_out(self, generation: int) -> None:
-        self.apps.patch_namespaced_deployment_status("hello", "hello", {"status": {
-            "observedGeneration": generation, "replicas": REPLICAS, "updatedReplicas": REPLICAS,
-            "readyReplicas": REPLICAS, "availableReplicas": REPLICAS}})
+        self.apps.patch_namespaced_deployment_status(
+            "hello",
+            "hello",
+            {
+                "status": {
+                    "observedGeneration": generation,
+                    "replicas": REPLICAS,
+                    "updatedReplicas": REPLICAS,
+                    "readyReplicas": REPLICAS,
+                    "availableReplicas": REPLICAS,
+                }
+            },
+        )
 
     def application_healthy(self, i: int) -> None:
-        self.custom.patch_namespaced_custom_object("argoproj.io", "v1alpha1", "argocd", "applications", "hello-eks", {
-            "status": {"sync": {"status": "Synced", "revision": revision_of(i)}, "health": {"status": "Healthy"},
-                       "operationState": {"phase": "Succeeded", "syncResult": {"revision": revision_of(i)}}}})
+        self.custom.patch_namespaced_custom_object(
+            "argoproj.io",
+            "v1alpha1",
+            "argocd",
+            "applications",
+            "hello-eks",
+            {
+                "status": {
+                    "sync": {"status": "Synced", "revision": revision_of(i)},
+                    "health": {"status": "Healthy"},
+                    "operationState": {"phase": "Succeeded", "syncResult": {"revision": revision_of(i)}},
+                }
+            },
+        )
 
 
 def run_once(cluster: Cluster, target: RolloutTarget, i: int) -> float:
@@ -133,8 +192,10 @@ def run_once(cluster: Cluster, target: RolloutTarget, i: int) -> float:
     thread.start()
     time.sleep(0.3)
     cluster.replace_pods(i)
-    writes: list[Callable[[], None]] = [lambda: cluster.application_healthy(i),
-                                        lambda: cluster.deployment_rolled_out(generation)]
+    writes: list[Callable[[], None]] = [
+        lambda: cluster.application_healthy(i),
+        lambda: cluster.deployment_rolled_out(generation),
+    ]
     if i % 2:
         writes.reverse()
     writes[0]()
@@ -156,15 +217,26 @@ def main() -> None:
         cluster = Cluster(url, argocd_url)
         latencies = []
         for i in range(1, args.runs + 1):
-            target = RolloutTarget(ClusterRef("eks", "eks", config), ClusterRef("Argo CD", "aks", config),
-                                   "hello-eks", "argocd", "Deployment", "hello", "hello", revision_of(i), digest_of(i))
+            target = RolloutTarget(
+                ClusterRef("eks", "eks", config),
+                ClusterRef("Argo CD", "aks", config),
+                "hello-eks",
+                "argocd",
+                "Deployment",
+                "hello",
+                "hello",
+                revision_of(i),
+                digest_of(i),
+            )
             latencies.append(run_once(cluster, target, i))
             last = "Application" if i % 2 else "Deployment"
             print(f"run {i:2d}: {latencies[-1] * 1000:7.1f} ms (last write: {last})")
     ordered = sorted(latencies)
     p90 = ordered[max(0, round(0.9 * len(ordered)) - 1)]
-    print(f"\nverify_rollout latency over {len(latencies)} runs: median {statistics.median(latencies) * 1000:.1f} ms, "
-          f"p90 {p90 * 1000:.1f} ms, max {ordered[-1] * 1000:.1f} ms (goal: median under 1000 ms)")
+    print(
+        f"\nverify_rollout latency over {len(latencies)} runs: median {statistics.median(latencies) * 1000:.1f} ms, "
+        f"p90 {p90 * 1000:.1f} ms, max {ordered[-1] * 1000:.1f} ms (goal: median under 1000 ms)"
+    )
 
 
 if __name__ == "__main__":

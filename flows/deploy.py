@@ -98,10 +98,30 @@ class _Story:
         self.environment = environment
         self.timeline = Timeline(app, tag)
 
-    def add(self, step: str, status: str, text: str, *, cluster: str = "", url: str = "", digest: str = "",
-            actor: str = "", tell: bool = False) -> None:
-        self.timeline = self.timeline.add(Event(step, status, text, datetime.now(UTC).isoformat(), cluster,
-                                                url=url, digest=digest, actor=actor))
+    def add(
+        self,
+        step: str,
+        status: str,
+        text: str,
+        *,
+        cluster: str = "",
+        url: str = "",
+        digest: str = "",
+        actor: str = "",
+        tell: bool = False,
+    ) -> None:
+        self.timeline = self.timeline.add(
+            Event(
+                step,
+                status,
+                text,
+                datetime.now(UTC).isoformat(),
+                cluster,
+                url=url,
+                digest=digest,
+                actor=actor,
+            )
+        )
         if tell:
             self.tell()
 
@@ -115,7 +135,9 @@ def approval_key(branch: str) -> str:
 
 
 @flow(name="deploy", flow_run_name="deploy-{app}-{tag}", log_prints=True)
-def deploy(app: str, tag: str, env: str = str(DEFAULT_ENV), auto_approve: bool = False) -> DeployResult | State:
+def deploy(
+    app: str, tag: str, env: str = str(DEFAULT_ENV), auto_approve: bool = False
+) -> DeployResult | State:
     """Deploy a tagged release of an app to every cluster.
 
     Args:
@@ -139,33 +161,63 @@ def deploy(app: str, tag: str, env: str = str(DEFAULT_ENV), auto_approve: bool =
         raise
 
 
-def _merge_stage(environment: Environment, release: Release, branch: ReleaseBranch, clusters: tuple[str, ...],
-                 title: str, story: _Story, approver: str | None, auto_approve: bool) -> tuple[str, str]:
+def _merge_stage(
+    environment: Environment,
+    release: Release,
+    branch: ReleaseBranch,
+    clusters: tuple[str, ...],
+    title: str,
+    story: _Story,
+    approver: str | None,
+    auto_approve: bool,
+) -> tuple[str, str]:
     """Open, validate and merge one branch; return (merge commit, approver).
 
     ``approver`` set means the release was approved already (a later stage of a sequential rollout).
     """
     mr = open_merge_request(environment, branch, title, _mr_description(release, branch, clusters))
-    story.add("merge-request", "ok", f"{'reused' if mr.reused else 'opened'} {mr.ref} ({mr.state}): {mr.title}",
-              url=mr.web_url)
+    story.add(
+        "merge-request",
+        "ok",
+        f"{'reused' if mr.reused else 'opened'} {mr.ref} ({mr.state}): {mr.title}",
+        url=mr.web_url,
+    )
     report = validate(environment, release.app, branch, clusters)
     post_validation(environment, mr, report)
     if not report.ok:
         findings = "\n".join(str(f) for f in report.errors)
         story.add("validate", "failed", findings, tell=True)
-        raise ValidationFailed(f"validation of {', '.join(report.overlays)} failed; nothing was merged:\n{findings}")
-    story.add("validate", "ok", f"{report.resources} resources valid in {', '.join(report.overlays)}"
-              + (f"; {len(report.unchecked)} unchecked (no schema)" if report.unchecked else ""))
+        raise ValidationFailed(
+            f"validation of {', '.join(report.overlays)} failed; nothing was merged:\n{findings}"
+        )
+    story.add(
+        "validate",
+        "ok",
+        f"{report.resources} resources valid in {', '.join(report.overlays)}"
+        + (f"; {len(report.unchecked)} unchecked (no schema)" if report.unchecked else ""),
+    )
     if mr.state != "merged":
         mr, approver = _land(environment, mr, branch, story, auto_approve, approver)
     assert mr.merge_commit is not None
-    story.add("merge", "ok", f"{mr.ref} merged as {mr.merge_commit[:12]}", url=mr.web_url, actor=approver or "",
-              tell=True)
+    story.add(
+        "merge",
+        "ok",
+        f"{mr.ref} merged as {mr.merge_commit[:12]}",
+        url=mr.web_url,
+        actor=approver or "",
+        tell=True,
+    )
     return mr.merge_commit, approver or ""
 
 
-def _land(environment: Environment, mr: MergeRequest, branch: ReleaseBranch, story: _Story, auto_approve: bool,
-          approver: str | None = None) -> tuple[MergeRequest, str]:
+def _land(
+    environment: Environment,
+    mr: MergeRequest,
+    branch: ReleaseBranch,
+    story: _Story,
+    auto_approve: bool,
+    approver: str | None = None,
+) -> tuple[MergeRequest, str]:
     """Get the MR merged: by a person on GitLab, or approved in the Prefect UI (or auto) and merged."""
     if approver is None and not auto_approve and isinstance(environment.forge, GitlabForge):
         # People review and merge on GitLab; twincd waits for them.
@@ -181,40 +233,67 @@ def _land(environment: Environment, mr: MergeRequest, branch: ReleaseBranch, sto
     return merge(environment, mr, approver), approver
 
 
-def _wait_for_approval(environment: Environment, mr: MergeRequest, branch: ReleaseBranch, story: _Story) -> str:
+def _wait_for_approval(
+    environment: Environment, mr: MergeRequest, branch: ReleaseBranch, story: _Story
+) -> str:
     try:
         answer = pause_flow_run(
             wait_for_input=Approval.with_initial_data(
-                description=_approval_text(mr.title, branch.diff, story.timeline), approved=False),
-            timeout=int(environment.timeouts.approval_seconds), poll_interval=2,
+                description=_approval_text(mr.title, branch.diff, story.timeline), approved=False
+            ),
+            timeout=int(environment.timeouts.approval_seconds),
+            poll_interval=2,
             key=approval_key(branch.branch),
         )
     except FlowPauseTimeout:
         answer = None
     if answer is None or not answer.approved:
         who = (answer.approver if answer else "") or "a reviewer"
-        comment = answer.comment if answer else f"no answer within {environment.timeouts.approval_seconds:.0f} s"
+        comment = (
+            answer.comment if answer else f"no answer within {environment.timeouts.approval_seconds:.0f} s"
+        )
         close_merge_request(environment, mr, f"refused by {who}: {comment}")
-        message = (f"{mr.ref} {'refused by ' + who if answer else 'not approved in time'}"
-                   f"{': ' + comment if comment else ''}; nothing reached "
-                   f"{environment.manifests.branch}; branch {branch.branch} kept for inspection")
+        message = (
+            f"{mr.ref} {'refused by ' + who if answer else 'not approved in time'}"
+            f"{': ' + comment if comment else ''}; nothing reached "
+            f"{environment.manifests.branch}; branch {branch.branch} kept for inspection"
+        )
         story.add("merge", "cancelled", message, actor=who, tell=True)
         raise Refused(message)
     return answer.approver or "a reviewer"
 
 
-def _verify(environment: Environment, release: Release, clusters: tuple[str, ...], revision: str,
-            digests: Mapping[str, str | None], story: _Story, step: str) -> tuple[RolloutVerdict, ...]:
+def _verify(
+    environment: Environment,
+    release: Release,
+    clusters: tuple[str, ...],
+    revision: str,
+    digests: Mapping[str, str | None],
+    story: _Story,
+    step: str,
+) -> tuple[RolloutVerdict, ...]:
     # Clusters without Argo CD get the overlay applied by twincd first (`sync: apply`).
-    applies = {name: apply_overlay.submit(environment, release.app, name, revision)
-               for name in clusters if environment.clusters[name].sync == "apply"}
+    applies = {
+        name: apply_overlay.submit(environment, release.app, name, revision)
+        for name in clusters
+        if environment.clusters[name].sync == "apply"
+    }
     apply_errors = {name: error for name, future in applies.items() if (error := _error_of(future))}
-    futures = {name: verify_rollout.submit(environment, release, name, revision, digests[name])
-               for name in clusters if name not in apply_errors}
-    verdicts = tuple(futures[name].result() if name in futures else
-                     RolloutVerdict(name, Phase.FAILED, f"apply failed: {apply_errors[name]}") for name in clusters)
+    futures = {
+        name: verify_rollout.submit(environment, release, name, revision, digests[name])
+        for name in clusters
+        if name not in apply_errors
+    }
+    verdicts = tuple(
+        futures[name].result()
+        if name in futures
+        else RolloutVerdict(name, Phase.FAILED, f"apply failed: {apply_errors[name]}")
+        for name in clusters
+    )
     for v in verdicts:
-        story.add(step, "ok" if v.phase is Phase.SUCCEEDED else "failed", v.message, cluster=v.cluster, tell=True)
+        story.add(
+            step, "ok" if v.phase is Phase.SUCCEEDED else "failed", v.message, cluster=v.cluster, tell=True
+        )
     return verdicts
 
 
@@ -232,7 +311,9 @@ def _deploy(environment: Environment, release: Release, story: _Story, auto_appr
     built = build_image(environment, release)
     pushed = push_image(environment, built)
     verb = "already in the registry" if pushed.reused else "pushed"
-    story.add("push", "ok", f"{verb}: " + ", ".join(r.pinned for r in pushed.refs), digest=pushed.digest, tell=True)
+    story.add(
+        "push", "ok", f"{verb}: " + ", ".join(r.pinned for r in pushed.refs), digest=pushed.digest, tell=True
+    )
 
     stages = environment.rollout_stages()
     digests = {c: pull_ref(environment, release.app, c, pushed).digest for c in environment.clusters}
@@ -244,51 +325,95 @@ def _deploy(environment: Environment, release: Release, story: _Story, auto_appr
         branch = set_image(environment, release, pushed, clusters, name)
         if not branch.diff:
             # The target branch already pins this digest for these clusters (released before).
-            story.add("set-image", "skipped",
-                      f"{environment.manifests.branch} already pins {pushed.digest} for {', '.join(clusters)}",
-                      tell=True)
+            story.add(
+                "set-image",
+                "skipped",
+                f"{environment.manifests.branch} already pins {pushed.digest} for {', '.join(clusters)}",
+                tell=True,
+            )
             revision = branch.base
         else:
             what = "committed" if branch.committed else "already on the branch"
             story.add("set-image", "ok", f"{what}: {branch.branch} at {branch.head[:12]}")
             title = _mr_title(release, pushed, clusters, number, len(stages))
-            revision, approver = _merge_stage(environment, release, branch, clusters, title, story, approver,
-                                              auto_approve)
+            revision, approver = _merge_stage(
+                environment, release, branch, clusters, title, story, approver, auto_approve
+            )
             merges.append(revision)
         stage_verdicts = _verify(environment, release, clusters, revision, digests, story, "verify")
-        if all(v.phase is Phase.SUCCEEDED for v in stage_verdicts) and number < len(stages) \
-                and environment.rollout.bake_seconds > 0:
-            stage_verdicts = tuple(bake(environment, release, v.cluster, revision, digests[v.cluster],
-                                        environment.rollout.bake_seconds) for v in stage_verdicts)
+        if (
+            all(v.phase is Phase.SUCCEEDED for v in stage_verdicts)
+            and number < len(stages)
+            and environment.rollout.bake_seconds > 0
+        ):
+            stage_verdicts = tuple(
+                bake(
+                    environment,
+                    release,
+                    v.cluster,
+                    revision,
+                    digests[v.cluster],
+                    environment.rollout.bake_seconds,
+                )
+                for v in stage_verdicts
+            )
             for v in stage_verdicts:
-                story.add("bake", "ok" if v.phase is Phase.SUCCEEDED else "failed",
-                          f"after {environment.rollout.bake_seconds:.0f}s: {v.message}", cluster=v.cluster, tell=True)
+                story.add(
+                    "bake",
+                    "ok" if v.phase is Phase.SUCCEEDED else "failed",
+                    f"after {environment.rollout.bake_seconds:.0f}s: {v.message}",
+                    cluster=v.cluster,
+                    tell=True,
+                )
         verdicts.extend(stage_verdicts)
         if any(v.phase is not Phase.SUCCEEDED for v in stage_verdicts):
             skipped = [c for later in stages[number:] for c in later]
-            verdicts.extend(RolloutVerdict(c, Phase.FAILED, "not rolled out: an earlier stage failed") for c in skipped)
+            verdicts.extend(
+                RolloutVerdict(c, Phase.FAILED, "not rolled out: an earlier stage failed") for c in skipped
+            )
             _fail(environment, release, story, tuple(verdicts), merges, auto_approve)
-    story.add("result", "ok", f"{release.app} {release.tag} runs on {', '.join(v.cluster for v in verdicts)}",
-              tell=True)
+    story.add(
+        "result",
+        "ok",
+        f"{release.app} {release.tag} runs on {', '.join(v.cluster for v in verdicts)}",
+        tell=True,
+    )
     return DeployResult(release.app, release.tag, pushed.digest, tuple(merges), tuple(verdicts))
 
 
-def _fail(environment: Environment, release: Release, story: _Story, verdicts: tuple[RolloutVerdict, ...],
-          merges: list[str], auto_approve: bool) -> None:
+def _fail(
+    environment: Environment,
+    release: Release,
+    story: _Story,
+    verdicts: tuple[RolloutVerdict, ...],
+    merges: list[str],
+    auto_approve: bool,
+) -> None:
     failed = [v for v in verdicts if v.phase is not Phase.SUCCEEDED]
-    summary = "rollout failed on " + "; ".join(f"{v.cluster}: {v.message}" for v in failed) \
-        + "; verified on " + (", ".join(v.cluster for v in verdicts if v not in failed) or "none")
+    summary = (
+        "rollout failed on "
+        + "; ".join(f"{v.cluster}: {v.message}" for v in failed)
+        + "; verified on "
+        + (", ".join(v.cluster for v in verdicts if v not in failed) or "none")
+    )
     if merges and environment.rollout.revert.on_failure:
         summary += _revert(environment, release, story, merges, auto_approve)
     raise RolloutFailed(summary)
 
 
-def _revert(environment: Environment, release: Release, story: _Story, merges: list[str], auto_approve: bool) -> str:
+def _revert(
+    environment: Environment, release: Release, story: _Story, merges: list[str], auto_approve: bool
+) -> str:
     """Open the revert MR; when configured, merge it (after approval) and verify the rollback."""
     branch = revert_branch(environment, release, merges)
     title = f"Revert {release.app} {release.tag}"
-    mr = open_merge_request(environment, branch, title, f"Rollback of {release.app} {release.tag}: reverts "
-                            f"{', '.join(m[:12] for m in merges)}.\n\n```diff\n{branch.diff}```\n")
+    mr = open_merge_request(
+        environment,
+        branch,
+        title,
+        f"Rollback of {release.app} {release.tag}: reverts "
+        f"{', '.join(m[:12] for m in merges)}.\n\n```diff\n{branch.diff}```\n",
+    )
     story.add("revert", "waiting", f"revert MR {mr.ref} opened: {mr.web_url}", url=mr.web_url, tell=True)
     if not environment.rollout.revert.wait:
         return f"; revert MR {mr.ref} opened ({branch.branch})"
@@ -299,24 +424,34 @@ def _revert(environment: Environment, release: Release, story: _Story, merges: l
     assert mr.merge_commit is not None
     story.add("revert", "ok", f"{mr.ref} merged as {mr.merge_commit[:12]}", url=mr.web_url, actor=approver)
     digests = read_pins(environment, release.app, mr.merge_commit)
-    verdicts = _verify(environment, release, tuple(environment.clusters), mr.merge_commit, digests, story,
-                       "verify-rollback")
+    verdicts = _verify(
+        environment, release, tuple(environment.clusters), mr.merge_commit, digests, story, "verify-rollback"
+    )
     ok = all(v.phase is Phase.SUCCEEDED for v in verdicts)
     return f"; reverted by {mr.ref} ({mr.merge_commit[:12]}), rollback " + (
-        "verified on every cluster" if ok else "NOT verified: " + "; ".join(
-            f"{v.cluster}: {v.message}" for v in verdicts if v.phase is not Phase.SUCCEEDED))
+        "verified on every cluster"
+        if ok
+        else "NOT verified: "
+        + "; ".join(f"{v.cluster}: {v.message}" for v in verdicts if v.phase is not Phase.SUCCEEDED)
+    )
 
 
-def _mr_title(release: Release, pushed: PushedImage, clusters: tuple[str, ...], number: int, stages: int) -> str:
+def _mr_title(
+    release: Release, pushed: PushedImage, clusters: tuple[str, ...], number: int, stages: int
+) -> str:
     stage = f" [stage {number}/{stages}: {', '.join(clusters)}]" if stages > 1 else ""
     return f"{release.app}: release {release.tag} ({pushed.refs[0].short_digest}){stage}"
 
 
 def _mr_description(release: Release, branch: ReleaseBranch, clusters: tuple[str, ...]) -> str:
-    return (f"Release `{release.tag}` of `{release.app}` (source {release.commit}) to {', '.join(clusters)}.\n\n"
-            f"```diff\n{branch.diff}```\n")
+    return (
+        f"Release `{release.tag}` of `{release.app}` (source {release.commit}) to {', '.join(clusters)}.\n\n"
+        f"```diff\n{branch.diff}```\n"
+    )
 
 
 def _approval_text(title: str, diff: str, timeline: Timeline) -> str:
-    return (f"## {title}\n\nApprove to merge into the manifests branch; leave unticked and submit to refuse.\n\n"
-            f"```diff\n{diff}```\n\n{timeline.markdown()}")
+    return (
+        f"## {title}\n\nApprove to merge into the manifests branch; leave unticked and submit to refuse.\n\n"
+        f"```diff\n{diff}```\n\n{timeline.markdown()}"
+    )

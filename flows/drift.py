@@ -73,7 +73,8 @@ def drift_check(env: str = str(DEFAULT_ENV), fail_on_drift: bool = False) -> Sta
         except TwincdError as e:
             unreadable.append(f"{name}: {e}")
     items = tuple(i for c in checks for i in c.items) + drift.find_skew(
-        [w for c in checks for w in c.workloads], serving=serving_clusters(environment))
+        [w for c in checks for w in c.workloads], serving=serving_clusters(environment)
+    )
     table = publish_report(environment, desired, items, tuple(checks))
     if unreadable:
         # Keeping this run's state would make every finding of the unread clusters look "cleared".
@@ -88,10 +89,17 @@ def drift_check(env: str = str(DEFAULT_ENV), fail_on_drift: bool = False) -> Sta
     save_state(environment, fingerprint, table, desired.revision)
     report = DriftReport(desired.revision, fingerprint, items, appeared, cleared, changed)
 
-    message = (f"{len(items)} drift finding(s) at {desired.revision[:12]}"
-               f" ({'changed' if changed else 'unchanged'} since the last run)") if items else \
-        f"no drift at {desired.revision[:12]}"
+    message = (
+        (
+            f"{len(items)} drift finding(s) at {desired.revision[:12]}"
+            f" ({'changed' if changed else 'unchanged'} since the last run)"
+        )
+        if items
+        else f"no drift at {desired.revision[:12]}"
+    )
     logger.info(message)
     if items and fail_on_drift:
-        raise DriftFound(message + ": " + "; ".join(str(i) for i in items[:5]) + ("; ..." if len(items) > 5 else ""))
+        raise DriftFound(
+            message + ": " + "; ".join(str(i) for i in items[:5]) + ("; ..." if len(items) > 5 else "")
+        )
     return Completed(message=message, data=report)

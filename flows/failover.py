@@ -100,9 +100,16 @@ def _event(timeline: Timeline, step: str, status: str, text: str, cluster: str =
 
 
 @flow(name="failover", flow_run_name="failover-{mode}", log_prints=True)
-def failover(mode: Literal["active-active", "active-standby"], active: str | None = None, dry_run: bool = False,
-             reason: str = "", emergency: bool = False, env: str = str(DEFAULT_ENV), auto_approve: bool = False,
-             health_url: str = "") -> FailoverResult | State:
+def failover(
+    mode: Literal["active-active", "active-standby"],
+    active: str | None = None,
+    dry_run: bool = False,
+    reason: str = "",
+    emergency: bool = False,
+    env: str = str(DEFAULT_ENV),
+    auto_approve: bool = False,
+    health_url: str = "",
+) -> FailoverResult | State:
     """Switch the clusters between Active/Active and Active/Standby, or move the active side.
 
     Args:
@@ -130,8 +137,12 @@ def failover(mode: Literal["active-active", "active-standby"], active: str | Non
 
     run_id = str(flow_run.id or "manual")
     timeline = Timeline("failover", f"{target.label} {run_id[:8]}")
-    timeline = _event(timeline, "plan", "ok", f"{'EMERGENCY ' if emergency else ''}{plan.current.describe()} → "
-                      f"{target.label}; reason: {reason}")
+    timeline = _event(
+        timeline,
+        "plan",
+        "ok",
+        f"{'EMERGENCY ' if emergency else ''}{plan.current.describe()} → {target.label}; reason: {reason}",
+    )
     if emergency or auto_approve:
         approver = f"emergency ({reason})" if emergency else "auto-approve"
     else:
@@ -141,17 +152,22 @@ def failover(mode: Literal["active-active", "active-standby"], active: str | Non
             answer = pause_flow_run(
                 wait_for_input=Approval.with_initial_data(
                     description=f"{markdown}\n\nApprove to carry out this plan; leave unticked to refuse.",
-                    approved=False),
-                timeout=int(environment.timeouts.approval_seconds), poll_interval=2,
+                    approved=False,
+                ),
+                timeout=int(environment.timeouts.approval_seconds),
+                poll_interval=2,
                 key=f"approve-failover-{run_id[:8]}",
             )
         except FlowPauseTimeout:
             answer = None
         if answer is None or not answer.approved:
             who = (answer.approver if answer else "") or "a reviewer"
-            message = (f"failover to {target.label} refused by {who}; nothing was changed" if answer else
-                       f"no approval of the failover to {target.label} within "
-                       f"{environment.timeouts.approval_seconds:.0f} s; nothing was changed")
+            message = (
+                f"failover to {target.label} refused by {who}; nothing was changed"
+                if answer
+                else f"no approval of the failover to {target.label} within "
+                f"{environment.timeouts.approval_seconds:.0f} s; nothing was changed"
+            )
             notify(environment, _event(timeline, "approve", "cancelled", message))
             return Cancelled(message=message)
         approver = answer.approver or "a reviewer"
@@ -159,55 +175,81 @@ def failover(mode: Literal["active-active", "active-standby"], active: str | Non
 
     changes: list[Change] = []
     try:
-        timeline, done = _execute(environment, plan, run_id, reason, approver, health_url,
-                                  timeline, changes)
+        timeline, done = _execute(environment, plan, run_id, reason, approver, health_url, timeline, changes)
     except Exception as e:  # whatever failed, what was changed is put back
         undone = _undo(environment, plan, run_id, reason, changes)
         # Only our own errors' text goes to chat: an SDK's may carry request details.
         why = str(e) if isinstance(e, TwincdError) else f"unexpected {type(e).__name__} (see the run's logs)"
-        text = f"failover to {target.label} failed: {why}. Undone: " + ("; ".join(undone) or "nothing had changed")
+        text = f"failover to {target.label} failed: {why}. Undone: " + (
+            "; ".join(undone) or "nothing had changed"
+        )
         notify(environment, _event(timeline, "result", "failed", text))
         raise FailoverFailed(text) from e
     final = read_dns(environment)
-    notify(environment, _event(timeline, "result", "ok", f"{target.label}: serving {', '.join(plan.serving)}"))
+    notify(
+        environment, _event(timeline, "result", "ok", f"{target.label}: serving {', '.join(plan.serving)}")
+    )
     return FailoverResult(target.label, False, markdown, done, final)
 
 
-def _execute(environment: Environment, plan: FailoverPlan, run_id: str, reason: str, approver: str,
-             health_url: str, timeline: Timeline, changes: list[Change]) -> tuple[Timeline, tuple[str, ...]]:
+def _execute(
+    environment: Environment,
+    plan: FailoverPlan,
+    run_id: str,
+    reason: str,
+    approver: str,
+    health_url: str,
+    timeline: Timeline,
+    changes: list[Change],
+) -> tuple[Timeline, tuple[str, ...]]:
     """Carry out the plan in order; record each change in ``changes`` as soon as it may have happened."""
     done: list[str] = []
     health: dict[str, Health] = {}
     for action in plan.actions:
         if isinstance(action, SwitchComponents):
-            branch = switch_components(environment, action, branch_name(plan.target, run_id, action.step), reason)
+            branch = switch_components(
+                environment, action, branch_name(plan.target, run_id, action.step), reason
+            )
             revision = branch.base
             if branch.diff:
-                mr = open_merge_request(environment, branch, f"failover: {action.step} {', '.join(action.clusters)}",
-                                        f"{action.describe()}\n\nReason: {reason}\n\n```diff\n{branch.diff}```\n")
+                mr = open_merge_request(
+                    environment,
+                    branch,
+                    f"failover: {action.step} {', '.join(action.clusters)}",
+                    f"{action.describe()}\n\nReason: {reason}\n\n```diff\n{branch.diff}```\n",
+                )
                 # Recorded before the merge: a failure after the forge merged must still be undone.
                 changes.append(PendingSwitch(action, mr))
                 mr = merge(environment, mr, approver)
                 assert mr.merge_commit is not None
                 changes[-1] = MergedSwitch(action, mr)
                 revision = mr.merge_commit
-                timeline = _event(timeline, action.step, "ok", f"{mr.ref} merged as {revision[:12]} by {approver}")
+                timeline = _event(
+                    timeline, action.step, "ok", f"{mr.ref} merged as {revision[:12]} by {approver}"
+                )
                 notify(environment, timeline)
-            futures = [verify_role.submit(environment, o.cluster, o.app, action.role, revision)
-                       for o in action.overlays]
+            futures = [
+                verify_role.submit(environment, o.cluster, o.app, action.role, revision)
+                for o in action.overlays
+            ]
             verdicts = [f.result() for f in futures]
             failed = [v for v in verdicts if v.phase is not Phase.SUCCEEDED]
             for v in verdicts:
-                timeline = _event(timeline, "verify", "ok" if v not in failed else "failed", v.message, v.cluster)
+                timeline = _event(
+                    timeline, "verify", "ok" if v not in failed else "failed", v.message, v.cluster
+                )
             if failed:
-                raise FailoverFailed(f"{action.step} not verified: "
-                                     + "; ".join(f"{v.cluster}: {v.message}" for v in failed))
+                raise FailoverFailed(
+                    f"{action.step} not verified: " + "; ".join(f"{v.cluster}: {v.message}" for v in failed)
+                )
             done.append(action.describe())
         elif isinstance(action, HealthGate):
             futures_h = [check_health.submit(environment, c, health_url) for c in action.clusters]
             health = {h.cluster: h for h in (f.result() for f in futures_h)}
             for h in health.values():
-                timeline = _event(timeline, "health", "ok" if h.healthy else "failed", "; ".join(h.checks), h.cluster)
+                timeline = _event(
+                    timeline, "health", "ok" if h.healthy else "failed", "; ".join(h.checks), h.cluster
+                )
             notify(environment, timeline)
             gate(plan, health)
             done.append(action.describe())
@@ -223,8 +265,9 @@ def _execute(environment: Environment, plan: FailoverPlan, run_id: str, reason: 
     return timeline, tuple(done)
 
 
-def _undo(environment: Environment, plan: FailoverPlan, run_id: str, reason: str,
-          changes: list[Change]) -> list[str]:
+def _undo(
+    environment: Environment, plan: FailoverPlan, run_id: str, reason: str, changes: list[Change]
+) -> list[str]:
     """Put back every change, newest first; each undo step's failure is reported, not raised."""
     undone: list[str] = []
     for change in reversed(changes):
@@ -238,25 +281,39 @@ def _undo(environment: Environment, plan: FailoverPlan, run_id: str, reason: str
                 undone.append(f"DNS put back to {', '.join(sorted(change.old))}")
             else:
                 step = change.action.step
-                merge_commit = change.mr.merge_commit if isinstance(change, MergedSwitch) else \
-                    merged_into(environment, change.mr.source_branch)
+                merge_commit = (
+                    change.mr.merge_commit
+                    if isinstance(change, MergedSwitch)
+                    else merged_into(environment, change.mr.source_branch)
+                )
                 if merge_commit is None:
-                    undone.append(f"{step} of {', '.join(change.action.clusters)}: {change.mr.ref} never "
-                                  "reached the branch, nothing to revert")
+                    undone.append(
+                        f"{step} of {', '.join(change.action.clusters)}: {change.mr.ref} never "
+                        "reached the branch, nothing to revert"
+                    )
                     continue
-                branch = revert_switch(environment, step, merge_commit,
-                                       branch_name(plan.target, run_id, f"undo-{step}"))
-                mr = open_merge_request(environment, branch, f"Revert failover: {step}",
-                                        f"Undo of {change.mr.ref} after a failed failover to {plan.target.label}."
-                                        f"\n\nReason of the failover: {reason}\n\n```diff\n{branch.diff}```\n")
+                branch = revert_switch(
+                    environment, step, merge_commit, branch_name(plan.target, run_id, f"undo-{step}")
+                )
+                mr = open_merge_request(
+                    environment,
+                    branch,
+                    f"Revert failover: {step}",
+                    f"Undo of {change.mr.ref} after a failed failover to {plan.target.label}."
+                    f"\n\nReason of the failover: {reason}\n\n```diff\n{branch.diff}```\n",
+                )
                 mr = merge(environment, mr, "twincd undo")
                 assert mr.merge_commit is not None
-                undone.append(f"{step} of {', '.join(change.action.clusters)} reverted by {mr.ref} "
-                              f"({mr.merge_commit[:12]})")
+                undone.append(
+                    f"{step} of {', '.join(change.action.clusters)} reverted by {mr.ref} "
+                    f"({mr.merge_commit[:12]})"
+                )
                 if step == "demote":
                     # Serving again before the DNS undo (next in line) sends traffic back here.
-                    verdicts = [verify_role.submit(environment, o.cluster, o.app, "active", mr.merge_commit)
-                                for o in change.action.overlays]
+                    verdicts = [
+                        verify_role.submit(environment, o.cluster, o.app, "active", mr.merge_commit)
+                        for o in change.action.overlays
+                    ]
                     undone += [f"{v.cluster}: {v.message}" for v in (f.result() for f in verdicts)]
         except TwincdError as e:
             undone.append(f"could not undo {type(change).__name__}: {e}")

@@ -36,8 +36,9 @@ def cluster_ref(env: Environment, cluster_name: str) -> cluster.ClusterRef:
     return cluster.ClusterRef(cluster_name, c.context, str(env.path(c.kubeconfig)) if c.kubeconfig else None)
 
 
-def rollout_target(env: Environment, cluster_name: str, app: str, revision: str,
-                   digest: str | None = None) -> cluster.RolloutTarget:
+def rollout_target(
+    env: Environment, cluster_name: str, app: str, revision: str, digest: str | None = None
+) -> cluster.RolloutTarget:
     """What a cluster must show for ``app`` at ``revision``; with Argo CD, where its Application lives."""
     c = env.clusters[cluster_name]
     w = env.app(app).workload
@@ -45,10 +46,18 @@ def rollout_target(env: Environment, cluster_name: str, app: str, revision: str,
     argocd = c.argocd if c.sync == "argocd" else None
     return cluster.RolloutTarget(
         cluster=ref,
-        argocd=cluster.ClusterRef(f"Argo CD of {cluster_name}", argocd.context,
-                                  str(env.path(argocd.kubeconfig)) if argocd.kubeconfig else ref.kubeconfig)
-        if argocd else None,
+        argocd=cluster.ClusterRef(
+            f"Argo CD of {cluster_name}",
+            argocd.context,
+            str(env.path(argocd.kubeconfig)) if argocd.kubeconfig else ref.kubeconfig,
+        )
+        if argocd
+        else None,
         application=argocd.application.format(app=app, cluster=cluster_name) if argocd else None,
         argocd_namespace=argocd.namespace if argocd else "argocd",
-        kind=w.kind, namespace=w.namespace, name=w.name, revision=revision, digest=digest,
+        kind=w.kind,
+        namespace=w.namespace,
+        name=w.name,
+        revision=revision,
+        digest=digest,
     )

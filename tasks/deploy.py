@@ -68,9 +68,13 @@ def _builder_url(env: Environment) -> str:
 def build_image(env: Environment, release: Release) -> builder.BuiltImage:
     cfg = env.app(release.app)
     return builder.build_image(
-        repo_url=str(env.path(cfg.repo)), tag=release.tag, image=cfg.image,
-        registries=[env.registries[r].url for r in cfg.registries], base_url=_builder_url(env),
-        insecure_registries=_insecure(env), commit=release.commit,
+        repo_url=str(env.path(cfg.repo)),
+        tag=release.tag,
+        image=cfg.image,
+        registries=[env.registries[r].url for r in cfg.registries],
+        base_url=_builder_url(env),
+        insecure_registries=_insecure(env),
+        commit=release.commit,
     )
 
 
@@ -85,8 +89,9 @@ def pull_ref(env: Environment, app: str, cluster_name: str, pushed: builder.Push
 
 
 @task(name="set-image", task_run_name="set-image-{branch}", **IO_RETRIES)
-def set_image(env: Environment, release: Release, pushed: builder.PushedImage, clusters: tuple[str, ...],
-              branch: str) -> git.ReleaseBranch:
+def set_image(
+    env: Environment, release: Release, pushed: builder.PushedImage, clusters: tuple[str, ...], branch: str
+) -> git.ReleaseBranch:
     """Pin the digest in the app's overlay of each cluster, on ``branch``, and push it."""
     image = env.app(release.app).image
     overlays = [env.app_overlay(release.app, name) for name in clusters]
@@ -98,26 +103,40 @@ def set_image(env: Environment, release: Release, pushed: builder.PushedImage, c
             rel = f"{overlay}/kustomization.yaml"
             path = work / rel
             if not path.exists():
-                raise PermanentError(f"{env.manifests.repo}: {rel} does not exist (overlay of app "
-                                     f"{release.app!r} on cluster {name!r}); add it to the manifests repo")
-            result: EditResult = kustomize.set_image(path.read_text(), file=rel, image=image,
-                                                     ref=pull_ref(env, release.app, name, pushed))
+                raise PermanentError(
+                    f"{env.manifests.repo}: {rel} does not exist (overlay of app "
+                    f"{release.app!r} on cluster {name!r}); add it to the manifests repo"
+                )
+            result: EditResult = kustomize.set_image(
+                path.read_text(), file=rel, image=image, ref=pull_ref(env, release.app, name, pushed)
+            )
             if result.changed:
                 files[rel] = result.text
                 changes.extend(result.changes)
         return files, tuple(changes)
 
-    message = (f"{release.app}: release {release.tag}\n\nPin {image} to {pushed.digest} in "
-               f"{', '.join(overlays)}.\n\nSource: {release.commit}\n")
-    return git.write_release_branch(repo_url=str(env.path(env.manifests.repo)), target=env.manifests.branch,
-                                    branch=branch, edit=edit, message=message)
+    message = (
+        f"{release.app}: release {release.tag}\n\nPin {image} to {pushed.digest} in "
+        f"{', '.join(overlays)}.\n\nSource: {release.commit}\n"
+    )
+    return git.write_release_branch(
+        repo_url=str(env.path(env.manifests.repo)),
+        target=env.manifests.branch,
+        branch=branch,
+        edit=edit,
+        message=message,
+    )
 
 
 @task(name="revert-branch", **IO_RETRIES)
 def revert_branch(env: Environment, release: Release, merge_commits: list[str]) -> git.ReleaseBranch:
     """A branch `twincd/<app>/<tag>-revert` reverting the release's merge commits."""
-    return git.write_revert_branch(repo_url=str(env.path(env.manifests.repo)), target=env.manifests.branch,
-                                   branch=f"{release.branch}-revert", merge_commits=merge_commits[::-1])
+    return git.write_revert_branch(
+        repo_url=str(env.path(env.manifests.repo)),
+        target=env.manifests.branch,
+        branch=f"{release.branch}-revert",
+        merge_commits=merge_commits[::-1],
+    )
 
 
 @task(name="read-pins", **IO_RETRIES)
@@ -157,19 +176,32 @@ def wait_for_merge(env: Environment, mr: MergeRequest) -> MergeRequest:
     """Wait for a person to merge the MR on GitLab (polling with backoff, never a busy loop)."""
     assert isinstance(env.forge, GitlabConfig)
     with GitlabForge.from_config(env.forge) as gitlab:
-        return gitlab.wait_for_merge(mr, timeout=env.timeouts.approval_seconds, poll=env.forge.poll_seconds,
-                                     max_poll=env.forge.max_poll_seconds)
+        return gitlab.wait_for_merge(
+            mr,
+            timeout=env.timeouts.approval_seconds,
+            poll=env.forge.poll_seconds,
+            max_poll=env.forge.max_poll_seconds,
+        )
 
 
 @task(name="open-merge-request", **IO_RETRIES)
-def open_merge_request(env: Environment, branch: git.ReleaseBranch, title: str, description: str) -> MergeRequest:
+def open_merge_request(
+    env: Environment, branch: git.ReleaseBranch, title: str, description: str
+) -> MergeRequest:
     with forge_of(env) as forge:
-        return forge.open(source_branch=branch.branch, target_branch=env.manifests.branch,
-                          title=title, description=description, head=branch.head)
+        return forge.open(
+            source_branch=branch.branch,
+            target_branch=env.manifests.branch,
+            title=title,
+            description=description,
+            head=branch.head,
+        )
 
 
 @task(name="validate", **IO_RETRIES)
-def validate(env: Environment, app: str, branch: git.ReleaseBranch, clusters: tuple[str, ...]) -> ValidationReport:
+def validate(
+    env: Environment, app: str, branch: git.ReleaseBranch, clusters: tuple[str, ...]
+) -> ValidationReport:
     """Render and check the app's overlay of each cluster at the branch head."""
     validator = SchemaValidator(kubernetes_version=env.kubernetes_version)
     overlays: list[str] = []
@@ -201,13 +233,19 @@ def notify(env: Environment, timeline: Timeline) -> None:
         logger.warning("Slack notifier not configured (the deploy goes on): %s", e)
         return
     result = slack.SlackNotifier(
-        token.reveal(), env.notifier.channel, mention_on_failure=env.notifier.mention_on_failure,
-        store=slack.PrefectVariableThreadStore(), logger=logger, base_url=env.notifier.api_url,
+        token.reveal(),
+        env.notifier.channel,
+        mention_on_failure=env.notifier.mention_on_failure,
+        store=slack.PrefectVariableThreadStore(),
+        logger=logger,
+        base_url=env.notifier.api_url,
     ).publish(timeline, list(env.clusters))
     if not result.ok:  # the error text is token-free (the adapter scrubs it)
         try:
-            create_markdown_artifact(key=timeline.key.replace("release-", "slack-", 1),
-                                     markdown=f"Slack notifier failed: `{result.error}`")
+            create_markdown_artifact(
+                key=timeline.key.replace("release-", "slack-", 1),
+                markdown=f"Slack notifier failed: `{result.error}`",
+            )
         except Exception as e:  # noqa: BLE001 - see the docstring
             logger.warning("could not note the Slack failure in an artifact: %s", type(e).__name__)
 
@@ -234,21 +272,30 @@ def apply_overlay(env: Environment, app: str, cluster_name: str, revision: str) 
 
 
 @task(name="verify-rollout", task_run_name="verify-{cluster_name}")
-def verify_rollout(env: Environment, release: Release, cluster_name: str, revision: str,
-                   digest: str | None, timeout: float | None = None) -> RolloutVerdict:
+def verify_rollout(
+    env: Environment,
+    release: Release,
+    cluster_name: str,
+    revision: str,
+    digest: str | None,
+    timeout: float | None = None,
+) -> RolloutVerdict:
     """Wait for the cluster to run the release; a cluster that is down becomes a FAILED verdict."""
     target = rollout_target(env, cluster_name, release.app, revision, digest)
     try:
         with git.contains_checker(str(env.path(env.manifests.repo)), revision) as contains:
-            return cluster.verify_rollout(replace(target, contains=contains),
-                                          timeout=env.timeouts.rollout_seconds if timeout is None else timeout)
+            return cluster.verify_rollout(
+                replace(target, contains=contains),
+                timeout=env.timeouts.rollout_seconds if timeout is None else timeout,
+            )
     except TwincdError as e:
         return RolloutVerdict(cluster_name, Phase.FAILED, str(e))
 
 
 @task(name="bake", task_run_name="bake-{cluster_name}")
-def bake(env: Environment, release: Release, cluster_name: str, revision: str, digest: str | None,
-         seconds: float) -> RolloutVerdict:
+def bake(
+    env: Environment, release: Release, cluster_name: str, revision: str, digest: str | None, seconds: float
+) -> RolloutVerdict:
     """Let a verified stage run for ``seconds``, then check it is still rolled out and healthy."""
     time.sleep(seconds)
     return verify_rollout.fn(env, release, cluster_name, revision, digest, timeout=5)

@@ -65,7 +65,9 @@ def serving_clusters(env: Environment) -> frozenset[str]:
     return frozenset(env.clusters)
 
 
-def render_all(repo_dir: Path, overlays: dict[tuple[str, str], str]) -> dict[str, dict[str, tuple[dict[str, Any], ...]]]:
+def render_all(
+    repo_dir: Path, overlays: dict[tuple[str, str], str]
+) -> dict[str, dict[str, tuple[dict[str, Any], ...]]]:
     """Render (cluster, app) → overlay; overlays that do not exist mean the app does not run there."""
     present = {k: o for k, o in overlays.items() if (repo_dir / o).is_dir()}
 
@@ -93,8 +95,13 @@ def manifests_head(env: Environment) -> str:
 
 # What a commit renders to does not change, and kustomize is the slow part of a check (~2 s of CPU
 # per 1,000 objects here): the scheduled runs between two merges reuse the render of the commit.
-@task(name="render-desired", cache_policy=INPUTS, persist_result=True, cache_expiration=timedelta(days=7),
-      **IO_RETRIES)
+@task(
+    name="render-desired",
+    cache_policy=INPUTS,
+    persist_result=True,
+    cache_expiration=timedelta(days=7),
+    **IO_RETRIES,
+)
 def render_desired(env: Environment, revision: str) -> DesiredState:
     """One clone at ``revision``; every app's overlay for every cluster, rendered."""
     with git.clone(str(env.path(env.manifests.repo)), ref=revision) as repo:
@@ -112,10 +119,17 @@ def compare_cluster(env: Environment, cluster_name: str, read: kube_read.Cluster
     items: list[drift.DriftItem] = []
     workloads: list[drift.WorkloadState] = []
     for a in read.apps:
-        items += drift.compare_app(app=a.app, cluster=cluster_name, desired=a.desired, live=a.live,
-                                   application=application_name(env, a.app, cluster_name))
+        items += drift.compare_app(
+            app=a.app,
+            cluster=cluster_name,
+            desired=a.desired,
+            live=a.live,
+            application=application_name(env, a.app, cluster_name),
+        )
         workloads += drift.workload_states(app=a.app, cluster=cluster_name, desired=a.desired, live=a.live)
-    return drift.ClusterCheck(cluster_name, tuple(items), tuple(workloads), read.objects, read.lists, read.calls)
+    return drift.ClusterCheck(
+        cluster_name, tuple(items), tuple(workloads), read.objects, read.lists, read.calls
+    )
 
 
 @task(name="check-cluster", task_run_name="check-{cluster_name}", **IO_RETRIES, **_FRESH)
@@ -123,8 +137,14 @@ def check_cluster(env: Environment, cluster_name: str, desired: DesiredState) ->
     """Read one cluster (one LIST per kind and namespace) and compare it with the desired state."""
     read = kube_read.read_cluster(cluster_ref(env, cluster_name), desired=desired.by_cluster[cluster_name])
     check = compare_cluster(env, cluster_name, read)
-    get_run_logger().info("%s: %d live objects read in %d API calls (%d lists); %d finding(s)",
-                          cluster_name, check.objects, check.calls, check.lists, len(check.items))
+    get_run_logger().info(
+        "%s: %d live objects read in %d API calls (%d lists); %d finding(s)",
+        cluster_name,
+        check.objects,
+        check.calls,
+        check.lists,
+        len(check.items),
+    )
     return check
 
 
@@ -138,29 +158,48 @@ def read_previous(env: Environment) -> PreviousRun | None:
     artifact = state.get("artifact")
     if isinstance(artifact, str):
         with get_client(sync_client=True) as client:
-            found = client.read_artifacts(artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[UUID(artifact)])))
+            found = client.read_artifacts(
+                artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[UUID(artifact)]))
+            )
         if found and isinstance(found[0].data, str):
             items = tuple(drift.from_row(row) for row in json.loads(found[0].data))
     return PreviousRun(state["fingerprint"], items)
 
 
 @task(name="publish-report", **_FRESH)
-def publish_report(env: Environment, desired: DesiredState, items: tuple[drift.DriftItem, ...],
-                   checks: tuple[drift.ClusterCheck, ...]) -> str:
+def publish_report(
+    env: Environment,
+    desired: DesiredState,
+    items: tuple[drift.DriftItem, ...],
+    checks: tuple[drift.ClusterCheck, ...],
+) -> str:
     """The findings table and the markdown summary; returns the table artifact's id."""
     slug = state_slug(env)
-    table_id = create_table_artifact([drift.to_row(i) for i in items], key=f"drift-findings-{slug}",
-                                     description=f"Drift findings at {desired.revision[:12]} ({len(items)})")
+    table_id = create_table_artifact(
+        [drift.to_row(i) for i in items],
+        key=f"drift-findings-{slug}",
+        description=f"Drift findings at {desired.revision[:12]} ({len(items)})",
+    )
     create_markdown_artifact(
-        drift.summary_markdown(items, revision=desired.revision, clusters=list(env.clusters),
-                               checked={c.cluster: (c.objects, c.calls) for c in checks}),
-        key=f"drift-summary-{slug}", description="Drift check summary")
+        drift.summary_markdown(
+            items,
+            revision=desired.revision,
+            clusters=list(env.clusters),
+            checked={c.cluster: (c.objects, c.calls) for c in checks},
+        ),
+        key=f"drift-summary-{slug}",
+        description="Drift check summary",
+    )
     return str(table_id)
 
 
 @task(name="notify-drift-change", **_FRESH)
-def notify_change(env: Environment, desired: DesiredState, appeared: tuple[drift.DriftItem, ...],
-                  cleared: tuple[drift.DriftItem, ...]) -> str:
+def notify_change(
+    env: Environment,
+    desired: DesiredState,
+    appeared: tuple[drift.DriftItem, ...],
+    cleared: tuple[drift.DriftItem, ...],
+) -> str:
     """Log what appeared and cleared and keep it as a markdown artifact (what a notifier will send)."""
     logger = get_run_logger()
     logger.warning("drift changed: %d appeared, %d cleared", len(appeared), len(cleared))
@@ -175,20 +214,26 @@ def notify_change(env: Environment, desired: DesiredState, appeared: tuple[drift
     return text
 
 
-def _tell_slack(cfg: SlackConfig, text: str, logger: logging.Logger | logging.LoggerAdapter[logging.Logger]) -> None:
+def _tell_slack(
+    cfg: SlackConfig, text: str, logger: logging.Logger | logging.LoggerAdapter[logging.Logger]
+) -> None:
     """Drift changes as one Slack message; like every notifier failure, logged and never raised."""
     try:
         token = resolve_secret(cfg.token)
     except TwincdError as e:
         logger.warning("Slack notifier not configured: %s", e)
         return
-    slack.SlackNotifier(token.reveal(), cfg.channel, store=slack.MemoryThreadStore(), base_url=cfg.api_url,
-                        logger=logger).announce(text)
+    slack.SlackNotifier(
+        token.reveal(), cfg.channel, store=slack.MemoryThreadStore(), base_url=cfg.api_url, logger=logger
+    ).announce(text)
 
 
 @task(name="save-drift-state", **IO_RETRIES, **_FRESH)
 def save_state(env: Environment, fingerprint: str, table_artifact: str, revision: str) -> None:
     # The Variable holds the fingerprint and where the findings are: Variable values are capped at
     # 5,000 characters, a findings table is not.
-    Variable.set(f"drift-check-{state_slug(env)}",
-                 {"fingerprint": fingerprint, "artifact": table_artifact, "revision": revision}, overwrite=True)
+    Variable.set(
+        f"drift-check-{state_slug(env)}",
+        {"fingerprint": fingerprint, "artifact": table_artifact, "revision": revision},
+        overwrite=True,
+    )

@@ -48,9 +48,15 @@ def dns_port(env: Environment) -> dnsport.DnsPort:
     if cfg.type == "route53":
         return dnsport.Route53(zone=cfg.zone, hosted_zone_id=cfg.hosted_zone_id, region=cfg.region)
     if cfg.type == "azure":
-        return dnsport.AzureDns(subscription_id=cfg.subscription_id, resource_group=cfg.resource_group,
-                                zone=cfg.zone, base_url=cfg.base_url)
-    return dnsport.Rfc2136(server=cfg.server, zone=cfg.zone, key=dnsport.Tsig.parse(resolve_secret(cfg.key).reveal()))
+        return dnsport.AzureDns(
+            subscription_id=cfg.subscription_id,
+            resource_group=cfg.resource_group,
+            zone=cfg.zone,
+            base_url=cfg.base_url,
+        )
+    return dnsport.Rfc2136(
+        server=cfg.server, zone=cfg.zone, key=dnsport.Tsig.parse(resolve_secret(cfg.key).reveal())
+    )
 
 
 def _record(env: Environment) -> str:
@@ -63,8 +69,9 @@ def record_name(env: Environment) -> str:
 
 def topology_of(env: Environment, overlays: tuple[Overlay, ...], record: frozenset[str] | None) -> Topology:
     clusters = tuple(env.clusters)
-    return Topology(clusters, tuple((c, env.clusters[c].ingress_ip) for c in clusters), overlays, record,
-                    record_name(env))
+    return Topology(
+        clusters, tuple((c, env.clusters[c].ingress_ip) for c in clusters), overlays, record, record_name(env)
+    )
 
 
 def _overlay_file(env: Environment, app: str, cluster_name: str) -> str:
@@ -81,8 +88,10 @@ def read_overlays(env: Environment) -> tuple[Overlay, ...]:
             for app in env.apps:
                 rel = _overlay_file(env, app, cluster_name)
                 if not (work / rel).exists():
-                    raise PermanentError(f"{env.manifests.repo}: {rel} does not exist (overlay of app {app!r} "
-                                         f"on cluster {cluster_name!r})")
+                    raise PermanentError(
+                        f"{env.manifests.repo}: {rel} does not exist (overlay of app {app!r} "
+                        f"on cluster {cluster_name!r})"
+                    )
                 overlays.append(Overlay(cluster_name, app, rel, role_of((work / rel).read_text(), file=rel)))
     return tuple(overlays)
 
@@ -98,13 +107,18 @@ def read_dns(env: Environment) -> frozenset[str] | None:
 def publish_plan(plan: FailoverPlan, reason: str, dry_run: bool, emergency: bool) -> str:
     """The plan as a markdown artifact in the Prefect UI, before anything changes."""
     markdown = plan.markdown(reason=reason, dry_run=dry_run, emergency=emergency)
-    create_markdown_artifact(markdown=markdown, key=f"failover-plan-{plan.target.label}",
-                             description=f"Failover plan: {plan.current.describe()} → {plan.target.label}")
+    create_markdown_artifact(
+        markdown=markdown,
+        key=f"failover-plan-{plan.target.label}",
+        description=f"Failover plan: {plan.current.describe()} → {plan.target.label}",
+    )
     return markdown
 
 
 @task(name="switch-components", task_run_name="switch-{action.step}", **IO_RETRIES, **_FRESH)
-def switch_components(env: Environment, action: SwitchComponents, branch: str, reason: str) -> git.ReleaseBranch:
+def switch_components(
+    env: Environment, action: SwitchComponents, branch: str, reason: str
+) -> git.ReleaseBranch:
     """Point every overlay of the action at its component, on ``branch``, and push it."""
     edits = {o.file: switch_edit(o, action.role) for o in action.overlays}
 
@@ -120,23 +134,36 @@ def switch_components(env: Environment, action: SwitchComponents, branch: str, r
         # image changes because the deploy flow came first (issue note: widen it to both kinds).
         return files, cast(tuple[ImageChange, ...], tuple(changes))
 
-    message = (f"failover: {action.step} {', '.join(action.clusters)} ({action.role})\n\n"
-               f"Switch {', '.join(edits)} to {action.role}.\n\nReason: {reason}\n")
-    return git.write_release_branch(repo_url=str(env.path(env.manifests.repo)), target=env.manifests.branch,
-                                    branch=branch, edit=edit, message=message)
+    message = (
+        f"failover: {action.step} {', '.join(action.clusters)} ({action.role})\n\n"
+        f"Switch {', '.join(edits)} to {action.role}.\n\nReason: {reason}\n"
+    )
+    return git.write_release_branch(
+        repo_url=str(env.path(env.manifests.repo)),
+        target=env.manifests.branch,
+        branch=branch,
+        edit=edit,
+        message=message,
+    )
 
 
 @task(name="revert-switch", task_run_name="undo-{step}", **IO_RETRIES, **_FRESH)
 def revert_switch(env: Environment, step: str, merge_commit: str, branch: str) -> git.ReleaseBranch:
     """Undo a merged switch: ``git revert -m 1`` of its merge commit, on ``branch``."""
-    return git.write_revert_branch(repo_url=str(env.path(env.manifests.repo)), target=env.manifests.branch,
-                                   branch=branch, merge_commits=[merge_commit])
+    return git.write_revert_branch(
+        repo_url=str(env.path(env.manifests.repo)),
+        target=env.manifests.branch,
+        branch=branch,
+        merge_commits=[merge_commit],
+    )
 
 
 @task(name="merged-into", **IO_RETRIES, **_FRESH)
 def merged_into(env: Environment, branch: str) -> str | None:
     """Whether a switch branch reached the manifests branch after all (its merge call failed)."""
-    return git.merged_into(repo_url=str(env.path(env.manifests.repo)), source=branch, target=env.manifests.branch)
+    return git.merged_into(
+        repo_url=str(env.path(env.manifests.repo)), source=branch, target=env.manifests.branch
+    )
 
 
 def _workload(env: Environment, ref: cluster.ClusterRef, app: str) -> dict[str, Any] | None:
@@ -164,8 +191,11 @@ def verify_role(env: Environment, cluster_name: str, app: str, role: Role, revis
         return RolloutVerdict(cluster_name, Phase.FAILED, str(e))
     if (role == "standby") != (replicas == 0):
         want = "0 (standby)" if role == "standby" else "at least 1 (active)"
-        return RolloutVerdict(cluster_name, Phase.FAILED,
-                              f"{app}: spec.replicas is {replicas}, expected {want} after {revision[:12]}")
+        return RolloutVerdict(
+            cluster_name,
+            Phase.FAILED,
+            f"{app}: spec.replicas is {replicas}, expected {want} after {revision[:12]}",
+        )
     return RolloutVerdict(cluster_name, Phase.SUCCEEDED, f"{app}: {verdict.message}", verdict.details)
 
 
@@ -186,8 +216,10 @@ def check_health(env: Environment, cluster_name: str, health_url: str) -> Health
             spec, status = (obj or {}).get("spec", {}), (obj or {}).get("status", {})
             want, available = spec.get("replicas", 1), status.get("availableReplicas", 0)
             if obj is None or not want or available < want:
-                checks.append(f"{app}: {w.kind} {w.namespace}/{w.name} "
-                              f"{'not found' if obj is None else f'{available}/{want} replicas available'}")
+                checks.append(
+                    f"{app}: {w.kind} {w.namespace}/{w.name} "
+                    f"{'not found' if obj is None else f'{available}/{want} replicas available'}"
+                )
                 return Health(cluster_name, False, tuple(checks))
             checks.append(f"{app}: {available}/{want} replicas available")
     except TwincdError as e:
@@ -196,8 +228,13 @@ def check_health(env: Environment, cluster_name: str, health_url: str) -> Health
         url = health_url.format(ingress_ip=c.ingress_ip)
         try:
             # Through the ingress IP, with the public name as Host: what a client resolving DNS gets.
-            r = httpx.get(url, headers={"Host": record_name(env)} if record_name(env) else {},
-                          timeout=HTTP_TIMEOUT, follow_redirects=False, trust_env=False)
+            r = httpx.get(
+                url,
+                headers={"Host": record_name(env)} if record_name(env) else {},
+                timeout=HTTP_TIMEOUT,
+                follow_redirects=False,
+                trust_env=False,
+            )
             ok = r.status_code < 400
             checks.append(f"GET {url}: HTTP {r.status_code}")
         except httpx.HTTPError as e:
@@ -228,6 +265,8 @@ def read_back_dns(env: Environment, expect: frozenset[str], timeout: float = 30.
             seen = str(e)
         if time.monotonic() >= deadline:
             shown = ", ".join(sorted(seen)) if isinstance(seen, frozenset) else seen
-            raise DnsReadBackFailed(f"{record_name(env)} still shows {shown or 'no A records'} after "
-                                    f"{timeout:g} s; expected {', '.join(sorted(expect))}")
+            raise DnsReadBackFailed(
+                f"{record_name(env)} still shows {shown or 'no A records'} after "
+                f"{timeout:g} s; expected {', '.join(sorted(expect))}"
+            )
         time.sleep(0.5)

@@ -95,19 +95,27 @@ def _resume(env: Environment, name: str, run_input: dict[str, Any], run_id: str 
     from prefect.flow_runs import resume_flow_run
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            name=FlowRunFilterName(any_=[name]),
-            state=FlowRunFilterState(name=FlowRunFilterStateName(any_=["Paused"]))))
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                name=FlowRunFilterName(any_=[name]),
+                state=FlowRunFilterState(name=FlowRunFilterStateName(any_=["Paused"])),
+            )
+        )
     if run_id:
         runs = [r for r in runs if str(r.id) == run_id]
     if not runs:
-        print(f"no paused run named {name}{' with id ' + run_id if run_id else ''}: nothing waits for approval",
-              file=sys.stderr)
+        print(
+            f"no paused run named {name}{' with id ' + run_id if run_id else ''}: nothing waits for approval",
+            file=sys.stderr,
+        )
         return 2
     if len(runs) > 1:
         # Never guess which one a person meant to approve.
-        print(f"{len(runs)} paused runs are named {name}; choose one with --run:\n"
-              + "\n".join(f"  {r.id}  started {r.start_time}" for r in runs), file=sys.stderr)
+        print(
+            f"{len(runs)} paused runs are named {name}; choose one with --run:\n"
+            + "\n".join(f"  {r.id}  started {r.start_time}" for r in runs),
+            file=sys.stderr,
+        )
         return 2
     resume_flow_run(runs[0].id, run_input=run_input)
     print(f"{'approved' if run_input['approved'] else 'refused'} {name}: {_ui_url(env, runs[0].id)}")
@@ -116,10 +124,17 @@ def _resume(env: Environment, name: str, run_input: dict[str, Any], run_id: str 
 
 def cmd_approve(env: Environment, args: argparse.Namespace) -> int:
     _use_prefect(env)
-    target = f"failover-{args.app}" if args.app in ("active-active", "active-standby") else \
-        f"deploy-{args.app}-{args.tag}"
-    return _resume(env, target, {"approved": not args.refuse, "approver": args.approver, "comment": args.comment},
-                   args.run)
+    target = (
+        f"failover-{args.app}"
+        if args.app in ("active-active", "active-standby")
+        else f"deploy-{args.app}-{args.tag}"
+    )
+    return _resume(
+        env,
+        target,
+        {"approved": not args.refuse, "approver": args.approver, "comment": args.comment},
+        args.run,
+    )
 
 
 def cmd_demo(env: Environment, args: argparse.Namespace) -> int:
@@ -143,7 +158,9 @@ def cmd_drift(env: Environment, args: argparse.Namespace) -> int:
     if not state.is_completed():
         return 1
     report = state.result()
-    return 3 if getattr(report, "items", ()) else 0  # like terraform's -detailed-exitcode: drift is not an error
+    return (
+        3 if getattr(report, "items", ()) else 0
+    )  # like terraform's -detailed-exitcode: drift is not an error
 
 
 def cmd_serve(env: Environment, args: argparse.Namespace) -> int:
@@ -155,10 +172,11 @@ def cmd_serve(env: Environment, args: argparse.Namespace) -> int:
     from flows.failover import failover
 
     source = str(Path(env.source).resolve())  # runs may start in another working directory
-    deployments = [deploy.to_deployment(name="deploy", parameters={"env": source}),
-                   failover.to_deployment(name="failover", parameters={"env": source}),
-                   drift_check.to_deployment(name="drift-check", parameters={"env": source},
-                                             cron="*/15 * * * *")]
+    deployments = [
+        deploy.to_deployment(name="deploy", parameters={"env": source}),
+        failover.to_deployment(name="failover", parameters={"env": source}),
+        drift_check.to_deployment(name="drift-check", parameters={"env": source}, cron="*/15 * * * *"),
+    ]
     # In a sync context to_deployment returns the deployment itself, never a coroutine.
     serve(*[d for d in deployments if not isinstance(d, Coroutine)])
     return 0
@@ -169,8 +187,17 @@ def cmd_failover(env: Environment, args: argparse.Namespace) -> int:
     from flows.failover import failover
 
     mode = "active-active" if args.active_active else "active-standby"
-    state = failover(mode=mode, active=args.to, dry_run=args.dry_run, reason=args.reason, emergency=args.emergency,
-                     env=env.source, auto_approve=args.auto_approve, health_url=args.health_url, return_state=True)
+    state = failover(
+        mode=mode,
+        active=args.to,
+        dry_run=args.dry_run,
+        reason=args.reason,
+        emergency=args.emergency,
+        env=env.source,
+        auto_approve=args.auto_approve,
+        health_url=args.health_url,
+        return_state=True,
+    )
     print(f"\n{state.name}: {state.message or ''}".rstrip())
     print(f"Run in the Prefect UI: {_ui_url(env, state.state_details.flow_run_id)}")
     return 0 if state.is_completed() else 1
@@ -185,17 +212,30 @@ def cmd_webhook(env: Environment, args: argparse.Namespace) -> int:
 
     cfg = env.webhook
     projects = {a.project: name for name, a in env.apps.items() if a.project} or None
-    print(f"GitLab Tag Push Hook endpoint: http://{cfg.host}:{cfg.port}/hooks/gitlab -> deployment {cfg.deployment}")
-    webhook.serve(env, secret=resolve_secret(cfg.secret), host=cfg.host, port=cfg.port, deployment=cfg.deployment,
-                  projects=projects, max_body=cfg.max_body)
+    print(
+        f"GitLab Tag Push Hook endpoint: http://{cfg.host}:{cfg.port}/hooks/gitlab -> deployment {cfg.deployment}"
+    )
+    webhook.serve(
+        env,
+        secret=resolve_secret(cfg.secret),
+        host=cfg.host,
+        port=cfg.port,
+        deployment=cfg.deployment,
+        projects=projects,
+        max_body=cfg.max_body,
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twincd", description=__doc__)
-    parser.add_argument("--env", default=str(DEFAULT_ENV), help="environment file (default: deployments/local.yaml)")
+    parser.add_argument(
+        "--env", default=str(DEFAULT_ENV), help="environment file (default: deployments/local.yaml)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="start the local stack (Prefect, registry, build API, git repos, sandbox clusters)")
+    sub.add_parser(
+        "up", help="start the local stack (Prefect, registry, build API, git repos, sandbox clusters)"
+    )
     sub.add_parser("down", help="stop the local stack")
     sub.add_parser("status", help="show which services of the local stack run")
     sub.add_parser("seed", help="create the sample app and manifests repos (idempotent)")
@@ -209,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refuse", action="store_true")
     p.add_argument("--approver", default=os.environ.get("USER", "cli"))
     p.add_argument("--comment", default="")
-    p.add_argument("--run", default="", metavar="FLOW_RUN_ID", help="which run, when several wait under one name")
+    p.add_argument(
+        "--run", default="", metavar="FLOW_RUN_ID", help="which run, when several wait under one name"
+    )
     p = sub.add_parser("demo", help="up + seed + deploy with auto-approve; leaves the stack running")
     p.add_argument("--tag", default="v1.0.0")
     p = sub.add_parser("failover", help="switch Active/Active <-> Active/Standby through git and DNS")
@@ -218,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     side.add_argument("--active-active", action="store_true", help="every cluster serves")
     p.add_argument("--reason", default="", help="why (required unless --dry-run); recorded everywhere")
     p.add_argument("--dry-run", action="store_true", help="show the plan and stop")
-    p.add_argument("--emergency", action="store_true", help="merge without waiting for approval (still audited)")
+    p.add_argument(
+        "--emergency", action="store_true", help="merge without waiting for approval (still audited)"
+    )
     p.add_argument("--auto-approve", action="store_true")
     p.add_argument("--health-url", default="", help="HTTP health URL checked through each ingress IP")
     sub.add_parser("serve", help="serve the flows as Prefect deployments (no worker needed)")

@@ -154,7 +154,9 @@ class DnsAzure(_Model):
     zone: str
     record: str
     ttl: int = 60
-    base_url: str | None = None  # the ARM endpoint, default https://management.azure.com (other clouds, tests)
+    base_url: str | None = (
+        None  # the ARM endpoint, default https://management.azure.com (other clouds, tests)
+    )
 
 
 class WorkloadConfig(_Model):
@@ -231,7 +233,9 @@ class Environment(_Model):
     builder: BuilderConfig = BuilderConfig()
     clusters: dict[str, ClusterConfig]
     topology: TopologyConfig = TopologyConfig()
-    dns: Annotated[DnsNone | DnsRfc2136 | DnsRoute53 | DnsAzure, Field(discriminator="type")] = DnsNone(type="none")
+    dns: Annotated[DnsNone | DnsRfc2136 | DnsRoute53 | DnsAzure, Field(discriminator="type")] = DnsNone(
+        type="none"
+    )
     apps: dict[str, AppConfig]
     timeouts: TimeoutsConfig = TimeoutsConfig()
     rollout: RolloutConfig = RolloutConfig()
@@ -256,8 +260,10 @@ class Environment(_Model):
                     )
         for cluster_name, cluster in self.clusters.items():
             if cluster.registry is not None and cluster.registry not in self.registries:
-                raise ValueError(f"clusters.{cluster_name}.registry names {cluster.registry!r}, "
-                                 "which is not under `registries:`")
+                raise ValueError(
+                    f"clusters.{cluster_name}.registry names {cluster.registry!r}, "
+                    "which is not under `registries:`"
+                )
         unknown = [c for c in self.rollout.order if c not in self.clusters]
         if unknown:
             raise ValueError(f"rollout.order names unknown cluster(s) {', '.join(unknown)}")
@@ -296,7 +302,9 @@ class Environment(_Model):
     def pull_registry(self, app: str, cluster: str) -> str:
         """The registry URL a cluster pulls the app from (one registry per cloud is common)."""
         name = self.clusters[cluster].registry
-        return self.registries[name if name in self.apps[app].registries else self.apps[app].registries[0]].url
+        return self.registries[
+            name if name in self.apps[app].registries else self.apps[app].registries[0]
+        ].url
 
 
 class UnknownApp(PermanentError):
@@ -321,7 +329,9 @@ def load_environment(path: str | os.PathLike[str] | None = None) -> Environment:
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: expected a mapping at the top level, got {type(raw).__name__}")
     # A file under deployments/ resolves relative paths against the repository that holds it.
-    base = file.resolve().parent.parent if file.resolve().parent.name == "deployments" else file.resolve().parent
+    base = (
+        file.resolve().parent.parent if file.resolve().parent.name == "deployments" else file.resolve().parent
+    )
     raw = {**raw, "source": str(file), "base_dir": str(base)}
     try:
         return Environment.model_validate(raw)

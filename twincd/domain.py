@@ -160,11 +160,17 @@ class Timeline:
 
     def markdown(self) -> str:
         icons = {"ok": "✅", "failed": "❌", "waiting": "⏳", "skipped": "⏭️", "cancelled": "🚫"}
-        rows = [f"# Release {self.app} {self.tag}", "", "| time (UTC) | step | cluster | status | details |",
-                "|---|---|---|---|---|"]
+        rows = [
+            f"# Release {self.app} {self.tag}",
+            "",
+            "| time (UTC) | step | cluster | status | details |",
+            "|---|---|---|---|---|",
+        ]
         for e in self.events:
             text = e.text.replace("|", "\\|").replace("\n", "<br>")
-            rows.append(f"| {e.at[11:19]} | {e.step} | {e.cluster} | {icons.get(e.status, '')} {e.status} | {text} |")
+            rows.append(
+                f"| {e.at[11:19]} | {e.step} | {e.cluster} | {icons.get(e.status, '')} {e.status} | {text} |"
+            )
         return "\n".join(rows) + "\n"
 
 

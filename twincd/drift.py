@@ -36,15 +36,17 @@ APP_LABEL = "app.kubernetes.io/name"
 TRACKING_ANNOTATION = "argocd.argoproj.io/tracking-id"
 
 # Annotations that tools write on live objects; never compared even if a manifest carries one.
-IGNORED_ANNOTATIONS = frozenset({
-    "kubectl.kubernetes.io/last-applied-configuration",
-    "deployment.kubernetes.io/revision",
-    "argocd.argoproj.io/tracking-id",
-    "argocd.argoproj.io/sync-options",
-    "argocd.argoproj.io/compare-options",
-    "meta.helm.sh/release-name",
-    "meta.helm.sh/release-namespace",
-})
+IGNORED_ANNOTATIONS = frozenset(
+    {
+        "kubectl.kubernetes.io/last-applied-configuration",
+        "deployment.kubernetes.io/revision",
+        "argocd.argoproj.io/tracking-id",
+        "argocd.argoproj.io/sync-options",
+        "argocd.argoproj.io/compare-options",
+        "meta.helm.sh/release-name",
+        "meta.helm.sh/release-namespace",
+    }
+)
 # Top-level keys never compared: status is the controllers', apiVersion/kind are part of the key,
 # metadata is compared through labels and annotations only, and Secret.stringData is write-only.
 # (v1 Secret data is compared apart, showing fingerprints instead of values: _secret_data.)
@@ -59,14 +61,31 @@ _POD_SPEC_PATHS: dict[str, tuple[str, ...]] = {
 # Keyed lists: the first of these keys that every element has (with unique values) is the key.
 _LIST_KEYS = ("name", "mountPath", "containerPort", "port")
 # Where quantities live: the parent key (resources.limits.cpu) or the key itself (sizeLimit).
-_QUANTITY_PARENTS = frozenset({"limits", "requests", "hard", "overhead", "capacity", "default",
-                               "defaultRequest", "max", "min"})
+_QUANTITY_PARENTS = frozenset(
+    {"limits", "requests", "hard", "overhead", "capacity", "default", "defaultRequest", "max", "min"}
+)
 _QUANTITY_KEYS = frozenset({"sizeLimit", "storage"})
-_QUANTITY = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+))(?:[eE]([+-]?\d+))?(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
-_SUFFIX = {"": Decimal(1), "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
-           "k": Decimal(10) ** 3, "M": Decimal(10) ** 6, "G": Decimal(10) ** 9, "T": Decimal(10) ** 12,
-           "P": Decimal(10) ** 15, "E": Decimal(10) ** 18, "Ki": Decimal(2) ** 10, "Mi": Decimal(2) ** 20,
-           "Gi": Decimal(2) ** 30, "Ti": Decimal(2) ** 40, "Pi": Decimal(2) ** 50, "Ei": Decimal(2) ** 60}
+_QUANTITY = re.compile(
+    r"^([+-]?(?:\d+\.?\d*|\.\d+))(?:[eE]([+-]?\d+))?(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$"
+)
+_SUFFIX = {
+    "": Decimal(1),
+    "n": Decimal("1e-9"),
+    "u": Decimal("1e-6"),
+    "m": Decimal("1e-3"),
+    "k": Decimal(10) ** 3,
+    "M": Decimal(10) ** 6,
+    "G": Decimal(10) ** 9,
+    "T": Decimal(10) ** 12,
+    "P": Decimal(10) ** 15,
+    "E": Decimal(10) ** 18,
+    "Ki": Decimal(2) ** 10,
+    "Mi": Decimal(2) ** 20,
+    "Gi": Decimal(2) ** 30,
+    "Ti": Decimal(2) ** 40,
+    "Pi": Decimal(2) ** 50,
+    "Ei": Decimal(2) ** 60,
+}
 # How a field the desired object omits reads in an absent desired value or an absent live one.
 ABSENT = "(absent)"
 _PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -99,8 +118,17 @@ class DriftItem:
 
     @property
     def fields(self) -> tuple[str, ...]:
-        return (self.app, self.cluster, self.kind, self.namespace, self.name, self.finding.value,
-                self.path, self.desired, self.live)
+        return (
+            self.app,
+            self.cluster,
+            self.kind,
+            self.namespace,
+            self.name,
+            self.finding.value,
+            self.path,
+            self.desired,
+            self.live,
+        )
 
     def __str__(self) -> str:
         where = f" {self.path}" if self.path else ""
@@ -166,11 +194,14 @@ def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
 def object_key(obj: Mapping[str, Any]) -> ObjectKey:
     meta = _meta(obj)
     group = str(obj.get("apiVersion", "")).rpartition("/")[0]
-    return ObjectKey(group, str(obj.get("kind", "")), str(meta.get("namespace") or ""), str(meta.get("name", "")))
+    return ObjectKey(
+        group, str(obj.get("kind", "")), str(meta.get("namespace") or ""), str(meta.get("name", ""))
+    )
 
 
-def place_namespaces(docs: Iterable[Mapping[str, Any]], *,
-                     namespaced: Callable[[str, str], bool]) -> tuple[dict[str, Any], ...]:
+def place_namespaces(
+    docs: Iterable[Mapping[str, Any]], *, namespaced: Callable[[str, str], bool]
+) -> tuple[dict[str, Any], ...]:
     """Rendered objects with the namespace the API server gives them: a namespaced object without
     one lands in ``default`` (as with ``kubectl apply`` and Argo CD), a cluster-scoped one has none."""
     placed = []
@@ -207,10 +238,18 @@ def list_scopes(desired: Iterable[Mapping[str, Any]], *, app: str) -> tuple[List
     there carries the app label, so no desired object can be filtered out by the selector."""
     groups: dict[tuple[str, str, str], bool] = {}
     for doc in desired:
-        key = (str(doc.get("apiVersion", "")), str(doc.get("kind", "")), str(_meta(doc).get("namespace") or ""))
+        key = (
+            str(doc.get("apiVersion", "")),
+            str(doc.get("kind", "")),
+            str(_meta(doc).get("namespace") or ""),
+        )
         groups[key] = groups.get(key, True) and _labels(doc).get(APP_LABEL) == app
-    return tuple(sorted(ListScope(av, kind, ns, f"{APP_LABEL}={app}" if labelled else "")
-                        for (av, kind, ns), labelled in groups.items()))
+    return tuple(
+        sorted(
+            ListScope(av, kind, ns, f"{APP_LABEL}={app}" if labelled else "")
+            for (av, kind, ns), labelled in groups.items()
+        )
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,15 +281,26 @@ def _scalars_equal(desired: Any, live: Any, *, quantity: bool) -> bool:
         if a is not None and b is not None:
             return a == b
     # IntOrString fields (ports, targetPort, maxSurge) come back as the server stored them: 8080 vs "8080".
-    if isinstance(desired, int) and isinstance(live, str) or isinstance(desired, str) and isinstance(live, int):
+    if (
+        isinstance(desired, int)
+        and isinstance(live, str)
+        or isinstance(desired, str)
+        and isinstance(live, int)
+    ):
         return str(desired).strip() == str(live).strip()
     return False
 
 
 def _empty(value: Any) -> bool:
     """Values the API server drops on the floor (omitempty): set in a manifest, absent when read."""
-    return value is None or value == {} or value == [] or value == "" or value is False or (
-        isinstance(value, int) and not isinstance(value, bool) and value == 0)
+    return (
+        value is None
+        or value == {}
+        or value == []
+        or value == ""
+        or value is False
+        or (isinstance(value, int) and not isinstance(value, bool) and value == 0)
+    )
 
 
 def default_pull_policy(image: str) -> str:
@@ -266,13 +316,20 @@ def _defaults(kind: str, keys: tuple[str, ...], desired: Mapping[str, Any]) -> d
     """Server defaults of the fields of the mapping at ``keys``, for fields a manifest may omit."""
     if keys[-1:] in (("containers",), ("initContainers",)):
         image = desired.get("image")
-        return {"imagePullPolicy": default_pull_policy(image) if isinstance(image, str) else None,
-                "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File"}
+        return {
+            "imagePullPolicy": default_pull_policy(image) if isinstance(image, str) else None,
+            "terminationMessagePath": "/dev/termination-log",
+            "terminationMessagePolicy": "File",
+        }
     if keys[-1:] == ("ports",):
         return {"protocol": "TCP"}
     if keys[-2:] == ("template", "spec") or (kind == "Pod" and keys == ("spec",)):
-        return {"restartPolicy": "Always", "dnsPolicy": "ClusterFirst", "schedulerName": "default-scheduler",
-                "terminationGracePeriodSeconds": 30}
+        return {
+            "restartPolicy": "Always",
+            "dnsPolicy": "ClusterFirst",
+            "schedulerName": "default-scheduler",
+            "terminationGracePeriodSeconds": 30,
+        }
     if kind == "Service" and keys == ("spec",):
         return {"type": "ClusterIP", "sessionAffinity": "None"}
     return {}
@@ -309,13 +366,16 @@ class _Walk:
             if not isinstance(live, list):
                 return [(path, show(desired), show(live))]
             return self.sequence(path, keys, desired, live)
-        quantity = bool(keys) and (keys[-1] in _QUANTITY_KEYS or (len(keys) > 1 and keys[-2] in _QUANTITY_PARENTS))
+        quantity = bool(keys) and (
+            keys[-1] in _QUANTITY_KEYS or (len(keys) > 1 and keys[-2] in _QUANTITY_PARENTS)
+        )
         if _scalars_equal(desired, live, quantity=quantity):
             return []
         return [(path, show(desired), show(live))]
 
-    def mapping(self, path: str, keys: tuple[str, ...], desired: Mapping[str, Any],
-                live: Mapping[str, Any]) -> list[Difference]:
+    def mapping(
+        self, path: str, keys: tuple[str, ...], desired: Mapping[str, Any], live: Mapping[str, Any]
+    ) -> list[Difference]:
         out: list[Difference] = []
         for key, want in desired.items():
             sub = f"{path}{_segment(key)}" if path else key
@@ -327,12 +387,18 @@ class _Walk:
                 continue
             out += self.value(sub, (*keys, key), want, live[key])
         for key, default in _defaults(self.kind, keys, desired).items():
-            if key not in desired and key in live and default is not None \
-                    and not _scalars_equal(default, live[key], quantity=False):
+            if (
+                key not in desired
+                and key in live
+                and default is not None
+                and not _scalars_equal(default, live[key], quantity=False)
+            ):
                 out.append((f"{path}{_segment(key)}", f"{show(default)} (server default)", show(live[key])))
         return out
 
-    def sequence(self, path: str, keys: tuple[str, ...], desired: list[Any], live: list[Any]) -> list[Difference]:
+    def sequence(
+        self, path: str, keys: tuple[str, ...], desired: list[Any], live: list[Any]
+    ) -> list[Difference]:
         key = _list_key(desired, live)
         if key is None:
             if len(desired) != len(live):
@@ -357,8 +423,11 @@ def _list_key(desired: list[Any], live: list[Any]) -> str | None:
     if not items or not all(isinstance(i, Mapping) for i in items):
         return None
     for key in _LIST_KEYS:
-        if all(key in i for i in items) and len({str(i[key]) for i in desired}) == len(desired) \
-                and len({str(i[key]) for i in live}) == len(live):
+        if (
+            all(key in i for i in items)
+            and len({str(i[key]) for i in desired}) == len(desired)
+            and len({str(i[key]) for i in live}) == len(live)
+        ):
             return key
     return None
 
@@ -416,8 +485,14 @@ def secret_fingerprint(value: Any) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def compare_app(*, app: str, cluster: str, desired: Iterable[Mapping[str, Any]],
-                live: Iterable[Mapping[str, Any]], application: str | None = None) -> tuple[DriftItem, ...]:
+def compare_app(
+    *,
+    app: str,
+    cluster: str,
+    desired: Iterable[Mapping[str, Any]],
+    live: Iterable[Mapping[str, Any]],
+    application: str | None = None,
+) -> tuple[DriftItem, ...]:
     """Missing, modified and unexpected findings of one app on one cluster.
 
     ``desired`` must have its namespaces placed (``place_namespaces``); ``live`` is what the lists
@@ -431,8 +506,10 @@ def compare_app(*, app: str, cluster: str, desired: Iterable[Mapping[str, Any]],
         if found is None:
             items.append(DriftItem(app, cluster, key.kind, key.namespace, key.name, Drift.MISSING))
             continue
-        items += [DriftItem(app, cluster, key.kind, key.namespace, key.name, Drift.MODIFIED, path, d, lv)
-                  for path, d, lv in compare_object(want, found)]
+        items += [
+            DriftItem(app, cluster, key.kind, key.namespace, key.name, Drift.MODIFIED, path, d, lv)
+            for path, d, lv in compare_object(want, found)
+        ]
     for key, obj in have.items():
         if key not in wanted and belongs_to(obj, app=app, application=application):
             items.append(DriftItem(app, cluster, key.kind, key.namespace, key.name, Drift.UNEXPECTED))
@@ -448,8 +525,9 @@ def image_identity(image: str) -> str:
     return rest if rest and ("." in first or ":" in first or first == "localhost") else image
 
 
-def workload_states(*, app: str, cluster: str, desired: Iterable[Mapping[str, Any]],
-                    live: Iterable[Mapping[str, Any]]) -> tuple[WorkloadState, ...]:
+def workload_states(
+    *, app: str, cluster: str, desired: Iterable[Mapping[str, Any]], live: Iterable[Mapping[str, Any]]
+) -> tuple[WorkloadState, ...]:
     """The live state of the app's desired workloads on one cluster (the input of ``find_skew``)."""
     wanted = {object_key(d) for d in desired if str(d.get("kind")) in _POD_SPEC_PATHS}
     states = []
@@ -461,12 +539,26 @@ def workload_states(*, app: str, cluster: str, desired: Iterable[Mapping[str, An
         for part in _POD_SPEC_PATHS[key.kind]:
             node = node.get(part) if isinstance(node, Mapping) else None
         containers = node.get("containers") if isinstance(node, Mapping) else None
-        images = tuple(sorted((str(c.get("name")), image_identity(str(c.get("image", ""))))
-                              for c in containers or [] if isinstance(c, Mapping)))
+        images = tuple(
+            sorted(
+                (str(c.get("name")), image_identity(str(c.get("image", ""))))
+                for c in containers or []
+                if isinstance(c, Mapping)
+            )
+        )
         spec = obj.get("spec")
         replicas = spec.get("replicas") if isinstance(spec, Mapping) and key.kind != "DaemonSet" else None
-        states.append(WorkloadState(app, cluster, key.kind, key.namespace, key.name, images,
-                                    replicas if isinstance(replicas, int) else None))
+        states.append(
+            WorkloadState(
+                app,
+                cluster,
+                key.kind,
+                key.namespace,
+                key.name,
+                images,
+                replicas if isinstance(replicas, int) else None,
+            )
+        )
     return tuple(states)
 
 
@@ -486,15 +578,34 @@ def find_skew(states: Iterable[WorkloadState], *, serving: Collection[str]) -> t
         for container in containers:
             seen = {s.cluster: dict(s.images).get(container, ABSENT) for s in group}
             if len(set(seen.values())) > 1:
-                items.append(DriftItem(app, ",".join(seen), kind, namespace, name, Drift.SKEW,
-                                       f"spec.template.spec.containers[name={container}].image",
-                                       "the same digest on every cluster",
-                                       "; ".join(f"{c}={v}" for c, v in seen.items())))
+                items.append(
+                    DriftItem(
+                        app,
+                        ",".join(seen),
+                        kind,
+                        namespace,
+                        name,
+                        Drift.SKEW,
+                        f"spec.template.spec.containers[name={container}].image",
+                        "the same digest on every cluster",
+                        "; ".join(f"{c}={v}" for c, v in seen.items()),
+                    )
+                )
         serving_group = [s for s in group if s.cluster in serving and s.replicas is not None]
         if len(serving_group) > 1 and len({s.replicas for s in serving_group}) > 1:
-            items.append(DriftItem(app, ",".join(s.cluster for s in serving_group), kind, namespace, name,
-                                   Drift.SKEW, "spec.replicas", "the same replicas on every serving cluster",
-                                   "; ".join(f"{s.cluster}={s.replicas}" for s in serving_group)))
+            items.append(
+                DriftItem(
+                    app,
+                    ",".join(s.cluster for s in serving_group),
+                    kind,
+                    namespace,
+                    name,
+                    Drift.SKEW,
+                    "spec.replicas",
+                    "the same replicas on every serving cluster",
+                    "; ".join(f"{s.cluster}={s.replicas}" for s in serving_group),
+                )
+            )
     return tuple(items)
 
 
@@ -509,13 +620,16 @@ def fingerprint(items: Iterable[DriftItem]) -> str:
     return "sha256:" + hashlib.sha256("\x1e".join(lines).encode()).hexdigest()
 
 
-def diff_findings(previous: Iterable[DriftItem],
-                  current: Iterable[DriftItem]) -> tuple[tuple[DriftItem, ...], tuple[DriftItem, ...]]:
+def diff_findings(
+    previous: Iterable[DriftItem], current: Iterable[DriftItem]
+) -> tuple[tuple[DriftItem, ...], tuple[DriftItem, ...]]:
     """(appeared, cleared): findings new in ``current``, and findings of ``previous`` now gone.
     A value that changed (one wrong digest replaced by another) is one cleared and one appeared."""
     before, now = set(previous), set(current)
-    return (tuple(sorted(now - before, key=lambda i: i.fields)),
-            tuple(sorted(before - now, key=lambda i: i.fields)))
+    return (
+        tuple(sorted(now - before, key=lambda i: i.fields)),
+        tuple(sorted(before - now, key=lambda i: i.fields)),
+    )
 
 
 ROW_COLUMNS = ("app", "cluster", "resource", "finding", "field", "desired", "live")
@@ -523,32 +637,55 @@ ROW_COLUMNS = ("app", "cluster", "resource", "finding", "field", "desired", "liv
 
 def to_row(item: DriftItem) -> dict[str, str]:
     """A findings-table row (the columns of ``ROW_COLUMNS``); ``from_row`` reads it back exactly."""
-    return dict(zip(ROW_COLUMNS, (item.app, item.cluster, item.resource, item.finding.value, item.path,
-                                  item.desired, item.live), strict=True))
+    return dict(
+        zip(
+            ROW_COLUMNS,
+            (item.app, item.cluster, item.resource, item.finding.value, item.path, item.desired, item.live),
+            strict=True,
+        )
+    )
 
 
 def from_row(row: Mapping[str, Any]) -> DriftItem:
     # Kinds, namespaces and names never contain "/": Kind/namespace/name or Kind/name.
     parts = str(row["resource"]).split("/")
     kind, namespace, name = (parts[0], "", parts[1]) if len(parts) == 2 else (parts[0], parts[1], parts[2])
-    return DriftItem(str(row["app"]), str(row["cluster"]), kind, namespace, name, Drift(row["finding"]),
-                     str(row["field"]), str(row["desired"]), str(row["live"]))
+    return DriftItem(
+        str(row["app"]),
+        str(row["cluster"]),
+        kind,
+        namespace,
+        name,
+        Drift(row["finding"]),
+        str(row["field"]),
+        str(row["desired"]),
+        str(row["live"]),
+    )
 
 
 def _cell(text: str, limit: int = 120) -> str:
-    text = text if len(text) <= limit else text[:limit - 1] + "…"
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def summary_markdown(items: Sequence[DriftItem], *, revision: str, clusters: Sequence[str],
-                     checked: Mapping[str, tuple[int, int]]) -> str:
+def summary_markdown(
+    items: Sequence[DriftItem],
+    *,
+    revision: str,
+    clusters: Sequence[str],
+    checked: Mapping[str, tuple[int, int]],
+) -> str:
     """The run's summary: per cluster and finding, counts; ``checked`` maps cluster → (objects, calls)."""
     lines = [f"# Drift check at {revision[:12]}", ""]
     if not items:
         lines.append("No drift: every cluster runs what the manifests say, and the clouds agree.")
     else:
-        lines += [f"**{len(items)} finding(s)**", "", "| cluster | missing | modified | unexpected | skew |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            f"**{len(items)} finding(s)**",
+            "",
+            "| cluster | missing | modified | unexpected | skew |",
+            "|---|---|---|---|---|",
+        ]
         for cluster in [*clusters, *sorted({i.cluster for i in items if i.finding is Drift.SKEW})]:
             counts = [sum(1 for i in items if i.cluster == cluster and i.finding is d) for d in Drift]
             if any(counts) or cluster in clusters:

@@ -84,7 +84,11 @@ class Target:
         return self.mode if self.mode == "active-active" else f"{self.mode}-{self.active}"
 
     def serving(self, clusters: Sequence[str]) -> tuple[str, ...]:
-        return tuple(clusters) if self.mode == "active-active" else tuple(c for c in clusters if c == self.active)
+        return (
+            tuple(clusters)
+            if self.mode == "active-active"
+            else tuple(c for c in clusters if c == self.active)
+        )
 
 
 @dataclass(frozen=True)
@@ -97,11 +101,16 @@ class SwitchComponents:
     overlays: tuple[Overlay, ...]
 
     def describe(self) -> str:
-        verify = "verify every workload at full replicas" if self.role == "active" else \
-            "verify every workload scaled to 0 (standby)"
+        verify = (
+            "verify every workload at full replicas"
+            if self.role == "active"
+            else "verify every workload scaled to 0 (standby)"
+        )
         files = ", ".join(f"`{o.file}`" for o in self.overlays)
-        return (f"**{self.step}** {', '.join(self.clusters)}: switch {files} to `{component(self.role)}`, "
-                f"merge, {verify}")
+        return (
+            f"**{self.step}** {', '.join(self.clusters)}: switch {files} to `{component(self.role)}`, "
+            f"merge, {verify}"
+        )
 
 
 @dataclass(frozen=True)
@@ -126,8 +135,10 @@ class ReplaceRecord:
 
     def describe(self) -> str:
         old = ", ".join(sorted(self.old)) or "(none)"
-        return (f"**dns** replace A `{self.name}` {old} → {', '.join(sorted(self.new))}, "
-                "read back from the authoritative server until it shows the new set")
+        return (
+            f"**dns** replace A `{self.name}` {old} → {', '.join(sorted(self.new))}, "
+            "read back from the authoritative server until it shows the new set"
+        )
 
 
 Action = SwitchComponents | HealthGate | ReplaceRecord
@@ -155,9 +166,12 @@ class FailoverPlan:
             lines += [f"Reason: {reason}", ""]
         target = ", ".join(self.serving)
         ips = ", ".join(ip for c in self.serving if (ip := self.current.ip(c)))
-        lines += [f"- current: {self.current.describe()}",
-                  f"- target: {self.target.label}: {target} {'serves' if len(self.serving) == 1 else 'serve'}"
-                  + (f" ({ips})" if self.current.record is not None else ""), ""]
+        lines += [
+            f"- current: {self.current.describe()}",
+            f"- target: {self.target.label}: {target} {'serves' if len(self.serving) == 1 else 'serve'}"
+            + (f" ({ips})" if self.current.record is not None else ""),
+            "",
+        ]
         if self.noop:
             lines.append("Already at the target: nothing to do.")
         else:
@@ -200,8 +214,10 @@ def plan_failover(current: Topology, target: Target, *, http_health: bool = Fals
     """The ordered actions from ``current`` to ``target`` (empty when already there)."""
     if target.mode == "active-standby":
         if target.active not in current.clusters:
-            raise PlanError(f"active-standby needs the active cluster, one of {', '.join(current.clusters)}; "
-                            f"got {target.active!r}")
+            raise PlanError(
+                f"active-standby needs the active cluster, one of {', '.join(current.clusters)}; "
+                f"got {target.active!r}"
+            )
     elif target.active is not None:
         raise PlanError("active-active takes no active cluster (every cluster serves)")
     if not current.overlays:
@@ -218,9 +234,11 @@ def plan_failover(current: Topology, target: Target, *, http_health: bool = Fals
             raise PlanError(f"cluster(s) {', '.join(missing)} have no ingress_ip: DNS cannot point at them")
         new_record = frozenset(ip for c in serving if (ip := current.ip(c)))
     else:
-        notes.append("DNS is not managed by twincd (dns: none): point the record at "
-                     + ", ".join(f"{c} ({current.ip(c) or 'no ingress_ip'})" for c in serving)
-                     + " yourself, after the health gate and before the demotion takes effect.")
+        notes.append(
+            "DNS is not managed by twincd (dns: none): point the record at "
+            + ", ".join(f"{c} ({current.ip(c) or 'no ingress_ip'})" for c in serving)
+            + " yourself, after the health gate and before the demotion takes effect."
+        )
 
     actions: list[Action] = []
     if promote:
@@ -260,8 +278,10 @@ def gate(plan: FailoverPlan, health: Mapping[str, Health]) -> None:
     """
     unhealthy = [c for c in plan.serving if c not in health or not health[c].healthy]
     if unhealthy:
-        why = "; ".join(f"{c}: {health[c].checks[-1] if c in health and health[c].checks else 'not checked'}"
-                        for c in unhealthy)
+        why = "; ".join(
+            f"{c}: {health[c].checks[-1] if c in health and health[c].checks else 'not checked'}"
+            for c in unhealthy
+        )
         raise HealthGateFailed(f"health gate failed for {', '.join(unhealthy)} ({why}); DNS was not changed")
     check_record_change(plan, health)
 
@@ -276,11 +296,15 @@ def check_record_change(plan: FailoverPlan, health: Mapping[str, Health]) -> Non
         if not action.new:
             raise HealthGateFailed(f"refusing to remove the last IP of {action.name}")
         if action.new & unhealthy_ips:
-            raise HealthGateFailed(f"refusing to publish {', '.join(sorted(action.new & unhealthy_ips))} in "
-                                   f"{action.name}: its cluster failed the health check")
+            raise HealthGateFailed(
+                f"refusing to publish {', '.join(sorted(action.new & unhealthy_ips))} in "
+                f"{action.name}: its cluster failed the health check"
+            )
         if not action.new & healthy_ips:
-            raise HealthGateFailed(f"refusing to change {action.name}: no IP of the new set belongs to a "
-                                   "cluster that passed the health check (the last healthy IP would go)")
+            raise HealthGateFailed(
+                f"refusing to change {action.name}: no IP of the new set belongs to a "
+                "cluster that passed the health check (the last healthy IP would go)"
+            )
 
 
 def branch_name(target: Target, run_id: str, step: str) -> str:

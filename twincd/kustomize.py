@@ -82,10 +82,14 @@ def _compose(text: str, file: str) -> MappingNode:
     except YAMLError as e:
         raise KustomizationError(f"{file}: not valid YAML: {e}") from e
     if not isinstance(node, MappingNode):
-        found = "an empty document" if node is None else f"a {type(node).__name__.removesuffix('Node').lower()}"
+        found = (
+            "an empty document" if node is None else f"a {type(node).__name__.removesuffix('Node').lower()}"
+        )
         raise KustomizationError(f"{file}: expected a mapping of kustomization fields, found {found}")
     if node.flow_style:
-        raise KustomizationError(f"{file}: a flow-style top-level mapping ({{...}}) cannot be edited in place")
+        raise KustomizationError(
+            f"{file}: a flow-style top-level mapping ({{...}}) cannot be edited in place"
+        )
     return node
 
 
@@ -131,7 +135,11 @@ def _scalar_text(value: str, style: str | None) -> str:
 
 
 def _single_line(node: Node, file: str, what: str) -> ScalarNode:
-    if not isinstance(node, ScalarNode) or node.style in ("|", ">") or node.start_mark.line != node.end_mark.line:
+    if (
+        not isinstance(node, ScalarNode)
+        or node.style in ("|", ">")
+        or node.start_mark.line != node.end_mark.line
+    ):
         raise KustomizationError(f"{file}: {what} must be a one-line scalar to be edited in place")
     return node
 
@@ -207,8 +215,12 @@ def _read_entry(entry: MappingNode, file: str, index: int) -> KustomizeImage:
             fields[str(k.value)] = str(v.value)
     if "name" not in fields:
         raise KustomizationError(f"{file}: images[{index}] has no `name`")
-    return KustomizeImage(name=fields["name"], new_name=fields.get("newName", ""),
-                          new_tag=fields.get("newTag", ""), digest=fields.get("digest", ""))
+    return KustomizeImage(
+        name=fields["name"],
+        new_name=fields.get("newName", ""),
+        new_tag=fields.get("newTag", ""),
+        digest=fields.get("digest", ""),
+    )
 
 
 def set_image(text: str, *, file: str, image: str, ref: ImageRef) -> EditResult:
@@ -234,14 +246,22 @@ def set_image(text: str, *, file: str, image: str, ref: ImageRef) -> EditResult:
     last = entries[-1]
     first_key = last.value[0][0]
     dash = text.rfind("-", _line_start(text, first_key.start_mark.index), first_key.start_mark.index)
-    block = _image_lines(image, ref, dash=dash - _line_start(text, dash), key=int(first_key.start_mark.column))
+    block = _image_lines(
+        image, ref, dash=dash - _line_start(text, dash), key=int(first_key.start_mark.column)
+    )
     at = _next_line(text, _last_end(last))
     insert = block if at == 0 or text[at - 1] == "\n" else "\n" + block
     return EditResult(_apply(text, [_Splice(at, at, insert)]), (pinned,))
 
 
-def _pin_entry(text: str, entry: MappingNode, current: KustomizeImage, *, file: str, ref: ImageRef) -> EditResult:
-    if (current.new_name or current.name) == ref.name and current.digest == ref.digest and not current.new_tag:
+def _pin_entry(
+    text: str, entry: MappingNode, current: KustomizeImage, *, file: str, ref: ImageRef
+) -> EditResult:
+    if (
+        (current.new_name or current.name) == ref.name
+        and current.digest == ref.digest
+        and not current.new_tag
+    ):
         return EditResult(text)
     where = f"images entry {current.name!r}"
     fields = {str(k.value): (k, v) for k, v in entry.value if isinstance(k, ScalarNode)}
@@ -252,22 +272,32 @@ def _pin_entry(text: str, entry: MappingNode, current: KustomizeImage, *, file: 
     if "newName" in fields:
         node = _single_line(fields["newName"][1], file, f"{where}: newName")
         if node.value != ref.name:
-            splices.append(_Splice(node.start_mark.index, node.end_mark.index, _scalar_text(ref.name, node.style)))
+            splices.append(
+                _Splice(node.start_mark.index, node.end_mark.index, _scalar_text(ref.name, node.style))
+            )
     elif current.name != ref.name:
         inserted.append(f"{' ' * key_col}newName: {_scalar_text(ref.name, None)}\n")
 
     # newTag and digest share one line: the first of them becomes the digest line, the other goes.
-    slots = sorted((fields[k] for k in ("newTag", "digest") if k in fields), key=lambda kv: kv[0].start_mark.index)
+    slots = sorted(
+        (fields[k] for k in ("newTag", "digest") if k in fields), key=lambda kv: kv[0].start_mark.index
+    )
     if slots:
         slot_key, slot_value = slots[0]
         node = _single_line(slot_value, file, f"{where}: {slot_key.value}")
         style = node.style if str(node.tag) != _NULL_TAG else None
-        splices.append(_Splice(slot_key.start_mark.index, _line_end(text, node.end_mark.index),
-                               _digest_line(ref, style)))
+        splices.append(
+            _Splice(slot_key.start_mark.index, _line_end(text, node.end_mark.index), _digest_line(ref, style))
+        )
         for other_key, other_value in slots[1:]:
             _single_line(other_value, file, f"{where}: {other_key.value}")
-            splices.append(_Splice(_line_start(text, other_key.start_mark.index),
-                                   _next_line(text, other_value.end_mark.index), ""))
+            splices.append(
+                _Splice(
+                    _line_start(text, other_key.start_mark.index),
+                    _next_line(text, other_value.end_mark.index),
+                    "",
+                )
+            )
     else:
         inserted.append(f"{' ' * key_col}{_digest_line(ref, None)}\n")
 
@@ -300,7 +330,9 @@ def set_components(text: str, *, file: str, remove: Sequence[str], add: Sequence
         if not isinstance(seq, SequenceNode):
             raise KustomizationError(f"{file}: `components` must be a list of paths")
         if seq.flow_style:
-            raise KustomizationError(f"{file}: a flow-style `components` list ([...]) cannot be edited in place")
+            raise KustomizationError(
+                f"{file}: a flow-style `components` list ([...]) cannot be edited in place"
+            )
         items = [_single_line(item, file, f"components[{i}]") for i, item in enumerate(seq.value)]
     present = [str(item.value) for item in items]
     gone = [item for item in items if any(_same_path(str(item.value), r) for r in remove)]
@@ -312,11 +344,13 @@ def set_components(text: str, *, file: str, remove: Sequence[str], add: Sequence
         return ComponentEditResult(text)
 
     changes = [ComponentChange(file=file, removed=str(g.value), added=a) for g, a in zip(gone, new)]
-    splices = [_Splice(g.start_mark.index, g.end_mark.index, _scalar_text(a, g.style)) for g, a in zip(gone, new)]
-    for g in gone[len(new):]:
+    splices = [
+        _Splice(g.start_mark.index, g.end_mark.index, _scalar_text(a, g.style)) for g, a in zip(gone, new)
+    ]
+    for g in gone[len(new) :]:
         changes.append(ComponentChange(file=file, removed=str(g.value), added=""))
         splices.append(_Splice(_line_start(text, g.start_mark.index), _next_line(text, g.end_mark.index), ""))
-    extra = new[len(gone):]
+    extra = new[len(gone) :]
     changes += [ComponentChange(file=file, removed="", added=a) for a in extra]
 
     if len(gone) == len(items) and not new and found is not None:
@@ -326,7 +360,7 @@ def set_components(text: str, *, file: str, remove: Sequence[str], add: Sequence
     elif extra:
         if items:
             first = items[-1]
-            prefix = text[_line_start(text, first.start_mark.index): first.start_mark.index]
+            prefix = text[_line_start(text, first.start_mark.index) : first.start_mark.index]
             at = _next_line(text, first.end_mark.index)
             lines = "".join(f"{prefix}{_scalar_text(a, None)}\n" for a in extra)
             splices.append(_Splice(at, at, lines if text[at - 1] == "\n" else "\n" + lines.rstrip("\n")))

@@ -42,8 +42,13 @@ class State(str, Enum):
     CANCELLED = "cancelled"
 
 
-_STATE_ICONS = {State.IN_PROGRESS: "🔄", State.WAITING: "⏳", State.SUCCEEDED: "✅", State.FAILED: "❌",
-                State.CANCELLED: "🚫"}
+_STATE_ICONS = {
+    State.IN_PROGRESS: "🔄",
+    State.WAITING: "⏳",
+    State.SUCCEEDED: "✅",
+    State.FAILED: "❌",
+    State.CANCELLED: "🚫",
+}
 
 
 @dataclass(frozen=True)
@@ -127,8 +132,10 @@ def overall_state(timeline: Timeline) -> State:
 
 def _merged(timeline: Timeline) -> bool:
     # set-image "skipped" means the target branch already pins the digest: nothing to merge.
-    return any((e.step == "merge" and e.status == "ok") or (e.step == "set-image" and e.status == "skipped")
-               for e in timeline.events)
+    return any(
+        (e.step == "merge" and e.status == "ok") or (e.step == "set-image" and e.status == "skipped")
+        for e in timeline.events
+    )
 
 
 def cluster_statuses(timeline: Timeline, clusters: Sequence[str]) -> tuple[ClusterStatus, ...]:
@@ -150,8 +157,13 @@ def cluster_statuses(timeline: Timeline, clusters: Sequence[str]) -> tuple[Clust
     return tuple(out)
 
 
-_CLUSTER_ICONS = {"pending": "⚪", "rolling out": "🔄", "rolled out": "✅", "rollout failed": "❌",
-                  "not deployed": "⏭️"}
+_CLUSTER_ICONS = {
+    "pending": "⚪",
+    "rolling out": "🔄",
+    "rolled out": "✅",
+    "rollout failed": "❌",
+    "not deployed": "⏭️",
+}
 
 
 def parent_summary(timeline: Timeline, clusters: Sequence[str]) -> ParentMessage:
@@ -176,22 +188,42 @@ def parent_summary(timeline: Timeline, clusters: Sequence[str]) -> ParentMessage
     if merge is not None:
         details.append(escape(merge.text) + (f" by {escape(merge.actor)}" if merge.actor else ""))
     blocks: list[Block] = [_section(head + ("\n" + " · ".join(details) if details else ""))]
-    fields = [f"*{escape(c.name)}*\n{_CLUSTER_ICONS[c.status]} {c.status}"
-              + (f"\n{escape(_cut(c.detail.splitlines()[0], _CLUSTER_LINE_LIMIT))}"
-                 if c.detail and c.status == "rollout failed" else "")
-              for c in statuses]
+    fields = [
+        f"*{escape(c.name)}*\n{_CLUSTER_ICONS[c.status]} {c.status}"
+        + (
+            f"\n{escape(_cut(c.detail.splitlines()[0], _CLUSTER_LINE_LIMIT))}"
+            if c.detail and c.status == "rollout failed"
+            else ""
+        )
+        for c in statuses
+    ]
     for i in range(0, len(fields), _FIELDS_PER_SECTION):
-        blocks.append({"type": "section",
-                       "fields": [{"type": "mrkdwn", "text": f} for f in fields[i:i + _FIELDS_PER_SECTION]]})
+        blocks.append(
+            {
+                "type": "section",
+                "fields": [{"type": "mrkdwn", "text": f} for f in fields[i : i + _FIELDS_PER_SECTION]],
+            }
+        )
     if timeline.events:
         last = timeline.events[-1]
         where = f" ({last.cluster})" if last.cluster else ""
-        blocks.append({"type": "context", "elements": [{
-            "type": "mrkdwn",
-            "text": f"last step: {escape(last.step)}{escape(where)} {last.status} at {last.at[11:19]} UTC"}]})
+        blocks.append(
+            {
+                "type": "context",
+                "elements": [
+                    {
+                        "type": "mrkdwn",
+                        "text": f"last step: {escape(last.step)}{escape(where)} {last.status} at {last.at[11:19]} UTC",
+                    }
+                ],
+            }
+        )
     text = f"{icon} Release {escape(name)}: {state.value}{escape(image)}" + (
-        f" · {escape(per_cluster)}" if per_cluster else "")
-    return ParentMessage(timeline.app, timeline.tag, digest, state, statuses, mr_url, plain, text, tuple(blocks))
+        f" · {escape(per_cluster)}" if per_cluster else ""
+    )
+    return ParentMessage(
+        timeline.app, timeline.tag, digest, state, statuses, mr_url, plain, text, tuple(blocks)
+    )
 
 
 def _section(text: str) -> Block:

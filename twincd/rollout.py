@@ -40,16 +40,23 @@ def _images(pod_spec: Mapping[str, Any]) -> Iterator[str]:
                 yield str(c.get("image", ""))
 
 
-def _stale_template(obj: Mapping[str, Any], digest: str | None, *, cluster: str, kind: str) -> RolloutVerdict | None:
+def _stale_template(
+    obj: Mapping[str, Any], digest: str | None, *, cluster: str, kind: str
+) -> RolloutVerdict | None:
     if digest is None:
         return None
-    stale = sorted({i for i in _images(_map(obj, "spec", "template", "spec")) if not i.endswith(f"@{digest}")})
+    stale = sorted(
+        {i for i in _images(_map(obj, "spec", "template", "spec")) if not i.endswith(f"@{digest}")}
+    )
     if not stale:
         return None
     name = _map(obj, "metadata").get("name", "?")
-    return RolloutVerdict(cluster, Phase.PROGRESSING,
-                          f"{kind} \"{name}\" template still at old image (not yet synced to {digest[:19]})",
-                          tuple(f"image {i}" for i in stale))
+    return RolloutVerdict(
+        cluster,
+        Phase.PROGRESSING,
+        f'{kind} "{name}" template still at old image (not yet synced to {digest[:19]})',
+        tuple(f"image {i}" for i in stale),
+    )
 
 
 def deployment_verdict(obj: Mapping[str, Any], *, cluster: str, digest: str | None) -> RolloutVerdict:
@@ -62,7 +69,9 @@ def deployment_verdict(obj: Mapping[str, Any], *, cluster: str, digest: str | No
     spec_replicas = _map(obj, "spec").get("replicas")
     replicas, updated = _int(status, "replicas"), _int(status, "updatedReplicas")
     available = _int(status, "availableReplicas")
-    details = (f"replicas {'?' if spec_replicas is None else spec_replicas} desired, {replicas} current, {updated} updated, {available} available",)
+    details = (
+        f"replicas {'?' if spec_replicas is None else spec_replicas} desired, {replicas} current, {updated} updated, {available} available",
+    )
 
     def progressing(message: str) -> RolloutVerdict:
         return RolloutVerdict(cluster, Phase.PROGRESSING, message, details)
@@ -71,26 +80,39 @@ def deployment_verdict(obj: Mapping[str, Any], *, cluster: str, digest: str | No
         return progressing("Waiting for deployment spec update to be observed...")
     conditions = status.get("conditions")
     for cond in conditions if isinstance(conditions, list) else []:
-        if isinstance(cond, Mapping) and cond.get("type") == "Progressing" and cond.get("reason") == _TIMED_OUT:
-            message = f"deployment \"{name}\" exceeded its progress deadline"
+        if (
+            isinstance(cond, Mapping)
+            and cond.get("type") == "Progressing"
+            and cond.get("reason") == _TIMED_OUT
+        ):
+            message = f'deployment "{name}" exceeded its progress deadline'
             if cond.get("message"):
                 message += f": {cond['message']}"
             return RolloutVerdict(cluster, Phase.FAILED, message, details)
     if isinstance(spec_replicas, int) and updated < spec_replicas:
-        return progressing(f"Waiting for deployment \"{name}\" rollout to finish: "
-                           f"{updated} out of {spec_replicas} new replicas have been updated...")
+        return progressing(
+            f'Waiting for deployment "{name}" rollout to finish: '
+            f"{updated} out of {spec_replicas} new replicas have been updated..."
+        )
     if replicas > updated:
-        return progressing(f"Waiting for deployment \"{name}\" rollout to finish: "
-                           f"{replicas - updated} old replicas are pending termination...")
+        return progressing(
+            f'Waiting for deployment "{name}" rollout to finish: '
+            f"{replicas - updated} old replicas are pending termination..."
+        )
     if available < updated:
-        return progressing(f"Waiting for deployment \"{name}\" rollout to finish: "
-                           f"{available} of {updated} updated replicas are available...")
+        return progressing(
+            f'Waiting for deployment "{name}" rollout to finish: '
+            f"{available} of {updated} updated replicas are available..."
+        )
     if spec_replicas == 0:
         # kubectl says "successfully rolled out" here too; say why nothing runs (Active/Standby).
-        return RolloutVerdict(cluster, Phase.SUCCEEDED,
-                              f"deployment \"{name}\" is scaled to zero (standby): template updated, no pods to roll",
-                              details)
-    return RolloutVerdict(cluster, Phase.SUCCEEDED, f"deployment \"{name}\" successfully rolled out", details)
+        return RolloutVerdict(
+            cluster,
+            Phase.SUCCEEDED,
+            f'deployment "{name}" is scaled to zero (standby): template updated, no pods to roll',
+            details,
+        )
+    return RolloutVerdict(cluster, Phase.SUCCEEDED, f'deployment "{name}" successfully rolled out', details)
 
 
 def statefulset_verdict(obj: Mapping[str, Any], *, cluster: str, digest: str | None) -> RolloutVerdict:
@@ -102,31 +124,48 @@ def statefulset_verdict(obj: Mapping[str, Any], *, cluster: str, digest: str | N
     strategy = _map(spec, "updateStrategy")
     if strategy.get("type", "RollingUpdate") != "RollingUpdate":
         # kubectl exits with this error: waiting cannot change it (OnDelete needs a person).
-        return RolloutVerdict(cluster, Phase.FAILED, "rollout status is only available for RollingUpdate strategy type")
+        return RolloutVerdict(
+            cluster, Phase.FAILED, "rollout status is only available for RollingUpdate strategy type"
+        )
     observed = _int(status, "observedGeneration")
     if observed == 0 or _int(_map(obj, "metadata"), "generation") > observed:
-        return RolloutVerdict(cluster, Phase.PROGRESSING, "Waiting for statefulset spec update to be observed...")
+        return RolloutVerdict(
+            cluster, Phase.PROGRESSING, "Waiting for statefulset spec update to be observed..."
+        )
     replicas = spec.get("replicas")
     ready, updated = _int(status, "readyReplicas"), _int(status, "updatedReplicas")
     if isinstance(replicas, int) and ready < replicas:
-        return RolloutVerdict(cluster, Phase.PROGRESSING, f"Waiting for {replicas - ready} pods to be ready...")
+        return RolloutVerdict(
+            cluster, Phase.PROGRESSING, f"Waiting for {replicas - ready} pods to be ready..."
+        )
     # The API server defaults rollingUpdate.partition to 0, so live objects take this branch.
     partition = _map(strategy, "rollingUpdate").get("partition")
     if isinstance(strategy.get("rollingUpdate"), Mapping):
         if isinstance(replicas, int) and isinstance(partition, int) and updated < replicas - partition:
-            return RolloutVerdict(cluster, Phase.PROGRESSING,
-                                  f"Waiting for partitioned roll out to finish: {updated} out of "
-                                  f"{replicas - partition} new pods have been updated...")
-        return RolloutVerdict(cluster, Phase.SUCCEEDED,
-                              f"partitioned roll out complete: {updated} new pods have been updated...")
+            return RolloutVerdict(
+                cluster,
+                Phase.PROGRESSING,
+                f"Waiting for partitioned roll out to finish: {updated} out of "
+                f"{replicas - partition} new pods have been updated...",
+            )
+        return RolloutVerdict(
+            cluster,
+            Phase.SUCCEEDED,
+            f"partitioned roll out complete: {updated} new pods have been updated...",
+        )
     update_rev, current_rev = status.get("updateRevision", ""), status.get("currentRevision", "")
     if update_rev != current_rev:
-        return RolloutVerdict(cluster, Phase.PROGRESSING,
-                              f"waiting for statefulset rolling update to complete {updated} pods "
-                              f"at revision {update_rev}...")
-    return RolloutVerdict(cluster, Phase.SUCCEEDED,
-                          f"statefulset rolling update complete {_int(status, 'currentReplicas')} pods "
-                          f"at revision {current_rev}...")
+        return RolloutVerdict(
+            cluster,
+            Phase.PROGRESSING,
+            f"waiting for statefulset rolling update to complete {updated} pods at revision {update_rev}...",
+        )
+    return RolloutVerdict(
+        cluster,
+        Phase.SUCCEEDED,
+        f"statefulset rolling update complete {_int(status, 'currentReplicas')} pods "
+        f"at revision {current_rev}...",
+    )
 
 
 def daemonset_verdict(obj: Mapping[str, Any], *, cluster: str, digest: str | None) -> RolloutVerdict:
@@ -137,18 +176,30 @@ def daemonset_verdict(obj: Mapping[str, Any], *, cluster: str, digest: str | Non
     name = _map(obj, "metadata").get("name", "?")
     status = _map(obj, "status")
     if _map(obj, "spec", "updateStrategy").get("type", "RollingUpdate") != "RollingUpdate":
-        return RolloutVerdict(cluster, Phase.FAILED, "rollout status is only available for RollingUpdate strategy type")
+        return RolloutVerdict(
+            cluster, Phase.FAILED, "rollout status is only available for RollingUpdate strategy type"
+        )
     if _int(_map(obj, "metadata"), "generation") > _int(status, "observedGeneration"):
-        return RolloutVerdict(cluster, Phase.PROGRESSING, "Waiting for daemon set spec update to be observed...")
+        return RolloutVerdict(
+            cluster, Phase.PROGRESSING, "Waiting for daemon set spec update to be observed..."
+        )
     desired, updated = _int(status, "desiredNumberScheduled"), _int(status, "updatedNumberScheduled")
     available = _int(status, "numberAvailable")
     if updated < desired:
-        return RolloutVerdict(cluster, Phase.PROGRESSING, f"Waiting for daemon set \"{name}\" rollout to finish: "
-                              f"{updated} out of {desired} new pods have been updated...")
+        return RolloutVerdict(
+            cluster,
+            Phase.PROGRESSING,
+            f'Waiting for daemon set "{name}" rollout to finish: '
+            f"{updated} out of {desired} new pods have been updated...",
+        )
     if available < desired:
-        return RolloutVerdict(cluster, Phase.PROGRESSING, f"Waiting for daemon set \"{name}\" rollout to finish: "
-                              f"{available} of {desired} updated pods are available...")
-    return RolloutVerdict(cluster, Phase.SUCCEEDED, f"daemon set \"{name}\" successfully rolled out")
+        return RolloutVerdict(
+            cluster,
+            Phase.PROGRESSING,
+            f'Waiting for daemon set "{name}" rollout to finish: '
+            f"{available} of {desired} updated pods are available...",
+        )
+    return RolloutVerdict(cluster, Phase.SUCCEEDED, f'daemon set "{name}" successfully rolled out')
 
 
 _WORKLOADS: dict[str, Callable[..., RolloutVerdict]] = {
@@ -163,8 +214,11 @@ def workload_verdict(obj: Mapping[str, Any], *, cluster: str, digest: str | None
     kind = str(obj.get("kind", ""))
     verdict = _WORKLOADS.get(kind)
     if verdict is None:
-        return RolloutVerdict(cluster, Phase.FAILED, f"no rollout status for kind {kind!r}: "
-                              f"only {', '.join(_WORKLOADS)} are supported")
+        return RolloutVerdict(
+            cluster,
+            Phase.FAILED,
+            f"no rollout status for kind {kind!r}: only {', '.join(_WORKLOADS)} are supported",
+        )
     return verdict(obj, cluster=cluster, digest=digest)
 
 
@@ -198,23 +252,36 @@ def application_verdict(obj: Mapping[str, Any], *, cluster: str, revision: str) 
     op_revisions = _revisions(_map(op, "syncResult")) or _revisions(_map(op, "operation", "sync"))
     op_for_revision = any(_same_revision(r, revision) for r in op_revisions)
     conditions = status.get("conditions")
-    messages = tuple(f"{c.get('type', 'Condition')}: {c.get('message', '')}"
-                     for c in (conditions if isinstance(conditions, list) else []) if isinstance(c, Mapping))
-    details = (f"sync {sync_status} at {', '.join(r[:7] for r in synced_to) or 'no revision'}",
-               f"health {health_status}", *messages)
+    messages = tuple(
+        f"{c.get('type', 'Condition')}: {c.get('message', '')}"
+        for c in (conditions if isinstance(conditions, list) else [])
+        if isinstance(c, Mapping)
+    )
+    details = (
+        f"sync {sync_status} at {', '.join(r[:7] for r in synced_to) or 'no revision'}",
+        f"health {health_status}",
+        *messages,
+    )
 
     if op_for_revision and op.get("phase") in ("Failed", "Error"):
-        return RolloutVerdict(cluster, Phase.FAILED, f"Application \"{name}\" sync of {revision[:7]} "
-                              f"{str(op['phase']).lower()}: {op.get('message') or '; '.join(messages)}", details)
+        return RolloutVerdict(
+            cluster,
+            Phase.FAILED,
+            f'Application "{name}" sync of {revision[:7]} '
+            f"{str(op['phase']).lower()}: {op.get('message') or '; '.join(messages)}",
+            details,
+        )
     # Degraded counts once the revision is applied (Synced): while its sync runs, health is still
     # that of the older revision's objects (seen with the sandbox syncer; Argo CD does the same).
     if at_revision and sync_status == "Synced" and health_status == "Degraded":
         why = health.get("message") or op.get("message") or "; ".join(messages) or "no message"
-        return RolloutVerdict(cluster, Phase.FAILED, f"Application \"{name}\" is Degraded at {revision[:7]}: {why}",
-                              details)
+        return RolloutVerdict(
+            cluster, Phase.FAILED, f'Application "{name}" is Degraded at {revision[:7]}: {why}', details
+        )
     if at_revision and sync_status == "Synced" and health_status == "Healthy":
-        return RolloutVerdict(cluster, Phase.SUCCEEDED, f"Application \"{name}\" Synced and Healthy at {revision[:7]}",
-                              details)
+        return RolloutVerdict(
+            cluster, Phase.SUCCEEDED, f'Application "{name}" Synced and Healthy at {revision[:7]}', details
+        )
     if not at_revision:
         where = f"synced to {synced_to[0][:7]}" if synced_to else "not synced yet"
         awaited = f"{where}, waiting for {revision[:7]}"
@@ -224,7 +291,7 @@ def application_verdict(obj: Mapping[str, Any], *, cluster: str, revision: str) 
         awaited = f"Synced to {revision[:7]}, health {health_status}, waiting for Healthy"
     if op.get("phase") == "Running":
         awaited += f" (sync operation running: {op.get('message', '')})"
-    return RolloutVerdict(cluster, Phase.PROGRESSING, f"Application \"{name}\" {awaited}", details)
+    return RolloutVerdict(cluster, Phase.PROGRESSING, f'Application "{name}" {awaited}', details)
 
 
 def synced_at(obj: Mapping[str, Any], revision: str) -> bool:
@@ -243,11 +310,18 @@ def combine(app_verdict: RolloutVerdict, workload_verdict: RolloutVerdict) -> Ro
     for phase in (Phase.FAILED, Phase.PROGRESSING):
         hit = [v for v in parts if v.phase is phase]
         if hit:
-            return RolloutVerdict(workload_verdict.cluster, phase, "; ".join(v.message for v in hit),
-                                  app_verdict.details + workload_verdict.details)
-    return RolloutVerdict(workload_verdict.cluster, Phase.SUCCEEDED,
-                          f"{app_verdict.message}; {workload_verdict.message}",
-                          app_verdict.details + workload_verdict.details)
+            return RolloutVerdict(
+                workload_verdict.cluster,
+                phase,
+                "; ".join(v.message for v in hit),
+                app_verdict.details + workload_verdict.details,
+            )
+    return RolloutVerdict(
+        workload_verdict.cluster,
+        Phase.SUCCEEDED,
+        f"{app_verdict.message}; {workload_verdict.message}",
+        app_verdict.details + workload_verdict.details,
+    )
 
 
 def label_selector(selector: Mapping[str, Any]) -> str:
@@ -296,13 +370,15 @@ def _carries(pod: Mapping[str, Any], digest: str) -> bool:
     if _map(pod, "metadata").get("deletionTimestamp"):
         return False  # terminating: it no longer counts as running
     conditions = _map(pod, "status").get("conditions")
-    ready = any(isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True"
-                for c in (conditions if isinstance(conditions, list) else []))
+    ready = any(
+        isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (conditions if isinstance(conditions, list) else [])
+    )
     statuses = _map(pod, "status").get("containerStatuses")
     return ready and any(
-        isinstance(s, Mapping) and s.get("ready") is True
-        and digest in _reported_image(s)
-        for s in (statuses if isinstance(statuses, list) else []))
+        isinstance(s, Mapping) and s.get("ready") is True and digest in _reported_image(s)
+        for s in (statuses if isinstance(statuses, list) else [])
+    )
 
 
 def _pod_summary(pod: Mapping[str, Any]) -> str:
@@ -312,14 +388,19 @@ def _pod_summary(pod: Mapping[str, Any]) -> str:
         if not isinstance(s, Mapping):
             continue
         waiting = _map(s, "state", "waiting").get("reason")
-        parts.append(f"{s.get('name', '?')}={s.get('imageID') or s.get('image') or '?'}"
-                     + (f" ({waiting})" if waiting else ""))
+        parts.append(
+            f"{s.get('name', '?')}={s.get('imageID') or s.get('image') or '?'}"
+            + (f" ({waiting})" if waiting else "")
+        )
     phase = _map(pod, "status").get("phase", "Unknown")
-    return f"pod {_map(pod, 'metadata').get('name', '?')} {phase}: {', '.join(parts) or 'no container status'}"
+    return (
+        f"pod {_map(pod, 'metadata').get('name', '?')} {phase}: {', '.join(parts) or 'no container status'}"
+    )
 
 
-def pods_verdict(workload: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], *, cluster: str,
-                 digest: str) -> RolloutVerdict:
+def pods_verdict(
+    workload: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], *, cluster: str, digest: str
+) -> RolloutVerdict:
     """The running pods carry the release's digest, as the container runtime reports it.
 
     ``pods`` are the pods the workload's selector matches. As many ready pods must carry the
@@ -335,13 +416,22 @@ def pods_verdict(workload: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
     required = min(available, _int(status, updated_key))
     short = digest.removeprefix("sha256:")[:12]
     if required == 0:
-        why = "scaled to zero (standby)" if _map(workload, "spec").get("replicas") == 0 else "no available pods"
-        return RolloutVerdict(cluster, Phase.SUCCEEDED, f"{kind.lower()} \"{name}\" {why}: no pods to check")
+        why = (
+            "scaled to zero (standby)" if _map(workload, "spec").get("replicas") == 0 else "no available pods"
+        )
+        return RolloutVerdict(cluster, Phase.SUCCEEDED, f'{kind.lower()} "{name}" {why}: no pods to check')
     carrying = sorted(str(_map(p, "metadata").get("name", "?")) for p in pods if _carries(p, digest))
     if len(carrying) >= required:
-        return RolloutVerdict(cluster, Phase.SUCCEEDED, f"{len(carrying)} running pods carry {short}",
-                              tuple(f"pod {p} runs {short}" for p in carrying))
+        return RolloutVerdict(
+            cluster,
+            Phase.SUCCEEDED,
+            f"{len(carrying)} running pods carry {short}",
+            tuple(f"pod {p} runs {short}" for p in carrying),
+        )
     others = tuple(_pod_summary(p) for p in pods if not _carries(p, digest))
-    return RolloutVerdict(cluster, Phase.PROGRESSING,
-                          f"{len(carrying)} of {required} available pods of {kind.lower()} \"{name}\" run {short} "
-                          f"so far", others)
+    return RolloutVerdict(
+        cluster,
+        Phase.PROGRESSING,
+        f'{len(carrying)} of {required} available pods of {kind.lower()} "{name}" run {short} so far',
+        others,
+    )

@@ -121,8 +121,11 @@ def resource_id(doc: Mapping[str, Any]) -> str:
     """``Kind/namespace/name`` or ``Kind/name``, as findings name resources."""
     meta = doc.get("metadata")
     meta = meta if isinstance(meta, Mapping) else {}
-    parts = [str(doc.get("kind", "?")), str(meta["namespace"]) if meta.get("namespace") else "",
-             str(meta.get("name", "?"))]
+    parts = [
+        str(doc.get("kind", "?")),
+        str(meta["namespace"]) if meta.get("namespace") else "",
+        str(meta.get("name", "?")),
+    ]
     return "/".join(p for p in parts if p)
 
 
@@ -198,14 +201,21 @@ class SchemaValidator:
             return [Finding(overlay, resource_id(doc), "apiVersion and kind must both be set")]
         v = self.validator(api_version, kind)
         if v is None:
-            return [Finding(overlay, resource_id(doc),
-                            f"no schema for {api_version} {kind} in Kubernetes {self.kubernetes_version}: not checked",
-                            Severity.UNCHECKED)]
+            return [
+                Finding(
+                    overlay,
+                    resource_id(doc),
+                    f"no schema for {api_version} {kind} in Kubernetes {self.kubernetes_version}: not checked",
+                    Severity.UNCHECKED,
+                )
+            ]
         try:
             if v.is_valid(doc):
                 return []
-            return [Finding(overlay, resource_id(doc), e.message, path=_json_path(e.instance_path))
-                    for e in v.iter_errors(doc)]
+            return [
+                Finding(overlay, resource_id(doc), e.message, path=_json_path(e.instance_path))
+                for e in v.iter_errors(doc)
+            ]
         except ValueError as e:
             # jsonschema-rs accepts JSON types only (a datetime or a set from a hand-made dict).
             return [Finding(overlay, resource_id(doc), f"cannot be checked: {e} (not a JSON value)")]
@@ -232,19 +242,29 @@ def check_policies(doc: Mapping[str, Any], *, overlay: str) -> list[Finding]:
     """Our rules on top of the schema: no plaintext Secret, every image pinned by digest."""
     findings = []
     if doc.get("kind") == "Secret" and doc.get("apiVersion") == "v1":
-        findings.append(Finding(overlay, resource_id(doc),
-                                "plaintext Secret in the manifests: commit a SealedSecret instead"))
+        findings.append(
+            Finding(
+                overlay, resource_id(doc), "plaintext Secret in the manifests: commit a SealedSecret instead"
+            )
+        )
     for where, c in _containers(doc):
         image = c.get("image")
         if not isinstance(image, str) or not _PINNED.search(image):
-            findings.append(Finding(overlay, resource_id(doc),
-                                    f"image {image!r} of container {c.get('name')!r} is not pinned by digest "
-                                    "(@sha256:<64 hex>)", path=f"{where}.image"))
+            findings.append(
+                Finding(
+                    overlay,
+                    resource_id(doc),
+                    f"image {image!r} of container {c.get('name')!r} is not pinned by digest "
+                    "(@sha256:<64 hex>)",
+                    path=f"{where}.image",
+                )
+            )
     return findings
 
 
-def validate_documents(docs: Iterable[Mapping[str, Any]], *, overlay: str,
-                       validator: SchemaValidator) -> tuple[Finding, ...]:
+def validate_documents(
+    docs: Iterable[Mapping[str, Any]], *, overlay: str, validator: SchemaValidator
+) -> tuple[Finding, ...]:
     """Schema and policy findings for rendered resources (pure, given the validator)."""
     findings: list[Finding] = []
     for doc in docs:
@@ -262,7 +282,13 @@ def validate_overlay(repo_dir: Path, overlay: str, *, validator: SchemaValidator
     try:
         docs = parse_documents(render_overlay(repo_dir, overlay), source=overlay)
     except (RenderError, ManifestError) as e:
-        return ValidationReport(overlays=(overlay,), resources=0,
-                                findings=(Finding(overlay=overlay, resource="kustomization.yaml", message=str(e)),))
-    return ValidationReport(overlays=(overlay,), resources=len(docs),
-                            findings=validate_documents(docs, overlay=overlay, validator=validator))
+        return ValidationReport(
+            overlays=(overlay,),
+            resources=0,
+            findings=(Finding(overlay=overlay, resource="kustomization.yaml", message=str(e)),),
+        )
+    return ValidationReport(
+        overlays=(overlay,),
+        resources=len(docs),
+        findings=validate_documents(docs, overlay=overlay, validator=validator),
+    )

@@ -59,8 +59,14 @@ def stack_env() -> Iterator[Environment]:
 
 def twincd(env: Environment, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a user does, against the test stack's environment file."""
-    return subprocess.run([*TWINCD, "--env", env.source, *args], capture_output=True, text=True, timeout=timeout, check=False,
-                          env={**os.environ, "PREFECT_API_URL": env.prefect.api_url})
+    return subprocess.run(
+        [*TWINCD, "--env", env.source, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, "PREFECT_API_URL": env.prefect.api_url},
+    )
 
 
 def release_app(env: Environment, tag: str, *, page: str) -> str:
@@ -73,10 +79,16 @@ def release_app(env: Environment, tag: str, *, page: str) -> str:
         subprocess.run([*git, "commit", "-qam", f"release {tag}"], check=True)
         subprocess.run([*git, "tag", tag], check=True)
         subprocess.run([*git, "push", "-q", "origin", "main", tag], check=True)
-        return subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            [*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+        ).stdout.strip()
 
 
 def git_refs(repo: Path) -> dict[str, str]:
-    out = subprocess.run(["git", "-C", str(repo), "for-each-ref", "--format=%(refname) %(objectname)"],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["git", "-C", str(repo), "for-each-ref", "--format=%(refname) %(objectname)"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return dict(line.split() for line in out.splitlines())

@@ -27,14 +27,32 @@ RUN_URL = re.compile(r"Run in the Prefect UI: (\S+)")
 
 
 def kubectl_json(env: Environment, context: str, *args: str) -> dict:
-    out = subprocess.run(["kubectl", "--kubeconfig", str(env.state_path / "kubeconfig"), "--context", context,
-                          "get", *args, "-o", "json"], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [
+            "kubectl",
+            "--kubeconfig",
+            str(env.state_path / "kubeconfig"),
+            "--context",
+            context,
+            "get",
+            *args,
+            "-o",
+            "json",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out)
 
 
 def main_file(env: Environment, path: str) -> str:
-    return subprocess.run(["git", "-C", str(env.path(env.manifests.repo)), "show", f"main:{path}"],
-                          check=True, capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["git", "-C", str(env.path(env.manifests.repo)), "show", f"main:{path}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
 
 
 def main_head(env: Environment) -> str:
@@ -44,8 +62,12 @@ def main_head(env: Environment) -> str:
 def registry_digest(env: Environment, tag: str) -> str:
     import httpx
 
-    r = httpx.head(f"http://{env.registries['local'].url}/v2/hello/manifests/{tag}", headers={
-        "Accept": "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"})
+    r = httpx.head(
+        f"http://{env.registries['local'].url}/v2/hello/manifests/{tag}",
+        headers={
+            "Accept": "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+        },
+    )
     assert r.status_code == 200, r.text
     return r.headers["Docker-Content-Digest"]
 
@@ -81,15 +103,39 @@ def test_prefect_ui_shows_the_completed_run_with_its_tasks(stack_env: Environmen
     url = (ARTIFACTS / "run-url.txt").read_text()
     chromium = shutil.which("chromium")
     assert chromium, "chromium is installed by scripts/setup.sh"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--window-size=1400,1000", "--virtual-time-budget=20000"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1000",
+        "--virtual-time-budget=20000",
+    ]
     with tempfile.TemporaryDirectory() as profile:
-        dom = subprocess.run([chromium, *flags, f"--user-data-dir={profile}", "--dump-dom", url], check=False,
-                             capture_output=True, text=True, timeout=120).stdout
+        dom = subprocess.run(
+            [chromium, *flags, f"--user-data-dir={profile}", "--dump-dom", url],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
     with tempfile.TemporaryDirectory() as profile:
-        subprocess.run([chromium, *flags, f"--user-data-dir={profile}",
-                        f"--screenshot={ARTIFACTS / 'deploy-run.png'}", url], capture_output=True, timeout=120, check=False)
+        subprocess.run(
+            [
+                chromium,
+                *flags,
+                f"--user-data-dir={profile}",
+                f"--screenshot={ARTIFACTS / 'deploy-run.png'}",
+                url,
+            ],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
     assert "deploy-hello-v1.0.0" in dom
     assert "Completed" in dom
     for task in ("build-image", "push-image", "set-image", "open-merge-request", "validate", "verify-eks"):
@@ -97,12 +143,15 @@ def test_prefect_ui_shows_the_completed_run_with_its_tasks(stack_env: Environmen
     assert (ARTIFACTS / "deploy-run.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("tag,reason", [
-    ("1.0", "does not match the app's tag_pattern"),
-    ("v1.0.0;rm -rf /", "is not a safe release tag"),
-    ("-v1.0.0", "is not a safe release tag"),
-    ("v1.0.0..v2", "is not a safe release tag"),
-])
+@pytest.mark.parametrize(
+    "tag,reason",
+    [
+        ("1.0", "does not match the app's tag_pattern"),
+        ("v1.0.0;rm -rf /", "is not a safe release tag"),
+        ("-v1.0.0", "is not a safe release tag"),
+        ("v1.0.0..v2", "is not a safe release tag"),
+    ],
+)
 def test_bad_tag_is_refused_before_any_change(stack_env: Environment, tag: str, reason: str) -> None:
     refs = git_refs(stack_env.path(stack_env.manifests.repo))
     result = twincd(stack_env, "deploy", "--auto-approve", "hello", "--", tag)
@@ -136,8 +185,10 @@ def test_broken_overlay_fails_validation_and_merges_nothing(stack_env: Environme
     env = stack_env
     path = "overlays/eks/hello/kustomization.yaml"
     good = main_file(env, path)
-    broken = good + "patches:\n  - target: {kind: Deployment}\n    patch: |-\n      - op: replace\n" \
-                    "        path: /spec/replicas\n        value: two\n"
+    broken = (
+        good + "patches:\n  - target: {kind: Deployment}\n    patch: |-\n      - op: replace\n"
+        "        path: /spec/replicas\n        value: two\n"
+    )
     _push_to_main(env, path, broken, "break the eks overlay")
     try:
         release_app(env, "v1.1.0", page="<h1>hello 1.1.0</h1>\n")
@@ -165,9 +216,15 @@ def test_refused_approval_cancels_and_keeps_the_branch(stack_env: Environment) -
     env = stack_env
     release_app(env, "v1.2.0", page="<h1>hello 1.2.0</h1>\n")
     head = main_head(env)
-    run = subprocess.Popen([sys.executable, "-m", "twincd.cli", "--env", env.source, "deploy", "hello", "v1.2.0"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    refused = _wait_paused_then(env, "hello", "v1.2.0", "--refuse", "--approver", "alice", "--comment", "not today")
+    run = subprocess.Popen(
+        [sys.executable, "-m", "twincd.cli", "--env", env.source, "deploy", "hello", "v1.2.0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    refused = _wait_paused_then(
+        env, "hello", "v1.2.0", "--refuse", "--approver", "alice", "--comment", "not today"
+    )
     out, _ = run.communicate(timeout=120)
     assert refused.returncode == 0, refused.stderr
     assert run.returncode == 1
@@ -180,14 +237,25 @@ def test_refused_approval_cancels_and_keeps_the_branch(stack_env: Environment) -
 def test_approval_in_the_cli_merges_and_verifies(stack_env: Environment) -> None:
     env = stack_env
     release_app(env, "v1.3.0", page="<h1>hello 1.3.0</h1>\n")
-    run = subprocess.Popen([sys.executable, "-m", "twincd.cli", "--env", env.source, "deploy", "hello", "v1.3.0"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "twincd.cli", "--env", env.source, "deploy", "hello", "v1.3.0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     approved = _wait_paused_then(env, "hello", "v1.3.0", "--approver", "bob")
     out, _ = run.communicate(timeout=180)
     assert approved.returncode == 0, approved.stderr
     assert run.returncode == 0, out
-    assert "Approved-by: bob" in subprocess.run(
-        ["git", "-C", str(env.path(env.manifests.repo)), "log", "-1", "main"], capture_output=True, text=True, check=True).stdout
+    assert (
+        "Approved-by: bob"
+        in subprocess.run(
+            ["git", "-C", str(env.path(env.manifests.repo)), "log", "-1", "main"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert registry_digest(env, "v1.3.0") in main_file(env, "overlays/aks/hello/kustomization.yaml")
 
 

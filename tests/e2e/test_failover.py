@@ -53,24 +53,52 @@ class FailoverStack:
     def run(self, *, key: str | None = None, **params: Any) -> tuple[subprocess.CompletedProcess[str], float]:
         t0 = time.monotonic()
         result = subprocess.run(
-            [sys.executable, "-c", RUN_FLOW, self.env.source, json.dumps(params)], check=False, cwd=REPO_ROOT,
-            capture_output=True, text=True, timeout=600,
-            env={**os.environ, "PREFECT_API_URL": self.env.prefect.api_url,
-                 sandbox_dns.SECRET_ENV: key or self.key})
+            [sys.executable, "-c", RUN_FLOW, self.env.source, json.dumps(params)],
+            check=False,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={
+                **os.environ,
+                "PREFECT_API_URL": self.env.prefect.api_url,
+                sandbox_dns.SECRET_ENV: key or self.key,
+            },
+        )
         return result, time.monotonic() - t0
 
     def main_file(self, path: str) -> str:
-        return subprocess.run(["git", "-C", str(self.env.path(self.env.manifests.repo)), "show", f"main:{path}"],
-                              check=True, capture_output=True, text=True).stdout
+        return subprocess.run(
+            ["git", "-C", str(self.env.path(self.env.manifests.repo)), "show", f"main:{path}"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
 
     def component(self, cluster: str) -> str:
         text = self.main_file(f"overlays/{cluster}/hello/kustomization.yaml")
         return "active" if "components/active" in text else "standby" if "components/standby" in text else "?"
 
     def deployment(self, cluster: str) -> dict[str, Any]:
-        out = subprocess.run(["kubectl", "--kubeconfig", str(self.env.state_path / "kubeconfig"), "--context",
-                              f"sandbox-{cluster}", "get", "deployment", "-n", "hello", "hello", "-o", "json"],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [
+                "kubectl",
+                "--kubeconfig",
+                str(self.env.state_path / "kubeconfig"),
+                "--context",
+                f"sandbox-{cluster}",
+                "get",
+                "deployment",
+                "-n",
+                "hello",
+                "hello",
+                "-o",
+                "json",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         data: dict[str, Any] = json.loads(out)
         return data
 
@@ -78,8 +106,12 @@ class FailoverStack:
         return {p.name: json.loads(p.read_text()) for p in (self.env.state_path / "forge").glob("*.json")}
 
     def message(self, rev: str) -> str:
-        return subprocess.run(["git", "-C", str(self.env.path(self.env.manifests.repo)), "log", "-1", "--format=%B",
-                               rev], check=True, capture_output=True, text=True).stdout
+        return subprocess.run(
+            ["git", "-C", str(self.env.path(self.env.manifests.repo)), "log", "-1", "--format=%B", rev],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
 
 
 def _wait_available(fs: FailoverStack, cluster: str, replicas: int, timeout: float = 60) -> None:
@@ -103,8 +135,14 @@ def fs(stack_env: Environment) -> Iterator[FailoverStack]:
     key = sandbox_dns.start_dns(root, port, zone=ZONE, records={"web": (EKS, AKS)})
     try:
         raw = yaml.safe_load(Path(stack_env.source).read_text())
-        raw["dns"] = {"type": "rfc2136", "server": f"127.0.0.1:{port}", "zone": ZONE, "record": "web", "ttl": 60,
-                      "key": f"env:{sandbox_dns.SECRET_ENV}"}
+        raw["dns"] = {
+            "type": "rfc2136",
+            "server": f"127.0.0.1:{port}",
+            "zone": ZONE,
+            "record": "web",
+            "ttl": 60,
+            "key": f"env:{sandbox_dns.SECRET_ENV}",
+        }
         raw["timeouts"] = {**raw.get("timeouts", {}), "rollout_seconds": 20}
         path = Path(stack_env.source).with_name("env-failover.yaml")
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -143,17 +181,28 @@ def test_dry_run_publishes_the_plan_and_changes_nothing(fs: FailoverStack) -> No
     result, _ = fs.run(mode="active-standby", active="aks", dry_run=True)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
-    assert "**Dry run**" in out and "current: eks active, aks active; web.example.test: 127.0.0.11, 127.0.0.12" in out
-    assert out.index("**health gate** aks") < out.index("**dns** replace A `web.example.test`") \
+    assert (
+        "**Dry run**" in out
+        and "current: eks active, aks active; web.example.test: 127.0.0.11, 127.0.0.12" in out
+    )
+    assert (
+        out.index("**health gate** aks")
+        < out.index("**dns** replace A `web.example.test`")
         < out.index("**demote** eks")
+    )
     assert git_refs(fs.env.path(fs.env.manifests.repo)) == refs
     assert fs.forge_records() == records
     assert fs.dns.read_a("web") == {EKS, AKS}
 
 
 def test_active_active_to_standby_on_aks(fs: FailoverStack, aks_ingress: int) -> None:
-    result, seconds = fs.run(mode="active-standby", active="aks", reason="e2e: AWS maintenance window",
-                             auto_approve=True, health_url=f"http://{{ingress_ip}}:{aks_ingress}/healthz")
+    result, seconds = fs.run(
+        mode="active-standby",
+        active="aks",
+        reason="e2e: AWS maintenance window",
+        auto_approve=True,
+        health_url=f"http://{{ingress_ip}}:{aks_ingress}/healthz",
+    )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     print(f"\nactive-active -> active-standby(aks): {seconds:.1f} s (flow subprocess, start to end)")
@@ -163,8 +212,12 @@ def test_active_active_to_standby_on_aks(fs: FailoverStack, aks_ingress: int) ->
     eks, aks = fs.deployment("eks"), fs.deployment("aks")
     assert eks["spec"]["replicas"] == 0 and eks["status"].get("availableReplicas", 0) == 0
     assert aks["spec"]["replicas"] == 2 and aks["status"]["availableReplicas"] == 2
-    demote = [r for r in fs.forge_records().values() if r["source_branch"].startswith(
-        "twincd/failover/active-standby-aks-") and r["source_branch"].endswith("/demote")]
+    demote = [
+        r
+        for r in fs.forge_records().values()
+        if r["source_branch"].startswith("twincd/failover/active-standby-aks-")
+        and r["source_branch"].endswith("/demote")
+    ]
     assert len(demote) == 1 and demote[0]["state"] == "merged" and demote[0]["merged_by"] == "auto-approve"
     # The audit trail in git: the switch commit says why.
     body = fs.message("main^2")
@@ -183,11 +236,13 @@ def test_dns_refusing_the_update_reverts_the_promotion(fs: FailoverStack) -> Non
     assert fs.component("eks") == "standby" and fs.dns.read_a("web") == {AKS}
     # `git revert -m 1` of the promotion's merge, merged through its own MR.
     assert fs.message("main").startswith("Merge branch 'twincd/failover/active-active-")
-    assert fs.message("main^2").startswith('Revert "Merge branch \'twincd/failover/active-active-')
+    assert fs.message("main^2").startswith("Revert \"Merge branch 'twincd/failover/active-active-")
     print("\n" + next(line for line in out.splitlines() if line.startswith("FLOW-STATE")))
 
 
-def test_unhealthy_target_aborts_before_dns_and_reverts_the_switch(fs: FailoverStack, stack_env: Environment) -> None:
+def test_unhealthy_target_aborts_before_dns_and_reverts_the_switch(
+    fs: FailoverStack, stack_env: Environment
+) -> None:
     assert procs.stop_daemon(stack.cluster_name_of("eks"), state_dir=stack_env.state_path)
     try:
         result, seconds = fs.run(mode="active-active", reason="e2e: eks is down", auto_approve=True)
@@ -211,8 +266,13 @@ def test_back_to_active_active_in_an_emergency(fs: FailoverStack) -> None:
     assert fs.dns.read_a("web") == {EKS, AKS}
     assert fs.component("eks") == "active" and fs.component("aks") == "active"
     assert fs.deployment("eks")["status"]["availableReplicas"] == 2
-    promote = [r for r in fs.forge_records().values() if r["source_branch"].startswith(
-        "twincd/failover/active-active-") and r["source_branch"].endswith("/promote") and r["state"] == "merged"]
+    promote = [
+        r
+        for r in fs.forge_records().values()
+        if r["source_branch"].startswith("twincd/failover/active-active-")
+        and r["source_branch"].endswith("/promote")
+        and r["state"] == "merged"
+    ]
     # Earlier runs' promotions were merged too, then reverted: this run's is the emergency one.
     assert [r["merged_by"] for r in promote].count("emergency (e2e: aks degraded)") == 1
     again, _ = fs.run(mode="active-active", reason="e2e: again")

@@ -32,9 +32,13 @@ def _variant(env: Environment, name: str, **changes: object) -> Environment:
 
 
 def _start_deploy(env: Environment, tag: str, **extra_env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "twincd.cli", "--env", env.source, "deploy", "hello", tag],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **extra_env})
+    return subprocess.Popen(
+        [sys.executable, "-m", "twincd.cli", "--env", env.source, "deploy", "hello", tag],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **extra_env},
+    )
 
 
 def _wait_for(predicate, what: str, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
@@ -48,9 +52,20 @@ def _wait_for(predicate, what: str, timeout: float = 120) -> None:  # type: igno
 def gitlab(stack_env: Environment) -> Iterator[tuple[FakeGitlab, Environment]]:
     """The stack's manifests repo behind a GitLab fake, and an environment whose forge is GitLab."""
     with FakeGitlab(repo=stack_env.path(stack_env.manifests.repo), token=TOKEN) as fake:
-        yield fake, _variant(stack_env, "gitlab", forge={
-            "type": "gitlab", "url": fake.url, "project": "infra/manifests",
-            "token": "env:TWINCD_E2E_GITLAB_TOKEN", "poll_seconds": 0.5})
+        yield (
+            fake,
+            _variant(
+                stack_env,
+                "gitlab",
+                forge={
+                    "type": "gitlab",
+                    "url": fake.url,
+                    "project": "infra/manifests",
+                    "token": "env:TWINCD_E2E_GITLAB_TOKEN",
+                    "poll_seconds": 0.5,
+                },
+            ),
+        )
 
 
 def _release_mr(fake: FakeGitlab, tag: str) -> int:
@@ -87,11 +102,15 @@ def test_gitlab_mr_closed_without_merge_cancels_the_run(gitlab: tuple[FakeGitlab
 
 
 def test_sequential_rollout_stops_before_the_second_cloud_and_reverts(stack_env: Environment) -> None:
-    env = _variant(stack_env, "sequential", rollout={"strategy": "sequential", "order": ["eks", "aks"],
-                                                     "bake_seconds": 1})
+    env = _variant(
+        stack_env,
+        "sequential",
+        rollout={"strategy": "sequential", "order": ["eks", "aks"], "bake_seconds": 1},
+    )
     # A short progress deadline, so the missing image fails the rollout in seconds.
-    deployment = main_file(env, "base/hello/deployment.yaml").replace("progressDeadlineSeconds: 60",
-                                                                      "progressDeadlineSeconds: 3")
+    deployment = main_file(env, "base/hello/deployment.yaml").replace(
+        "progressDeadlineSeconds: 60", "progressDeadlineSeconds: 3"
+    )
     from tests.e2e.test_deploy import _push_to_main
 
     _push_to_main(env, "base/hello/deployment.yaml", deployment, "short progress deadline")
@@ -99,19 +118,28 @@ def test_sequential_rollout_stops_before_the_second_cloud_and_reverts(stack_env:
     old_digest = registry_digest(env, "v2.0.0")
     release_app(env, "v3.0.0", page="<h1>hello 3.0.0</h1>\n")
     run = _start_deploy(env, "v3.0.0")
-    _wait_for(lambda: twincd(env, "approve", "hello", "v3.0.0", "--approver", "carol").returncode == 0,
-              "the first stage's approval")
+    _wait_for(
+        lambda: twincd(env, "approve", "hello", "v3.0.0", "--approver", "carol").returncode == 0,
+        "the first stage's approval",
+    )
     # The image vanishes from the registry before eks pulls it: the rollout there must fail.
     new_digest = registry_digest(env, "v3.0.0")
     deleted = httpx.delete(f"http://{env.registries['local'].url}/v2/hello/manifests/{new_digest}")
     assert deleted.status_code == 202, deleted.text
-    _wait_for(lambda: "refs/heads/twincd/hello/v3.0.0-revert" in git_refs(env.path(env.manifests.repo)),
-              "the revert branch", timeout=180)
-    _wait_for(lambda: twincd(env, "approve", "hello", "v3.0.0", "--approver", "carol").returncode == 0,
-              "the revert's approval")
+    _wait_for(
+        lambda: "refs/heads/twincd/hello/v3.0.0-revert" in git_refs(env.path(env.manifests.repo)),
+        "the revert branch",
+        timeout=180,
+    )
+    _wait_for(
+        lambda: twincd(env, "approve", "hello", "v3.0.0", "--approver", "carol").returncode == 0,
+        "the revert's approval",
+    )
     out, _ = run.communicate(timeout=240)
     assert run.returncode == 1, out
-    assert "rollout failed on eks" in out and "ProgressDeadlineExceeded" in out or "timed out progressing" in out
+    assert (
+        "rollout failed on eks" in out and "ProgressDeadlineExceeded" in out or "timed out progressing" in out
+    )
     assert "aks: not rolled out: an earlier stage failed" in out
     assert "rollback verified on every cluster" in out, out
     refs = git_refs(env.path(env.manifests.repo))
@@ -126,12 +154,35 @@ def test_slack_tells_the_release_in_one_thread(stack_env: Environment) -> None:
 
     running = start_fake_slack(token="xoxb-e2e-secret")
     try:
-        env = _variant(stack_env, "slack", notifier={"type": "slack", "channel": "#deploys",
-                                                     "token": "env:TWINCD_E2E_SLACK", "api_url": running.fake.api_url})
+        env = _variant(
+            stack_env,
+            "slack",
+            notifier={
+                "type": "slack",
+                "channel": "#deploys",
+                "token": "env:TWINCD_E2E_SLACK",
+                "api_url": running.fake.api_url,
+            },
+        )
         release_app(env, "v2.2.0", page="<h1>hello 2.2.0</h1>\n")
-        result = subprocess.run([sys.executable, "-m", "twincd.cli", "--env", env.source, "deploy", "hello", "v2.2.0",
-                                 "--auto-approve"], capture_output=True, text=True, timeout=300, check=False,
-                                env={**os.environ, "TWINCD_E2E_SLACK": "xoxb-e2e-secret"})
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "twincd.cli",
+                "--env",
+                env.source,
+                "deploy",
+                "hello",
+                "v2.2.0",
+                "--auto-approve",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            env={**os.environ, "TWINCD_E2E_SLACK": "xoxb-e2e-secret"},
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         calls = running.fake.calls
         posts = [c for c in calls if c.method == "chat.postMessage"]

@@ -22,9 +22,14 @@ HOOK_TOKEN = "e2e-hook-token"
 
 
 def _start(env: Environment, *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "twincd.cli", "--env", env.source, *args], cwd=REPO_ROOT,
-                            env={**os.environ, "TWINCD_E2E_HOOK": HOOK_TOKEN}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "twincd.cli", "--env", env.source, *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, "TWINCD_E2E_HOOK": HOOK_TOKEN},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -37,9 +42,18 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def test_tag_push_hook_starts_exactly_one_deploy(stack_env: Environment) -> None:
     port = free_port()
-    env = _variant(stack_env, "webhook", webhook={"secret": "env:TWINCD_E2E_HOOK", "port": port},
-                   apps={"hello": {**stack_env.apps["hello"].model_dump(exclude_none=True), "project": "apps/hello",
-                                   "repo": str(stack_env.path(stack_env.apps["hello"].repo))}})
+    env = _variant(
+        stack_env,
+        "webhook",
+        webhook={"secret": "env:TWINCD_E2E_HOOK", "port": port},
+        apps={
+            "hello": {
+                **stack_env.apps["hello"].model_dump(exclude_none=True),
+                "project": "apps/hello",
+                "repo": str(stack_env.path(stack_env.apps["hello"].repo)),
+            }
+        },
+    )
     sha = release_app(env, "v5.0.0", page="<h1>hello 5.0.0</h1>\n")
     served, hook = _start(env, "serve"), _start(env, "webhook")
     try:
@@ -51,8 +65,12 @@ def test_tag_push_hook_starts_exactly_one_deploy(stack_env: Environment) -> None
         _wait_for(served_deployment, "the served deploy deployment")
         url = f"http://127.0.0.1:{port}/hooks/gitlab"
         _wait_for(lambda: _answers(url), "the webhook")
-        payload = {"object_kind": "tag_push", "ref": "refs/tags/v5.0.0", "checkout_sha": sha,
-                   "project": {"path_with_namespace": "apps/hello"}}
+        payload = {
+            "object_kind": "tag_push",
+            "ref": "refs/tags/v5.0.0",
+            "checkout_sha": sha,
+            "project": {"path_with_namespace": "apps/hello"},
+        }
         assert httpx.post(url, json=payload, headers={"X-Gitlab-Token": "wrong"}).status_code == 401
         first = httpx.post(url, json=payload, headers={"X-Gitlab-Token": HOOK_TOKEN})
         again = httpx.post(url, json=payload, headers={"X-Gitlab-Token": HOOK_TOKEN})
@@ -60,8 +78,11 @@ def test_tag_push_hook_starts_exactly_one_deploy(stack_env: Environment) -> None
         run_id = first.json()["flow_run_id"]
         assert again.json()["flow_run_id"] == run_id  # GitLab's retries make no second run
 
-        _wait_for(lambda: twincd(env, "approve", "hello", "v5.0.0", "--approver", "erin").returncode == 0,
-                  "the run to wait for approval", timeout=180)
+        _wait_for(
+            lambda: twincd(env, "approve", "hello", "v5.0.0", "--approver", "erin").returncode == 0,
+            "the run to wait for approval",
+            timeout=180,
+        )
 
         def finished() -> bool:
             state = httpx.get(f"{api}/flow_runs/{run_id}").json()["state"]
@@ -71,7 +92,9 @@ def test_tag_push_hook_starts_exactly_one_deploy(stack_env: Environment) -> None
         run = httpx.get(f"{api}/flow_runs/{run_id}").json()
         assert run["name"] == "deploy-hello-v5.0.0"
         assert run["state"]["type"] == "COMPLETED", run["state"]
-        runs = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"name": {"any_": ["deploy-hello-v5.0.0"]}}})
+        runs = httpx.post(
+            f"{api}/flow_runs/filter", json={"flow_runs": {"name": {"any_": ["deploy-hello-v5.0.0"]}}}
+        )
         assert len(runs.json()) == 1
     finally:
         _stop(hook)

@@ -52,8 +52,14 @@ class StaticTokenCredential:
         self._token = token
         self.calls = 0
 
-    def get_token(self, *scopes: str, claims: str | None = None, tenant_id: str | None = None,
-                  enable_cae: bool = False, **kwargs: Any) -> AccessToken:
+    def get_token(
+        self,
+        *scopes: str,
+        claims: str | None = None,
+        tenant_id: str | None = None,
+        enable_cae: bool = False,
+        **kwargs: Any,
+    ) -> AccessToken:
         self.calls += 1
         return AccessToken(self._token, int(time.time()) + 3600)
 
@@ -81,8 +87,11 @@ class _Fault:
     retry_after: str | None
 
 
-_PATH = re.compile(r"^/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.Network/"
-                   r"dnsZones/(?P<zone>[^/]+)/(?P<type>[^/]+)/(?P<name>[^/]+)$", re.IGNORECASE)
+_PATH = re.compile(
+    r"^/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.Network/"
+    r"dnsZones/(?P<zone>[^/]+)/(?P<type>[^/]+)/(?P<name>[^/]+)$",
+    re.IGNORECASE,
+)
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -94,8 +103,15 @@ class FakeAzureDns(ServedFake):
 
     _name = "fake-azure-dns"
 
-    def __init__(self, *, token: str, subscription_id: str, resource_group: str, zones: tuple[str, ...],
-                 reader_token: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        token: str,
+        subscription_id: str,
+        resource_group: str,
+        zones: tuple[str, ...],
+        reader_token: str | None = None,
+    ) -> None:
         self.token = token
         self.reader_token = reader_token
         self.subscription_id = subscription_id
@@ -137,7 +153,6 @@ class FakeAzureDns(ServedFake):
 
     # ---- serving ---------------------------------------------------------------------------
 
-
     # ---- HTTP ------------------------------------------------------------------------------
 
     async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -146,8 +161,15 @@ class FakeAzureDns(ServedFake):
         request = Request(scope, receive)
         response = await self._dispatch(request)
         with self._lock:
-            self.requests.append(Call(request.method, request.url.path, response.status_code,
-                                      request.headers.get("if-match"), request.headers.get("if-none-match")))
+            self.requests.append(
+                Call(
+                    request.method,
+                    request.url.path,
+                    response.status_code,
+                    request.headers.get("if-match"),
+                    request.headers.get("if-none-match"),
+                )
+            )
         await response(scope, receive, send)
 
     async def _dispatch(self, request: Request) -> Response:
@@ -166,27 +188,41 @@ class FakeAzureDns(ServedFake):
         if request.query_params.get("api-version") != API_VERSION:
             return _error(400, "InvalidApiVersionParameter", f"api-version must be {API_VERSION}.")
         if match["sub"].lower() != self.subscription_id.lower():
-            return _error(404, "SubscriptionNotFound", f"The subscription '{match['sub']}' could not be found.")
+            return _error(
+                404, "SubscriptionNotFound", f"The subscription '{match['sub']}' could not be found."
+            )
         if match["rg"].lower() != self.resource_group.lower():
             return _error(404, "ResourceGroupNotFound", f"Resource group '{match['rg']}' could not be found.")
         zone = match["zone"].lower()
         if zone not in self.zones:
-            return _error(404, "ParentResourceNotFound", "Can not perform requested operation on nested resource. "
-                          f"Parent resource '{match['zone']}' not found.")
+            return _error(
+                404,
+                "ParentResourceNotFound",
+                "Can not perform requested operation on nested resource. "
+                f"Parent resource '{match['zone']}' not found.",
+            )
         if match["type"].upper() != "A":
             return _error(400, "BadRequest", "This fake serves A record sets only.")
         name = match["name"].lower()
         if request.method == "PUT":
             if self._bearer(request) == self.reader_token:
-                return _error(403, "AuthorizationFailed", "The client 'reader' does not have authorization to "
-                              "perform action 'Microsoft.Network/dnsZones/A/write' over scope "
-                              f"'{request.url.path}' or the scope is invalid.")
+                return _error(
+                    403,
+                    "AuthorizationFailed",
+                    "The client 'reader' does not have authorization to "
+                    "perform action 'Microsoft.Network/dnsZones/A/write' over scope "
+                    f"'{request.url.path}' or the scope is invalid.",
+                )
             return self._put(request, zone, name, await request.body())
         with self._lock:
             record = self.zones[zone].get(name)
             if record is None:
-                return _error(404, "NotFound", f"The resource record '{name}' does not exist in resource group "
-                              f"'{self.resource_group}' of subscription '{self.subscription_id}'.")
+                return _error(
+                    404,
+                    "NotFound",
+                    f"The resource record '{name}' does not exist in resource group "
+                    f"'{self.resource_group}' of subscription '{self.subscription_id}'.",
+                )
             return self._record_response(200, zone, name, record)
 
     @staticmethod
@@ -196,14 +232,22 @@ class FakeAzureDns(ServedFake):
 
     def _authenticate(self, request: Request) -> Response | None:
         token = self._bearer(request)
-        challenge = {"WWW-Authenticate": 'Bearer authorization_uri="https://login.windows.net/", '
-                                         'error="invalid_token", error_description="The authentication failed."'}
+        challenge = {
+            "WWW-Authenticate": 'Bearer authorization_uri="https://login.windows.net/", '
+            'error="invalid_token", error_description="The authentication failed."'
+        }
         if token is None:
-            return _error(401, "AuthenticationFailed", "Authentication failed. The 'Authorization' header is missing.",
-                          challenge)
+            return _error(
+                401,
+                "AuthenticationFailed",
+                "Authentication failed. The 'Authorization' header is missing.",
+                challenge,
+            )
         if token not in (self.token, self.reader_token):
             quoted = f" '{token}'" if self.echo_tokens else ""
-            return _error(401, "InvalidAuthenticationToken", f"The access token{quoted} is invalid.", challenge)
+            return _error(
+                401, "InvalidAuthenticationToken", f"The access token{quoted} is invalid.", challenge
+            )
         return None
 
     def _put(self, request: Request, zone: str, name: str, raw: bytes) -> Response:
@@ -223,24 +267,42 @@ class FakeAzureDns(ServedFake):
             current = self.zones[zone].get(name)
             if_match, if_none_match = request.headers.get("if-match"), request.headers.get("if-none-match")
             stale = (if_match is not None and (current is None or if_match not in ("*", current.etag))) or (
-                if_none_match == "*" and current is not None)
+                if_none_match == "*" and current is not None
+            )
             if stale:
-                return _error(412, "PreconditionFailed", "The condition specified using HTTP conditional header(s) "
-                              "is not met.")
+                return _error(
+                    412,
+                    "PreconditionFailed",
+                    "The condition specified using HTTP conditional header(s) is not met.",
+                )
             record = FakeRecordSet(ips, ttl, metadata=dict(props.get("metadata") or {}))
             self.zones[zone][name] = record
             return self._record_response(201 if current is None else 200, zone, name, record)
 
     def _record_response(self, status: int, zone: str, name: str, record: FakeRecordSet) -> Response:
-        rid = (f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}/providers/"
-               f"Microsoft.Network/dnszones/{zone}/A/{name}")
+        rid = (
+            f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}/providers/"
+            f"Microsoft.Network/dnszones/{zone}/A/{name}"
+        )
         fqdn = f"{zone}." if name == "@" else f"{name}.{zone}."
-        return JSONResponse({
-            "id": rid, "name": name, "type": "Microsoft.Network/dnszones/A", "etag": record.etag,
-            "properties": {"metadata": record.metadata, "TTL": record.ttl, "fqdn": fqdn,
-                           "provisioningState": "Succeeded", "targetResource": {},
-                           "ARecords": [{"ipv4Address": ip} for ip in record.ips]},
-        }, status_code=status, headers={"ETag": record.etag})
+        return JSONResponse(
+            {
+                "id": rid,
+                "name": name,
+                "type": "Microsoft.Network/dnszones/A",
+                "etag": record.etag,
+                "properties": {
+                    "metadata": record.metadata,
+                    "TTL": record.ttl,
+                    "fqdn": fqdn,
+                    "provisioningState": "Succeeded",
+                    "targetResource": {},
+                    "ARecords": [{"ipv4Address": ip} for ip in record.ips],
+                },
+            },
+            status_code=status,
+            headers={"ETag": record.etag},
+        )
 
     def _take_fault(self) -> _Fault | None:
         with self._lock:

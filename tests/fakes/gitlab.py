@@ -76,8 +76,15 @@ class FakeGitlab(ServedFake):
 
     _name = "fake-gitlab"
 
-    def __init__(self, *, repo: Path, token: str, project: str = "infra/manifests", project_id: int = 42,
-                 read_only_token: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        repo: Path,
+        token: str,
+        project: str = "infra/manifests",
+        project_id: int = 42,
+        read_only_token: str | None = None,
+    ) -> None:
         self.repo = repo
         self.project = project
         self.project_id = project_id
@@ -136,7 +143,6 @@ class FakeGitlab(ServedFake):
 
     # ---- serving ---------------------------------------------------------------------------
 
-
     # ---- HTTP ------------------------------------------------------------------------------
 
     _ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = (
@@ -145,9 +151,21 @@ class FakeGitlab(ServedFake):
         ("POST", re.compile(r"^/api/v4/projects/(?P<pid>[^/]+)/merge_requests$"), "_create_mr"),
         ("GET", re.compile(r"^/api/v4/projects/(?P<pid>[^/]+)/merge_requests/(?P<iid>\d+)$"), "_get_mr"),
         ("PUT", re.compile(r"^/api/v4/projects/(?P<pid>[^/]+)/merge_requests/(?P<iid>\d+)$"), "_update_mr"),
-        ("PUT", re.compile(r"^/api/v4/projects/(?P<pid>[^/]+)/merge_requests/(?P<iid>\d+)/merge$"), "_merge_mr"),
-        ("GET", re.compile(r"^/api/v4/projects/(?P<pid>[^/]+)/merge_requests/(?P<iid>\d+)/notes$"), "_list_notes"),
-        ("POST", re.compile(r"^/api/v4/projects/(?P<pid>[^/]+)/merge_requests/(?P<iid>\d+)/notes$"), "_create_note"),
+        (
+            "PUT",
+            re.compile(r"^/api/v4/projects/(?P<pid>[^/]+)/merge_requests/(?P<iid>\d+)/merge$"),
+            "_merge_mr",
+        ),
+        (
+            "GET",
+            re.compile(r"^/api/v4/projects/(?P<pid>[^/]+)/merge_requests/(?P<iid>\d+)/notes$"),
+            "_list_notes",
+        ),
+        (
+            "POST",
+            re.compile(r"^/api/v4/projects/(?P<pid>[^/]+)/merge_requests/(?P<iid>\d+)/notes$"),
+            "_create_note",
+        ),
     )
 
     async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -168,7 +186,9 @@ class FakeGitlab(ServedFake):
             headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
             message = "Retry later" if fault.status == 429 else "500 Internal Server Error"
             return JSONResponse({"message": message}, status_code=fault.status, headers=headers)
-        token = request.headers.get("private-token") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        token = request.headers.get("private-token") or request.headers.get("authorization", "").removeprefix(
+            "Bearer "
+        )
         if token not in (self.token, self.read_only_token) or not token:
             return _error(401, "401 Unauthorized")
         for method, pattern, handler in self._ROUTES:
@@ -201,19 +221,32 @@ class FakeGitlab(ServedFake):
     # ---- handlers --------------------------------------------------------------------------
 
     def _project_json(self) -> dict[str, Any]:
-        return {"id": self.project_id, "path_with_namespace": self.project, "default_branch": "main",
-                "web_url": f"{self.url}/{self.project}"}
+        return {
+            "id": self.project_id,
+            "path_with_namespace": self.project,
+            "default_branch": "main",
+            "web_url": f"{self.url}/{self.project}",
+        }
 
     def _mr_json(self, mr: FakeMergeRequest) -> dict[str, Any]:
         pending = mr.pending_gets > 0
         return {
-            "id": mr.id, "iid": mr.iid, "project_id": self.project_id, "title": mr.title,
-            "description": mr.description, "state": mr.pending_state if pending else mr.state,
-            "source_branch": mr.source_branch, "target_branch": mr.target_branch, "labels": list(mr.labels),
-            "sha": mr.sha, "merge_commit_sha": None if pending else mr.merge_commit_sha, "squash_commit_sha": None,
+            "id": mr.id,
+            "iid": mr.iid,
+            "project_id": self.project_id,
+            "title": mr.title,
+            "description": mr.description,
+            "state": mr.pending_state if pending else mr.state,
+            "source_branch": mr.source_branch,
+            "target_branch": mr.target_branch,
+            "labels": list(mr.labels),
+            "sha": mr.sha,
+            "merge_commit_sha": None if pending else mr.merge_commit_sha,
+            "squash_commit_sha": None,
             "web_url": f"{self.url}/{self.project}/-/merge_requests/{mr.iid}",
             "references": {"short": f"!{mr.iid}", "full": f"{self.project}!{mr.iid}"},
-            "created_at": mr.created_at, "updated_at": mr.updated_at,
+            "created_at": mr.created_at,
+            "updated_at": mr.updated_at,
         }
 
     def _find(self, iid: str) -> FakeMergeRequest | None:
@@ -247,15 +280,33 @@ class FakeGitlab(ServedFake):
         if gitrepo.branch_head(repo_url=str(self.repo), branch=target) is None:
             return _error(404, f"404 Target branch {target!r} Not Found")
         with self._lock:
-            clash = next((m for m in self.mrs.values() if m.source_branch == source and m.state == "opened"), None)
+            clash = next(
+                (m for m in self.mrs.values() if m.source_branch == source and m.state == "opened"), None
+            )
             if clash is not None:
                 # GitLab's body for this 409 is a list of messages.
-                return JSONResponse({"message": [(f"Another open merge request already exists for this source "
-                                                 f"branch: !{clash.iid}")]}, status_code=409)
+                return JSONResponse(
+                    {
+                        "message": [
+                            (
+                                f"Another open merge request already exists for this source "
+                                f"branch: !{clash.iid}"
+                            )
+                        ]
+                    },
+                    status_code=409,
+                )
             iid = len(self.mrs) + 1
-            mr = FakeMergeRequest(id=1000 + iid, iid=iid, source_branch=source, target_branch=target,
-                                  title=str(body["title"]), description=str(body.get("description") or ""),
-                                  labels=_labels(body.get("labels")), sha=head)
+            mr = FakeMergeRequest(
+                id=1000 + iid,
+                iid=iid,
+                source_branch=source,
+                target_branch=target,
+                title=str(body["title"]),
+                description=str(body.get("description") or ""),
+                labels=_labels(body.get("labels")),
+                sha=head,
+            )
             self.mrs[iid] = mr
         return JSONResponse(self._mr_json(mr), status_code=201)
 
@@ -305,10 +356,16 @@ class FakeGitlab(ServedFake):
             return JSONResponse(self._mr_json(mr))
 
     def _merge(self, mr: FakeMergeRequest, *, message: str | None = None) -> str:
-        default = (f"Merge branch '{mr.source_branch}' into '{mr.target_branch}'\n\n{mr.title}\n\n"
-                   f"See merge request {self.project}!{mr.iid}")
-        sha = gitrepo.merge_branch(repo_url=str(self.repo), source=mr.source_branch, target=mr.target_branch,
-                                   message=message or default)
+        default = (
+            f"Merge branch '{mr.source_branch}' into '{mr.target_branch}'\n\n{mr.title}\n\n"
+            f"See merge request {self.project}!{mr.iid}"
+        )
+        sha = gitrepo.merge_branch(
+            repo_url=str(self.repo),
+            source=mr.source_branch,
+            target=mr.target_branch,
+            message=message or default,
+        )
         with self._lock:
             mr.state, mr.merge_commit_sha, mr.updated_at = "merged", sha, _now()
         return sha
@@ -327,8 +384,13 @@ class FakeGitlab(ServedFake):
         if not body.get("body"):
             return _error(400, "body is missing")
         with self._lock:
-            note = {"id": 5000 + sum(len(m.notes) for m in self.mrs.values()), "body": str(body["body"]),
-                    "system": False, "created_at": _now(), "noteable_iid": mr.iid}
+            note = {
+                "id": 5000 + sum(len(m.notes) for m in self.mrs.values()),
+                "body": str(body["body"]),
+                "system": False,
+                "created_at": _now(),
+                "noteable_iid": mr.iid,
+            }
             mr.notes.append(note)
         return JSONResponse(note, status_code=201)
 
@@ -342,4 +404,3 @@ def _labels(value: object) -> list[str]:
         return []
     items = value if isinstance(value, list) else str(value).split(",")
     return [str(i).strip() for i in items if str(i).strip()]
-

@@ -128,9 +128,19 @@ class FakeSlack:
 
         def record(status: int = 200, error: str = "", ts: str = "") -> None:
             with self._lock:
-                self.calls.append(Call(method, str(params.get("channel", "")), ts or str(params.get("ts", "")),
-                                       str(params.get("thread_ts", "")), str(params.get("text", "")),
-                                       tuple(blocks), error, status, auth))
+                self.calls.append(
+                    Call(
+                        method,
+                        str(params.get("channel", "")),
+                        ts or str(params.get("ts", "")),
+                        str(params.get("thread_ts", "")),
+                        str(params.get("text", "")),
+                        tuple(blocks),
+                        error,
+                        status,
+                        auth,
+                    )
+                )
 
         generation = self._generation
         seconds = self._take(self._delay)
@@ -142,8 +152,11 @@ class FakeSlack:
         retry_after = self._take(self._rate)
         if retry_after is not None:
             record(429, "ratelimited")
-            return JSONResponse({"ok": False, "error": "ratelimited"}, status_code=429,
-                                headers={"Retry-After": f"{retry_after:g}"})
+            return JSONResponse(
+                {"ok": False, "error": "ratelimited"},
+                status_code=429,
+                headers={"Retry-After": f"{retry_after:g}"},
+            )
         status = self._take(self._fail)
         if status is not None:
             record(int(status), "internal_error")
@@ -175,10 +188,13 @@ class FakeSlack:
             return self._error(record, "thread_not_found")
         ts = f"{int(time.time())}.{next(self._ts):06d}"
         with self._lock:
-            self.messages[(channel, ts)] = Message(channel, ts, str(params.get("text", "")), blocks, thread_ts)
+            self.messages[(channel, ts)] = Message(
+                channel, ts, str(params.get("text", "")), blocks, thread_ts
+            )
         record(ts=ts)
-        return JSONResponse({"ok": True, "channel": channel, "ts": ts,
-                             "message": {"text": params.get("text", ""), "ts": ts}})
+        return JSONResponse(
+            {"ok": True, "channel": channel, "ts": ts, "message": {"text": params.get("text", ""), "ts": ts}}
+        )
 
     def _update(self, params: dict[str, Any], blocks: list[dict[str, Any]], record: Any) -> Response:
         channel, ts = str(params.get("channel", "")), str(params.get("ts", ""))
@@ -188,7 +204,11 @@ class FakeSlack:
         if message is None:
             return self._error(record, "message_not_found")
         with self._lock:
-            message.text, message.blocks, message.edits = str(params.get("text", "")), blocks, message.edits + 1
+            message.text, message.blocks, message.edits = (
+                str(params.get("text", "")),
+                blocks,
+                message.edits + 1,
+            )
         record()
         return JSONResponse({"ok": True, "channel": channel, "ts": ts, "text": message.text})
 

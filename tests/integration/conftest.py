@@ -58,6 +58,10 @@ def prefect_harness() -> Iterator[None]:
     Analytics off: the server's telemetry write races its migrations ("database is locked").
     Heartbeats off: they add ~1 s to every flow run (PLATFORM-NOTES).
     """
-    with temporary_settings({PREFECT_SERVER_ANALYTICS_ENABLED: False, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), \
-            prefect_test_harness(server_startup_timeout=120):
+    with (
+        temporary_settings(
+            {PREFECT_SERVER_ANALYTICS_ENABLED: False, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+        ),
+        prefect_test_harness(server_startup_timeout=120),
+    ):
         yield

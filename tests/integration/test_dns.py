@@ -64,7 +64,8 @@ def test_unknown_key_name_is_badkey(bind: tuple[str, Tsig, Path]) -> None:
     server, key, _ = bind
     with pytest.raises(DnsRefused, match="BADKEY.*'someone-else'"):
         Rfc2136(server=server, zone=ZONE, key=Tsig("someone-else", key.algorithm, key.secret)).replace_a(
-            "web", [EKS], ttl=60)
+            "web", [EKS], ttl=60
+        )
 
 
 def test_no_key_is_refused(bind: tuple[str, Tsig, Path]) -> None:
@@ -112,7 +113,9 @@ def test_route53_upsert_replaces_the_set_under_moto() -> None:
 
     # mock_aws serves AWS in-process at the HTTP layer, with fake credentials of its own.
     with moto.mock_aws():
-        boto3.client("route53", region_name="us-east-1").create_hosted_zone(Name=ZONE, CallerReference="twincd-test")
+        boto3.client("route53", region_name="us-east-1").create_hosted_zone(
+            Name=ZONE, CallerReference="twincd-test"
+        )
         port = Route53(zone=ZONE)
         assert port.read_a("web") == frozenset()
         port.replace_a("web", [EKS, AKS], ttl=60)

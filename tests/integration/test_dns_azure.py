@@ -32,21 +32,31 @@ WRONG = "eyJ0eXAiOiJKV1QiLCJhbGciOiJub25lIn0.eyJzdWIiOiJzb21lb25lLWVsc2UifQ.d3Jv
 
 @pytest.fixture
 def fake() -> Iterator[FakeAzureDns]:
-    with FakeAzureDns(token=TOKEN, reader_token=READER, subscription_id=SUB, resource_group=RG,
-                      zones=(ZONE,)) as server:
+    with FakeAzureDns(
+        token=TOKEN, reader_token=READER, subscription_id=SUB, resource_group=RG, zones=(ZONE,)
+    ) as server:
         server.set_record(ZONE, "web", (EKS, AKS), ttl=60)
         yield server
 
 
-def adapter(fake: FakeAzureDns, *, token: str = TOKEN, zone: str = ZONE, resource_group: str = RG,
-            **kwargs: Any) -> AzureDns:
-    return AzureDns(subscription_id=SUB, resource_group=resource_group, zone=zone,
-                    credential=StaticTokenCredential(token), base_url=fake.url, **kwargs)
+def adapter(
+    fake: FakeAzureDns, *, token: str = TOKEN, zone: str = ZONE, resource_group: str = RG, **kwargs: Any
+) -> AzureDns:
+    return AzureDns(
+        subscription_id=SUB,
+        resource_group=resource_group,
+        zone=zone,
+        credential=StaticTokenCredential(token),
+        base_url=fake.url,
+        **kwargs,
+    )
 
 
 def assert_no_secret(error: BaseException, *secrets: str) -> None:
     """Neither the message, the repr, a printed traceback nor a pickle (a Prefect state) holds a token."""
-    assert error.__cause__ is None and error.__context__ is None  # the SDK error holds the Authorization header
+    assert (
+        error.__cause__ is None and error.__context__ is None
+    )  # the SDK error holds the Authorization header
     texts = [str(error), repr(error), "".join(traceback.format_exception(error))]
     blob = pickle.dumps(error)
     for secret in secrets:
@@ -96,10 +106,14 @@ def test_one_put_replaces_the_whole_set_guarded_by_the_etag_just_read(fake: Fake
     assert created.if_none_match == "*" and created.if_match is None and created.status == 201
 
 
-def test_a_concurrent_change_between_read_and_write_is_transient_and_not_overwritten(fake: FakeAzureDns) -> None:
+def test_a_concurrent_change_between_read_and_write_is_transient_and_not_overwritten(
+    fake: FakeAzureDns,
+) -> None:
     port = adapter(fake)
     fake.change_before_next_put((OTHER,))
-    with pytest.raises(DnsUnavailable, match="someone changed the record set between twincd's read and its write"):
+    with pytest.raises(
+        DnsUnavailable, match="someone changed the record set between twincd's read and its write"
+    ):
         port.replace_a("web", [AKS], ttl=60)
     assert fake.calls("PUT")[-1].status == 412
     assert port.read_a("web") == {OTHER}  # the other writer's change stands
@@ -112,7 +126,9 @@ def test_a_concurrent_change_between_read_and_write_is_transient_and_not_overwri
         port.replace_a("fresh", [AKS], ttl=60)
 
 
-def test_a_token_azure_rejects_is_refused_naming_the_role_and_never_showing_the_token(fake: FakeAzureDns) -> None:
+def test_a_token_azure_rejects_is_refused_naming_the_role_and_never_showing_the_token(
+    fake: FakeAzureDns,
+) -> None:
     fake.echo_tokens = True  # a badly behaved endpoint quotes the token back
     with pytest.raises(DnsRefused) as e:
         adapter(fake, token=WRONG).replace_a("web", [AKS], ttl=60)
@@ -126,8 +142,11 @@ def test_a_token_azure_rejects_is_refused_naming_the_role_and_never_showing_the_
 def test_an_identity_without_write_permission_gets_403_naming_the_role(fake: FakeAzureDns) -> None:
     port = adapter(fake, token=READER)
     assert port.read_a("web") == {EKS, AKS}
-    with pytest.raises(DnsRefused, match=r"403 AuthorizationFailed: .*grant it: the identity needs the "
-                                         r"'DNS Zone Contributor' role on zone example.test in resource group rg-dns") as e:
+    with pytest.raises(
+        DnsRefused,
+        match=r"403 AuthorizationFailed: .*grant it: the identity needs the "
+        r"'DNS Zone Contributor' role on zone example.test in resource group rg-dns",
+    ) as e:
         port.replace_a("web", [AKS], ttl=60)
     assert_no_secret(e.value, READER)
     assert fake.record(ZONE, "web").ips == (EKS, AKS)  # type: ignore[union-attr]
@@ -137,12 +156,18 @@ class _NoLogin:
     """A TokenCredential that cannot get a token, as DefaultAzureCredential on a machine without login."""
 
     def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
-        raise ClientAuthenticationError("DefaultAzureCredential failed to retrieve a token (client secret s3cr3t)")
+        raise ClientAuthenticationError(
+            "DefaultAzureCredential failed to retrieve a token (client secret s3cr3t)"
+        )
 
 
 def test_no_credential_available_is_refused_without_its_text(fake: FakeAzureDns) -> None:
-    port = AzureDns(subscription_id=SUB, resource_group=RG, zone=ZONE, credential=_NoLogin(), base_url=fake.url)
-    with pytest.raises(DnsRefused, match="no Azure token .ClientAuthenticationError.; sign in with `az login`") as e:
+    port = AzureDns(
+        subscription_id=SUB, resource_group=RG, zone=ZONE, credential=_NoLogin(), base_url=fake.url
+    )
+    with pytest.raises(
+        DnsRefused, match="no Azure token .ClientAuthenticationError.; sign in with `az login`"
+    ) as e:
         port.read_a("web")
     assert "DNS Zone Contributor" in str(e.value)
     assert_no_secret(e.value, "s3cr3t")
@@ -150,7 +175,9 @@ def test_no_credential_available_is_refused_without_its_text(fake: FakeAzureDns)
 
 
 def test_unknown_zone_or_group_is_a_config_error(fake: FakeAzureDns) -> None:
-    with pytest.raises(DnsConfigError, match="404 ParentResourceNotFound: .*Parent resource 'other.test' not found"):
+    with pytest.raises(
+        DnsConfigError, match="404 ParentResourceNotFound: .*Parent resource 'other.test' not found"
+    ):
         adapter(fake, zone="other.test").read_a("web")
     with pytest.raises(DnsConfigError, match="ParentResourceNotFound"):
         adapter(fake, zone="other.test").replace_a("web", [EKS], ttl=60)
@@ -168,8 +195,13 @@ def test_bad_input_is_refused_before_sending(fake: FakeAzureDns) -> None:
     with pytest.raises(DnsConfigError, match="not a record name"):
         port.read_a("web/../../other")
     with pytest.raises(DnsConfigError, match="must be https"):
-        AzureDns(subscription_id=SUB, resource_group=RG, zone=ZONE, credential=StaticTokenCredential(TOKEN),
-                 base_url="http://management.example.test")
+        AzureDns(
+            subscription_id=SUB,
+            resource_group=RG,
+            zone=ZONE,
+            credential=StaticTokenCredential(TOKEN),
+            base_url="http://management.example.test",
+        )
     assert fake.calls() == []
 
 
@@ -185,7 +217,9 @@ def test_a_500_is_retried_by_the_sdk_and_a_lasting_one_is_transient(fake: FakeAz
     assert fake.record(ZONE, "web").ips == (AKS,)  # type: ignore[union-attr]
 
 
-def test_429_waits_for_retry_after_then_succeeds_and_lasting_throttling_is_transient(fake: FakeAzureDns) -> None:
+def test_429_waits_for_retry_after_then_succeeds_and_lasting_throttling_is_transient(
+    fake: FakeAzureDns,
+) -> None:
     fake.fail_next(429, 1, retry_after="1")
     t0 = time.monotonic()
     assert adapter(fake).read_a("web") == {EKS, AKS}
@@ -196,8 +230,15 @@ def test_429_waits_for_retry_after_then_succeeds_and_lasting_throttling_is_trans
 
 
 def test_endpoint_down_is_transient() -> None:
-    port = AzureDns(subscription_id=SUB, resource_group=RG, zone=ZONE, credential=StaticTokenCredential(TOKEN),
-                    base_url=f"http://127.0.0.1:{free_port()}", retries=0, timeout=1)
+    port = AzureDns(
+        subscription_id=SUB,
+        resource_group=RG,
+        zone=ZONE,
+        credential=StaticTokenCredential(TOKEN),
+        base_url=f"http://127.0.0.1:{free_port()}",
+        retries=0,
+        timeout=1,
+    )
     with pytest.raises(DnsUnavailable, match="ServiceRequestError .the ARM endpoint did not answer.") as e:
         port.read_a("web")
     assert_no_secret(e.value, TOKEN)
@@ -207,8 +248,14 @@ def test_environment_file_selects_the_azure_adapter(fake: FakeAzureDns, tmp_path
     from tasks.failover import dns_port
 
     raw = yaml.safe_load(DEFAULT_ENV.read_text())
-    raw["dns"] = {"type": "azure", "subscription_id": SUB, "resource_group": RG, "zone": ZONE, "record": "web",
-                  "base_url": fake.url}
+    raw["dns"] = {
+        "type": "azure",
+        "subscription_id": SUB,
+        "resource_group": RG,
+        "zone": ZONE,
+        "record": "web",
+        "base_url": fake.url,
+    }
     (tmp_path / "azure.yaml").write_text(yaml.safe_dump(raw))
     env = load_environment(tmp_path / "azure.yaml")
     assert isinstance(env.dns, DnsAzure) and env.dns.ttl == 60

@@ -89,22 +89,39 @@ spec:
 
 
 def manifests_files(digest: str) -> dict[str, str]:
-    files = {"base/web/kustomization.yaml": yaml.safe_dump({"resources": [
-        "namespaces.yaml", *(f"{w}-{k}.yaml" for w in ("web", "worker") for k in ("deploy", "svc", "cm", "sealed"))]})}
+    files = {
+        "base/web/kustomization.yaml": yaml.safe_dump(
+            {
+                "resources": [
+                    "namespaces.yaml",
+                    *(f"{w}-{k}.yaml" for w in ("web", "worker") for k in ("deploy", "svc", "cm", "sealed")),
+                ]
+            }
+        )
+    }
     files["base/web/namespaces.yaml"] = "---\n".join(
-        f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n" for ns in NAMESPACES)
+        f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n" for ns in NAMESPACES
+    )
     for name, ns in (("web", "web"), ("worker", "web-batch")):
         for suffix, text in (("deploy", DEPLOYMENT), ("svc", SERVICE), ("cm", CONFIGMAP), ("sealed", SEALED)):
             files[f"base/web/{name}-{suffix}.yaml"] = text.format(name=name, ns=ns)
     for cluster in CLUSTERS:
         files[f"overlays/{cluster}/web/kustomization.yaml"] = yaml.safe_dump(
-            {"resources": ["../../../base/web"], "images": [{"name": "web", "newName": IMAGE, "digest": digest}]})
+            {
+                "resources": ["../../../base/web"],
+                "images": [{"name": "web", "newName": IMAGE, "digest": digest}],
+            }
+        )
     return files
 
 
 def git(*args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.test", *args], check=True,
-                          capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.test", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +147,15 @@ def rendered(manifests: Path, cluster: str) -> list[dict[str, Any]]:
 # --- the API, through the official client ---------------------------------------------------------
 
 
-def call(api: k8s.ApiClient, method: str, path: str, body: Any = None,
-         content_type: str = "application/json") -> dict[str, Any]:
-    request = api.param_serialize(method=method, resource_path=path, body=body,
-                                  header_params={"Content-Type": content_type, "Accept": "application/json"})
+def call(
+    api: k8s.ApiClient, method: str, path: str, body: Any = None, content_type: str = "application/json"
+) -> dict[str, Any]:
+    request = api.param_serialize(
+        method=method,
+        resource_path=path,
+        body=body,
+        header_params={"Content-Type": content_type, "Accept": "application/json"},
+    )
     response = api.call_api(*request)
     data = response.read()
     assert 200 <= response.status < 300, data
@@ -153,9 +175,12 @@ def path_of(obj: dict[str, Any], *, name: bool = False) -> str:
 def served(obj: dict[str, Any]) -> dict[str, Any]:
     """What a real API server (and Argo CD) would make of ``obj``: the noise that must stay silent."""
     live = copy.deepcopy(obj)
-    live["metadata"].setdefault("annotations", {}).update({
-        "kubectl.kubernetes.io/last-applied-configuration": json.dumps(obj),
-        "argocd.argoproj.io/tracking-id": "web-x:apps/Deployment:web/web"})
+    live["metadata"].setdefault("annotations", {}).update(
+        {
+            "kubectl.kubernetes.io/last-applied-configuration": json.dumps(obj),
+            "argocd.argoproj.io/tracking-id": "web-x:apps/Deployment:web/web",
+        }
+    )
     if obj["kind"] == "Deployment":
         spec = live["spec"]
         spec.update(revisionHistoryLimit=10, progressDeadlineSeconds=600)
@@ -165,12 +190,15 @@ def served(obj: dict[str, Any]) -> dict[str, Any]:
         c.update(imagePullPolicy="IfNotPresent", terminationMessagePath="/dev/termination-log")
         c["ports"][0]["protocol"] = "TCP"
         c["env"] = list(reversed(c["env"]))
-        c["resources"] = {"limits": {"cpu": "1000m", "memory": "1024Mi"},
-                          "requests": {"cpu": "0.5", "memory": "268435456"}}
+        c["resources"] = {
+            "limits": {"cpu": "1000m", "memory": "1024Mi"},
+            "requests": {"cpu": "0.5", "memory": "268435456"},
+        }
     elif obj["kind"] == "Service":
         live["spec"].update(type="ClusterIP", sessionAffinity="None", clusterIP="10.96.0.10")
-        live["spec"]["ports"] = [{**p, "protocol": "TCP", "targetPort": str(p["targetPort"])}
-                                 for p in live["spec"]["ports"]]
+        live["spec"]["ports"] = [
+            {**p, "protocol": "TCP", "targetPort": str(p["targetPort"])} for p in live["spec"]["ports"]
+        ]
     elif obj["kind"] == "Namespace":
         live["metadata"]["labels"] = {"kubernetes.io/metadata.name": obj["metadata"]["name"]}
     return live
@@ -182,9 +210,13 @@ def apply_served(api: k8s.ApiClient, desired: list[dict[str, Any]]) -> None:
             continue
         call(api, "POST", path_of(obj), served(obj))
         if obj["kind"] == "Deployment":  # status through /status, as the controller writes it
-            call(api, "PATCH", path_of(obj, name=True) + "/status",
-                 {"status": {"replicas": 2, "readyReplicas": 2, "observedGeneration": 1}},
-                 "application/merge-patch+json")
+            call(
+                api,
+                "PATCH",
+                path_of(obj, name=True) + "/status",
+                {"status": {"replicas": 2, "readyReplicas": 2, "observedGeneration": 1}},
+                "application/merge-patch+json",
+            )
 
 
 def json_patch(api: k8s.ApiClient, obj_path: str, *ops: dict[str, Any]) -> None:
@@ -207,13 +239,32 @@ def clusters(tmp_path: Path, manifests: Path) -> Iterator[dict[str, tuple[Runnin
 
 
 def write_env(tmp_path: Path, manifests: Path) -> Environment:
-    clusters = {n: {"cloud": c, "context": f"sandbox-{n}", "kubeconfig": str(tmp_path / "kubeconfig"),
-                    "overlay": f"overlays/{n}", "sync": "apply"} for n, c in zip(CLUSTERS, ("aws", "azure"), strict=True)}
-    env = {"state_dir": str(tmp_path / "state"), "manifests": {"repo": str(manifests), "branch": "main"},
-           "forge": {"type": "local"}, "notifier": {"type": "console"},
-           "registries": {"local": {"url": "registry.example"}}, "clusters": clusters,
-           "apps": {"web": {"repo": str(tmp_path / "web.git"), "image": "web", "registries": ["local"],
-                            "workload": {"kind": "Deployment", "namespace": "web", "name": "web"}}}}
+    clusters = {
+        n: {
+            "cloud": c,
+            "context": f"sandbox-{n}",
+            "kubeconfig": str(tmp_path / "kubeconfig"),
+            "overlay": f"overlays/{n}",
+            "sync": "apply",
+        }
+        for n, c in zip(CLUSTERS, ("aws", "azure"), strict=True)
+    }
+    env = {
+        "state_dir": str(tmp_path / "state"),
+        "manifests": {"repo": str(manifests), "branch": "main"},
+        "forge": {"type": "local"},
+        "notifier": {"type": "console"},
+        "registries": {"local": {"url": "registry.example"}},
+        "clusters": clusters,
+        "apps": {
+            "web": {
+                "repo": str(tmp_path / "web.git"),
+                "image": "web",
+                "registries": ["local"],
+                "workload": {"kind": "Deployment", "namespace": "web", "name": "web"},
+            }
+        },
+    }
     path = tmp_path / "env.yaml"
     path.write_text(yaml.safe_dump(env))
     return load_environment(path)
@@ -223,11 +274,14 @@ def check(env: Environment, manifests: Path) -> tuple[set[DriftItem], dict[str, 
     """The drift check without Prefect: adapters and pure functions, as the tasks compose them."""
     checks = []
     for name in CLUSTERS:
-        read = read_cluster(ClusterRef(name, f"sandbox-{name}", str(env.path(env.clusters[name].kubeconfig or ""))),
-                            desired={"web": rendered(manifests, name)})
+        read = read_cluster(
+            ClusterRef(name, f"sandbox-{name}", str(env.path(env.clusters[name].kubeconfig or ""))),
+            desired={"web": rendered(manifests, name)},
+        )
         checks.append(compare_cluster(env, name, read))
-    items = {i for c in checks for i in c.items} | set(find_skew([w for c in checks for w in c.workloads],
-                                                                 serving=set(CLUSTERS)))
+    items = {i for c in checks for i in c.items} | set(
+        find_skew([w for c in checks for w in c.workloads], serving=set(CLUSTERS))
+    )
     return items, {c.cluster: (c.lists, c.calls, c.objects) for c in checks}
 
 
@@ -235,14 +289,19 @@ def check(env: Environment, manifests: Path) -> tuple[set[DriftItem], dict[str, 
 
 
 def test_noise_gives_no_findings_and_one_list_per_kind_and_namespace(
-        clusters: dict[str, Any], manifests: Path, tmp_path: Path) -> None:
+    clusters: dict[str, Any], manifests: Path, tmp_path: Path
+) -> None:
     env = write_env(tmp_path, manifests)
     # Noise that piles up on a live cluster: more objects of the same kinds that are not the app's.
     for name in CLUSTERS:
         api = clusters[name][1]
         for i in range(30):
-            call(api, "POST", "/api/v1/namespaces/web/configmaps",
-                 {"metadata": {"name": f"other-{i}", "labels": {"app.kubernetes.io/name": "other"}}})
+            call(
+                api,
+                "POST",
+                "/api/v1/namespaces/web/configmaps",
+                {"metadata": {"name": f"other-{i}", "labels": {"app.kubernetes.io/name": "other"}}},
+            )
     items, counts = check(env, manifests)
     assert items == set()
     lists = len(KINDS) * len(NAMESPACES) + 1  # + Namespaces, cluster-scoped: one list
@@ -254,38 +313,77 @@ def test_noise_gives_no_findings_and_one_list_per_kind_and_namespace(
 
 
 def test_injected_drift_gives_exactly_these_findings(
-        clusters: dict[str, Any], manifests: Path, tmp_path: Path) -> None:
+    clusters: dict[str, Any], manifests: Path, tmp_path: Path
+) -> None:
     env = write_env(tmp_path, manifests)
     eks, aks = clusters["eks"][1], clusters["aks"][1]
     deploy = "/apis/apps/v1/namespaces/web/deployments/web"
     # eks: on an older digest; aks: scaled by hand, its Service deleted, and a debug pod-runner added.
-    json_patch(eks, deploy, {"op": "replace", "path": "/spec/template/spec/containers/0/image",
-                             "value": f"{IMAGE}@{OLD}"})
+    json_patch(
+        eks,
+        deploy,
+        {"op": "replace", "path": "/spec/template/spec/containers/0/image", "value": f"{IMAGE}@{OLD}"},
+    )
     json_patch(aks, deploy, {"op": "replace", "path": "/spec/replicas", "value": 5})
     call(aks, "DELETE", "/api/v1/namespaces/web/services/web")
-    call(aks, "POST", "/apis/apps/v1/namespaces/web/deployments", {
-        "metadata": {"name": "web-debug", "labels": {"app.kubernetes.io/name": "web"}},
-        "spec": {"selector": {"matchLabels": {"x": "y"}}, "template": {"spec": {"containers": []}}}})
+    call(
+        aks,
+        "POST",
+        "/apis/apps/v1/namespaces/web/deployments",
+        {
+            "metadata": {"name": "web-debug", "labels": {"app.kubernetes.io/name": "web"}},
+            "spec": {"selector": {"matchLabels": {"x": "y"}}, "template": {"spec": {"containers": []}}},
+        },
+    )
     items, _ = check(env, manifests)
     container = "spec.template.spec.containers[name=web].image"
     assert items == {
-        DriftItem("web", "eks", "Deployment", "web", "web", Drift.MODIFIED, container, f"{IMAGE}@{NEW}",
-                  f"{IMAGE}@{OLD}"),
+        DriftItem(
+            "web",
+            "eks",
+            "Deployment",
+            "web",
+            "web",
+            Drift.MODIFIED,
+            container,
+            f"{IMAGE}@{NEW}",
+            f"{IMAGE}@{OLD}",
+        ),
         DriftItem("web", "aks", "Deployment", "web", "web", Drift.MODIFIED, "spec.replicas", "2", "5"),
         DriftItem("web", "aks", "Service", "web", "web", Drift.MISSING),
         DriftItem("web", "aks", "Deployment", "web", "web-debug", Drift.UNEXPECTED),
-        DriftItem("web", "aks,eks", "Deployment", "web", "web", Drift.SKEW, container,
-                  "the same digest on every cluster", f"aks={NEW}; eks={OLD}"),
-        DriftItem("web", "aks,eks", "Deployment", "web", "web", Drift.SKEW, "spec.replicas",
-                  "the same replicas on every serving cluster", "aks=5; eks=2"),
+        DriftItem(
+            "web",
+            "aks,eks",
+            "Deployment",
+            "web",
+            "web",
+            Drift.SKEW,
+            container,
+            "the same digest on every cluster",
+            f"aks={NEW}; eks={OLD}",
+        ),
+        DriftItem(
+            "web",
+            "aks,eks",
+            "Deployment",
+            "web",
+            "web",
+            Drift.SKEW,
+            "spec.replicas",
+            "the same replicas on every serving cluster",
+            "aks=5; eks=2",
+        ),
     }
 
 
 def test_unreachable_cluster_is_a_transient_error_naming_it(manifests: Path, tmp_path: Path) -> None:
     write_kubeconfig(tmp_path / "kubeconfig", {"sandbox-eks": f"http://127.0.0.1:{free_port()}"})
     with pytest.raises(ClusterError, match="^cluster eks: .*: API server unreachable"):
-        read_cluster(ClusterRef("eks", "sandbox-eks", str(tmp_path / "kubeconfig")),
-                     desired={"web": rendered(manifests, "eks")})
+        read_cluster(
+            ClusterRef("eks", "sandbox-eks", str(tmp_path / "kubeconfig")),
+            desired={"web": rendered(manifests, "eks")},
+        )
 
 
 @pytest.fixture
@@ -302,25 +400,33 @@ def plain_http_server() -> Iterator[int]:
         thread.join()
 
 
-@pytest.mark.parametrize("retries", [0, False])  # False: urllib3 raises SSLError, the client's ApiException(0)
-def test_tls_failure_is_a_cluster_error_not_an_sdk_error(plain_http_server: int, tmp_path: Path,
-                                                          retries: int | bool) -> None:
+@pytest.mark.parametrize(
+    "retries", [0, False]
+)  # False: urllib3 raises SSLError, the client's ApiException(0)
+def test_tls_failure_is_a_cluster_error_not_an_sdk_error(
+    plain_http_server: int, tmp_path: Path, retries: int | bool
+) -> None:
     url = f"https://127.0.0.1:{plain_http_server}"
     cfg = k8s.Configuration(host=url)
     cfg.retries = retries
     with k8s.ApiClient(cfg) as api, LiveReader(ClusterRef("eks", "sandbox-eks"), api=api) as reader:
-        with pytest.raises(ClusterError, match="^cluster eks: discover bitnami.com/v1alpha1: API server unreachable"):
+        with pytest.raises(
+            ClusterError, match="^cluster eks: discover bitnami.com/v1alpha1: API server unreachable"
+        ):
             reader.kind("bitnami.com/v1alpha1", "SealedSecret")
         with pytest.raises(ClusterError, match="^cluster eks: list ConfigMap in web: API server unreachable"):
             reader.list(ListScope("v1", "ConfigMap", "web", ""))
 
 
-def test_tls_url_of_a_kubeconfig_served_by_plain_http_is_a_cluster_error(plain_http_server: int, manifests: Path,
-                                                                         tmp_path: Path) -> None:
+def test_tls_url_of_a_kubeconfig_served_by_plain_http_is_a_cluster_error(
+    plain_http_server: int, manifests: Path, tmp_path: Path
+) -> None:
     write_kubeconfig(tmp_path / "kubeconfig", {"sandbox-eks": f"https://127.0.0.1:{plain_http_server}"})
     with pytest.raises(ClusterError, match="^cluster eks: .*: API server unreachable"):
-        read_cluster(ClusterRef("eks", "sandbox-eks", str(tmp_path / "kubeconfig")),
-                     desired={"web": rendered(manifests, "eks")})
+        read_cluster(
+            ClusterRef("eks", "sandbox-eks", str(tmp_path / "kubeconfig")),
+            desired={"web": rendered(manifests, "eks")},
+        )
 
 
 # --- the flow ---------------------------------------------------------------------------------------
@@ -333,13 +439,15 @@ def run(env: Environment, **kwargs: Any) -> tuple[Any, DriftReport | None]:
 
 def task_states(flow_state: Any) -> dict[str, str]:
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
+        )
     return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs if r.state is not None}
 
 
 def test_flow_notifies_on_change_only_and_reports_what_cleared(
-        prefect_harness: None, clusters: dict[str, Any], manifests: Path, tmp_path: Path) -> None:
+    prefect_harness: None, clusters: dict[str, Any], manifests: Path, tmp_path: Path
+) -> None:
     env = write_env(tmp_path, manifests)
     eks = clusters["eks"][1]
     deploy = "/apis/apps/v1/namespaces/web/deployments/web"
@@ -366,7 +474,11 @@ def test_flow_notifies_on_change_only_and_reports_what_cleared(
     assert state.message == f"no drift at {repaired.revision[:12]}"
 
     changes = Artifact.get(f"drift-changes-{state_slug(env)}")
-    assert changes is not None and "## Appeared (0)" in str(changes.data) and "## Cleared (2)" in str(changes.data)
+    assert (
+        changes is not None
+        and "## Appeared (0)" in str(changes.data)
+        and "## Cleared (2)" in str(changes.data)
+    )
     assert Artifact.get(f"drift-findings-{state_slug(env)}") is not None
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(state.state_details.flow_run_id)

@@ -17,8 +17,13 @@ OVERLAY = "overlays/eks/hello/kustomization.yaml"
 
 
 def run_git(*args: str, cwd: Path | None = None) -> str:
-    return subprocess.run(["git", "-c", "user.name=dev", "-c", "user.email=dev@example.test", *args], cwd=cwd,
-                          check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-c", "user.name=dev", "-c", "user.email=dev@example.test", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 @pytest.fixture
@@ -30,11 +35,13 @@ def manifests(tmp_path: Path) -> str:
 
 def append_line(line: str) -> gitrepo.Edit:
     """An edit that appends ``line`` to the eks overlay unless it is already there."""
+
     def edit(work: Path) -> tuple[dict[str, str], tuple[ImageChange, ...]]:
         text = (work / OVERLAY).read_text()
         if line in text:
             return {}, ()
         return {OVERLAY: text + line + "\n"}, (ImageChange(OVERLAY, "hello", "", line),)
+
     return edit
 
 
@@ -43,12 +50,14 @@ def refs(bare: str) -> str:
 
 
 def test_release_branch_is_written_once(manifests: str) -> None:
-    first = gitrepo.write_release_branch(repo_url=manifests, target="main", branch="twincd/hello/v1",
-                                         edit=append_line("# v1"), message="v1")
+    first = gitrepo.write_release_branch(
+        repo_url=manifests, target="main", branch="twincd/hello/v1", edit=append_line("# v1"), message="v1"
+    )
     assert first.committed and "+# v1" in first.diff
     before = refs(manifests)
-    again = gitrepo.write_release_branch(repo_url=manifests, target="main", branch="twincd/hello/v1",
-                                         edit=append_line("# v1"), message="v1")
+    again = gitrepo.write_release_branch(
+        repo_url=manifests, target="main", branch="twincd/hello/v1", edit=append_line("# v1"), message="v1"
+    )
     assert not again.committed and again.head == first.head and again.diff == first.diff
     assert refs(manifests) == before  # no second commit, no second branch
 
@@ -67,8 +76,9 @@ def test_push_rejected_once_is_redone_on_the_new_remote_state(manifests: str, tm
         files = {"README.md": (work / "README.md").read_text() + "ours\n"}
         return files, (ImageChange("README.md", "x", "", "ours"),)
 
-    merged = gitrepo.write_release_branch(repo_url=manifests, target="main", branch="main", edit=racing_edit,
-                                          message="ours")
+    merged = gitrepo.write_release_branch(
+        repo_url=manifests, target="main", branch="main", edit=racing_edit, message="ours"
+    )
     assert len(calls) == 2  # rejected once, redone from the new head
     assert run_git("-C", manifests, "show", "main:README.md") == "changed by someone else\nours"
     assert merged.head == run_git("-C", manifests, "rev-parse", "main")
@@ -76,12 +86,14 @@ def test_push_rejected_once_is_redone_on_the_new_remote_state(manifests: str, tm
 
 def test_merge_is_idempotent_and_revert_restores(manifests: str) -> None:
     base = run_git("-C", manifests, "rev-parse", "main")
-    gitrepo.write_release_branch(repo_url=manifests, target="main", branch="rel", edit=append_line("# rel"),
-                                 message="rel")
+    gitrepo.write_release_branch(
+        repo_url=manifests, target="main", branch="rel", edit=append_line("# rel"), message="rel"
+    )
     merge = gitrepo.merge_branch(repo_url=manifests, source="rel", target="main", message="merge rel")
     assert gitrepo.merge_branch(repo_url=manifests, source="rel", target="main", message="merge rel") == merge
-    revert = gitrepo.write_revert_branch(repo_url=manifests, target="main", branch="rel-revert",
-                                         merge_commits=[merge])
+    revert = gitrepo.write_revert_branch(
+        repo_url=manifests, target="main", branch="rel-revert", merge_commits=[merge]
+    )
     assert revert.committed and "-# rel" in revert.diff
     gitrepo.merge_branch(repo_url=manifests, source="rel-revert", target="main", message="revert rel")
     assert run_git("-C", manifests, "diff", base, "main", "--", OVERLAY) == ""
@@ -90,11 +102,15 @@ def test_merge_is_idempotent_and_revert_restores(manifests: str) -> None:
 def test_tag_commit_and_missing_refs(tmp_path: Path, manifests: str) -> None:
     app = tmp_path / "hello.git"
     seed_app(app, tag="v1.0.0")
-    assert gitrepo.tag_commit(repo_url=str(app), tag="v1.0.0") == run_git("-C", str(app), "rev-parse", "v1.0.0^{}")
+    assert gitrepo.tag_commit(repo_url=str(app), tag="v1.0.0") == run_git(
+        "-C", str(app), "rev-parse", "v1.0.0^{}"
+    )
     with pytest.raises(gitrepo.GitRefNotFound, match="tag 'v9' does not exist"):
         gitrepo.tag_commit(repo_url=str(app), tag="v9")
     with pytest.raises(gitrepo.GitRefNotFound, match="target branch 'nope'"):
-        gitrepo.write_release_branch(repo_url=manifests, target="nope", branch="b", edit=append_line("x"), message="x")
+        gitrepo.write_release_branch(
+            repo_url=manifests, target="nope", branch="b", edit=append_line("x"), message="x"
+        )
 
 
 def test_credentials_in_a_repo_url_never_reach_a_message() -> None:
@@ -107,11 +123,14 @@ def test_credentials_in_a_repo_url_never_reach_a_message() -> None:
 
 def test_local_forge_reuses_merges_and_refuses(manifests: str, tmp_path: Path) -> None:
     forge = LocalForge(repo_url=manifests, records_dir=tmp_path / "forge")
-    gitrepo.write_release_branch(repo_url=manifests, target="main", branch="twincd/hello/v2",
-                                 edit=append_line("# v2"), message="v2")
+    gitrepo.write_release_branch(
+        repo_url=manifests, target="main", branch="twincd/hello/v2", edit=append_line("# v2"), message="v2"
+    )
     mr = forge.open(source_branch="twincd/hello/v2", target_branch="main", title="v2", description="d")
     assert mr.state == "opened" and not mr.reused
-    assert forge.open(source_branch="twincd/hello/v2", target_branch="main", title="v2", description="d").reused
+    assert forge.open(
+        source_branch="twincd/hello/v2", target_branch="main", title="v2", description="d"
+    ).reused
     merged = forge.merge(mr, approved_by="alice")
     assert merged.state == "merged" and merged.merge_commit == run_git("-C", manifests, "rev-parse", "main")
     assert "Approved-by: alice" in run_git("-C", manifests, "log", "-1", "--format=%B", "main")
@@ -135,8 +154,13 @@ def test_a_release_branch_follows_main_and_comes_back_after_a_revert(manifests: 
     forge = LocalForge(repo_url=manifests, records_dir=tmp_path / "forge")
 
     def write() -> gitrepo.ReleaseBranch:
-        return gitrepo.write_release_branch(repo_url=manifests, target="main", branch="twincd/hello/v3",
-                                            edit=append_line("# v3"), message="v3")
+        return gitrepo.write_release_branch(
+            repo_url=manifests,
+            target="main",
+            branch="twincd/hello/v3",
+            edit=append_line("# v3"),
+            message="v3",
+        )
 
     first = write()
     mr = forge.open(source_branch="twincd/hello/v3", target_branch="main", title="v3", description="d")
@@ -150,8 +174,12 @@ def test_a_release_branch_follows_main_and_comes_back_after_a_revert(manifests: 
     merged = forge.merge(followed, approved_by="alice")
     assert write().diff == ""  # main holds the release now: nothing to do
     # the release is reverted; deploying it again must make a new commit and a new MR
-    revert = gitrepo.write_revert_branch(repo_url=manifests, target="main", branch="twincd/hello/v3-revert",
-                                         merge_commits=[str(merged.merge_commit)])
+    revert = gitrepo.write_revert_branch(
+        repo_url=manifests,
+        target="main",
+        branch="twincd/hello/v3-revert",
+        merge_commits=[str(merged.merge_commit)],
+    )
     gitrepo.merge_branch(repo_url=manifests, source=revert.branch, target="main", message="revert")
     again = write()
     assert again.committed and "+# v3" in again.diff
@@ -169,8 +197,9 @@ def test_contains_checker_sees_later_commits(manifests: str, tmp_path: Path) -> 
 
 
 def test_merged_into_finds_the_merge_commit_or_none(manifests: str) -> None:
-    gitrepo.write_release_branch(repo_url=manifests, target="main", branch="switch", edit=append_line("# s"),
-                                 message="s")
+    gitrepo.write_release_branch(
+        repo_url=manifests, target="main", branch="switch", edit=append_line("# s"), message="s"
+    )
     assert gitrepo.merged_into(repo_url=manifests, source="switch", target="main") is None
     merge = gitrepo.merge_branch(repo_url=manifests, source="switch", target="main", message="merge switch")
     assert gitrepo.merged_into(repo_url=manifests, source="switch", target="main") == merge

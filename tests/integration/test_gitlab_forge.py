@@ -38,8 +38,13 @@ BRANCH = "twincd/hello/v1.0.0"
 
 
 def _git(*args: str, cwd: Path | None = None) -> str:
-    return subprocess.run(["git", "-c", "user.name=dev", "-c", "user.email=dev@example.test", *args], cwd=cwd,
-                          check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-c", "user.name=dev", "-c", "user.email=dev@example.test", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 @pytest.fixture
@@ -65,14 +70,26 @@ def fake(bare: Path) -> Iterator[FakeGitlab]:
         yield server
 
 
-def forge(fake: FakeGitlab, *, token: str = TOKEN, project: str = PROJECT, max_retries: int = 5) -> GitlabForge:
-    return GitlabForge(url=fake.url, project=project, token=Secret(token), labels=("twincd", "release"),
-                       timeout=5, max_retries=max_retries)
+def forge(
+    fake: FakeGitlab, *, token: str = TOKEN, project: str = PROJECT, max_retries: int = 5
+) -> GitlabForge:
+    return GitlabForge(
+        url=fake.url,
+        project=project,
+        token=Secret(token),
+        labels=("twincd", "release"),
+        timeout=5,
+        max_retries=max_retries,
+    )
 
 
 def open_release(f: GitlabForge) -> MergeRequest:
-    return f.open(source_branch=BRANCH, target_branch="main", title="hello: release v1.0.0",
-                  description="Pin hello to sha256:aaaa in overlays/eks/hello.")
+    return f.open(
+        source_branch=BRANCH,
+        target_branch="main",
+        title="hello: release v1.0.0",
+        description="Pin hello to sha256:aaaa in overlays/eks/hello.",
+    )
 
 
 def assert_no_token(*texts: str) -> None:
@@ -81,9 +98,18 @@ def assert_no_token(*texts: str) -> None:
 
 
 def failing_report() -> ValidationReport:
-    return ValidationReport(("overlays/eks/hello",), 3, (
-        Finding("overlays/eks/hello", "Deployment/hello/hello", "replicas: 'two' is not of type 'integer'",
-                path="spec.replicas"),))
+    return ValidationReport(
+        ("overlays/eks/hello",),
+        3,
+        (
+            Finding(
+                "overlays/eks/hello",
+                "Deployment/hello/hello",
+                "replicas: 'two' is not of type 'integer'",
+                path="spec.replicas",
+            ),
+        ),
+    )
 
 
 # ---- merge requests ---------------------------------------------------------------------------
@@ -92,12 +118,20 @@ def failing_report() -> ValidationReport:
 def test_open_creates_with_labels_then_reuses(fake: FakeGitlab) -> None:
     f = forge(fake)
     mr = open_release(f)
-    assert (mr.ref, mr.state, mr.reused, mr.source_branch, mr.target_branch) == ("!1", "opened", False, BRANCH, "main")
+    assert (mr.ref, mr.state, mr.reused, mr.source_branch, mr.target_branch) == (
+        "!1",
+        "opened",
+        False,
+        BRANCH,
+        "main",
+    )
     assert mr.web_url.endswith(f"/{PROJECT}/-/merge_requests/1")
     assert fake.mrs[1].labels == ["twincd", "release"]
     # One list (nothing there) and one create: the project itself is never fetched (lazy).
-    assert [(m, p.rsplit("/", 1)[-1]) for m, p, _ in fake.calls()] == [("GET", "merge_requests"),
-                                                                      ("POST", "merge_requests")]
+    assert [(m, p.rsplit("/", 1)[-1]) for m, p, _ in fake.calls()] == [
+        ("GET", "merge_requests"),
+        ("POST", "merge_requests"),
+    ]
     again = open_release(f)
     assert again.reused and again.ref == mr.ref and len(fake.mrs) == 1
 
@@ -121,7 +155,9 @@ def test_open_mr_into_another_target_is_a_permanent_conflict(fake: FakeGitlab) -
 
 def test_missing_source_branch_is_not_found(fake: FakeGitlab) -> None:
     with pytest.raises(GitlabNotFound, match="twincd/hello/v9.9.9") as e:
-        forge(fake).open(source_branch="twincd/hello/v9.9.9", target_branch="main", title="t", description="d")
+        forge(fake).open(
+            source_branch="twincd/hello/v9.9.9", target_branch="main", title="t", description="d"
+        )
     assert_no_token(str(e.value))
 
 
@@ -250,7 +286,9 @@ def test_unreachable_gitlab_is_transient(fake: FakeGitlab) -> None:
     assert fake.url in str(e.value) and "url-s3cret" not in str(e.value) + repr(f)
 
 
-def test_wrong_token_is_permanent_and_says_what_to_fix(fake: FakeGitlab, caplog: pytest.LogCaptureFixture) -> None:
+def test_wrong_token_is_permanent_and_says_what_to_fix(
+    fake: FakeGitlab, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     with pytest.raises(GitlabAuthError) as e:
         open_release(forge(fake, token="glpat-wrong"))
@@ -258,14 +296,20 @@ def test_wrong_token_is_permanent_and_says_what_to_fix(fake: FakeGitlab, caplog:
     assert "401" in message and PROJECT in message and "`api` scope" in message
     assert "glpat-wrong" not in message
     # A URL with credentials in it is shown without them.
-    with_credentials = GitlabForge(url=fake.url.replace("http://", "http://deploy:url-s3cret@"), project=PROJECT,
-                                   token=Secret("glpat-wrong"), timeout=5)
+    with_credentials = GitlabForge(
+        url=fake.url.replace("http://", "http://deploy:url-s3cret@"),
+        project=PROJECT,
+        token=Secret("glpat-wrong"),
+        timeout=5,
+    )
     with pytest.raises(GitlabAuthError) as e:
         open_release(with_credentials)
     assert f"GitLab at {fake.url}," in str(e.value) and "url-s3cret" not in str(e.value)
 
 
-def test_read_only_token_gets_403_naming_the_permission(fake: FakeGitlab, caplog: pytest.LogCaptureFixture) -> None:
+def test_read_only_token_gets_403_naming_the_permission(
+    fake: FakeGitlab, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     with pytest.raises(GitlabAuthError) as e:
         open_release(forge(fake, token=READ_ONLY))
@@ -280,11 +324,14 @@ def test_unknown_project_is_not_found(fake: FakeGitlab) -> None:
     assert "Reporter role" in str(e.value)
 
 
-def test_token_is_in_no_message_log_or_repr(fake: FakeGitlab, caplog: pytest.LogCaptureFixture,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_token_is_in_no_message_log_or_repr(
+    fake: FakeGitlab, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     caplog.set_level(logging.DEBUG)  # urllib3 and python-gitlab at their most verbose
     monkeypatch.setenv("TWINCD_TEST_GITLAB_TOKEN", TOKEN)
-    cfg = GitlabForgeConfig(type="gitlab", url=fake.url, project=PROJECT, token="env:TWINCD_TEST_GITLAB_TOKEN")
+    cfg = GitlabForgeConfig(
+        type="gitlab", url=fake.url, project=PROJECT, token="env:TWINCD_TEST_GITLAB_TOKEN"
+    )
     f = GitlabForge.from_config(cfg)
     texts = [repr(f), repr(resolve_secret(cfg.token)), str(resolve_secret(cfg.token))]
     # A description that quotes the token by mistake is masked before it reaches GitLab.
@@ -319,8 +366,10 @@ def test_merge_waits_until_gitlab_shows_the_merge_commit(fake: FakeGitlab, shown
     merged = f.merge(mr, approved_by="auto-approve")
     assert merged.state == "merged" and merged.merge_commit == _git("rev-parse", "main", cwd=fake.repo)
     mr_path = f"/api/v4/projects/{PROJECT.replace('/', '%2F')}/merge_requests/1"
-    after = fake.calls()[fake.calls().index(("PUT", f"{mr_path}/merge", 200)) + 1:]
-    assert [c for c in after if c[1] == mr_path] == [("GET", mr_path, 200)] * 3  # the third GET shows it merged
+    after = fake.calls()[fake.calls().index(("PUT", f"{mr_path}/merge", 200)) + 1 :]
+    assert [c for c in after if c[1] == mr_path] == [
+        ("GET", mr_path, 200)
+    ] * 3  # the third GET shows it merged
     # "merged" without a merge commit is final only where the project fast-forwards: asked once.
     assert len(after) == 3 + (shown_state == "merged")
 
@@ -329,7 +378,9 @@ def test_merge_that_does_not_complete_is_transient(fake: FakeGitlab) -> None:
     f = forge(fake)
     mr = open_release(f)
     fake.complete_merges_after(1_000_000)
-    with pytest.raises(GitlabUnavailable, match=r"!1 .* accepted for merging but is still 'opened' after 1 s") as e:
+    with pytest.raises(
+        GitlabUnavailable, match=r"!1 .* accepted for merging but is still 'opened' after 1 s"
+    ) as e:
         f.merge(mr, approved_by="auto-approve", settle_timeout=1)
     assert isinstance(e.value, TransientError)
 

@@ -139,8 +139,11 @@ def test_build_push_reads_back_digest_then_reuses(registry: str, builder: str, a
 
 def push_to_first_only(built: BuiltImage, base_url: str, registry: str) -> str:
     """An earlier run that pushed to the first registry and stopped before the second: its digest."""
-    pushed = push_image(built=replace(built, registries=built.registries[:1]), base_url=base_url,
-                        insecure_registries={registry})
+    pushed = push_image(
+        built=replace(built, registries=built.registries[:1]),
+        base_url=base_url,
+        insecure_registries={registry},
+    )
     return pushed.digest
 
 
@@ -148,31 +151,57 @@ def test_partial_push_is_completed_with_the_same_image(
     registry: str, second_registry: str, builder: str, app_repo: Path
 ) -> None:
     both = {registry, second_registry}
-    first = build_image(repo_url=str(app_repo), tag=TAG, image="hello-partial", registries=[registry, second_registry],
-                        base_url=builder, insecure_registries=both)
+    first = build_image(
+        repo_url=str(app_repo),
+        tag=TAG,
+        image="hello-partial",
+        registries=[registry, second_registry],
+        base_url=builder,
+        insecure_registries=both,
+    )
     digest = push_to_first_only(first, builder, registry)
-    assert manifest_digest(registry_url=second_registry, insecure=True, repository="hello-partial",
-                           reference=TAG) is None
+    assert (
+        manifest_digest(
+            registry_url=second_registry, insecure=True, repository="hello-partial", reference=TAG
+        )
+        is None
+    )
 
-    again = build_image(repo_url=str(app_repo), tag=TAG, image="hello-partial", registries=[registry, second_registry],
-                        base_url=builder, insecure_registries=both)
+    again = build_image(
+        repo_url=str(app_repo),
+        tag=TAG,
+        image="hello-partial",
+        registries=[registry, second_registry],
+        base_url=builder,
+        insecure_registries=both,
+    )
     # Nothing built: the image the first run built is what the second registry gets.
     assert not again.reused and again.image_id == first.image_id
     assert [ref.pinned for ref in again.existing] == [f"{registry}/hello-partial@{digest}"]
     pushed = push_image(built=again, base_url=builder, insecure_registries=both)
     assert [ref.pinned for ref in pushed.refs] == [
-        f"{registry}/hello-partial@{digest}", f"{second_registry}/hello-partial@{digest}"
+        f"{registry}/hello-partial@{digest}",
+        f"{second_registry}/hello-partial@{digest}",
     ]
     for address in (registry, second_registry):
-        assert manifest_digest(registry_url=address, insecure=True, repository="hello-partial", reference=TAG) == digest
+        assert (
+            manifest_digest(registry_url=address, insecure=True, repository="hello-partial", reference=TAG)
+            == digest
+        )
 
 
 def test_partial_push_without_the_builders_image_is_refused_not_rebuilt(
     registry: str, second_registry: str, builder: str, app_repo: Path
 ) -> None:
     both = {registry, second_registry}
-    first = build_image(repo_url=str(app_repo), tag=TAG, image="hello-lost", registries=[registry, second_registry],
-                        base_url=builder, insecure_registries=both)
+    first = build_image(
+        repo_url=str(app_repo),
+        tag=TAG,
+        image="hello-lost",
+        registries=[registry, second_registry],
+        base_url=builder,
+        insecure_registries=both,
+    )
     digest = push_to_first_only(first, builder, registry)
     client = docker.DockerClient(base_url=builder, version="1.41")
     try:  # the builder's storage was reset since: it no longer holds the image
@@ -181,46 +210,86 @@ def test_partial_push_without_the_builders_image_is_refused_not_rebuilt(
         client.close()
 
     with pytest.raises(TagConflict) as caught:
-        build_image(repo_url=str(app_repo), tag=TAG, image="hello-lost", registries=[registry, second_registry],
-                    base_url=builder, insecure_registries=both)
+        build_image(
+            repo_url=str(app_repo),
+            tag=TAG,
+            image="hello-lost",
+            registries=[registry, second_registry],
+            base_url=builder,
+            insecure_registries=both,
+        )
     message = str(caught.value)
     assert isinstance(caught.value, PermanentError)
     assert f"{registry}/hello-lost has {digest}" in message and f"not in {second_registry}" in message
-    assert (f"skopeo copy --src-tls-verify=false --dest-tls-verify=false docker://{registry}/hello-lost:{TAG} "
-            f"docker://{second_registry}/hello-lost:{TAG}") in message
+    assert (
+        f"skopeo copy --src-tls-verify=false --dest-tls-verify=false docker://{registry}/hello-lost:{TAG} "
+        f"docker://{second_registry}/hello-lost:{TAG}"
+    ) in message
     assert "delete the tag" in message
-    assert manifest_digest(registry_url=registry, insecure=True, repository="hello-lost", reference=TAG) == digest
-    assert manifest_digest(registry_url=second_registry, insecure=True, repository="hello-lost", reference=TAG) is None
+    assert (
+        manifest_digest(registry_url=registry, insecure=True, repository="hello-lost", reference=TAG)
+        == digest
+    )
+    assert (
+        manifest_digest(registry_url=second_registry, insecure=True, repository="hello-lost", reference=TAG)
+        is None
+    )
 
 
 def test_partial_push_of_another_image_under_the_tag_is_refused(
     registry: str, second_registry: str, builder: str, app_worktree: Path
 ) -> None:
     both = {registry, second_registry}
-    first = build_image(repo_url=str(app_worktree), tag=TAG, image="hello-swapped",
-                        registries=[registry, second_registry], base_url=builder, insecure_registries=both)
+    first = build_image(
+        repo_url=str(app_worktree),
+        tag=TAG,
+        image="hello-swapped",
+        registries=[registry, second_registry],
+        base_url=builder,
+        insecure_registries=both,
+    )
     digest = push_to_first_only(first, builder, registry)
     # Since then the builder's <second>/hello-swapped:v1.0.0 became another image (revision "two").
     git("tag", "v2.0.0", "main", cwd=app_worktree)
-    other = build_image(repo_url=str(app_worktree), tag="v2.0.0", image="hello-swapped-other",
-                        registries=[registry], base_url=builder, insecure_registries=both)
+    other = build_image(
+        repo_url=str(app_worktree),
+        tag="v2.0.0",
+        image="hello-swapped-other",
+        registries=[registry],
+        base_url=builder,
+        insecure_registries=both,
+    )
     client = docker.DockerClient(base_url=builder, version="1.41")
     try:
         client.api.tag(other.image_id, f"{second_registry}/hello-swapped", TAG)
     finally:
         client.close()
 
-    again = build_image(repo_url=str(app_worktree), tag=TAG, image="hello-swapped",
-                        registries=[registry, second_registry], base_url=builder, insecure_registries=both)
+    again = build_image(
+        repo_url=str(app_worktree),
+        tag=TAG,
+        image="hello-swapped",
+        registries=[registry, second_registry],
+        base_url=builder,
+        insecure_registries=both,
+    )
     with pytest.raises(TagConflict) as caught:
         push_image(built=again, base_url=builder, insecure_registries=both)
     message = str(caught.value)
-    pushed = manifest_digest(registry_url=second_registry, insecure=True, repository="hello-swapped", reference=TAG)
+    pushed = manifest_digest(
+        registry_url=second_registry, insecure=True, repository="hello-swapped", reference=TAG
+    )
     assert pushed is not None and pushed != digest
-    assert f"{registry}/hello-swapped has {digest}" in message and f"{second_registry}/hello-swapped has {pushed}" in message
+    assert (
+        f"{registry}/hello-swapped has {digest}" in message
+        and f"{second_registry}/hello-swapped has {pushed}" in message
+    )
     assert "skopeo copy" in message
     # The first registry's release was never pushed over.
-    assert manifest_digest(registry_url=registry, insecure=True, repository="hello-swapped", reference=TAG) == digest
+    assert (
+        manifest_digest(registry_url=registry, insecure=True, repository="hello-swapped", reference=TAG)
+        == digest
+    )
 
 
 def test_builds_the_tag_not_the_dirty_worktree(registry: str, builder: str, app_worktree: Path) -> None:
@@ -274,7 +343,10 @@ def test_git_errors_show_no_url_credentials(tmp_path: Path) -> None:
         builder_module._git(repo_url, "cannot read", "ls-tree", "--name-only", echoed, cwd=tmp_path)
     message = str(caught.value)
     assert "url-s3cret" not in message
-    assert "http://127.0.0.1:1/hello.git" in message and "https://gitlab.example.test/infra/hello.git/" in message
+    assert (
+        "http://127.0.0.1:1/hello.git" in message
+        and "https://gitlab.example.test/infra/hello.git/" in message
+    )
 
 
 def test_registry_on_a_closed_port_is_unavailable() -> None:

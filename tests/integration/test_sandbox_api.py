@@ -77,7 +77,11 @@ def deployment(name: str, *containers: str, labels: dict[str, str] | None = None
             "selector": {"matchLabels": {"app": name}},
             "template": {
                 "metadata": {"labels": {"app": name}},
-                "spec": {"containers": [{"name": c, "image": f"registry.test/{c}:1"} for c in containers or ("app",)]},
+                "spec": {
+                    "containers": [
+                        {"name": c, "image": f"registry.test/{c}:1"} for c in containers or ("app",)
+                    ]
+                },
             },
         },
     }
@@ -104,7 +108,9 @@ def test_discovery(api: client.ApiClient, http: httpx.Client) -> None:
     assert {"apps", "batch", "networking.k8s.io", "argoproj.io", "bitnami.com"} <= set(groups)
     assert groups["argoproj.io"].preferred_version.group_version == "argoproj.io/v1alpha1"
     apps_resources = {r.name: r for r in client.AppsV1Api(api).get_api_resources().resources}
-    assert {"deployments", "deployments/status", "replicasets", "statefulsets", "daemonsets"} <= set(apps_resources)
+    assert {"deployments", "deployments/status", "replicasets", "statefulsets", "daemonsets"} <= set(
+        apps_resources
+    )
     argo = http.get("/apis/argoproj.io/v1alpha1").json()
     assert argo["groupVersion"] == "argoproj.io/v1alpha1"
     assert [(r["name"], r["kind"]) for r in argo["resources"]] == [("applications", "Application")]
@@ -116,7 +122,9 @@ def test_discovery(api: client.ApiClient, http: httpx.Client) -> None:
 # ------------------------------------------------------------------------------------------ create, get
 
 
-def test_create_answers_201_and_stamps_metadata(core: client.CoreV1Api, http: httpx.Client, namespace: str) -> None:
+def test_create_answers_201_and_stamps_metadata(
+    core: client.CoreV1Api, http: httpx.Client, namespace: str
+) -> None:
     first, code, _ = core.create_namespaced_config_map_with_http_info(namespace, {"metadata": {"name": "a"}})
     second = core.create_namespaced_config_map(namespace, {"metadata": {"name": "b"}})
     assert code == 201
@@ -131,7 +139,9 @@ def test_create_answers_201_and_stamps_metadata(core: client.CoreV1Api, http: ht
 
 
 def test_generate_name(core: client.CoreV1Api, namespace: str) -> None:
-    made = [core.create_namespaced_config_map(namespace, {"metadata": {"generateName": "cfg-"}}) for _ in range(3)]
+    made = [
+        core.create_namespaced_config_map(namespace, {"metadata": {"generateName": "cfg-"}}) for _ in range(3)
+    ]
     names = {m.metadata.name for m in made}
     assert len(names) == 3 and all(n.startswith("cfg-") and len(n) == len("cfg-") + 5 for n in names)
 
@@ -153,9 +163,13 @@ def test_create_in_missing_namespace_is_404(apps: client.AppsV1Api) -> None:
     assert body["reason"] == "NotFound" and body["message"] == 'namespaces "no-such-namespace" not found'
 
 
-def test_create_rejects_wrong_kind_and_bad_name(core: client.CoreV1Api, http: httpx.Client, namespace: str) -> None:
-    wrong_kind = http.post(f"/api/v1/namespaces/{namespace}/configmaps",
-                           json={"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}})
+def test_create_rejects_wrong_kind_and_bad_name(
+    core: client.CoreV1Api, http: httpx.Client, namespace: str
+) -> None:
+    wrong_kind = http.post(
+        f"/api/v1/namespaces/{namespace}/configmaps",
+        json={"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}},
+    )
     assert (wrong_kind.status_code, wrong_kind.json()["reason"]) == (400, "BadRequest")
     with pytest.raises(client.ApiException) as caught:
         core.create_namespaced_config_map(namespace, {"metadata": {"name": "Not_Valid"}})
@@ -184,12 +198,19 @@ def test_list_shape(http: httpx.Client, core: client.CoreV1Api, namespace: str) 
 
 
 def test_list_label_selectors(core: client.CoreV1Api, namespace: str) -> None:
-    labels = {"a": {"tier": "web", "env": "prod"}, "b": {"tier": "db", "env": "prod"}, "c": {"tier": "cache"}, "d": {}}
+    labels = {
+        "a": {"tier": "web", "env": "prod"},
+        "b": {"tier": "db", "env": "prod"},
+        "c": {"tier": "cache"},
+        "d": {},
+    }
     for name, these in labels.items():
         core.create_namespaced_config_map(namespace, {"metadata": {"name": name, "labels": these}})
 
     def names(selector: str) -> list[str]:
-        return [i.metadata.name for i in core.list_namespaced_config_map(namespace, label_selector=selector).items]
+        return [
+            i.metadata.name for i in core.list_namespaced_config_map(namespace, label_selector=selector).items
+        ]
 
     assert names("tier=web") == ["a"]
     assert names("tier==db") == ["b"]
@@ -266,8 +287,11 @@ def test_noop_update_keeps_resource_version(core: client.CoreV1Api, namespace: s
 def test_merge_patch(apps: client.AppsV1Api, namespace: str) -> None:
     apps.create_namespaced_deployment(namespace, deployment("web", labels={"keep": "1", "drop": "1"}))
     patched = apps.patch_namespaced_deployment(
-        "web", namespace, {"metadata": {"labels": {"drop": None, "new": "1"}}, "spec": {"replicas": 3}},
-        _content_type="application/merge-patch+json")
+        "web",
+        namespace,
+        {"metadata": {"labels": {"drop": None, "new": "1"}}, "spec": {"replicas": 3}},
+        _content_type="application/merge-patch+json",
+    )
     assert patched.metadata.labels == {"keep": "1", "new": "1"}
     assert patched.spec.replicas == 3 and patched.metadata.generation == 2
 
@@ -275,23 +299,35 @@ def test_merge_patch(apps: client.AppsV1Api, namespace: str) -> None:
 def test_merge_patch_replaces_lists(apps: client.AppsV1Api, namespace: str) -> None:
     apps.create_namespaced_deployment(namespace, deployment("web", "app", "sidecar"))
     patch = {"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "x:2"}]}}}}
-    patched = apps.patch_namespaced_deployment("web", namespace, patch, _content_type="application/merge-patch+json")
+    patched = apps.patch_namespaced_deployment(
+        "web", namespace, patch, _content_type="application/merge-patch+json"
+    )
     assert [c.name for c in patched.spec.template.spec.containers] == ["app"]
 
 
 def test_json_patch(apps: client.AppsV1Api, namespace: str) -> None:
     apps.create_namespaced_deployment(namespace, deployment("web", "app", "sidecar"))
-    patched = apps.patch_namespaced_deployment("web", namespace, [
-        {"op": "test", "path": "/spec/replicas", "value": 1},
-        {"op": "replace", "path": "/spec/template/spec/containers/1/image", "value": "registry.test/sidecar:2"},
-        {"op": "add", "path": "/metadata/labels/team~1owner", "value": "platform"},
-        {"op": "remove", "path": "/spec/replicas"},
-    ])
+    patched = apps.patch_namespaced_deployment(
+        "web",
+        namespace,
+        [
+            {"op": "test", "path": "/spec/replicas", "value": 1},
+            {
+                "op": "replace",
+                "path": "/spec/template/spec/containers/1/image",
+                "value": "registry.test/sidecar:2",
+            },
+            {"op": "add", "path": "/metadata/labels/team~1owner", "value": "platform"},
+            {"op": "remove", "path": "/spec/replicas"},
+        ],
+    )
     assert patched.spec.template.spec.containers[1].image == "registry.test/sidecar:2"
     assert patched.metadata.labels == {"team/owner": "platform"}
     assert patched.spec.replicas is None
     with pytest.raises(client.ApiException) as caught:
-        apps.patch_namespaced_deployment("web", namespace, [{"op": "test", "path": "/spec/paused", "value": True}])
+        apps.patch_namespaced_deployment(
+            "web", namespace, [{"op": "test", "path": "/spec/paused", "value": True}]
+        )
     assert caught.value.status == 422
 
 
@@ -299,21 +335,50 @@ def test_strategic_merge_patch_merges_containers_by_name(apps: client.AppsV1Api,
     apps.create_namespaced_deployment(namespace, deployment("web", "app", "sidecar"))
     # A dict body makes the client send application/strategic-merge-patch+json.
     patched = apps.patch_namespaced_deployment(
-        "web", namespace, {"spec": {"template": {"spec": {"containers": [
-            {"name": "sidecar", "image": "registry.test/sidecar:2"}, {"name": "extra", "image": "e:1"}]}}}})
+        "web",
+        namespace,
+        {
+            "spec": {
+                "template": {
+                    "spec": {
+                        "containers": [
+                            {"name": "sidecar", "image": "registry.test/sidecar:2"},
+                            {"name": "extra", "image": "e:1"},
+                        ]
+                    }
+                }
+            }
+        },
+    )
     containers = [(c.name, c.image) for c in patched.spec.template.spec.containers]
-    assert containers == [("app", "registry.test/app:1"), ("sidecar", "registry.test/sidecar:2"), ("extra", "e:1")]
+    assert containers == [
+        ("app", "registry.test/app:1"),
+        ("sidecar", "registry.test/sidecar:2"),
+        ("extra", "e:1"),
+    ]
     deleted = apps.patch_namespaced_deployment(
-        "web", namespace, {"spec": {"template": {"spec": {"containers": [{"name": "extra", "$patch": "delete"}]}}}})
+        "web",
+        namespace,
+        {"spec": {"template": {"spec": {"containers": [{"name": "extra", "$patch": "delete"}]}}}},
+    )
     assert [c.name for c in deleted.spec.template.spec.containers] == ["app", "sidecar"]
 
 
-def test_strategic_merge_patch_on_custom_resource_is_415(http: httpx.Client, custom: client.CustomObjectsApi,
-                                                         namespace: str) -> None:
-    custom.create_namespaced_custom_object("argoproj.io", "v1alpha1", namespace, "applications",
-                                           {"metadata": {"name": "app"}, "spec": {"project": "default"}})
-    answer = http.patch(f"/apis/argoproj.io/v1alpha1/namespaces/{namespace}/applications/app", json={"spec": {}},
-                        headers={"Content-Type": "application/strategic-merge-patch+json"})
+def test_strategic_merge_patch_on_custom_resource_is_415(
+    http: httpx.Client, custom: client.CustomObjectsApi, namespace: str
+) -> None:
+    custom.create_namespaced_custom_object(
+        "argoproj.io",
+        "v1alpha1",
+        namespace,
+        "applications",
+        {"metadata": {"name": "app"}, "spec": {"project": "default"}},
+    )
+    answer = http.patch(
+        f"/apis/argoproj.io/v1alpha1/namespaces/{namespace}/applications/app",
+        json={"spec": {}},
+        headers={"Content-Type": "application/strategic-merge-patch+json"},
+    )
     assert answer.status_code == 415
 
 
@@ -327,14 +392,16 @@ def test_status_subresource_split_and_generation(apps: client.AppsV1Api, namespa
 
     # /status changes status only, never spec, and does not bump generation.
     with_status = apps.patch_namespaced_deployment_status(
-        "web", namespace, {"spec": {"replicas": 7}, "status": {"readyReplicas": 1, "observedGeneration": 1}})
+        "web", namespace, {"spec": {"replicas": 7}, "status": {"readyReplicas": 1, "observedGeneration": 1}}
+    )
     assert with_status.status.ready_replicas == 1 and with_status.spec.replicas == 1
     assert with_status.metadata.generation == 1
     assert int(with_status.metadata.resource_version) > int(created.metadata.resource_version)
 
     # The main resource ignores status; a metadata-only change does not bump generation.
-    labelled = apps.patch_namespaced_deployment("web", namespace, {"metadata": {"labels": {"x": "y"}},
-                                                                   "status": {"readyReplicas": 5}})
+    labelled = apps.patch_namespaced_deployment(
+        "web", namespace, {"metadata": {"labels": {"x": "y"}}, "status": {"readyReplicas": 5}}
+    )
     assert labelled.status.ready_replicas == 1 and labelled.metadata.generation == 1
 
     scaled = apps.patch_namespaced_deployment("web", namespace, {"spec": {"replicas": 3}})
@@ -353,17 +420,32 @@ def test_status_subresource_split_and_generation(apps: client.AppsV1Api, namespa
     assert replaced.status.available_replicas == 3 and replaced.spec.replicas == 3
 
 
-def test_application_has_no_status_subresource_like_argo_cd(http: httpx.Client, custom: client.CustomObjectsApi,
-                                                              namespace: str) -> None:
+def test_application_has_no_status_subresource_like_argo_cd(
+    http: httpx.Client, custom: client.CustomObjectsApi, namespace: str
+) -> None:
     # argoproj/argo-cd#22967: Application declares no status subresource, so status is written
     # through the object and every non-metadata change bumps generation.
-    custom.create_namespaced_custom_object("argoproj.io", "v1alpha1", namespace, "applications",
-                                           {"metadata": {"name": "app"}, "spec": {"project": "default"}})
-    patched = custom.patch_namespaced_custom_object("argoproj.io", "v1alpha1", namespace, "applications", "app",
-                                                    {"status": {"sync": {"status": "Synced"}}})
+    custom.create_namespaced_custom_object(
+        "argoproj.io",
+        "v1alpha1",
+        namespace,
+        "applications",
+        {"metadata": {"name": "app"}, "spec": {"project": "default"}},
+    )
+    patched = custom.patch_namespaced_custom_object(
+        "argoproj.io",
+        "v1alpha1",
+        namespace,
+        "applications",
+        "app",
+        {"status": {"sync": {"status": "Synced"}}},
+    )
     assert patched["status"]["sync"]["status"] == "Synced"
     assert patched["metadata"]["generation"] == 2
-    assert http.get(f"/apis/argoproj.io/v1alpha1/namespaces/{namespace}/applications/app/status").status_code == 404
+    assert (
+        http.get(f"/apis/argoproj.io/v1alpha1/namespaces/{namespace}/applications/app/status").status_code
+        == 404
+    )
 
 
 # ------------------------------------------------------------------------------------------ delete
@@ -388,12 +470,18 @@ def test_delete_precondition(core: client.CoreV1Api, namespace: str) -> None:
     assert caught.value.status == 409
 
 
-def test_namespace_delete_cascades(core: client.CoreV1Api, apps: client.AppsV1Api,
-                                   custom: client.CustomObjectsApi, namespace: str) -> None:
+def test_namespace_delete_cascades(
+    core: client.CoreV1Api, apps: client.AppsV1Api, custom: client.CustomObjectsApi, namespace: str
+) -> None:
     apps.create_namespaced_deployment(namespace, deployment("web"))
     core.create_namespaced_secret(namespace, {"metadata": {"name": "s"}, "stringData": {"k": "v"}})
-    custom.create_namespaced_custom_object("bitnami.com", "v1alpha1", namespace, "sealedsecrets",
-                                           {"metadata": {"name": "s"}, "spec": {"encryptedData": {}}})
+    custom.create_namespaced_custom_object(
+        "bitnami.com",
+        "v1alpha1",
+        namespace,
+        "sealedsecrets",
+        {"metadata": {"name": "s"}, "spec": {"encryptedData": {}}},
+    )
     core.create_namespace({"metadata": {"name": f"{namespace}-other"}})
     apps.create_namespaced_deployment(f"{namespace}-other", deployment("web"))
 
@@ -405,25 +493,40 @@ def test_namespace_delete_cascades(core: client.CoreV1Api, apps: client.AppsV1Ap
     assert namespace not in {d.metadata.namespace for d in everywhere}
     assert f"{namespace}-other" in {d.metadata.namespace for d in everywhere}
     assert not [s for s in core.list_secret_for_all_namespaces().items if s.metadata.namespace == namespace]
-    assert not custom.list_cluster_custom_object("bitnami.com", "v1alpha1", "sealedsecrets",
-                                                 field_selector=f"metadata.namespace={namespace}")["items"]
+    assert not custom.list_cluster_custom_object(
+        "bitnami.com", "v1alpha1", "sealedsecrets", field_selector=f"metadata.namespace={namespace}"
+    )["items"]
 
 
 def test_delete_collects_dependents_unless_orphaned(apps: client.AppsV1Api, namespace: str) -> None:
     owner = apps.create_namespaced_deployment(namespace, deployment("web"))
     reference = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": owner.metadata.uid}
     for name in ("web-1", "web-2"):
-        apps.create_namespaced_replica_set(namespace, {
-            "metadata": {"name": name, "ownerReferences": [reference]},
-            "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": deployment("web")["spec"]["template"]}})
+        apps.create_namespaced_replica_set(
+            namespace,
+            {
+                "metadata": {"name": name, "ownerReferences": [reference]},
+                "spec": {
+                    "selector": {"matchLabels": {"app": "web"}},
+                    "template": deployment("web")["spec"]["template"],
+                },
+            },
+        )
     apps.delete_namespaced_deployment("web", namespace)
     assert apps.list_namespaced_replica_set(namespace).items == []
 
     owner = apps.create_namespaced_deployment(namespace, deployment("web"))
     reference["uid"] = owner.metadata.uid
-    apps.create_namespaced_replica_set(namespace, {
-        "metadata": {"name": "web-3", "ownerReferences": [reference]},
-        "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": deployment("web")["spec"]["template"]}})
+    apps.create_namespaced_replica_set(
+        namespace,
+        {
+            "metadata": {"name": "web-3", "ownerReferences": [reference]},
+            "spec": {
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": deployment("web")["spec"]["template"],
+            },
+        },
+    )
     apps.delete_namespaced_deployment("web", namespace, propagation_policy="Orphan")
     assert [r.metadata.name for r in apps.list_namespaced_replica_set(namespace).items] == ["web-3"]
 
@@ -450,10 +553,17 @@ def test_watch_resumes_after_resource_version(core: client.CoreV1Api, namespace:
     core.delete_namespaced_config_map("new", namespace)
     core.create_namespaced_secret(namespace, {"metadata": {"name": "other-type"}})
 
-    events = [(e["type"], e["object"].metadata.name, e["object"].metadata.resource_version)
-              for e in watch.Watch().stream(core.list_namespaced_config_map, namespace,
-                                            resource_version=mark, timeout_seconds=1)]
-    assert [(kind, name) for kind, name, _ in events] == [("ADDED", "new"), ("MODIFIED", "old"), ("DELETED", "new")]
+    events = [
+        (e["type"], e["object"].metadata.name, e["object"].metadata.resource_version)
+        for e in watch.Watch().stream(
+            core.list_namespaced_config_map, namespace, resource_version=mark, timeout_seconds=1
+        )
+    ]
+    assert [(kind, name) for kind, name, _ in events] == [
+        ("ADDED", "new"),
+        ("MODIFIED", "old"),
+        ("DELETED", "new"),
+    ]
     versions = [int(version) for _, _, version in events]
     assert versions == sorted(versions) and versions[0] > int(mark)
 
@@ -464,14 +574,27 @@ def test_watch_applies_selectors(core: client.CoreV1Api, namespace: str) -> None
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "labelled", "labels": {"app": "web"}}})
     core.patch_namespaced_config_map("plain", namespace, {"metadata": {"labels": {"app": "web"}}})
     core.patch_namespaced_config_map("labelled", namespace, {"metadata": {"labels": {"app": None}}})
-    events = [(e["type"], e["object"].metadata.name)
-              for e in watch.Watch().stream(core.list_namespaced_config_map, namespace, label_selector="app=web",
-                                            resource_version=mark, timeout_seconds=1)]
+    events = [
+        (e["type"], e["object"].metadata.name)
+        for e in watch.Watch().stream(
+            core.list_namespaced_config_map,
+            namespace,
+            label_selector="app=web",
+            resource_version=mark,
+            timeout_seconds=1,
+        )
+    ]
     # Objects entering or leaving the selection arrive as ADDED and DELETED, as upstream.
     assert events == [("ADDED", "labelled"), ("ADDED", "plain"), ("DELETED", "labelled")]
-    by_name = [e["object"].metadata.name
-               for e in watch.Watch().stream(core.list_namespaced_config_map, namespace,
-                                             field_selector="metadata.name=plain", timeout_seconds=1)]
+    by_name = [
+        e["object"].metadata.name
+        for e in watch.Watch().stream(
+            core.list_namespaced_config_map,
+            namespace,
+            field_selector="metadata.name=plain",
+            timeout_seconds=1,
+        )
+    ]
     assert by_name == ["plain"]
 
 
@@ -492,23 +615,37 @@ def test_watch_from_expired_resource_version_is_410() -> None:
             for i in range(1, 8):
                 core.create_namespaced_config_map("default", {"metadata": {"name": f"cm{i}"}})
             with httpx.Client(base_url=running.url, timeout=5) as http:
-                answer = http.get("/api/v1/namespaces/default/configmaps",
-                                  params={"watch": "1", "resourceVersion": first.metadata.resource_version})
+                answer = http.get(
+                    "/api/v1/namespaces/default/configmaps",
+                    params={"watch": "1", "resourceVersion": first.metadata.resource_version},
+                )
             lines = answer.text.splitlines()
             assert answer.status_code == 200 and len(lines) == 1
             error = json.loads(lines[0])
             assert error["type"] == "ERROR"
             assert (error["object"]["kind"], error["object"]["code"], error["object"]["reason"]) == (
-                "Status", 410, "Expired")
+                "Status",
+                410,
+                "Expired",
+            )
             with pytest.raises(client.ApiException) as caught:
-                list(watch.Watch().stream(core.list_namespaced_config_map, "default",
-                                          resource_version=first.metadata.resource_version, timeout_seconds=1))
+                list(
+                    watch.Watch().stream(
+                        core.list_namespaced_config_map,
+                        "default",
+                        resource_version=first.metadata.resource_version,
+                        timeout_seconds=1,
+                    )
+                )
             assert caught.value.status == 410
             # A version still in the buffer resumes normally.
             recent = core.list_namespaced_config_map("default").metadata.resource_version
             core.create_namespaced_config_map("default", {"metadata": {"name": "latest"}})
-            events = list(watch.Watch().stream(core.list_namespaced_config_map, "default",
-                                               resource_version=recent, timeout_seconds=1))
+            events = list(
+                watch.Watch().stream(
+                    core.list_namespaced_config_map, "default", resource_version=recent, timeout_seconds=1
+                )
+            )
             assert [e["object"].metadata.name for e in events] == ["latest"]
     finally:
         running.stop()
@@ -516,8 +653,10 @@ def test_watch_from_expired_resource_version_is_410() -> None:
 
 def test_stop_ends_open_watches() -> None:
     running = serve_in_thread(create_app("stopping"))
-    with (httpx.Client(base_url=running.url, timeout=5) as http,
-          http.stream("GET", "/api/v1/namespaces", params={"watch": "true"}) as stream):
+    with (
+        httpx.Client(base_url=running.url, timeout=5) as http,
+        http.stream("GET", "/api/v1/namespaces", params={"watch": "true"}) as stream,
+    ):
         assert json.loads(next(stream.iter_lines()))["type"] == "ADDED"
         started = time.monotonic()
         running.stop()
@@ -528,32 +667,54 @@ def test_stop_ends_open_watches() -> None:
 
 
 def kubectl(kubeconfig: Path, *args: str) -> str:
-    done = subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), "--cache-dir",
-                           str(kubeconfig.parent / "cache"), *args], check=False, capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        ["kubectl", "--kubeconfig", str(kubeconfig), "--cache-dir", str(kubeconfig.parent / "cache"), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
 
-def test_kubectl_get(server: RunningServer, apps: client.AppsV1Api, core: client.CoreV1Api,
-                     custom: client.CustomObjectsApi, namespace: str, tmp_path: Path) -> None:
+def test_kubectl_get(
+    server: RunningServer,
+    apps: client.AppsV1Api,
+    core: client.CoreV1Api,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", {"sandbox-eks": server.url})
     apps.create_namespaced_deployment(namespace, deployment("web"))
     apps.create_namespaced_deployment(namespace, deployment("api"))
     if not [n for n in core.list_namespace().items if n.metadata.name == "argocd"]:
         core.create_namespace({"metadata": {"name": "argocd"}})
-    custom.create_namespaced_custom_object("argoproj.io", "v1alpha1", "argocd", "applications", {
-        "metadata": {"name": f"{namespace}-app"}, "spec": {},
-        "status": {"sync": {"status": "Synced"}, "health": {"status": "Healthy"}}})
+    custom.create_namespaced_custom_object(
+        "argoproj.io",
+        "v1alpha1",
+        "argocd",
+        "applications",
+        {
+            "metadata": {"name": f"{namespace}-app"},
+            "spec": {},
+            "status": {"sync": {"status": "Synced"}, "health": {"status": "Healthy"}},
+        },
+    )
 
     table = kubectl(kubeconfig, "get", "deployments", "-n", namespace).splitlines()
     assert table[0].split() == ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"]
     assert sorted(line.split()[0] for line in table[1:]) == ["api", "web"]
     assert kubectl(kubeconfig, "get", "deploy", "-n", namespace, "-o", "name").split() == [
-        "deployment.apps/api", "deployment.apps/web"]
+        "deployment.apps/api",
+        "deployment.apps/web",
+    ]
     everywhere = [line.split()[:2] for line in kubectl(kubeconfig, "get", "deploy", "-A").splitlines()]
     assert [namespace, "web"] in everywhere
-    namespaces = {line.split()[0]: line.split()[1] for line in kubectl(kubeconfig, "get", "ns").splitlines()[1:]}
+    namespaces = {
+        line.split()[0]: line.split()[1] for line in kubectl(kubeconfig, "get", "ns").splitlines()[1:]
+    }
     assert namespaces[namespace] == "Active" and "default" in namespaces
     applications = kubectl(kubeconfig, "get", "applications", "-n", "argocd").splitlines()
     assert applications[0].split()[:5] == ["NAME", "SYNC", "STATUS", "HEALTH", "STATUS"]
@@ -590,8 +751,19 @@ def free_port() -> int:
 
 def test_command_line_entry_point(tmp_path: Path) -> None:
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "twincd.sandbox.apiserver", "--name", "eks",
-                                "--host", "127.0.0.1", "--port", str(port)])
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "twincd.sandbox.apiserver",
+            "--name",
+            "eks",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+    )
     try:
         deadline = time.monotonic() + 20
         while True:

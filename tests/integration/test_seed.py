@@ -12,11 +12,16 @@ from twincd.validate import SchemaValidator, parse_documents, render_overlay, va
 def test_seed_is_idempotent_and_tags_the_app(tmp_path: Path) -> None:
     app, manifests = tmp_path / "hello.git", tmp_path / "manifests.git"
     assert seed_app(app) and seed_manifests(manifests, apps=["hello"], clusters=["eks", "aks"])
-    heads = subprocess.run(["git", "-C", str(manifests), "rev-parse", "main"], capture_output=True, text=True,
-                           check=True).stdout
+    heads = subprocess.run(
+        ["git", "-C", str(manifests), "rev-parse", "main"], capture_output=True, text=True, check=True
+    ).stdout
     assert not seed_app(app) and not seed_manifests(manifests, apps=["hello"], clusters=["eks", "aks"])
-    assert subprocess.run(["git", "-C", str(manifests), "rev-parse", "main"], capture_output=True, text=True,
-                          check=True).stdout == heads
+    assert (
+        subprocess.run(
+            ["git", "-C", str(manifests), "rev-parse", "main"], capture_output=True, text=True, check=True
+        ).stdout
+        == heads
+    )
     tags = subprocess.run(["git", "-C", str(app), "tag"], capture_output=True, text=True, check=True).stdout
     assert tags.split() == ["v1.0.0"]
 
@@ -37,7 +42,8 @@ def test_seeded_overlays_render_and_components_switch_replicas(tmp_path: Path) -
         # the SealedSecret has no schema to check against.
         assert [(f.severity.value, f.resource, f.path) for f in findings] == [
             ("error", "Deployment/hello/hello", "spec.template.spec.containers[0].image"),
-            ("unchecked", "SealedSecret/hello/hello-credentials", "")]
+            ("unchecked", "SealedSecret/hello/hello-credentials", ""),
+        ]
     assert kinds["eks"] == kinds["aks"] == ["Deployment", "Namespace", "SealedSecret", "Service"]
     overlay = work / "overlays/eks/hello/kustomization.yaml"
     overlay.write_text(overlay.read_text().replace("components/active", "components/standby"))

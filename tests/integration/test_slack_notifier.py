@@ -43,10 +43,24 @@ def slack(running: RunningFake) -> FakeSlack:
     return running.fake
 
 
-def notifier(fake: FakeSlack, store: ThreadStore, *, token: str = TOKEN, channel: str = "#deploys",
-             timeout: int = 5, budget: float = 10.0) -> SlackNotifier:
-    return SlackNotifier(token, channel, mention_on_failure=MENTION, store=store, base_url=fake.api_url,
-                         timeout=timeout, budget=budget)
+def notifier(
+    fake: FakeSlack,
+    store: ThreadStore,
+    *,
+    token: str = TOKEN,
+    channel: str = "#deploys",
+    timeout: int = 5,
+    budget: float = 10.0,
+) -> SlackNotifier:
+    return SlackNotifier(
+        token,
+        channel,
+        mention_on_failure=MENTION,
+        store=store,
+        base_url=fake.api_url,
+        timeout=timeout,
+        budget=budget,
+    )
 
 
 class Run:
@@ -58,16 +72,28 @@ class Run:
 
     def add(self, step: str, status: str, text: str, cluster: str = "", **extra: str) -> Timeline:
         self.n += 1
-        self.t = self.t.add(Event(step, status, text, f"2025-06-01T12:{self.n // 60:02d}:{self.n % 60:02d}+00:00",
-                                  cluster, **extra))
+        self.t = self.t.add(
+            Event(
+                step,
+                status,
+                text,
+                f"2025-06-01T12:{self.n // 60:02d}:{self.n % 60:02d}+00:00",
+                cluster,
+                **extra,
+            )
+        )
         return self.t
 
     def until_validation(self) -> None:
         self.add("release", "ok", "tag 1.2.0 is commit 1111111111aa")
         self.add("push", "ok", f"pushed: 127.0.0.1:5000/hello@{DIGEST}", digest=DIGEST)
         self.add("set-image", "ok", "committed: twincd/hello/1.2.0 at 2222222222bb")
-        self.add("merge-request", "ok", "opened !7 (opened): hello: release 1.2.0 (0123456789ab)",
-                 url="https://gitlab.example/infra/manifests/-/merge_requests/7")
+        self.add(
+            "merge-request",
+            "ok",
+            "opened !7 (opened): hello: release 1.2.0 (0123456789ab)",
+            url="https://gitlab.example/infra/manifests/-/merge_requests/7",
+        )
 
     def until_merged(self) -> list[Timeline]:
         self.until_validation()
@@ -99,11 +125,14 @@ def test_successful_release(slack: FakeSlack) -> None:
     assert len(parents) == 1
     parent = parents[0]
     assert parent.channel == "C0DEPLOYS" and parent.edits == 4
-    assert parent.text == ("✅ Release hello 1.2.0: succeeded · image 0123456789ab · "
-                           "eks ✅ rolled out · aks ✅ rolled out")
+    assert parent.text == (
+        "✅ Release hello 1.2.0: succeeded · image 0123456789ab · eks ✅ rolled out · aks ✅ rolled out"
+    )
     assert [m.text for m in slack.thread(parent.ts)] == [
-        ("✅ *<https://gitlab.example/infra/manifests/-/merge_requests/7|Merge request>*: "
-         "opened !7 (opened): hello: release 1.2.0 (0123456789ab)"),
+        (
+            "✅ *<https://gitlab.example/infra/manifests/-/merge_requests/7|Merge request>*: "
+            "opened !7 (opened): hello: release 1.2.0 (0123456789ab)"
+        ),
         "✅ *Merged*: !7 merged as 3333333333cc (by alice)",
         "✅ *eks: rolled out*: deployment hello/hello rolled out (2/2 ready)",
         "✅ *aks: rolled out*: deployment hello/hello rolled out (2/2 ready)",
@@ -118,9 +147,20 @@ def test_validation_failure(slack: FakeSlack) -> None:
     run = Run()
     run.until_validation()
     n = notifier(slack, MemoryThreadStore())
-    publish_all(n, [run.add("validate", "failed", "overlays/eks: Deployment/hello/hello at spec.replicas: "
-                                                  "'two' is not of type 'integer'")])
-    publish_all(n, [run.add("result", "failed", "validation of overlays/eks, overlays/aks failed; nothing was merged")])
+    publish_all(
+        n,
+        [
+            run.add(
+                "validate",
+                "failed",
+                "overlays/eks: Deployment/hello/hello at spec.replicas: 'two' is not of type 'integer'",
+            )
+        ],
+    )
+    publish_all(
+        n,
+        [run.add("result", "failed", "validation of overlays/eks, overlays/aks failed; nothing was merged")],
+    )
 
     assert (slack.count("chat.postMessage"), slack.count("chat.update")) == (4, 1)
     (parent,) = [m for m in slack.messages.values() if not m.thread_ts]
@@ -141,7 +181,10 @@ def test_rollout_failure_on_one_cluster(slack: FakeSlack) -> None:
     assert (slack.count("chat.postMessage"), slack.count("chat.update")) == (6, 4)
     (parent,) = [m for m in slack.messages.values() if not m.thread_ts]
     assert "eks ✅ rolled out · aks ❌ rollout failed" in parent.text
-    assert parent.blocks[1]["fields"][1]["text"] == "*aks*\n❌ rollout failed\ndeployment hello/hello: ImagePullBackOff"
+    assert (
+        parent.blocks[1]["fields"][1]["text"]
+        == "*aks*\n❌ rollout failed\ndeployment hello/hello: ImagePullBackOff"
+    )
     thread = slack.thread(parent.ts)
     assert thread[3].text == "❌ *aks: rollout failed*: deployment hello/hello: ImagePullBackOff"
     assert [m.text.startswith(MENTION) for m in thread] == [False] * 4 + [True]
@@ -188,7 +231,10 @@ def test_rate_limited_then_success(slack: FakeSlack) -> None:
     elapsed = time.monotonic() - started
     assert result.ok, result.error
     assert 1.0 <= elapsed < 6  # waited the Retry-After, and not much more (the budget is 10 s)
-    assert [(c.method, c.status) for c in slack.calls][:2] == [("chat.postMessage", 429), ("chat.postMessage", 200)]
+    assert [(c.method, c.status) for c in slack.calls][:2] == [
+        ("chat.postMessage", 429),
+        ("chat.postMessage", 200),
+    ]
 
 
 def test_retry_after_beyond_the_budget_is_not_waited(slack: FakeSlack) -> None:
@@ -224,7 +270,9 @@ def test_failure_midway_keeps_the_unposted_replies_for_later(slack: FakeSlack) -
 def test_timeouts_never_raise_and_stay_within_the_budget(slack: FakeSlack) -> None:
     slack.delay(10)  # far beyond timeout and budget, so that waiting for an answer cannot pass unseen
     started = time.monotonic()
-    result = notifier(slack, MemoryThreadStore(), timeout=1, budget=2).publish(Run().until_merged()[1], CLUSTERS)
+    result = notifier(slack, MemoryThreadStore(), timeout=1, budget=2).publish(
+        Run().until_merged()[1], CLUSTERS
+    )
     elapsed = time.monotonic() - started
     assert not result.ok and "chat.postMessage: TimeoutError" in result.error
     assert elapsed < 5  # within the budget give or take a loaded machine; the server answers after 10 s
@@ -235,34 +283,45 @@ def test_slow_server_is_cut_off_at_the_budget(slack: FakeSlack) -> None:
     # it was cut off; the clock only checks that nothing waited far beyond the 2 s budget.
     slack.delay(0.7)
     started = time.monotonic()
-    result = notifier(slack, MemoryThreadStore(), timeout=5, budget=2).publish(Run().until_merged()[1], CLUSTERS)
+    result = notifier(slack, MemoryThreadStore(), timeout=5, budget=2).publish(
+        Run().until_merged()[1], CLUSTERS
+    )
     elapsed = time.monotonic() - started
     assert not result.ok and "budget is spent" in result.error
     assert elapsed < 6
 
 
 def test_unreachable_slack_never_raises(slack: FakeSlack) -> None:
-    n = SlackNotifier(TOKEN, "#deploys", store=MemoryThreadStore(), base_url="http://127.0.0.1:9/api/", timeout=1)
+    n = SlackNotifier(
+        TOKEN, "#deploys", store=MemoryThreadStore(), base_url="http://127.0.0.1:9/api/", timeout=1
+    )
     result = n.publish(Run().until_merged()[0], CLUSTERS)
     assert not result.ok and "URLError" in result.error
 
 
-@pytest.mark.parametrize(("token", "channel", "error"), [
-    ("xoxb-wrong-SeCrEtToKeN", "#deploys", "chat.postMessage: invalid_auth"),
-    (TOKEN, "#nowhere", "chat.postMessage: channel_not_found"),
-])
-def test_api_errors_are_reported_without_the_token(slack: FakeSlack, caplog: pytest.LogCaptureFixture,
-                                                   token: str, channel: str, error: str) -> None:
+@pytest.mark.parametrize(
+    ("token", "channel", "error"),
+    [
+        ("xoxb-wrong-SeCrEtToKeN", "#deploys", "chat.postMessage: invalid_auth"),
+        (TOKEN, "#nowhere", "chat.postMessage: channel_not_found"),
+    ],
+)
+def test_api_errors_are_reported_without_the_token(
+    slack: FakeSlack, caplog: pytest.LogCaptureFixture, token: str, channel: str, error: str
+) -> None:
     caplog.set_level(logging.DEBUG)
     result = notifier(slack, MemoryThreadStore(), token=token, channel=channel).publish(
-        Run().until_merged()[1], CLUSTERS)
+        Run().until_merged()[1], CLUSTERS
+    )
     assert not result.ok and result.error == error
     assert error in caplog.text
     assert token not in caplog.text and "SeCrEtToKeN" not in caplog.text
     assert all("SeCrEtToKeN" not in f"{c.error} {c.text} {c.blocks}" for c in slack.calls)
 
 
-def test_token_absent_from_logs_of_a_whole_release(slack: FakeSlack, caplog: pytest.LogCaptureFixture) -> None:
+def test_token_absent_from_logs_of_a_whole_release(
+    slack: FakeSlack, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     slack.rate_limit(1, retry_after=0)
     publish_all(notifier(slack, MemoryThreadStore()), successful_release(Run()))

@@ -57,8 +57,13 @@ def target(kubeconfig: str, name: str, revision: str, digest: str | None) -> Rol
     return RolloutTarget(
         cluster=ClusterRef(name, name, kubeconfig),
         argocd=ClusterRef(f"Argo CD of {name}", "aks", kubeconfig),  # one Argo CD, on aks
-        application=f"hello-{name}", argocd_namespace="argocd",
-        kind="Deployment", namespace="hello", name="hello", revision=revision, digest=digest,
+        application=f"hello-{name}",
+        argocd_namespace="argocd",
+        kind="Deployment",
+        namespace="hello",
+        name="hello",
+        revision=revision,
+        digest=digest,
     )
 
 
@@ -71,20 +76,25 @@ def timed(verify: Callable[[], RolloutVerdict]) -> tuple[RolloutVerdict, float]:
 def verify_all(targets: list[RolloutTarget], timeout: float) -> dict[str, tuple[RolloutVerdict, float]]:
     """In parallel, as the deploy flow fans out per cluster."""
     with ThreadPoolExecutor(len(targets)) as pool:
-        futures = {t.cluster.name: pool.submit(timed, lambda t=t: verify_rollout(t, timeout=timeout))
-                   for t in targets}
+        futures = {
+            t.cluster.name: pool.submit(timed, lambda t=t: verify_rollout(t, timeout=timeout))
+            for t in targets
+        }
         return {name: f.result() for name, f in futures.items()}
 
 
 # --- whole releases on the sandbox cluster processes (in order: each commit builds on the last) ----
 
 
-def test_release_verified_on_both_clusters(clusters: dict[str, Cluster], manifests: Manifests,
-                                           registry: Registry, kubeconfig: str) -> None:
+def test_release_verified_on_both_clusters(
+    clusters: dict[str, Cluster], manifests: Manifests, registry: Registry, kubeconfig: str
+) -> None:
     digest = registry.push("hello", "1.0.0")
     image = f"{registry.host}/hello"
-    sha = manifests.commit({**BASE, **{f"overlays/{c}/hello/kustomization.yaml": overlay(image, digest)
-                                       for c in CLUSTERS}}, "hello 1.0.0")
+    sha = manifests.commit(
+        {**BASE, **{f"overlays/{c}/hello/kustomization.yaml": overlay(image, digest) for c in CLUSTERS}},
+        "hello 1.0.0",
+    )
     results = verify_all([target(kubeconfig, c, sha, digest) for c in CLUSTERS], timeout=60)
     for name, (verdict, elapsed) in results.items():
         print(f"{name}: {verdict.phase.value} in {elapsed:.2f}s: {verdict.message}")
@@ -96,9 +106,15 @@ def test_release_verified_on_both_clusters(clusters: dict[str, Cluster], manifes
 
 
 def test_missing_image_fails_at_once_with_the_progress_deadline(
-        clusters: dict[str, Cluster], manifests: Manifests, registry: Registry, kubeconfig: str) -> None:
-    sha = manifests.commit({f"overlays/{c}/hello/kustomization.yaml": overlay(f"{registry.host}/hello", MISSING)
-                            for c in CLUSTERS}, "hello: a digest that was never pushed")
+    clusters: dict[str, Cluster], manifests: Manifests, registry: Registry, kubeconfig: str
+) -> None:
+    sha = manifests.commit(
+        {
+            f"overlays/{c}/hello/kustomization.yaml": overlay(f"{registry.host}/hello", MISSING)
+            for c in CLUSTERS
+        },
+        "hello: a digest that was never pushed",
+    )
     verdict, elapsed = timed(lambda: verify_rollout(target(kubeconfig, "eks", sha, MISSING), timeout=60))
     print(f"missing image: {verdict.phase.value} in {elapsed:.2f}s: {verdict.message}")
     assert verdict.phase is Phase.FAILED
@@ -107,15 +123,19 @@ def test_missing_image_fails_at_once_with_the_progress_deadline(
     assert elapsed < 30  # well before the 60 s deadline
 
 
-def test_argocd_sync_error_fails_at_once(clusters: dict[str, Cluster], manifests: Manifests,
-                                         kubeconfig: str) -> None:
-    sha = manifests.commit({"overlays/eks/hello/kustomization.yaml": "resources: [../../../base/nope]\n"},
-                           "eks: broken overlay")
+def test_argocd_sync_error_fails_at_once(
+    clusters: dict[str, Cluster], manifests: Manifests, kubeconfig: str
+) -> None:
+    sha = manifests.commit(
+        {"overlays/eks/hello/kustomization.yaml": "resources: [../../../base/nope]\n"}, "eks: broken overlay"
+    )
     verdict, elapsed = timed(lambda: verify_rollout(target(kubeconfig, "eks", sha, MISSING), timeout=60))
     print(f"sync error: {verdict.phase.value} in {elapsed:.2f}s: {verdict.message}")
     assert verdict.phase is Phase.FAILED
-    assert verdict.message.startswith(f'Application "hello-eks" sync of {sha[:7]} failed: '
-                                      "`kustomize build overlays/eks/hello` failed: accumulating resources")
+    assert verdict.message.startswith(
+        f'Application "hello-eks" sync of {sha[:7]} failed: '
+        "`kustomize build overlays/eks/hello` failed: accumulating resources"
+    )
     assert elapsed < 30  # well before the 60 s deadline
 
 
@@ -134,40 +154,69 @@ spec:
 """
 
 
-def test_degraded_application_fails_with_argos_message(clusters: dict[str, Cluster], manifests: Manifests,
-                                                       registry: Registry, kubeconfig: str) -> None:
+def test_degraded_application_fails_with_argos_message(
+    clusters: dict[str, Cluster], manifests: Manifests, registry: Registry, kubeconfig: str
+) -> None:
     """hello itself rolls out fine; another Deployment of the same Application never does."""
     digest = registry.push("hello", "1.0.1")
     kustomization = overlay(f"{registry.host}/hello", digest).replace(
-        "resources: [../../../base/hello]", "resources: [../../../base/hello, worker.yaml]")
-    sha = manifests.commit({"overlays/aks/hello/kustomization.yaml": kustomization,
-                            "overlays/aks/hello/worker.yaml": WORKER % f"{registry.host}/worker@{MISSING}"},
-                           "aks: hello 1.0.1 with a broken worker")
+        "resources: [../../../base/hello]", "resources: [../../../base/hello, worker.yaml]"
+    )
+    sha = manifests.commit(
+        {
+            "overlays/aks/hello/kustomization.yaml": kustomization,
+            "overlays/aks/hello/worker.yaml": WORKER % f"{registry.host}/worker@{MISSING}",
+        },
+        "aks: hello 1.0.1 with a broken worker",
+    )
     verdict, elapsed = timed(lambda: verify_rollout(target(kubeconfig, "aks", sha, digest), timeout=60))
     print(f"degraded: {verdict.phase.value} in {elapsed:.2f}s: {verdict.message}")
     assert verdict.phase is Phase.FAILED
-    assert re.match(rf'Application "hello-aks" is Degraded at {sha[:7]}: ReplicaSet "worker-\w+" has timed out '
-                    r"progressing\.", verdict.message), verdict.message
+    assert re.match(
+        rf'Application "hello-aks" is Degraded at {sha[:7]}: ReplicaSet "worker-\w+" has timed out '
+        r"progressing\.",
+        verdict.message,
+    ), verdict.message
     assert elapsed < 30  # well before the 60 s deadline
 
 
 def test_permanent_errors_fail_at_once(kubeconfig: str) -> None:
-    bad = RolloutTarget(ClusterRef("gke", "no-such-context", kubeconfig), None, None, "argocd",
-                        "Deployment", "hello", "hello", "0" * 40, None)
+    bad = RolloutTarget(
+        ClusterRef("gke", "no-such-context", kubeconfig),
+        None,
+        None,
+        "argocd",
+        "Deployment",
+        "hello",
+        "hello",
+        "0" * 40,
+        None,
+    )
     verdict, elapsed = timed(lambda: verify_rollout(bad, timeout=30))
-    assert verdict.phase is Phase.FAILED and "cannot load kubeconfig context 'no-such-context'" in verdict.message
+    assert (
+        verdict.phase is Phase.FAILED
+        and "cannot load kubeconfig context 'no-such-context'" in verdict.message
+    )
     assert elapsed < 15  # not retried until the 30 s deadline
 
 
 def test_one_cluster_down_fails_with_the_reason_while_the_other_verifies(
-        clusters: dict[str, Cluster], manifests: Manifests, registry: Registry, kubeconfig: str) -> None:
+    clusters: dict[str, Cluster], manifests: Manifests, registry: Registry, kubeconfig: str
+) -> None:
     """Last in the module: it stops the eks process."""
     digest = registry.push("hello", "1.0.2")
     # aks's overlay drops worker.yaml (the syncer does not prune it, but health no longer counts it).
-    sha = manifests.commit({f"overlays/{c}/hello/kustomization.yaml": overlay(f"{registry.host}/hello", digest)
-                            for c in CLUSTERS}, "hello 1.0.2 on both")
+    sha = manifests.commit(
+        {
+            f"overlays/{c}/hello/kustomization.yaml": overlay(f"{registry.host}/hello", digest)
+            for c in CLUSTERS
+        },
+        "hello 1.0.2 on both",
+    )
     healthy = verify_all([target(kubeconfig, c, sha, digest) for c in CLUSTERS], timeout=60)
-    assert {name: v.phase for name, (v, _) in healthy.items()} == {c: Phase.SUCCEEDED for c in CLUSTERS}, healthy
+    assert {name: v.phase for name, (v, _) in healthy.items()} == {c: Phase.SUCCEEDED for c in CLUSTERS}, (
+        healthy
+    )
 
     assert stop_process(clusters["eks"].proc) == 0
     results = verify_all([target(kubeconfig, c, sha, digest) for c in CLUSTERS], timeout=10)
@@ -197,16 +246,31 @@ def bare(tmp_path: Path) -> Iterator[tuple[RunningServer, str]]:
 
 def start_deployment(api: k8s.ApiClient) -> None:
     k8s.CoreV1Api(api).create_namespace({"metadata": {"name": "hello"}})
-    k8s.AppsV1Api(api).create_namespaced_deployment("hello", {"metadata": {"name": "hello"}, "spec": {
-        "replicas": 3, "selector": {"matchLabels": {"app": "hello"}},
-        "template": {"metadata": {"labels": {"app": "hello"}},
-                     "spec": {"containers": [{"name": "hello", "image": "registry.test/hello:1"}]}}}})
+    k8s.AppsV1Api(api).create_namespaced_deployment(
+        "hello",
+        {
+            "metadata": {"name": "hello"},
+            "spec": {
+                "replicas": 3,
+                "selector": {"matchLabels": {"app": "hello"}},
+                "template": {
+                    "metadata": {"labels": {"app": "hello"}},
+                    "spec": {"containers": [{"name": "hello", "image": "registry.test/hello:1"}]},
+                },
+            },
+        },
+    )
 
 
 def write_status(api: k8s.ApiClient, updated: int) -> str:
     """One step of a rollout, as the Deployment controller writes it; returns its resourceVersion."""
-    status = {"observedGeneration": 1, "replicas": 3, "updatedReplicas": updated, "readyReplicas": updated,
-              "availableReplicas": updated}
+    status = {
+        "observedGeneration": 1,
+        "replicas": 3,
+        "updatedReplicas": updated,
+        "readyReplicas": updated,
+        "availableReplicas": updated,
+    }
     written = k8s.AppsV1Api(api).patch_namespaced_deployment_status("hello", "hello", {"status": status})
     return str(written.metadata.resource_version)
 
@@ -232,14 +296,24 @@ def wait_until(condition: Callable[[], bool], timeout: float = 20) -> None:
 
 
 def test_dropped_watch_resumes_from_its_resource_version_without_missing_an_event(
-        bare: tuple[RunningServer, str], caplog: pytest.LogCaptureFixture) -> None:
+    bare: tuple[RunningServer, str], caplog: pytest.LogCaptureFixture
+) -> None:
     """The server ends every watch after 1 s; each step of the rollout is still seen, in order."""
     server, config = bare
     caplog.set_level(logging.DEBUG, logger="twincd.adapters.cluster")
     api = k8s.ApiClient(k8s.Configuration(host=server.url))
     start_deployment(api)
-    t = RolloutTarget(ClusterRef("bare", "bare", config), None, None, "argocd", "Deployment", "hello", "hello",
-                      "0" * 40, None)
+    t = RolloutTarget(
+        ClusterRef("bare", "bare", config),
+        None,
+        None,
+        "argocd",
+        "Deployment",
+        "hello",
+        "hello",
+        "0" * 40,
+        None,
+    )
     thread, result = in_background(lambda: verify_rollout(t, timeout=30, watch_seconds=1))
 
     def ended() -> int:
@@ -248,7 +322,9 @@ def test_dropped_watch_resumes_from_its_resource_version_without_missing_an_even
     versions = []
     for updated in (1, 2, 3):
         seen = ended()
-        wait_until(lambda seen=seen: ended() > seen)  # past a watch's end: the next event travels on a resumed watch
+        wait_until(
+            lambda seen=seen: ended() > seen
+        )  # past a watch's end: the next event travels on a resumed watch
         written_at = time.monotonic()
         versions.append(write_status(api, updated))
     thread.join(30)
@@ -264,22 +340,36 @@ def test_dropped_watch_resumes_from_its_resource_version_without_missing_an_even
     assert "relisting" not in log
 
 
-def test_expired_resource_version_relists(bare: tuple[RunningServer, str],
-                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_expired_resource_version_relists(
+    bare: tuple[RunningServer, str], caplog: pytest.LogCaptureFixture
+) -> None:
     """More writes than the server's 5-event buffer while the watch sees none: its resume gets 410."""
     server, config = bare
     caplog.set_level(logging.DEBUG, logger="twincd.adapters.cluster")
     api = k8s.ApiClient(k8s.Configuration(host=server.url))
     start_deployment(api)
-    t = RolloutTarget(ClusterRef("bare", "bare", config), None, None, "argocd", "Deployment", "hello", "hello",
-                      "0" * 40, None)
+    t = RolloutTarget(
+        ClusterRef("bare", "bare", config),
+        None,
+        None,
+        "argocd",
+        "Deployment",
+        "hello",
+        "hello",
+        "0" * 40,
+        None,
+    )
     thread, result = in_background(lambda: verify_rollout(t, timeout=30, watch_seconds=1))
     wait_until(lambda: "Deployment hello/hello: watching from resourceVersion" in caplog.text)
     for i in range(10):
         k8s.CoreV1Api(api).create_namespaced_config_map("hello", {"metadata": {"name": f"noise-{i}"}})
     # The watch ends after 1 s; its resume finds its resourceVersion gone from the buffer.
-    wait_until(lambda: "Deployment hello/hello: watch from resourceVersion" in caplog.text
-               and "expired (410): relisting" in caplog.text)
+    wait_until(
+        lambda: (
+            "Deployment hello/hello: watch from resourceVersion" in caplog.text
+            and "expired (410): relisting" in caplog.text
+        )
+    )
     written_at = time.monotonic()
     write_status(api, 3)
     thread.join(30)
@@ -305,13 +395,16 @@ def plain_cluster(tmp_path: Path) -> Iterator[tuple[RunningServer, str]]:
         server.stop()
 
 
-def test_sync_apply_applies_the_overlay_and_verifies_it(plain_cluster: tuple[RunningServer, str],
-                                                         registry: Registry, tmp_path: Path) -> None:
+def test_sync_apply_applies_the_overlay_and_verifies_it(
+    plain_cluster: tuple[RunningServer, str], registry: Registry, tmp_path: Path
+) -> None:
     server, config = plain_cluster
     digest = registry.push("hello", "2.0.0")
     tree = tmp_path / "manifests"
-    for name, text in {**BASE, "overlays/plain/hello/kustomization.yaml": overlay(f"{registry.host}/hello", digest)
-                       }.items():
+    for name, text in {
+        **BASE,
+        "overlays/plain/hello/kustomization.yaml": overlay(f"{registry.host}/hello", digest),
+    }.items():
         (tree / name).parent.mkdir(parents=True, exist_ok=True)
         (tree / name).write_text(text)
     objects = render_overlay(tree / "overlays/plain/hello", tree)  # what the deploy flow renders at the merge
@@ -319,11 +412,19 @@ def test_sync_apply_applies_the_overlay_and_verifies_it(plain_cluster: tuple[Run
 
     started = time.monotonic()
     result = apply_overlay(ref, objects)
-    assert [str(o) for o in result.objects] == ["Namespace/hello", "Service/hello/hello", "Deployment/hello/hello"]
+    assert [str(o) for o in result.objects] == [
+        "Namespace/hello",
+        "Service/hello/hello",
+        "Deployment/hello/hello",
+    ]
     assert result.created == result.objects
-    t = RolloutTarget(ref, None, None, "argocd", "Deployment", "hello", "hello", "unused-without-argocd", digest)
+    t = RolloutTarget(
+        ref, None, None, "argocd", "Deployment", "hello", "hello", "unused-without-argocd", digest
+    )
     verdict = verify_rollout(t, timeout=30)
-    print(f"sync apply: applied and {verdict.phase.value} in {time.monotonic() - started:.2f}s: {verdict.message}")
+    print(
+        f"sync apply: applied and {verdict.phase.value} in {time.monotonic() - started:.2f}s: {verdict.message}"
+    )
     assert verdict.phase is Phase.SUCCEEDED, verdict
     assert f"2 running pods carry {digest[7:19]}" in verdict.message
 
@@ -333,20 +434,37 @@ def test_sync_apply_applies_the_overlay_and_verifies_it(plain_cluster: tuple[Run
     # Applying the same overlay again is a no-op: nothing created, no new resourceVersion.
     again = apply_overlay(ref, objects)
     assert not again.created
-    assert k8s.AppsV1Api(api).read_namespaced_deployment("hello", "hello").metadata.resource_version == \
-        live.metadata.resource_version
+    assert (
+        k8s.AppsV1Api(api).read_namespaced_deployment("hello", "hello").metadata.resource_version
+        == live.metadata.resource_version
+    )
     # The sandbox refuses an apply without a field manager, as the real server does.
-    refused = httpx.patch(f"{server.url}/apis/apps/v1/namespaces/hello/deployments/hello", content=b"{}",
-                          headers={"Content-Type": "application/apply-patch+yaml"})
+    refused = httpx.patch(
+        f"{server.url}/apis/apps/v1/namespaces/hello/deployments/hello",
+        content=b"{}",
+        headers={"Content-Type": "application/apply-patch+yaml"},
+    )
     assert refused.status_code == 422 and "fieldManager: Required value" in refused.json()["message"]
 
 
-def test_sync_apply_refusals_are_permanent_and_name_the_object(plain_cluster: tuple[RunningServer, str]) -> None:
+def test_sync_apply_refusals_are_permanent_and_name_the_object(
+    plain_cluster: tuple[RunningServer, str],
+) -> None:
     ref = ClusterRef("plain", "plain", plain_cluster[1])
-    invalid = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "default"},
-               "spec": {"replicas": "two"}}
-    with pytest.raises(ApplyRejected, match=r"apply Deployment default/web: HTTP 400 .*cannot unmarshal string"):
+    invalid = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"replicas": "two"},
+    }
+    with pytest.raises(
+        ApplyRejected, match=r"apply Deployment default/web: HTTP 400 .*cannot unmarshal string"
+    ):
         apply_overlay(ref, [invalid])
-    unknown = {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": {"name": "web"}}
+    unknown = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": {"name": "web"},
+    }
     with pytest.raises(ApplyRejected, match="kind ServiceMonitor of monitoring.coreos.com/v1 is not served"):
         apply_overlay(ref, [unknown])

@@ -54,7 +54,9 @@ def env() -> Environment:
 def _serve(app: Starlette) -> Iterator[str]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=1))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -73,18 +75,27 @@ def hook(env: Environment, deployment_id: UUID) -> Iterator[str]:
 
 def tag_push(tag: str = "v1.2.3", *, sha: str | None = SHA, project: str = "apps/hello") -> dict[str, Any]:
     """A GitLab Tag Push Hook payload (trimmed to what GitLab always sends)."""
-    return {"object_kind": "tag_push", "event_name": "tag_push", "ref": f"refs/tags/{tag}",
-            "before": "0" * 40, "after": sha or "0" * 40, "checkout_sha": sha, "user_name": "dev",
-            "project": {"id": 7, "path_with_namespace": project, "name": project.rsplit("/", 1)[-1]},
-            "commits": [], "total_commits_count": 0}
+    return {
+        "object_kind": "tag_push",
+        "event_name": "tag_push",
+        "ref": f"refs/tags/{tag}",
+        "before": "0" * 40,
+        "after": sha or "0" * 40,
+        "checkout_sha": sha,
+        "user_name": "dev",
+        "project": {"id": 7, "path_with_namespace": project, "name": project.rsplit("/", 1)[-1]},
+        "commits": [],
+        "total_commits_count": 0,
+    }
 
 
 def post(url: str, body: object, *, token: str | None = SECRET, raw: bytes | None = None) -> httpx.Response:
     headers = {"X-Gitlab-Event": "Tag Push Hook", "Content-Type": "application/json"}
     if token is not None:
         headers["X-Gitlab-Token"] = token
-    return httpx.post(url, content=raw if raw is not None else json.dumps(body).encode(), headers=headers,
-                      timeout=30)
+    return httpx.post(
+        url, content=raw if raw is not None else json.dumps(body).encode(), headers=headers, timeout=30
+    )
 
 
 @pytest.mark.parametrize("token", [None, "", "wrong", SECRET + "x"])
@@ -98,19 +109,22 @@ def test_oversized_body_is_413_declared_or_streamed(hook: str) -> None:
     assert post(hook, None, raw=big).status_code == 413
 
     def chunks() -> Iterator[bytes]:  # chunked transfer: no Content-Length to refuse up front
-        yield from (big[i:i + 8192] for i in range(0, len(big), 8192))
+        yield from (big[i : i + 8192] for i in range(0, len(big), 8192))
 
     r = httpx.post(hook, content=chunks(), headers={"X-Gitlab-Token": SECRET}, timeout=30)
     assert r.status_code == 413
 
 
-@pytest.mark.parametrize(("raw", "reason"), [
-    (b"{not json", "not JSON"),
-    (b"[1, 2]", "JSON object"),
-    (json.dumps({**tag_push(), "ref": "refs/heads/main"}).encode(), "refs/tags/"),
-    (json.dumps({**tag_push(), "project": None}).encode(), "path_with_namespace"),
-    (json.dumps({**tag_push(), "checkout_sha": "$(reboot)"}).encode(), "checkout_sha"),
-])
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{not json", "not JSON"),
+        (b"[1, 2]", "JSON object"),
+        (json.dumps({**tag_push(), "ref": "refs/heads/main"}).encode(), "refs/tags/"),
+        (json.dumps({**tag_push(), "project": None}).encode(), "path_with_namespace"),
+        (json.dumps({**tag_push(), "checkout_sha": "$(reboot)"}).encode(), "checkout_sha"),
+    ],
+)
 def test_malformed_body_is_400(hook: str, raw: bytes, reason: str) -> None:
     r = post(hook, None, raw=raw)
     assert r.status_code == 400 and reason in r.json()["error"]
@@ -121,7 +135,9 @@ def test_tag_deletion_is_ignored(hook: str) -> None:
     assert r.status_code == 202 and "deleted" in r.json()["ignored"]
 
 
-@pytest.mark.parametrize(("tag", "reason"), [("latest", "tag_pattern"), ("v1.0.0..x", "not a safe release tag")])
+@pytest.mark.parametrize(
+    ("tag", "reason"), [("latest", "tag_pattern"), ("v1.0.0..x", "not a safe release tag")]
+)
 def test_tag_that_is_no_release_is_ignored(hook: str, tag: str, reason: str) -> None:
     r = post(hook, tag_push(tag))
     assert r.status_code == 202 and reason in r.json()["ignored"]
@@ -144,8 +160,9 @@ async def _read_run(run_id: str) -> Any:
 
 async def _create_run_directly(deployment_id: UUID, key: str) -> UUID:
     async with get_client() as client:
-        run = await client.create_flow_run_from_deployment(deployment_id, parameters={"app": "hello", "tag": "v1.2.3"},
-                                                           idempotency_key=key)
+        run = await client.create_flow_run_from_deployment(
+            deployment_id, parameters={"app": "hello", "tag": "v1.2.3"}, idempotency_key=key
+        )
         return run.id
 
 
@@ -169,9 +186,11 @@ def test_release_tag_creates_one_run_and_replays_land_on_it(hook: str, deploymen
     t0 = time.perf_counter()
     asyncio.run(_create_run_directly(deployment_id, f"apps/hello:v1.2.3:{SHA}"))
     direct = time.perf_counter() - t0
-    print(f"webhook answer times: first {timings[0] * 1000:.0f} ms, replays "
-          + ", ".join(f"{t * 1000:.0f} ms" for t in timings[1:])
-          + f"; the Prefect call alone (new client): {direct * 1000:.0f} ms")
+    print(
+        f"webhook answer times: first {timings[0] * 1000:.0f} ms, replays "
+        + ", ".join(f"{t * 1000:.0f} ms" for t in timings[1:])
+        + f"; the Prefect call alone (new client): {direct * 1000:.0f} ms"
+    )
     # ~50-150 ms on an idle machine; the bound is GitLab's: it times a webhook out after 10 s.
     assert max(timings) < 5.0
 
@@ -181,9 +200,13 @@ def test_release_tag_creates_one_run_and_replays_land_on_it(hook: str, deploymen
 
 
 def test_explicit_project_mapping_and_missing_deployment(env: Environment, deployment_id: UUID) -> None:
-    app = create_app(env, secret=SECRET, projects={"Platform/Hello-Service": "hello"}, deployment="deploy/missing")
+    app = create_app(
+        env, secret=SECRET, projects={"Platform/Hello-Service": "hello"}, deployment="deploy/missing"
+    )
     for url in _serve(app):
-        assert post(url + PATH, tag_push(project="apps/hello")).status_code == 404  # basenames no longer count
+        assert (
+            post(url + PATH, tag_push(project="apps/hello")).status_code == 404
+        )  # basenames no longer count
         r = post(url + PATH, tag_push(project="platform/hello-service"))
         assert r.status_code == 500 and "no deployment deploy/missing" in r.json()["error"]
 

@@ -80,11 +80,20 @@ def test_release_tags_that_pass(tag: str) -> None:
     assert check_tag(app="hello", tag=tag, pattern=load_environment().apps["hello"].tag_pattern) == tag
 
 
-@pytest.mark.parametrize("tag,why", [
-    ("v1.2", "does not match"), ("latest", "does not match"), ("v1.2.3;id", "not a safe"), ("-x", "not a safe"),
-    ("v1..2", "not a safe"), ("v1.2.3.lock", "not a safe"), ("$(id)", "not a safe"), ("v1 2", "not a safe"),
-    ("x" * 129, "not a safe"),
-])
+@pytest.mark.parametrize(
+    "tag,why",
+    [
+        ("v1.2", "does not match"),
+        ("latest", "does not match"),
+        ("v1.2.3;id", "not a safe"),
+        ("-x", "not a safe"),
+        ("v1..2", "not a safe"),
+        ("v1.2.3.lock", "not a safe"),
+        ("$(id)", "not a safe"),
+        ("v1 2", "not a safe"),
+        ("x" * 129, "not a safe"),
+    ],
+)
 def test_release_tags_refused(tag: str, why: str) -> None:
     with pytest.raises(BadTag, match=why):
         check_tag(app="hello", tag=tag, pattern=load_environment().apps["hello"].tag_pattern)

@@ -31,49 +31,81 @@ DIGEST_2 = "sha256:" + "2" * 64
 
 def deployment(image: str = f"registry.example/web@{DIGEST_1}", replicas: int = 2) -> dict[str, Any]:
     return {
-        "apiVersion": "apps/v1", "kind": "Deployment",
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
         "metadata": {"name": "web", "namespace": "web", "labels": {"app.kubernetes.io/name": "web"}},
         "spec": {
             "replicas": replicas,
             "selector": {"matchLabels": {"app.kubernetes.io/name": "web"}},
             "template": {
                 "metadata": {"labels": {"app.kubernetes.io/name": "web"}},
-                "spec": {"containers": [{
-                    "name": "web", "image": image,
-                    "ports": [{"containerPort": 8080}],
-                    "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}],
-                    "resources": {"limits": {"cpu": "1", "memory": "1Gi"}, "requests": {"cpu": "500m"}},
-                }, {"name": "sidecar", "image": "registry.example/proxy:latest"}]},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "web",
+                            "image": image,
+                            "ports": [{"containerPort": 8080}],
+                            "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}],
+                            "resources": {
+                                "limits": {"cpu": "1", "memory": "1Gi"},
+                                "requests": {"cpu": "500m"},
+                            },
+                        },
+                        {"name": "sidecar", "image": "registry.example/proxy:latest"},
+                    ]
+                },
             },
         },
     }
 
 
 def service() -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "web"},
-            "spec": {"selector": {"app.kubernetes.io/name": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web", "namespace": "web"},
+        "spec": {"selector": {"app.kubernetes.io/name": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    }
 
 
 def served(obj: dict[str, Any]) -> dict[str, Any]:
     """``obj`` as a real API server returns it: defaults, rewrites, metadata and status added."""
     live = copy.deepcopy(obj)
     meta = live["metadata"]
-    meta.update(uid="0b7c", resourceVersion="812", generation=3, creationTimestamp="2024-01-01T00:00:00Z",
-                managedFields=[{"manager": "argocd-controller"}])
-    meta["annotations"] = {"kubectl.kubernetes.io/last-applied-configuration": "{}",
-                           "deployment.kubernetes.io/revision": "4",
-                           "argocd.argoproj.io/tracking-id": "web-eks:apps/Deployment:web/web"}
+    meta.update(
+        uid="0b7c",
+        resourceVersion="812",
+        generation=3,
+        creationTimestamp="2024-01-01T00:00:00Z",
+        managedFields=[{"manager": "argocd-controller"}],
+    )
+    meta["annotations"] = {
+        "kubectl.kubernetes.io/last-applied-configuration": "{}",
+        "deployment.kubernetes.io/revision": "4",
+        "argocd.argoproj.io/tracking-id": "web-eks:apps/Deployment:web/web",
+    }
     live["status"] = {"replicas": 2, "readyReplicas": 2}
     if live["kind"] == "Deployment":
         spec = live["spec"]
-        spec.update(revisionHistoryLimit=10, progressDeadlineSeconds=600,
-                    strategy={"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}})
+        spec.update(
+            revisionHistoryLimit=10,
+            progressDeadlineSeconds=600,
+            strategy={"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}},
+        )
         pod = spec["template"]["spec"]
-        pod.update(restartPolicy="Always", dnsPolicy="ClusterFirst", schedulerName="default-scheduler",
-                   terminationGracePeriodSeconds=30, securityContext={})
+        pod.update(
+            restartPolicy="Always",
+            dnsPolicy="ClusterFirst",
+            schedulerName="default-scheduler",
+            terminationGracePeriodSeconds=30,
+            securityContext={},
+        )
         for c in pod["containers"]:
-            c.update(imagePullPolicy="Always" if c["image"].endswith(":latest") else "IfNotPresent",
-                     terminationMessagePath="/dev/termination-log", terminationMessagePolicy="File")
+            c.update(
+                imagePullPolicy="Always" if c["image"].endswith(":latest") else "IfNotPresent",
+                terminationMessagePath="/dev/termination-log",
+                terminationMessagePolicy="File",
+            )
             for p in c.get("ports", []):
                 p["protocol"] = "TCP"
         web = pod["containers"][0]
@@ -81,7 +113,9 @@ def served(obj: dict[str, Any]) -> dict[str, Any]:
         web["env"] = list(reversed(web["env"]))
         pod["containers"] = list(reversed(pod["containers"]))
     elif live["kind"] == "Service":
-        live["spec"].update(type="ClusterIP", sessionAffinity="None", clusterIP="10.0.0.7", clusterIPs=["10.0.0.7"])
+        live["spec"].update(
+            type="ClusterIP", sessionAffinity="None", clusterIP="10.0.0.7", clusterIPs=["10.0.0.7"]
+        )
         live["spec"]["ports"] = [{"port": 80, "targetPort": "8080", "protocol": "TCP"}]
     return live
 
@@ -89,13 +123,20 @@ def served(obj: dict[str, Any]) -> dict[str, Any]:
 def test_every_normalisation_noise_case_gives_no_finding() -> None:
     for obj in (deployment(), service()):
         assert compare_object(obj, served(obj)) == []
-    items = compare_app(app="web", cluster="eks", desired=[deployment(), service()],
-                        live=[served(deployment()), served(service())], application="web-eks")
+    items = compare_app(
+        app="web",
+        cluster="eks",
+        desired=[deployment(), service()],
+        live=[served(deployment()), served(service())],
+        application="web-eks",
+    )
     assert items == ()
 
 
-@pytest.mark.parametrize("a,b", [("1", "1000m"), ("1Gi", "1024Mi"), ("0.5", "500m"), ("1e3", "1k"),
-                                 (2, "2"), ("128974848", "129e6")])
+@pytest.mark.parametrize(
+    "a,b",
+    [("1", "1000m"), ("1Gi", "1024Mi"), ("0.5", "500m"), ("1e3", "1k"), (2, "2"), ("128974848", "129e6")],
+)
 def test_quantity_spellings_are_equal_or_not(a: object, b: object) -> None:
     qa, qb = parse_quantity(a), parse_quantity(b)
     assert qa is not None and qb is not None
@@ -110,8 +151,9 @@ def test_omitempty_values_absent_live_are_silent_but_a_hand_set_default_is_not()
     assert compare_object(want, live) == []
     web = next(c for c in live["spec"]["template"]["spec"]["containers"] if c["name"] == "web")
     web["imagePullPolicy"] = "Never"  # web's image is pinned: the default is IfNotPresent
-    assert compare_object(want, live) == [(
-        "spec.template.spec.containers[name=web].imagePullPolicy", "IfNotPresent (server default)", "Never")]
+    assert compare_object(want, live) == [
+        ("spec.template.spec.containers[name=web].imagePullPolicy", "IfNotPresent (server default)", "Never")
+    ]
 
 
 def test_changed_image_and_replicas_are_modified_with_path_and_values() -> None:
@@ -119,8 +161,12 @@ def test_changed_image_and_replicas_are_modified_with_path_and_values() -> None:
     items = compare_app(app="web", cluster="eks", desired=[deployment()], live=[live])
     assert [(i.finding, i.path, i.desired, i.live) for i in items] == [
         (Drift.MODIFIED, "spec.replicas", "2", "5"),
-        (Drift.MODIFIED, "spec.template.spec.containers[name=web].image",
-         f"registry.example/web@{DIGEST_1}", f"registry.example/web@{DIGEST_2}"),
+        (
+            Drift.MODIFIED,
+            "spec.template.spec.containers[name=web].image",
+            f"registry.example/web@{DIGEST_1}",
+            f"registry.example/web@{DIGEST_2}",
+        ),
     ]
     assert {(i.app, i.cluster, i.resource) for i in items} == {("web", "eks", "Deployment/web/web")}
 
@@ -142,8 +188,13 @@ def test_env_changed_added_and_removed_by_hand_and_a_label_changed() -> None:
 
 def test_secret_data_drift_shows_fingerprints_never_values() -> None:
     def secret(data: dict[str, str]) -> dict[str, Any]:
-        return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db", "namespace": "web"},
-                "type": "Opaque", "data": data}
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "db", "namespace": "web"},
+            "type": "Opaque",
+            "data": data,
+        }
 
     # base64 of "hunter2", "s3cret-new", "same"
     desired = secret({"password": "aHVudGVyMg==", "user": "c2FtZQ==", "token": "aHVudGVyMg=="})
@@ -166,8 +217,13 @@ def test_missing_and_unexpected() -> None:
     other_team["metadata"].update(name="metrics", annotations={})
     tracked_only = served(service())
     tracked_only["metadata"]["name"] = "web-old"  # no app label, but Argo CD's tracking id of web-eks
-    items = compare_app(app="web", cluster="eks", desired=[deployment(), service()],
-                        live=[served(deployment()), stray, other_team, tracked_only], application="web-eks")
+    items = compare_app(
+        app="web",
+        cluster="eks",
+        desired=[deployment(), service()],
+        live=[served(deployment()), stray, other_team, tracked_only],
+        application="web-eks",
+    )
     assert [(i.finding, i.resource) for i in items] == [
         (Drift.UNEXPECTED, "Deployment/web/web-debug"),
         (Drift.MISSING, "Service/web/web"),
@@ -179,7 +235,9 @@ def test_list_scopes_one_per_kind_and_namespace_label_selected_when_all_carry_th
     ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "web"}}
     other = deployment()
     other["metadata"]["name"] = "worker"
-    desired = place_namespaces([ns, deployment(), other, service()], namespaced=lambda av, k: k != "Namespace")
+    desired = place_namespaces(
+        [ns, deployment(), other, service()], namespaced=lambda av, k: k != "Namespace"
+    )
     assert list_scopes(desired, app="web") == (
         ListScope("apps/v1", "Deployment", "web", "app.kubernetes.io/name=web"),
         ListScope("v1", "Namespace", "", ""),
@@ -204,8 +262,13 @@ def test_skew_older_digest_on_one_cloud_and_replica_intent() -> None:
     aks = states("aks", f"aks.registry.example/web@{DIGEST_2}", 3)
     items = find_skew([*eks, *aks], serving={"eks", "aks"})
     assert [(i.finding, i.cluster, i.resource, i.path, i.live) for i in items] == [
-        (Drift.SKEW, "aks,eks", "Deployment/web/web", "spec.template.spec.containers[name=web].image",
-         f"aks={DIGEST_2}; eks={DIGEST_1}"),
+        (
+            Drift.SKEW,
+            "aks,eks",
+            "Deployment/web/web",
+            "spec.template.spec.containers[name=web].image",
+            f"aks={DIGEST_2}; eks={DIGEST_1}",
+        ),
         (Drift.SKEW, "aks,eks", "Deployment/web/web", "spec.replicas", "aks=3; eks=2"),
     ]
 
@@ -237,6 +300,7 @@ def test_diff_findings_appeared_and_cleared() -> None:
 
 @pytest.mark.parametrize("namespace", ["web", ""])
 def test_rows_read_back_exactly(namespace: str) -> None:
-    original = DriftItem("web", "aks,eks", "Deployment", namespace, "web", Drift.SKEW, "spec.replicas",
-                         "x|y", "aks=3; eks=2")
+    original = DriftItem(
+        "web", "aks,eks", "Deployment", namespace, "web", Drift.SKEW, "spec.replicas", "x|y", "aks=3; eks=2"
+    )
     assert from_row(to_row(original)) == original

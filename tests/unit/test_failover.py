@@ -29,10 +29,18 @@ EKS, AKS = "127.0.0.11", "127.0.0.12"
 
 
 def topology(eks: Role, aks: Role, record: set[str] | None, apps: tuple[str, ...] = ("hello",)) -> Topology:
-    overlays = tuple(Overlay(c, a, f"overlays/{c}/{a}/kustomization.yaml", role)
-                     for c, role in (("eks", eks), ("aks", aks)) for a in apps)
-    return Topology(("eks", "aks"), (("eks", EKS), ("aks", AKS)), overlays,
-                    None if record is None else frozenset(record), "web.example.test")
+    overlays = tuple(
+        Overlay(c, a, f"overlays/{c}/{a}/kustomization.yaml", role)
+        for c, role in (("eks", eks), ("aks", aks))
+        for a in apps
+    )
+    return Topology(
+        ("eks", "aks"),
+        (("eks", EKS), ("aks", AKS)),
+        overlays,
+        None if record is None else frozenset(record),
+        "web.example.test",
+    )
 
 
 def steps(plan: FailoverPlan) -> list[str]:
@@ -49,8 +57,10 @@ def steps(plan: FailoverPlan) -> list[str]:
 
 
 def healthy(*clusters: str, sick: tuple[str, ...] = ()) -> dict[str, Health]:
-    return {**{c: Health(c, True, ("ok",)) for c in clusters},
-            **{c: Health(c, False, ("API server unreachable",)) for c in sick}}
+    return {
+        **{c: Health(c, True, ("ok",)) for c in clusters},
+        **{c: Health(c, False, ("API server unreachable",)) for c in sick},
+    }
 
 
 def test_active_active_to_standby_promotes_nothing_gates_dns_then_demotes() -> None:
@@ -72,14 +82,20 @@ def test_moving_the_active_side_promotes_before_dns_and_demotes_after() -> None:
     md = plan.markdown(reason="AKS region outage")
     assert "# Failover to active-standby-eks" in md and "Reason: AKS region outage" in md
     # The printed order is the execution order.
-    assert md.index("**promote** eks") < md.index("**health gate** eks") < md.index("**dns**") \
+    assert (
+        md.index("**promote** eks")
+        < md.index("**health gate** eks")
+        < md.index("**dns**")
         < md.index("**demote** aks")
+    )
     assert "current: eks standby, aks active; web.example.test: 127.0.0.12" in md
 
 
 def test_already_at_target_is_a_noop() -> None:
-    for current, target in [(topology("active", "active", {EKS, AKS}), Target("active-active")),
-                            (topology("standby", "active", {AKS}), Target("active-standby", "aks"))]:
+    for current, target in [
+        (topology("active", "active", {EKS, AKS}), Target("active-active")),
+        (topology("standby", "active", {AKS}), Target("active-standby", "aks")),
+    ]:
         plan = plan_failover(current, target)
         assert plan.noop and plan.actions == ()
         assert "Already at the target: nothing to do." in plan.markdown()
@@ -92,17 +108,25 @@ def test_dns_drift_alone_is_repaired_behind_a_health_gate() -> None:
 
 
 def test_mixed_overlays_switch_only_those_not_yet_switched() -> None:
-    current = Topology(("eks", "aks"), (("eks", EKS), ("aks", AKS)), (
-        Overlay("eks", "hello", "overlays/eks/hello/kustomization.yaml", "standby"),
-        Overlay("eks", "api", "overlays/eks/api/kustomization.yaml", "active"),
-        Overlay("aks", "hello", "overlays/aks/hello/kustomization.yaml", "active"),
-        Overlay("aks", "api", "overlays/aks/api/kustomization.yaml", "unknown"),
-    ), frozenset({AKS}), "web.example.test")
+    current = Topology(
+        ("eks", "aks"),
+        (("eks", EKS), ("aks", AKS)),
+        (
+            Overlay("eks", "hello", "overlays/eks/hello/kustomization.yaml", "standby"),
+            Overlay("eks", "api", "overlays/eks/api/kustomization.yaml", "active"),
+            Overlay("aks", "hello", "overlays/aks/hello/kustomization.yaml", "active"),
+            Overlay("aks", "api", "overlays/aks/api/kustomization.yaml", "unknown"),
+        ),
+        frozenset({AKS}),
+        "web.example.test",
+    )
     plan = plan_failover(current, Target("active-active"))
     promote = plan.actions[0]
     assert isinstance(promote, SwitchComponents)
-    assert [o.file for o in promote.overlays] == ["overlays/eks/hello/kustomization.yaml",
-                                                   "overlays/aks/api/kustomization.yaml"]
+    assert [o.file for o in promote.overlays] == [
+        "overlays/eks/hello/kustomization.yaml",
+        "overlays/aks/api/kustomization.yaml",
+    ]
     assert current.role("eks") == "unknown"
 
 
@@ -117,8 +141,13 @@ def test_bad_targets_are_refused() -> None:
         plan_failover(topology("active", "active", {EKS, AKS}), Target("active-standby", "gke"))
     with pytest.raises(PlanError, match="takes no active cluster"):
         plan_failover(topology("active", "active", {EKS, AKS}), Target("active-active", "eks"))
-    no_ip = Topology(("eks", "aks"), (("eks", EKS), ("aks", None)),
-                     topology("active", "active", set()).overlays, frozenset({EKS}), "web")
+    no_ip = Topology(
+        ("eks", "aks"),
+        (("eks", EKS), ("aks", None)),
+        topology("active", "active", set()).overlays,
+        frozenset({EKS}),
+        "web",
+    )
     with pytest.raises(PlanError, match="aks have no ingress_ip"):
         plan_failover(no_ip, Target("active-standby", "aks"))
 
@@ -138,16 +167,25 @@ def test_never_remove_the_last_healthy_ip() -> None:
     with pytest.raises(HealthGateFailed, match="health gate failed for eks"):
         gate(plan, healthy("aks", sick=("eks",)))
     # The record check on its own, as the last line of defence before the write.
-    forged = FailoverPlan(plan.current, plan.target, ("eks",),
-                          (ReplaceRecord("web.example.test", frozenset({EKS, AKS}), frozenset({EKS})),))
+    forged = FailoverPlan(
+        plan.current,
+        plan.target,
+        ("eks",),
+        (ReplaceRecord("web.example.test", frozenset({EKS, AKS}), frozenset({EKS})),),
+    )
     with pytest.raises(HealthGateFailed, match="refusing to publish 127.0.0.11"):
         check_record_change(forged, healthy("aks", sick=("eks",)))
-    empty = FailoverPlan(plan.current, plan.target, (),
-                         (ReplaceRecord("web.example.test", frozenset({AKS}), frozenset()),))
+    empty = FailoverPlan(
+        plan.current, plan.target, (), (ReplaceRecord("web.example.test", frozenset({AKS}), frozenset()),)
+    )
     with pytest.raises(HealthGateFailed, match="refusing to remove the last IP"):
         check_record_change(empty, healthy("aks"))
-    unknown = FailoverPlan(plan.current, plan.target, ("eks",),
-                           (ReplaceRecord("web.example.test", frozenset({AKS}), frozenset({"127.0.0.99"})),))
+    unknown = FailoverPlan(
+        plan.current,
+        plan.target,
+        ("eks",),
+        (ReplaceRecord("web.example.test", frozenset({AKS}), frozenset({"127.0.0.99"})),),
+    )
     with pytest.raises(HealthGateFailed, match="the last healthy IP would go"):
         check_record_change(unknown, healthy("aks"))
 
@@ -155,8 +193,12 @@ def test_never_remove_the_last_healthy_ip() -> None:
 def test_roles_and_component_paths_follow_the_overlay_location() -> None:
     file = "overlays/eks/hello/kustomization.yaml"
     assert component_path(file, "active") == "../../../components/active"
-    assert role_of("components:\n  - ../../../components/standby\n  - ../../../components/monitoring\n",
-                   file=file) == "standby"
+    assert (
+        role_of(
+            "components:\n  - ../../../components/standby\n  - ../../../components/monitoring\n", file=file
+        )
+        == "standby"
+    )
     assert role_of("components:\n  - ../../../components/active/\n", file=file) == "active"
     assert role_of("resources: [../../../base/hello]\n", file=file) == "unknown"
     overlay = Overlay("eks", "hello", file, "standby")

@@ -68,12 +68,14 @@ def test_set_components_golden(case: str) -> None:
     original = (folder / "original.yaml").read_text()
     args = json.loads((folder / "args.json").read_text())
 
-    result = set_components(original, file="overlays/aks/hello/kustomization.yaml",
-                            remove=args["remove"], add=args["add"])
+    result = set_components(
+        original, file="overlays/aks/hello/kustomization.yaml", remove=args["remove"], add=args["add"]
+    )
 
     assert result.text == (folder / "expected.yaml").read_text()
     assert result.changes == tuple(
-        ComponentChange(file="overlays/aks/hello/kustomization.yaml", removed=r, added=a) for r, a in args["changes"]
+        ComponentChange(file="overlays/aks/hello/kustomization.yaml", removed=r, added=a)
+        for r, a in args["changes"]
     )
     again = set_components(result.text, file="k.yaml", remove=args["remove"], add=args["add"])
     assert again.changes == () and again.text == result.text
@@ -133,10 +135,18 @@ def test_pinned_overlay_renders_with_kubectl(tmp_path: Path) -> None:
     overlay = tmp_path / "overlay"
     overlay.mkdir()
     original = (FIXTURES / "set_image" / "several_images_comments" / "original.yaml").read_text()
-    text = set_image(original.replace("../../base/hello", "../base").replace("- ingress.yaml\n", "")
-                     .replace("patches:\n- path: replicas.yaml\n", ""), file="k", image="hello", ref=REF).text
+    text = set_image(
+        original.replace("../../base/hello", "../base")
+        .replace("- ingress.yaml\n", "")
+        .replace("patches:\n- path: replicas.yaml\n", ""),
+        file="k",
+        image="hello",
+        ref=REF,
+    ).text
     (overlay / "kustomization.yaml").write_text(text)
-    out = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, check=True
+    ).stdout
     assert f"image: {REF.pinned}" in out
 
 

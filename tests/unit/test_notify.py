@@ -15,15 +15,22 @@ def _at(n: int) -> str:
 
 def until_waiting() -> Timeline:
     t = Timeline("hello", "1.2.0")
-    for i, e in enumerate([
-        Event("release", "ok", "tag 1.2.0 is commit 1111111111aa", ""),
-        Event("push", "ok", f"pushed: 127.0.0.1:5000/hello@{DIGEST}", "", digest=DIGEST),
-        Event("set-image", "ok", "committed: twincd/hello/1.2.0 at 2222222222bb", ""),
-        Event("merge-request", "ok", "opened !7 (opened): hello: release 1.2.0 (0123456789ab)", "",
-              url="https://gitlab.example/infra/manifests/-/merge_requests/7"),
-        Event("validate", "ok", "12 resources valid in overlays/eks, overlays/aks", ""),
-        Event("merge", "waiting", "waiting for approval of !7", ""),
-    ]):
+    for i, e in enumerate(
+        [
+            Event("release", "ok", "tag 1.2.0 is commit 1111111111aa", ""),
+            Event("push", "ok", f"pushed: 127.0.0.1:5000/hello@{DIGEST}", "", digest=DIGEST),
+            Event("set-image", "ok", "committed: twincd/hello/1.2.0 at 2222222222bb", ""),
+            Event(
+                "merge-request",
+                "ok",
+                "opened !7 (opened): hello: release 1.2.0 (0123456789ab)",
+                "",
+                url="https://gitlab.example/infra/manifests/-/merge_requests/7",
+            ),
+            Event("validate", "ok", "12 resources valid in overlays/eks, overlays/aks", ""),
+            Event("merge", "waiting", "waiting for approval of !7", ""),
+        ]
+    ):
         t = t.add(Event(e.step, e.status, e.text, _at(i), e.cluster, e.url, e.digest, e.actor))
     return t
 
@@ -45,7 +52,10 @@ def test_parent_of_a_successful_release() -> None:
     assert p.digest == "0123456789ab"
     assert [(c.name, c.status) for c in p.clusters] == [("eks", "rolled out"), ("aks", "rolled out")]
     assert p.plain == "✅ hello 1.2.0 succeeded · image 0123456789ab · eks ✅ rolled out · aks ✅ rolled out"
-    assert p.text == "✅ Release hello 1.2.0: succeeded · image 0123456789ab · eks ✅ rolled out · aks ✅ rolled out"
+    assert (
+        p.text
+        == "✅ Release hello 1.2.0: succeeded · image 0123456789ab · eks ✅ rolled out · aks ✅ rolled out"
+    )
     head = p.blocks[0]["text"]["text"]
     assert "<https://gitlab.example/infra/manifests/-/merge_requests/7|merge request>" in head
     assert "!7 merged as 3333333333cc by alice" in head
@@ -70,8 +80,13 @@ def test_digest_found_in_the_push_text_when_the_event_has_none() -> None:
 def test_parent_of_a_validation_failure() -> None:
     t = until_waiting()
     t = Timeline(t.app, t.tag, t.events[:4]).add(
-        Event("validate", "failed", "overlays/eks: Deployment/hello/hello at spec.replicas: 'x' is not <int>",
-              _at(5)))
+        Event(
+            "validate",
+            "failed",
+            "overlays/eks: Deployment/hello/hello at spec.replicas: 'x' is not <int>",
+            _at(5),
+        )
+    )
     p = parent_summary(t, CLUSTERS)
     assert p.state is State.FAILED
     assert [c.status for c in p.clusters] == ["not deployed", "not deployed"]
@@ -81,16 +96,23 @@ def test_parent_of_a_validation_failure() -> None:
 def test_parent_of_a_rollout_failure_on_one_cluster() -> None:
     t = merged(until_waiting())
     t = t.add(Event("verify", "ok", "rolled out", _at(20), "eks"))
-    t = t.add(Event("verify", "failed", "deployment hello/hello: ImagePullBackOff\nmore detail", _at(21), "aks"))
+    t = t.add(
+        Event("verify", "failed", "deployment hello/hello: ImagePullBackOff\nmore detail", _at(21), "aks")
+    )
     p = parent_summary(t, CLUSTERS)
     assert p.state is State.FAILED
     assert [(c.name, c.status) for c in p.clusters] == [("eks", "rolled out"), ("aks", "rollout failed")]
-    assert p.blocks[1]["fields"][1]["text"] == "*aks*\n❌ rollout failed\ndeployment hello/hello: ImagePullBackOff"
+    assert (
+        p.blocks[1]["fields"][1]["text"]
+        == "*aks*\n❌ rollout failed\ndeployment hello/hello: ImagePullBackOff"
+    )
     assert "eks ✅ rolled out · aks ❌ rollout failed" in p.text
 
 
 def test_slack_control_characters_are_escaped_but_links_are_kept() -> None:
-    t = Timeline("a<b>", "1&2").add(Event("merge-request", "ok", "opened <!channel>", _at(0), url="https://x/1"))
+    t = Timeline("a<b>", "1&2").add(
+        Event("merge-request", "ok", "opened <!channel>", _at(0), url="https://x/1")
+    )
     p = parent_summary(t, [])
     assert "a&lt;b&gt; 1&amp;2" in p.text and "<!channel>" not in p.text
     (r,) = thread_replies(t)
@@ -101,7 +123,12 @@ def test_slack_control_characters_are_escaped_but_links_are_kept() -> None:
 def test_replies_of_a_successful_release_in_order() -> None:
     replies = thread_replies(succeeded())
     assert [(r.event.step, r.event.cluster) for r in replies] == [
-        ("merge-request", ""), ("merge", ""), ("verify", "eks"), ("verify", "aks"), ("result", "")]
+        ("merge-request", ""),
+        ("merge", ""),
+        ("verify", "eks"),
+        ("verify", "aks"),
+        ("result", ""),
+    ]
     assert replies[1].plain == "✅ Merged: !7 merged as 3333333333cc (by alice)"
     assert not any(r.mention for r in replies)
 
@@ -138,8 +165,10 @@ def test_rollout_failure_replies_mention_once() -> None:
     t = t.add(Event("result", "failed", "rollout failed on aks: ImagePullBackOff; verified on eks", _at(22)))
     replies = thread_replies(t)
     assert [r.plain for r in replies[-3:]] == [
-        "✅ eks: rolled out: rolled out", "❌ aks: rollout failed: ImagePullBackOff",
-        "❌ Release failed: rollout failed on aks: ImagePullBackOff; verified on eks"]
+        "✅ eks: rolled out: rolled out",
+        "❌ aks: rollout failed: ImagePullBackOff",
+        "❌ Release failed: rollout failed on aks: ImagePullBackOff; verified on eks",
+    ]
     assert [r.mention for r in replies] == [False, False, False, False, True]
 
 
@@ -157,6 +186,8 @@ def test_waiting_and_plain_ok_steps_are_not_replies() -> None:
 def test_nothing_to_merge_and_refusal_are_replies() -> None:
     t = Timeline("hello", "1").add(Event("set-image", "skipped", "main already pins sha256:x", _at(0)))
     t = t.add(Event("merge", "cancelled", "!7 refused by bob", _at(1)))
-    assert [r.plain for r in thread_replies(t)] == ["⏭️ Nothing to merge: main already pins sha256:x",
-                                                    "🚫 Merge refused: !7 refused by bob"]
+    assert [r.plain for r in thread_replies(t)] == [
+        "⏭️ Nothing to merge: main already pins sha256:x",
+        "🚫 Merge refused: !7 refused by bob",
+    ]
     assert parent_summary(t, CLUSTERS).state is State.CANCELLED

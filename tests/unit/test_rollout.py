@@ -49,15 +49,17 @@ DEPLOYMENT: dict[str, Any] = {
         "template": {
             "metadata": {"creationTimestamp": None, "labels": {"app.kubernetes.io/name": "hello"}},
             "spec": {
-                "containers": [{
-                    "image": f"{IMAGE}@{NEW}",
-                    "imagePullPolicy": "IfNotPresent",
-                    "name": "hello",
-                    "ports": [{"containerPort": 8080, "protocol": "TCP"}],
-                    "resources": {},
-                    "terminationMessagePath": "/dev/termination-log",
-                    "terminationMessagePolicy": "File",
-                }],
+                "containers": [
+                    {
+                        "image": f"{IMAGE}@{NEW}",
+                        "imagePullPolicy": "IfNotPresent",
+                        "name": "hello",
+                        "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+                        "resources": {},
+                        "terminationMessagePath": "/dev/termination-log",
+                        "terminationMessagePolicy": "File",
+                    }
+                ],
                 "dnsPolicy": "ClusterFirst",
                 "restartPolicy": "Always",
                 "schedulerName": "default-scheduler",
@@ -69,12 +71,22 @@ DEPLOYMENT: dict[str, Any] = {
     "status": {
         "availableReplicas": 3,
         "conditions": [
-            {"lastTransitionTime": "2026-11-20T09:12:50Z", "lastUpdateTime": "2026-11-20T09:12:50Z",
-             "message": "Deployment has minimum availability.", "reason": "MinimumReplicasAvailable",
-             "status": "True", "type": "Available"},
-            {"lastTransitionTime": "2026-11-20T09:12:44Z", "lastUpdateTime": "2026-11-26T10:01:12Z",
-             "message": 'ReplicaSet "hello-7d9c6b5f4d" has successfully progressed.',
-             "reason": "NewReplicaSetAvailable", "status": "True", "type": "Progressing"},
+            {
+                "lastTransitionTime": "2026-11-20T09:12:50Z",
+                "lastUpdateTime": "2026-11-20T09:12:50Z",
+                "message": "Deployment has minimum availability.",
+                "reason": "MinimumReplicasAvailable",
+                "status": "True",
+                "type": "Available",
+            },
+            {
+                "lastTransitionTime": "2026-11-20T09:12:44Z",
+                "lastUpdateTime": "2026-11-26T10:01:12Z",
+                "message": 'ReplicaSet "hello-7d9c6b5f4d" has successfully progressed.',
+                "reason": "NewReplicaSetAvailable",
+                "status": "True",
+                "type": "Progressing",
+            },
         ],
         "observedGeneration": 4,
         "readyReplicas": 3,
@@ -92,8 +104,12 @@ def deployment(**status: Any) -> dict[str, Any]:
 
 def test_rolled_out_deployment_succeeds() -> None:
     v = deployment_verdict(DEPLOYMENT, cluster="eks", digest=NEW)
-    assert v == RolloutVerdict("eks", Phase.SUCCEEDED, 'deployment "hello" successfully rolled out',
-                               ("replicas 3 desired, 3 current, 3 updated, 3 available",))
+    assert v == RolloutVerdict(
+        "eks",
+        Phase.SUCCEEDED,
+        'deployment "hello" successfully rolled out',
+        ("replicas 3 desired, 3 current, 3 updated, 3 available",),
+    )
 
 
 def test_template_still_at_old_image_is_progressing() -> None:
@@ -121,33 +137,49 @@ def test_spec_update_not_observed_yet() -> None:
 
 
 def test_new_replicas_being_updated() -> None:
-    v = deployment_verdict(deployment(replicas=4, updatedReplicas=1, availableReplicas=3), cluster="eks", digest=NEW)
+    v = deployment_verdict(
+        deployment(replicas=4, updatedReplicas=1, availableReplicas=3), cluster="eks", digest=NEW
+    )
     assert v.phase is Phase.PROGRESSING
-    assert v.message == 'Waiting for deployment "hello" rollout to finish: 1 out of 3 new replicas have been updated...'
+    assert (
+        v.message
+        == 'Waiting for deployment "hello" rollout to finish: 1 out of 3 new replicas have been updated...'
+    )
 
 
 def test_old_replicas_pending_termination() -> None:
     v = deployment_verdict(deployment(replicas=4, updatedReplicas=3), cluster="eks", digest=NEW)
-    assert v.message == 'Waiting for deployment "hello" rollout to finish: 1 old replicas are pending termination...'
+    assert (
+        v.message
+        == 'Waiting for deployment "hello" rollout to finish: 1 old replicas are pending termination...'
+    )
     assert v.phase is Phase.PROGRESSING
 
 
 def test_updated_replicas_not_available_yet() -> None:
     v = deployment_verdict(deployment(availableReplicas=2, readyReplicas=2), cluster="eks", digest=NEW)
-    assert v.message == 'Waiting for deployment "hello" rollout to finish: 2 of 3 updated replicas are available...'
+    assert (
+        v.message
+        == 'Waiting for deployment "hello" rollout to finish: 2 of 3 updated replicas are available...'
+    )
 
 
 def test_progress_deadline_exceeded_fails_at_once() -> None:
     obj = deployment(availableReplicas=3, updatedReplicas=1, replicas=4, unavailableReplicas=1)
     obj["status"]["conditions"][1] = {
-        "lastTransitionTime": "2026-11-26T10:11:12Z", "lastUpdateTime": "2026-11-26T10:11:12Z",
+        "lastTransitionTime": "2026-11-26T10:11:12Z",
+        "lastUpdateTime": "2026-11-26T10:11:12Z",
         "message": 'ReplicaSet "hello-5f8d7c9b6a" has timed out progressing.',
-        "reason": "ProgressDeadlineExceeded", "status": "False", "type": "Progressing",
+        "reason": "ProgressDeadlineExceeded",
+        "status": "False",
+        "type": "Progressing",
     }
     v = deployment_verdict(obj, cluster="aks", digest=NEW)
     assert v.phase is Phase.FAILED
-    assert v.message == ('deployment "hello" exceeded its progress deadline: '
-                         'ReplicaSet "hello-5f8d7c9b6a" has timed out progressing.')
+    assert v.message == (
+        'deployment "hello" exceeded its progress deadline: '
+        'ReplicaSet "hello-5f8d7c9b6a" has timed out progressing.'
+    )
 
 
 def test_standby_deployment_scaled_to_zero_succeeds() -> None:
@@ -170,19 +202,32 @@ def test_scaling_to_zero_waits_for_old_pods_to_go() -> None:
 STATEFULSET: dict[str, Any] = {
     "apiVersion": "apps/v1",
     "kind": "StatefulSet",
-    "metadata": {"generation": 2, "name": "db", "namespace": "hello", "uid": "0a5e7c4e-1f1b-4c43-9d0e-5a1c9b2d7e11"},
+    "metadata": {
+        "generation": 2,
+        "name": "db",
+        "namespace": "hello",
+        "uid": "0a5e7c4e-1f1b-4c43-9d0e-5a1c9b2d7e11",
+    },
     "spec": {
         "podManagementPolicy": "OrderedReady",
         "replicas": 3,
         "selector": {"matchLabels": {"app": "db"}},
         "serviceName": "db",
-        "template": {"metadata": {"labels": {"app": "db"}},
-                     "spec": {"containers": [{"image": f"{IMAGE}@{NEW}", "name": "db"}]}},
+        "template": {
+            "metadata": {"labels": {"app": "db"}},
+            "spec": {"containers": [{"image": f"{IMAGE}@{NEW}", "name": "db"}]},
+        },
         "updateStrategy": {"rollingUpdate": {"partition": 0}, "type": "RollingUpdate"},
     },
     "status": {
-        "availableReplicas": 3, "collisionCount": 0, "currentReplicas": 3, "currentRevision": "db-6c8f9d7b5c",
-        "observedGeneration": 2, "readyReplicas": 3, "replicas": 3, "updateRevision": "db-6c8f9d7b5c",
+        "availableReplicas": 3,
+        "collisionCount": 0,
+        "currentReplicas": 3,
+        "currentRevision": "db-6c8f9d7b5c",
+        "observedGeneration": 2,
+        "readyReplicas": 3,
+        "replicas": 3,
+        "updateRevision": "db-6c8f9d7b5c",
         "updatedReplicas": 3,
     },
 }
@@ -190,29 +235,38 @@ STATEFULSET: dict[str, Any] = {
 
 def test_statefulset_verdicts() -> None:
     done = statefulset_verdict(STATEFULSET, cluster="eks", digest=NEW)
-    assert (done.phase, done.message) == (Phase.SUCCEEDED, "partitioned roll out complete: 3 new pods have been updated...")
+    assert (done.phase, done.message) == (
+        Phase.SUCCEEDED,
+        "partitioned roll out complete: 3 new pods have been updated...",
+    )
 
     waiting = copy.deepcopy(STATEFULSET)
     waiting["status"].update(readyReplicas=1)
-    assert statefulset_verdict(waiting, cluster="eks", digest=NEW).message == "Waiting for 2 pods to be ready..."
+    assert (
+        statefulset_verdict(waiting, cluster="eks", digest=NEW).message == "Waiting for 2 pods to be ready..."
+    )
 
     partitioned = copy.deepcopy(STATEFULSET)
     partitioned["spec"]["updateStrategy"]["rollingUpdate"]["partition"] = 1
     partitioned["status"].update(updatedReplicas=1)
     assert statefulset_verdict(partitioned, cluster="eks", digest=NEW).message == (
-        "Waiting for partitioned roll out to finish: 1 out of 2 new pods have been updated...")
+        "Waiting for partitioned roll out to finish: 1 out of 2 new pods have been updated..."
+    )
 
     no_partition = copy.deepcopy(STATEFULSET)
     del no_partition["spec"]["updateStrategy"]["rollingUpdate"]
     no_partition["status"].update(updateRevision="db-7d9e8f6a4b", updatedReplicas=1)
     v = statefulset_verdict(no_partition, cluster="eks", digest=NEW)
     assert (v.phase, v.message) == (
-        Phase.PROGRESSING, "waiting for statefulset rolling update to complete 1 pods at revision db-7d9e8f6a4b...")
+        Phase.PROGRESSING,
+        "waiting for statefulset rolling update to complete 1 pods at revision db-7d9e8f6a4b...",
+    )
 
     unobserved = copy.deepcopy(STATEFULSET)
     unobserved["status"]["observedGeneration"] = 1
     assert statefulset_verdict(unobserved, cluster="eks", digest=NEW).message == (
-        "Waiting for statefulset spec update to be observed...")
+        "Waiting for statefulset spec update to be observed..."
+    )
 
     on_delete = copy.deepcopy(STATEFULSET)
     on_delete["spec"]["updateStrategy"] = {"type": "OnDelete"}
@@ -225,30 +279,47 @@ DAEMONSET: dict[str, Any] = {
     "metadata": {"generation": 5, "name": "agent", "namespace": "hello"},
     "spec": {
         "selector": {"matchLabels": {"app": "agent"}},
-        "template": {"metadata": {"labels": {"app": "agent"}},
-                     "spec": {"containers": [{"image": f"{IMAGE}@{NEW}", "name": "agent"}]}},
+        "template": {
+            "metadata": {"labels": {"app": "agent"}},
+            "spec": {"containers": [{"image": f"{IMAGE}@{NEW}", "name": "agent"}]},
+        },
         "updateStrategy": {"rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}, "type": "RollingUpdate"},
     },
-    "status": {"currentNumberScheduled": 2, "desiredNumberScheduled": 2, "numberAvailable": 2, "numberMisscheduled": 0,
-               "numberReady": 2, "observedGeneration": 5, "updatedNumberScheduled": 2},
+    "status": {
+        "currentNumberScheduled": 2,
+        "desiredNumberScheduled": 2,
+        "numberAvailable": 2,
+        "numberMisscheduled": 0,
+        "numberReady": 2,
+        "observedGeneration": 5,
+        "updatedNumberScheduled": 2,
+    },
 }
 
 
 def test_daemonset_verdicts() -> None:
-    assert daemonset_verdict(DAEMONSET, cluster="eks", digest=NEW).message == 'daemon set "agent" successfully rolled out'
+    assert (
+        daemonset_verdict(DAEMONSET, cluster="eks", digest=NEW).message
+        == 'daemon set "agent" successfully rolled out'
+    )
     rolling = copy.deepcopy(DAEMONSET)
     rolling["status"].update(updatedNumberScheduled=1, numberAvailable=1)
     v = daemonset_verdict(rolling, cluster="eks", digest=NEW)
     assert (v.phase, v.message) == (
-        Phase.PROGRESSING, 'Waiting for daemon set "agent" rollout to finish: 1 out of 2 new pods have been updated...')
+        Phase.PROGRESSING,
+        'Waiting for daemon set "agent" rollout to finish: 1 out of 2 new pods have been updated...',
+    )
     unavailable = copy.deepcopy(DAEMONSET)
     unavailable["status"].update(numberAvailable=1)
     assert daemonset_verdict(unavailable, cluster="eks", digest=NEW).message == (
-        'Waiting for daemon set "agent" rollout to finish: 1 of 2 updated pods are available...')
+        'Waiting for daemon set "agent" rollout to finish: 1 of 2 updated pods are available...'
+    )
 
 
 def test_workload_verdict_dispatches_on_kind() -> None:
-    assert workload_verdict(STATEFULSET, cluster="eks", digest=NEW).message.startswith("partitioned roll out complete")
+    assert workload_verdict(STATEFULSET, cluster="eks", digest=NEW).message.startswith(
+        "partitioned roll out complete"
+    )
     assert workload_verdict(DAEMONSET, cluster="eks", digest=NEW).phase is Phase.SUCCEEDED
     assert workload_verdict({"kind": "CronJob"}, cluster="eks", digest=NEW).phase is Phase.FAILED
 
@@ -261,7 +332,11 @@ APPLICATION: dict[str, Any] = {
     "spec": {
         "destination": {"name": "eks", "namespace": "hello"},
         "project": "default",
-        "source": {"path": "overlays/eks/hello", "repoURL": "git://127.0.0.1:9418/manifests.git", "targetRevision": "main"},
+        "source": {
+            "path": "overlays/eks/hello",
+            "repoURL": "git://127.0.0.1:9418/manifests.git",
+            "targetRevision": "main",
+        },
         "syncPolicy": {"automated": {"prune": True, "selfHeal": True}},
     },
     "status": {
@@ -275,7 +350,11 @@ APPLICATION: dict[str, Any] = {
             "syncResult": {"revision": MERGE, "source": {"path": "overlays/eks/hello"}},
         },
         "reconciledAt": "2026-11-26T10:02:03Z",
-        "sync": {"comparedTo": {"source": {"path": "overlays/eks/hello"}}, "revision": MERGE, "status": "Synced"},
+        "sync": {
+            "comparedTo": {"source": {"path": "overlays/eks/hello"}},
+            "revision": MERGE,
+            "status": "Synced",
+        },
     },
 }
 
@@ -307,7 +386,9 @@ def test_application_synced_but_progressing_health_waits() -> None:
 
 
 def test_application_degraded_at_revision_fails() -> None:
-    obj = application(health={"status": "Degraded", "message": 'Deployment "hello" exceeded its progress deadline'})
+    obj = application(
+        health={"status": "Degraded", "message": 'Deployment "hello" exceeded its progress deadline'}
+    )
     v = application_verdict(obj, cluster="aks", revision=MERGE)
     assert v.phase is Phase.FAILED
     assert v.message.endswith('Deployment "hello" exceeded its progress deadline')
@@ -320,29 +401,52 @@ def test_application_degraded_at_older_revision_keeps_waiting() -> None:
 
 def test_application_degraded_while_its_sync_runs_keeps_waiting() -> None:
     """The health is still the previous revision's objects' until the sync of this one is done."""
-    op = {"phase": "Running", "message": "one or more tasks are running", "operation": {"sync": {"revision": MERGE}}}
-    obj = application(health={"status": "Degraded", "message": 'ReplicaSet "hello-5f8d7c9b6a" has timed out'},
-                      sync={"revision": MERGE, "status": "OutOfSync"}, operationState=op)
+    op = {
+        "phase": "Running",
+        "message": "one or more tasks are running",
+        "operation": {"sync": {"revision": MERGE}},
+    }
+    obj = application(
+        health={"status": "Degraded", "message": 'ReplicaSet "hello-5f8d7c9b6a" has timed out'},
+        sync={"revision": MERGE, "status": "OutOfSync"},
+        operationState=op,
+    )
     v = application_verdict(obj, cluster="eks", revision=MERGE)
     assert v.phase is Phase.PROGRESSING and "waiting for Synced" in v.message
 
 
 def test_application_failed_sync_operation_fails_with_argo_message() -> None:
     op = copy.deepcopy(APPLICATION["status"]["operationState"])
-    op.update(phase="Failed", message='one or more objects failed to apply, reason: Deployment.apps "hello" is invalid')
-    obj = application(operationState=op, sync={"revision": PREVIOUS, "status": "OutOfSync"},
-                      conditions=[{"type": "SyncError", "message": "Failed sync attempt to 3f2c9e1d: one or more "
-                                   "objects failed to apply", "lastTransitionTime": "2026-11-26T10:02:03Z"}])
+    op.update(
+        phase="Failed",
+        message='one or more objects failed to apply, reason: Deployment.apps "hello" is invalid',
+    )
+    obj = application(
+        operationState=op,
+        sync={"revision": PREVIOUS, "status": "OutOfSync"},
+        conditions=[
+            {
+                "type": "SyncError",
+                "message": "Failed sync attempt to 3f2c9e1d: one or more objects failed to apply",
+                "lastTransitionTime": "2026-11-26T10:02:03Z",
+            }
+        ],
+    )
     v = application_verdict(obj, cluster="aks", revision=MERGE)
     assert v.phase is Phase.FAILED
-    assert v.message == ('Application "hello-eks" sync of 3f2c9e1 failed: one or more objects failed to apply, '
-                         'reason: Deployment.apps "hello" is invalid')
+    assert v.message == (
+        'Application "hello-eks" sync of 3f2c9e1 failed: one or more objects failed to apply, '
+        'reason: Deployment.apps "hello" is invalid'
+    )
     assert "SyncError: Failed sync attempt to 3f2c9e1d: one or more objects failed to apply" in v.details
 
 
 def test_application_running_operation_is_progressing() -> None:
-    op = {"phase": "Running", "message": "waiting for healthy state of apps/Deployment/hello",
-          "operation": {"sync": {"revision": MERGE}}}
+    op = {
+        "phase": "Running",
+        "message": "waiting for healthy state of apps/Deployment/hello",
+        "operation": {"sync": {"revision": MERGE}},
+    }
     obj = application(operationState=op, sync={"revision": PREVIOUS, "status": "OutOfSync"})
     v = application_verdict(obj, cluster="eks", revision=MERGE)
     assert v.phase is Phase.PROGRESSING and "sync operation running" in v.message
@@ -352,7 +456,10 @@ def test_application_without_status_yet() -> None:
     obj = copy.deepcopy(APPLICATION)
     del obj["status"]
     v = application_verdict(obj, cluster="eks", revision=MERGE)
-    assert (v.phase, v.message) == (Phase.PROGRESSING, 'Application "hello-eks" not synced yet, waiting for 3f2c9e1')
+    assert (v.phase, v.message) == (
+        Phase.PROGRESSING,
+        'Application "hello-eks" not synced yet, waiting for 3f2c9e1',
+    )
 
 
 @pytest.mark.parametrize(
@@ -366,7 +473,10 @@ def test_application_without_status_yet() -> None:
     ],
 )
 def test_combine(app: Phase, workload: Phase, expected: Phase) -> None:
-    v = combine(RolloutVerdict("eks", app, "app says", ("a",)), RolloutVerdict("eks", workload, "workload says", ("w",)))
+    v = combine(
+        RolloutVerdict("eks", app, "app says", ("a",)),
+        RolloutVerdict("eks", workload, "workload says", ("w",)),
+    )
     assert v.phase is expected and v.cluster == "eks" and v.details == ("a", "w")
     if expected is Phase.FAILED:
         assert v.message == ("app says" if app is Phase.FAILED else "workload says")
@@ -375,17 +485,35 @@ def test_combine(app: Phase, workload: Phase, expected: Phase) -> None:
 def pod(name: str, image_id: str, *, ready: bool = True, **meta: Any) -> dict[str, Any]:
     """A Pod as `kubectl get pod -o json` prints it (trimmed), running or stuck pulling."""
     flag = "True" if ready else "False"
-    state = ({"running": {"startedAt": "2026-11-26T10:01:02Z"}} if ready else
-             {"waiting": {"reason": "ImagePullBackOff", "message": f'Back-off pulling image "{IMAGE}@{NEW}"'}})
+    state = (
+        {"running": {"startedAt": "2026-11-26T10:01:02Z"}}
+        if ready
+        else {"waiting": {"reason": "ImagePullBackOff", "message": f'Back-off pulling image "{IMAGE}@{NEW}"'}}
+    )
     return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "hello", "labels": {"app.kubernetes.io/name": "hello"}, **meta},
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": "hello",
+            "labels": {"app.kubernetes.io/name": "hello"},
+            **meta,
+        },
         "spec": {"containers": [{"name": "hello", "image": f"{IMAGE}@{NEW}"}]},
         "status": {
             "phase": "Running" if ready else "Pending",
             "conditions": [{"type": "Ready", "status": flag}, {"type": "ContainersReady", "status": flag}],
-            "containerStatuses": [{"name": "hello", "image": f"{IMAGE}@{NEW}", "imageID": image_id, "ready": ready,
-                                   "restartCount": 0, "started": ready, "state": state}],
+            "containerStatuses": [
+                {
+                    "name": "hello",
+                    "image": f"{IMAGE}@{NEW}",
+                    "imageID": image_id,
+                    "ready": ready,
+                    "restartCount": 0,
+                    "started": ready,
+                    "state": state,
+                }
+            ],
         },
     }
 
@@ -400,8 +528,11 @@ def test_pods_carrying_the_digest_succeed() -> None:
 
 
 def test_pods_still_on_the_old_digest_keep_waiting() -> None:
-    pods = [pod("hello-7d9c6b5f4d-a", f"{IMAGE}@{NEW}"), pod("hello-5f8d7c9b6a-b", f"{IMAGE}@{OLD}"),
-            pod("hello-7d9c6b5f4d-c", "", ready=False)]
+    pods = [
+        pod("hello-7d9c6b5f4d-a", f"{IMAGE}@{NEW}"),
+        pod("hello-5f8d7c9b6a-b", f"{IMAGE}@{OLD}"),
+        pod("hello-7d9c6b5f4d-c", "", ready=False),
+    ]
     v = pods_verdict(DEPLOYMENT, pods, cluster="aks", digest=NEW)
     assert v.phase is Phase.PROGRESSING
     assert v.message == '1 of 3 available pods of deployment "hello" run bbbbbbbbbbbb so far'
@@ -417,8 +548,10 @@ def test_image_is_the_fallback_only_without_a_repo_digest() -> None:
 
 
 def test_terminating_pods_do_not_count() -> None:
-    pods = [pod(f"hello-7d9c6b5f4d-{i}", f"{IMAGE}@{NEW}", deletionTimestamp="2026-11-26T10:03:00Z")
-            for i in range(3)]
+    pods = [
+        pod(f"hello-7d9c6b5f4d-{i}", f"{IMAGE}@{NEW}", deletionTimestamp="2026-11-26T10:03:00Z")
+        for i in range(3)
+    ]
     assert pods_verdict(DEPLOYMENT, pods, cluster="eks", digest=NEW).phase is Phase.PROGRESSING
 
 
@@ -427,7 +560,10 @@ def test_standby_has_no_pods_to_check() -> None:
     obj["spec"]["replicas"] = 0
     obj["status"] = {"conditions": DEPLOYMENT["status"]["conditions"], "observedGeneration": 4}
     v = pods_verdict(obj, [], cluster="aks", digest=NEW)
-    assert (v.phase, v.message) == (Phase.SUCCEEDED, 'deployment "hello" scaled to zero (standby): no pods to check')
+    assert (v.phase, v.message) == (
+        Phase.SUCCEEDED,
+        'deployment "hello" scaled to zero (standby): no pods to check',
+    )
 
 
 def test_partitioned_statefulset_needs_only_its_updated_pods() -> None:
@@ -437,15 +573,23 @@ def test_partitioned_statefulset_needs_only_its_updated_pods() -> None:
     pods = [pod("db-2", f"{IMAGE}@{NEW}"), pod("db-1", f"{IMAGE}@{OLD}"), pod("db-0", f"{IMAGE}@{OLD}")]
     assert pods_verdict(obj, pods, cluster="eks", digest=NEW).phase is Phase.SUCCEEDED
     daemons = [pod("agent-a", f"{IMAGE}@{NEW}"), pod("agent-b", f"{IMAGE}@{NEW}")]
-    assert pods_verdict(DAEMONSET, daemons, cluster="eks", digest=NEW).message == "2 running pods carry bbbbbbbbbbbb"
+    assert (
+        pods_verdict(DAEMONSET, daemons, cluster="eks", digest=NEW).message
+        == "2 running pods carry bbbbbbbbbbbb"
+    )
 
 
 def test_label_selector_formats_like_kubectl() -> None:
     assert label_selector({"matchLabels": {"b": "2", "a": "1"}}) == "a=1,b=2"
-    selector = {"matchLabels": {"app": "hello"}, "matchExpressions": [
-        {"key": "tier", "operator": "In", "values": ["web", "api"]},
-        {"key": "track", "operator": "NotIn", "values": ["canary"]},
-        {"key": "owner", "operator": "Exists"}, {"key": "legacy", "operator": "DoesNotExist"}]}
+    selector = {
+        "matchLabels": {"app": "hello"},
+        "matchExpressions": [
+            {"key": "tier", "operator": "In", "values": ["web", "api"]},
+            {"key": "track", "operator": "NotIn", "values": ["canary"]},
+            {"key": "owner", "operator": "Exists"},
+            {"key": "legacy", "operator": "DoesNotExist"},
+        ],
+    }
     assert label_selector(selector) == "app=hello,tier in (api,web),track notin (canary),owner,!legacy"
     assert label_selector({}) == ""
 

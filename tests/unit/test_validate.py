@@ -94,7 +94,12 @@ def test_valid_resources_have_no_findings(validator: SchemaValidator) -> None:
 def test_wrong_type_is_reported_with_its_path(validator: SchemaValidator) -> None:
     docs = parse_documents(_deployment(**{"replicas: 2": "replicas: three"}))
     assert validate_documents(docs, overlay=OVERLAY, validator=validator) == (
-        Finding(OVERLAY, "Deployment/hello/hello", '"three" is not of types "null", "integer"', path="spec.replicas"),
+        Finding(
+            OVERLAY,
+            "Deployment/hello/hello",
+            '"three" is not of types "null", "integer"',
+            path="spec.replicas",
+        ),
     )
 
 
@@ -104,11 +109,15 @@ def test_unknown_field_is_an_error_under_strict_schemas(validator: SchemaValidat
     assert finding.severity is Severity.ERROR
     assert finding.path == "spec.template.spec.containers[0]"
     assert "'port' was unexpected" in finding.message
-    assert str(finding).startswith("overlays/eks/hello: Deployment/hello/hello at spec.template.spec.containers[0]: ")
+    assert str(finding).startswith(
+        "overlays/eks/hello: Deployment/hello/hello at spec.template.spec.containers[0]: "
+    )
 
 
 def test_every_schema_error_of_a_resource_is_reported(validator: SchemaValidator) -> None:
-    docs = parse_documents(_deployment(**{"replicas: 2": "replicas: two", "containerPort: 8080": "containerPort: http"}))
+    docs = parse_documents(
+        _deployment(**{"replicas: 2": "replicas: two", "containerPort: 8080": "containerPort: http"})
+    )
     paths = sorted(f.path for f in validate_documents(docs, overlay=OVERLAY, validator=validator))
     assert paths == ["spec.replicas", "spec.template.spec.containers[0].ports[0].containerPort"]
 
@@ -133,17 +142,31 @@ spec:
 
 
 def test_argo_application_is_unchecked_not_an_error(validator: SchemaValidator) -> None:
-    docs = [{"apiVersion": "argoproj.io/v1alpha1", "kind": "Application", "metadata": {"name": "hello-eks"},
-             "spec": {"project": "default"}}]
+    docs = [
+        {
+            "apiVersion": "argoproj.io/v1alpha1",
+            "kind": "Application",
+            "metadata": {"name": "hello-eks"},
+            "spec": {"project": "default"},
+        }
+    ]
     (finding,) = validate_documents(docs, overlay=OVERLAY, validator=validator)
     assert finding.severity is Severity.UNCHECKED
     assert "no schema for argoproj.io/v1alpha1 Application in Kubernetes 1.31" in finding.message
 
 
-def test_custom_resource_sharing_a_short_group_name_is_not_checked_against_builtin(validator: SchemaValidator) -> None:
+def test_custom_resource_sharing_a_short_group_name_is_not_checked_against_builtin(
+    validator: SchemaValidator,
+) -> None:
     # kubernetes-validate's file name for this is ingress-networking-v1.json, the built-in Ingress.
-    docs = [{"apiVersion": "networking.example.com/v1", "kind": "Ingress", "metadata": {"name": "x"},
-             "spec": {"anything": True}}]
+    docs = [
+        {
+            "apiVersion": "networking.example.com/v1",
+            "kind": "Ingress",
+            "metadata": {"name": "x"},
+            "spec": {"anything": True},
+        }
+    ]
     (finding,) = validate_documents(docs, overlay=OVERLAY, validator=validator)
     assert finding.severity is Severity.UNCHECKED
 
@@ -153,15 +176,32 @@ def test_unpinned_images_are_flagged(validator: SchemaValidator) -> None:
     (finding,) = validate_documents(docs, overlay=OVERLAY, validator=validator)
     assert finding.path == "spec.template.spec.containers[0].image"
     assert "'127.0.0.1:5000/hello:v1.2.0' of container 'hello' is not pinned by digest" in finding.message
-    cronjob = {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "tick", "namespace": "hello"},
-               "spec": {"schedule": "*/5 * * * *", "jobTemplate": {"spec": {"template": {"spec": {
-                   "restartPolicy": "Never", "containers": [{"name": "tick", "image": "busybox@sha256:abc"}]}}}}}}
+    cronjob = {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "metadata": {"name": "tick", "namespace": "hello"},
+        "spec": {
+            "schedule": "*/5 * * * *",
+            "jobTemplate": {
+                "spec": {
+                    "template": {
+                        "spec": {
+                            "restartPolicy": "Never",
+                            "containers": [{"name": "tick", "image": "busybox@sha256:abc"}],
+                        }
+                    }
+                }
+            },
+        },
+    }
     (short,) = validate_documents([cronjob], overlay=OVERLAY, validator=validator)
     assert short.path == "spec.jobTemplate.spec.template.spec.containers[0].image"
 
 
 def test_timestamps_stay_strings_and_a_datetime_does_not_crash(validator: SchemaValidator) -> None:
-    text = _deployment(**{"  namespace: hello\n": "  namespace: hello\n  annotations:\n    released: 2026-11-26T10:00:00Z\n"})
+    text = _deployment(
+        **{"  namespace: hello\n": "  namespace: hello\n  annotations:\n    released: 2026-11-26T10:00:00Z\n"}
+    )
     (doc,) = parse_documents(text)
     assert doc["metadata"]["annotations"]["released"] == "2026-11-26T10:00:00Z"  # as the API server reads it
     assert validate_documents([doc], overlay=OVERLAY, validator=validator) == ()
@@ -189,17 +229,22 @@ def _write(root: Path, files: dict[str, str]) -> None:
 
 
 def test_render_and_validate_a_real_overlay(tmp_path: Path, validator: SchemaValidator) -> None:
-    _write(tmp_path, {
-        "base/hello/kustomization.yaml": "resources:\n  - resources.yaml\n",
-        "base/hello/resources.yaml": VALID.replace(f"@{DIGEST}", ":v1.0.0"),
-        "components/standby/kustomization.yaml": (
-            "apiVersion: kustomize.config.k8s.io/v1alpha1\nkind: Component\npatches:\n  - target:\n"
-            "      kind: Deployment\n    patch: |-\n      - op: replace\n        path: /spec/replicas\n"
-            "        value: 0\n"),
-        "overlays/eks/hello/kustomization.yaml": (
-            "resources:\n  - ../../../base/hello\ncomponents:\n  - ../../../components/standby\n"
-            f"images:\n  - name: 127.0.0.1:5000/hello\n    digest: {DIGEST}\n"),
-    })
+    _write(
+        tmp_path,
+        {
+            "base/hello/kustomization.yaml": "resources:\n  - resources.yaml\n",
+            "base/hello/resources.yaml": VALID.replace(f"@{DIGEST}", ":v1.0.0"),
+            "components/standby/kustomization.yaml": (
+                "apiVersion: kustomize.config.k8s.io/v1alpha1\nkind: Component\npatches:\n  - target:\n"
+                "      kind: Deployment\n    patch: |-\n      - op: replace\n        path: /spec/replicas\n"
+                "        value: 0\n"
+            ),
+            "overlays/eks/hello/kustomization.yaml": (
+                "resources:\n  - ../../../base/hello\ncomponents:\n  - ../../../components/standby\n"
+                f"images:\n  - name: 127.0.0.1:5000/hello\n    digest: {DIGEST}\n"
+            ),
+        },
+    )
     rendered = parse_documents(render_overlay(tmp_path, OVERLAY))
     (deploy,) = [d for d in rendered if d["kind"] == "Deployment"]
     assert deploy["spec"]["replicas"] == 0
@@ -218,7 +263,9 @@ def test_broken_overlay_raises_render_error_naming_it(tmp_path: Path, validator:
     assert "base/missing" in caught.value.stderr
 
 
-def test_an_overlay_that_does_not_render_is_a_validation_finding(tmp_path: Path, validator: SchemaValidator) -> None:
+def test_an_overlay_that_does_not_render_is_a_validation_finding(
+    tmp_path: Path, validator: SchemaValidator
+) -> None:
     _write(tmp_path, {"overlays/aks/hello/kustomization.yaml": "resources:\n  - ../../../base/missing\n"})
     report = validate_overlay(tmp_path, "overlays/aks/hello", validator=validator)
     assert not report.ok and report.resources == 0

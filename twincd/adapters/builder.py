@@ -166,7 +166,9 @@ def build_image(
     with tempfile.TemporaryDirectory(prefix="twincd-build-") as tmp:
         context, build_file = _export_tree(repo_url, tag, Path(tmp))
         with _client(base_url, timeout=_BUILD_TIMEOUT_SECONDS) as client, open(context, "rb") as tar:
-            image_id = _run_build(client, base_url, built, tar, build_file, source=gitrepo.redact_url(repo_url))
+            image_id = _run_build(
+                client, base_url, built, tar, build_file, source=gitrepo.redact_url(repo_url)
+            )
             for target in built.targets[1:]:
                 repository, _, target_tag = target.rpartition(":")
                 try:

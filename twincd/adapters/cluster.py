@@ -84,31 +84,55 @@ def api_client(ref: ClusterRef) -> k8s.ApiClient:
     return k8s.ApiClient(cfg)
 
 
-def _status_error(ref: ClusterRef, what: str, status: int, reason: str, body: bytes = b"", *,
-                  refused: type[ClusterRefused] = ClusterRefused) -> TwincdError:
+def _status_error(
+    ref: ClusterRef,
+    what: str,
+    status: int,
+    reason: str,
+    body: bytes = b"",
+    *,
+    refused: type[ClusterRefused] = ClusterRefused,
+) -> TwincdError:
     """The error for a non-2xx answer; the server's Status message is kept, trimmed."""
     if status in (401, 403):
-        return ClusterDenied(f"cluster {ref.name}: {what}: access denied ({status} {reason}); "
-                             f"check the credentials of context {ref.context!r}")
+        return ClusterDenied(
+            f"cluster {ref.name}: {what}: access denied ({status} {reason}); "
+            f"check the credentials of context {ref.context!r}"
+        )
     if status == 429 or status >= 500:
         return ClusterError(f"cluster {ref.name}: {what}: HTTP {status} {reason}")
     try:
         message = str(json.loads(body).get("message", ""))
     except (ValueError, AttributeError):
         message = ""
-    return refused(f"cluster {ref.name}: {what}: HTTP {status} {reason}"
-                         + (f": {message[:500]}" if message else ""))
+    return refused(
+        f"cluster {ref.name}: {what}: HTTP {status} {reason}" + (f": {message[:500]}" if message else "")
+    )
 
 
-def _request(ref: ClusterRef, api: k8s.ApiClient, what: str, method: str, path: str, *,
-             query: Sequence[tuple[str, str]] = (), body: Any = None, content_type: str = "application/json",
-             timeout: tuple[float, float] = REQUEST_TIMEOUT) -> Any:
+def _request(
+    ref: ClusterRef,
+    api: k8s.ApiClient,
+    what: str,
+    method: str,
+    path: str,
+    *,
+    query: Sequence[tuple[str, str]] = (),
+    body: Any = None,
+    content_type: str = "application/json",
+    timeout: tuple[float, float] = REQUEST_TIMEOUT,
+) -> Any:
     """One HTTP call through the client (its auth, TLS and exec plugins); the urllib3 response,
     unread, so a watch can stream it. Only an unreachable server raises here."""
     try:
-        request = api.param_serialize(method=method, resource_path=path, query_params=list(query),
-                                      header_params={"Accept": "application/json", "Content-Type": content_type},
-                                      body=body, auth_settings=["BearerToken"])
+        request = api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=list(query),
+            header_params={"Accept": "application/json", "Content-Type": content_type},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
         return api.call_api(*request, _request_timeout=timeout).response
     except ApiException as e:  # the client's wrapper around TLS failures (status 0)
         raise ClusterError(f"cluster {ref.name}: {what}: API server unreachable ({e.reason})") from e
@@ -116,8 +140,16 @@ def _request(ref: ClusterRef, api: k8s.ApiClient, what: str, method: str, path: 
         raise ClusterError(f"cluster {ref.name}: {what}: API server unreachable ({type(e).__name__})") from e
 
 
-def _read_json(ref: ClusterRef, api: k8s.ApiClient, what: str, method: str, path: str, *,
-               refused: type[ClusterRefused] = ClusterRefused, **kw: Any) -> tuple[int, Any]:
+def _read_json(
+    ref: ClusterRef,
+    api: k8s.ApiClient,
+    what: str,
+    method: str,
+    path: str,
+    *,
+    refused: type[ClusterRefused] = ClusterRefused,
+    **kw: Any,
+) -> tuple[int, Any]:
     response = _request(ref, api, what, method, path, **kw)
     try:
         data = response.data
@@ -171,15 +203,29 @@ def _sources(target: RolloutTarget) -> list[_Source]:
     ns, name = target.namespace, target.name
     plural = _WORKLOAD_PLURALS.get(target.kind)
     if plural is None:
-        raise PermanentError(f"cluster {target.cluster.name}: no rollout status for kind {target.kind!r}: "
-                             f"only {', '.join(_WORKLOAD_PLURALS)} are supported")
-    sources = [_Source("workload", target.cluster, f"{target.kind} {ns}/{name}",
-                       f"/apis/apps/v1/namespaces/{ns}/{plural}", (("fieldSelector", f"metadata.name={name}"),))]
+        raise PermanentError(
+            f"cluster {target.cluster.name}: no rollout status for kind {target.kind!r}: "
+            f"only {', '.join(_WORKLOAD_PLURALS)} are supported"
+        )
+    sources = [
+        _Source(
+            "workload",
+            target.cluster,
+            f"{target.kind} {ns}/{name}",
+            f"/apis/apps/v1/namespaces/{ns}/{plural}",
+            (("fieldSelector", f"metadata.name={name}"),),
+        )
+    ]
     if target.argocd is not None and target.application is not None:
-        sources.append(_Source("application", target.argocd,
-                               f"Application {target.argocd_namespace}/{target.application}",
-                               f"/apis/argoproj.io/v1alpha1/namespaces/{target.argocd_namespace}/applications",
-                               (("fieldSelector", f"metadata.name={target.application}"),)))
+        sources.append(
+            _Source(
+                "application",
+                target.argocd,
+                f"Application {target.argocd_namespace}/{target.application}",
+                f"/apis/argoproj.io/v1alpha1/namespaces/{target.argocd_namespace}/applications",
+                (("fieldSelector", f"metadata.name={target.application}"),),
+            )
+        )
     return sources
 
 
@@ -187,16 +233,25 @@ def _pods_source(target: RolloutTarget, workload: Mapping[str, Any]) -> _Source:
     spec = workload.get("spec")
     selector = spec.get("selector") if isinstance(spec, Mapping) else None
     query = label_selector(selector) if isinstance(selector, Mapping) else ""
-    return _Source("pods", target.cluster, f"pods of {target.kind} {target.namespace}/{target.name}",
-                   f"/api/v1/namespaces/{target.namespace}/pods", (("labelSelector", query),) if query else ())
+    return _Source(
+        "pods",
+        target.cluster,
+        f"pods of {target.kind} {target.namespace}/{target.name}",
+        f"/api/v1/namespaces/{target.namespace}/pods",
+        (("labelSelector", query),) if query else (),
+    )
 
 
 def _list(source: _Source, api: k8s.ApiClient) -> tuple[dict[str, dict[str, Any]], str]:
     """The objects by name, and the resourceVersion to watch from."""
-    status, body = _read_json(source.ref, api, f"list {source.what}", "GET", source.path, query=source.selectors)
+    status, body = _read_json(
+        source.ref, api, f"list {source.what}", "GET", source.path, query=source.selectors
+    )
     if status == 404:
-        raise ClusterDenied(f"cluster {source.ref.name}: list {source.what}: the API server does not serve "
-                            f"{source.path} (is the CRD installed?)")
+        raise ClusterDenied(
+            f"cluster {source.ref.name}: list {source.what}: the API server does not serve "
+            f"{source.path} (is the CRD installed?)"
+        )
     items = body.get("items") or []
     return {str(o["metadata"]["name"]): o for o in items}, str(body["metadata"].get("resourceVersion", ""))
 
@@ -227,7 +282,9 @@ class _Stream:
     410 by itself only once, and fails on ERROR events when not deserialising.
     """
 
-    def __init__(self, source: _Source, api: k8s.ApiClient, out: queue.Queue[_Seen], *, watch_seconds: int) -> None:
+    def __init__(
+        self, source: _Source, api: k8s.ApiClient, out: queue.Queue[_Seen], *, watch_seconds: int
+    ) -> None:
         self.source = source
         self._api = api
         self._out = out
@@ -237,8 +294,9 @@ class _Stream:
         self._objects: dict[str, dict[str, Any]] = {}
         self._resource_version = ""
         self._failing = False
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"twincd-watch-{source.ref.name}-{source.key}")
+        self._thread = threading.Thread(
+            target=self._run, daemon=True, name=f"twincd-watch-{source.ref.name}-{source.key}"
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -270,12 +328,19 @@ class _Stream:
                 self._watch()
                 failures = 0
             except _Expired:
-                log.info("%s: watch from resourceVersion %s expired (410): relisting", self.source.what,
-                         self._resource_version)
+                log.info(
+                    "%s: watch from resourceVersion %s expired (410): relisting",
+                    self.source.what,
+                    self._resource_version,
+                )
                 self._resource_version = ""
             except _Dropped as e:
-                log.info("%s: watch dropped (%s): resuming from resourceVersion %s", self.source.what, e,
-                         self._resource_version)
+                log.info(
+                    "%s: watch dropped (%s): resuming from resourceVersion %s",
+                    self.source.what,
+                    e,
+                    self._resource_version,
+                )
             except PermanentError as e:
                 self._out.put(_Seen(self.source.key, error=e))
                 return
@@ -289,12 +354,24 @@ class _Stream:
 
     def _watch(self) -> None:
         source = self.source
-        query = (*source.selectors, ("watch", "true"), ("resourceVersion", self._resource_version),
-                 ("allowWatchBookmarks", "true"), ("timeoutSeconds", str(self._watch_seconds)))
+        query = (
+            *source.selectors,
+            ("watch", "true"),
+            ("resourceVersion", self._resource_version),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", str(self._watch_seconds)),
+        )
         if self._stop.is_set():  # the verdict may have been reached on the list just reported
             return
-        response = _request(source.ref, self._api, f"watch {source.what}", "GET", source.path, query=query,
-                            timeout=(REQUEST_TIMEOUT[0], self._watch_seconds + REQUEST_TIMEOUT[1]))
+        response = _request(
+            source.ref,
+            self._api,
+            f"watch {source.what}",
+            "GET",
+            source.path,
+            query=query,
+            timeout=(REQUEST_TIMEOUT[0], self._watch_seconds + REQUEST_TIMEOUT[1]),
+        )
         self._response = response
         try:
             if self._stop.is_set():  # stop() ran before there was a response for it to shut down
@@ -302,8 +379,9 @@ class _Stream:
             if response.status == 410:
                 raise _Expired
             if not 200 <= response.status <= 299:
-                raise _status_error(source.ref, f"watch {source.what}", response.status, response.reason,
-                                    response.data)
+                raise _status_error(
+                    source.ref, f"watch {source.what}", response.status, response.reason, response.data
+                )
             log.debug("%s: watching from resourceVersion %s", source.what, self._resource_version)
             if self._failing:  # connected again: the verifier must stop counting this stream as down
                 self._report()
@@ -331,8 +409,10 @@ class _Stream:
         if kind == "ERROR":
             if obj.get("code") == 410:
                 raise _Expired
-            raise ClusterError(f"cluster {self.source.ref.name}: watch {self.source.what}: "
-                               f"{obj.get('reason', 'error')}: {obj.get('message', '')}")
+            raise ClusterError(
+                f"cluster {self.source.ref.name}: watch {self.source.what}: "
+                f"{obj.get('reason', 'error')}: {obj.get('message', '')}"
+            )
         meta = obj.get("metadata") or {}
         self._resource_version = str(meta.get("resourceVersion", self._resource_version))
         log.debug("%s: %s at resourceVersion %s", self.source.what, kind, self._resource_version)
@@ -343,7 +423,6 @@ class _Stream:
         else:
             self._objects[str(meta.get("name"))] = obj
         self._report()
-
 
 
 def _evaluate(target: RolloutTarget, seen: Mapping[str, tuple[dict[str, Any], ...]]) -> RolloutVerdict:
@@ -360,16 +439,23 @@ def _evaluate(target: RolloutTarget, seen: Mapping[str, tuple[dict[str, Any], ..
         scaled_to_zero = isinstance(spec, Mapping) and spec.get("replicas") == 0
         if w.phase is Phase.SUCCEEDED and target.digest is not None and not scaled_to_zero:
             pods = seen.get("pods")
-            p = (pods_verdict(workload, pods, cluster=name, digest=target.digest) if pods is not None
-                 else RolloutVerdict(name, Phase.PROGRESSING, "pods being listed"))
+            p = (
+                pods_verdict(workload, pods, cluster=name, digest=target.digest)
+                if pods is not None
+                else RolloutVerdict(name, Phase.PROGRESSING, "pods being listed")
+            )
             w = combine(w, p)
     if target.argocd is None or target.application is None:
         return w
     apps = seen.get("application")
     if not apps:
         what = "being listed" if apps is None else "not found yet"
-        return RolloutVerdict(name, Phase.PROGRESSING,
-                              f"Application {target.argocd_namespace}/{target.application} {what}", w.details)
+        return RolloutVerdict(
+            name,
+            Phase.PROGRESSING,
+            f"Application {target.argocd_namespace}/{target.application} {what}",
+            w.details,
+        )
     revision = _effective_revision(apps[0], target)
     a = application_verdict(apps[0], cluster=name, revision=revision)
     if a.phase is not Phase.FAILED and not synced_at(apps[0], revision):
@@ -381,8 +467,13 @@ def _evaluate(target: RolloutTarget, seen: Mapping[str, tuple[dict[str, Any], ..
 def _effective_revision(app: Mapping[str, Any], target: RolloutTarget) -> str:
     """The Application's synced revision when it contains the release's merge commit, else the merge commit."""
     synced = app.get("status", {}).get("sync", {}).get("revision")
-    if isinstance(synced, str) and synced and target.contains is not None \
-            and not synced.startswith(target.revision[:7]) and target.contains(synced):
+    if (
+        isinstance(synced, str)
+        and synced
+        and target.contains is not None
+        and not synced.startswith(target.revision[:7])
+        and target.contains(synced)
+    ):
         return synced
     return target.revision
 
@@ -426,7 +517,9 @@ def observe(target: RolloutTarget) -> RolloutVerdict:
         clients.close()
 
 
-def verify_rollout(target: RolloutTarget, *, timeout: float, watch_seconds: int = WATCH_SECONDS) -> RolloutVerdict:
+def verify_rollout(
+    target: RolloutTarget, *, timeout: float, watch_seconds: int = WATCH_SECONDS
+) -> RolloutVerdict:
     """Wait until the rollout succeeded or failed, or the deadline passed; never raises for a cluster.
 
     The verdict is re-evaluated on every watch event, so it is known as soon as the objects reach
@@ -488,9 +581,12 @@ def verify_rollout(target: RolloutTarget, *, timeout: float, watch_seconds: int 
         # daemon thread, and the clients are collected with it.
     if errors:
         reason = "; ".join(str(e) for e in errors.values())
-        return RolloutVerdict(name, Phase.FAILED, f"{reason} (still failing at the {timeout:.0f}s deadline)",
-                              last.details)
-    return RolloutVerdict(name, Phase.FAILED, f"not rolled out after {timeout:.0f}s: {last.message}", last.details)
+        return RolloutVerdict(
+            name, Phase.FAILED, f"{reason} (still failing at the {timeout:.0f}s deadline)", last.details
+        )
+    return RolloutVerdict(
+        name, Phase.FAILED, f"not rolled out after {timeout:.0f}s: {last.message}", last.details
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -540,12 +636,17 @@ class _Discovery:
         if api_version not in self._found:
             path = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
             _, body = _read_json(self._ref, self._api, f"discover {api_version}", "GET", path)
-            self._found[api_version] = {str(r["kind"]): _Kind(str(r["name"]), bool(r.get("namespaced")))
-                                        for r in (body or {}).get("resources", []) if "/" not in str(r["name"])}
+            self._found[api_version] = {
+                str(r["kind"]): _Kind(str(r["name"]), bool(r.get("namespaced")))
+                for r in (body or {}).get("resources", [])
+                if "/" not in str(r["name"])
+            }
         found = self._found[api_version].get(kind)
         if found is None:
-            raise ApplyRejected(f"cluster {self._ref.name}: kind {kind} of {api_version} is not served "
-                                f"(is its CRD installed?)")
+            raise ApplyRejected(
+                f"cluster {self._ref.name}: kind {kind} of {api_version} is not served "
+                f"(is its CRD installed?)"
+            )
         return found
 
 
@@ -553,8 +654,9 @@ class _Discovery:
 _FIRST = ("Namespace", "CustomResourceDefinition")
 
 
-def apply_overlay(ref: ClusterRef, objects: Iterable[Mapping[str, Any]], *,
-                  field_manager: str = "twincd") -> ApplyResult:
+def apply_overlay(
+    ref: ClusterRef, objects: Iterable[Mapping[str, Any]], *, field_manager: str = "twincd"
+) -> ApplyResult:
     """Server-side apply of every rendered object of an overlay, namespaces first.
 
     Each object is one PATCH ``application/apply-patch+yaml`` with ``force=true``: twincd owns the
@@ -573,8 +675,10 @@ def apply_overlay(ref: ClusterRef, objects: Iterable[Mapping[str, Any]], *,
             meta = dict(doc.get("metadata") or {})
             name = str(meta.get("name") or "")
             if not (api_version and kind and name):
-                raise ApplyRejected(f"cluster {ref.name}: cannot apply an object without apiVersion, kind and "
-                                    f"metadata.name ({kind or '?'}/{name or '?'})")
+                raise ApplyRejected(
+                    f"cluster {ref.name}: cannot apply an object without apiVersion, kind and "
+                    f"metadata.name ({kind or '?'}/{name or '?'})"
+                )
             info = discovery.kind(api_version, kind)
             namespace = str(meta.get("namespace") or "default") if info.namespaced else ""
             if namespace:
@@ -582,13 +686,27 @@ def apply_overlay(ref: ClusterRef, objects: Iterable[Mapping[str, Any]], *,
             else:
                 meta.pop("namespace", None)
             root = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
-            path = f"{root}/namespaces/{namespace}/{info.plural}/{name}" if namespace else f"{root}/{info.plural}/{name}"
+            path = (
+                f"{root}/namespaces/{namespace}/{info.plural}/{name}"
+                if namespace
+                else f"{root}/{info.plural}/{name}"
+            )
             what = f"apply {kind} {namespace + '/' if namespace else ''}{name}"
-            status, _ = _read_json(ref, api, what, "PATCH", path, body={**doc, "metadata": meta},
-                                   content_type=_APPLY_PATCH, refused=ApplyRejected,
-                                   query=(("fieldManager", field_manager), ("force", "true")))
+            status, _ = _read_json(
+                ref,
+                api,
+                what,
+                "PATCH",
+                path,
+                body={**doc, "metadata": meta},
+                content_type=_APPLY_PATCH,
+                refused=ApplyRejected,
+                query=(("fieldManager", field_manager), ("force", "true")),
+            )
             if status == 404:  # the namespace is neither there nor in the overlay
-                raise ApplyRejected(f"cluster {ref.name}: {what}: HTTP 404 (does namespace {namespace!r} exist?)")
+                raise ApplyRejected(
+                    f"cluster {ref.name}: {what}: HTTP 404 (does namespace {namespace!r} exist?)"
+                )
             applied.append(AppliedObject(api_version, kind, namespace, name, created=status == 201))
         return ApplyResult(ref.name, tuple(applied))
     finally:

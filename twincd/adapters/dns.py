@@ -133,7 +133,9 @@ class Rfc2136:
             try:
                 self.keyring = dns.tsigkeyring.from_text({key.name: (key.algorithm, key.secret)})
             except Exception as e:  # noqa: BLE001 - bad base64 or unknown algorithm; the text may hold the secret
-                raise DnsConfigError(f"the TSIG key {key.name!r} cannot be used ({type(e).__name__})") from None
+                raise DnsConfigError(
+                    f"the TSIG key {key.name!r} cannot be used ({type(e).__name__})"
+                ) from None
 
     @property
     def description(self) -> str:
@@ -146,14 +148,20 @@ class Rfc2136:
         try:
             return dns.query.tcp(message, self.host, port=self.port, timeout=self.timeout)
         except dns.tsig.PeerBadSignature as e:
-            raise DnsRefused(f"{self.description}: {what}: BADSIG, the server does not accept the signature "
-                             "of the TSIG key (wrong secret or algorithm in dns.key)") from e
+            raise DnsRefused(
+                f"{self.description}: {what}: BADSIG, the server does not accept the signature "
+                "of the TSIG key (wrong secret or algorithm in dns.key)"
+            ) from e
         except dns.tsig.PeerBadKey as e:
-            raise DnsRefused(f"{self.description}: {what}: BADKEY, the server does not know the key named "
-                             f"{self.key.name if self.key else '?'!r}") from e
+            raise DnsRefused(
+                f"{self.description}: {what}: BADKEY, the server does not know the key named "
+                f"{self.key.name if self.key else '?'!r}"
+            ) from e
         except dns.tsig.PeerBadTime as e:
-            raise DnsRefused(f"{self.description}: {what}: BADTIME, the clocks of twincd and the server "
-                             "differ by more than the TSIG fudge") from e
+            raise DnsRefused(
+                f"{self.description}: {what}: BADTIME, the clocks of twincd and the server "
+                "differ by more than the TSIG fudge"
+            ) from e
         except dns.exception.Timeout as e:
             raise DnsUnavailable(f"{self.description}: {what}: no answer within {self.timeout:g} s") from e
         except (OSError, EOFError, dns.exception.DNSException) as e:
@@ -167,8 +175,12 @@ class Rfc2136:
             return frozenset()
         if rcode != dns.rcode.NOERROR:
             raise _rcode_error(rcode, f"{self.description}: read A {fqdn}")
-        return frozenset(str(rr) for rrset in response.answer if rrset.rdtype == dns.rdatatype.A
-                         and rrset.name == fqdn for rr in rrset)
+        return frozenset(
+            str(rr)
+            for rrset in response.answer
+            if rrset.rdtype == dns.rdatatype.A and rrset.name == fqdn
+            for rr in rrset
+        )
 
     def replace_a(self, name: str, ips: Iterable[str], *, ttl: int) -> None:
         values = _checked_ips(name, ips)
@@ -182,14 +194,19 @@ class Rfc2136:
             raise _rcode_error(rcode, f"{self.description}: {what}", signed=self.keyring is not None)
 
 
-def _rcode_error(rcode: dns.rcode.Rcode, what: str, *, signed: bool = True) -> TransientError | PermanentError:
+def _rcode_error(
+    rcode: dns.rcode.Rcode, what: str, *, signed: bool = True
+) -> TransientError | PermanentError:
     text = dns.rcode.to_text(rcode)
     if rcode == dns.rcode.SERVFAIL:
         return DnsUnavailable(f"{what}: SERVFAIL (the server could not process it now)")
     hints = {
-        dns.rcode.REFUSED: "the server refused the update" + (
-            "; the key may lack the permission (update-policy)" if signed else
-            "; no TSIG key was sent (set dns.key)"),
+        dns.rcode.REFUSED: "the server refused the update"
+        + (
+            "; the key may lack the permission (update-policy)"
+            if signed
+            else "; no TSIG key was sent (set dns.key)"
+        ),
         dns.rcode.NOTAUTH: "the server is not authoritative for the zone, or the key was not accepted",
         dns.rcode.NOTZONE: "the name is outside the zone",
     }
@@ -197,8 +214,16 @@ def _rcode_error(rcode: dns.rcode.Rcode, what: str, *, signed: bool = True) -> T
 
 
 # Route 53 error codes that a retry may cure; every other client error is permanent.
-_AWS_TRANSIENT = {"Throttling", "ThrottlingException", "PriorRequestNotComplete", "ServiceUnavailable",
-                  "InternalError", "InternalFailure", "RequestTimeout", "RequestLimitExceeded"}
+_AWS_TRANSIENT = {
+    "Throttling",
+    "ThrottlingException",
+    "PriorRequestNotComplete",
+    "ServiceUnavailable",
+    "InternalError",
+    "InternalFailure",
+    "RequestTimeout",
+    "RequestLimitExceeded",
+}
 
 
 class Route53:
@@ -235,7 +260,9 @@ class Route53:
 
     def zone_id(self) -> str:
         if self._zone_id is None:
-            found = self._call("find hosted zone", "list_hosted_zones_by_name", DNSName=self.zone, MaxItems="1")
+            found = self._call(
+                "find hosted zone", "list_hosted_zones_by_name", DNSName=self.zone, MaxItems="1"
+            )
             zones = [z for z in found.get("HostedZones", []) if z["Name"] == self.zone]
             if not zones:
                 raise DnsRefused(f"{self.description}: no hosted zone named {self.zone} in this account")
@@ -247,8 +274,14 @@ class Route53:
 
     def read_a(self, name: str) -> frozenset[str]:
         fqdn = self._fqdn(name)
-        found = self._call(f"read A {fqdn}", "list_resource_record_sets", HostedZoneId=self.zone_id(),
-                           StartRecordName=fqdn, StartRecordType="A", MaxItems="1")
+        found = self._call(
+            f"read A {fqdn}",
+            "list_resource_record_sets",
+            HostedZoneId=self.zone_id(),
+            StartRecordName=fqdn,
+            StartRecordType="A",
+            MaxItems="1",
+        )
         for rrset in found.get("ResourceRecordSets", []):
             if rrset["Name"] == fqdn and rrset["Type"] == "A":
                 return frozenset(r["Value"] for r in rrset.get("ResourceRecords", []))
@@ -258,12 +291,25 @@ class Route53:
         values = _checked_ips(name, ips)
         fqdn = self._fqdn(name)
         # One UPSERT replaces the whole set; Route 53 applies a change batch atomically.
-        change = self._call(f"replace A {fqdn} with {', '.join(values)}", "change_resource_record_sets",
-                            HostedZoneId=self.zone_id(), ChangeBatch={
-                                "Comment": "twincd failover",
-                                "Changes": [{"Action": "UPSERT", "ResourceRecordSet": {
-                                    "Name": fqdn, "Type": "A", "TTL": ttl,
-                                    "ResourceRecords": [{"Value": ip} for ip in values]}}]})
+        change = self._call(
+            f"replace A {fqdn} with {', '.join(values)}",
+            "change_resource_record_sets",
+            HostedZoneId=self.zone_id(),
+            ChangeBatch={
+                "Comment": "twincd failover",
+                "Changes": [
+                    {
+                        "Action": "UPSERT",
+                        "ResourceRecordSet": {
+                            "Name": fqdn,
+                            "Type": "A",
+                            "TTL": ttl,
+                            "ResourceRecords": [{"Value": ip} for ip in values],
+                        },
+                    }
+                ],
+            },
+        )
         # The API lists the new set at once, while the change is still PENDING on the name servers:
         # a read-back proves nothing until the change is INSYNC.
         self._wait_insync(str(change["ChangeInfo"]["Id"]), fqdn)
@@ -272,10 +318,10 @@ class Route53:
         deadline = time.monotonic() + timeout
         while self._call(f"wait for {fqdn}", "get_change", Id=change_id)["ChangeInfo"]["Status"] != "INSYNC":
             if time.monotonic() > deadline:
-                raise DnsUnavailable(f"{self.description}: change {change_id} of {fqdn} not INSYNC after "
-                                     f"{timeout:.0f} s")
+                raise DnsUnavailable(
+                    f"{self.description}: change {change_id} of {fqdn} not INSYNC after {timeout:.0f} s"
+                )
             time.sleep(2)
-
 
 
 # The role that grants read and write on record sets of a zone (built-in Azure RBAC role).
@@ -302,9 +348,17 @@ class AzureDns:
 
     managed = True
 
-    def __init__(self, *, subscription_id: str, resource_group: str, zone: str,
-                 credential: TokenCredential | None = None, base_url: str | None = None,
-                 timeout: float = TIMEOUT, retries: int = 3) -> None:
+    def __init__(
+        self,
+        *,
+        subscription_id: str,
+        resource_group: str,
+        zone: str,
+        credential: TokenCredential | None = None,
+        base_url: str | None = None,
+        timeout: float = TIMEOUT,
+        retries: int = 3,
+    ) -> None:
         from azure.mgmt.dns import DnsManagementClient  # here, so importing this module stays cheap
 
         self.subscription_id = subscription_id
@@ -319,8 +373,10 @@ class AzureDns:
             if url.scheme == "http" and url.hostname in _LOOPBACK:
                 self._options["enforce_https"] = False
             elif url.scheme != "https" or not url.hostname:
-                raise DnsConfigError(f"dns.base_url {base_url!r}: the ARM endpoint must be https "
-                                     "(plain http only on a loopback address)")
+                raise DnsConfigError(
+                    f"dns.base_url {base_url!r}: the ARM endpoint must be https "
+                    "(plain http only on a loopback address)"
+                )
         if credential is None:
             from azure.identity import DefaultAzureCredential
 
@@ -329,8 +385,16 @@ class AzureDns:
         # The SDK retries 408/429/5xx and connection errors itself (honouring Retry-After); keep
         # it short, the Prefect task retries transient failures again with a fresh read.
         self.client = DnsManagementClient(
-            credential, subscription_id, base_url=base_url, connection_timeout=timeout, read_timeout=timeout,
-            retry_total=retries, retry_backoff_factor=0.5, retry_backoff_max=8, timeout=max(30.0, 6 * timeout))
+            credential,
+            subscription_id,
+            base_url=base_url,
+            connection_timeout=timeout,
+            read_timeout=timeout,
+            retry_total=retries,
+            retry_backoff_factor=0.5,
+            retry_backoff_max=8,
+            timeout=max(30.0, 6 * timeout),
+        )
 
     @property
     def description(self) -> str:
@@ -363,7 +427,11 @@ class AzureDns:
     def read_a(self, name: str) -> frozenset[str]:
         relative = self._relative(name)
         found = self._get(relative, f"read A {relative}")
-        return frozenset(a.ipv4_address for a in (found.a_records or []) if a.ipv4_address) if found else frozenset()
+        return (
+            frozenset(a.ipv4_address for a in (found.a_records or []) if a.ipv4_address)
+            if found
+            else frozenset()
+        )
 
     def replace_a(self, name: str, ips: Iterable[str], *, ttl: int) -> None:
         from azure.core.exceptions import AzureError
@@ -374,18 +442,25 @@ class AzureDns:
         what = f"replace A {relative} with {', '.join(values)}"
         current = self._get(relative, what)
         if current is not None and current.target_resource is not None and current.target_resource.id:
-            raise DnsConfigError(f"{self.description}: {what}: the record set is an alias of "
-                                 f"{current.target_resource.id}; twincd manages plain A record sets only")
-        record_set = RecordSet(ttl=ttl, a_records=[ARecord(ipv4_address=ip) for ip in values],
-                               metadata=current.metadata if current is not None else None)
+            raise DnsConfigError(
+                f"{self.description}: {what}: the record set is an alias of "
+                f"{current.target_resource.id}; twincd manages plain A record sets only"
+            )
+        record_set = RecordSet(
+            ttl=ttl,
+            a_records=[ARecord(ipv4_address=ip) for ip in values],
+            metadata=current.metadata if current is not None else None,
+        )
         # If-Match with the etag just read (If-None-Match: * when there was no record set): the PUT
         # fails with 412 if anyone changed the record set in between, instead of overwriting them.
-        guard: dict[str, str] = ({"if_match": current.etag} if current is not None and current.etag
-                                 else {"if_none_match": "*"})
+        guard: dict[str, str] = (
+            {"if_match": current.etag} if current is not None and current.etag else {"if_none_match": "*"}
+        )
         error: DnsUnavailable | PermanentError
         try:
-            self.client.record_sets.create_or_update(self.resource_group, self.zone, relative, "A", record_set,
-                                                     **guard, **self._options)
+            self.client.record_sets.create_or_update(
+                self.resource_group, self.zone, relative, "A", record_set, **guard, **self._options
+            )
         except AzureError as e:
             error = self._translate(e, what)
         else:
@@ -394,7 +469,8 @@ class AzureDns:
             if written is None or shown != values or written.ttl != ttl:
                 error = DnsUnavailable(
                     f"{self.description}: {what}: read back shows {', '.join(shown) or 'no A records'}"
-                    f" (TTL {written.ttl if written else '-'}); someone changed it right after twincd's write")
+                    f" (TTL {written.ttl if written else '-'}); someone changed it right after twincd's write"
+                )
             else:
                 return
         raise error  # outside the handler: see _get
@@ -411,23 +487,33 @@ class AzureDns:
         where = f"{self.description}: {what}"
         status, code, message = _status(e), _arm_code(e), _arm_message(e)
         detail = f"{status} {code}".strip() + (f": {message}" if message else "")
-        role = (f"the identity needs the {AZURE_DNS_ROLE!r} role on zone {self.zone} in resource group "
-                f"{self.resource_group} (or on the group)")
+        role = (
+            f"the identity needs the {AZURE_DNS_ROLE!r} role on zone {self.zone} in resource group "
+            f"{self.resource_group} (or on the group)"
+        )
         if isinstance(e, ClientAuthenticationError) and status is None:
             # The credential could not get a token. Its text lists what it tried; only the type is
             # shown, as a credential's own errors are not ours to vouch for.
-            return DnsRefused(f"{where}: no Azure token ({type(e).__name__}); sign in with `az login`, set "
-                              f"AZURE_CLIENT_ID/AZURE_TENANT_ID/... or use a managed identity; {role}")
+            return DnsRefused(
+                f"{where}: no Azure token ({type(e).__name__}); sign in with `az login`, set "
+                f"AZURE_CLIENT_ID/AZURE_TENANT_ID/... or use a managed identity; {role}"
+            )
         if status == 401:
-            return DnsRefused(f"{where}: {detail}; Azure did not accept the token (expired, another tenant or "
-                              f"cloud?); {role}")
+            return DnsRefused(
+                f"{where}: {detail}; Azure did not accept the token (expired, another tenant or "
+                f"cloud?); {role}"
+            )
         if status == 403:
             return DnsRefused(f"{where}: {detail}; grant it: {role}")
         if status == 412:
-            return DnsUnavailable(f"{where}: someone changed the record set between twincd's read and its write "
-                                  "(etag mismatch, 412); read it again and retry")
+            return DnsUnavailable(
+                f"{where}: someone changed the record set between twincd's read and its write "
+                "(etag mismatch, 412); read it again and retry"
+            )
         if status == 404:
-            return DnsConfigError(f"{where}: {detail}; check dns.zone, dns.resource_group and dns.subscription_id")
+            return DnsConfigError(
+                f"{where}: {detail}; check dns.zone, dns.resource_group and dns.subscription_id"
+            )
         if status == 400:
             return DnsConfigError(f"{where}: {detail}")
         if status in (408, 429) or (status is not None and status >= 500):
@@ -458,6 +544,7 @@ def _arm_message(e: AzureError) -> str:
         return ""
     return _TOKEN_LIKE.sub("[redacted]", " ".join(message.split()))[:300].rstrip(".")
 
+
 class NoDns:
     """``dns: none``: twincd does not manage the record; the plan tells people to change it themselves."""
 
@@ -468,4 +555,6 @@ class NoDns:
         return frozenset()
 
     def replace_a(self, name: str, ips: Iterable[str], *, ttl: int) -> None:
-        raise DnsConfigError("dns: none; twincd does not change DNS records (set dns.type in the environment)")
+        raise DnsConfigError(
+            "dns: none; twincd does not change DNS records (set dns.type in the environment)"
+        )

@@ -48,23 +48,34 @@ class LocalForge:
         os.replace(tmp, path)
         return mr
 
-    def open(self, *, source_branch: str, target_branch: str, title: str, description: str,
-             head: str = "") -> MergeRequest:
+    def open(
+        self, *, source_branch: str, target_branch: str, title: str, description: str, head: str = ""
+    ) -> MergeRequest:
         """Open the MR for ``source_branch``; an open one, or one merged at the branch's current
         head, is reused ("already done")."""
         head = head or gitrepo.branch_head(repo_url=self.repo_url, branch=source_branch) or ""
         existing = self.find(source_branch=source_branch)
         if existing is not None and existing.state == "opened":
             # Like a GitLab MR, an open one follows its branch: it now shows the branch's head.
-            return self._save(replace(existing, sha=head, title=title), description=description) \
-                if existing.sha != head else replace(existing, reused=True)
+            return (
+                self._save(replace(existing, sha=head, title=title), description=description)
+                if existing.sha != head
+                else replace(existing, reused=True)
+            )
         if existing is not None and existing.state == "merged" and existing.sha == head:
             return replace(existing, reused=True)
         # No record; a closed one (a person refused an earlier attempt and re-ran the release on
         # purpose); or a merged one whose branch was rebuilt since (the release was reverted):
         # open a fresh request for the branch as it is now.
-        mr = MergeRequest(ref=self._next_ref(), source_branch=source_branch, target_branch=target_branch,
-                          title=title, state="opened", web_url=f"file://{self._record_path(source_branch)}", sha=head)
+        mr = MergeRequest(
+            ref=self._next_ref(),
+            source_branch=source_branch,
+            target_branch=target_branch,
+            title=title,
+            state="opened",
+            web_url=f"file://{self._record_path(source_branch)}",
+            sha=head,
+        )
         return self._save(mr, description=description)
 
     def _next_ref(self) -> str:
@@ -87,10 +98,14 @@ class LocalForge:
         if current.state == "merged":
             return current
         if current.state == "closed":
-            raise PermanentError(f"merge request {current.ref} ({current.source_branch}) is closed; re-run the release")
+            raise PermanentError(
+                f"merge request {current.ref} ({current.source_branch}) is closed; re-run the release"
+            )
         head = gitrepo.branch_head(repo_url=self.repo_url, branch=mr.source_branch) or ""
         sha = gitrepo.merge_branch(
-            repo_url=self.repo_url, source=mr.source_branch, target=mr.target_branch,
+            repo_url=self.repo_url,
+            source=mr.source_branch,
+            target=mr.target_branch,
             message=f"Merge branch '{mr.source_branch}'\n\n{mr.title}\n\nApproved-by: {approved_by}",
         )
         return self._save(replace(current, state="merged", merge_commit=sha, sha=head), merged_by=approved_by)

@@ -76,9 +76,14 @@ def _scrub(text: str) -> str:
 
 # A missing credential must fail, not wait for a password on a terminal nobody watches.
 _NO_PROMPT = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
-_DENIED = re.compile(r"Authentication failed|could not read Username|Permission denied|HTTP 40[13]|"
-                     r"protected branch|pre-receive hook declined|hook declined", re.IGNORECASE)
-_REJECTED = re.compile(r"\[rejected\]|fetch first|non-fast-forward|stale info|failed to update ref", re.IGNORECASE)
+_DENIED = re.compile(
+    r"Authentication failed|could not read Username|Permission denied|HTTP 40[13]|"
+    r"protected branch|pre-receive hook declined|hook declined",
+    re.IGNORECASE,
+)
+_REJECTED = re.compile(
+    r"\[rejected\]|fetch first|non-fast-forward|stale info|failed to update ref", re.IGNORECASE
+)
 
 
 def _git_call(what: str, fn: Callable[[], object]) -> object:
@@ -88,8 +93,9 @@ def _git_call(what: str, fn: Callable[[], object]) -> object:
         # Not `from e`: the SDK error's text carries the command line, URL credentials included.
         detail = _scrub(str(e.stderr or "")).strip()[:500]
         if _DENIED.search(detail):
-            raise GitDenied(f"git {what} refused: {detail}; check the credentials and the branch's "
-                            "protection for twincd") from None
+            raise GitDenied(
+                f"git {what} refused: {detail}; check the credentials and the branch's protection for twincd"
+            ) from None
         if _REJECTED.search(detail):
             raise PushRejected(f"git {what} rejected: {detail}") from None
         raise GitError(f"git {what} failed: {detail}") from None
@@ -99,8 +105,9 @@ def _git_call(what: str, fn: Callable[[], object]) -> object:
 def clone(repo_url: str, *, ref: str | None = None) -> Iterator[git.Repo]:
     """A temporary clone of ``repo_url``, checked out at ``ref`` (branch, tag or commit) if given."""
     with tempfile.TemporaryDirectory(prefix="twincd-git-") as tmp:
-        repo = _git_call("clone", lambda: git.Repo.clone_from(repo_url, tmp, no_checkout=ref is not None,
-                                                              env=_NO_PROMPT))
+        repo = _git_call(
+            "clone", lambda: git.Repo.clone_from(repo_url, tmp, no_checkout=ref is not None, env=_NO_PROMPT)
+        )
         assert isinstance(repo, git.Repo)
         with repo:  # ends git's persistent cat-file processes before the directory goes
             repo.git.update_environment(**_NO_PROMPT)
@@ -108,7 +115,9 @@ def clone(repo_url: str, *, ref: str | None = None) -> Iterator[git.Repo]:
                 try:
                     repo.git.checkout(ref)
                 except git.GitCommandError:
-                    raise GitRefNotFound(f"{redact_url(repo_url)}: no branch, tag or commit named {ref!r}") from None
+                    raise GitRefNotFound(
+                        f"{redact_url(repo_url)}: no branch, tag or commit named {ref!r}"
+                    ) from None
             yield repo
 
 
@@ -144,19 +153,26 @@ def _push(repo: git.Repo, branch: str, *, replacing: str | None = None) -> None:
     _git_call(f"push {branch}", lambda: repo.git.push(*lease, "origin", f"HEAD:refs/heads/{branch}"))
 
 
-def _branches(repo: git.Repo, repo_url: str, target: str, branch: str) -> tuple[git.RemoteReference,
-                                                                                 git.RemoteReference | None]:
+def _branches(
+    repo: git.Repo, repo_url: str, target: str, branch: str
+) -> tuple[git.RemoteReference, git.RemoteReference | None]:
     target_ref = _remote_branch(repo, target)
     if target_ref is None:
         raise GitRefNotFound(f"{redact_url(repo_url)}: target branch {target!r} does not exist")
     return target_ref, _remote_branch(repo, branch)
 
 
-_AS_TWINCD = {"GIT_AUTHOR_NAME": AUTHOR.name, "GIT_AUTHOR_EMAIL": AUTHOR.email,
-              "GIT_COMMITTER_NAME": AUTHOR.name, "GIT_COMMITTER_EMAIL": AUTHOR.email}
+_AS_TWINCD = {
+    "GIT_AUTHOR_NAME": AUTHOR.name,
+    "GIT_AUTHOR_EMAIL": AUTHOR.email,
+    "GIT_COMMITTER_NAME": AUTHOR.name,
+    "GIT_COMMITTER_EMAIL": AUTHOR.email,
+}
 
 
-def write_release_branch(*, repo_url: str, target: str, branch: str, edit: Edit, message: str) -> ReleaseBranch:
+def write_release_branch(
+    *, repo_url: str, target: str, branch: str, edit: Edit, message: str
+) -> ReleaseBranch:
     """Make ``branch`` hold ``target`` plus ``edit``, push it, and return its diff against ``target``.
 
     The branch is twincd's own: it is always (re)built on the target's head, so it validates and
@@ -164,6 +180,7 @@ def write_release_branch(*, repo_url: str, target: str, branch: str, edit: Edit,
     Idempotent: when the branch already is exactly target + edit, nothing is committed or pushed;
     when the target itself already holds the edit, the diff is empty and no branch is made.
     """
+
     def body(repo: git.Repo) -> ReleaseBranch:
         target_ref, existing = _branches(repo, repo_url, target, branch)
         base = target_ref.commit.hexsha
@@ -176,8 +193,11 @@ def write_release_branch(*, repo_url: str, target: str, branch: str, edit: Edit,
             (work / rel).write_text(text)
         repo.index.add(list(files))
         tree = repo.index.write_tree()
-        if existing is not None and existing.commit.tree.hexsha == tree.hexsha \
-                and [p.hexsha for p in existing.commit.parents] == [base]:
+        if (
+            existing is not None
+            and existing.commit.tree.hexsha == tree.hexsha
+            and [p.hexsha for p in existing.commit.parents] == [base]
+        ):
             head = existing.commit.hexsha  # an earlier run made exactly this commit
             return ReleaseBranch(branch, head, base, changes, False, _diff(repo, base, head))
         commit = repo.index.commit(message, author=AUTHOR, committer=AUTHOR)
@@ -200,6 +220,7 @@ def merge_branch(*, repo_url: str, source: str, target: str, message: str) -> st
     "Already merged" is success: the existing merge commit (the first commit on ``target`` whose
     parents include the source head) is returned and nothing is pushed.
     """
+
     def body(repo: git.Repo) -> str:
         tgt, src = _branches(repo, repo_url, target, source)
         if src is None:
@@ -240,9 +261,19 @@ def _merge_commit_of(repo: git.Repo, source_sha: str, target_ref: str) -> str:
 def tag_commit(*, repo_url: str, tag: str) -> str:
     """The commit a tag points at (annotated tags peeled); GitRefNotFound when there is no such tag."""
     # `--` so that a URL can never be read as an option; no prompt for a missing credential.
-    out = str(_git_call("ls-remote", lambda: git.cmd.Git().ls_remote(
-        "--tags", "--", repo_url, f"refs/tags/{tag}", f"refs/tags/{tag}^{{}}",
-        env={**os.environ, "GIT_TERMINAL_PROMPT": "0"}))).strip()
+    out = str(
+        _git_call(
+            "ls-remote",
+            lambda: git.cmd.Git().ls_remote(
+                "--tags",
+                "--",
+                repo_url,
+                f"refs/tags/{tag}",
+                f"refs/tags/{tag}^{{}}",
+                env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+            ),
+        )
+    ).strip()
     refs: dict[str, str] = {}
     for line in out.splitlines():
         sha, _, name = line.partition("\t")
@@ -253,7 +284,9 @@ def tag_commit(*, repo_url: str, tag: str) -> str:
     return found
 
 
-def write_revert_branch(*, repo_url: str, target: str, branch: str, merge_commits: list[str]) -> ReleaseBranch:
+def write_revert_branch(
+    *, repo_url: str, target: str, branch: str, merge_commits: list[str]
+) -> ReleaseBranch:
     """Make ``branch`` (from ``target``) hold a `git revert -m 1` of each merge commit, in the order given.
 
     Idempotent: an unmerged branch from an earlier run is taken as it is; a merged one (an older
@@ -261,6 +294,7 @@ def write_revert_branch(*, repo_url: str, target: str, branch: str, merge_commit
     Rollback is a new commit on top, never a force-push: what ran stays in history and Argo CD
     syncs the revert like any other change (argo-cd#2441).
     """
+
     def body(repo: git.Repo) -> ReleaseBranch:
         target_ref, existing = _branches(repo, repo_url, target, branch)
         base = target_ref.commit.hexsha
@@ -272,8 +306,10 @@ def write_revert_branch(*, repo_url: str, target: str, branch: str, merge_commit
             try:
                 repo.git.revert("--no-edit", "-m", "1", sha, env=_AS_TWINCD)
             except git.GitCommandError as e:
-                raise PermanentError(f"{redact_url(repo_url)}: cannot revert {sha[:12]} on {target}: "
-                                     f"{_scrub(str(e.stderr or e.stdout or '')).strip()[:300]}") from None
+                raise PermanentError(
+                    f"{redact_url(repo_url)}: cannot revert {sha[:12]} on {target}: "
+                    f"{_scrub(str(e.stderr or e.stdout or '')).strip()[:300]}"
+                ) from None
         _push(repo, branch, replacing=existing.commit.hexsha if existing is not None else None)
         head = repo.head.commit.hexsha
         return ReleaseBranch(branch, head, base, (), True, _diff(repo, base, head))
@@ -290,8 +326,9 @@ def contains_checker(repo_url: str, commit: str) -> Iterator[Callable[[str], boo
     """
     with tempfile.TemporaryDirectory(prefix="twincd-ancestry-") as tmp:
         # Commits only: ancestry needs no file contents (a local path ignores the filter).
-        repo = _git_call("clone", lambda: git.Repo.clone_from(repo_url, tmp, bare=True, filter="blob:none",
-                                                              env=_NO_PROMPT))
+        repo = _git_call(
+            "clone", lambda: git.Repo.clone_from(repo_url, tmp, bare=True, filter="blob:none", env=_NO_PROMPT)
+        )
         assert isinstance(repo, git.Repo)
         answers: dict[str, bool] = {}
 

@@ -75,8 +75,17 @@ class MergeTimeout(GitlabForgeError):
 
 
 class GitlabForge:
-    def __init__(self, *, url: str, project: str, token: Secret, labels: Sequence[str] = ("twincd",),
-                 failed_label: str = FAILED_LABEL, timeout: float = 30, max_retries: int = 5) -> None:
+    def __init__(
+        self,
+        *,
+        url: str,
+        project: str,
+        token: Secret,
+        labels: Sequence[str] = ("twincd",),
+        failed_label: str = FAILED_LABEL,
+        timeout: float = 30,
+        max_retries: int = 5,
+    ) -> None:
         self.url = url.rstrip("/")
         self.project = project
         self.labels = tuple(labels)
@@ -85,16 +94,23 @@ class GitlabForge:
         # max_retries bounds python-gitlab's in-call retries (its default of 10 is ~100 s of backoff
         # per call on a down server); the task's retries come on top of it.
         self._max_retries = max_retries
-        self._gl = gitlab.Gitlab(self.url, private_token=token.reveal(), timeout=timeout,
-                                 retry_transient_errors=True)
+        self._gl = gitlab.Gitlab(
+            self.url, private_token=token.reveal(), timeout=timeout, retry_transient_errors=True
+        )
         # lazy: no request until the first real call, so opening an MR costs no extra GET.
         self._project: Project = self._gl.projects.get(project, lazy=True)
         self._merge_method_cache: str | None = None
 
     @classmethod
     def from_config(cls, cfg: GitlabForgeConfig, *, timeout: float = 30) -> GitlabForge:
-        return cls(url=cfg.url, project=cfg.project, token=resolve_secret(cfg.token), labels=cfg.labels,
-                   failed_label=cfg.failed_label, timeout=timeout)
+        return cls(
+            url=cfg.url,
+            project=cfg.project,
+            token=resolve_secret(cfg.token),
+            labels=cfg.labels,
+            failed_label=cfg.failed_label,
+            timeout=timeout,
+        )
 
     def close_session(self) -> None:
         """Close python-gitlab's HTTP session (its pooled connections). ``close`` closes an MR."""
@@ -116,8 +132,14 @@ class GitlabForge:
         what = f"listing merge requests of {source_branch!r}"
 
         def list_mrs() -> list[ProjectMergeRequest]:
-            return self._project.mergerequests.list(source_branch=source_branch, target_branch=target_branch,
-                                                    state="all", per_page=20, get_all=False, max_retries=self._max_retries)
+            return self._project.mergerequests.list(
+                source_branch=source_branch,
+                target_branch=target_branch,
+                state="all",
+                per_page=20,
+                get_all=False,
+                max_retries=self._max_retries,
+            )
 
         found = self._call(what, list_mrs, needs=_READ)
         for state in ("opened", "merged"):
@@ -126,8 +148,9 @@ class GitlabForge:
                 return self._to_mr(match.attributes)
         return None
 
-    def open(self, *, source_branch: str, target_branch: str, title: str, description: str,
-             head: str = "") -> MergeRequest:
+    def open(
+        self, *, source_branch: str, target_branch: str, title: str, description: str, head: str = ""
+    ) -> MergeRequest:
         """Open the release MR; an open one for the branch, or one merged at ``head`` (the branch's
         current head, when known), is reused ("already done")."""
         existing = self.find(source_branch=source_branch, target_branch=target_branch)
@@ -135,9 +158,14 @@ class GitlabForge:
             return replace(existing, reused=True)
         # Otherwise the merged MR is of an older build of the branch (the release was reverted and
         # is deployed again): GitLab takes a new MR for the same source branch.
-        data = {"source_branch": source_branch, "target_branch": target_branch,
-                "title": self._token.mask(title), "description": self._token.mask(description),
-                "labels": ",".join(self.labels), "remove_source_branch": False}
+        data = {
+            "source_branch": source_branch,
+            "target_branch": target_branch,
+            "title": self._token.mask(title),
+            "description": self._token.mask(description),
+            "labels": ",".join(self.labels),
+            "remove_source_branch": False,
+        }
 
         def create() -> dict[str, Any] | None:
             try:
@@ -147,8 +175,9 @@ class GitlabForge:
                     return None  # someone (an earlier attempt of this task) opened it meanwhile
                 raise
 
-        created = self._call(f"opening a merge request from {source_branch!r} into {target_branch!r}", create,
-                             needs=_WRITE_MR)
+        created = self._call(
+            f"opening a merge request from {source_branch!r} into {target_branch!r}", create, needs=_WRITE_MR
+        )
         if created is not None:
             return self._to_mr(created)
         again = self.find(source_branch=source_branch, target_branch=target_branch)
@@ -158,7 +187,8 @@ class GitlabForge:
         # into another branch is a person's doing, and reusing it would release to the wrong place.
         raise GitlabForgeError(
             f"GitLab project {self.project}: an open merge request from {source_branch!r} into a branch other "
-            f"than {target_branch!r} already exists; close it and re-run the deploy")
+            f"than {target_branch!r} already exists; close it and re-run the deploy"
+        )
 
     def get(self, mr: MergeRequest) -> MergeRequest:
         return self._to_mr(self._read(_iid(mr)))
@@ -172,17 +202,27 @@ class GitlabForge:
         lazy_mr = self._project.mergerequests.get(iid, lazy=True)
 
         def recent_bodies() -> list[str]:
-            notes = lazy_mr.notes.list(sort="desc", order_by="created_at", per_page=50, get_all=False, max_retries=self._max_retries)
+            notes = lazy_mr.notes.list(
+                sort="desc", order_by="created_at", per_page=50, get_all=False, max_retries=self._max_retries
+            )
             return [str(n.attributes.get("body", "")) for n in notes]
 
         if not any(marker in b for b in self._call(f"reading notes of !{iid}", recent_bodies, needs=_READ)):
-            self._call(f"posting the validation note on !{iid}",
-                       lambda: lazy_mr.notes.create({"body": f"{body}\n\n{marker}"}, max_retries=self._max_retries), needs=_COMMENT)
+            self._call(
+                f"posting the validation note on !{iid}",
+                lambda: lazy_mr.notes.create({"body": f"{body}\n\n{marker}"}, max_retries=self._max_retries),
+                needs=_COMMENT,
+            )
         change = {"add_labels": self.failed_label} if not report.ok else {"remove_labels": self.failed_label}
-        self._call(f"labelling !{iid}", lambda: self._project.mergerequests.update(iid, change, max_retries=self._max_retries),
-                   needs=_WRITE_MR)
+        self._call(
+            f"labelling !{iid}",
+            lambda: self._project.mergerequests.update(iid, change, max_retries=self._max_retries),
+            needs=_WRITE_MR,
+        )
 
-    def wait_for_merge(self, mr: MergeRequest, *, timeout: float, poll: float = 5, max_poll: float = 60) -> MergeRequest:
+    def wait_for_merge(
+        self, mr: MergeRequest, *, timeout: float, poll: float = 5, max_poll: float = 60
+    ) -> MergeRequest:
         """Poll until a person merges (return it, with ``merge_commit``) or closes it (CancelledByUser).
 
         The interval grows by half each time up to ``max_poll``: quick answers are seen quickly,
@@ -202,12 +242,14 @@ class GitlabForge:
                 if current.state == "closed":
                     raise CancelledByUser(
                         f"merge request {current.ref} ({current.web_url}) was closed without being merged; "
-                        f"nothing reached {current.target_branch}. Reopen it and re-run the deploy to release.")
+                        f"nothing reached {current.target_branch}. Reopen it and re-run the deploy to release."
+                    )
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise MergeTimeout(
                     f"merge request {mr.ref} ({mr.web_url}) is still open after {timeout:.0f} s: nobody merged or "
-                    "closed it. Merge it and re-run the deploy (the open MR is reused), or close it.")
+                    "closed it. Merge it and re-run the deploy (the open MR is reused), or close it."
+                )
             time.sleep(min(delay, remaining))
             delay = min(delay * 1.5, max_poll)
 
@@ -223,25 +265,35 @@ class GitlabForge:
         if current.state == "merged":  # already done (possibly by an earlier attempt still settling)
             return self._settled_merge(mr, attrs, settle_timeout)
         if current.state != "opened":
-            raise GitlabForgeError(f"merge request {current.ref} ({current.web_url}) is {current.state}; "
-                                   "re-run the release")
-        message = self._token.mask(f"Merge branch '{mr.source_branch}'\n\n{mr.title}\n\nApproved-by: {approved_by}")
+            raise GitlabForgeError(
+                f"merge request {current.ref} ({current.web_url}) is {current.state}; re-run the release"
+            )
+        message = self._token.mask(
+            f"Merge branch '{mr.source_branch}'\n\n{mr.title}\n\nApproved-by: {approved_by}"
+        )
 
         def accept() -> dict[str, Any]:
             try:
                 return self._project.mergerequests.get(iid, lazy=True).merge(
-                    merge_commit_message=message, should_remove_source_branch=False, max_retries=self._max_retries)
+                    merge_commit_message=message,
+                    should_remove_source_branch=False,
+                    max_retries=self._max_retries,
+                )
             except gitlab.exceptions.GitlabMRClosedError as e:
                 # 405/406/409/422 on merge: conflicts, a required pipeline or approvals, a moved head.
                 if e.response_code in (405, 406, 409, 422):
                     raise GitlabForgeError(
                         f"GitLab project {self.project}: merge request {current.ref} ({current.web_url}) cannot be "
                         f"merged now ({e.response_code}: {self._token.mask(str(e.error_message))[:200]}); "
-                        "resolve it in GitLab and re-run the deploy") from e
+                        "resolve it in GitLab and re-run the deploy"
+                    ) from e
                 raise
 
-        attrs = self._call(f"merging !{iid}", accept, needs="Developer role allowed to merge into "
-                           f"{mr.target_branch} (protected branch settings)")
+        attrs = self._call(
+            f"merging !{iid}",
+            accept,
+            needs=f"Developer role allowed to merge into {mr.target_branch} (protected branch settings)",
+        )
         return self._settled_merge(mr, attrs, settle_timeout)
 
     def _settled_merge(self, mr: MergeRequest, attrs: dict[str, Any], settle_timeout: float) -> MergeRequest:
@@ -259,7 +311,8 @@ class GitlabForge:
                     f"GitLab at {redact_url(self.url)}, project {self.project}: merge request {mr.ref} "
                     f"({attrs.get('web_url') or mr.web_url}) was accepted for merging but is still {state!r}"
                     f"{' without a merge commit' if state == 'merged' else ''} after {settle_timeout:.0f} s "
-                    "(a merge train or a slow merge); retry once GitLab shows it merged")
+                    "(a merge train or a slow merge); retry once GitLab shows it merged"
+                )
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 5.0)
             attrs = self._read(_iid(mr))
@@ -268,7 +321,9 @@ class GitlabForge:
     def _read(self, iid: int) -> dict[str, Any]:
         attrs: dict[str, Any] = self._call(
             f"reading merge request !{iid}",
-            lambda: self._project.mergerequests.get(iid, max_retries=self._max_retries).attributes, needs=_READ)
+            lambda: self._project.mergerequests.get(iid, max_retries=self._max_retries).attributes,
+            needs=_READ,
+        )
         return attrs
 
     def _merge_settled(self, attrs: dict[str, Any]) -> bool:
@@ -283,9 +338,11 @@ class GitlabForge:
 
     def _merge_method(self) -> str:
         if self._merge_method_cache is None:
-            project = self._call("reading the project's merge method",
-                                 lambda: self._gl.projects.get(self.project, max_retries=self._max_retries).attributes,
-                                 needs=_READ)
+            project = self._call(
+                "reading the project's merge method",
+                lambda: self._gl.projects.get(self.project, max_retries=self._max_retries).attributes,
+                needs=_READ,
+            )
             self._merge_method_cache = str(project.get("merge_method") or "merge")
         return self._merge_method_cache
 
@@ -293,18 +350,28 @@ class GitlabForge:
         """Close without merging, saying why in a note; the branch stays for inspection."""
         current = self.get(mr)
         if current.state == "merged":
-            raise GitlabForgeError(f"merge request {current.ref} ({current.web_url}) is already merged "
-                                   "and cannot be closed")
+            raise GitlabForgeError(
+                f"merge request {current.ref} ({current.web_url}) is already merged and cannot be closed"
+            )
         if current.state == "closed":
             return current
         iid = _iid(mr)
         lazy_mr = self._project.mergerequests.get(iid, lazy=True)
         if reason:
-            self._call(f"commenting on !{iid}",
-                       lambda: lazy_mr.notes.create({"body": self._token.mask(f"Closed by twincd: {reason}")},
-                                                    max_retries=self._max_retries), needs=_COMMENT)
-        attrs = self._call(f"closing !{iid}", lambda: self._project.mergerequests.update(
-            iid, {"state_event": "close"}, max_retries=self._max_retries), needs=_WRITE_MR)
+            self._call(
+                f"commenting on !{iid}",
+                lambda: lazy_mr.notes.create(
+                    {"body": self._token.mask(f"Closed by twincd: {reason}")}, max_retries=self._max_retries
+                ),
+                needs=_COMMENT,
+            )
+        attrs = self._call(
+            f"closing !{iid}",
+            lambda: self._project.mergerequests.update(
+                iid, {"state_event": "close"}, max_retries=self._max_retries
+            ),
+            needs=_WRITE_MR,
+        )
         return self._to_mr(attrs)
 
     # ---- translation -----------------------------------------------------------------------
@@ -316,10 +383,16 @@ class GitlabForge:
             # merge_commit_sha is null when the project fast-forwards; then the squash commit (squash
             # + fast-forward) or the source head itself (plain fast-forward) is what the target runs.
             commit = attrs.get("merge_commit_sha") or attrs.get("squash_commit_sha") or attrs.get("sha")
-        return MergeRequest(ref=f"!{attrs['iid']}", source_branch=str(attrs["source_branch"]),
-                            target_branch=str(attrs["target_branch"]), title=str(attrs["title"]), state=state,
-                            web_url=str(attrs.get("web_url") or ""), merge_commit=commit,
-                            sha=str(attrs.get("sha") or ""))
+        return MergeRequest(
+            ref=f"!{attrs['iid']}",
+            source_branch=str(attrs["source_branch"]),
+            target_branch=str(attrs["target_branch"]),
+            title=str(attrs["title"]),
+            state=state,
+            web_url=str(attrs.get("web_url") or ""),
+            merge_commit=commit,
+            sha=str(attrs.get("sha") or ""),
+        )
 
     def _call(self, what: str, fn: Callable[[], T], *, needs: str) -> T:
         try:
@@ -328,8 +401,10 @@ class GitlabForge:
             raise self._translate(what, e, needs) from e
         except requests.RequestException as e:
             # Connection refused, DNS, TLS, timeouts: python-gitlab already retried them.
-            raise GitlabUnavailable(f"GitLab at {redact_url(self.url)} could not be reached while {what} "
-                                    f"(project {self.project}): {self._token.mask(type(e).__name__)}") from e
+            raise GitlabUnavailable(
+                f"GitLab at {redact_url(self.url)} could not be reached while {what} "
+                f"(project {self.project}): {self._token.mask(type(e).__name__)}"
+            ) from e
 
     def _translate(self, what: str, e: gitlab.exceptions.GitlabError, needs: str) -> Exception:
         code = e.response_code
@@ -338,17 +413,22 @@ class GitlabForge:
         if code == 401:
             return GitlabAuthError(
                 f"{where}: the token was refused (401) while {what}: it is invalid, expired or revoked. "
-                "Use a project or personal access token with the `api` scope (forge.token in the environment file).")
+                "Use a project or personal access token with the `api` scope (forge.token in the environment file)."
+            )
         if code == 403:
             return GitlabAuthError(
                 f"{where}: permission denied (403) while {what}: the token needs the `api` scope and at least the "
-                f"{needs} on {self.project}.")
+                f"{needs} on {self.project}."
+            )
         if code == 404:
             return GitlabNotFound(
                 f"{where}: not found (404) while {what}: {detail}. Check forge.project and the branch names; "
-                f"a private project looks missing to a token without at least the {_READ} on it.")
+                f"a private project looks missing to a token without at least the {_READ} on it."
+            )
         if code is None or code == 429 or code >= 500 or (code == 409 and "Resource lock" in detail):
-            return GitlabUnavailable(f"{where}: GitLab is unavailable or rate-limiting ({code}) while {what}: {detail}")
+            return GitlabUnavailable(
+                f"{where}: GitLab is unavailable or rate-limiting ({code}) while {what}: {detail}"
+            )
         return GitlabForgeError(f"{where}: GitLab refused {what} ({code}): {detail}")
 
 
@@ -363,18 +443,26 @@ def validation_note(report: ValidationReport) -> str:
     """The MR note for a validation result (Markdown)."""
     overlays = ", ".join(f"`{o}`" for o in report.overlays) or "none"
     if report.ok:
-        lines = ["### ✅ twincd validation passed", "",
-                 f"{report.resources} resources valid in {overlays}."]
+        lines = ["### ✅ twincd validation passed", "", f"{report.resources} resources valid in {overlays}."]
     else:
-        lines = ["### ❌ twincd validation failed", "",
-                 (f"{len(report.errors)} error(s) in {report.resources} resources of {overlays}; "
-                 "the release will not wait for a merge."), ""]
+        lines = [
+            "### ❌ twincd validation failed",
+            "",
+            (
+                f"{len(report.errors)} error(s) in {report.resources} resources of {overlays}; "
+                "the release will not wait for a merge."
+            ),
+            "",
+        ]
         lines += [f"- {_md(str(f))}" for f in report.errors[:MAX_FINDINGS_IN_NOTE]]
         if len(report.errors) > MAX_FINDINGS_IN_NOTE:
             lines.append(f"- … and {len(report.errors) - MAX_FINDINGS_IN_NOTE} more")
     if report.unchecked:
-        lines += ["", f"{len(report.unchecked)} resource(s) unchecked (no schema): "
-                  + ", ".join(sorted({f"`{f.resource}`" for f in report.unchecked}))]
+        lines += [
+            "",
+            f"{len(report.unchecked)} resource(s) unchecked (no schema): "
+            + ", ".join(sorted({f"`{f.resource}`" for f in report.unchecked})),
+        ]
     return "\n".join(lines)
 
 

@@ -29,7 +29,9 @@ class KindInfo:
 
     def path(self, namespace: str) -> str:
         prefix = f"/apis/{self.api_version}" if "/" in self.api_version else f"/api/{self.api_version}"
-        return f"{prefix}/namespaces/{namespace}/{self.plural}" if self.namespaced else f"{prefix}/{self.plural}"
+        return (
+            f"{prefix}/namespaces/{namespace}/{self.plural}" if self.namespaced else f"{prefix}/{self.plural}"
+        )
 
 
 def _builtin(api_version: str, namespaced: bool, *kinds: tuple[str, str]) -> dict[tuple[str, str], KindInfo]:
@@ -38,20 +40,39 @@ def _builtin(api_version: str, namespaced: bool, *kinds: tuple[str, str]) -> dic
 
 # The built-in kinds manifests usually hold; their paths are fixed by Kubernetes, so no discovery.
 BUILTIN_KINDS: dict[tuple[str, str], KindInfo] = {
-    **_builtin("v1", True, ("ConfigMap", "configmaps"), ("Secret", "secrets"), ("Service", "services"),
-               ("ServiceAccount", "serviceaccounts"), ("PersistentVolumeClaim", "persistentvolumeclaims"),
-               ("Pod", "pods"), ("LimitRange", "limitranges"), ("ResourceQuota", "resourcequotas")),
+    **_builtin(
+        "v1",
+        True,
+        ("ConfigMap", "configmaps"),
+        ("Secret", "secrets"),
+        ("Service", "services"),
+        ("ServiceAccount", "serviceaccounts"),
+        ("PersistentVolumeClaim", "persistentvolumeclaims"),
+        ("Pod", "pods"),
+        ("LimitRange", "limitranges"),
+        ("ResourceQuota", "resourcequotas"),
+    ),
     **_builtin("v1", False, ("Namespace", "namespaces"), ("PersistentVolume", "persistentvolumes")),
-    **_builtin("apps/v1", True, ("Deployment", "deployments"), ("StatefulSet", "statefulsets"),
-               ("DaemonSet", "daemonsets"), ("ReplicaSet", "replicasets")),
+    **_builtin(
+        "apps/v1",
+        True,
+        ("Deployment", "deployments"),
+        ("StatefulSet", "statefulsets"),
+        ("DaemonSet", "daemonsets"),
+        ("ReplicaSet", "replicasets"),
+    ),
     **_builtin("batch/v1", True, ("Job", "jobs"), ("CronJob", "cronjobs")),
     **_builtin("networking.k8s.io/v1", True, ("Ingress", "ingresses"), ("NetworkPolicy", "networkpolicies")),
     **_builtin("networking.k8s.io/v1", False, ("IngressClass", "ingressclasses")),
     **_builtin("policy/v1", True, ("PodDisruptionBudget", "poddisruptionbudgets")),
     **_builtin("autoscaling/v2", True, ("HorizontalPodAutoscaler", "horizontalpodautoscalers")),
     **_builtin("rbac.authorization.k8s.io/v1", True, ("Role", "roles"), ("RoleBinding", "rolebindings")),
-    **_builtin("rbac.authorization.k8s.io/v1", False, ("ClusterRole", "clusterroles"),
-               ("ClusterRoleBinding", "clusterrolebindings")),
+    **_builtin(
+        "rbac.authorization.k8s.io/v1",
+        False,
+        ("ClusterRole", "clusterroles"),
+        ("ClusterRoleBinding", "clusterrolebindings"),
+    ),
     **_builtin("apiextensions.k8s.io/v1", False, ("CustomResourceDefinition", "customresourcedefinitions")),
 }
 
@@ -74,8 +95,9 @@ class LiveReader:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def close(self) -> None:
@@ -94,8 +116,10 @@ class LiveReader:
         if status == 404:
             return None
         if not isinstance(data, dict):
-            raise ClusterError(f"cluster {self.ref.name}: {what}: the API server answered {type(data).__name__}, "
-                               "not a JSON object")
+            raise ClusterError(
+                f"cluster {self.ref.name}: {what}: the API server answered {type(data).__name__}, "
+                "not a JSON object"
+            )
         return data
 
     def kind(self, api_version: str, kind: str) -> KindInfo | None:
@@ -107,8 +131,12 @@ class LiveReader:
             prefix = "/apis/" if "/" in api_version else "/api/"
             found = self._get(f"discover {api_version}", prefix + api_version) or {}
             self._discovered[api_version] = {
-                str(r["kind"]): KindInfo(api_version, str(r["kind"]), str(r["name"]), bool(r.get("namespaced")))
-                for r in found.get("resources", []) if "/" not in str(r.get("name", ""))}
+                str(r["kind"]): KindInfo(
+                    api_version, str(r["kind"]), str(r["name"]), bool(r.get("namespaced"))
+                )
+                for r in found.get("resources", [])
+                if "/" not in str(r.get("name", ""))
+            }
         return self._discovered[api_version].get(kind)
 
     def namespaced(self, api_version: str, kind: str) -> bool:
@@ -152,8 +180,9 @@ class ClusterRead:
         return sum(len(a.live) for a in self.apps)
 
 
-def read_cluster(ref: ClusterRef, *, desired: Mapping[str, Iterable[Mapping[str, Any]]],
-                 api: k8s.ApiClient | None = None) -> ClusterRead:
+def read_cluster(
+    ref: ClusterRef, *, desired: Mapping[str, Iterable[Mapping[str, Any]]], api: k8s.ApiClient | None = None
+) -> ClusterRead:
     """The live objects of every app's (kind, namespace) scopes on one cluster.
 
     ``desired`` maps app → its rendered objects for this cluster. Two apps sharing a scope each

@@ -16,14 +16,26 @@ from twincd.domain import Timeline
 from twincd.notify import is_reply, parent_summary, reply
 
 
-def publish(timeline: Timeline, clusters: Sequence[str], *,
-            logger: logging.Logger | logging.LoggerAdapter[logging.Logger]) -> None:
+def publish(
+    timeline: Timeline,
+    clusters: Sequence[str],
+    *,
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+) -> None:
     if timeline.events:
         e = timeline.events[-1]
         where = f" [{e.cluster}]" if e.cluster else ""
         text = reply(e).plain if is_reply(e) else f"{e.step}{where}: {e.status}: {e.text}"
-        logger.log(logging.ERROR if e.status == "failed" else logging.INFO, "%s %s: %s",
-                   timeline.app, timeline.tag, text)
+        logger.log(
+            logging.ERROR if e.status == "failed" else logging.INFO,
+            "%s %s: %s",
+            timeline.app,
+            timeline.tag,
+            text,
+        )
     summary = parent_summary(timeline, clusters).plain
-    create_markdown_artifact(markdown=f"**{summary}**\n\n{timeline.markdown()}", key=timeline.key,
-                             description=f"Release timeline of {timeline.app} {timeline.tag}")
+    create_markdown_artifact(
+        markdown=f"**{summary}**\n\n{timeline.markdown()}",
+        key=timeline.key,
+        description=f"Release timeline of {timeline.app} {timeline.tag}",
+    )

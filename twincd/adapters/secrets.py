@@ -49,7 +49,9 @@ class Secret:
 
     def __reduce__(self) -> tuple[object, ...]:
         # Never pickled into a Prefect result or a cache: resolve the reference again instead.
-        raise TypeError("twincd.adapters.secrets.Secret cannot be pickled; pass the reference (env:/secret:) instead")
+        raise TypeError(
+            "twincd.adapters.secrets.Secret cannot be pickled; pass the reference (env:/secret:) instead"
+        )
 
 
 def resolve_secret(ref: str) -> Secret:
@@ -61,7 +63,9 @@ def resolve_secret(ref: str) -> Secret:
     if kind == "env":
         value = os.environ.get(name)
         if not value:
-            raise SecretNotFound(f"secret reference env:{name}: environment variable {name} is not set or empty")
+            raise SecretNotFound(
+                f"secret reference env:{name}: environment variable {name} is not set or empty"
+            )
         return Secret(value)
     if kind == "secret":
         return Secret(_load_prefect_secret(name))
@@ -76,9 +80,13 @@ def _load_prefect_secret(name: str) -> str:
         block = SecretBlock.load(name)
     except ValueError as e:
         # Prefect raises ValueError("Unable to find block document named ...") for a missing block.
-        raise SecretNotFound(f"secret reference secret:{name}: no Prefect Secret block named {name!r} "
-                             f"(create it with `prefect block create secret` or in the UI)") from e
+        raise SecretNotFound(
+            f"secret reference secret:{name}: no Prefect Secret block named {name!r} "
+            f"(create it with `prefect block create secret` or in the UI)"
+        ) from e
     value = block.get()  # type: ignore[union-attr]
     if not isinstance(value, str) or not value:
-        raise SecretNotFound(f"secret reference secret:{name}: the Prefect Secret block is empty or not a string")
+        raise SecretNotFound(
+            f"secret reference secret:{name}: the Prefect Secret block is empty or not a string"
+        )
     return value

@@ -74,9 +74,13 @@ class PrefectVariableThreadStore:
         value = Variable.get(key)
         if not isinstance(value, dict):
             return None
-        return ThreadState(channel=str(value["channel"]), channel_id=str(value["channel_id"]),
-                           ts=str(value["ts"]), posted=tuple(str(k) for k in value.get("posted", ())),
-                           parent_hash=str(value.get("parent_hash", "")))
+        return ThreadState(
+            channel=str(value["channel"]),
+            channel_id=str(value["channel_id"]),
+            ts=str(value["ts"]),
+            posted=tuple(str(k) for k in value.get("posted", ())),
+            parent_hash=str(value.get("parent_hash", "")),
+        )
 
     def put(self, key: str, state: ThreadState) -> None:
         value = asdict(state)
@@ -113,9 +117,18 @@ class _Failed(Exception):
 class SlackNotifier:
     """Publish a release timeline to one Slack channel; see the module docstring."""
 
-    def __init__(self, token: str, channel: str, *, mention_on_failure: str = "", store: ThreadStore,
-                 base_url: str | None = None, timeout: int = 5, budget: float = 10.0,
-                 logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None) -> None:
+    def __init__(
+        self,
+        token: str,
+        channel: str,
+        *,
+        mention_on_failure: str = "",
+        store: ThreadStore,
+        base_url: str | None = None,
+        timeout: int = 5,
+        budget: float = 10.0,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
+    ) -> None:
         self._token = token
         self._channel = channel
         self._mention = mention_on_failure
@@ -151,8 +164,14 @@ class SlackNotifier:
                 self._store.put(key, state)  # at once: a later failure must not orphan the thread
             elif state.parent_hash != parent_hash:
                 try:
-                    self._call("chat.update", deadline, channel=state.channel_id, ts=state.ts,
-                               text=parent.text, blocks=list(parent.blocks))
+                    self._call(
+                        "chat.update",
+                        deadline,
+                        channel=state.channel_id,
+                        ts=state.ts,
+                        text=parent.text,
+                        blocks=list(parent.blocks),
+                    )
                     state = replace(state, parent_hash=parent_hash)
                     updated_parent = True
                 except _Failed as e:
@@ -163,8 +182,14 @@ class SlackNotifier:
                     posted_parent = True
             for r in thread_replies(timeline, posted=state.posted):
                 text = f"{self._mention} {r.text}" if r.mention and self._mention else r.text
-                self._call("chat.postMessage", deadline, channel=state.channel_id, thread_ts=state.ts,
-                           text=text, unfurl_links=False)
+                self._call(
+                    "chat.postMessage",
+                    deadline,
+                    channel=state.channel_id,
+                    thread_ts=state.ts,
+                    text=text,
+                    unfurl_links=False,
+                )
                 state = replace(state, posted=(*state.posted, r.key)[-_MAX_POSTED:])
                 replies += 1
         except _Failed as e:
@@ -177,16 +202,26 @@ class SlackNotifier:
             except Exception as e:  # noqa: BLE001
                 error = error or f"thread store: cannot write {key}: {type(e).__name__}: {e}"
         if error:
-            return self._failed(error, state=state, posted_parent=posted_parent, updated_parent=updated_parent,
-                                replies=replies)
+            return self._failed(
+                error,
+                state=state,
+                posted_parent=posted_parent,
+                updated_parent=updated_parent,
+                replies=replies,
+            )
         assert state is not None
         return PublishResult(True, "", state.ts, state.channel_id, posted_parent, updated_parent, replies)
 
     def announce(self, text: str) -> PublishResult:
         """One standalone message (e.g. drift that appeared or cleared); never raises."""
         try:
-            response = self._call("chat.postMessage", time.monotonic() + self._budget, channel=self._channel,
-                                  text=text, unfurl_links=False)
+            response = self._call(
+                "chat.postMessage",
+                time.monotonic() + self._budget,
+                channel=self._channel,
+                text=text,
+                unfurl_links=False,
+            )
         except _Failed as e:
             return self._failed(str(e))
         except Exception as e:  # noqa: BLE001 - a bug here must not fail the run either
@@ -194,8 +229,14 @@ class SlackNotifier:
         return PublishResult(True, "", str(response["ts"]), str(response["channel"]), posted_parent=True)
 
     def _post_parent(self, parent: ParentMessage, parent_hash: str, deadline: float) -> ThreadState:
-        response = self._call("chat.postMessage", deadline, channel=self._channel, text=parent.text,
-                              blocks=list(parent.blocks), unfurl_links=False)
+        response = self._call(
+            "chat.postMessage",
+            deadline,
+            channel=self._channel,
+            text=parent.text,
+            blocks=list(parent.blocks),
+            unfurl_links=False,
+        )
         return ThreadState(self._channel, str(response["channel"]), str(response["ts"]), (), parent_hash)
 
     def _call(self, method: str, deadline: float, **params: Any) -> SlackResponse:
@@ -213,8 +254,10 @@ class SlackNotifier:
                 if status == 429:
                     wait = _retry_after(e.response.headers)
                     if time.monotonic() + wait + 1 > deadline:
-                        raise _Failed(f"{method}: rate limited (Retry-After {wait:g} s exceeds the "
-                                      f"{self._budget:g} s budget)") from None
+                        raise _Failed(
+                            f"{method}: rate limited (Retry-After {wait:g} s exceeds the "
+                            f"{self._budget:g} s budget)"
+                        ) from None
                     self._log.info("slack %s rate limited; retrying in %g s", method, wait)
                     time.sleep(wait)
                     continue
@@ -229,12 +272,26 @@ class SlackNotifier:
         # Slack never echoes the token, but a proxy or a future SDK message might: be sure.
         return text.replace(self._token, "[token]") if self._token else text
 
-    def _failed(self, error: str, *, state: ThreadState | None = None, posted_parent: bool = False,
-                updated_parent: bool = False, replies: int = 0) -> PublishResult:
+    def _failed(
+        self,
+        error: str,
+        *,
+        state: ThreadState | None = None,
+        posted_parent: bool = False,
+        updated_parent: bool = False,
+        replies: int = 0,
+    ) -> PublishResult:
         error = self._scrub(error)
         self._log.warning("slack notifier failed (the deploy goes on): %s", error)
-        return PublishResult(False, error, state.ts if state else "", state.channel_id if state else "",
-                             posted_parent, updated_parent, replies)
+        return PublishResult(
+            False,
+            error,
+            state.ts if state else "",
+            state.channel_id if state else "",
+            posted_parent,
+            updated_parent,
+            replies,
+        )
 
 
 def _retry_after(headers: Any) -> float:

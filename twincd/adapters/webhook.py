@@ -89,8 +89,14 @@ def default_projects(env: Environment) -> dict[str, str]:
     return {PurePosixPath(app.repo).name.removesuffix(".git").lower(): name for name, app in env.apps.items()}
 
 
-def create_app(env: Environment, *, secret: Secret | str, deployment: str = "deploy/deploy",
-               max_body: int = MAX_BODY, projects: Mapping[str, str] | None = None) -> Starlette:
+def create_app(
+    env: Environment,
+    *,
+    secret: Secret | str,
+    deployment: str = "deploy/deploy",
+    max_body: int = MAX_BODY,
+    projects: Mapping[str, str] | None = None,
+) -> Starlette:
     """The webhook app. ``projects`` maps GitLab ``path_with_namespace`` to an app name."""
     token = secret.reveal() if isinstance(secret, Secret) else secret
     if not token:
@@ -100,8 +106,10 @@ def create_app(env: Environment, *, secret: Secret | str, deployment: str = "dep
     by_basename = default_projects(env)
     for project, app in (exact or {}).items():
         if app not in env.apps:
-            raise ConfigError(f"webhook project {project!r} maps to unknown app {app!r} "
-                              f"(known apps: {', '.join(sorted(env.apps))})")
+            raise ConfigError(
+                f"webhook project {project!r} maps to unknown app {app!r} "
+                f"(known apps: {', '.join(sorted(env.apps))})"
+            )
     cached: dict[str, UUID] = {}  # deployment name -> id: saves one API call per delivery
 
     def app_of(project: str) -> str | None:
@@ -145,11 +153,22 @@ def create_app(env: Environment, *, secret: Secret | str, deployment: str = "dep
             return _answer(500, {"error": str(e)})
         except Exception as e:  # noqa: BLE001 - the Prefect API is down or refused: GitLab may redeliver
             log.warning("could not create a %s run for %s: %s", deployment, key, type(e).__name__)
-            return _answer(503, {"error": f"the Prefect API did not accept the run ({type(e).__name__}); "
-                                          "redeliver later"}, headers={"Retry-After": "30"})
-        log.info("tag push %s %s -> %s run %s (%.0f ms)", event.project, event.tag, deployment, run_id,
-                 (time.perf_counter() - t0) * 1000)
-        return _answer(202, {"flow_run_id": str(run_id), "app": app, "tag": event.tag, "idempotency_key": key})
+            return _answer(
+                503,
+                {"error": f"the Prefect API did not accept the run ({type(e).__name__}); redeliver later"},
+                headers={"Retry-After": "30"},
+            )
+        log.info(
+            "tag push %s %s -> %s run %s (%.0f ms)",
+            event.project,
+            event.tag,
+            deployment,
+            run_id,
+            (time.perf_counter() - t0) * 1000,
+        )
+        return _answer(
+            202, {"flow_run_id": str(run_id), "app": app, "tag": event.tag, "idempotency_key": key}
+        )
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"ok": True})
@@ -167,8 +186,10 @@ def create_app(env: Environment, *, secret: Secret | str, deployment: str = "dep
             log.warning("webhook starting without deployment %s: %s", deployment, e)
         yield
 
-    return Starlette(routes=[Route(PATH, receive, methods=["POST"]), Route("/healthz", health, methods=["GET"])],
-                     lifespan=lifespan)
+    return Starlette(
+        routes=[Route(PATH, receive, methods=["POST"]), Route("/healthz", health, methods=["GET"])],
+        lifespan=lifespan,
+    )
 
 
 class _DeploymentMissing(Exception):
@@ -186,13 +207,16 @@ async def _create_run(deployment: str, cached: dict[str, UUID], parameters: dict
             cached[deployment] = deployment_id
             try:
                 run = await client.create_flow_run_from_deployment(
-                    deployment_id, parameters=parameters, idempotency_key=key)
+                    deployment_id, parameters=parameters, idempotency_key=key
+                )
                 return run.id
             except ObjectNotFound:
                 # The deployment was re-created under a new id since it was cached: look it up again.
                 cached.pop(deployment, None)
                 if attempt == 2:
-                    raise _DeploymentMissing(f"deployment {deployment} vanished while creating a run") from None
+                    raise _DeploymentMissing(
+                        f"deployment {deployment} vanished while creating a run"
+                    ) from None
     raise AssertionError("unreachable")
 
 
@@ -202,8 +226,10 @@ async def _deployment_id(client: PrefectClient, deployment: str) -> UUID:
     try:
         return (await client.read_deployment_by_name(deployment)).id
     except ObjectNotFound:
-        raise _DeploymentMissing(f"no deployment {deployment} on the Prefect server at {client.api_url}: "
-                                 "start `twincd serve` or run `prefect deploy`") from None
+        raise _DeploymentMissing(
+            f"no deployment {deployment} on the Prefect server at {client.api_url}: "
+            "start `twincd serve` or run `prefect deploy`"
+        ) from None
 
 
 def _answer(status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> JSONResponse:
@@ -230,9 +256,16 @@ async def _read_capped(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def serve(env: Environment, *, secret: Secret, host: str = "127.0.0.1", port: int = 8085,
-          deployment: str = "deploy/deploy", projects: Mapping[str, str] | None = None,
-          max_body: int = 1024 * 1024) -> None:
+def serve(
+    env: Environment,
+    *,
+    secret: Secret,
+    host: str = "127.0.0.1",
+    port: int = 8085,
+    deployment: str = "deploy/deploy",
+    projects: Mapping[str, str] | None = None,
+    max_body: int = 1024 * 1024,
+) -> None:
     """Serve the webhook until interrupted (``twincd webhook``)."""
     import uvicorn
 

@@ -109,33 +109,100 @@ _NO_STATUS: dict[str, Any] = {"status_subresource": False}
 _READY_REPLICAS = Column("Ready", "{status.readyReplicas}/{spec.replicas}", "0")
 
 RESOURCES: tuple[ResourceType, ...] = (
-    ResourceType("", "v1", "namespaces", "Namespace", namespaced=False, short_names=("ns",),
-                 columns=(Column("Status", "{status.phase}"),), initial_status=(("phase", "Active"),)),
+    ResourceType(
+        "",
+        "v1",
+        "namespaces",
+        "Namespace",
+        namespaced=False,
+        short_names=("ns",),
+        columns=(Column("Status", "{status.phase}"),),
+        initial_status=(("phase", "Active"),),
+    ),
     ResourceType("", "v1", "configmaps", "ConfigMap", short_names=("cm",), **_NO_STATUS),
     ResourceType("", "v1", "secrets", "Secret", **_NO_STATUS),
     ResourceType("", "v1", "services", "Service", short_names=("svc",), categories=_ALL),
     ResourceType("", "v1", "serviceaccounts", "ServiceAccount", short_names=("sa",), **_NO_STATUS),
-    ResourceType("", "v1", "pods", "Pod", short_names=("po",), categories=_ALL,
-                 columns=(Column("Status", "{status.phase}", "Pending"),)),
+    ResourceType(
+        "",
+        "v1",
+        "pods",
+        "Pod",
+        short_names=("po",),
+        categories=_ALL,
+        columns=(Column("Status", "{status.phase}", "Pending"),),
+    ),
     ResourceType("", "v1", "events", "Event", short_names=("ev",), **_NO_STATUS),
-    ResourceType("apps", "v1", "deployments", "Deployment", short_names=("deploy",), categories=_ALL,
-                 columns=(_READY_REPLICAS, Column("Up-to-date", "{status.updatedReplicas}", "0"),
-                          Column("Available", "{status.availableReplicas}", "0"))),
-    ResourceType("apps", "v1", "replicasets", "ReplicaSet", short_names=("rs",), categories=_ALL,
-                 columns=(Column("Desired", "{spec.replicas}", "0"), Column("Current", "{status.replicas}", "0"),
-                          Column("Ready", "{status.readyReplicas}", "0")), initial_status=(("replicas", 0),)),
-    ResourceType("apps", "v1", "statefulsets", "StatefulSet", short_names=("sts",), categories=_ALL,
-                 columns=(_READY_REPLICAS,), initial_status=(("replicas", 0),)),
-    ResourceType("apps", "v1", "daemonsets", "DaemonSet", short_names=("ds",), categories=_ALL,
-                 initial_status=tuple((key, 0) for key in ("currentNumberScheduled", "desiredNumberScheduled",
-                                                           "numberMisscheduled", "numberReady"))),
+    ResourceType(
+        "apps",
+        "v1",
+        "deployments",
+        "Deployment",
+        short_names=("deploy",),
+        categories=_ALL,
+        columns=(
+            _READY_REPLICAS,
+            Column("Up-to-date", "{status.updatedReplicas}", "0"),
+            Column("Available", "{status.availableReplicas}", "0"),
+        ),
+    ),
+    ResourceType(
+        "apps",
+        "v1",
+        "replicasets",
+        "ReplicaSet",
+        short_names=("rs",),
+        categories=_ALL,
+        columns=(
+            Column("Desired", "{spec.replicas}", "0"),
+            Column("Current", "{status.replicas}", "0"),
+            Column("Ready", "{status.readyReplicas}", "0"),
+        ),
+        initial_status=(("replicas", 0),),
+    ),
+    ResourceType(
+        "apps",
+        "v1",
+        "statefulsets",
+        "StatefulSet",
+        short_names=("sts",),
+        categories=_ALL,
+        columns=(_READY_REPLICAS,),
+        initial_status=(("replicas", 0),),
+    ),
+    ResourceType(
+        "apps",
+        "v1",
+        "daemonsets",
+        "DaemonSet",
+        short_names=("ds",),
+        categories=_ALL,
+        initial_status=tuple(
+            (key, 0)
+            for key in (
+                "currentNumberScheduled",
+                "desiredNumberScheduled",
+                "numberMisscheduled",
+                "numberReady",
+            )
+        ),
+    ),
     ResourceType("batch", "v1", "jobs", "Job", categories=_ALL),
     ResourceType("batch", "v1", "cronjobs", "CronJob", short_names=("cj",), categories=_ALL),
     ResourceType("networking.k8s.io", "v1", "ingresses", "Ingress", short_names=("ing",)),
-    ResourceType("argoproj.io", "v1alpha1", "applications", "Application", builtin=False,
-                 short_names=("app", "apps"), **_NO_STATUS,
-                 columns=(Column("Sync Status", "{status.sync.status}"),
-                          Column("Health Status", "{status.health.status}"))),
+    ResourceType(
+        "argoproj.io",
+        "v1alpha1",
+        "applications",
+        "Application",
+        builtin=False,
+        short_names=("app", "apps"),
+        **_NO_STATUS,
+        columns=(
+            Column("Sync Status", "{status.sync.status}"),
+            Column("Health Status", "{status.health.status}"),
+        ),
+    ),
     ResourceType("bitnami.com", "v1alpha1", "sealedsecrets", "SealedSecret", builtin=False),
 )
 NAMESPACES = RESOURCES[0]
@@ -160,8 +227,15 @@ class ApiError(Exception):
         self.details = details
 
     def status(self) -> JSON:
-        body: JSON = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                      "message": self.message, "reason": self.reason, "code": self.code}
+        body: JSON = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        }
         if self.details is not None:
             body["details"] = self.details
         return body
@@ -184,7 +258,9 @@ def _invalid(rt: ResourceType, name: str, message: str) -> ApiError:
 
 
 def _conflict(rt: ResourceType, name: str, why: str) -> ApiError:
-    return ApiError.about(409, "Conflict", rt, name, f'Operation cannot be fulfilled on {rt.qualified} "{name}": {why}')
+    return ApiError.about(
+        409, "Conflict", rt, name, f'Operation cannot be fulfilled on {rt.qualified} "{name}": {why}'
+    )
 
 
 _STALE = "the object has been modified; please apply your changes to the latest version and try again"
@@ -305,8 +381,13 @@ def merge_patch(target: Any, patch: Any) -> Any:
 # ``patchMergeKey`` tags of k8s.io/api). Lists not named here are replaced, as upstream does for
 # lists without a merge strategy.
 _MERGE_KEYS = {
-    "containers": "name", "initContainers": "name", "ephemeralContainers": "name", "env": "name",
-    "volumes": "name", "volumeMounts": "mountPath", "imagePullSecrets": "name",
+    "containers": "name",
+    "initContainers": "name",
+    "ephemeralContainers": "name",
+    "env": "name",
+    "volumes": "name",
+    "volumeMounts": "mountPath",
+    "imagePullSecrets": "name",
 }
 
 
@@ -346,8 +427,14 @@ def _merge_list(current: list[Any], patch: list[Any], merge_key: str) -> list[An
     for item in patch:
         if not isinstance(item, dict) or merge_key not in item:
             raise _bad_request(f"strategic merge patch: list element without merge key {merge_key!r}")
-        position = next((i for i, old in enumerate(merged)
-                         if isinstance(old, dict) and old.get(merge_key) == item[merge_key]), None)
+        position = next(
+            (
+                i
+                for i, old in enumerate(merged)
+                if isinstance(old, dict) and old.get(merge_key) == item[merge_key]
+            ),
+            None,
+        )
         if item.get("$patch") == "delete":
             if position is not None:
                 del merged[position]
@@ -503,8 +590,9 @@ class Store:
         with self._lock:
             return _copy(self._stored(rt, namespace, name))  # type: ignore[no-any-return]
 
-    def list_objects(self, rt: ResourceType, selection: Selection, *, limit: int = 0,
-                     continue_token: str = "") -> ListResult:
+    def list_objects(
+        self, rt: ResourceType, selection: Selection, *, limit: int = 0, continue_token: str = ""
+    ) -> ListResult:
         with self._lock:
             keys = sorted(key for key, obj in self._objects[rt].items() if selection.matches(obj))
             revision = self.resource_version
@@ -519,8 +607,9 @@ class Store:
 
     # ------------------------------------------------------------------------------ writes
 
-    def create(self, rt: ResourceType, namespace: str | None, body: JSON, *,
-               managed_fields: list[JSON] | None = None) -> JSON:
+    def create(
+        self, rt: ResourceType, namespace: str | None, body: JSON, *, managed_fields: list[JSON] | None = None
+    ) -> JSON:
         obj: JSON = _copy(body)
         meta = self._checked_metadata(rt, obj)
         self._check_typed_fields(rt, obj)
@@ -532,7 +621,9 @@ class Store:
             if not isinstance(name, str) or len(name) > 253 or not _NAME.fullmatch(name):
                 raise _invalid(rt, str(name), "metadata.name: must be a lowercase RFC 1123 subdomain")
             if (namespace, name) in self._objects[rt]:
-                raise ApiError.about(409, "AlreadyExists", rt, name, f'{rt.qualified} "{name}" already exists')
+                raise ApiError.about(
+                    409, "AlreadyExists", rt, name, f'{rt.qualified} "{name}" already exists'
+                )
             for system_field in ("deletionTimestamp", "deletionGracePeriodSeconds", "managedFields"):
                 meta.pop(system_field, None)
             if managed_fields:
@@ -544,24 +635,44 @@ class Store:
                 obj["status"] = dict(rt.initial_status)
             return self._commit(rt, (namespace, name), obj, None)
 
-    def replace(self, rt: ResourceType, namespace: str | None, name: str, body: JSON, *,
-                subresource: str | None = None) -> JSON:
+    def replace(
+        self,
+        rt: ResourceType,
+        namespace: str | None,
+        name: str,
+        body: JSON,
+        *,
+        subresource: str | None = None,
+    ) -> JSON:
         obj: JSON = _copy(body)
         meta = self._checked_metadata(rt, obj)
         if meta.get("name") != name:
-            raise _bad_request(f"the name of the object ({meta.get('name')}) does not match the name on the URL ({name})")
+            raise _bad_request(
+                f"the name of the object ({meta.get('name')}) does not match the name on the URL ({name})"
+            )
         with self._lock:
             self._target_namespace(rt, namespace, meta)
             current = self._stored(rt, namespace, name)
             return self._update(rt, current, obj, subresource)
 
-    def patch(self, rt: ResourceType, namespace: str | None, name: str, patch_type: PatchType, patch: Any, *,
-              subresource: str | None = None) -> JSON:
+    def patch(
+        self,
+        rt: ResourceType,
+        namespace: str | None,
+        name: str,
+        patch_type: PatchType,
+        patch: Any,
+        *,
+        subresource: str | None = None,
+    ) -> JSON:
         if patch_type == "strategic" and not rt.builtin:
-            raise ApiError(415, "UnsupportedMediaType",
-                           f"the body of the request was in an unknown format - accepted media types include: "
-                           f"application/json-patch+json, application/merge-patch+json (strategic merge patch "
-                           f"is not supported for {rt.qualified})")
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                f"the body of the request was in an unknown format - accepted media types include: "
+                f"application/json-patch+json, application/merge-patch+json (strategic merge patch "
+                f"is not supported for {rt.qualified})",
+            )
         with self._lock:
             current = self._stored(rt, namespace, name)
             match patch_type:
@@ -580,8 +691,16 @@ class Store:
                 patched["metadata"]["namespace"] = namespace
             return self._update(rt, current, _copy(patched), subresource)
 
-    def apply(self, rt: ResourceType, namespace: str | None, name: str, body: Any, *, manager: str,
-              subresource: str | None = None) -> tuple[JSON, bool]:
+    def apply(
+        self,
+        rt: ResourceType,
+        namespace: str | None,
+        name: str,
+        body: Any,
+        *,
+        manager: str,
+        subresource: str | None = None,
+    ) -> tuple[JSON, bool]:
         """Server-side apply of ``body`` by ``manager``: the object and whether it was created.
 
         A missing object is created from the applied configuration; an existing one gets the applied
@@ -595,13 +714,21 @@ class Store:
             raise _bad_request("apply patches must set apiVersion and kind")
         meta = self._checked_metadata(rt, obj)
         if meta.get("name", name) != name:
-            raise _bad_request(f"the name of the object ({meta.get('name')}) does not match the name on the URL ({name})")
+            raise _bad_request(
+                f"the name of the object ({meta.get('name')}) does not match the name on the URL ({name})"
+            )
         meta.pop("managedFields", None)
         meta["name"] = name
         applied = {key: value for key, value in obj.items() if key not in ("apiVersion", "kind")}
         applied["metadata"] = {key: value for key, value in meta.items() if key not in ("name", "namespace")}
-        entry: JSON = {"manager": manager, "operation": "Apply", "apiVersion": rt.api_version, "time": _now(),
-                       "fieldsType": "FieldsV1", "fieldsV1": _fields_v1(applied)}
+        entry: JSON = {
+            "manager": manager,
+            "operation": "Apply",
+            "apiVersion": rt.api_version,
+            "time": _now(),
+            "fieldsType": "FieldsV1",
+            "fieldsV1": _fields_v1(applied),
+        }
         if subresource is not None:
             entry["subresource"] = subresource
         with self._lock:
@@ -613,8 +740,16 @@ class Store:
             merged = merge_patch(current, obj)
             self._target_namespace(rt, namespace, merged["metadata"])
             entries = list(current["metadata"].get("managedFields") or [])
-            mine = next((i for i, e in enumerate(entries) if e.get("manager") == manager
-                         and e.get("operation") == "Apply" and e.get("subresource") == subresource), None)
+            mine = next(
+                (
+                    i
+                    for i, e in enumerate(entries)
+                    if e.get("manager") == manager
+                    and e.get("operation") == "Apply"
+                    and e.get("subresource") == subresource
+                ),
+                None,
+            )
             if mine is None:
                 entries.append(entry)
             elif entries[mine].get("fieldsV1") != entry["fieldsV1"]:
@@ -622,16 +757,27 @@ class Store:
             merged["metadata"]["managedFields"] = entries
             return self._update(rt, current, _copy(merged), subresource), False
 
-    def delete(self, rt: ResourceType, namespace: str | None, name: str, *, preconditions: JSON | None = None,
-               orphan_dependents: bool = False) -> JSON:
+    def delete(
+        self,
+        rt: ResourceType,
+        namespace: str | None,
+        name: str,
+        *,
+        preconditions: JSON | None = None,
+        orphan_dependents: bool = False,
+    ) -> JSON:
         with self._lock:
             current = self._stored(rt, namespace, name)
             for field_name in ("uid", "resourceVersion"):
                 wanted = (preconditions or {}).get(field_name)
                 actual = current["metadata"].get(field_name)
                 if wanted is not None and wanted != actual:
-                    raise _conflict(rt, name, f"Precondition failed: {field_name} in precondition: {wanted}, "
-                                              f"{field_name} in object meta: {actual}")
+                    raise _conflict(
+                        rt,
+                        name,
+                        f"Precondition failed: {field_name} in precondition: {wanted}, "
+                        f"{field_name} in object meta: {actual}",
+                    )
             if rt is NAMESPACES:  # the namespace controller's job, done at once
                 for other, objects in self._objects.items():
                     for key in [key for key in objects if other.namespaced and key[0] == name]:
@@ -643,8 +789,9 @@ class Store:
 
     # ------------------------------------------------------------------------------ watch
 
-    def watch(self, rt: ResourceType, selection: Selection, resource_version: str,
-              subscriber: Subscriber) -> tuple[list[tuple[str, JSON]], Callable[[], None]]:
+    def watch(
+        self, rt: ResourceType, selection: Selection, resource_version: str, subscriber: Subscriber
+    ) -> tuple[list[tuple[str, JSON]], Callable[[], None]]:
         """Register ``subscriber`` for later events; return the backlog and an unsubscribe function.
 
         The backlog is synthetic ADDED events for the current objects when ``resource_version`` is
@@ -655,17 +802,25 @@ class Store:
             if self._closed:
                 raise ApiError(503, "ServiceUnavailable", "the apiserver is shutting down")
             if resource_version in ("", "0"):
-                backlog = [("ADDED", _copy(self._objects[rt][key]))
-                           for key in sorted(self._objects[rt]) if selection.matches(self._objects[rt][key])]
+                backlog = [
+                    ("ADDED", _copy(self._objects[rt][key]))
+                    for key in sorted(self._objects[rt])
+                    if selection.matches(self._objects[rt][key])
+                ]
             else:
                 try:
                     since = int(resource_version)
                 except ValueError as error:
                     raise _bad_request(f"invalid resource version {resource_version!r}") from error
                 if since < self._evicted_upto:
-                    raise ApiError(410, "Expired", f"too old resource version: {since} ({self._evicted_upto + 1})")
-                seen = (event.seen_through(selection) for event in self._events
-                        if event.resource is rt and event.resource_version > since)
+                    raise ApiError(
+                        410, "Expired", f"too old resource version: {since} ({self._evicted_upto + 1})"
+                    )
+                seen = (
+                    event.seen_through(selection)
+                    for event in self._events
+                    if event.resource is rt and event.resource_version > since
+                )
                 backlog = [(kind, _copy(obj)) for kind, obj in filter(None, seen)]
             token = next(self._subscriber_tokens)
             self._subscribers[token] = subscriber
@@ -698,7 +853,9 @@ class Store:
             raise _bad_request("the request body must be a JSON object")
         for key, expected in (("apiVersion", rt.api_version), ("kind", rt.kind)):
             if obj.get(key, expected) != expected:
-                raise _bad_request(f"the {key} in the data ({obj[key]}) does not match the expected {key} ({expected})")
+                raise _bad_request(
+                    f"the {key} in the data ({obj[key]}) does not match the expected {key} ({expected})"
+                )
         obj.update(apiVersion=rt.api_version, kind=rt.kind)
         meta = obj.setdefault("metadata", {})
         if not isinstance(meta, dict):
@@ -718,8 +875,10 @@ class Store:
             replicas = spec["replicas"]
             if not isinstance(replicas, int) or isinstance(replicas, bool):
                 got = type(replicas).__name__.replace("str", "string")
-                raise _bad_request(f"json: cannot unmarshal {got} into Go struct field "
-                                   f"{rt.kind}Spec.spec.replicas of type int32")
+                raise _bad_request(
+                    f"json: cannot unmarshal {got} into Go struct field "
+                    f"{rt.kind}Spec.spec.replicas of type int32"
+                )
 
     @staticmethod
     def _target_namespace(rt: ResourceType, namespace: str | None, meta: JSON) -> str:
@@ -729,7 +888,9 @@ class Store:
         if not namespace:
             raise _bad_request(f"{rt.qualified} is namespaced: the request must name a namespace")
         if meta.get("namespace", namespace) != namespace:
-            raise _bad_request("the namespace of the provided object does not match the namespace sent on the request")
+            raise _bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request"
+            )
         return namespace
 
     def _generate_name(self, rt: ResourceType, namespace: str, prefix: Any) -> str:
@@ -778,8 +939,12 @@ class Store:
         return deleted
 
     def _delete_dependents(self, owner_uid: str) -> None:
-        dependents = [(rt, key) for rt, objects in self._objects.items() for key, obj in objects.items()
-                      if any(ref.get("uid") == owner_uid for ref in obj["metadata"].get("ownerReferences") or [])]
+        dependents = [
+            (rt, key)
+            for rt, objects in self._objects.items()
+            for key, obj in objects.items()
+            if any(ref.get("uid") == owner_uid for ref in obj["metadata"].get("ownerReferences") or [])
+        ]
         for rt, key in dependents:
             if key in self._objects[rt]:  # an earlier cascade may have removed it already
                 uid = self._remove(rt, key)["metadata"]["uid"]
@@ -855,7 +1020,9 @@ def _age(timestamp: str | None) -> str:
     """kubectl's short age format (``45s``, ``12m``, ``5h``, ``3d``)."""
     if not timestamp:
         return "<unknown>"
-    seconds = int(time.time() - datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp())
+    seconds = int(
+        time.time() - datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    )
     for unit, size, limit in (("s", 1, 120), ("m", 60, 3 * 3600), ("h", 3600, 48 * 3600)):
         if seconds < limit:
             return f"{max(seconds, 0) // size}{unit}"
@@ -870,12 +1037,25 @@ def _cell(column: Column, obj: JSON) -> str:
     return _PLACEHOLDER.sub(fill, column.template)
 
 
-def _table(rt: ResourceType, objects: list[JSON], resource_version: str, include_object: str,
-           continue_token: str = "") -> JSON:
+def _table(
+    rt: ResourceType,
+    objects: list[JSON],
+    resource_version: str,
+    include_object: str,
+    continue_token: str = "",
+) -> JSON:
     """A meta.k8s.io/v1 Table, which is what ``kubectl get`` asks for (``as=Table``)."""
     columns = [Column("Name", "{metadata.name}"), *rt.columns]
-    definitions = [{"name": column.name, "type": "string", "format": "name" if i == 0 else "",
-                    "description": "", "priority": 0} for i, column in enumerate(columns)]
+    definitions = [
+        {
+            "name": column.name,
+            "type": "string",
+            "format": "name" if i == 0 else "",
+            "description": "",
+            "priority": 0,
+        }
+        for i, column in enumerate(columns)
+    ]
     definitions.append({"name": "Age", "type": "string", "format": "", "description": "", "priority": 0})
     rows = []
     for obj in objects:
@@ -884,12 +1064,23 @@ def _table(rt: ResourceType, objects: list[JSON], resource_version: str, include
         if include_object == "Object":
             row["object"] = obj
         elif include_object != "None":
-            row["object"] = {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-                             "metadata": obj["metadata"]}
+            row["object"] = {
+                "kind": "PartialObjectMetadata",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": obj["metadata"],
+            }
         rows.append(row)
-    metadata = {"resourceVersion": resource_version, **({"continue": continue_token} if continue_token else {})}
-    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": metadata,
-            "columnDefinitions": definitions, "rows": rows}
+    metadata = {
+        "resourceVersion": resource_version,
+        **({"continue": continue_token} if continue_token else {}),
+    }
+    return {
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": metadata,
+        "columnDefinitions": definitions,
+        "rows": rows,
+    }
 
 
 @dataclass(frozen=True)
@@ -916,42 +1107,83 @@ class _Api:
     async def version(self, request: Request) -> Response:
         major, minor, *_ = self.kubernetes_version.split(".")
         # The official client rejects a VersionInfo missing any of these fields.
-        return _respond({"major": major, "minor": minor, "gitVersion": f"v{self.kubernetes_version}",
-                         "gitCommit": f"twincd-sandbox-{self.name}", "gitTreeState": "clean",
-                         "buildDate": "1970-01-01T00:00:00Z", "goVersion": "none", "compiler": "none",
-                         "platform": "linux/amd64"})
+        return _respond(
+            {
+                "major": major,
+                "minor": minor,
+                "gitVersion": f"v{self.kubernetes_version}",
+                "gitCommit": f"twincd-sandbox-{self.name}",
+                "gitTreeState": "clean",
+                "buildDate": "1970-01-01T00:00:00Z",
+                "goVersion": "none",
+                "compiler": "none",
+                "platform": "linux/amd64",
+            }
+        )
 
     async def core_versions(self, request: Request) -> Response:
-        return _respond({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
-            {"clientCIDR": "0.0.0.0/0", "serverAddress": request.url.netloc}]})
+        return _respond(
+            {
+                "kind": "APIVersions",
+                "versions": ["v1"],
+                "serverAddressByClientCIDRs": [
+                    {"clientCIDR": "0.0.0.0/0", "serverAddress": request.url.netloc}
+                ],
+            }
+        )
 
     async def groups(self, request: Request) -> Response:
-        return _respond({"kind": "APIGroupList", "apiVersion": "v1",
-                         "groups": [self._group(group) for group in self._group_names()]})
+        return _respond(
+            {
+                "kind": "APIGroupList",
+                "apiVersion": "v1",
+                "groups": [self._group(group) for group in self._group_names()],
+            }
+        )
 
     def _group_names(self) -> list[str]:
         return sorted({group for group, _ in self.by_group_version if group})
 
     def _group(self, group: str) -> JSON:
-        versions = [{"groupVersion": f"{group}/{version}", "version": version}
-                    for g, version in self.by_group_version if g == group]
+        versions = [
+            {"groupVersion": f"{group}/{version}", "version": version}
+            for g, version in self.by_group_version
+            if g == group
+        ]
         return {"name": group, "versions": versions, "preferredVersion": versions[0]}
 
     def _resource_list(self, group: str, version: str) -> JSON:
         resources = []
         for rt in self.by_group_version[(group, version)].values():
-            entry: JSON = {"name": rt.plural, "singularName": rt.kind.lower(), "namespaced": rt.namespaced,
-                           "kind": rt.kind, "verbs": _VERBS}
+            entry: JSON = {
+                "name": rt.plural,
+                "singularName": rt.kind.lower(),
+                "namespaced": rt.namespaced,
+                "kind": rt.kind,
+                "verbs": _VERBS,
+            }
             if rt.short_names:
                 entry["shortNames"] = list(rt.short_names)
             if rt.categories:
                 entry["categories"] = list(rt.categories)
             resources.append(entry)
             if rt.status_subresource:
-                resources.append({"name": f"{rt.plural}/status", "singularName": "", "namespaced": rt.namespaced,
-                                  "kind": rt.kind, "verbs": ["get", "patch", "update"]})
+                resources.append(
+                    {
+                        "name": f"{rt.plural}/status",
+                        "singularName": "",
+                        "namespaced": rt.namespaced,
+                        "kind": rt.kind,
+                        "verbs": ["get", "patch", "update"],
+                    }
+                )
         group_version = f"{group}/{version}" if group else version
-        return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources}
+        return {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": group_version,
+            "resources": resources,
+        }
 
     # ------------------------------------------------------------------------------ resources
 
@@ -993,8 +1225,12 @@ class _Api:
         rt = resources.get(rest[0])
         name = rest[1] if len(rest) > 1 else None
         subresource = rest[2] if len(rest) > 2 else None
-        if (rt is None or len(rest) > 3 or (rt.namespaced and name is not None and namespace is None)
-                or (subresource is not None and (subresource != "status" or not rt.status_subresource))):
+        if (
+            rt is None
+            or len(rest) > 3
+            or (rt.namespaced and name is not None and namespace is None)
+            or (subresource is not None and (subresource != "status" or not rt.status_subresource))
+        ):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         return _Target(rt, namespace, name, subresource)
 
@@ -1005,7 +1241,9 @@ class _Api:
             raise _bad_request("dry run is not supported by the twincd sandbox")
         if name is None:
             if request.method == "GET":
-                selection = Selection.parse(namespace, query.get("labelSelector", ""), query.get("fieldSelector", ""))
+                selection = Selection.parse(
+                    namespace, query.get("labelSelector", ""), query.get("fieldSelector", "")
+                )
                 if query.get("watch") in ("true", "1"):
                     return self._watch(rt, selection, query)
                 return self._list(request, rt, selection)
@@ -1016,32 +1254,64 @@ class _Api:
             case "GET":
                 obj = self.store.get(rt, namespace, name)
                 if "as=Table" in request.headers.get("accept", ""):
-                    table = _table(rt, [obj], obj["metadata"]["resourceVersion"], query.get("includeObject", ""))
+                    table = _table(
+                        rt, [obj], obj["metadata"]["resourceVersion"], query.get("includeObject", "")
+                    )
                     return _respond(table)
                 return _respond(obj)
             case "PUT":
-                return _respond(self.store.replace(rt, namespace, name, await _body(request),
-                                                   subresource=target.subresource))
+                return _respond(
+                    self.store.replace(
+                        rt, namespace, name, await _body(request), subresource=target.subresource
+                    )
+                )
             case "PATCH":
                 content_type = request.headers.get("content-type", "").split(";")[0].strip()
                 if content_type == _APPLY_PATCH:
                     manager = query.get("fieldManager", "")
                     if not manager:
-                        raise ApiError(422, "Invalid", 'PatchOptions.meta.k8s.io "" is invalid: fieldManager: '
-                                                       'Required value: is required for apply patch')
-                    obj, created = self.store.apply(rt, namespace, name, _load_yaml(await request.body()),
-                                                    manager=manager, subresource=target.subresource)
+                        raise ApiError(
+                            422,
+                            "Invalid",
+                            'PatchOptions.meta.k8s.io "" is invalid: fieldManager: '
+                            "Required value: is required for apply patch",
+                        )
+                    obj, created = self.store.apply(
+                        rt,
+                        namespace,
+                        name,
+                        _load_yaml(await request.body()),
+                        manager=manager,
+                        subresource=target.subresource,
+                    )
                     return _respond(obj, 201 if created else 200)
                 if content_type not in _PATCH_TYPES:
-                    raise ApiError(415, "UnsupportedMediaType", f"the sandbox does not support {content_type!r} patches")
-                return _respond(self.store.patch(rt, namespace, name, _PATCH_TYPES[content_type],
-                                                 _loads(await request.body()), subresource=target.subresource))
+                    raise ApiError(
+                        415, "UnsupportedMediaType", f"the sandbox does not support {content_type!r} patches"
+                    )
+                return _respond(
+                    self.store.patch(
+                        rt,
+                        namespace,
+                        name,
+                        _PATCH_TYPES[content_type],
+                        _loads(await request.body()),
+                        subresource=target.subresource,
+                    )
+                )
             case "DELETE":
                 raw = await request.body()
                 options = _loads(raw) if raw else {}
                 policy = query.get("propagationPolicy") or options.get("propagationPolicy")
-                return _respond(self.store.delete(rt, namespace, name, preconditions=options.get("preconditions"),
-                                                  orphan_dependents=policy == "Orphan"))
+                return _respond(
+                    self.store.delete(
+                        rt,
+                        namespace,
+                        name,
+                        preconditions=options.get("preconditions"),
+                        orphan_dependents=policy == "Orphan",
+                    )
+                )
         raise ApiError(405, "MethodNotAllowed", f"{request.method} is not supported on this object")
 
     def _list(self, request: Request, rt: ResourceType, selection: Selection) -> Response:
@@ -1052,13 +1322,26 @@ class _Api:
             raise _bad_request("limit must be an integer") from error
         result = self.store.list_objects(rt, selection, limit=limit, continue_token=query.get("continue", ""))
         if "as=Table" in request.headers.get("accept", ""):
-            return _respond(_table(rt, result.items, result.resource_version, query.get("includeObject", ""),
-                                   result.continue_token))
+            return _respond(
+                _table(
+                    rt,
+                    result.items,
+                    result.resource_version,
+                    query.get("includeObject", ""),
+                    result.continue_token,
+                )
+            )
         metadata: JSON = {"resourceVersion": result.resource_version}
         if result.continue_token:
             metadata.update({"continue": result.continue_token, "remainingItemCount": result.remaining})
-        return _respond({"kind": f"{rt.kind}List", "apiVersion": rt.api_version, "metadata": metadata,
-                         "items": result.items})
+        return _respond(
+            {
+                "kind": f"{rt.kind}List",
+                "apiVersion": rt.api_version,
+                "metadata": metadata,
+                "items": result.items,
+            }
+        )
 
     def _watch(self, rt: ResourceType, selection: Selection, query: Any) -> Response:
         try:
@@ -1068,10 +1351,13 @@ class _Api:
         resource_version = query.get("resourceVersion", "")
         if resource_version and not resource_version.isdigit():
             raise _bad_request(f"invalid resource version {resource_version!r}")
-        return StreamingResponse(self._stream(rt, selection, resource_version, timeout), media_type="application/json")
+        return StreamingResponse(
+            self._stream(rt, selection, resource_version, timeout), media_type="application/json"
+        )
 
-    async def _stream(self, rt: ResourceType, selection: Selection, resource_version: str,
-                      timeout: float) -> AsyncIterator[bytes]:
+    async def _stream(
+        self, rt: ResourceType, selection: Selection, resource_version: str, timeout: float
+    ) -> AsyncIterator[bytes]:
         # Subscribing here, inside the generator, ties the subscription to the finally below: a
         # client gone before the first byte never starts the generator, so it never subscribes.
         loop = asyncio.get_running_loop()
@@ -1141,7 +1427,9 @@ def _load_yaml(raw: bytes) -> Any:
 async def _body(request: Request) -> Any:
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
     if content_type != "application/json":
-        raise ApiError(415, "UnsupportedMediaType", f"the sandbox accepts application/json bodies, not {content_type}")
+        raise ApiError(
+            415, "UnsupportedMediaType", f"the sandbox accepts application/json bodies, not {content_type}"
+        )
     return _loads(await request.body())
 
 
@@ -1157,14 +1445,18 @@ def create_app(name: str, *, event_buffer: int = 10000, kubernetes_version: str 
     """
     api = _Api(name, Store(event_buffer=event_buffer), kubernetes_version)
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
-    app = Starlette(routes=[
-        Route("/version", api.version),
-        Route("/healthz", _ok), Route("/readyz", _ok), Route("/livez", _ok),
-        Route("/api", api.core_versions),
-        Route("/apis", api.groups),
-        Route("/api/{path:path}", api.core, methods=methods),
-        Route("/apis/{path:path}", api.named_group, methods=methods),
-    ])
+    app = Starlette(
+        routes=[
+            Route("/version", api.version),
+            Route("/healthz", _ok),
+            Route("/readyz", _ok),
+            Route("/livez", _ok),
+            Route("/api", api.core_versions),
+            Route("/apis", api.groups),
+            Route("/api/{path:path}", api.core, methods=methods),
+            Route("/apis/{path:path}", api.named_group, methods=methods),
+        ]
+    )
     app.state.store = api.store
     return app
 
@@ -1200,8 +1492,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kubernetes-version", default="1.32.0", help="what /version reports")
     args = parser.parse_args(argv)
     app = create_app(args.name, event_buffer=args.event_buffer, kubernetes_version=args.kubernetes_version)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=2)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=2,
+    )
 
 
 if __name__ == "__main__":

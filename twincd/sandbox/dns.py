@@ -69,8 +69,9 @@ def ensure_key(state_dir: Path) -> str:
     if key_file.exists() and secret_file.exists():
         return secret_file.read_text().strip()
     try:
-        out = subprocess.run(["tsig-keygen", "-a", ALGORITHM, KEY_NAME], check=True, capture_output=True,
-                             text=True).stdout
+        out = subprocess.run(
+            ["tsig-keygen", "-a", ALGORITHM, KEY_NAME], check=True, capture_output=True, text=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         raise DnsSandboxError(f"tsig-keygen failed ({type(e).__name__}); install bind9-utils") from None
     found = _KEY_SECRET.search(out)
@@ -131,8 +132,14 @@ def soa_answers(*, port: int, zone: str, timeout: float = 1.0) -> bool:
     return response.rcode() == dns.rcode.NOERROR and bool(response.answer)
 
 
-def start_dns(state_dir: Path, port: int, *, zone: str = "example.test",
-              records: Mapping[str, tuple[str, ...]] | None = None, ttl: int = 60) -> str:
+def start_dns(
+    state_dir: Path,
+    port: int,
+    *,
+    zone: str = "example.test",
+    records: Mapping[str, tuple[str, ...]] | None = None,
+    ttl: int = 60,
+) -> str:
     """Start named for ``zone`` on 127.0.0.1:``port`` (idempotent); return the TSIG key string.
 
     ``records`` seeds A record sets (e.g. ``{"web": ("127.0.0.11", "127.0.0.12")}``) when the zone
@@ -145,14 +152,23 @@ def start_dns(state_dir: Path, port: int, *, zone: str = "example.test",
     if not zone_file.exists():
         zone_file.write_text(zone_text(zone=zone, records=records or {}, ttl=ttl))
     conf = directory / "named.conf"
-    changed = procs.write_config(conf, named_conf(directory=directory, port=port, zone=zone, zone_file=zone_file,
-                                                  key_file=directory / "tsig.key"))
+    changed = procs.write_config(
+        conf,
+        named_conf(
+            directory=directory, port=port, zone=zone, zone_file=zone_file, key_file=directory / "tsig.key"
+        ),
+    )
     if changed:
         procs.stop_daemon(NAME, state_dir=state_dir)  # a running server would keep the old port or zone
     # -g: foreground, logs to stderr (our log file); -u root: the sandbox runs as root and named
     # would otherwise switch to the `bind` user, which cannot write the journal under our state dir.
-    procs.start_daemon(NAME, ["named", "-g", "-4", "-u", "root", "-c", str(conf)], state_dir=state_dir,
-                       ready=lambda: soa_answers(port=port, zone=zone), timeout=30)
+    procs.start_daemon(
+        NAME,
+        ["named", "-g", "-4", "-u", "root", "-c", str(conf)],
+        state_dir=state_dir,
+        ready=lambda: soa_answers(port=port, zone=zone),
+        timeout=30,
+    )
     return key
 
 

@@ -126,10 +126,21 @@ patches:
 
 
 def _git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
-                          env={"GIT_AUTHOR_NAME": "twincd seed", "GIT_AUTHOR_EMAIL": "seed@twincd.local",
-                               "GIT_COMMITTER_NAME": "twincd seed", "GIT_COMMITTER_EMAIL": "seed@twincd.local",
-                               "PATH": "/usr/bin:/bin", "HOME": str(cwd)}).stdout
+    return subprocess.run(
+        ["git", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        text=True,
+        env={
+            "GIT_AUTHOR_NAME": "twincd seed",
+            "GIT_AUTHOR_EMAIL": "seed@twincd.local",
+            "GIT_COMMITTER_NAME": "twincd seed",
+            "GIT_COMMITTER_EMAIL": "seed@twincd.local",
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(cwd),
+        },
+    ).stdout
 
 
 def _publish(bare: Path, files: dict[str, str | Path], message: str, tag: str | None = None) -> None:
@@ -157,26 +168,36 @@ def seed_app(bare: Path, *, app: str = "hello", tag: str = "v1.0.0") -> bool:
     """The sample app repository, tagged ``tag``. Returns False when it already existed."""
     if (bare / "HEAD").exists():
         return False
-    _publish(bare, {
-        "Containerfile": CONTAINERFILE,
-        "busybox": BUSYBOX,
-        "index.html": f"<h1>{app}</h1>\n",
-    }, f"{app}: first release", tag=tag)
+    _publish(
+        bare,
+        {
+            "Containerfile": CONTAINERFILE,
+            "busybox": BUSYBOX,
+            "index.html": f"<h1>{app}</h1>\n",
+        },
+        f"{app}: first release",
+        tag=tag,
+    )
     return True
 
 
 def manifests_files(*, apps: list[str], clusters: list[str]) -> dict[str, str | Path]:
     files: dict[str, str | Path] = {
         "README.md": "# Manifests monorepo\n\nManaged by twincd: `base/<app>`, `overlays/<cluster>/<app>`, "
-                     "`components/{active,standby}`.\n",
+        "`components/{active,standby}`.\n",
         "components/active/kustomization.yaml": COMPONENT.format(what="Serving: full replicas.", replicas=2),
         "components/standby/kustomization.yaml": COMPONENT.format(
-            what="Standby: scaled to zero, ready to be switched to active.", replicas=0),
+            what="Standby: scaled to zero, ready to be switched to active.", replicas=0
+        ),
     }
     for app in apps:
-        for name, text in [("kustomization.yaml", BASE_KUSTOMIZATION), ("namespace.yaml", NAMESPACE),
-                           ("deployment.yaml", DEPLOYMENT), ("service.yaml", SERVICE),
-                           ("sealedsecret.yaml", SEALED_SECRET)]:
+        for name, text in [
+            ("kustomization.yaml", BASE_KUSTOMIZATION),
+            ("namespace.yaml", NAMESPACE),
+            ("deployment.yaml", DEPLOYMENT),
+            ("service.yaml", SERVICE),
+            ("sealedsecret.yaml", SEALED_SECRET),
+        ]:
             files[f"base/{app}/{name}"] = text.format(app=app)
         for cluster in clusters:
             files[f"overlays/{cluster}/{app}/kustomization.yaml"] = OVERLAY.format(app=app, cluster=cluster)

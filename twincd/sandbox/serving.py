@@ -31,8 +31,9 @@ class ServedApp:
             raise RuntimeError(f"the server at {self.url} did not stop within {timeout}s")
 
 
-def serve_asgi(app: Any, *, host: str = "127.0.0.1", port: int = 0, name: str = "asgi",
-               graceful_seconds: int = 2) -> ServedApp:
+def serve_asgi(
+    app: Any, *, host: str = "127.0.0.1", port: int = 0, name: str = "asgi", graceful_seconds: int = 2
+) -> ServedApp:
     """Serve ``app`` on a daemon thread; port 0 picks a free port. Returns once it accepts connections.
 
     Binding the socket here, before uvicorn starts, is what makes the chosen port known without a race.
@@ -40,14 +41,24 @@ def serve_asgi(app: Any, *, host: str = "127.0.0.1", port: int = 0, name: str = 
     # IPPROTO_TCP must be explicit: asyncio sets TCP_NODELAY on accepted connections only when the
     # listener's proto is IPPROTO_TCP, and socket.socket() leaves it 0. Without it, Nagle plus
     # delayed ACKs cost ~40 ms per request (45 ms vs 1 ms per create, measured on the API server).
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock = socket.socket(
+        socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP
+    )
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(app, interface="asgi3", log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=graceful_seconds)
+    config = uvicorn.Config(
+        app,
+        interface="asgi3",
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=graceful_seconds,
+    )
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"{name}-{bound}")
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"{name}-{bound}"
+    )
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:

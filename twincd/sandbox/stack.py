@@ -48,7 +48,9 @@ def _cluster_ports(env: Environment) -> dict[str, int]:
     ports = env.sandbox.cluster_ports
     missing = [c for c in env.clusters if c not in ports]
     if missing:
-        raise ConfigError(f"{env.source}: sandbox.cluster_ports has no port for cluster(s) {', '.join(missing)}")
+        raise ConfigError(
+            f"{env.source}: sandbox.cluster_ports has no port for cluster(s) {', '.join(missing)}"
+        )
     return {c: ports[c] for c in env.clusters}
 
 
@@ -92,21 +94,35 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
     for url in local_registries:
         say(f"registry      {url}")
         registry.start_registry(state, _port(url, "registry"))
-        services.append(Service(registry.NAME, f"http://{url}", procs.daemon_status(registry.NAME, state_dir=state)))
+        services.append(
+            Service(registry.NAME, f"http://{url}", procs.daemon_status(registry.NAME, state_dir=state))
+        )
 
     say("build API     (Docker if it answers, else podman's service)")
-    base_url = buildd.start_buildd(state, insecure_registries=[r.url for r in env.registries.values() if r.insecure])
+    base_url = buildd.start_buildd(
+        state, insecure_registries=[r.url for r in env.registries.values() if r.insecure]
+    )
     services.append(Service("build-api", base_url, procs.daemon_status(buildd.NAME, state_dir=state)))
 
     say("git repos     " + ", ".join([env.manifests.repo, *(a.repo for a in env.apps.values())]))
     seed_repos(env)
 
     if isinstance(env.dns, DnsRfc2136) and env.dns.server.startswith("127.0.0.1:"):
-        say(f"dns           {env.dns.server} (BIND: {env.dns.record}.{env.dns.zone}, RFC 2136 updates with TSIG)")
-        serving = tuple(c.ingress_ip for name, c in env.clusters.items() if c.ingress_ip and
-                        (env.topology.mode == "active-active" or env.topology.active == name))
-        dns.start_dns(state, _port(env.dns.server, "dns.server"), zone=env.dns.zone,
-                      records={env.dns.record: serving}, ttl=env.dns.ttl)
+        say(
+            f"dns           {env.dns.server} (BIND: {env.dns.record}.{env.dns.zone}, RFC 2136 updates with TSIG)"
+        )
+        serving = tuple(
+            c.ingress_ip
+            for name, c in env.clusters.items()
+            if c.ingress_ip and (env.topology.mode == "active-active" or env.topology.active == name)
+        )
+        dns.start_dns(
+            state,
+            _port(env.dns.server, "dns.server"),
+            zone=env.dns.zone,
+            records={env.dns.record: serving},
+            ttl=env.dns.ttl,
+        )
         services.append(Service(dns.NAME, env.dns.server, procs.daemon_status(dns.NAME, state_dir=state)))
 
     ports = _cluster_ports(env)
@@ -117,10 +133,22 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
         url = f"http://127.0.0.1:{ports[name]}"
         argocd_url = f"http://127.0.0.1:{ports[_argocd_cluster(env, name)]}"
         say(f"cluster {name:<5} {url} (sandbox API server + Deployment controller + Argo-CD-like syncer)")
-        argv = [sys.executable, "-m", "twincd.sandbox.cluster", "--name", name, "--port", str(ports[name]),
-                "--manifests", str(env.path(env.manifests.repo)), "--argocd-api", argocd_url]
-        pid = procs.start_daemon(cluster_name_of(name), argv, state_dir=state, ready=_healthy(f"{url}/readyz"),
-                                 timeout=30)
+        argv = [
+            sys.executable,
+            "-m",
+            "twincd.sandbox.cluster",
+            "--name",
+            name,
+            "--port",
+            str(ports[name]),
+            "--manifests",
+            str(env.path(env.manifests.repo)),
+            "--argocd-api",
+            argocd_url,
+        ]
+        pid = procs.start_daemon(
+            cluster_name_of(name), argv, state_dir=state, ready=_healthy(f"{url}/readyz"), timeout=30
+        )
         contexts[env.clusters[name].context] = url
         services.append(Service(f"cluster {name}", url, pid))
     kubeconfigs = {env.clusters[c].kubeconfig for c in env.clusters} - {None}
@@ -132,9 +160,21 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
     say(f"prefect       {api.removesuffix('/api')} (server + UI; first start runs migrations, ~20 s)")
     port = _port(api, "prefect.api_url")
     pid = procs.start_daemon(
-        PREFECT, [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                  "--port", str(port)],
-        state_dir=state, env=prefect_env(env), ready=_healthy(f"{api}/health"), timeout=120)
+        PREFECT,
+        [
+            str(Path(sys.executable).parent / "prefect"),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        state_dir=state,
+        env=prefect_env(env),
+        ready=_healthy(f"{api}/health"),
+        timeout=120,
+    )
     services.append(Service(PREFECT, api.removesuffix("/api"), pid))
     say(f"stack up in {time.monotonic() - t0:.1f} s")
     return services
