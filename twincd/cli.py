@@ -212,9 +212,8 @@ def cmd_webhook(env: Environment, args: argparse.Namespace) -> int:
 
     cfg = env.webhook
     projects = {a.project: name for name, a in env.apps.items() if a.project} or None
-    print(
-        f"GitLab Tag Push Hook endpoint: http://{cfg.host}:{cfg.port}/hooks/gitlab -> deployment {cfg.deployment}"
-    )
+    endpoint = f"http://{cfg.host}:{cfg.port}/hooks/gitlab"
+    print(f"GitLab Tag Push Hook endpoint: {endpoint} -> deployment {cfg.deployment}")
     webhook.serve(
         env,
         secret=resolve_secret(cfg.secret),

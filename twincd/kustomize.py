@@ -343,10 +343,10 @@ def set_components(text: str, *, file: str, remove: Sequence[str], add: Sequence
     if not gone and not new:
         return ComponentEditResult(text)
 
-    changes = [ComponentChange(file=file, removed=str(g.value), added=a) for g, a in zip(gone, new)]
-    splices = [
-        _Splice(g.start_mark.index, g.end_mark.index, _scalar_text(a, g.style)) for g, a in zip(gone, new)
-    ]
+    # Each removed entry's place takes one added path; the surplus of either side is handled below.
+    replaced = list(zip(gone, new, strict=False))
+    changes = [ComponentChange(file=file, removed=str(g.value), added=a) for g, a in replaced]
+    splices = [_Splice(g.start_mark.index, g.end_mark.index, _scalar_text(a, g.style)) for g, a in replaced]
     for g in gone[len(new) :]:
         changes.append(ComponentChange(file=file, removed=str(g.value), added=""))
         splices.append(_Splice(_line_start(text, g.start_mark.index), _next_line(text, g.end_mark.index), ""))

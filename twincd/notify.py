@@ -213,7 +213,10 @@ def parent_summary(timeline: Timeline, clusters: Sequence[str]) -> ParentMessage
                 "elements": [
                     {
                         "type": "mrkdwn",
-                        "text": f"last step: {escape(last.step)}{escape(where)} {last.status} at {last.at[11:19]} UTC",
+                        "text": (
+                            f"last step: {escape(last.step)}{escape(where)} {last.status} "
+                            f"at {last.at[11:19]} UTC"
+                        ),
                     }
                 ],
             }

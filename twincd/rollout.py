@@ -69,9 +69,8 @@ def deployment_verdict(obj: Mapping[str, Any], *, cluster: str, digest: str | No
     spec_replicas = _map(obj, "spec").get("replicas")
     replicas, updated = _int(status, "replicas"), _int(status, "updatedReplicas")
     available = _int(status, "availableReplicas")
-    details = (
-        f"replicas {'?' if spec_replicas is None else spec_replicas} desired, {replicas} current, {updated} updated, {available} available",
-    )
+    desired = "?" if spec_replicas is None else spec_replicas
+    details = (f"replicas {desired} desired, {replicas} current, {updated} updated, {available} available",)
 
     def progressing(message: str) -> RolloutVerdict:
         return RolloutVerdict(cluster, Phase.PROGRESSING, message, details)

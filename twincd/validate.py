@@ -201,14 +201,10 @@ class SchemaValidator:
             return [Finding(overlay, resource_id(doc), "apiVersion and kind must both be set")]
         v = self.validator(api_version, kind)
         if v is None:
-            return [
-                Finding(
-                    overlay,
-                    resource_id(doc),
-                    f"no schema for {api_version} {kind} in Kubernetes {self.kubernetes_version}: not checked",
-                    Severity.UNCHECKED,
-                )
-            ]
+            message = (
+                f"no schema for {api_version} {kind} in Kubernetes {self.kubernetes_version}: not checked"
+            )
+            return [Finding(overlay, resource_id(doc), message, Severity.UNCHECKED)]
         try:
             if v.is_valid(doc):
                 return []

@@ -150,7 +150,7 @@ def build_image(
     if all(existing):
         refs = tuple(
             ImageRef(name=f"{registry}/{image}", digest=digest, tag=tag)
-            for registry, digest in zip(registries, existing)
+            for registry, digest in zip(registries, existing, strict=True)
             if digest is not None
         )
         return BuiltImage(image, tag, commit, tuple(registries), reused=True, existing=refs)
@@ -187,7 +187,7 @@ def push_image(
     held = {ref.name: ref for ref in built.existing}
     refs: list[ImageRef] = []
     with _client(base_url, timeout=_BUILD_TIMEOUT_SECONDS) as client:
-        for registry, target in zip(built.registries, built.targets):
+        for registry, target in zip(built.registries, built.targets, strict=True):
             repository, _, tag = target.rpartition(":")
             if repository in held:
                 refs.append(held[repository])  # never pushed over: its digest is the release's
@@ -216,8 +216,8 @@ def push_image(
             if built.existing and digest != built.existing[0].digest:
                 pushed = {**{ref.name: ref.digest for ref in built.existing}, repository: digest}
                 raise TagConflict(
-                    f"{built.image}:{tag}: the builder's image pushed to {display_name(registry)} came out as "
-                    f"{digest}, not the digest the other registries hold under that tag "
+                    f"{built.image}:{tag}: the builder's image pushed to {display_name(registry)} "
+                    f"came out as {digest}, not the digest the other registries hold under that tag "
                     f"({_holdings(pushed)}). {_conflict_fix(built, registry, insecure_registries)}"
                 )
             refs.append(ImageRef(name=f"{registry}/{built.image}", digest=digest, tag=tag))
@@ -234,7 +234,7 @@ def _resume_partial_push(
     """Some registries hold the tag: find the builder's image for the others, or raise TagConflict."""
     held = tuple(
         ImageRef(name=f"{registry}/{built.image}", digest=digest, tag=built.tag)
-        for registry, digest in zip(built.registries, existing)
+        for registry, digest in zip(built.registries, existing, strict=True)
         if digest is not None
     )
     built = replace(built, existing=held)
@@ -246,7 +246,7 @@ def _resume_partial_push(
         )
     missing = [
         (registry, target)
-        for registry, target, digest in zip(built.registries, built.targets, existing)
+        for registry, target, digest in zip(built.registries, built.targets, existing, strict=True)
         if digest is None
     ]
     image_ids: list[str] = []
@@ -256,9 +256,9 @@ def _resume_partial_push(
                 image_ids.append(str(client.api.inspect_image(target)["Id"]))
             except docker.errors.NotFound:
                 raise TagConflict(
-                    f"{built.image}:{built.tag} is in {holdings} but not in {display_name(registry)}, and the "
-                    f"builder no longer holds {display_name(registry)}/{built.image}:{built.tag} to push "
-                    f"there; building again would put a second image under the same tag. "
+                    f"{built.image}:{built.tag} is in {holdings} but not in {display_name(registry)}, "
+                    f"and the builder no longer holds {display_name(registry)}/{built.image}:{built.tag} "
+                    f"to push there; building again would put a second image under the same tag. "
                     f"{_conflict_fix(built, registry, insecure_registries)}"
                 ) from None
             except (docker.errors.APIError, requests.exceptions.RequestException) as e:
@@ -280,7 +280,8 @@ def _conflict_fix(built: BuiltImage, target: str, insecure_registries: Collectio
         if registry in insecure_registries
     )
     return (
-        f"Fix: copy the image, e.g. `skopeo copy{flags} docker://{display_name(source)}/{built.image}:{built.tag} "
+        f"Fix: copy the image, e.g. `skopeo copy{flags} "
+        f"docker://{display_name(source)}/{built.image}:{built.tag} "
         f"docker://{display_name(target)}/{built.image}:{built.tag}`, or delete the tag {built.tag} of "
         f"{built.image} from every registry that has it (the next run builds it anew); then run again."
     )

@@ -548,20 +548,8 @@ def verify_rollout(
     try:
         for source in sources:
             start(source)
-        while True:
-            try:
-                batch = [out.get(timeout=max(0.0, deadline - time.monotonic()))]
-            except queue.Empty:
-                break
-            while not out.empty():  # judge the newest state, not every step on the way to it
-                batch.append(out.get_nowait())
-            for update in batch:
-                if update.error is None:
-                    errors.pop(update.key, None)
-                    seen[update.key] = update.objects
-                else:
-                    errors[update.key] = update.error
-            denied = next((e for e in errors.values() if isinstance(e, PermanentError)), None)
+        while (batch := _next_batch(out, deadline)) is not None:
+            denied = _absorb(batch, seen, errors)
             if denied is not None:
                 return RolloutVerdict(name, Phase.FAILED, str(denied))
             if "pods" not in streams and target.digest is not None and seen.get("workload"):
@@ -587,6 +575,30 @@ def verify_rollout(
     return RolloutVerdict(
         name, Phase.FAILED, f"not rolled out after {timeout:.0f}s: {last.message}", last.details
     )
+
+
+def _next_batch(out: queue.Queue[_Seen], deadline: float) -> list[_Seen] | None:
+    """The updates queued by the streams, waiting for the first until ``deadline``; None after it."""
+    try:
+        batch = [out.get(timeout=max(0.0, deadline - time.monotonic()))]
+    except queue.Empty:
+        return None
+    while not out.empty():  # judge the newest state, not every step on the way to it
+        batch.append(out.get_nowait())
+    return batch
+
+
+def _absorb(
+    batch: Iterable[_Seen], seen: dict[str, tuple[dict[str, Any], ...]], errors: dict[str, TwincdError]
+) -> PermanentError | None:
+    """Record ``batch`` in ``seen`` and ``errors``; the permanent error among them, if any."""
+    for update in batch:
+        if update.error is None:
+            errors.pop(update.key, None)
+            seen[update.key] = update.objects
+        else:
+            errors[update.key] = update.error
+    return next((e for e in errors.values() if isinstance(e, PermanentError)), None)
 
 
 # --------------------------------------------------------------------------------------------------

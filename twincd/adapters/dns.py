@@ -398,7 +398,10 @@ class AzureDns:
 
     @property
     def description(self) -> str:
-        return f"azure zone {self.zone} (resource group {self.resource_group}, subscription {self.subscription_id})"
+        return (
+            f"azure zone {self.zone} (resource group {self.resource_group}, "
+            f"subscription {self.subscription_id})"
+        )
 
     def _relative(self, name: str) -> str:
         relative = name.rstrip(".")
@@ -417,7 +420,8 @@ class AzureDns:
             return self.client.record_sets.get(self.resource_group, self.zone, relative, "A", **self._options)
         except AzureError as e:
             if _status(e) == 404 and _arm_code(e) in ("NotFound", "ResourceNotFound"):
-                return None  # the record set does not exist; zone and group do (else ParentResourceNotFound, ...)
+                # The record set does not exist; zone and group do (else ParentResourceNotFound, ...).
+                return None
             error = self._translate(e, what)
         # Raised outside the handler on purpose: the SDK exception holds the request, whose
         # Authorization header carries the bearer token; chained (from e, or implicitly as

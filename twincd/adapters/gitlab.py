@@ -186,8 +186,8 @@ class GitlabForge:
         # GitLab allows one open MR per source branch whatever its target: an MR from this branch
         # into another branch is a person's doing, and reusing it would release to the wrong place.
         raise GitlabForgeError(
-            f"GitLab project {self.project}: an open merge request from {source_branch!r} into a branch other "
-            f"than {target_branch!r} already exists; close it and re-run the deploy"
+            f"GitLab project {self.project}: an open merge request from {source_branch!r} into a branch "
+            f"other than {target_branch!r} already exists; close it and re-run the deploy"
         )
 
     def get(self, mr: MergeRequest) -> MergeRequest:
@@ -241,14 +241,16 @@ class GitlabForge:
                     return current
                 if current.state == "closed":
                     raise CancelledByUser(
-                        f"merge request {current.ref} ({current.web_url}) was closed without being merged; "
-                        f"nothing reached {current.target_branch}. Reopen it and re-run the deploy to release."
+                        f"merge request {current.ref} ({current.web_url}) was closed without being "
+                        f"merged; nothing reached {current.target_branch}. Reopen it and re-run the "
+                        "deploy to release."
                     )
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise MergeTimeout(
-                    f"merge request {mr.ref} ({mr.web_url}) is still open after {timeout:.0f} s: nobody merged or "
-                    "closed it. Merge it and re-run the deploy (the open MR is reused), or close it."
+                    f"merge request {mr.ref} ({mr.web_url}) is still open after {timeout:.0f} s: "
+                    "nobody merged or closed it. Merge it and re-run the deploy (the open MR is reused), "
+                    "or close it."
                 )
             time.sleep(min(delay, remaining))
             delay = min(delay * 1.5, max_poll)
@@ -282,9 +284,10 @@ class GitlabForge:
             except gitlab.exceptions.GitlabMRClosedError as e:
                 # 405/406/409/422 on merge: conflicts, a required pipeline or approvals, a moved head.
                 if e.response_code in (405, 406, 409, 422):
+                    reason = self._token.mask(str(e.error_message))[:200]
                     raise GitlabForgeError(
-                        f"GitLab project {self.project}: merge request {current.ref} ({current.web_url}) cannot be "
-                        f"merged now ({e.response_code}: {self._token.mask(str(e.error_message))[:200]}); "
+                        f"GitLab project {self.project}: merge request {current.ref} ({current.web_url}) "
+                        f"cannot be merged now ({e.response_code}: {reason}); "
                         "resolve it in GitLab and re-run the deploy"
                     ) from e
                 raise
@@ -413,12 +416,13 @@ class GitlabForge:
         if code == 401:
             return GitlabAuthError(
                 f"{where}: the token was refused (401) while {what}: it is invalid, expired or revoked. "
-                "Use a project or personal access token with the `api` scope (forge.token in the environment file)."
+                "Use a project or personal access token with the `api` scope "
+                "(forge.token in the environment file)."
             )
         if code == 403:
             return GitlabAuthError(
-                f"{where}: permission denied (403) while {what}: the token needs the `api` scope and at least the "
-                f"{needs} on {self.project}."
+                f"{where}: permission denied (403) while {what}: the token needs the `api` scope "
+                f"and at least the {needs} on {self.project}."
             )
         if code == 404:
             return GitlabNotFound(

@@ -158,28 +158,10 @@ class SlackNotifier:
         replies = 0
         error = ""
         try:
-            if state is None:
-                state = self._post_parent(parent, parent_hash, deadline)
-                posted_parent = True
+            new_thread = state is None
+            state, posted_parent, updated_parent = self._sync_parent(state, parent, parent_hash, deadline)
+            if new_thread:
                 self._store.put(key, state)  # at once: a later failure must not orphan the thread
-            elif state.parent_hash != parent_hash:
-                try:
-                    self._call(
-                        "chat.update",
-                        deadline,
-                        channel=state.channel_id,
-                        ts=state.ts,
-                        text=parent.text,
-                        blocks=list(parent.blocks),
-                    )
-                    state = replace(state, parent_hash=parent_hash)
-                    updated_parent = True
-                except _Failed as e:
-                    if "message_not_found" not in str(e):
-                        raise
-                    # Someone deleted the parent: start a new thread rather than go silent.
-                    state = self._post_parent(parent, parent_hash, deadline)
-                    posted_parent = True
             for r in thread_replies(timeline, posted=state.posted):
                 text = f"{self._mention} {r.text}" if r.mention and self._mention else r.text
                 self._call(
@@ -199,7 +181,7 @@ class SlackNotifier:
         if state is not None and (updated_parent or replies or posted_parent):
             try:
                 self._store.put(key, state)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - a store failure must not fail the deploy
                 error = error or f"thread store: cannot write {key}: {type(e).__name__}: {e}"
         if error:
             return self._failed(
@@ -227,6 +209,30 @@ class SlackNotifier:
         except Exception as e:  # noqa: BLE001 - a bug here must not fail the run either
             return self._failed(f"unexpected {type(e).__name__}: {e}")
         return PublishResult(True, "", str(response["ts"]), str(response["channel"]), posted_parent=True)
+
+    def _sync_parent(
+        self, state: ThreadState | None, parent: ParentMessage, parent_hash: str, deadline: float
+    ) -> tuple[ThreadState, bool, bool]:
+        """Post the thread's parent, or update it if it changed: (state, posted it, updated it)."""
+        if state is None:
+            return self._post_parent(parent, parent_hash, deadline), True, False
+        if state.parent_hash == parent_hash:
+            return state, False, False
+        try:
+            self._call(
+                "chat.update",
+                deadline,
+                channel=state.channel_id,
+                ts=state.ts,
+                text=parent.text,
+                blocks=list(parent.blocks),
+            )
+        except _Failed as e:
+            if "message_not_found" not in str(e):
+                raise
+            # Someone deleted the parent: start a new thread rather than go silent.
+            return self._post_parent(parent, parent_hash, deadline), True, False
+        return replace(state, parent_hash=parent_hash), False, True
 
     def _post_parent(self, parent: ParentMessage, parent_hash: str, deadline: float) -> ThreadState:
         response = self._call(

@@ -102,14 +102,8 @@ def create_app(
     if not token:
         raise ConfigError("the webhook secret is empty: GitLab's X-Gitlab-Token would not be checked")
     expected = token.encode()
-    exact = {k.lower(): v for k, v in projects.items()} if projects is not None else None
+    exact = _exact_projects(env, projects)
     by_basename = default_projects(env)
-    for project, app in (exact or {}).items():
-        if app not in env.apps:
-            raise ConfigError(
-                f"webhook project {project!r} maps to unknown app {app!r} "
-                f"(known apps: {', '.join(sorted(env.apps))})"
-            )
     cached: dict[str, UUID] = {}  # deployment name -> id: saves one API call per delivery
 
     def app_of(project: str) -> str | None:
@@ -119,56 +113,12 @@ def create_app(
 
     async def receive(request: Request) -> JSONResponse:
         t0 = time.perf_counter()
-        # Constant-time comparison of bytes: a timing side channel cannot guess the token.
-        given = request.headers.get("x-gitlab-token", "").encode()
-        if not hmac.compare_digest(given, expected):
-            return _answer(401, {"error": "missing or wrong X-Gitlab-Token"})
         try:
-            body = await _read_capped(request, max_body)
-        except _TooLarge:
-            return _answer(413, {"error": f"body larger than {max_body} bytes"})
-        except ClientDisconnect:
-            return _answer(400, {"error": "the client disconnected before sending the whole body"})
-        try:
-            event = parse_tag_push(json.loads(body))
-        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError and MalformedEvent are ValueErrors
-            reason = str(e) if isinstance(e, MalformedEvent) else "the body is not JSON"
-            return _answer(400, {"error": f"malformed tag push event: {reason}"})
-        if event is None:
-            return _ignored("not a Tag Push Hook event")
-        if event.sha is None:
-            return _ignored(f"tag {event.tag} of {event.project} was deleted")
-        app = app_of(event.project)
-        if app is None:
-            return _answer(404, {"error": f"project {event.project} is not mapped to an app of {env.source}"})
-        try:
-            check_tag(app=app, tag=event.tag, pattern=env.apps[app].tag_pattern)
-        except BadTag as e:
-            return _ignored(str(e))
-        key = f"{event.project}:{event.tag}:{event.sha}"
-        try:
-            run_id = await _create_run(deployment, cached, {"app": app, "tag": event.tag}, key)
-        except _DeploymentMissing as e:
-            log.error("%s", e)
-            return _answer(500, {"error": str(e)})
-        except Exception as e:  # noqa: BLE001 - the Prefect API is down or refused: GitLab may redeliver
-            log.warning("could not create a %s run for %s: %s", deployment, key, type(e).__name__)
-            return _answer(
-                503,
-                {"error": f"the Prefect API did not accept the run ({type(e).__name__}); redeliver later"},
-                headers={"Retry-After": "30"},
-            )
-        log.info(
-            "tag push %s %s -> %s run %s (%.0f ms)",
-            event.project,
-            event.tag,
-            deployment,
-            run_id,
-            (time.perf_counter() - t0) * 1000,
-        )
-        return _answer(
-            202, {"flow_run_id": str(run_id), "app": app, "tag": event.tag, "idempotency_key": key}
-        )
+            event = await _tag_push(request, expected, max_body)
+            app = _release_app(env, event, app_of(event.project))
+        except _Answered as answered:
+            return answered.response
+        return await _start_run(deployment, cached, app, event, t0)
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"ok": True})
@@ -190,6 +140,95 @@ def create_app(
         routes=[Route(PATH, receive, methods=["POST"]), Route("/healthz", health, methods=["GET"])],
         lifespan=lifespan,
     )
+
+
+def _exact_projects(env: Environment, projects: Mapping[str, str] | None) -> dict[str, str] | None:
+    """``projects`` with lower-cased keys, each checked to name an app of ``env``; None if not given."""
+    if projects is None:
+        return None
+    exact = {k.lower(): v for k, v in projects.items()}
+    for project, app in exact.items():
+        if app not in env.apps:
+            raise ConfigError(
+                f"webhook project {project!r} maps to unknown app {app!r} "
+                f"(known apps: {', '.join(sorted(env.apps))})"
+            )
+    return exact
+
+
+class _Answered(Exception):
+    """A delivery answered without creating a run: refused, malformed or ignored."""
+
+    def __init__(self, response: JSONResponse) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
+async def _tag_push(request: Request, expected: bytes, max_body: int) -> TagPush:
+    """The delivery's tag push of a tag that exists; raises _Answered for anything else."""
+    # Constant-time comparison of bytes: a timing side channel cannot guess the token.
+    given = request.headers.get("x-gitlab-token", "").encode()
+    if not hmac.compare_digest(given, expected):
+        raise _Answered(_answer(401, {"error": "missing or wrong X-Gitlab-Token"}))
+    try:
+        body = await _read_capped(request, max_body)
+    except _TooLarge:
+        raise _Answered(_answer(413, {"error": f"body larger than {max_body} bytes"})) from None
+    except ClientDisconnect:
+        raise _Answered(
+            _answer(400, {"error": "the client disconnected before sending the whole body"})
+        ) from None
+    try:
+        event = parse_tag_push(json.loads(body))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError and MalformedEvent are ValueErrors
+        reason = str(e) if isinstance(e, MalformedEvent) else "the body is not JSON"
+        raise _Answered(_answer(400, {"error": f"malformed tag push event: {reason}"})) from None
+    if event is None:
+        raise _Answered(_ignored("not a Tag Push Hook event"))
+    if event.sha is None:
+        raise _Answered(_ignored(f"tag {event.tag} of {event.project} was deleted"))
+    return event
+
+
+def _release_app(env: Environment, event: TagPush, app: str | None) -> str:
+    """``app`` (the event's project's app) if the tag is one of its releases; raises _Answered if not."""
+    if app is None:
+        raise _Answered(
+            _answer(404, {"error": f"project {event.project} is not mapped to an app of {env.source}"})
+        )
+    try:
+        check_tag(app=app, tag=event.tag, pattern=env.apps[app].tag_pattern)
+    except BadTag as e:
+        raise _Answered(_ignored(str(e))) from None
+    return app
+
+
+async def _start_run(
+    deployment: str, cached: dict[str, UUID], app: str, event: TagPush, t0: float
+) -> JSONResponse:
+    """Create the run of ``deployment`` for ``event`` (one per project, tag and commit)."""
+    key = f"{event.project}:{event.tag}:{event.sha}"
+    try:
+        run_id = await _create_run(deployment, cached, {"app": app, "tag": event.tag}, key)
+    except _DeploymentMissing as e:
+        log.error("%s", e)
+        return _answer(500, {"error": str(e)})
+    except Exception as e:  # noqa: BLE001 - the Prefect API is down or refused: GitLab may redeliver
+        log.warning("could not create a %s run for %s: %s", deployment, key, type(e).__name__)
+        return _answer(
+            503,
+            {"error": f"the Prefect API did not accept the run ({type(e).__name__}); redeliver later"},
+            headers={"Retry-After": "30"},
+        )
+    log.info(
+        "tag push %s %s -> %s run %s (%.0f ms)",
+        event.project,
+        event.tag,
+        deployment,
+        run_id,
+        (time.perf_counter() - t0) * 1000,
+    )
+    return _answer(202, {"flow_run_id": str(run_id), "app": app, "tag": event.tag, "idempotency_key": key})
 
 
 class _DeploymentMissing(Exception):
