@@ -115,7 +115,8 @@ def manifests_repo(root: Path, docs: list[dict[str, Any]]) -> Path:
     for c in CLUSTERS:
         (work / f"overlays/{c}/shop").mkdir(parents=True)
         (work / f"overlays/{c}/shop/kustomization.yaml").write_text(
-            f"resources: [../../../base/shop]\nimages: [{{name: shop, newName: registry.example/shop, digest: '{DIGEST}'}}]\n"
+            "resources: [../../../base/shop]\n"
+            f"images: [{{name: shop, newName: registry.example/shop, digest: '{DIGEST}'}}]\n"
         )
     run = ["git", "-c", "user.name=b", "-c", "user.email=b@example.test"]
     subprocess.run([*run, "init", "-q", "-b", "main", str(work)], check=True)
@@ -217,8 +218,9 @@ def main() -> None:
     print(f"whole check, render included:                     {t2 - t0:.2f} s (goal < 3 s)")
     for c in checks:
         print(
-            f"  {c.cluster}: {len(desired[c.cluster]['shop'])} managed objects, {c.objects} live objects read, "
-            f"{c.calls} API calls ({c.lists} LISTs = {3} kinds x {args.namespaces} namespaces + 1 for Namespaces), "
+            f"  {c.cluster}: {len(desired[c.cluster]['shop'])} managed objects, "
+            f"{c.objects} live objects read, {c.calls} API calls "
+            f"({c.lists} LISTs = {3} kinds x {args.namespaces} namespaces + 1 for Namespaces), "
             f"{len(c.items)} findings"
         )
     print(f"  skew findings: {len(skew)}")

@@ -253,7 +253,8 @@ def main() -> None:
     text = corpus(args.resources)
     docs = parse_documents(text)
     print(
-        f"corpus: {len(docs):,} resources, {len(text) / 1e6:.1f} MB of YAML, Kubernetes {VERSION} strict schemas"
+        f"corpus: {len(docs):,} resources, {len(text) / 1e6:.1f} MB of YAML, "
+        f"Kubernetes {VERSION} strict schemas"
     )
 
     validator = SchemaValidator(kubernetes_version=VERSION)

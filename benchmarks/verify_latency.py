@@ -234,7 +234,8 @@ def main() -> None:
     ordered = sorted(latencies)
     p90 = ordered[max(0, round(0.9 * len(ordered)) - 1)]
     print(
-        f"\nverify_rollout latency over {len(latencies)} runs: median {statistics.median(latencies) * 1000:.1f} ms, "
+        f"\nverify_rollout latency over {len(latencies)} runs: "
+        f"median {statistics.median(latencies) * 1000:.1f} ms, "
         f"p90 {p90 * 1000:.1f} ms, max {ordered[-1] * 1000:.1f} ms (goal: median under 1000 ms)"
     )
 

@@ -65,7 +65,8 @@ def registry_digest(env: Environment, tag: str) -> str:
     r = httpx.head(
         f"http://{env.registries['local'].url}/v2/hello/manifests/{tag}",
         headers={
-            "Accept": "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+            "Accept": "application/vnd.oci.image.manifest.v1+json, "
+            "application/vnd.docker.distribution.manifest.v2+json"
         },
     )
     assert r.status_code == 200, r.text

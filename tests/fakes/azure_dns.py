@@ -7,7 +7,8 @@ protocol that hands out one fixed token.
 Served (paths are case-insensitive, as on ARM; ``api-version`` is required):
 
     GET /subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Network/dnsZones/{zone}/A/{name}
-    PUT the same path     body ``{"properties": {"TTL": n, "ARecords": [{"ipv4Address": ...}], "metadata": {}}}``
+    PUT the same path
+        body ``{"properties": {"TTL": n, "ARecords": [{"ipv4Address": ...}], "metadata": {}}}``
 
 Behaviour copied from Azure: every record set has an etag (a GUID, new on every change); ``If-Match``
 with another etag (or on a record set that does not exist) and ``If-None-Match: *`` on one that does
@@ -98,6 +99,13 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+def _fault_response(fault: _Fault) -> JSONResponse:
+    headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
+    if fault.status == 429:
+        return _error(429, "TooManyRequests", "Too many requests, retry later.", headers)
+    return _error(fault.status, "InternalServerError", "Encountered internal server error.", headers)
+
+
 class FakeAzureDns(ServedFake):
     """Azure DNS zones ``zones`` in one resource group of one subscription, served over HTTP."""
 
@@ -143,7 +151,7 @@ class FakeAzureDns(ServedFake):
             self._faults.append(_Fault(status, count, retry_after))
 
     def change_before_next_put(self, ips: tuple[str, ...]) -> None:
-        """When the next PUT arrives, first set the record set to ``ips`` (new etag), as a concurrent writer."""
+        """When the next PUT arrives, first set the record set to ``ips`` (new etag): a concurrent writer."""
         with self._lock:
             self._concurrent.append(tuple(ips))
 
@@ -175,10 +183,7 @@ class FakeAzureDns(ServedFake):
     async def _dispatch(self, request: Request) -> Response:
         fault = self._take_fault()
         if fault is not None:
-            headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
-            if fault.status == 429:
-                return _error(429, "TooManyRequests", "Too many requests, retry later.", headers)
-            return _error(fault.status, "InternalServerError", "Encountered internal server error.", headers)
+            return _fault_response(fault)
         denied = self._authenticate(request)
         if denied is not None:
             return denied
@@ -214,6 +219,9 @@ class FakeAzureDns(ServedFake):
                     f"'{request.url.path}' or the scope is invalid.",
                 )
             return self._put(request, zone, name, await request.body())
+        return self._get(zone, name)
+
+    def _get(self, zone: str, name: str) -> Response:
         with self._lock:
             record = self.zones[zone].get(name)
             if record is None:

@@ -60,7 +60,10 @@ spec:
         - name: {name}
           image: web
           ports: [{{containerPort: 8080}}]
-          env: [{{name: MODE, value: {name}}}, {{name: LOG_LEVEL, value: info}}, {{name: WORKERS, value: "4"}}]
+          env:
+            - {{name: MODE, value: {name}}}
+            - {{name: LOG_LEVEL, value: info}}
+            - {{name: WORKERS, value: "4"}}
           resources:
             limits: {{cpu: "1", memory: 1Gi}}
             requests: {{cpu: 500m, memory: 256Mi}}

@@ -63,7 +63,12 @@ def git(*args: str, cwd: Path) -> str:
 
 
 def containerfile(revision: str) -> str:
-    return f'FROM scratch\nCOPY busybox /bin/busybox\nLABEL test.revision="{revision}"\nCMD ["/bin/busybox", "true"]\n'
+    return (
+        "FROM scratch\n"
+        "COPY busybox /bin/busybox\n"
+        f'LABEL test.revision="{revision}"\n'
+        'CMD ["/bin/busybox", "true"]\n'
+    )
 
 
 @pytest.fixture

@@ -382,7 +382,7 @@ def test_strategic_merge_patch_on_custom_resource_is_415(
     assert answer.status_code == 415
 
 
-# ------------------------------------------------------------------------------------------ status, generation
+# ----------------------------------------------------------------------------------------- status, generation
 
 
 def test_status_subresource_split_and_generation(apps: client.AppsV1Api, namespace: str) -> None:

@@ -422,9 +422,8 @@ def test_sync_apply_applies_the_overlay_and_verifies_it(
         ref, None, None, "argocd", "Deployment", "hello", "hello", "unused-without-argocd", digest
     )
     verdict = verify_rollout(t, timeout=30)
-    print(
-        f"sync apply: applied and {verdict.phase.value} in {time.monotonic() - started:.2f}s: {verdict.message}"
-    )
+    elapsed = time.monotonic() - started
+    print(f"sync apply: applied and {verdict.phase.value} in {elapsed:.2f}s: {verdict.message}")
     assert verdict.phase is Phase.SUCCEEDED, verdict
     assert f"2 running pods carry {digest[7:19]}" in verdict.message
 

@@ -151,6 +151,9 @@ def test_pinned_overlay_renders_with_kubectl(tmp_path: Path) -> None:
 
 
 def test_crlf_lines_keep_their_carriage_returns() -> None:
-    text = "images:\r\n- name: hello\r\n  newName: registry.example.com/team/hello\r\n  newTag: v1\r\nresources:\r\n- a\r\n"
+    text = (
+        "images:\r\n- name: hello\r\n  newName: registry.example.com/team/hello\r\n  newTag: v1\r\n"
+        "resources:\r\n- a\r\n"
+    )
     result = set_image(text, file="k.yaml", image="hello", ref=REF)
     assert result.text == text.replace("newTag: v1", f"digest: {NEW_DIGEST}  # v1.2.0")
