@@ -21,6 +21,9 @@ demo: setup
 test: setup
 	.venv/bin/python -m pytest tests
 
+# Style, formatting, types (mypy --strict) and the dependency direction (import-linter); all must pass.
 lint: setup
-	.venv/bin/ruff check twincd flows tasks tests benchmarks
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 	.venv/bin/mypy
+	.venv/bin/lint-imports
