@@ -56,7 +56,7 @@ def prefect_harness() -> Iterator[None]:
     """One throwaway Prefect server for the whole session (~20 s to start here, so only once).
 
     Analytics off: the server's telemetry write races its migrations ("database is locked").
-    Heartbeats off: they add ~1 s to every flow run (PLATFORM-NOTES).
+    Heartbeats off: they add ~1 s to every flow run (docs/platform.md, "Prefect").
     """
     with (
         temporary_settings(
