@@ -500,23 +500,6 @@ class _Clients:
             api.close()
 
 
-def observe(target: RolloutTarget) -> RolloutVerdict:
-    """One look at the cluster (and its Argo CD): the verdict as of now, from one LIST per collection.
-
-    Raises ClusterError when a server cannot be reached and ClusterDenied when access is refused.
-    """
-    sources = _sources(target)
-    clients = _Clients(s.ref for s in sources)
-    try:
-        seen = {s.key: tuple(_list(s, clients[s.ref])[0].values()) for s in sources}
-        if target.digest is not None and seen["workload"]:
-            pods = _pods_source(target, seen["workload"][0])
-            seen["pods"] = tuple(_list(pods, clients[pods.ref])[0].values())
-        return _evaluate(target, seen)
-    finally:
-        clients.close()
-
-
 def verify_rollout(
     target: RolloutTarget, *, timeout: float, watch_seconds: int = WATCH_SECONDS
 ) -> RolloutVerdict:
