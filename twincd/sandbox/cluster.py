@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s"
     )
-    # httpx logs every request at INFO: several per second per loop would drown the sync log.
+    # httpx (the Deployment controller's registry pull checks) logs every request at INFO: several
+    # per second would drown the sync log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     stop = threading.Event()

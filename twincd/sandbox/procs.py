@@ -8,6 +8,7 @@ process, and signalling it would kill a stranger. A process counts as ours only 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -225,9 +226,7 @@ def _start_time(pid: int) -> int | None:
     fields = stat[stat.rindex(")") + 2 :].split()
     state, start_time = fields[0], int(fields[19])
     if state in ("Z", "X"):
-        try:
+        with contextlib.suppress(ChildProcessError):  # reaped only if it is our child
             os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
         return None
     return start_time

@@ -109,7 +109,8 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
 
     if isinstance(env.dns, DnsRfc2136) and env.dns.server.startswith("127.0.0.1:"):
         say(
-            f"dns           {env.dns.server} (BIND: {env.dns.record}.{env.dns.zone}, RFC 2136 updates with TSIG)"
+            f"dns           {env.dns.server} "
+            f"(BIND: {env.dns.record}.{env.dns.zone}, RFC 2136 updates with TSIG)"
         )
         serving = tuple(
             c.ingress_ip
