@@ -52,6 +52,8 @@ def parse_time(text: str) -> datetime:
 
 
 def pod_ready(pod: Mapping[str, Any]) -> bool:
+    """The kubelet's Ready condition. (The core checks it only inside its digest check of running
+    pods, ``twincd.rollout.pods_verdict``, which asks more: the release's digest.)"""
     conditions = pod.get("status", {}).get("conditions", [])
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
@@ -376,7 +378,13 @@ def _progressing_condition(
 
 
 def rollout_settled(deployment: Mapping[str, Any]) -> bool:
-    """True when the controller has nothing to do until the Deployment's spec changes again."""
+    """True when the controller has nothing to do until the Deployment's spec changes again.
+
+    Not the core's ``deployment_verdict``: rolled out is not the same as nothing to do. A rollout
+    whose deadline passed (Failed there) is still stepped, because its image may be pushed late,
+    and counts that are complete before the new ReplicaSet was announced (a rollback to a template
+    whose pods all exist) still need the tick that writes NewReplicaSetAvailable.
+    """
     status = deployment.get("status") or {}
     if status.get("observedGeneration") != deployment["metadata"].get("generation", 1):
         return False
