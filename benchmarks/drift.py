@@ -26,14 +26,14 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.drift import compare_cluster, render_all
 from twincd.adapters import git
 from twincd.adapters.cluster import ClusterRef
 from twincd.adapters.kube_read import read_cluster
 from twincd.config import load_environment
-from twincd.drift import find_skew
+from twincd.drift import compare_cluster, find_skew
 from twincd.sandbox.apiserver import RESOURCES, create_app, serve_in_thread
 from twincd.sandbox.contexts import write_kubeconfig
+from twincd.validate import render_overlays
 
 CLUSTERS = ("eks", "aks")
 DIGEST = "sha256:" + "a" * 64
@@ -185,16 +185,16 @@ def main() -> None:
         env = load_environment(env_file)
         try:
             t0, cpu0, kids0 = time.perf_counter(), time.process_time(), _children_cpu()
-            with git.clone(str(bare), ref="main") as repo:
-                desired = render_all(
-                    Path(str(repo.working_tree_dir)),
+            with git.checkout(str(bare), ref="main") as work:
+                desired = render_overlays(
+                    work,
                     {(c, "shop"): env.app_overlay("shop", c) for c in CLUSTERS},
                 )
             t1, cpu1, kids1 = time.perf_counter(), time.process_time(), _children_cpu()
 
             def check(cluster: str) -> Any:
                 ref = ClusterRef(cluster, f"bench-{cluster}", str(kubeconfig))
-                return compare_cluster(env, cluster, read_cluster(ref, desired=desired[cluster]))
+                return compare_cluster(read_cluster(ref, desired=desired[cluster]), env.applications(cluster))
 
             with ThreadPoolExecutor(len(CLUSTERS)) as pool:  # the flow submits one task per cluster
                 checks = list(pool.map(check, CLUSTERS))

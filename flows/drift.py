@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from prefect import State, flow, get_run_logger
 from prefect.states import Completed
 
-from tasks.deploy import load_environment_task
 from tasks.drift import (
     check_cluster,
     manifests_head,
@@ -21,10 +20,9 @@ from tasks.drift import (
     read_previous,
     render_desired,
     save_state,
-    serving_clusters,
 )
 from twincd import drift
-from twincd.config import DEFAULT_ENV
+from twincd.config import DEFAULT_ENV, load_environment
 from twincd.errors import PermanentError, TransientError, TwincdError
 
 
@@ -60,7 +58,7 @@ def drift_check(env: str = str(DEFAULT_ENV), fail_on_drift: bool = False) -> Sta
             is any finding.
     """
     logger = get_run_logger()
-    environment = load_environment_task(env)
+    environment = load_environment(env)
     desired = render_desired(environment, manifests_head(environment))
     futures = {name: check_cluster.submit(environment, name, desired) for name in environment.clusters}
     previous = read_previous(environment)
@@ -73,7 +71,7 @@ def drift_check(env: str = str(DEFAULT_ENV), fail_on_drift: bool = False) -> Sta
         except TwincdError as e:
             unreadable.append(f"{name}: {e}")
     items = tuple(i for c in checks for i in c.items) + drift.find_skew(
-        [w for c in checks for w in c.workloads], serving=serving_clusters(environment)
+        [w for c in checks for w in c.workloads], serving=environment.serving_clusters()
     )
     table = publish_report(environment, desired, items, tuple(checks))
     if unreadable:

@@ -1,52 +1,54 @@
 """The failover flow: Active/Active ⇄ Active/Standby, through the manifests repo and DNS, health-gated.
 
 Orchestration only. The plan (``twincd.failover``) is published before anything changes; a dry
-run stops there. Then, in the plan's order: promote (switch overlays to components/active, merge,
-verify full replicas), health gate, DNS replace + read back, demote (components/standby, merge,
-verify scaled to 0). Any failure after the first change puts back what was changed, newest
-first (DNS record set; merged switches by a revert MR), notifies, and ends the run failed with
-the list of what was undone.
+run stops there. Then, in the plan's order: promote (switch overlays to components/active, land
+the change in the subflow ``failover-<mode>/promote``, verify full replicas), health gate, DNS
+replace + read back, demote (components/standby, ``…/demote``, verify scaled to 0). Any failure
+after the first change puts back what was changed, newest first (DNS record set; merged switches
+by a revert MR, each in a subflow ``…/undo-<step>``), notifies, and ends the run failed with the
+list of what was undone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Literal
 
 from prefect import flow
 from prefect.client.schemas.objects import State
-from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
-from flows.deploy import Approval
-from tasks.deploy import load_environment_task, merge, notify, open_merge_request
+from flows.landing import Change, Story, ask_approval, land_subflow
+from tasks.deploy import revert_branch
 from tasks.failover import (
     check_health,
     merged_into,
+    probe_health,
     publish_plan,
     read_back_dns,
     read_dns,
     read_overlays,
     replace_dns,
-    revert_switch,
     switch_components,
-    topology_of,
     verify_role,
 )
-from twincd.config import DEFAULT_ENV, Environment
-from twincd.domain import Event, MergeRequest, Phase, Timeline
+from twincd import wiring
+from twincd.config import DEFAULT_ENV, Environment, load_environment
+from twincd.domain import MergeRequest, Phase, RolloutVerdict, Timeline
 from twincd.errors import PermanentError, TwincdError
 from twincd.failover import (
     FailoverPlan,
     Health,
     HealthGate,
+    Overlay,
     PlanError,
     ReplaceRecord,
+    Role,
     SwitchComponents,
     Target,
+    Topology,
     branch_name,
     check_record_change,
     gate,
@@ -70,10 +72,10 @@ class MergedSwitch:
 
 @dataclass(frozen=True)
 class PendingSwitch:
-    """A switch whose merge was asked for: it may have reached the branch even if the call failed."""
+    """A switch whose landing began: it may have reached the branch even if the merge call failed."""
 
     action: SwitchComponents
-    mr: MergeRequest
+    branch: str
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class ReplacedRecord:
     old: frozenset[str]
 
 
-Change = MergedSwitch | PendingSwitch | ReplacedRecord
+Undoable = MergedSwitch | PendingSwitch | ReplacedRecord
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,10 @@ class FailoverResult:
     record: frozenset[str] | None  # the DNS record as read back at the end (None: not managed)
 
 
-def _event(timeline: Timeline, step: str, status: str, text: str, cluster: str = "") -> Timeline:
-    return timeline.add(Event(step, status, text, datetime.now(UTC).isoformat(), cluster))
+def topology_of(env: Environment, overlays: tuple[Overlay, ...], record: frozenset[str] | None) -> Topology:
+    clusters = tuple(env.clusters)
+    ips = tuple((c, env.clusters[c].ingress_ip) for c in clusters)
+    return Topology(clusters, ips, overlays, record, wiring.dns_record(env)[1])
 
 
 @flow(name="failover", flow_run_name="failover-{mode}", log_prints=True)
@@ -123,7 +127,7 @@ def failover(
         health_url: Optional HTTP URL checked on each serving cluster before DNS changes;
             `{ingress_ip}` is replaced by the cluster's ingress IP, e.g. http://{ingress_ip}/healthz.
     """
-    environment = load_environment_task(env)
+    environment = load_environment(env)
     target = Target(mode, active)
     if not dry_run and not reason.strip():
         raise PlanError("a failover needs a reason (it goes into the commits, the MRs and the notifications)")
@@ -136,9 +140,8 @@ def failover(
         return FailoverResult(target.label, dry_run, markdown, (), record)
 
     run_id = str(flow_run.id or "manual")
-    timeline = Timeline("failover", f"{target.label} {run_id[:8]}")
-    timeline = _event(
-        timeline,
+    story = Story(environment, Timeline("failover", f"{target.label} {run_id[:8]}"))
+    story.add(
         "plan",
         "ok",
         f"{'EMERGENCY ' if emergency else ''}{plan.current.describe()} → {target.label}; reason: {reason}",
@@ -146,50 +149,104 @@ def failover(
     if emergency or auto_approve:
         approver = f"emergency ({reason})" if emergency else "auto-approve"
     else:
-        timeline = _event(timeline, "approve", "waiting", "waiting for approval of the plan")
-        notify(environment, timeline)
-        try:
-            answer = pause_flow_run(
-                wait_for_input=Approval.with_initial_data(
-                    description=f"{markdown}\n\nApprove to carry out this plan; leave unticked to refuse.",
-                    approved=False,
-                ),
-                timeout=int(environment.timeouts.approval_seconds),
-                poll_interval=2,
-                key=f"approve-failover-{run_id[:8]}",
-            )
-        except FlowPauseTimeout:
-            answer = None
-        if answer is None or not answer.approved:
-            who = (answer.approver if answer else "") or "a reviewer"
+        story.add("approve", "waiting", "waiting for approval of the plan", tell=True, after=[markdown])
+        answer = ask_approval(
+            description=f"{markdown}\n\nApprove to carry out this plan; leave unticked to refuse.",
+            key=f"failover-{run_id[:8]}",
+            timeout=environment.timeouts.approval_seconds,
+        )
+        if not answer.approved:
             message = (
-                f"failover to {target.label} refused by {who}; nothing was changed"
-                if answer
-                else f"no approval of the failover to {target.label} within "
+                f"no approval of the failover to {target.label} within "
                 f"{environment.timeouts.approval_seconds:.0f} s; nothing was changed"
+                if answer.timed_out
+                else f"failover to {target.label} refused by {answer.approver or 'a reviewer'}; "
+                "nothing was changed"
             )
-            notify(environment, _event(timeline, "approve", "cancelled", message))
+            story.add("approve", "cancelled", message, tell=True)
             return Cancelled(message=message)
         approver = answer.approver or "a reviewer"
-    notify(environment, timeline)
+    story.tell(after=[markdown])
 
-    changes: list[Change] = []
+    changes: list[Undoable] = []
     try:
-        timeline, done = _execute(environment, plan, run_id, reason, approver, health_url, timeline, changes)
+        done = _execute(environment, plan, run_id, reason, approver, health_url, story, changes)
     except Exception as e:  # whatever failed, what was changed is put back
-        undone = _undo(environment, plan, run_id, reason, changes)
+        undone = _undo(environment, plan, run_id, reason, story, changes)
         # Only our own errors' text goes to chat: an SDK's may carry request details.
         why = str(e) if isinstance(e, TwincdError) else f"unexpected {type(e).__name__} (see the run's logs)"
         text = f"failover to {target.label} failed: {why}. Undone: " + (
             "; ".join(undone) or "nothing had changed"
         )
-        notify(environment, _event(timeline, "result", "failed", text))
+        story.add("result", "failed", text, tell=True)
         raise FailoverFailed(text) from e
     final = read_dns(environment)
-    notify(
-        environment, _event(timeline, "result", "ok", f"{target.label}: serving {', '.join(plan.serving)}")
-    )
+    story.add("result", "ok", f"{target.label}: serving {', '.join(plan.serving)}", tell=True, after=[final])
     return FailoverResult(target.label, False, markdown, done, final)
+
+
+def _verify_roles(
+    environment: Environment, overlays: Sequence[Overlay], role: Role, revision: str, after: Sequence[object]
+) -> tuple[RolloutVerdict, ...]:
+    futures = [
+        verify_role.submit(
+            environment, o.cluster, o.app, role, revision, wait_for=list(after), return_state=False
+        )
+        for o in overlays
+    ]
+    return tuple(f.result() for f in futures)
+
+
+def _switch(
+    environment: Environment,
+    plan: FailoverPlan,
+    action: SwitchComponents,
+    run_id: str,
+    reason: str,
+    approver: str,
+    story: Story,
+    changes: list[Undoable],
+) -> None:
+    """Land one switch and verify it; record it in ``changes`` as soon as it may reach the branch."""
+    branch = switch_components(environment, action, branch_name(plan.target, run_id, action.step), reason)
+    change = Change(
+        step=action.step,
+        title=f"failover: {action.step} {', '.join(action.clusters)}",
+        description=f"{action.describe()}\n\nReason: {reason}\n\n```diff\n{branch.diff}```\n",
+        approver=approver,
+    )
+    if branch.diff:
+        # Recorded before the landing: a failure after the forge merged must still be undone.
+        changes.append(PendingSwitch(action, branch.branch))
+
+    def verify(revision: str, after: Sequence[object]) -> tuple[RolloutVerdict, ...]:
+        return _verify_roles(environment, action.overlays, action.role, revision, after)
+
+    landed = land_subflow(action.step, environment, branch, change, story, verify)
+    if landed.mr is not None:
+        changes[-1] = MergedSwitch(action, landed.mr)
+    failed = [v for v in landed.verdicts if v.phase is not Phase.SUCCEEDED]
+    for v in landed.verdicts:
+        story.add("verify", "ok" if v not in failed else "failed", v.message, cluster=v.cluster)
+    if failed:
+        raise FailoverFailed(
+            f"{action.step} not verified: " + "; ".join(f"{v.cluster}: {v.message}" for v in failed)
+        )
+
+
+def _health(environment: Environment, action: HealthGate, health_url: str, story: Story) -> dict[str, Health]:
+    checks = {c: check_health.submit(environment, c) for c in action.clusters}
+    results = {c: f.result() for c, f in checks.items()}
+    probes = {
+        c: probe_health.submit(environment, c, health_url, h, wait_for=[checks[c]], return_state=False)
+        for c, h in results.items()
+        if health_url and h.healthy
+    }
+    health = {c: probes[c].result() if c in probes else h for c, h in results.items()}
+    for h in health.values():
+        story.add("health", "ok" if h.healthy else "failed", "; ".join(h.checks), cluster=h.cluster)
+    story.tell(after=[*checks.values(), *probes.values()])
+    return health
 
 
 def _execute(
@@ -199,122 +256,94 @@ def _execute(
     reason: str,
     approver: str,
     health_url: str,
-    timeline: Timeline,
-    changes: list[Change],
-) -> tuple[Timeline, tuple[str, ...]]:
+    story: Story,
+    changes: list[Undoable],
+) -> tuple[str, ...]:
     """Carry out the plan in order; record each change in ``changes`` as soon as it may have happened."""
     done: list[str] = []
     health: dict[str, Health] = {}
     for action in plan.actions:
         if isinstance(action, SwitchComponents):
-            branch = switch_components(
-                environment, action, branch_name(plan.target, run_id, action.step), reason
-            )
-            revision = branch.base
-            if branch.diff:
-                mr = open_merge_request(
-                    environment,
-                    branch,
-                    f"failover: {action.step} {', '.join(action.clusters)}",
-                    f"{action.describe()}\n\nReason: {reason}\n\n```diff\n{branch.diff}```\n",
-                )
-                # Recorded before the merge: a failure after the forge merged must still be undone.
-                changes.append(PendingSwitch(action, mr))
-                mr = merge(environment, mr, approver)
-                assert mr.merge_commit is not None
-                changes[-1] = MergedSwitch(action, mr)
-                revision = mr.merge_commit
-                timeline = _event(
-                    timeline, action.step, "ok", f"{mr.ref} merged as {revision[:12]} by {approver}"
-                )
-                notify(environment, timeline)
-            futures = [
-                verify_role.submit(environment, o.cluster, o.app, action.role, revision)
-                for o in action.overlays
-            ]
-            verdicts = [f.result() for f in futures]
-            failed = [v for v in verdicts if v.phase is not Phase.SUCCEEDED]
-            for v in verdicts:
-                timeline = _event(
-                    timeline, "verify", "ok" if v not in failed else "failed", v.message, v.cluster
-                )
-            if failed:
-                raise FailoverFailed(
-                    f"{action.step} not verified: " + "; ".join(f"{v.cluster}: {v.message}" for v in failed)
-                )
-            done.append(action.describe())
+            _switch(environment, plan, action, run_id, reason, approver, story, changes)
         elif isinstance(action, HealthGate):
-            futures_h = [check_health.submit(environment, c, health_url) for c in action.clusters]
-            health = {h.cluster: h for h in (f.result() for f in futures_h)}
-            for h in health.values():
-                timeline = _event(
-                    timeline, "health", "ok" if h.healthy else "failed", "; ".join(h.checks), h.cluster
-                )
-            notify(environment, timeline)
+            health = _health(environment, action, health_url, story)
             gate(plan, health)
-            done.append(action.describe())
         elif isinstance(action, ReplaceRecord):
             check_record_change(plan, health)
             # Recorded before the write: a timeout may hide a write the server did apply.
             changes.append(ReplacedRecord(action.old))
-            replace_dns(environment, action.new)
-            seen = read_back_dns(environment, action.new, READ_BACK_SECONDS)
-            timeline = _event(timeline, "dns", "ok", f"{action.name} reads back {', '.join(sorted(seen))}")
-            notify(environment, timeline)
-            done.append(action.describe())
-    return timeline, tuple(done)
+            written = replace_dns(environment, action.new)
+            seen = read_back_dns(environment, written, READ_BACK_SECONDS)
+            story.add(
+                "dns", "ok", f"{action.name} reads back {', '.join(sorted(seen))}", tell=True, after=[seen]
+            )
+        done.append(action.describe())
+    return tuple(done)
 
 
 def _undo(
-    environment: Environment, plan: FailoverPlan, run_id: str, reason: str, changes: list[Change]
+    environment: Environment,
+    plan: FailoverPlan,
+    run_id: str,
+    reason: str,
+    story: Story,
+    changes: list[Undoable],
 ) -> list[str]:
     """Put back every change, newest first; each undo step's failure is reported, not raised."""
     undone: list[str] = []
     for change in reversed(changes):
         try:
             if isinstance(change, ReplacedRecord):
-                if read_dns(environment) == change.old:
-                    undone.append(f"DNS still held {', '.join(sorted(change.old))}: nothing to put back")
-                    continue
-                replace_dns(environment, change.old)
-                read_back_dns(environment, change.old, READ_BACK_SECONDS)
-                undone.append(f"DNS put back to {', '.join(sorted(change.old))}")
+                undone.append(_undo_dns(environment, change))
             else:
-                step = change.action.step
-                merge_commit = (
-                    change.mr.merge_commit
-                    if isinstance(change, MergedSwitch)
-                    else merged_into(environment, change.mr.source_branch)
-                )
-                if merge_commit is None:
-                    undone.append(
-                        f"{step} of {', '.join(change.action.clusters)}: {change.mr.ref} never "
-                        "reached the branch, nothing to revert"
-                    )
-                    continue
-                branch = revert_switch(
-                    environment, step, merge_commit, branch_name(plan.target, run_id, f"undo-{step}")
-                )
-                mr = open_merge_request(
-                    environment,
-                    branch,
-                    f"Revert failover: {step}",
-                    f"Undo of {change.mr.ref} after a failed failover to {plan.target.label}."
-                    f"\n\nReason of the failover: {reason}\n\n```diff\n{branch.diff}```\n",
-                )
-                mr = merge(environment, mr, "twincd undo")
-                assert mr.merge_commit is not None
-                undone.append(
-                    f"{step} of {', '.join(change.action.clusters)} reverted by {mr.ref} "
-                    f"({mr.merge_commit[:12]})"
-                )
-                if step == "demote":
-                    # Serving again before the DNS undo (next in line) sends traffic back here.
-                    verdicts = [
-                        verify_role.submit(environment, o.cluster, o.app, "active", mr.merge_commit)
-                        for o in change.action.overlays
-                    ]
-                    undone += [f"{v.cluster}: {v.message}" for v in (f.result() for f in verdicts)]
+                undone += _undo_switch(environment, plan, run_id, reason, story, change)
         except TwincdError as e:
             undone.append(f"could not undo {type(change).__name__}: {e}")
     return undone
+
+
+def _undo_dns(environment: Environment, change: ReplacedRecord) -> str:
+    if read_dns(environment) == change.old:
+        return f"DNS still held {', '.join(sorted(change.old))}: nothing to put back"
+    written = replace_dns(environment, change.old)
+    read_back_dns(environment, written, READ_BACK_SECONDS)
+    return f"DNS put back to {', '.join(sorted(change.old))}"
+
+
+def _undo_switch(
+    environment: Environment,
+    plan: FailoverPlan,
+    run_id: str,
+    reason: str,
+    story: Story,
+    change: MergedSwitch | PendingSwitch,
+) -> list[str]:
+    action = change.action
+    step, clusters = action.step, ", ".join(action.clusters)
+    if isinstance(change, MergedSwitch):
+        merge_commit, ref = change.mr.merge_commit, change.mr.ref
+    else:
+        merge_commit, ref = merged_into(environment, change.branch), change.branch
+    if merge_commit is None:
+        return [f"{step} of {clusters}: {ref} never reached the branch, nothing to revert"]
+    branch = revert_branch(environment, branch_name(plan.target, run_id, f"undo-{step}"), [merge_commit])
+    undo = Change(
+        step=f"undo-{step}",
+        title=f"Revert failover: {step}",
+        description=f"Undo of {ref} after a failed failover to {plan.target.label}."
+        f"\n\nReason of the failover: {reason}\n\n```diff\n{branch.diff}```\n",
+        approver="twincd undo",
+    )
+
+    def verify(revision: str, after: Sequence[object]) -> tuple[RolloutVerdict, ...]:
+        # Serving again before the DNS undo (next in line) sends traffic back here.
+        return (
+            _verify_roles(environment, action.overlays, "active", revision, after) if step == "demote" else ()
+        )
+
+    landed = land_subflow(f"undo-{step}", environment, branch, undo, story, verify)
+    mr_ref = landed.mr.ref if landed.mr else "(nothing to merge)"
+    return [
+        f"{step} of {clusters} reverted by {mr_ref} ({landed.revision[:12]})",
+        *(f"{v.cluster}: {v.message}" for v in landed.verdicts),
+    ]

@@ -3,35 +3,23 @@ and remember the findings between runs (a Prefect Variable holds the fingerprint
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
-import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import INPUTS, NO_CACHE
+from prefect.cache_policies import INPUTS
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId
 from prefect.variables import Variable
 
-from tasks.common import IO_RETRIES, cluster_ref
-from twincd import drift
-from twincd.adapters import git, kube_read, slack
-from twincd.adapters.secrets import resolve_secret
+from tasks.common import FRESH, IO_RETRIES
+from twincd import drift, wiring
 from twincd.config import Environment
-from twincd.config import SlackNotifier as SlackConfig
-from twincd.errors import TwincdError
-from twincd.validate import parse_documents, render_overlay
-
-# A drift check must always look at the clusters as they are now: never a cached answer.
-_FRESH: dict[str, Any] = {"cache_policy": NO_CACHE}
+from twincd.validate import render_overlays
 
 
 @dataclass(frozen=True)
@@ -48,49 +36,10 @@ class PreviousRun:
     items: tuple[drift.DriftItem, ...]
 
 
-def state_slug(env: Environment) -> str:
-    """Names the drift state of one environment file (two files never share their findings).
-
-    Prefect artifact keys allow lowercase letters, digits and dashes; Variable names also allow
-    underscores: the slug fits both.
-    """
-    stem = re.sub(r"[^a-z0-9]+", "-", Path(env.source).stem.lower()).strip("-") or "env"
-    digest = hashlib.sha256(str(Path(env.source).resolve()).encode()).hexdigest()[:8]
-    return f"{stem}-{digest}"
-
-
-def serving_clusters(env: Environment) -> frozenset[str]:
-    if env.topology.mode == "active-standby" and env.topology.active is not None:
-        return frozenset({env.topology.active})
-    return frozenset(env.clusters)
-
-
-def render_all(
-    repo_dir: Path, overlays: dict[tuple[str, str], str]
-) -> dict[str, dict[str, tuple[dict[str, Any], ...]]]:
-    """Render (cluster, app) → overlay; overlays that do not exist mean the app does not run there."""
-    present = {k: o for k, o in overlays.items() if (repo_dir / o).is_dir()}
-
-    def render(overlay: str) -> tuple[dict[str, Any], ...]:
-        return tuple(parse_documents(render_overlay(repo_dir, overlay), source=overlay))
-
-    # kustomize is a subprocess per overlay: run them side by side.
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        rendered = dict(zip(present, pool.map(render, present.values()), strict=True))
-    out: dict[str, dict[str, tuple[dict[str, Any], ...]]] = {}
-    for (cluster, app), docs in rendered.items():
-        out.setdefault(cluster, {})[app] = docs
-    return out
-
-
-@task(name="manifests-head", **IO_RETRIES, **_FRESH)
+@task(name="manifests-head", **IO_RETRIES, **FRESH)
 def manifests_head(env: Environment) -> str:
     """The commit the manifests branch points at now (one ls-remote)."""
-    repo = str(env.path(env.manifests.repo))
-    head = git.branch_head(repo_url=repo, branch=env.manifests.branch)
-    if head is None:
-        raise git.GitRefNotFound(f"{repo}: branch {env.manifests.branch!r} does not exist")
-    return head
+    return wiring.manifests(env).head()
 
 
 # What a commit renders to does not change, and kustomize is the slow part of a check (~2 s of CPU
@@ -104,39 +53,17 @@ def manifests_head(env: Environment) -> str:
 )
 def render_desired(env: Environment, revision: str) -> DesiredState:
     """One clone at ``revision``; every app's overlay for every cluster, rendered."""
-    with git.clone(str(env.path(env.manifests.repo)), ref=revision) as repo:
-        overlays = {(c, a): env.app_overlay(a, c) for c in env.clusters for a in env.apps}
-        by_cluster = render_all(Path(str(repo.working_tree_dir)), overlays)
+    overlays = {(c, a): env.app_overlay(a, c) for c in env.clusters for a in env.apps}
+    with wiring.manifests(env).checkout(revision) as work:
+        by_cluster = render_overlays(work, overlays)
     return DesiredState(revision, {c: by_cluster.get(c, {}) for c in env.clusters})
 
 
-def application_name(env: Environment, app: str, cluster_name: str) -> str | None:
-    argocd = env.clusters[cluster_name].argocd
-    return argocd.application.format(app=app, cluster=cluster_name) if argocd is not None else None
-
-
-def compare_cluster(env: Environment, cluster_name: str, read: kube_read.ClusterRead) -> drift.ClusterCheck:
-    items: list[drift.DriftItem] = []
-    workloads: list[drift.WorkloadState] = []
-    for a in read.apps:
-        items += drift.compare_app(
-            app=a.app,
-            cluster=cluster_name,
-            desired=a.desired,
-            live=a.live,
-            application=application_name(env, a.app, cluster_name),
-        )
-        workloads += drift.workload_states(app=a.app, cluster=cluster_name, desired=a.desired, live=a.live)
-    return drift.ClusterCheck(
-        cluster_name, tuple(items), tuple(workloads), read.objects, read.lists, read.calls
-    )
-
-
-@task(name="check-cluster", task_run_name="check-{cluster_name}", **IO_RETRIES, **_FRESH)
+@task(name="check-cluster", task_run_name="check-{cluster_name}", **IO_RETRIES, **FRESH)
 def check_cluster(env: Environment, cluster_name: str, desired: DesiredState) -> drift.ClusterCheck:
     """Read one cluster (one LIST per kind and namespace) and compare it with the desired state."""
-    read = kube_read.read_cluster(cluster_ref(env, cluster_name), desired=desired.by_cluster[cluster_name])
-    check = compare_cluster(env, cluster_name, read)
+    read = wiring.cluster(env, cluster_name).read(desired.by_cluster[cluster_name])
+    check = drift.compare_cluster(read, env.applications(cluster_name))
     get_run_logger().info(
         "%s: %d live objects read in %d API calls (%d lists); %d finding(s)",
         cluster_name,
@@ -148,10 +75,10 @@ def check_cluster(env: Environment, cluster_name: str, desired: DesiredState) ->
     return check
 
 
-@task(name="read-previous-findings", **IO_RETRIES, **_FRESH)
+@task(name="read-previous-findings", **IO_RETRIES, **FRESH)
 def read_previous(env: Environment) -> PreviousRun | None:
     """The last complete run's fingerprint and findings (read back from its table artifact)."""
-    state = Variable.get(f"drift-check-{state_slug(env)}")
+    state = Variable.get(f"drift-check-{drift.state_slug(env.source)}")
     if not isinstance(state, dict) or not isinstance(state.get("fingerprint"), str):
         return None
     items: tuple[drift.DriftItem, ...] = ()
@@ -166,7 +93,7 @@ def read_previous(env: Environment) -> PreviousRun | None:
     return PreviousRun(state["fingerprint"], items)
 
 
-@task(name="publish-report", **_FRESH)
+@task(name="publish-report", **FRESH)
 def publish_report(
     env: Environment,
     desired: DesiredState,
@@ -174,7 +101,7 @@ def publish_report(
     checks: tuple[drift.ClusterCheck, ...],
 ) -> str:
     """The findings table and the markdown summary; returns the table artifact's id."""
-    slug = state_slug(env)
+    slug = drift.state_slug(env.source)
     table_id = create_table_artifact(
         [drift.to_row(i) for i in items],
         key=f"drift-findings-{slug}",
@@ -193,47 +120,33 @@ def publish_report(
     return str(table_id)
 
 
-@task(name="notify-drift-change", **_FRESH)
+@task(name="notify-drift-change", **FRESH)
 def notify_change(
     env: Environment,
     desired: DesiredState,
     appeared: tuple[drift.DriftItem, ...],
     cleared: tuple[drift.DriftItem, ...],
 ) -> str:
-    """Log what appeared and cleared and keep it as a markdown artifact (what a notifier will send)."""
+    """What appeared and cleared, as a markdown artifact and one message to every notifier."""
     logger = get_run_logger()
     logger.warning("drift changed: %d appeared, %d cleared", len(appeared), len(cleared))
-    for i in appeared:
-        logger.warning("appeared: %s", i)
-    for i in cleared:
-        logger.info("cleared: %s", i)
     text = drift.changes_markdown(appeared, cleared, revision=desired.revision)
-    create_markdown_artifact(text, key=f"drift-changes-{state_slug(env)}", description="Drift changed")
-    if isinstance(env.notifier, SlackConfig):
-        _tell_slack(env.notifier, text, logger)
+    create_markdown_artifact(
+        text, key=f"drift-changes-{drift.state_slug(env.source)}", description="Drift changed"
+    )
+    for notifier in wiring.notifiers(env, logger=logger, threads=False):
+        told = notifier.announce(text)
+        if not told.ok:  # like every notifier failure: logged, never raised
+            logger.warning("%s notifier failed: %s", notifier.name, told.error)
     return text
 
 
-def _tell_slack(
-    cfg: SlackConfig, text: str, logger: logging.Logger | logging.LoggerAdapter[logging.Logger]
-) -> None:
-    """Drift changes as one Slack message; like every notifier failure, logged and never raised."""
-    try:
-        token = resolve_secret(cfg.token)
-    except TwincdError as e:
-        logger.warning("Slack notifier not configured: %s", e)
-        return
-    slack.SlackNotifier(
-        token.reveal(), cfg.channel, store=slack.MemoryThreadStore(), base_url=cfg.api_url, logger=logger
-    ).announce(text)
-
-
-@task(name="save-drift-state", **IO_RETRIES, **_FRESH)
+@task(name="save-drift-state", **IO_RETRIES, **FRESH)
 def save_state(env: Environment, fingerprint: str, table_artifact: str, revision: str) -> None:
     # The Variable holds the fingerprint and where the findings are: Variable values are capped at
     # 5,000 characters, a findings table is not.
     Variable.set(
-        f"drift-check-{state_slug(env)}",
+        f"drift-check-{drift.state_slug(env.source)}",
         {"fingerprint": fingerprint, "artifact": table_artifact, "revision": revision},
         overwrite=True,
     )

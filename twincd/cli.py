@@ -95,12 +95,15 @@ def _resume(env: Environment, name: str, run_input: dict[str, Any], run_id: str 
     from prefect.flow_runs import resume_flow_run
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(
+        paused = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
-                name=FlowRunFilterName(any_=[name]),
+                name=FlowRunFilterName(like_=name),
                 state=FlowRunFilterState(name=FlowRunFilterStateName(any_=["Paused"])),
             )
         )
+    # The run itself, or one of its landing subflows (`<name>/<stage>`, e.g. a sequential rollout's
+    # first stage or a revert) that waits for the approval.
+    runs = [r for r in paused if r.name == name or r.name.startswith(name + "/")]
     if run_id:
         runs = [r for r in runs if str(r.id) == run_id]
     if not runs:

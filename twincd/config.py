@@ -299,6 +299,20 @@ class Environment(_Model):
             return [tuple(self.clusters)]
         return [(c,) for c in (self.rollout.order or tuple(self.clusters))]
 
+    def serving_clusters(self) -> frozenset[str]:
+        """The clusters the topology says take traffic (Active/Standby: the active one only)."""
+        if self.topology.mode == "active-standby" and self.topology.active is not None:
+            return frozenset({self.topology.active})
+        return frozenset(self.clusters)
+
+    def applications(self, cluster: str) -> dict[str, str | None]:
+        """app → the Argo CD Application that owns it on ``cluster`` (None: no Argo CD there)."""
+        argocd = self.clusters[cluster].argocd
+        return {
+            app: argocd.application.format(app=app, cluster=cluster) if argocd is not None else None
+            for app in self.apps
+        }
+
     def pull_registry(self, app: str, cluster: str) -> str:
         """The registry URL a cluster pulls the app from (one registry per cloud is common)."""
         name = self.clusters[cluster].registry

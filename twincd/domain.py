@@ -6,6 +6,7 @@ Frozen dataclasses: they cross Prefect task boundaries as results and must not c
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -211,3 +212,104 @@ class ComponentEditResult:
     @property
     def changed(self) -> bool:
         return bool(self.changes)
+
+
+@dataclass(frozen=True)
+class ReleaseBranch:
+    """A branch of the manifests repo that holds one change (a release stage, a revert, a switch)."""
+
+    branch: str
+    head: str  # the branch's head commit after the write
+    base: str  # the target branch's head the diff was computed against
+    changes: tuple[ImageChange | ComponentChange, ...]  # what the branch changes against the target
+    committed: bool  # False when the branch already held the edit ("already done")
+    diff: str  # `git diff base...head`, for the MR description and the approval form
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    """What a build produced: the image tagged locally for every registry, or found in all of them."""
+
+    image: str  # repository name inside each registry, e.g. "hello"
+    tag: str  # the git tag, reused as the image tag
+    commit: str  # the commit the git tag points to
+    registries: tuple[str, ...]  # e.g. ("127.0.0.1:5000",)
+    image_id: str = ""  # local image ID; "" when reused (nothing was built)
+    reused: bool = False  # every registry already held <image>:<tag>: no build, no push
+    # What registries already hold <image>:<tag>: all of them when reused; some of them after an
+    # earlier run pushed to part of the registries (then nothing was built: the builder's image
+    # from that run is pushed to the rest, and must come out with the same digest).
+    existing: tuple[ImageRef, ...] = ()
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(f"{registry}/{self.image}:{self.tag}" for registry in self.registries)
+
+
+@dataclass(frozen=True)
+class PushedImage:
+    """The image in every registry, pinned by the digest each registry reports after the push."""
+
+    refs: tuple[ImageRef, ...]  # one per registry, in the order of BuiltImage.registries
+    reused: bool = False  # nothing was pushed: the registries already held the tag
+
+    @property
+    def digest(self) -> str:
+        """The digest in the first registry (the same everywhere unless a registry re-encodes)."""
+        return self.refs[0].digest
+
+    def ref_for(self, registry: str, image: str) -> ImageRef:
+        """The image as registry ``registry`` (``host[:port][/path]``) holds it."""
+        return next(r for r in self.refs if r.name == f"{registry}/{image}")
+
+
+@dataclass(frozen=True)
+class ClusterRef:
+    """How to reach one cluster's API server: a kubeconfig context (and file)."""
+
+    name: str
+    context: str
+    kubeconfig: str | None = None
+
+
+@dataclass(frozen=True)
+class RolloutTarget:
+    """What one cluster must show for a release to be verified there."""
+
+    cluster: ClusterRef
+    argocd: ClusterRef | None  # where the Application lives (one Argo CD may manage both clusters)
+    application: str | None
+    argocd_namespace: str
+    kind: str
+    namespace: str
+    name: str
+    revision: str  # the merge commit
+    digest: str | None = None  # None: any image (e.g. a failover only changes replicas)
+    # Whether a later revision contains ``revision`` (the manifests monorepo moves on: another
+    # app's release may land before Argo CD syncs ours, and then it syncs to that later commit).
+    contains: Callable[[str], bool] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class AppliedObject:
+    api_version: str
+    kind: str
+    namespace: str  # "" for cluster-scoped objects
+    name: str
+    created: bool  # False: it existed and the applied fields were merged onto it
+
+    def __str__(self) -> str:
+        where = f"{self.namespace}/" if self.namespace else ""
+        return f"{self.kind}/{where}{self.name}"
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What one server-side apply of an overlay did, object by object, in the order applied."""
+
+    cluster: str
+    objects: tuple[AppliedObject, ...]
+
+    @property
+    def created(self) -> tuple[AppliedObject, ...]:
+        return tuple(o for o in self.objects if o.created)

@@ -30,6 +30,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from enum import Enum
+from pathlib import Path, PurePath
 from typing import Any
 
 APP_LABEL = "app.kubernetes.io/name"
@@ -179,6 +180,29 @@ class ClusterCheck:
     objects: int  # live objects read
     lists: int  # LIST calls made
     calls: int  # all API calls made (lists + discovery)
+
+
+@dataclass(frozen=True)
+class AppRead:
+    """One app's desired objects on one cluster and the live objects read for them."""
+
+    app: str
+    desired: tuple[dict[str, Any], ...]  # namespaces placed as the cluster places them
+    live: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class ClusterRead:
+    """Every app's read on one cluster, and what the read cost."""
+
+    cluster: str
+    apps: tuple[AppRead, ...]
+    lists: int
+    calls: int
+
+    @property
+    def objects(self) -> int:
+        return sum(len(a.live) for a in self.apps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -703,3 +727,30 @@ def changes_markdown(appeared: Sequence[DriftItem], cleared: Sequence[DriftItem]
         lines += [f"- {_cell(str(i), 300)}" for i in group] or ["- none"]
         lines.append("")
     return "\n".join(lines)
+
+
+def compare_cluster(read: ClusterRead, applications: Mapping[str, str | None]) -> ClusterCheck:
+    """Desired against live for every app read on one cluster; ``applications`` names the Argo CD
+    Application that owns each app there (None: no Argo CD)."""
+    items: list[DriftItem] = []
+    workloads: list[WorkloadState] = []
+    for a in read.apps:
+        items += compare_app(
+            app=a.app,
+            cluster=read.cluster,
+            desired=a.desired,
+            live=a.live,
+            application=applications.get(a.app),
+        )
+        workloads += workload_states(app=a.app, cluster=read.cluster, desired=a.desired, live=a.live)
+    return ClusterCheck(read.cluster, tuple(items), tuple(workloads), read.objects, read.lists, read.calls)
+
+
+def state_slug(source: str) -> str:
+    """Names the drift state of one environment file (two files never share their findings).
+
+    Prefect artifact keys allow lowercase letters, digits and dashes; Variable names also allow
+    underscores: the slug fits both.
+    """
+    stem = re.sub(r"[^a-z0-9]+", "-", PurePath(source).stem.lower()).strip("-") or "env"
+    return f"{stem}-{hashlib.sha256(str(Path(source).resolve()).encode()).hexdigest()[:8]}"

@@ -19,10 +19,12 @@ import posixpath
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import yaml
 
+from twincd.domain import Phase, RolloutVerdict
 from twincd.errors import PermanentError
 
 ACTIVE = "components/active"
@@ -204,6 +206,18 @@ def role_of(text: str, *, file: str) -> Role:
     return "unknown"
 
 
+def read_overlays(work: Path, *, repo: str, files: Mapping[tuple[str, str], str]) -> tuple[Overlay, ...]:
+    """Which component each ``(cluster, app)`` overlay file of a work tree references."""
+    overlays = []
+    for (cluster, app), rel in files.items():
+        if not (work / rel).exists():
+            raise PermanentError(
+                f"{repo}: {rel} does not exist (overlay of app {app!r} on cluster {cluster!r})"
+            )
+        overlays.append(Overlay(cluster, app, rel, role_of((work / rel).read_text(), file=rel)))
+    return tuple(overlays)
+
+
 def switch_edit(overlay: Overlay, role: Role) -> tuple[list[str], list[str]]:
     """``(remove, add)`` for ``kustomize.set_components``: reference ``role``'s component only."""
     other: Role = "standby" if role == "active" else "active"
@@ -268,6 +282,51 @@ class Health:
     cluster: str
     healthy: bool
     checks: tuple[str, ...]  # what was checked, and how it went, for people
+
+
+def workload_health(
+    cluster: str, workloads: Sequence[tuple[str, str, Mapping[str, object] | None]]
+) -> Health:
+    """Every app's workload found and available at its full replica count (``(app, what, object)``).
+
+    One look, no waiting: the rollout was verified before, so anything short of healthy now is a
+    reason not to send traffic to ``cluster``. The first unhealthy workload ends the check.
+    """
+    checks: list[str] = []
+    for app, what, obj in workloads:
+        spec = obj.get("spec", {}) if obj is not None else {}
+        status = obj.get("status", {}) if obj is not None else {}
+        want = spec.get("replicas", 1) if isinstance(spec, Mapping) else 1
+        available = status.get("availableReplicas", 0) if isinstance(status, Mapping) else 0
+        if obj is None or not want or available < want:
+            shown = "not found" if obj is None else f"{available}/{want} replicas available"
+            return Health(cluster, False, (*checks, f"{app}: {what} {shown}"))
+        checks.append(f"{app}: {available}/{want} replicas available")
+    return Health(cluster, True, tuple(checks))
+
+
+def with_probe(health: Health, check: str, ok: bool) -> Health:
+    """``health`` plus one more check (an HTTP probe through the ingress): healthy only if both are."""
+    return Health(health.cluster, health.healthy and ok, (*health.checks, check))
+
+
+def role_verdict(
+    verdict: RolloutVerdict, *, app: str, role: Role, replicas: object, revision: str
+) -> RolloutVerdict:
+    """A verified rollout of ``revision`` is a verified role only at the replica count the component sets.
+
+    "Rolled out" holds at any replica count: active means at least 1, standby exactly 0.
+    """
+    if verdict.phase is not Phase.SUCCEEDED:
+        return verdict
+    if (role == "standby") != (replicas == 0):
+        want = "0 (standby)" if role == "standby" else "at least 1 (active)"
+        return RolloutVerdict(
+            verdict.cluster,
+            Phase.FAILED,
+            f"{app}: spec.replicas is {replicas}, expected {want} after {revision[:12]}",
+        )
+    return RolloutVerdict(verdict.cluster, Phase.SUCCEEDED, f"{app}: {verdict.message}", verdict.details)
 
 
 def gate(plan: FailoverPlan, health: Mapping[str, Health]) -> None:

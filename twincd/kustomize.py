@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import yaml
 from ruamel.yaml import YAML
@@ -31,6 +32,7 @@ from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from twincd.domain import ComponentChange, ComponentEditResult, EditResult, ImageChange, ImageRef
 from twincd.errors import PermanentError
+from twincd.ports import Edit
 
 _NULL_TAG = "tag:yaml.org,2002:null"
 _PLAIN_SAFE = re.compile(r"[A-Za-z0-9_./][A-Za-z0-9_./:@+-]*")
@@ -375,3 +377,56 @@ def set_components(text: str, *, file: str, remove: Sequence[str], add: Sequence
                 lines = "".join(f"{' ' * dash}- {_scalar_text(a, None)}\n" for a in extra)
                 splices.append(_fill_empty(text, key, lines))
     return ComponentEditResult(_apply(text, splices), tuple(changes))
+
+
+# --------------------------------------------------------------------------------------------------
+# Edits of a whole work tree (the `Edit`s the manifests port applies on a branch)
+# --------------------------------------------------------------------------------------------------
+
+
+def pin_images(*, repo: str, image: str, pins: Mapping[str, tuple[ImageRef, str]]) -> Edit:
+    """An edit pinning ``image`` in each kustomization file: ``pins[file] = (ref, what the file is)``.
+
+    A file that does not exist is a permanent error naming what it was meant to be (e.g. "overlay
+    of app 'hello' on cluster 'eks'"): the manifests repo lacks an overlay the environment names.
+    """
+
+    def edit(work: Path) -> tuple[dict[str, str], tuple[ImageChange | ComponentChange, ...]]:
+        files: dict[str, str] = {}
+        changes: list[ImageChange | ComponentChange] = []
+        for rel, (ref, what) in pins.items():
+            path = work / rel
+            if not path.exists():
+                raise PermanentError(f"{repo}: {rel} does not exist ({what}); add it to the manifests repo")
+            result = set_image(path.read_text(), file=rel, image=image, ref=ref)
+            if result.changed:
+                files[rel] = result.text
+                changes.extend(result.changes)
+        return files, tuple(changes)
+
+    return edit
+
+
+def switch_components(edits: Mapping[str, tuple[Sequence[str], Sequence[str]]]) -> Edit:
+    """An edit making each kustomization file ``edits[file] = (remove, add)`` in its ``components:``."""
+
+    def edit(work: Path) -> tuple[dict[str, str], tuple[ImageChange | ComponentChange, ...]]:
+        files: dict[str, str] = {}
+        changes: list[ImageChange | ComponentChange] = []
+        for rel, (remove, add) in edits.items():
+            result = set_components((work / rel).read_text(), file=rel, remove=remove, add=add)
+            if result.changed:
+                files[rel] = result.text
+                changes.extend(result.changes)
+        return files, tuple(changes)
+
+    return edit
+
+
+def pinned_digests(work: Path, *, image: str, files: Mapping[str, str]) -> dict[str, str | None]:
+    """key → the digest ``files[key]`` pins ``image`` to (None: not pinned by digest)."""
+    pins: dict[str, str | None] = {}
+    for key, rel in files.items():
+        entries = images_of((work / rel).read_text(), file=rel)
+        pins[key] = next((e.digest for e in entries if e.name == image and e.digest), None)
+    return pins

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from twincd.config import Environment
+from twincd.domain import ImageRef, PushedImage
 from twincd.errors import PermanentError
 
 # Characters a shell, a URL, an image tag or `git check-ref-format` could misread are refused
@@ -25,3 +27,8 @@ def check_tag(*, app: str, tag: str, pattern: str) -> str:
     if not re.fullmatch(pattern, tag):
         raise BadTag(f"tag {tag!r} of app {app!r} does not match the app's tag_pattern {pattern!r}")
     return tag
+
+
+def pull_ref(env: Environment, app: str, cluster: str, pushed: PushedImage) -> ImageRef:
+    """The image as the registry ``cluster`` pulls from holds it (one registry per cloud is common)."""
+    return pushed.ref_for(env.pull_registry(app, cluster), env.app(app).image)

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -288,3 +289,72 @@ def validate_overlay(repo_dir: Path, overlay: str, *, validator: SchemaValidator
         resources=len(docs),
         findings=validate_documents(docs, overlay=overlay, validator=validator),
     )
+
+
+def validate_overlays(
+    repo_dir: Path, overlays: Sequence[str], *, validator: SchemaValidator
+) -> ValidationReport:
+    """Every overlay rendered and checked, as one report."""
+    resources = 0
+    findings: list[Finding] = []
+    for overlay in overlays:
+        report = validate_overlay(repo_dir, overlay, validator=validator)
+        resources += report.resources
+        findings.extend(report.findings)
+    return ValidationReport(tuple(overlays), resources, tuple(findings))
+
+
+def render_overlays(
+    repo_dir: Path, overlays: Mapping[tuple[str, str], str]
+) -> dict[str, dict[str, tuple[dict[str, Any], ...]]]:
+    """Render (cluster, app) → overlay into cluster → app → objects.
+
+    Overlays that do not exist mean the app does not run on that cluster. kustomize is a
+    subprocess per overlay: they run side by side.
+    """
+    present = {k: o for k, o in overlays.items() if (repo_dir / o).is_dir()}
+
+    def render(overlay: str) -> tuple[dict[str, Any], ...]:
+        return tuple(parse_documents(render_overlay(repo_dir, overlay), source=overlay))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        rendered = dict(zip(present, pool.map(render, present.values()), strict=True))
+    out: dict[str, dict[str, tuple[dict[str, Any], ...]]] = {}
+    for (cluster, app), docs in rendered.items():
+        out.setdefault(cluster, {})[app] = docs
+    return out
+
+
+MAX_FINDINGS_IN_NOTE = 50
+
+
+def report_markdown(report: ValidationReport) -> str:
+    """A validation result as reviewers read it on the merge request (Markdown)."""
+    overlays = ", ".join(f"`{o}`" for o in report.overlays) or "none"
+    if report.ok:
+        lines = ["### ✅ twincd validation passed", "", f"{report.resources} resources valid in {overlays}."]
+    else:
+        lines = [
+            "### ❌ twincd validation failed",
+            "",
+            (
+                f"{len(report.errors)} error(s) in {report.resources} resources of {overlays}; "
+                "the release will not wait for a merge."
+            ),
+            "",
+        ]
+        lines += [f"- {_md(str(f))}" for f in report.errors[:MAX_FINDINGS_IN_NOTE]]
+        if len(report.errors) > MAX_FINDINGS_IN_NOTE:
+            lines.append(f"- … and {len(report.errors) - MAX_FINDINGS_IN_NOTE} more")
+    if report.unchecked:
+        lines += [
+            "",
+            f"{len(report.unchecked)} resource(s) unchecked (no schema): "
+            + ", ".join(sorted({f"`{f.resource}`" for f in report.unchecked})),
+        ]
+    return "\n".join(lines)
+
+
+def _md(text: str) -> str:
+    # Findings quote user YAML; keep them from opening HTML or mentioning people.
+    return text.replace("<", "&lt;").replace("@", "@\u200b")

@@ -245,7 +245,7 @@ def test_endpoint_down_is_transient() -> None:
 
 
 def test_environment_file_selects_the_azure_adapter(fake: FakeAzureDns, tmp_path: Path) -> None:
-    from tasks.failover import dns_port
+    from twincd.wiring import dns as dns_port
 
     raw = yaml.safe_load(DEFAULT_ENV.read_text())
     raw["dns"] = {

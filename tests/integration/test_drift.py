@@ -27,11 +27,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.drift import DriftReport, drift_check
-from tasks.drift import compare_cluster, state_slug
 from twincd.adapters.cluster import ClusterError, ClusterRef
 from twincd.adapters.kube_read import BUILTIN_KINDS, LiveReader, read_cluster
 from twincd.config import Environment, load_environment
-from twincd.drift import Drift, DriftItem, ListScope, find_skew
+from twincd.drift import Drift, DriftItem, ListScope, compare_cluster, find_skew, state_slug
 from twincd.sandbox.apiserver import RunningServer, create_app, serve_in_thread
 from twincd.sandbox.contexts import write_kubeconfig
 from twincd.sandbox.procs import free_port
@@ -281,7 +280,7 @@ def check(env: Environment, manifests: Path) -> tuple[set[DriftItem], dict[str, 
             ClusterRef(name, f"sandbox-{name}", str(env.path(env.clusters[name].kubeconfig or ""))),
             desired={"web": rendered(manifests, name)},
         )
-        checks.append(compare_cluster(env, name, read))
+        checks.append(compare_cluster(read, env.applications(name)))
     items = {i for c in checks for i in c.items} | set(
         find_skew([w for c in checks for w in c.workloads], serving=set(CLUSTERS))
     )
@@ -476,13 +475,13 @@ def test_flow_notifies_on_change_only_and_reports_what_cleared(
     assert repaired.appeared == () and set(repaired.cleared) == set(first.items)
     assert state.message == f"no drift at {repaired.revision[:12]}"
 
-    changes = Artifact.get(f"drift-changes-{state_slug(env)}")
+    changes = Artifact.get(f"drift-changes-{state_slug(env.source)}")
     assert (
         changes is not None
         and "## Appeared (0)" in str(changes.data)
         and "## Cleared (2)" in str(changes.data)
     )
-    assert Artifact.get(f"drift-findings-{state_slug(env)}") is not None
+    assert Artifact.get(f"drift-findings-{state_slug(env.source)}") is not None
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(state.state_details.flow_run_id)
     assert re.fullmatch(r"drift-check-\d{8}-\d{6}", flow_run.name)

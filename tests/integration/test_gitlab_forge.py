@@ -28,6 +28,7 @@ from twincd.adapters.secrets import Secret, resolve_secret
 from twincd.config import GitlabForge as GitlabForgeConfig
 from twincd.domain import Finding, MergeRequest, ValidationReport
 from twincd.errors import CancelledByUser, PermanentError, TransientError
+from twincd.wiring import gitlab_forge
 
 pytestmark = pytest.mark.integration
 
@@ -332,7 +333,7 @@ def test_token_is_in_no_message_log_or_repr(
     cfg = GitlabForgeConfig(
         type="gitlab", url=fake.url, project=PROJECT, token="env:TWINCD_TEST_GITLAB_TOKEN"
     )
-    f = GitlabForge.from_config(cfg)
+    f = gitlab_forge(cfg)
     texts = [repr(f), repr(resolve_secret(cfg.token)), str(resolve_secret(cfg.token))]
     # A description that quotes the token by mistake is masked before it reaches GitLab.
     mr = f.open(source_branch=BRANCH, target_branch="main", title="t", description=f"oops {TOKEN}")

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -22,9 +22,12 @@ import docker.errors
 import requests.exceptions
 
 from twincd.adapters import git as gitrepo
-from twincd.adapters.registry import RegistryDenied, display_name, manifest_digest
+from twincd.adapters.registry import OciRegistry, RegistryDenied, display_name
+from twincd.domain import BuiltImage as BuiltImage  # re-exported: what a build yields
 from twincd.domain import ImageRef
+from twincd.domain import PushedImage as PushedImage
 from twincd.errors import PermanentError, TransientError
+from twincd.ports import Registry
 
 API_VERSION = "1.41"
 # Builds stream output, but a quiet RUN step can be silent for minutes; the socket read timeout
@@ -69,43 +72,6 @@ class TagConflict(PermanentError):
     """
 
 
-@dataclass(frozen=True)
-class BuiltImage:
-    """What build_image produced: the image tagged locally for every registry, or found in all of them."""
-
-    image: str  # repository name inside each registry, e.g. "hello"
-    tag: str  # the git tag, reused as the image tag
-    commit: str  # the commit the git tag points to
-    registries: tuple[str, ...]  # e.g. ("127.0.0.1:5000",)
-    image_id: str = ""  # local image ID; "" when reused (nothing was built)
-    reused: bool = False  # every registry already held <image>:<tag>: no build, no push
-    # What registries already hold <image>:<tag>: all of them when reused; some of them after an
-    # earlier run pushed to part of the registries (then nothing was built: the builder's image
-    # from that run is pushed to the rest, and must come out with the same digest).
-    existing: tuple[ImageRef, ...] = ()
-
-    @property
-    def targets(self) -> tuple[str, ...]:
-        return tuple(f"{registry}/{self.image}:{self.tag}" for registry in self.registries)
-
-
-@dataclass(frozen=True)
-class PushedImage:
-    """The image in every registry, pinned by the digest each registry reports after the push."""
-
-    refs: tuple[ImageRef, ...]  # one per registry, in the order of BuiltImage.registries
-    reused: bool = False  # nothing was pushed: the registries already held the tag
-
-    @property
-    def digest(self) -> str:
-        """The digest in the first registry (the same everywhere unless a registry re-encodes)."""
-        return self.refs[0].digest
-
-    def ref_for(self, registry: str, image: str) -> ImageRef:
-        """The image as registry ``registry`` (``host[:port][/path]``) holds it."""
-        return next(r for r in self.refs if r.name == f"{registry}/{image}")
-
-
 def ping(base_url: str) -> bool:
     """Whether a Docker Engine API answers at ``base_url``."""
     try:
@@ -135,34 +101,48 @@ def build_image(
     ``insecure_registries`` are reached over plain HTTP. ``commit``: what the tag points at, when
     the caller resolved it already (the deploy flow checks the release first); else it is looked up.
     """
+    return _build(
+        repo_url=repo_url,
+        tag=tag,
+        image=image,
+        registries=_oci(registries, insecure_registries),
+        base_url=base_url,
+        commit=commit,
+    )
+
+
+def _oci(urls: Sequence[str], insecure: Collection[str]) -> list[Registry]:
+    return [OciRegistry(url=u, insecure=u in insecure) for u in urls]
+
+
+def _insecure(registries: Iterable[Registry]) -> frozenset[str]:
+    return frozenset(r.url for r in registries if r.insecure)
+
+
+def _build(
+    *, repo_url: str, tag: str, image: str, registries: Sequence[Registry], base_url: str, commit: str | None
+) -> BuiltImage:
+    urls = tuple(r.url for r in registries)
     if not registries:
         raise PermanentError(f"image {image!r}: no registry to build for")
     commit = commit or _resolve_tag(repo_url, tag)
-    existing = [
-        manifest_digest(
-            registry_url=registry,
-            insecure=registry in insecure_registries,
-            repository=image,
-            reference=tag,
-        )
-        for registry in registries
-    ]
+    existing = [r.digest(image, tag) for r in registries]
     if all(existing):
         refs = tuple(
             ImageRef(name=f"{registry}/{image}", digest=digest, tag=tag)
-            for registry, digest in zip(registries, existing, strict=True)
+            for registry, digest in zip(urls, existing, strict=True)
             if digest is not None
         )
-        return BuiltImage(image, tag, commit, tuple(registries), reused=True, existing=refs)
+        return BuiltImage(image, tag, commit, urls, reused=True, existing=refs)
     if any(existing):
         return _resume_partial_push(
-            BuiltImage(image, tag, commit, tuple(registries)),
+            BuiltImage(image, tag, commit, urls),
             existing,
             base_url=base_url,
-            insecure_registries=insecure_registries,
+            insecure_registries=_insecure(registries),
         )
 
-    built = BuiltImage(image, tag, commit, tuple(registries))
+    built = BuiltImage(image, tag, commit, urls)
     with tempfile.TemporaryDirectory(prefix="twincd-build-") as tmp:
         context, build_file = _export_tree(repo_url, tag, Path(tmp))
         with _client(base_url, timeout=_BUILD_TIMEOUT_SECONDS) as client, open(context, "rb") as tar:
@@ -182,6 +162,12 @@ def push_image(
     *, built: BuiltImage, base_url: str, insecure_registries: Collection[str] = frozenset()
 ) -> PushedImage:
     """Push ``built`` to every registry; return the digests read back from the registries."""
+    return _push(built, base_url=base_url, registries=_oci(built.registries, insecure_registries))
+
+
+def _push(built: BuiltImage, *, base_url: str, registries: Sequence[Registry]) -> PushedImage:
+    by_url = {r.url: r for r in registries}
+    insecure_registries = _insecure(registries)
     if built.reused:
         return PushedImage(refs=built.existing, reused=True)
     held = {ref.name: ref for ref in built.existing}
@@ -205,12 +191,7 @@ def push_image(
                     if any(w in message.lower() for w in ("unauthorized", "denied", "authentication")):
                         raise RegistryDenied(f"push {target}: access denied: {message[:300]}")
                     raise PushFailed(f"push {target}: {message[:300]}")
-            digest = manifest_digest(
-                registry_url=registry,
-                insecure=registry in insecure_registries,
-                repository=built.image,
-                reference=tag,
-            )
+            digest = by_url[registry].digest(built.image, tag)
             if digest is None:
                 raise PushFailed(f"push {target} reported success but the registry has no such tag")
             if built.existing and digest != built.existing[0].digest:
@@ -425,3 +406,24 @@ def _export_tree(repo_url: str, tag: str, tmp: Path) -> tuple[Path, str]:
 def _last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:300] if lines else "no error output"
+
+
+class DockerBuilder:
+    """The ``Builder`` port over the Docker Engine API (Docker, or podman's compatible service)."""
+
+    def __init__(self, *, base_url: str, registries: Sequence[Registry]) -> None:
+        self._base_url = base_url
+        self._registries = tuple(registries)
+
+    def build(self, *, repo_url: str, tag: str, commit: str, image: str) -> BuiltImage:
+        return _build(
+            repo_url=repo_url,
+            tag=tag,
+            image=image,
+            registries=self._registries,
+            base_url=self._base_url,
+            commit=commit,
+        )
+
+    def push(self, built: BuiltImage) -> PushedImage:
+        return _push(built, base_url=self._base_url, registries=self._registries)

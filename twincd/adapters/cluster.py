@@ -17,8 +17,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import urllib3
@@ -28,7 +28,11 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 from kubernetes.watch.watch import iter_resp_lines
 
+from twincd.domain import AppliedObject as AppliedObject  # re-exported: the adapter's results
+from twincd.domain import ApplyResult as ApplyResult
+from twincd.domain import ClusterRef as ClusterRef
 from twincd.domain import Phase, RolloutVerdict
+from twincd.domain import RolloutTarget as RolloutTarget
 from twincd.errors import PermanentError, TransientError, TwincdError
 from twincd.rollout import (
     application_verdict,
@@ -64,13 +68,6 @@ class ClusterRefused(PermanentError):
 
 class ApplyRejected(ClusterRefused):
     """The API server refused an object of the overlay (invalid, or a kind it does not serve)."""
-
-
-@dataclass(frozen=True)
-class ClusterRef:
-    name: str
-    context: str
-    kubeconfig: str | None = None
 
 
 def api_client(ref: ClusterRef) -> k8s.ApiClient:
@@ -165,24 +162,6 @@ def _read_json(
 # --------------------------------------------------------------------------------------------------
 # Verification
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RolloutTarget:
-    """What one cluster must show for a release to be verified there."""
-
-    cluster: ClusterRef
-    argocd: ClusterRef | None  # where the Application lives (one Argo CD may manage both clusters)
-    application: str | None
-    argocd_namespace: str
-    kind: str
-    namespace: str
-    name: str
-    revision: str  # the merge commit
-    digest: str | None = None  # None: any image (e.g. a failover only changes replicas)
-    # Whether a later revision contains ``revision`` (the manifests monorepo moves on: another
-    # app's release may land before Argo CD syncs ours, and then it syncs to that later commit).
-    contains: Callable[[str], bool] | None = field(default=None, compare=False)
 
 
 _WORKLOAD_PLURALS = {"Deployment": "deployments", "StatefulSet": "statefulsets", "DaemonSet": "daemonsets"}
@@ -465,7 +444,7 @@ def _evaluate(target: RolloutTarget, seen: Mapping[str, tuple[dict[str, Any], ..
 
 
 def _effective_revision(app: Mapping[str, Any], target: RolloutTarget) -> str:
-    """The Application's synced revision when it contains the release's merge commit, else the merge commit."""
+    """The synced revision of the Application when it contains the merge commit, else the merge commit."""
     synced = app.get("status", {}).get("sync", {}).get("revision")
     if (
         isinstance(synced, str)
@@ -587,31 +566,6 @@ def _absorb(
 # --------------------------------------------------------------------------------------------------
 # sync: apply
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AppliedObject:
-    api_version: str
-    kind: str
-    namespace: str  # "" for cluster-scoped objects
-    name: str
-    created: bool  # False: it existed and the applied fields were merged onto it
-
-    def __str__(self) -> str:
-        where = f"{self.namespace}/" if self.namespace else ""
-        return f"{self.kind}/{where}{self.name}"
-
-
-@dataclass(frozen=True)
-class ApplyResult:
-    """What one server-side apply of an overlay did, object by object, in the order applied."""
-
-    cluster: str
-    objects: tuple[AppliedObject, ...]
-
-    @property
-    def created(self) -> tuple[AppliedObject, ...]:
-        return tuple(o for o in self.objects if o.created)
 
 
 @dataclass(frozen=True)

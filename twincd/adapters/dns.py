@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import dns.exception
@@ -35,6 +35,7 @@ import dns.tsigkeyring
 import dns.update
 
 from twincd.errors import PermanentError, TransientError
+from twincd.ports import Dns
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
@@ -54,28 +55,6 @@ class DnsRefused(PermanentError):
 
 class DnsConfigError(PermanentError):
     """A key, zone or address in the configuration cannot be used."""
-
-
-class DnsPort(Protocol):
-    """The A record set of names in one zone, as the authoritative server holds it."""
-
-    @property
-    def description(self) -> str:
-        """Where records live, for plans and messages (never holds a secret)."""
-        ...
-
-    @property
-    def managed(self) -> bool:
-        """False when twincd does not manage DNS (``dns: none``)."""
-        ...
-
-    def read_a(self, name: str) -> frozenset[str]:
-        """The IPv4 addresses of ``name`` (relative to the zone); empty when there is none."""
-        ...
-
-    def replace_a(self, name: str, ips: Iterable[str], *, ttl: int) -> None:
-        """Make ``name`` hold exactly ``ips`` (one atomic change); an empty set is refused."""
-        ...
 
 
 def _checked_ips(name: str, ips: Iterable[str]) -> list[str]:
@@ -562,3 +541,33 @@ class NoDns:
         raise DnsConfigError(
             "dns: none; twincd does not change DNS records (set dns.type in the environment)"
         )
+
+
+class DnsReadBackFailed(PermanentError):
+    """The authoritative server did not show the new record set in time."""
+
+
+def read_back(
+    dns: Dns, name: str, expect: frozenset[str], *, shown_as: str, timeout: float = 30.0, every: float = 0.5
+) -> frozenset[str]:
+    """Poll the authoritative server until ``name`` holds exactly ``expect`` (bounded by ``timeout``).
+
+    A write can be accepted before every server of the authority serves it (Route 53 is PENDING
+    until INSYNC; secondaries follow NOTIFY): only reading it back proves resolvers will get it.
+    """
+    deadline = time.monotonic() + timeout
+    seen: frozenset[str] | str = "nothing yet"
+    while True:
+        try:
+            seen = dns.read_a(name)
+            if seen == expect:
+                return seen
+        except DnsUnavailable as e:
+            seen = str(e)
+        if time.monotonic() >= deadline:
+            shown = ", ".join(sorted(seen)) if isinstance(seen, frozenset) else seen
+            raise DnsReadBackFailed(
+                f"{shown_as} still shows {shown or 'no A records'} after {timeout:g} s; "
+                f"expected {', '.join(sorted(expect))}"
+            )
+        time.sleep(every)

@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, ClassVar, Self
 
 from twincd.adapters import git as gitrepo
-from twincd.domain import MergeRequest
-from twincd.errors import PermanentError
+from twincd.domain import MergeRequest, ValidationReport
+from twincd.errors import CancelledByUser, PermanentError
+from twincd.validate import report_markdown
 
 
 class MergeRequestNotFound(PermanentError):
@@ -25,9 +28,19 @@ class MergeRequestNotFound(PermanentError):
 
 
 class LocalForge:
-    def __init__(self, *, repo_url: str, records_dir: Path) -> None:
+    # Nobody merges here by hand: a person approves in the Prefect UI and twincd merges.
+    merged_by_people: ClassVar[bool] = False
+
+    def __init__(self, *, repo_url: str, records_dir: Path, poll_seconds: float = 2) -> None:
         self.repo_url = repo_url
         self.records_dir = records_dir
+        self._poll = poll_seconds
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
     def _record_path(self, source_branch: str) -> Path:
         return self.records_dir / (re.sub(r"[^A-Za-z0-9._-]+", "_", source_branch) + ".json")
@@ -43,7 +56,16 @@ class LocalForge:
         path = self._record_path(mr.source_branch)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        record = {**asdict(mr), "reused": False, **extra, "updated_at": datetime.now(UTC).isoformat()}
+        kept: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        # What an earlier save added (description, validation note) stays unless replaced.
+        extras = {k: v for k, v in kept.items() if k not in MergeRequest.__dataclass_fields__}
+        record = {
+            **extras,
+            **asdict(mr),
+            "reused": False,
+            **extra,
+            "updated_at": datetime.now(UTC).isoformat(),
+        }
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, path)
         return mr
@@ -77,6 +99,29 @@ class LocalForge:
             sha=head,
         )
         return self._save(mr, description=description)
+
+    def get(self, mr: MergeRequest) -> MergeRequest:
+        current = self.find(source_branch=mr.source_branch)
+        if current is None:
+            raise MergeRequestNotFound(f"no merge request for branch {mr.source_branch!r}")
+        return current
+
+    def post_validation(self, mr: MergeRequest, report: ValidationReport) -> None:
+        """The result goes into the MR's record (the approval form in the Prefect UI shows it too)."""
+        self._save(self.get(mr), validation=report_markdown(report))
+
+    def wait_for_merge(self, mr: MergeRequest, *, timeout: float) -> MergeRequest:
+        """Until the record says merged (e.g. by another run's approval) or closed (CancelledByUser)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            current = self.get(mr)
+            if current.state == "merged":
+                return current
+            if current.state == "closed":
+                raise CancelledByUser(f"merge request {current.ref} ({current.source_branch}) was closed")
+            if time.monotonic() >= deadline:
+                raise PermanentError(f"merge request {current.ref} is still open after {timeout:.0f} s")
+            time.sleep(self._poll)
 
     def _next_ref(self) -> str:
         """``!N`` reserved with an exclusive create, so two runs at once never share a number."""

@@ -12,16 +12,16 @@ import contextlib
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import git
 
-from twincd.domain import ImageChange
+from twincd.domain import ReleaseBranch as ReleaseBranch  # re-exported: the type git writes
 from twincd.errors import PermanentError, TransientError
+from twincd.ports import Edit
 
 AUTHOR = git.Actor("twincd", "twincd@localhost")
 T = TypeVar("T")
@@ -42,20 +42,6 @@ class PushRejected(GitError):
 
 class GitRefNotFound(PermanentError):
     """A branch, tag or commit that the caller named does not exist."""
-
-
-@dataclass(frozen=True)
-class ReleaseBranch:
-    branch: str
-    head: str  # the branch's head commit after this call
-    base: str  # the target branch's head the diff was computed against
-    changes: tuple[ImageChange, ...]  # what the branch changes against the target
-    committed: bool  # False when the branch already held the edit ("already done")
-    diff: str  # `git diff base...head`, for the MR description and the approval form
-
-
-# An edit reads the files of a work tree and returns {relative path: new text} plus its record.
-Edit = Callable[[Path], tuple[dict[str, str], tuple[ImageChange, ...]]]
 
 
 def redact_url(url: str) -> str:
@@ -102,7 +88,7 @@ def _git_call(what: str, fn: Callable[[], object]) -> object:
 
 
 @contextlib.contextmanager
-def clone(repo_url: str, *, ref: str | None = None) -> Iterator[git.Repo]:
+def _clone(repo_url: str, *, ref: str | None = None) -> Iterator[git.Repo]:
     """A temporary clone of ``repo_url``, checked out at ``ref`` (branch, tag or commit) if given."""
     with tempfile.TemporaryDirectory(prefix="twincd-git-") as tmp:
         repo = _git_call(
@@ -137,7 +123,7 @@ def _in_fresh_clone(repo_url: str, body: Callable[[git.Repo], T]) -> T:
     them again on the new remote state is exact.
     """
     for attempt in range(PUSH_ATTEMPTS):
-        with clone(repo_url) as repo:
+        with _clone(repo_url) as repo:
             try:
                 return body(repo)
             except PushRejected:
@@ -243,7 +229,7 @@ def merge_branch(*, repo_url: str, source: str, target: str, message: str) -> st
 
 def merged_into(*, repo_url: str, source: str, target: str) -> str | None:
     """The merge commit that brought ``source``'s head into ``target``, or None when it is not merged."""
-    with clone(repo_url) as repo:
+    with _clone(repo_url) as repo:
         tgt, src = _branches(repo, repo_url, target, source)
         if src is None or not repo.is_ancestor(src.commit, tgt.commit):
             return None
@@ -350,3 +336,61 @@ def contains_checker(repo_url: str, commit: str) -> Iterator[Callable[[str], boo
 
         with repo:
             yield contains
+
+
+@contextlib.contextmanager
+def checkout(repo_url: str, *, ref: str) -> Iterator[Path]:
+    """A temporary work tree of ``repo_url`` at ``ref``, as a plain directory (no GitPython outside)."""
+    with _clone(repo_url, ref=ref) as repo:
+        yield Path(str(repo.working_tree_dir))
+
+
+class GitManifests:
+    """The manifests monorepo (the ``Manifests`` port): every operation in a fresh clone."""
+
+    def __init__(self, *, repo_url: str, branch: str) -> None:
+        self._url = repo_url
+        self._branch = branch
+
+    @property
+    def name(self) -> str:
+        return redact_url(self._url)
+
+    @property
+    def branch(self) -> str:
+        return self._branch
+
+    def head(self) -> str:
+        head = branch_head(repo_url=self._url, branch=self._branch)
+        if head is None:
+            raise GitRefNotFound(f"{self.name}: branch {self._branch!r} does not exist")
+        return head
+
+    def checkout(self, revision: str) -> contextlib.AbstractContextManager[Path]:
+        return checkout(self._url, ref=revision)
+
+    def write_branch(self, *, branch: str, edit: Edit, message: str) -> ReleaseBranch:
+        return write_release_branch(
+            repo_url=self._url, target=self._branch, branch=branch, edit=edit, message=message
+        )
+
+    def write_revert(self, *, branch: str, merge_commits: Sequence[str]) -> ReleaseBranch:
+        return write_revert_branch(
+            repo_url=self._url, target=self._branch, branch=branch, merge_commits=list(merge_commits)
+        )
+
+    def merged_into(self, source: str) -> str | None:
+        return merged_into(repo_url=self._url, source=source, target=self._branch)
+
+    def ancestry(self, commit: str) -> contextlib.AbstractContextManager[Callable[[str], bool]]:
+        return contains_checker(self._url, commit)
+
+
+class GitSource:
+    """An app repository (the ``AppSource`` port): releases are its tags."""
+
+    def __init__(self, *, repo_url: str) -> None:
+        self._url = repo_url
+
+    def tag_commit(self, tag: str) -> str:
+        return tag_commit(repo_url=self._url, tag=tag)

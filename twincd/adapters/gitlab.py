@@ -23,28 +23,27 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 import gitlab
 import gitlab.exceptions
 import requests
 
 from twincd.adapters.git import redact_url
-from twincd.adapters.secrets import Secret, resolve_secret
+from twincd.adapters.secrets import Secret
 from twincd.domain import MergeRequest, ValidationReport
 from twincd.errors import CancelledByUser, PermanentError, TransientError
+from twincd.validate import report_markdown
 
 if TYPE_CHECKING:
     from gitlab.v4.objects import Project, ProjectMergeRequest
 
-    from twincd.config import GitlabForge as GitlabForgeConfig
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 FAILED_LABEL = "twincd::validation-failed"
-MAX_FINDINGS_IN_NOTE = 50
 # GitLab may answer 409 for reasons other than a duplicate MR; only this one means "already done".
 _DUPLICATE_MR = "Another open merge request already exists"
 
@@ -75,6 +74,8 @@ class MergeTimeout(GitlabForgeError):
 
 
 class GitlabForge:
+    merged_by_people: ClassVar[bool] = True  # people review and merge on GitLab; twincd waits
+
     def __init__(
         self,
         *,
@@ -85,6 +86,8 @@ class GitlabForge:
         failed_label: str = FAILED_LABEL,
         timeout: float = 30,
         max_retries: int = 5,
+        poll_seconds: float = 5,
+        max_poll_seconds: float = 60,
     ) -> None:
         self.url = url.rstrip("/")
         self.project = project
@@ -100,17 +103,8 @@ class GitlabForge:
         # lazy: no request until the first real call, so opening an MR costs no extra GET.
         self._project: Project = self._gl.projects.get(project, lazy=True)
         self._merge_method_cache: str | None = None
-
-    @classmethod
-    def from_config(cls, cfg: GitlabForgeConfig, *, timeout: float = 30) -> GitlabForge:
-        return cls(
-            url=cfg.url,
-            project=cfg.project,
-            token=resolve_secret(cfg.token),
-            labels=cfg.labels,
-            failed_label=cfg.failed_label,
-            timeout=timeout,
-        )
+        self._poll = poll_seconds
+        self._max_poll = max_poll_seconds
 
     def close_session(self) -> None:
         """Close python-gitlab's HTTP session (its pooled connections). ``close`` closes an MR."""
@@ -196,7 +190,7 @@ class GitlabForge:
     def post_validation(self, mr: MergeRequest, report: ValidationReport) -> None:
         """Post the validation result as an MR note (once) and set or clear the failure label."""
         iid = _iid(mr)
-        body = self._token.mask(validation_note(report))
+        body = self._token.mask(report_markdown(report))
         # A retried task must not post the same note twice: the note carries a digest of itself.
         marker = f"<!-- twincd:validation:{hashlib.sha256(body.encode()).hexdigest()[:16]} -->"
         lazy_mr = self._project.mergerequests.get(iid, lazy=True)
@@ -221,7 +215,7 @@ class GitlabForge:
         )
 
     def wait_for_merge(
-        self, mr: MergeRequest, *, timeout: float, poll: float = 5, max_poll: float = 60
+        self, mr: MergeRequest, *, timeout: float, poll: float | None = None, max_poll: float | None = None
     ) -> MergeRequest:
         """Poll until a person merges (return it, with ``merge_commit``) or closes it (CancelledByUser).
 
@@ -230,7 +224,8 @@ class GitlabForge:
         A GitLab outage while waiting is logged and waited out; only the deadline ends the wait.
         """
         deadline = time.monotonic() + timeout
-        delay = poll
+        delay = self._poll if poll is None else poll
+        max_poll = self._max_poll if max_poll is None else max_poll
         while True:
             try:
                 current = self.get(mr)
@@ -441,35 +436,3 @@ def _iid(mr: MergeRequest) -> int:
         return int(mr.ref.removeprefix("!"))
     except ValueError:
         raise GitlabForgeError(f"{mr.ref!r} is not a GitLab merge request reference (!<iid>)") from None
-
-
-def validation_note(report: ValidationReport) -> str:
-    """The MR note for a validation result (Markdown)."""
-    overlays = ", ".join(f"`{o}`" for o in report.overlays) or "none"
-    if report.ok:
-        lines = ["### ✅ twincd validation passed", "", f"{report.resources} resources valid in {overlays}."]
-    else:
-        lines = [
-            "### ❌ twincd validation failed",
-            "",
-            (
-                f"{len(report.errors)} error(s) in {report.resources} resources of {overlays}; "
-                "the release will not wait for a merge."
-            ),
-            "",
-        ]
-        lines += [f"- {_md(str(f))}" for f in report.errors[:MAX_FINDINGS_IN_NOTE]]
-        if len(report.errors) > MAX_FINDINGS_IN_NOTE:
-            lines.append(f"- … and {len(report.errors) - MAX_FINDINGS_IN_NOTE} more")
-    if report.unchecked:
-        lines += [
-            "",
-            f"{len(report.unchecked)} resource(s) unchecked (no schema): "
-            + ", ".join(sorted({f"`{f.resource}`" for f in report.unchecked})),
-        ]
-    return "\n".join(lines)
-
-
-def _md(text: str) -> str:
-    # Findings quote user YAML; keep them from opening HTML or mentioning people.
-    return text.replace("<", "&lt;").replace("@", "@\u200b")

@@ -16,8 +16,18 @@ from typing import Any, Self
 
 from kubernetes import client as k8s
 
-from twincd.adapters.cluster import ClusterDenied, ClusterError, ClusterRef, _read_json, api_client
-from twincd.drift import ListScope, list_scopes, place_namespaces
+from twincd.adapters.cluster import (
+    ClusterDenied,
+    ClusterError,
+    _read_json,
+    api_client,
+    apply_overlay,
+    verify_rollout,
+)
+from twincd.domain import ApplyResult, ClusterRef, Phase, RolloutTarget, RolloutVerdict
+from twincd.drift import AppRead, ClusterRead, ListScope, list_scopes, place_namespaces
+from twincd.errors import TwincdError
+from twincd.failover import Role, role_verdict
 
 
 @dataclass(frozen=True)
@@ -161,25 +171,6 @@ class LiveReader:
         return [{**item, "apiVersion": scope.api_version, "kind": scope.kind} for item in items]
 
 
-@dataclass(frozen=True)
-class AppRead:
-    app: str
-    desired: tuple[dict[str, Any], ...]  # namespaces placed as the cluster places them
-    live: tuple[dict[str, Any], ...]
-
-
-@dataclass(frozen=True)
-class ClusterRead:
-    cluster: str
-    apps: tuple[AppRead, ...]
-    lists: int
-    calls: int
-
-    @property
-    def objects(self) -> int:
-        return sum(len(a.live) for a in self.apps)
-
-
 def read_cluster(
     ref: ClusterRef, *, desired: Mapping[str, Iterable[Mapping[str, Any]]], api: k8s.ApiClient | None = None
 ) -> ClusterRead:
@@ -195,3 +186,50 @@ def read_cluster(
             live = [obj for scope in list_scopes(placed, app=app) for obj in reader.list(scope)]
             apps.append(AppRead(app, placed, tuple(live)))
         return ClusterRead(ref.name, tuple(apps), reader.lists, reader.calls)
+
+
+class KubeCluster:
+    """One cluster (the ``Cluster`` port): cheap reads, and server-side apply for ``sync: apply``."""
+
+    def __init__(self, ref: ClusterRef) -> None:
+        self.ref = ref
+
+    def workloads(self, refs: Sequence[tuple[str, str, str]]) -> list[Mapping[str, Any] | None]:
+        """One LIST of each workload's kind in its namespace (apps/v1), through one client."""
+        with LiveReader(self.ref) as reader:
+            found: list[Mapping[str, Any] | None] = []
+            for kind, namespace, name in refs:
+                items = reader.list(ListScope("apps/v1", kind, namespace))
+                found.append(next((o for o in items if o.get("metadata", {}).get("name") == name), None))
+            return found
+
+    def read(self, desired: Mapping[str, Iterable[Mapping[str, Any]]]) -> ClusterRead:
+        return read_cluster(self.ref, desired=desired)
+
+    def list(self, scope: ListScope) -> list[dict[str, Any]]:
+        with LiveReader(self.ref) as reader:
+            return reader.list(scope)
+
+    def apply(self, objects: Iterable[Mapping[str, Any]]) -> ApplyResult:
+        return apply_overlay(self.ref, objects)
+
+
+class KubeRollouts:
+    """The ``Rollouts`` port: list-then-watch verification (``twincd.adapters.cluster``)."""
+
+    def verify(self, target: RolloutTarget, *, timeout: float) -> RolloutVerdict:
+        return verify_rollout(target, timeout=timeout)
+
+    def verify_role(self, target: RolloutTarget, *, role: Role, app: str, timeout: float) -> RolloutVerdict:
+        """Rolled out at ``target.revision``, and at the replica count the component sets."""
+        verdict = verify_rollout(target, timeout=timeout)
+        if verdict.phase is not Phase.SUCCEEDED:
+            return verdict
+        try:
+            (workload,) = KubeCluster(target.cluster).workloads(
+                [(target.kind, target.namespace, target.name)]
+            )
+        except TwincdError as e:
+            return RolloutVerdict(target.cluster.name, Phase.FAILED, str(e))
+        replicas = (workload or {}).get("spec", {}).get("replicas")
+        return role_verdict(verdict, app=app, role=role, replicas=replicas, revision=target.revision)

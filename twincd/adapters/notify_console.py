@@ -9,11 +9,42 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from prefect.artifacts import create_markdown_artifact
 
 from twincd.domain import Timeline
 from twincd.notify import is_reply, parent_summary, reply
+
+
+@dataclass(frozen=True)
+class Told:
+    ok: bool
+    error: str = ""
+
+
+class ConsoleNotifier:
+    """Always on: the run's log and the timeline artifact are where the Prefect UI shows the story."""
+
+    def __init__(self, *, logger: logging.Logger | logging.LoggerAdapter[logging.Logger]) -> None:
+        self._log = logger
+
+    @property
+    def name(self) -> str:
+        return "console"
+
+    def publish(self, timeline: Timeline, clusters: Sequence[str]) -> Told:
+        try:
+            publish(timeline, clusters, logger=self._log)
+        except Exception as e:  # noqa: BLE001 - a notifier never fails a deploy (the port's rule)
+            return Told(False, f"{type(e).__name__}")
+        return Told(True)
+
+    def announce(self, text: str) -> Told:
+        for line in text.splitlines():
+            if line.strip():
+                self._log.warning("%s", line)
+        return Told(True)
 
 
 def publish(

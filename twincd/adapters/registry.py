@@ -94,3 +94,24 @@ def _raise_for_status(response: httpx.Response, where: str) -> None:
         raise RegistryUnavailable(f"registry {where}: HTTP {code}")
     if code >= 400 and code != 404:
         raise RegistryError(f"registry {where}: HTTP {code}")
+
+
+class OciRegistry:
+    """One registry (the ``Registry`` port): the digest of a tag, read with the distribution API."""
+
+    def __init__(self, *, url: str, insecure: bool = False) -> None:
+        self._url = url
+        self._insecure = insecure
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    @property
+    def insecure(self) -> bool:
+        return self._insecure
+
+    def digest(self, repository: str, reference: str) -> str | None:
+        return manifest_digest(
+            registry_url=self._url, insecure=self._insecure, repository=repository, reference=reference
+        )

@@ -142,6 +142,10 @@ class SlackNotifier:
         kwargs: dict[str, Any] = {"base_url": base_url} if base_url else {}
         self._client = WebClient(token=token, timeout=timeout, retry_handlers=[], **kwargs)
 
+    @property
+    def name(self) -> str:
+        return "slack"
+
     def publish(self, timeline: Timeline, clusters: Sequence[str]) -> PublishResult:
         """Bring the release's thread up to date with ``timeline``; never raises."""
         deadline = time.monotonic() + self._budget

@@ -1,0 +1,225 @@
+"""The one place that turns an environment file into adapters.
+
+Every other module asks for a port (``twincd.ports``) and gets whatever the environment file
+configures: ``forge: {type: gitlab}`` → ``GitlabForge``, ``dns: {type: route53}`` → ``Route53``,
+and so on. Adding a forge, a registry kind or a notifier touches the adapter, the config model
+(``twincd.config``) and this module, nothing else. Relative paths in the file are resolved here
+and only here. The return types are the ports, so ``mypy --strict`` proves every adapter fits its
+port; ``_conforms`` below checks the adapters no function here returns as such.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from twincd import config
+from twincd.adapters import dns as dns_adapters
+from twincd.adapters.builder import DockerBuilder
+from twincd.adapters.forge_local import LocalForge
+from twincd.adapters.git import GitManifests, GitSource
+from twincd.adapters.gitlab import GitlabForge
+from twincd.adapters.http_probe import HttpProbe
+from twincd.adapters.kube_read import KubeCluster, KubeRollouts
+from twincd.adapters.notify_console import ConsoleNotifier
+from twincd.adapters.registry import OciRegistry
+from twincd.adapters.secrets import resolve_secret
+from twincd.adapters.slack import MemoryThreadStore, PrefectVariableThreadStore, SlackNotifier
+from twincd.config import Environment
+from twincd.domain import ClusterRef, RolloutTarget
+from twincd.errors import TwincdError
+from twincd.ports import (
+    AppSource,
+    Builder,
+    Cluster,
+    Dns,
+    Forge,
+    Manifests,
+    Notifier,
+    Probe,
+    Registry,
+    Rollouts,
+)
+
+Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
+
+
+def repo_url(env: Environment, value: str) -> str:
+    """A repository named in the file: a relative path is relative to the file's repository root."""
+    return str(env.path(value))
+
+
+def manifests(env: Environment) -> Manifests:
+    return GitManifests(repo_url=repo_url(env, env.manifests.repo), branch=env.manifests.branch)
+
+
+def app_source(env: Environment, app: str) -> AppSource:
+    return GitSource(repo_url=repo_url(env, env.app(app).repo))
+
+
+def app_repo_url(env: Environment, app: str) -> str:
+    """Where the builder clones the app from (it exports the tagged commit itself)."""
+    return repo_url(env, env.app(app).repo)
+
+
+def registries(env: Environment, app: str) -> list[Registry]:
+    """The registries the app pushes to, in the order the file lists them."""
+    return [
+        OciRegistry(url=env.registries[r].url, insecure=env.registries[r].insecure)
+        for r in env.app(app).registries
+    ]
+
+
+def builder_url(env: Environment) -> str:
+    """The Docker Engine API: ``builder.url`` (a relative socket path allowed), else DOCKER_HOST."""
+    url = env.builder.url
+    if url is None:
+        return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if url.startswith("unix://") and not url.startswith("unix:///"):
+        return "unix://" + str(env.path(url.removeprefix("unix://")))
+    return url
+
+
+def builder(env: Environment, app: str) -> Builder:
+    return DockerBuilder(base_url=builder_url(env), registries=registries(env, app))
+
+
+def gitlab_forge(cfg: config.GitlabForge, *, timeout: float = 30) -> GitlabForge:
+    return GitlabForge(
+        url=cfg.url,
+        project=cfg.project,
+        token=resolve_secret(cfg.token),
+        labels=cfg.labels,
+        failed_label=cfg.failed_label,
+        timeout=timeout,
+        poll_seconds=cfg.poll_seconds,
+        max_poll_seconds=cfg.max_poll_seconds,
+    )
+
+
+def forge_type(env: Environment) -> type[Forge]:
+    """The forge's class: what a flow asks (``merged_by_people``) without building one."""
+    return GitlabForge if isinstance(env.forge, config.GitlabForge) else LocalForge
+
+
+@contextlib.contextmanager
+def forge(env: Environment) -> Iterator[Forge]:
+    """The configured forge for one task; a GitLab HTTP session is closed when the task is done."""
+    if isinstance(env.forge, config.GitlabForge):
+        with gitlab_forge(env.forge) as gitlab:
+            yield gitlab
+    else:
+        yield LocalForge(repo_url=repo_url(env, env.manifests.repo), records_dir=env.state_path / "forge")
+
+
+def notifiers(env: Environment, *, logger: Logger, threads: bool = True) -> list[Notifier]:
+    """The console notifier always; Slack when configured. ``threads``: keep each release's Slack
+    thread in a Prefect Variable (a re-run continues it); False for one-off messages (drift)."""
+    found: list[Notifier] = [ConsoleNotifier(logger=logger)]
+    if isinstance(env.notifier, config.SlackNotifier):
+        cfg = env.notifier
+        try:
+            token = resolve_secret(cfg.token)
+        except TwincdError as e:
+            # A notifier never fails a run, not even a misconfigured one: say so and go on.
+            logger.warning("Slack notifier not configured (the run goes on): %s", e)
+            return found
+        found.append(
+            SlackNotifier(
+                token.reveal(),
+                cfg.channel,
+                mention_on_failure=cfg.mention_on_failure,
+                store=PrefectVariableThreadStore() if threads else MemoryThreadStore(),
+                logger=logger,
+                base_url=cfg.api_url,
+            )
+        )
+    return found
+
+
+def dns(env: Environment) -> Dns:
+    cfg = env.dns
+    if isinstance(cfg, config.DnsRoute53):
+        return dns_adapters.Route53(zone=cfg.zone, hosted_zone_id=cfg.hosted_zone_id, region=cfg.region)
+    if isinstance(cfg, config.DnsAzure):
+        return dns_adapters.AzureDns(
+            subscription_id=cfg.subscription_id,
+            resource_group=cfg.resource_group,
+            zone=cfg.zone,
+            base_url=cfg.base_url,
+        )
+    if isinstance(cfg, config.DnsRfc2136):
+        key = dns_adapters.Tsig.parse(resolve_secret(cfg.key).reveal())
+        return dns_adapters.Rfc2136(server=cfg.server, zone=cfg.zone, key=key)
+    return dns_adapters.NoDns()
+
+
+def dns_record(env: Environment) -> tuple[str, str, int]:
+    """The managed record: (name relative to the zone, full name for people, TTL); "" when unmanaged."""
+    if isinstance(env.dns, config.DnsNone):
+        return "", "", 60
+    return env.dns.record, f"{env.dns.record}.{env.dns.zone}", env.dns.ttl
+
+
+def cluster_ref(env: Environment, name: str) -> ClusterRef:
+    """How to reach a cluster: its kubeconfig context (and file, relative to the repository)."""
+    c = env.clusters[name]
+    return ClusterRef(name, c.context, str(env.path(c.kubeconfig)) if c.kubeconfig else None)
+
+
+def cluster(env: Environment, name: str) -> Cluster:
+    return KubeCluster(cluster_ref(env, name))
+
+
+def rollouts() -> Rollouts:
+    return KubeRollouts()
+
+
+def probe() -> Probe:
+    return HttpProbe()
+
+
+def rollout_target(
+    env: Environment, cluster_name: str, app: str, revision: str, digest: str | None = None
+) -> RolloutTarget:
+    """What a cluster must show for ``app`` at ``revision``; with Argo CD, where its Application lives."""
+    c = env.clusters[cluster_name]
+    w = env.app(app).workload
+    ref = cluster_ref(env, cluster_name)
+    argocd = c.argocd if c.sync == "argocd" else None
+    return RolloutTarget(
+        cluster=ref,
+        argocd=ClusterRef(
+            f"Argo CD of {cluster_name}",
+            argocd.context,
+            str(env.path(argocd.kubeconfig)) if argocd.kubeconfig else ref.kubeconfig,
+        )
+        if argocd
+        else None,
+        application=argocd.application.format(app=app, cluster=cluster_name) if argocd else None,
+        argocd_namespace=argocd.namespace if argocd else "argocd",
+        kind=w.kind,
+        namespace=w.namespace,
+        name=w.name,
+        revision=revision,
+        digest=digest,
+    )
+
+
+if TYPE_CHECKING:
+    # Each adapter against its port (mypy reports the first method that does not fit).
+    _conforms: tuple[
+        type[Forge], type[Forge], type[Notifier], type[Notifier], type[Dns], type[Dns], type[Dns], type[Dns]
+    ] = (
+        LocalForge,
+        GitlabForge,
+        ConsoleNotifier,
+        SlackNotifier,
+        dns_adapters.Rfc2136,
+        dns_adapters.Route53,
+        dns_adapters.AzureDns,
+        dns_adapters.NoDns,
+    )
