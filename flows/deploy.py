@@ -30,6 +30,7 @@ from prefect.futures import PrefectFuture
 from prefect.states import Cancelled
 
 from flows.landing import Change, Refused, Story, land, land_subflow
+from tasks.common import untraced
 from tasks.deploy import (
     apply_overlay,
     bake,
@@ -73,7 +74,7 @@ def deploy(
         auto_approve: Merge without waiting for a person (demos, CI).
     """
     environment = load_environment(env)
-    release = check_release(environment, app, tag)
+    release = check_release(untraced(environment), app, tag)
     story = Story(environment, Timeline(app, tag))
     story.add("release", "ok", f"tag {tag} is commit {release.commit[:12]}")
     try:
@@ -88,8 +89,8 @@ def deploy(
 
 
 def _deploy(environment: Environment, release: Release, story: Story, auto_approve: bool) -> DeployResult:
-    built = build_image(environment, release)
-    pushed = push_image(environment, release, built)
+    built = build_image(untraced(environment), release)
+    pushed = push_image(untraced(environment), built)
     verb = "already in the registry" if pushed.reused else "pushed"
     story.add(
         "push",
@@ -107,7 +108,7 @@ def _deploy(environment: Environment, release: Release, story: Story, auto_appro
     approver: str | None = None
     for number, clusters in enumerate(stages, 1):
         name = release.branch if len(stages) == 1 else f"{release.branch}-{clusters[0]}"
-        branch = set_image(environment, release, pushed, clusters, name)
+        branch = set_image(untraced(environment), release, pushed, clusters, name)
         if branch.diff:
             what = "committed" if branch.committed else "already on the branch"
             story.add("set-image", "ok", f"{what}: {branch.branch} at {branch.head[:12]}")
@@ -150,8 +151,8 @@ def _deploy(environment: Environment, release: Release, story: Story, auto_appro
         ):
             stage_verdicts = tuple(
                 bake(
-                    environment,
-                    release,
+                    untraced(environment),
+                    release.app,
                     v.cluster,
                     landed.revision,
                     digests[v.cluster],
@@ -198,7 +199,7 @@ def _verify(
     """Every cluster in parallel; clusters without Argo CD get the overlay applied by twincd first."""
     applies = {
         name: apply_overlay.submit(
-            environment, release.app, name, revision, wait_for=list(after), return_state=False
+            untraced(environment), release.app, name, revision, wait_for=list(after), return_state=False
         )
         for name in clusters
         if environment.clusters[name].sync == "apply"
@@ -206,8 +207,8 @@ def _verify(
     apply_errors = {name: error for name, future in applies.items() if (error := _error_of(future))}
     futures = {
         name: verify_rollout.submit(
-            environment,
-            release,
+            untraced(environment),
+            release.app,
             name,
             revision,
             digests[name],
@@ -269,7 +270,7 @@ def _revert(
     environment: Environment, release: Release, story: Story, merges: list[str], auto_approve: bool
 ) -> str:
     """Open the revert MR; when configured, merge it (after approval) and verify the rollback."""
-    branch = revert_branch(environment, f"{release.branch}-revert", merges[::-1])
+    branch = revert_branch(untraced(environment), f"{release.branch}-revert", merges[::-1])
     change = Change(
         step="revert",
         title=f"Revert {release.app} {release.tag}",
@@ -280,7 +281,9 @@ def _revert(
     )
 
     def verify(revision: str, after: Sequence[object]) -> tuple[RolloutVerdict, ...]:
-        digests = read_pins(environment, release.app, revision, wait_for=list(after), return_state=False)
+        digests = read_pins(
+            untraced(environment), release.app, revision, wait_for=list(after), return_state=False
+        )
         clusters = tuple(environment.clusters)
         return _verify(environment, release, clusters, revision, digests, story, "verify-rollback", [digests])
 

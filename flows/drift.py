@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from prefect import State, flow, get_run_logger
 from prefect.states import Completed
 
+from tasks.common import untraced
 from tasks.drift import (
     check_cluster,
     manifests_head,
@@ -59,9 +60,11 @@ def drift_check(env: str = str(DEFAULT_ENV), fail_on_drift: bool = False) -> Sta
     """
     logger = get_run_logger()
     environment = load_environment(env)
-    desired = render_desired(environment, manifests_head(environment))
-    futures = {name: check_cluster.submit(environment, name, desired) for name in environment.clusters}
-    previous = read_previous(environment)
+    desired = render_desired(untraced(environment), manifests_head(untraced(environment)))
+    futures = {
+        name: check_cluster.submit(untraced(environment), name, desired) for name in environment.clusters
+    }
+    previous = read_previous(untraced(environment))
 
     checks: list[drift.ClusterCheck] = []
     unreadable: list[str] = []
@@ -73,7 +76,7 @@ def drift_check(env: str = str(DEFAULT_ENV), fail_on_drift: bool = False) -> Sta
     items = tuple(i for c in checks for i in c.items) + drift.find_skew(
         [w for c in checks for w in c.workloads], serving=environment.serving_clusters()
     )
-    table = publish_report(environment, desired, items, tuple(checks))
+    table = publish_report(untraced(environment), desired, items, tuple(checks))
     if unreadable:
         # Keeping this run's state would make every finding of the unread clusters look "cleared".
         raise ClustersUnreadable("drift check incomplete, state not kept: " + "; ".join(unreadable))
@@ -83,8 +86,8 @@ def drift_check(env: str = str(DEFAULT_ENV), fail_on_drift: bool = False) -> Sta
     appeared, cleared = drift.diff_findings(previous.items if previous is not None else (), items)
     changed = fingerprint != before
     if changed:
-        notify_change(environment, desired, appeared, cleared)
-    save_state(environment, fingerprint, table, desired.revision)
+        notify_change(untraced(environment), desired, appeared, cleared)
+    save_state(untraced(environment), fingerprint, table, desired.revision)
     report = DriftReport(desired.revision, fingerprint, items, appeared, cleared, changed)
 
     message = (

@@ -21,6 +21,7 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
 from flows.landing import Change, Story, ask_approval, land_subflow
+from tasks.common import untraced
 from tasks.deploy import revert_branch
 from tasks.failover import (
     check_health,
@@ -131,8 +132,8 @@ def failover(
     target = Target(mode, active)
     if not dry_run and not reason.strip():
         raise PlanError("a failover needs a reason (it goes into the commits, the MRs and the notifications)")
-    overlays = read_overlays(environment)
-    record = read_dns(environment)
+    overlays = read_overlays(untraced(environment))
+    record = read_dns(untraced(environment))
     plan = plan_failover(topology_of(environment, overlays, record), target, http_health=bool(health_url))
     markdown = publish_plan(plan, reason, dry_run, emergency)
     print(markdown)
@@ -180,7 +181,7 @@ def failover(
         )
         story.add("result", "failed", text, tell=True)
         raise FailoverFailed(text) from e
-    final = read_dns(environment)
+    final = read_dns(untraced(environment))
     story.add("result", "ok", f"{target.label}: serving {', '.join(plan.serving)}", tell=True, after=[final])
     return FailoverResult(target.label, False, markdown, done, final)
 
@@ -190,7 +191,7 @@ def _verify_roles(
 ) -> tuple[RolloutVerdict, ...]:
     futures = [
         verify_role.submit(
-            environment, o.cluster, o.app, role, revision, wait_for=list(after), return_state=False
+            untraced(environment), o.cluster, o.app, role, revision, wait_for=list(after), return_state=False
         )
         for o in overlays
     ]
@@ -208,7 +209,9 @@ def _switch(
     changes: list[Undoable],
 ) -> None:
     """Land one switch and verify it; record it in ``changes`` as soon as it may reach the branch."""
-    branch = switch_components(environment, action, branch_name(plan.target, run_id, action.step), reason)
+    branch = switch_components(
+        untraced(environment), action, branch_name(plan.target, run_id, action.step), reason
+    )
     change = Change(
         step=action.step,
         title=f"failover: {action.step} {', '.join(action.clusters)}",
@@ -235,10 +238,12 @@ def _switch(
 
 
 def _health(environment: Environment, action: HealthGate, health_url: str, story: Story) -> dict[str, Health]:
-    checks = {c: check_health.submit(environment, c) for c in action.clusters}
+    checks = {c: check_health.submit(untraced(environment), c) for c in action.clusters}
     results = {c: f.result() for c, f in checks.items()}
     probes = {
-        c: probe_health.submit(environment, c, health_url, h, wait_for=[checks[c]], return_state=False)
+        c: probe_health.submit(
+            untraced(environment), c, health_url, h, wait_for=[checks[c]], return_state=False
+        )
         for c, h in results.items()
         if health_url and h.healthy
     }
@@ -272,8 +277,8 @@ def _execute(
             check_record_change(plan, health)
             # Recorded before the write: a timeout may hide a write the server did apply.
             changes.append(ReplacedRecord(action.old))
-            written = replace_dns(environment, action.new)
-            seen = read_back_dns(environment, written, READ_BACK_SECONDS)
+            written = replace_dns(untraced(environment), action.new)
+            seen = read_back_dns(untraced(environment), written, READ_BACK_SECONDS)
             story.add(
                 "dns", "ok", f"{action.name} reads back {', '.join(sorted(seen))}", tell=True, after=[seen]
             )
@@ -303,10 +308,10 @@ def _undo(
 
 
 def _undo_dns(environment: Environment, change: ReplacedRecord) -> str:
-    if read_dns(environment) == change.old:
+    if read_dns(untraced(environment)) == change.old:
         return f"DNS still held {', '.join(sorted(change.old))}: nothing to put back"
-    written = replace_dns(environment, change.old)
-    read_back_dns(environment, written, READ_BACK_SECONDS)
+    written = replace_dns(untraced(environment), change.old)
+    read_back_dns(untraced(environment), written, READ_BACK_SECONDS)
     return f"DNS put back to {', '.join(sorted(change.old))}"
 
 
@@ -323,10 +328,12 @@ def _undo_switch(
     if isinstance(change, MergedSwitch):
         merge_commit, ref = change.mr.merge_commit, change.mr.ref
     else:
-        merge_commit, ref = merged_into(environment, change.branch), change.branch
+        merge_commit, ref = merged_into(untraced(environment), change.branch), change.branch
     if merge_commit is None:
         return [f"{step} of {clusters}: {ref} never reached the branch, nothing to revert"]
-    branch = revert_branch(environment, branch_name(plan.target, run_id, f"undo-{step}"), [merge_commit])
+    branch = revert_branch(
+        untraced(environment), branch_name(plan.target, run_id, f"undo-{step}"), [merge_commit]
+    )
     undo = Change(
         step=f"undo-{step}",
         title=f"Revert failover: {step}",

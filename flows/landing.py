@@ -25,6 +25,7 @@ from prefect.input import RunInput
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
+from tasks.common import untraced
 from tasks.deploy import (
     close_merge_request,
     merge,
@@ -88,7 +89,7 @@ class Story:
             self.tell(after=after)
 
     def tell(self, *, after: Sequence[object] = ()) -> None:
-        notify(self.environment, self.timeline, wait_for=list(after))
+        notify(untraced(self.environment), untraced(self.timeline), wait_for=list(after))
 
 
 def approval_key(name: str) -> str:
@@ -157,7 +158,7 @@ def land(
     if not branch.diff:
         # The target branch already holds the change: nothing to merge, only to verify.
         return Landed(branch.base, None, change.approver or "", verify(branch.base, [branch]))
-    mr = open_merge_request(environment, branch, change.title, change.description)
+    mr = open_merge_request(untraced(environment), branch, change.title, change.description)
     if change.step == "merge":
         verb = "reused" if mr.reused else "opened"
         story.add("merge-request", "ok", f"{verb} {mr.ref} ({mr.state}): {mr.title}", url=mr.web_url)
@@ -173,8 +174,8 @@ def land(
     if not change.wait:
         return Landed(branch.base, mr, "", merged=False)
     if change.validate:
-        report = validate(environment, change.app, branch, mr, change.validate)
-        mr = post_validation(environment, mr, report)
+        report = validate(untraced(environment), change.app, branch, mr, change.validate)
+        mr = post_validation(untraced(environment), mr, report)
         if not report.ok:
             findings = "\n".join(str(f) for f in report.errors)
             story.add("validate", "failed", findings, tell=True, after=[mr])
@@ -216,7 +217,7 @@ def _merge(
             "merge", "waiting", f"waiting for a merge of {mr.ref}", url=mr.web_url, tell=True, after=[mr]
         )
         try:
-            return wait_for_merge(environment, mr), "GitLab"
+            return wait_for_merge(untraced(environment), mr), "GitLab"
         except CancelledByUser as e:
             story.add("merge", "cancelled", str(e), tell=True)
             raise Refused(str(e)) from e
@@ -225,7 +226,7 @@ def _merge(
             "merge", "waiting", f"waiting for approval of {mr.ref}", url=mr.web_url, tell=True, after=[mr]
         )
         approver = "auto-approve" if change.auto_approve else _approve(environment, mr, branch, story)
-    return merge(environment, mr, approver), approver
+    return merge(untraced(environment), mr, approver), approver
 
 
 def _approve(environment: Environment, mr: MergeRequest, branch: ReleaseBranch, story: Story) -> str:
@@ -237,7 +238,7 @@ def _approve(environment: Environment, mr: MergeRequest, branch: ReleaseBranch, 
     if answer.approved:
         return answer.approver or "a reviewer"
     who = answer.approver or "a reviewer"
-    close_merge_request(environment, mr, f"refused by {who}: {answer.comment}")
+    close_merge_request(untraced(environment), mr, f"refused by {who}: {answer.comment}")
     message = (
         f"{mr.ref} {'not approved in time' if answer.timed_out else 'refused by ' + who}"
         f"{': ' + answer.comment if answer.comment else ''}; nothing reached "

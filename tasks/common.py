@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
+from prefect.utilities.annotations import quote
 
 from twincd.errors import TransientError
 
@@ -28,5 +29,19 @@ IO_RETRIES: dict[str, Any] = {
     "retry_condition_fn": transient_only,
 }
 
+T = TypeVar("T")
+
 # Reads must see the world as it is now, and writes must happen: never a cached answer.
 FRESH: dict[str, Any] = {"cache_policy": NO_CACHE}
+
+
+def untraced(value: T) -> T:
+    """A task argument that draws no edge in the run graph (configuration, the story so far).
+
+    Prefect traces task inputs by object identity, one level into every result (a MergeRequest's
+    ``target_branch`` *is* the environment's ``manifests.branch`` string), and visits every field
+    of every argument; so an environment handed to every task would tie each task to every result
+    that quotes a config value. ``quote`` tells Prefect not to trace an argument
+    (prefect.utilities.annotations.quote); the task still receives the value itself.
+    """
+    return cast(T, quote(value))

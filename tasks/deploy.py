@@ -42,7 +42,7 @@ def check_release(env: Environment, app: str, tag: str) -> Release:
 
 @task(name="build-image", **IO_RETRIES)
 def build_image(env: Environment, release: Release) -> BuiltImage:
-    return wiring.builder(env, release.app).build(
+    return wiring.builder(env, env.app_registry_urls(release.app)).build(
         repo_url=wiring.app_repo_url(env, release.app),
         tag=release.tag,
         commit=release.commit,
@@ -51,8 +51,8 @@ def build_image(env: Environment, release: Release) -> BuiltImage:
 
 
 @task(name="push-image", **IO_RETRIES)
-def push_image(env: Environment, release: Release, built: BuiltImage) -> PushedImage:
-    return wiring.builder(env, release.app).push(built)
+def push_image(env: Environment, built: BuiltImage) -> PushedImage:
+    return wiring.builder(env, built.registries).push(built)
 
 
 @task(name="set-image", task_run_name="set-image-{branch}", **IO_RETRIES)
@@ -120,7 +120,7 @@ def post_validation(env: Environment, mr: MergeRequest, report: ValidationReport
     """The validation result on the MR, where reviewers see it; the MR goes on to the merge."""
     with wiring.forge(env) as forge:
         forge.post_validation(mr, report)
-    return mr
+    return replace(mr)  # a result of its own, so the run graph draws validate → post-validation → merge
 
 
 # No retries and no timeout here: the adapter owns its deadline and rides out forge outages.
@@ -177,14 +177,14 @@ def apply_overlay(env: Environment, app: str, cluster_name: str, revision: str) 
 @task(name="verify-rollout", task_run_name="verify-{cluster_name}")
 def verify_rollout(
     env: Environment,
-    release: Release,
+    app: str,
     cluster_name: str,
     revision: str,
     digest: str | None,
     timeout: float | None = None,
 ) -> RolloutVerdict:
     """Wait for the cluster to run the release; a cluster that is down becomes a FAILED verdict."""
-    target = wiring.rollout_target(env, cluster_name, release.app, revision, digest)
+    target = wiring.rollout_target(env, cluster_name, app, revision, digest)
     try:
         with wiring.manifests(env).ancestry(revision) as contains:
             return wiring.rollouts().verify(
@@ -198,7 +198,7 @@ def verify_rollout(
 @task(name="bake", task_run_name="bake-{cluster_name}")
 def bake(
     env: Environment,
-    release: Release,
+    app: str,
     cluster_name: str,
     revision: str,
     digest: str | None,
@@ -206,4 +206,4 @@ def bake(
 ) -> RolloutVerdict:
     """Let a verified stage run for ``seconds``, then check it is still rolled out and healthy."""
     time.sleep(seconds)
-    return verify_rollout.fn(env, release, cluster_name, revision, digest, timeout=5)
+    return verify_rollout.fn(env, app, cluster_name, revision, digest, timeout=5)

@@ -313,6 +313,10 @@ class Environment(_Model):
             for app in self.apps
         }
 
+    def app_registry_urls(self, app: str) -> tuple[str, ...]:
+        """Where the app's image is pushed, in the order the file lists the registries."""
+        return tuple(self.registries[r].url for r in self.app(app).registries)
+
     def pull_registry(self, app: str, cluster: str) -> str:
         """The registry URL a cluster pulls the app from (one registry per cloud is common)."""
         name = self.clusters[cluster].registry

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from twincd import config
@@ -65,12 +65,10 @@ def app_repo_url(env: Environment, app: str) -> str:
     return repo_url(env, env.app(app).repo)
 
 
-def registries(env: Environment, app: str) -> list[Registry]:
-    """The registries the app pushes to, in the order the file lists them."""
-    return [
-        OciRegistry(url=env.registries[r].url, insecure=env.registries[r].insecure)
-        for r in env.app(app).registries
-    ]
+def registries(env: Environment, urls: Sequence[str]) -> list[Registry]:
+    """The registries at ``urls`` (as in image references), with what the file says of each."""
+    insecure = {r.url for r in env.registries.values() if r.insecure}
+    return [OciRegistry(url=url, insecure=url in insecure) for url in urls]
 
 
 def builder_url(env: Environment) -> str:
@@ -83,8 +81,9 @@ def builder_url(env: Environment) -> str:
     return url
 
 
-def builder(env: Environment, app: str) -> Builder:
-    return DockerBuilder(base_url=builder_url(env), registries=registries(env, app))
+def builder(env: Environment, registry_urls: Sequence[str]) -> Builder:
+    """The builder, pushing to the registries at ``registry_urls``."""
+    return DockerBuilder(base_url=builder_url(env), registries=registries(env, registry_urls))
 
 
 def gitlab_forge(cfg: config.GitlabForge, *, timeout: float = 30) -> GitlabForge:

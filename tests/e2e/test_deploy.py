@@ -100,48 +100,102 @@ def test_deploy_verifies_both_clusters_and_rerun_changes_nothing(stack_env: Envi
     assert registry_digest(env, "v1.0.0") == digest  # no second image
 
 
-def test_prefect_ui_shows_the_completed_run_with_its_tasks(stack_env: Environment) -> None:
-    url = (ARTIFACTS / "run-url.txt").read_text()
+# Headless Chromium as docs/platform.md says it runs here (no background networking: closed network).
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=20000",
+]
+
+
+def _chromium(url: str, *args: str) -> str:
     chromium = shutil.which("chromium")
     assert chromium, "chromium is installed by scripts/setup.sh"
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1400,1000",
-        "--virtual-time-budget=20000",
-    ]
     with tempfile.TemporaryDirectory() as profile:
-        dom = subprocess.run(
-            [chromium, *flags, f"--user-data-dir={profile}", "--dump-dom", url],
+        return subprocess.run(
+            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, url],
             check=False,
             capture_output=True,
             text=True,
             timeout=120,
         ).stdout
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run(
-            [
-                chromium,
-                *flags,
-                f"--user-data-dir={profile}",
-                f"--screenshot={ARTIFACTS / 'deploy-run.png'}",
-                url,
-            ],
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
+
+
+def test_prefect_ui_shows_the_completed_run_with_its_tasks(stack_env: Environment) -> None:
+    url = (ARTIFACTS / "run-url.txt").read_text()
+    dom = _chromium(url, "--window-size=1400,1000", "--dump-dom")
+    _chromium(url, "--window-size=1400,1000", f"--screenshot={ARTIFACTS / 'deploy-run.png'}")
     assert "deploy-hello-v1.0.0" in dom
     assert "Completed" in dom
     for task in ("build-image", "push-image", "set-image", "open-merge-request", "validate", "verify-eks"):
         assert task in dom, f"task {task} not shown on the run page"
     assert (ARTIFACTS / "deploy-run.png").stat().st_size > 10_000
+
+
+def _task_graph(env: Environment, flow_run_id: str) -> tuple[dict[str, str], set[tuple[str, str]]]:
+    """The run's task runs (id → name) and their dependency edges, as the Prefect API reports them."""
+    import httpx
+
+    body = {"task_runs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}
+    runs = httpx.post(f"{env.prefect.api_url}/task_runs/filter", json=body, timeout=30).json()
+    names = {r["id"]: r["name"] for r in runs}
+    edges = {
+        (names[i["id"]], r["name"])
+        for r in runs
+        for inputs in r["task_inputs"].values()
+        for i in inputs
+        if i.get("input_type") == "task_run" and i["id"] in names
+    }
+    return names, edges
+
+
+def _step(name: str) -> str:
+    """``notify-08f`` → ``notify``, ``set-image-twincd/hello/v1.0.0`` → ``set-image``."""
+    if name.startswith("set-image-"):
+        return "set-image"
+    return re.sub(r"-[0-9a-f]{3}$", "", name)
+
+
+def test_run_graph_reads_as_the_eight_steps(stack_env: Environment) -> None:
+    url = (ARTIFACTS / "run-url.txt").read_text()
+    names, edges = _task_graph(stack_env, url.rsplit("/", 1)[-1])
+    steps = {(_step(a), _step(b)) for a, b in edges}
+    chain = [
+        "check-release",
+        "build-image",
+        "push-image",
+        "set-image",
+        "open-merge-request",
+        "validate",
+        "post-validation",
+        "merge",
+    ]
+    for upstream, downstream in zip(chain, chain[1:], strict=False):
+        assert (upstream, downstream) in steps, f"no edge {upstream} → {downstream}: {sorted(steps)}"
+    for cluster in ("verify-eks", "verify-aks"):
+        assert ("merge", cluster) in steps
+    assert ("verify-eks", "verify-aks") not in steps and ("verify-aks", "verify-eks") not in steps
+    # No star: no task is upstream of every other task.
+    for node in names.values():
+        downstream = {b for a, b in edges if a == node}
+        assert downstream != set(names.values()) - {node}, f"{node} has an edge to every other task"
+    # Every notify reports a step and hangs off it.
+    notifies = [n for n in names.values() if _step(n) == "notify"]
+    assert notifies and all(any(b == n for _, b in edges) for n in notifies), sorted(edges)
+    print("run graph edges:\n" + "\n".join(f"  {a} -> {b}" for a, b in sorted(edges)))
+    (ARTIFACTS / "deploy-graph-edges.txt").write_text(
+        "\n".join(f"{a} -> {b}" for a, b in sorted(edges)) + "\n"
+    )
+
+    # The graph as people see it: the top of the run page, where the Prefect UI draws it.
+    _chromium(url, "--window-size=1600,560", f"--screenshot={ARTIFACTS / 'deploy-graph.png'}")
+    assert (ARTIFACTS / "deploy-graph.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize(
