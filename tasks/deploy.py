@@ -186,11 +186,9 @@ def verify_rollout(
     """Wait for the cluster to run the release; a cluster that is down becomes a FAILED verdict."""
     target = wiring.rollout_target(env, cluster_name, app, revision, digest)
     try:
-        with wiring.manifests(env).ancestry(revision) as contains:
-            return wiring.rollouts().verify(
-                replace(target, contains=contains),
-                timeout=env.timeouts.rollout_seconds if timeout is None else timeout,
-            )
+        return wiring.rollouts(env).verify(
+            target, timeout=env.timeouts.rollout_seconds if timeout is None else timeout
+        )
     except TwincdError as e:
         return RolloutVerdict(cluster_name, Phase.FAILED, str(e))
 

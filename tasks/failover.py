@@ -69,7 +69,7 @@ def verify_role(env: Environment, cluster_name: str, app: str, role: Role, revis
     Any image will do (digest None): a failover changes replicas, never images.
     """
     target = wiring.rollout_target(env, cluster_name, app, revision)
-    return wiring.rollouts().verify_role(target, role=role, app=app, timeout=env.timeouts.rollout_seconds)
+    return wiring.rollouts(env).verify_role(target, role=role, app=app, timeout=env.timeouts.rollout_seconds)
 
 
 @task(name="check-health", task_run_name="health-{cluster_name}", **FRESH)

@@ -173,8 +173,8 @@ def cluster(env: Environment, name: str) -> Cluster:
     return KubeCluster(cluster_ref(env, name))
 
 
-def rollouts() -> Rollouts:
-    return KubeRollouts()
+def rollouts(env: Environment) -> Rollouts:
+    return KubeRollouts(manifests=manifests(env))
 
 
 def probe() -> Probe:

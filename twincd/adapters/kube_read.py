@@ -10,7 +10,7 @@ resolved by one discovery GET of its group-version per reader, cached. Callers g
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Self
 
@@ -28,6 +28,7 @@ from twincd.domain import ApplyResult, ClusterRef, Phase, RolloutTarget, Rollout
 from twincd.drift import AppRead, ClusterRead, ListScope, list_scopes, place_namespaces
 from twincd.errors import TwincdError
 from twincd.failover import Role, role_verdict
+from twincd.ports import Manifests
 
 
 @dataclass(frozen=True)
@@ -215,10 +216,18 @@ class KubeCluster:
 
 
 class KubeRollouts:
-    """The ``Rollouts`` port: list-then-watch verification (``twincd.adapters.cluster``)."""
+    """The ``Rollouts`` port: list-then-watch verification (``twincd.adapters.cluster``).
+
+    ``manifests`` answers whether a later revision Argo CD synced contains the one verified (the
+    monorepo moves on: another app's release may land before Argo CD syncs ours).
+    """
+
+    def __init__(self, *, manifests: Manifests) -> None:
+        self._manifests = manifests
 
     def verify(self, target: RolloutTarget, *, timeout: float) -> RolloutVerdict:
-        return verify_rollout(target, timeout=timeout)
+        with self._manifests.ancestry(target.revision) as contains:
+            return verify_rollout(replace(target, contains=contains), timeout=timeout)
 
     def verify_role(self, target: RolloutTarget, *, role: Role, app: str, timeout: float) -> RolloutVerdict:
         """Rolled out at ``target.revision``, and at the replica count the component sets."""
