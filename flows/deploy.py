@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prefect import flow
+from prefect import allow_failure, flow
 from prefect.client.schemas.objects import State
 from prefect.futures import PrefectFuture
 from prefect.states import Cancelled
@@ -122,6 +122,7 @@ def _deploy(environment: Environment, release: Release, story: Story, auto_appro
                 after=[branch],
             )
         change = Change(
+            kind="release",
             step="merge",
             title=_mr_title(release, pushed, clusters, number, len(stages)),
             description=_mr_description(release, branch, clusters),
@@ -205,6 +206,7 @@ def _verify(
         if environment.clusters[name].sync == "apply"
     }
     apply_errors = {name: error for name, future in applies.items() if (error := _error_of(future))}
+    # Each cluster waits for its own apply only: one cluster's failed apply must not hold the others.
     futures = {
         name: verify_rollout.submit(
             untraced(environment),
@@ -212,7 +214,7 @@ def _verify(
             name,
             revision,
             digests[name],
-            wait_for=[*after, *applies.values()],
+            wait_for=[*after, *([applies[name]] if name in applies else [])],
             return_state=False,
         )
         for name in clusters
@@ -231,7 +233,8 @@ def _verify(
             v.message,
             cluster=v.cluster,
             tell=True,
-            after=[futures[name] if name in futures else applies[name]],
+            # A failed apply is what this notify reports: wait for it, failed or not.
+            after=[futures[name] if name in futures else allow_failure(applies[name])],
         )
     return verdicts
 
@@ -272,6 +275,7 @@ def _revert(
     """Open the revert MR; when configured, merge it (after approval) and verify the rollback."""
     branch = revert_branch(untraced(environment), f"{release.branch}-revert", merges[::-1])
     change = Change(
+        kind="revert",
         step="revert",
         title=f"Revert {release.app} {release.tag}",
         description=f"Rollback of {release.app} {release.tag}: reverts "

@@ -22,7 +22,6 @@ from prefect.states import Cancelled
 
 from flows.landing import Change, Story, ask_approval, land_subflow
 from tasks.common import untraced
-from tasks.deploy import revert_branch
 from tasks.failover import (
     check_health,
     merged_into,
@@ -32,12 +31,12 @@ from tasks.failover import (
     read_dns,
     read_overlays,
     replace_dns,
+    revert_switch,
     switch_components,
     verify_role,
 )
-from twincd import wiring
 from twincd.config import DEFAULT_ENV, Environment, load_environment
-from twincd.domain import MergeRequest, Phase, RolloutVerdict, Timeline
+from twincd.domain import MergeRequest, Phase, Role, RolloutVerdict, Timeline
 from twincd.errors import PermanentError, TwincdError
 from twincd.failover import (
     FailoverPlan,
@@ -46,14 +45,13 @@ from twincd.failover import (
     Overlay,
     PlanError,
     ReplaceRecord,
-    Role,
     SwitchComponents,
     Target,
-    Topology,
     branch_name,
     check_record_change,
     gate,
     plan_failover,
+    topology_of,
 )
 
 READ_BACK_SECONDS = 30.0
@@ -73,10 +71,10 @@ class MergedSwitch:
 
 @dataclass(frozen=True)
 class PendingSwitch:
-    """A switch whose landing began: it may have reached the branch even if the merge call failed."""
+    """A switch whose merge was asked for: it may have reached the branch even if the call failed."""
 
     action: SwitchComponents
-    branch: str
+    mr: MergeRequest
 
 
 @dataclass(frozen=True)
@@ -96,12 +94,6 @@ class FailoverResult:
     plan: str  # the markdown published before anything changed
     done: tuple[str, ...]  # what was carried out, in order
     record: frozenset[str] | None  # the DNS record as read back at the end (None: not managed)
-
-
-def topology_of(env: Environment, overlays: tuple[Overlay, ...], record: frozenset[str] | None) -> Topology:
-    clusters = tuple(env.clusters)
-    ips = tuple((c, env.clusters[c].ingress_ip) for c in clusters)
-    return Topology(clusters, ips, overlays, record, wiring.dns_record(env)[1])
 
 
 @flow(name="failover", flow_run_name="failover-{mode}", log_prints=True)
@@ -212,15 +204,19 @@ def _switch(
     branch = switch_components(
         untraced(environment), action, branch_name(plan.target, run_id, action.step), reason
     )
+
+    def record(mr: MergeRequest) -> None:
+        # Recorded before the merge: a failure after the forge merged must still be undone.
+        changes.append(PendingSwitch(action, mr))
+
     change = Change(
+        kind="switch",
         step=action.step,
         title=f"failover: {action.step} {', '.join(action.clusters)}",
         description=f"{action.describe()}\n\nReason: {reason}\n\n```diff\n{branch.diff}```\n",
         approver=approver,
+        on_open=record,
     )
-    if branch.diff:
-        # Recorded before the landing: a failure after the forge merged must still be undone.
-        changes.append(PendingSwitch(action, branch.branch))
 
     def verify(revision: str, after: Sequence[object]) -> tuple[RolloutVerdict, ...]:
         return _verify_roles(environment, action.overlays, action.role, revision, after)
@@ -325,16 +321,18 @@ def _undo_switch(
 ) -> list[str]:
     action = change.action
     step, clusters = action.step, ", ".join(action.clusters)
+    ref = change.mr.ref
     if isinstance(change, MergedSwitch):
-        merge_commit, ref = change.mr.merge_commit, change.mr.ref
+        merge_commit = change.mr.merge_commit
     else:
-        merge_commit, ref = merged_into(untraced(environment), change.branch), change.branch
+        merge_commit = merged_into(untraced(environment), change.mr.source_branch)
     if merge_commit is None:
         return [f"{step} of {clusters}: {ref} never reached the branch, nothing to revert"]
-    branch = revert_branch(
-        untraced(environment), branch_name(plan.target, run_id, f"undo-{step}"), [merge_commit]
+    branch = revert_switch(
+        untraced(environment), step, merge_commit, branch_name(plan.target, run_id, f"undo-{step}")
     )
     undo = Change(
+        kind="undo",
         step=f"undo-{step}",
         title=f"Revert failover: {step}",
         description=f"Undo of {ref} after a failed failover to {plan.target.label}."

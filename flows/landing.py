@@ -3,7 +3,7 @@
 Release stages, reverts, and failover's promote, demote and undo all go the same way:
 branch (written by the caller's task) → merge request → validation (releases) → approval and
 merge (or a person's merge on the forge) → verification on the clusters. ``land`` is that step, a
-plain function of tasks; ``land_flow`` is the same function as a named subflow, so a sequential
+plain function of tasks; ``land_subflow`` runs it as a named subflow, so a sequential
 rollout's stages, a revert and failover's switches each show as one box in the Prefect run graph.
 
 The approval pause is written once, here (``ask_approval``): the release approval, the revert
@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Literal
 
 from prefect import flow
 from prefect.client.schemas.objects import State
@@ -119,11 +120,15 @@ def ask_approval(*, description: str, key: str, timeout: float) -> Answer:
     return Answer(answer.approved, answer.approver, answer.comment)
 
 
+Kind = Literal["release", "revert", "switch", "undo"]
+
+
 @dataclass(frozen=True)
 class Change:
     """One change to land: what the MR says, what is validated, who approves."""
 
-    step: str  # the story's name for it: "merge", "revert", "promote", "demote", "undo-promote"
+    kind: Kind  # what the story tells of it (see ``_OPENED`` and ``_MERGED``)
+    step: str  # the story's name for its merge: "merge", "revert", "promote", "demote"
     title: str
     description: str
     app: str = ""  # validated when ``validate`` names clusters
@@ -131,6 +136,19 @@ class Change:
     approver: str | None = None  # already approved (later stages, failover): merge at once
     auto_approve: bool = False
     wait: bool = True  # False: open the MR and stop there (a revert people merge themselves)
+    # Called with the MR as soon as it is open: from then on a failure may leave it merged
+    # (the failover records the switch here, so its undo finds it).
+    on_open: Callable[[MergeRequest], None] | None = field(default=None, compare=False)
+
+
+# What the story says when the MR is opened: (step, status, told); none for a switch or an undo.
+_OPENED: dict[Kind, tuple[str, str, bool]] = {
+    "release": ("merge-request", "ok", False),
+    "revert": ("revert", "waiting", True),
+}
+# Whether the merge is told at once (True), only recorded (False), or not an event at all (None):
+# a revert's merge is told with its verification; an undo is reported in the failover's result.
+_MERGED: dict[Kind, bool | None] = {"release": True, "revert": False, "switch": True, "undo": None}
 
 
 @dataclass(frozen=True)
@@ -159,18 +177,16 @@ def land(
         # The target branch already holds the change: nothing to merge, only to verify.
         return Landed(branch.base, None, change.approver or "", verify(branch.base, [branch]))
     mr = open_merge_request(untraced(environment), branch, change.title, change.description)
-    if change.step == "merge":
-        verb = "reused" if mr.reused else "opened"
-        story.add("merge-request", "ok", f"{verb} {mr.ref} ({mr.state}): {mr.title}", url=mr.web_url)
-    elif change.step == "revert":
-        story.add(
-            "revert",
-            "waiting",
-            f"revert MR {mr.ref} opened: {mr.web_url}",
-            url=mr.web_url,
-            tell=True,
-            after=[mr],
+    if change.on_open is not None:
+        change.on_open(mr)
+    if change.kind in _OPENED:
+        step, status, tell = _OPENED[change.kind]
+        text = (
+            f"{'reused' if mr.reused else 'opened'} {mr.ref} ({mr.state}): {mr.title}"
+            if change.kind == "release"
+            else f"revert MR {mr.ref} opened: {mr.web_url}"
         )
+        story.add(step, status, text, url=mr.web_url, tell=tell, after=[mr])
     if not change.wait:
         return Landed(branch.base, mr, "", merged=False)
     if change.validate:
@@ -193,16 +209,11 @@ def land(
         mr, approver = _merge(environment, mr, branch, change, story)
     if mr.merge_commit is None:  # every forge returns a merged MR with its merge commit
         raise PermanentError(f"{mr.ref} is {mr.state} without a merge commit; re-run to verify it")
-    story.add(
-        change.step,
-        "ok",
-        f"{mr.ref} merged as {mr.merge_commit[:12]}"
-        + ("" if change.step in ("merge", "revert") else f" by {approver}"),
-        url=mr.web_url,
-        actor=approver,
-        tell=True,
-        after=[mr],
-    )
+    told = _MERGED[change.kind]
+    if told is not None:
+        by = f" by {approver}" if change.kind == "switch" else ""
+        text = f"{mr.ref} merged as {mr.merge_commit[:12]}{by}"
+        story.add(change.step, "ok", text, url=mr.web_url, actor=approver, tell=told, after=[mr])
     return Landed(mr.merge_commit, mr, approver, verify(mr.merge_commit, [mr]))
 
 
@@ -217,7 +228,7 @@ def _merge(
             "merge", "waiting", f"waiting for a merge of {mr.ref}", url=mr.web_url, tell=True, after=[mr]
         )
         try:
-            return wait_for_merge(untraced(environment), mr), "GitLab"
+            return wait_for_merge(untraced(environment), mr), wiring.forge_type(environment).name
         except CancelledByUser as e:
             story.add("merge", "cancelled", str(e), tell=True)
             raise Refused(str(e)) from e
@@ -238,13 +249,13 @@ def _approve(environment: Environment, mr: MergeRequest, branch: ReleaseBranch, 
     if answer.approved:
         return answer.approver or "a reviewer"
     who = answer.approver or "a reviewer"
-    close_merge_request(untraced(environment), mr, f"refused by {who}: {answer.comment}")
+    closed = close_merge_request(untraced(environment), mr, f"refused by {who}: {answer.comment}")
     message = (
         f"{mr.ref} {'not approved in time' if answer.timed_out else 'refused by ' + who}"
         f"{': ' + answer.comment if answer.comment else ''}; nothing reached "
         f"{environment.manifests.branch}; branch {branch.branch} kept for inspection"
     )
-    story.add("merge", "cancelled", message, actor=who, tell=True)
+    story.add("merge", "cancelled", message, actor=who, tell=True, after=[closed])
     raise Refused(message)
 
 
@@ -255,23 +266,25 @@ def _approval_text(title: str, diff: str, timeline: Timeline) -> str:
     )
 
 
-@flow(name="land", flow_run_name="{name}", validate_parameters=False, log_prints=True)
-def land_flow(
-    name: str, environment: Environment, branch: ReleaseBranch, change: Change, story: Story, verify: Verify
-) -> Landed | State:
-    """``land`` as a named subflow (``<run name>/<stage>``); a refusal ends it Cancelled."""
-    try:
-        return land(environment, branch, change, story, verify)
-    except Refused as e:
-        return Cancelled(message=str(e))
-
-
 def land_subflow(
     stage: str, environment: Environment, branch: ReleaseBranch, change: Change, story: Story, verify: Verify
 ) -> Landed:
-    """``land`` as the subflow ``<this run's name>/<stage>``; its refusal raises Refused here too."""
+    """``land`` as the subflow ``<this run's name>/<stage>``: one box in the run graph.
+
+    The subflow's parameters are only what people need to see (the branch and the MR's title):
+    the environment, the story and the verification are the closure's, so no configuration is
+    stored with the subflow run. A refusal ends the subflow Cancelled and raises Refused here.
+    """
+
+    def landing(branch_name: str, title: str) -> Landed | State:
+        try:
+            return land(environment, branch, change, story, verify)
+        except Refused as e:
+            return Cancelled(message=str(e))
+
     name = f"{flow_run.name}/{stage}"
-    state = land_flow(name, environment, branch, change, story, verify, return_state=True)
+    subflow = flow(name="land", flow_run_name=name, log_prints=True)(landing)
+    state = subflow(branch.branch, change.title, return_state=True)
     if state.is_cancelled():
         raise Refused(state.message or f"{name} was refused")
     landed = state.result()  # raises what failed the subflow

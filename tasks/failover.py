@@ -7,11 +7,10 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks.common import FRESH, IO_RETRIES
 from twincd import failover, kustomize, wiring
-from twincd.adapters.dns import read_back
 from twincd.config import Environment
-from twincd.domain import ReleaseBranch, RolloutVerdict
+from twincd.domain import ReleaseBranch, Role, RolloutVerdict
 from twincd.errors import TwincdError
-from twincd.failover import FailoverPlan, Health, Overlay, Role, SwitchComponents, switch_edit
+from twincd.failover import FailoverPlan, Health, Overlay, SwitchComponents, read_back, switch_edit
 
 
 @task(name="read-overlays", **IO_RETRIES, **FRESH)
@@ -28,7 +27,7 @@ def read_overlays(env: Environment) -> tuple[Overlay, ...]:
 def read_dns(env: Environment) -> frozenset[str] | None:
     """The record's IPs at the authoritative server; None when DNS is not managed by twincd."""
     dns = wiring.dns(env)
-    return dns.read_a(wiring.dns_record(env)[0]) if dns.managed else None
+    return dns.read_a(env.dns_record()[0]) if dns.managed else None
 
 
 @task(name="publish-plan")
@@ -54,6 +53,12 @@ def switch_components(env: Environment, action: SwitchComponents, branch: str, r
     return wiring.manifests(env).write_branch(
         branch=branch, edit=kustomize.switch_components(edits), message=message
     )
+
+
+@task(name="revert-switch", task_run_name="undo-{step}", **IO_RETRIES, **FRESH)
+def revert_switch(env: Environment, step: str, merge_commit: str, branch: str) -> ReleaseBranch:
+    """Undo a merged switch: ``git revert -m 1`` of its merge commit, on ``branch``."""
+    return wiring.manifests(env).write_revert(branch=branch, merge_commits=[merge_commit])
 
 
 @task(name="merged-into", **IO_RETRIES, **FRESH)
@@ -93,14 +98,14 @@ def check_health(env: Environment, cluster_name: str) -> Health:
 def probe_health(env: Environment, cluster_name: str, health_url: str, health: Health) -> Health:
     """The HTTP health URL through the cluster's ingress IP, with the public name as Host."""
     url = health_url.format(ingress_ip=env.clusters[cluster_name].ingress_ip)
-    ok, seen = wiring.probe().check(url, host=wiring.dns_record(env)[1])
+    ok, seen = wiring.probe().check(url, host=env.dns_record()[1])
     return failover.with_probe(health, seen, ok)
 
 
 @task(name="replace-dns", **IO_RETRIES, **FRESH)
 def replace_dns(env: Environment, ips: frozenset[str]) -> frozenset[str]:
     """Replace the record set with ``ips`` (one atomic change); returns what was written."""
-    name, _, ttl = wiring.dns_record(env)
+    name, _, ttl = env.dns_record()
     wiring.dns(env).replace_a(name, ips, ttl=ttl)
     return ips
 
@@ -108,5 +113,5 @@ def replace_dns(env: Environment, ips: frozenset[str]) -> frozenset[str]:
 @task(name="read-back-dns", **FRESH)
 def read_back_dns(env: Environment, expect: frozenset[str], timeout: float = 30.0) -> frozenset[str]:
     """Poll the authoritative server until the record holds exactly ``expect`` (bounded)."""
-    name, shown, _ = wiring.dns_record(env)
+    name, shown, _ = env.dns_record()
     return read_back(wiring.dns(env), name, expect, shown_as=shown, timeout=timeout)

@@ -101,11 +101,22 @@ def _resume(env: Environment, name: str, run_input: dict[str, Any], run_id: str 
                 state=FlowRunFilterState(name=FlowRunFilterStateName(any_=["Paused"])),
             )
         )
-    # The run itself, or one of its landing subflows (`<name>/<stage>`, e.g. a sequential rollout's
-    # first stage or a revert) that waits for the approval.
-    runs = [r for r in paused if r.name == name or r.name.startswith(name + "/")]
-    if run_id:
-        runs = [r for r in runs if str(r.id) == run_id]
+        # The run itself, or one of its landing subflows (`<name>/<stage>`, e.g. a sequential
+        # rollout's first stage or a revert) that waits for the approval.
+        runs = [r for r in paused if r.name == name or r.name.startswith(name + "/")]
+        if run_id:
+            # The id people see is the run's: a subflow that waits answers to its parent's id too.
+            runs = [
+                r
+                for r in runs
+                if run_id
+                in (
+                    str(r.id),
+                    str(client.read_task_run(r.parent_task_run_id).flow_run_id)
+                    if r.parent_task_run_id
+                    else "",
+                )
+            ]
     if not runs:
         print(
             f"no paused run named {name}{' with id ' + run_id if run_id else ''}: nothing waits for approval",

@@ -299,6 +299,12 @@ class Environment(_Model):
             return [tuple(self.clusters)]
         return [(c,) for c in (self.rollout.order or tuple(self.clusters))]
 
+    def dns_record(self) -> tuple[str, str, int]:
+        """The managed record: (name relative to the zone, full name for people, TTL); "" when unmanaged."""
+        if self.dns.type == "none":
+            return "", "", 60
+        return self.dns.record, f"{self.dns.record}.{self.dns.zone}", self.dns.ttl
+
     def serving_clusters(self) -> frozenset[str]:
         """The clusters the topology says take traffic (Active/Standby: the active one only)."""
         if self.topology.mode == "active-standby" and self.topology.active is not None:

@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Literal
 
 from twincd.errors import PermanentError
 
@@ -101,6 +102,10 @@ class Phase(str, Enum):
     PROGRESSING = "progressing"  # not done yet: keep waiting
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # will not get better by waiting: stop at once
+
+
+# Which Kustomize Component an app overlay references: it serves (active) or is scaled to 0.
+Role = Literal["active", "standby", "unknown"]
 
 
 @dataclass(frozen=True)

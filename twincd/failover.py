@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +25,15 @@ from typing import Literal
 
 import yaml
 
-from twincd.domain import Phase, RolloutVerdict
-from twincd.errors import PermanentError
+from twincd.config import Environment
+from twincd.domain import Phase, Role, RolloutVerdict
+from twincd.errors import PermanentError, TransientError
+from twincd.ports import Dns
 
 ACTIVE = "components/active"
 STANDBY = "components/standby"
 
 Mode = Literal["active-active", "active-standby"]
-Role = Literal["active", "standby", "unknown"]
 
 
 class PlanError(PermanentError):
@@ -370,3 +372,40 @@ def branch_name(target: Target, run_id: str, step: str) -> str:
     """``twincd/failover/<target>-<short id>/<step>``: one branch per merge of one failover run."""
     short = re.sub(r"[^a-z0-9]", "", run_id.lower())[:8] or "manual"
     return f"twincd/failover/{target.label}-{short}/{step}"
+
+
+def topology_of(env: Environment, overlays: tuple[Overlay, ...], record: frozenset[str] | None) -> Topology:
+    """What runs where now: the overlays read, the record read, the clusters' ingress IPs."""
+    clusters = tuple(env.clusters)
+    ips = tuple((c, env.clusters[c].ingress_ip) for c in clusters)
+    return Topology(clusters, ips, overlays, record, env.dns_record()[1])
+
+
+class DnsReadBackFailed(PermanentError):
+    """The authoritative server did not show the new record set in time."""
+
+
+def read_back(
+    dns: Dns, name: str, expect: frozenset[str], *, shown_as: str, timeout: float = 30.0, every: float = 0.5
+) -> frozenset[str]:
+    """Poll the authoritative server until ``name`` holds exactly ``expect`` (bounded by ``timeout``).
+
+    A write can be accepted before every server of the authority serves it (Route 53 is PENDING
+    until INSYNC; secondaries follow NOTIFY): only reading it back proves resolvers will get it.
+    """
+    deadline = time.monotonic() + timeout
+    seen: frozenset[str] | str = "nothing yet"
+    while True:
+        try:
+            seen = dns.read_a(name)
+            if seen == expect:
+                return seen
+        except TransientError as e:
+            seen = str(e)
+        if time.monotonic() >= deadline:
+            shown = ", ".join(sorted(seen)) if isinstance(seen, frozenset) else seen
+            raise DnsReadBackFailed(
+                f"{shown_as} still shows {shown or 'no A records'} after {timeout:g} s; "
+                f"expected {', '.join(sorted(expect))}"
+            )
+        time.sleep(every)

@@ -26,13 +26,13 @@ from twincd.domain import (
     MergeRequest,
     PushedImage,
     ReleaseBranch,
+    Role,
     RolloutTarget,
     RolloutVerdict,
     Timeline,
     ValidationReport,
 )
-from twincd.drift import ClusterRead, ListScope
-from twincd.failover import Role
+from twincd.drift import ClusterRead
 
 # An edit reads the files of a work tree and returns {relative path: new text} plus its record.
 Edit = Callable[[Path], tuple[dict[str, str], tuple[ImageChange | ComponentChange, ...]]]
@@ -45,6 +45,7 @@ class Forge(Protocol):
     # False: twincd merges once a person approved in the Prefect UI (the local forge).
     # A class attribute, so a flow can ask without building the adapter (no secret read, no session).
     merged_by_people: ClassVar[bool]
+    name: ClassVar[str]  # for people: "GitLab"; recorded as the merger when people merge there
 
     def open(
         self, *, source_branch: str, target_branch: str, title: str, description: str, head: str = ""
@@ -209,10 +210,6 @@ class Cluster(Protocol):
 
     def read(self, desired: Mapping[str, Iterable[Mapping[str, Any]]]) -> ClusterRead:
         """The live objects matching every app's desired objects: one LIST per kind and namespace."""
-        ...
-
-    def list(self, scope: ListScope) -> list[dict[str, Any]]:
-        """Every object of one kind in one namespace."""
         ...
 
     def apply(self, objects: Iterable[Mapping[str, Any]]) -> ApplyResult:

@@ -156,13 +156,6 @@ def dns(env: Environment) -> Dns:
     return dns_adapters.NoDns()
 
 
-def dns_record(env: Environment) -> tuple[str, str, int]:
-    """The managed record: (name relative to the zone, full name for people, TTL); "" when unmanaged."""
-    if isinstance(env.dns, config.DnsNone):
-        return "", "", 60
-    return env.dns.record, f"{env.dns.record}.{env.dns.zone}", env.dns.ttl
-
-
 def cluster_ref(env: Environment, name: str) -> ClusterRef:
     """How to reach a cluster: its kubeconfig context (and file, relative to the repository)."""
     c = env.clusters[name]

@@ -35,7 +35,6 @@ import dns.tsigkeyring
 import dns.update
 
 from twincd.errors import PermanentError, TransientError
-from twincd.ports import Dns
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
@@ -541,33 +540,3 @@ class NoDns:
         raise DnsConfigError(
             "dns: none; twincd does not change DNS records (set dns.type in the environment)"
         )
-
-
-class DnsReadBackFailed(PermanentError):
-    """The authoritative server did not show the new record set in time."""
-
-
-def read_back(
-    dns: Dns, name: str, expect: frozenset[str], *, shown_as: str, timeout: float = 30.0, every: float = 0.5
-) -> frozenset[str]:
-    """Poll the authoritative server until ``name`` holds exactly ``expect`` (bounded by ``timeout``).
-
-    A write can be accepted before every server of the authority serves it (Route 53 is PENDING
-    until INSYNC; secondaries follow NOTIFY): only reading it back proves resolvers will get it.
-    """
-    deadline = time.monotonic() + timeout
-    seen: frozenset[str] | str = "nothing yet"
-    while True:
-        try:
-            seen = dns.read_a(name)
-            if seen == expect:
-                return seen
-        except DnsUnavailable as e:
-            seen = str(e)
-        if time.monotonic() >= deadline:
-            shown = ", ".join(sorted(seen)) if isinstance(seen, frozenset) else seen
-            raise DnsReadBackFailed(
-                f"{shown_as} still shows {shown or 'no A records'} after {timeout:g} s; "
-                f"expected {', '.join(sorted(expect))}"
-            )
-        time.sleep(every)

@@ -28,6 +28,7 @@ class MergeRequestNotFound(PermanentError):
 
 
 class LocalForge:
+    name: ClassVar[str] = "the local forge"  # who merged, when people merge there
     # Nobody merges here by hand: a person approves in the Prefect UI and twincd merges.
     merged_by_people: ClassVar[bool] = False
 
@@ -57,8 +58,10 @@ class LocalForge:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         kept: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-        # What an earlier save added (description, validation note) stays unless replaced.
-        extras = {k: v for k, v in kept.items() if k not in MergeRequest.__dataclass_fields__}
+        # What an earlier save of the same MR added (description, validation note) stays unless
+        # replaced; a new MR for the branch starts a record of its own.
+        same = kept.get("ref") == mr.ref
+        extras = {k: v for k, v in kept.items() if same and k not in MergeRequest.__dataclass_fields__}
         record = {
             **extras,
             **asdict(mr),

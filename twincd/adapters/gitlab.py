@@ -74,6 +74,7 @@ class MergeTimeout(GitlabForgeError):
 
 
 class GitlabForge:
+    name: ClassVar[str] = "GitLab"  # who merged, when people merge there
     merged_by_people: ClassVar[bool] = True  # people review and merge on GitLab; twincd waits
 
     def __init__(

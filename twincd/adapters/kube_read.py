@@ -24,10 +24,10 @@ from twincd.adapters.cluster import (
     apply_overlay,
     verify_rollout,
 )
-from twincd.domain import ApplyResult, ClusterRef, Phase, RolloutTarget, RolloutVerdict
+from twincd.domain import ApplyResult, ClusterRef, Phase, Role, RolloutTarget, RolloutVerdict
 from twincd.drift import AppRead, ClusterRead, ListScope, list_scopes, place_namespaces
 from twincd.errors import TwincdError
-from twincd.failover import Role, role_verdict
+from twincd.failover import role_verdict
 from twincd.ports import Manifests
 
 
@@ -207,10 +207,6 @@ class KubeCluster:
     def read(self, desired: Mapping[str, Iterable[Mapping[str, Any]]]) -> ClusterRead:
         return read_cluster(self.ref, desired=desired)
 
-    def list(self, scope: ListScope) -> list[dict[str, Any]]:
-        with LiveReader(self.ref) as reader:
-            return reader.list(scope)
-
     def apply(self, objects: Iterable[Mapping[str, Any]]) -> ApplyResult:
         return apply_overlay(self.ref, objects)
 
@@ -230,11 +226,14 @@ class KubeRollouts:
             return verify_rollout(replace(target, contains=contains), timeout=timeout)
 
     def verify_role(self, target: RolloutTarget, *, role: Role, app: str, timeout: float) -> RolloutVerdict:
-        """Rolled out at ``target.revision``, and at the replica count the component sets."""
-        verdict = verify_rollout(target, timeout=timeout)
-        if verdict.phase is not Phase.SUCCEEDED:
-            return verdict
+        """Rolled out at ``target.revision``, and at the replica count the component sets.
+
+        Never raises for a cluster: whatever fails becomes a FAILED verdict, as in ``verify``.
+        """
         try:
+            verdict = verify_rollout(target, timeout=timeout)
+            if verdict.phase is not Phase.SUCCEEDED:
+                return verdict
             (workload,) = KubeCluster(target.cluster).workloads(
                 [(target.kind, target.namespace, target.name)]
             )
