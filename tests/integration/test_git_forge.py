@@ -203,3 +203,47 @@ def test_merged_into_finds_the_merge_commit_or_none(manifests: str) -> None:
     assert gitrepo.merged_into(repo_url=manifests, source="switch", target="main") is None
     merge = gitrepo.merge_branch(repo_url=manifests, source="switch", target="main", message="merge switch")
     assert gitrepo.merged_into(repo_url=manifests, source="switch", target="main") == merge
+
+
+def test_local_forge_keeps_the_validation_note_and_sees_a_merge_or_a_close(
+    manifests: str, tmp_path: Path
+) -> None:
+    import json
+    import threading
+
+    from twincd.domain import Finding, ValidationReport
+    from twincd.errors import CancelledByUser
+
+    records = tmp_path / "forge"
+    forge = LocalForge(repo_url=manifests, records_dir=records, poll_seconds=0.05)
+    for n in ("v4", "v5"):
+        gitrepo.write_release_branch(
+            repo_url=manifests,
+            target="main",
+            branch=f"twincd/hello/{n}",
+            edit=append_line(f"# {n}"),
+            message=n,
+        )
+    mr = forge.open(source_branch="twincd/hello/v4", target_branch="main", title="v4", description="d")
+    failing = ValidationReport(
+        ("overlays/eks/hello",), 3, (Finding("overlays/eks/hello", "Deployment/h/h", "bad"),)
+    )
+    forge.post_validation(mr, failing)
+    record = json.loads(next(records.glob("*v4.json")).read_text())
+    assert "validation failed" in record["validation"] and record["description"] == "d"
+
+    # Another run's approval merges it while this one waits: the wait returns the merge.
+    merger = threading.Timer(0.2, lambda: forge.merge(mr, approved_by="bob"))
+    merger.start()
+    merged = forge.wait_for_merge(mr, timeout=10)
+    merger.join()
+    assert merged.state == "merged" and merged.merge_commit == run_git("-C", manifests, "rev-parse", "main")
+
+    other = forge.open(source_branch="twincd/hello/v5", target_branch="main", title="v5", description="d")
+    forge.close(other, reason="not this one")
+    with pytest.raises(CancelledByUser, match="closed"):
+        forge.wait_for_merge(other, timeout=10)
+    again = forge.open(source_branch="twincd/hello/v5", target_branch="main", title="v5", description="e")
+    assert again.ref != other.ref  # a closed MR is never reopened: a new one, with a record of its own
+    record = json.loads(next(records.glob("*v5.json")).read_text())
+    assert "closed_reason" not in record and record["description"] == "e"

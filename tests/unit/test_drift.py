@@ -304,3 +304,25 @@ def test_rows_read_back_exactly(namespace: str) -> None:
         "web", "aks,eks", "Deployment", namespace, "web", Drift.SKEW, "spec.replicas", "x|y", "aks=3; eks=2"
     )
     assert from_row(to_row(original)) == original
+
+
+def test_compare_cluster_gathers_every_app_and_what_the_read_cost() -> None:
+    from twincd.drift import AppRead, ClusterRead, compare_cluster
+
+    live = served(deployment(image=f"registry.example/web@{DIGEST_2}"))
+    read = ClusterRead("eks", (AppRead("web", (deployment(),), (live,)),), lists=3, calls=4)
+    check = compare_cluster(read, {"web": "web-eks"})
+    assert check.cluster == "eks" and (check.objects, check.lists, check.calls) == (1, 3, 4)
+    assert [(i.app, i.cluster, i.path) for i in check.items] == [
+        ("web", "eks", "spec.template.spec.containers[name=web].image")
+    ]
+    assert [(w.cluster, dict(w.images)["web"], w.replicas) for w in check.workloads] == [("eks", DIGEST_2, 2)]
+
+
+def test_state_slug_names_one_environment_file_and_fits_prefect_keys(tmp_path: Any) -> None:
+    from twincd.drift import state_slug
+
+    a, b = tmp_path / "Prod_EU.yaml", tmp_path / "other" / "Prod_EU.yaml"
+    assert state_slug(str(a)).startswith("prod-eu-") and state_slug(str(a)) == state_slug(str(a))
+    assert state_slug(str(a)) != state_slug(str(b))  # same name, another file: its own state
+    assert all(c.isalnum() or c == "-" for c in state_slug(str(a)))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from twincd.errors import PermanentError
 from twincd.failover import (
     FailoverPlan,
     Health,
@@ -210,3 +213,78 @@ def test_roles_and_component_paths_follow_the_overlay_location() -> None:
 def test_branch_names_are_per_target_run_and_step() -> None:
     name = branch_name(Target("active-standby", "aks"), "1B2C3D4E-5f6a-7b8c", "promote")
     assert name == "twincd/failover/active-standby-aks-1b2c3d4e/promote"
+
+
+# ---- health and role judgements (pure; the tasks read the cluster and hand the objects over) ----
+
+
+def _deployment(replicas: int | None, available: int | None) -> dict[str, object]:
+    spec = {} if replicas is None else {"replicas": replicas}
+    status = {} if available is None else {"availableReplicas": available}
+    return {"spec": spec, "status": status}
+
+
+def test_workload_health_needs_every_workload_at_full_replicas() -> None:
+    from twincd.failover import workload_health
+
+    ok = workload_health("aks", [("hello", "Deployment hello/hello", _deployment(2, 2))])
+    assert ok == Health("aks", True, ("hello: 2/2 replicas available",))
+    short = workload_health(
+        "aks",
+        [
+            ("hello", "Deployment hello/hello", _deployment(2, 2)),
+            ("shop", "Deployment shop/web", _deployment(3, 1)),
+            ("late", "Deployment late/web", None),  # not reached: the first failure ends the check
+        ],
+    )
+    assert not short.healthy
+    assert short.checks == (
+        "hello: 2/2 replicas available",
+        "shop: Deployment shop/web 1/3 replicas available",
+    )
+    missing = workload_health("eks", [("hello", "Deployment hello/hello", None)])
+    assert missing.checks == ("hello: Deployment hello/hello not found",) and not missing.healthy
+    scaled_down = workload_health("eks", [("hello", "Deployment hello/hello", _deployment(0, 0))])
+    assert not scaled_down.healthy  # a standby takes no traffic
+    defaulted = workload_health("eks", [("hello", "Deployment hello/hello", _deployment(None, 1))])
+    assert defaulted.healthy  # spec.replicas defaults to 1, as the API server does
+
+
+def test_a_failed_probe_makes_a_healthy_cluster_unhealthy() -> None:
+    from twincd.failover import with_probe
+
+    base = Health("aks", True, ("hello: 2/2 replicas available",))
+    assert with_probe(base, "GET http://x/healthz: HTTP 200", True).healthy
+    failed = with_probe(base, "GET http://x/healthz: HTTP 503", False)
+    assert not failed.healthy and failed.checks[-1] == "GET http://x/healthz: HTTP 503"
+
+
+def test_role_verdict_checks_the_replica_count_of_a_rolled_out_revision() -> None:
+    from twincd.domain import Phase, RolloutVerdict
+    from twincd.failover import role_verdict
+
+    done = RolloutVerdict("eks", Phase.SUCCEEDED, "rolled out", ("d",))
+    standby = role_verdict(done, app="hello", role="standby", replicas=0, revision="a" * 40)
+    assert standby.phase is Phase.SUCCEEDED and standby.message == "hello: rolled out"
+    wrong = role_verdict(done, app="hello", role="standby", replicas=2, revision="a" * 40)
+    assert wrong.phase is Phase.FAILED
+    assert wrong.message == "hello: spec.replicas is 2, expected 0 (standby) after aaaaaaaaaaaa"
+    assert role_verdict(done, app="hello", role="active", replicas=0, revision="b" * 40).phase is Phase.FAILED
+    failed = RolloutVerdict("eks", Phase.FAILED, "ImagePullBackOff")
+    assert role_verdict(failed, app="hello", role="active", replicas=2, revision="c" * 40) is failed
+
+
+def test_read_overlays_names_a_missing_overlay(tmp_path: Path) -> None:
+    from twincd.failover import read_overlays
+
+    (tmp_path / "overlays/eks/hello").mkdir(parents=True)
+    (tmp_path / "overlays/eks/hello/kustomization.yaml").write_text(
+        "resources: [../../../base/hello]\ncomponents: [../../../components/standby]\n"
+    )
+    files = {("eks", "hello"): "overlays/eks/hello/kustomization.yaml"}
+    (overlay,) = read_overlays(tmp_path, repo="manifests.git", files=files)
+    assert overlay == Overlay("eks", "hello", "overlays/eks/hello/kustomization.yaml", "standby")
+    with pytest.raises(PermanentError, match="overlays/aks/hello/kustomization.yaml does not exist"):
+        read_overlays(
+            tmp_path, repo="manifests.git", files={("aks", "hello"): "overlays/aks/hello/kustomization.yaml"}
+        )

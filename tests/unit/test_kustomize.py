@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from twincd.domain import ComponentChange, ImageChange, ImageRef
+from twincd.errors import PermanentError
 from twincd.kustomize import KustomizationError, KustomizeImage, images_of, set_components, set_image
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -157,3 +158,58 @@ def test_crlf_lines_keep_their_carriage_returns() -> None:
     )
     result = set_image(text, file="k.yaml", image="hello", ref=REF)
     assert result.text == text.replace("newTag: v1", f"digest: {NEW_DIGEST}  # v1.2.0")
+
+
+def _tree(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_pin_images_edits_every_overlay_of_a_work_tree_with_the_golden_edit(tmp_path: Path) -> None:
+    from twincd.kustomize import pin_images
+
+    original = (FIXTURES / "set_image" / "tag_to_digest" / "original.yaml").read_text()
+    expected = (FIXTURES / "set_image" / "tag_to_digest" / "expected.yaml").read_text()
+    work = _tree(tmp_path, {"overlays/eks/hello/kustomization.yaml": original})
+    edit = pin_images(
+        repo="manifests.git",
+        image="hello",
+        pins={"overlays/eks/hello/kustomization.yaml": (REF, "overlay of app 'hello' on cluster 'eks'")},
+    )
+    files, changes = edit(work)
+    assert files == {"overlays/eks/hello/kustomization.yaml": expected}  # edits nothing on disk itself
+    assert [c.new for c in changes if isinstance(c, ImageChange)] == [NEW]
+    already = _tree(tmp_path / "done", {"overlays/eks/hello/kustomization.yaml": expected})
+    assert edit(already) == ({}, ())  # already pinned: nothing to commit
+    with pytest.raises(
+        PermanentError, match=r"overlays/eks/hello/kustomization.yaml does not exist \(overlay"
+    ):
+        edit(tmp_path / "empty")
+
+
+def test_switch_components_and_pinned_digests_read_a_work_tree(tmp_path: Path) -> None:
+    from twincd.kustomize import pinned_digests, switch_components
+
+    work = _tree(
+        tmp_path,
+        {
+            "overlays/eks/hello/kustomization.yaml": (
+                "resources:\n  - ../../../base/hello\ncomponents:\n  - ../../../components/active\n"
+                "images:\n  - name: hello\n    newName: registry.example.com/team/hello\n"
+                f"    digest: {OLD_DIGEST}\n"
+            ),
+            "overlays/aks/hello/kustomization.yaml": "resources:\n  - ../../../base/hello\n",
+        },
+    )
+    rel = "overlays/eks/hello/kustomization.yaml"
+    files, changes = switch_components(
+        {rel: (["../../../components/active"], ["../../../components/standby"])}
+    )(work)
+    assert "../../../components/standby" in files[rel] and "components/active" not in files[rel]
+    assert changes == (ComponentChange(rel, "../../../components/active", "../../../components/standby"),)
+    pins = pinned_digests(
+        work, image="hello", files={"eks": rel, "aks": "overlays/aks/hello/kustomization.yaml"}
+    )
+    assert pins == {"eks": OLD_DIGEST, "aks": None}
