@@ -195,3 +195,23 @@ def test_slack_tells_the_release_in_one_thread(stack_env: Environment) -> None:
         assert "xoxb-e2e-secret" not in result.stdout + result.stderr
     finally:
         running.stop()
+
+
+def test_a_failed_apply_fails_its_cluster_only_and_the_release_is_reverted(stack_env: Environment) -> None:
+    """`sync: apply` (no Argo CD): twincd applies the overlay itself. When the apply fails on one
+    cluster, that cluster's verdict says so, the other clusters are still verified, and the release
+    is reverted: one cluster's failure never stops the others' verification."""
+    clusters = {name: c.model_dump(exclude_none=True) for name, c in stack_env.clusters.items()}
+    # A kubeconfig context that does not exist: every apply to eks is refused before any request.
+    clusters["eks"] = {**clusters["eks"], "sync": "apply", "context": "sandbox-nowhere"}
+    clusters["eks"].pop("argocd", None)
+    env = _variant(stack_env, "apply", clusters=clusters)
+    before = main_file(env, "overlays/aks/hello/kustomization.yaml")
+    release_app(env, "v3.1.0", page="<h1>hello 3.1.0</h1>\n")
+    result = twincd(env, "deploy", "hello", "v3.1.0", "--auto-approve")
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "rollout failed on eks: apply failed:" in out and "sandbox-nowhere" in out, out
+    assert "verified on aks" in out, out  # aks was verified although eks's apply failed first
+    assert "reverted by" in out and "rollback NOT verified: eks: apply failed" in out, out
+    assert main_file(env, "overlays/aks/hello/kustomization.yaml") == before  # the revert landed
