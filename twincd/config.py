@@ -49,6 +49,36 @@ class ManifestsConfig(_Model):
     branch: str = "main"
 
 
+class GitCredential(_Model):
+    """Credentials for the git remotes under one URL prefix (longest prefix wins).
+
+    HTTPS: ``token`` (e.g. a GitLab deploy, project or personal access token) is sent as
+    ``Authorization: Basic base64(username:token)``; GitLab takes any username for a project or
+    personal token, and the deploy token's own username for a deploy token. SSH: ``ssh_key`` is a
+    private key file (relative to the repository root allowed); without one ssh uses its agent.
+    """
+
+    url: str  # e.g. https://gitlab.example.com/ or ssh://git@gitlab.example.com/ or git@host:
+    username: str = "oauth2"
+    token: SecretRef | None = None
+    ssh_key: str | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _token_ref(cls, value: str | None) -> str | None:
+        return None if value is None else _check_secret_ref(value)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> GitCredential:
+        if (self.token is None) == (self.ssh_key is None):
+            raise ValueError("give either `token` (HTTPS) or `ssh_key` (SSH), not both or neither")
+        return self
+
+
+class GitConfig(_Model):
+    credentials: tuple[GitCredential, ...] = ()
+
+
 class LocalForge(_Model):
     type: Literal["local"]
 
@@ -218,6 +248,7 @@ class SandboxConfig(_Model):
     """Ports of the local stack's own services (only used by `twincd up`)."""
 
     cluster_ports: dict[str, int] = {}
+    git_port: int | None = None  # the stack's git server (git http-backend with Basic auth)
 
 
 class Environment(_Model):
@@ -226,6 +257,7 @@ class Environment(_Model):
     state_dir: str = ".twincd"
     kubernetes_version: str = "1.31"
     prefect: PrefectConfig = PrefectConfig()
+    git: GitConfig = GitConfig()
     manifests: ManifestsConfig
     forge: Annotated[LocalForge | GitlabForge, Field(discriminator="type")]
     notifier: Annotated[ConsoleNotifier | SlackNotifier, Field(discriminator="type")]
@@ -272,6 +304,11 @@ class Environment(_Model):
         if self.topology.mode == "active-standby" and self.topology.active not in self.clusters:
             raise ValueError("topology.active must name one of the clusters when mode is active-standby")
         return self
+
+    def git_credential(self, url: str) -> GitCredential | None:
+        """The credentials for a git remote: the entry with the longest matching URL prefix."""
+        found = [c for c in self.git.credentials if url.startswith(c.url)]
+        return max(found, key=lambda c: len(c.url)) if found else None
 
     def path(self, value: str) -> Path:
         """Resolve a path from the file: relative paths are relative to the file's repository root."""

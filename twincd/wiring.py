@@ -20,7 +20,7 @@ from twincd import config
 from twincd.adapters import dns as dns_adapters
 from twincd.adapters.builder import DockerBuilder
 from twincd.adapters.forge_local import LocalForge
-from twincd.adapters.git import GitManifests, GitSource
+from twincd.adapters.git import NO_AUTH, GitAuth, GitManifests, GitSource, basic_header, is_url
 from twincd.adapters.gitlab import GitlabForge
 from twincd.adapters.http_probe import HttpProbe
 from twincd.adapters.kube_read import KubeCluster, KubeRollouts
@@ -48,16 +48,34 @@ Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 
 def repo_url(env: Environment, value: str) -> str:
-    """A repository named in the file: a relative path is relative to the file's repository root."""
-    return str(env.path(value))
+    """A repository named in the file: a git URL as it is; a relative path is relative to the
+    file's repository root."""
+    return value if is_url(value) else str(env.path(value))
+
+
+def git_auth(env: Environment, url: str) -> GitAuth:
+    """The credentials ``git.credentials`` gives for ``url`` (none: anonymous, ssh's agent)."""
+    cred = env.git_credential(url)
+    if cred is None:
+        return NO_AUTH
+    if cred.token is not None:
+        return GitAuth(headers=((cred.url, basic_header(cred.username, resolve_secret(cred.token))),))
+    return GitAuth(ssh_key=str(env.path(cred.ssh_key or "")))
+
+
+def _repo(env: Environment, value: str) -> tuple[str, GitAuth]:
+    url = repo_url(env, value)
+    return url, git_auth(env, url)
 
 
 def manifests(env: Environment) -> Manifests:
-    return GitManifests(repo_url=repo_url(env, env.manifests.repo), branch=env.manifests.branch)
+    url, auth = _repo(env, env.manifests.repo)
+    return GitManifests(repo_url=url, branch=env.manifests.branch, auth=auth)
 
 
 def app_source(env: Environment, app: str) -> AppSource:
-    return GitSource(repo_url=repo_url(env, env.app(app).repo))
+    url, auth = _repo(env, env.app(app).repo)
+    return GitSource(repo_url=url, auth=auth)
 
 
 def app_repo_url(env: Environment, app: str) -> str:
@@ -81,9 +99,12 @@ def builder_url(env: Environment) -> str:
     return url
 
 
-def builder(env: Environment, registry_urls: Sequence[str]) -> Builder:
-    """The builder, pushing to the registries at ``registry_urls``."""
-    return DockerBuilder(base_url=builder_url(env), registries=registries(env, registry_urls))
+def builder(env: Environment, registry_urls: Sequence[str], *, app: str | None = None) -> Builder:
+    """The builder, pushing to the registries at ``registry_urls``; ``app``: whose repo it builds from."""
+    source_auth = _repo(env, env.app(app).repo)[1] if app is not None else NO_AUTH
+    return DockerBuilder(
+        base_url=builder_url(env), registries=registries(env, registry_urls), source_auth=source_auth
+    )
 
 
 def gitlab_forge(cfg: config.GitlabForge, *, timeout: float = 30) -> GitlabForge:
@@ -111,7 +132,8 @@ def forge(env: Environment) -> Iterator[Forge]:
         with gitlab_forge(env.forge) as gitlab:
             yield gitlab
     else:
-        yield LocalForge(repo_url=repo_url(env, env.manifests.repo), records_dir=env.state_path / "forge")
+        url, auth = _repo(env, env.manifests.repo)
+        yield LocalForge(repo_url=url, records_dir=env.state_path / "forge", auth=auth)
 
 
 def notifiers(env: Environment, *, logger: Logger, threads: bool = True) -> list[Notifier]:

@@ -8,7 +8,6 @@ so what is built is exactly what was tagged.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import tempfile
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -90,6 +89,7 @@ def build_image(
     base_url: str,
     insecure_registries: Collection[str] = frozenset(),
     commit: str | None = None,
+    source_auth: gitrepo.GitAuth = gitrepo.NO_AUTH,
 ) -> BuiltImage:
     """Build ``repo_url`` at git tag ``tag`` and tag it ``<registry>/<image>:<tag>`` for each registry.
 
@@ -108,6 +108,7 @@ def build_image(
         registries=_oci(registries, insecure_registries),
         base_url=base_url,
         commit=commit,
+        source_auth=source_auth,
     )
 
 
@@ -120,12 +121,19 @@ def _insecure(registries: Iterable[Registry]) -> frozenset[str]:
 
 
 def _build(
-    *, repo_url: str, tag: str, image: str, registries: Sequence[Registry], base_url: str, commit: str | None
+    *,
+    repo_url: str,
+    tag: str,
+    image: str,
+    registries: Sequence[Registry],
+    base_url: str,
+    commit: str | None,
+    source_auth: gitrepo.GitAuth,
 ) -> BuiltImage:
     urls = tuple(r.url for r in registries)
     if not registries:
         raise PermanentError(f"image {image!r}: no registry to build for")
-    commit = commit or _resolve_tag(repo_url, tag)
+    commit = commit or _resolve_tag(repo_url, tag, source_auth)
     existing = [r.digest(image, tag) for r in registries]
     if all(existing):
         refs = tuple(
@@ -144,7 +152,7 @@ def _build(
 
     built = BuiltImage(image, tag, commit, urls)
     with tempfile.TemporaryDirectory(prefix="twincd-build-") as tmp:
-        context, build_file = _export_tree(repo_url, tag, Path(tmp))
+        context, build_file = _export_tree(repo_url, tag, Path(tmp), source_auth)
         with _client(base_url, timeout=_BUILD_TIMEOUT_SECONDS) as client, open(context, "rb") as tar:
             image_id = _run_build(
                 client, base_url, built, tar, build_file, source=gitrepo.redact_url(repo_url)
@@ -331,7 +339,7 @@ def _daemon_error(base_url: str, e: Exception) -> Exception:
     return BuilderUnavailable(f"builder at {base_url} cannot be reached: {type(e).__name__}")
 
 
-def _git(repo_url: str, what: str, *args: str, cwd: Path) -> str:
+def _git(repo_url: str, what: str, *args: str, cwd: Path, auth: gitrepo.GitAuth = gitrepo.NO_AUTH) -> str:
     """Run git; a failure is SourceUnavailable naming ``what``, with git's last line of stderr."""
     # GIT_TERMINAL_PROMPT=0: a missing credential must fail, not wait forever for a password.
     result = subprocess.run(
@@ -340,13 +348,18 @@ def _git(repo_url: str, what: str, *args: str, cwd: Path) -> str:
         check=False,  # the exit code is turned into SourceUnavailable below
         capture_output=True,
         text=True,
-        env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+        env=auth.env(),  # credentials in git's config environment, never in argv
         timeout=600,
     )
     if result.returncode != 0:
         # Every URL, not just repo_url's spelling: git may echo it rewritten (file:// form,
         # a trailing slash, a redirect target) or another URL altogether.
-        stderr = gitrepo._scrub(result.stderr)
+        stderr = auth.mask(gitrepo._scrub(result.stderr))
+        if gitrepo.DENIED.search(stderr):  # a wrong or missing credential: retrying cannot help
+            raise gitrepo.GitDenied(
+                f"{what} {gitrepo.redact_url(repo_url)}: {_last_line(stderr)}; check the repository's "
+                "entry under git.credentials in the environment file"
+            )
         raise SourceUnavailable(f"{what} {gitrepo.redact_url(repo_url)}: {_last_line(stderr)}")
     return result.stdout
 
@@ -361,17 +374,17 @@ def _git_url(repo_url: str) -> str:
     return path.resolve().as_uri()
 
 
-def _resolve_tag(repo_url: str, tag: str) -> str:
+def _resolve_tag(repo_url: str, tag: str, auth: gitrepo.GitAuth) -> str:
     """The commit that ``tag`` points to (annotated tags peeled); TagNotFound if there is none."""
     try:
-        return gitrepo.tag_commit(repo_url=repo_url, tag=tag)
+        return gitrepo.tag_commit(repo_url=repo_url, tag=tag, auth=auth)
     except gitrepo.GitRefNotFound as e:
         raise TagNotFound(f"app repository {gitrepo.redact_url(repo_url)} has no tag {tag!r}") from e
     except gitrepo.GitError as e:
         raise SourceUnavailable(f"cannot read app repository {gitrepo.redact_url(repo_url)}: {e}") from e
 
 
-def _export_tree(repo_url: str, tag: str, tmp: Path) -> tuple[Path, str]:
+def _export_tree(repo_url: str, tag: str, tmp: Path, auth: gitrepo.GitAuth) -> tuple[Path, str]:
     """``git archive`` of the tagged commit as a tar (the build context) and the build file's name."""
     clone, context = tmp / "src.git", tmp / "context.tar"
     what = f"cannot export tag {tag!r} of"
@@ -390,6 +403,7 @@ def _export_tree(repo_url: str, tag: str, tmp: Path) -> tuple[Path, str]:
         url,
         str(clone),
         cwd=tmp,
+        auth=auth,
     )
     _git(repo_url, what, "--git-dir", str(clone), "archive", "--format=tar", "-o", str(context), tag, cwd=tmp)
     names = set(
@@ -411,9 +425,12 @@ def _last_line(text: str) -> str:
 class DockerBuilder:
     """The ``Builder`` port over the Docker Engine API (Docker, or podman's compatible service)."""
 
-    def __init__(self, *, base_url: str, registries: Sequence[Registry]) -> None:
+    def __init__(
+        self, *, base_url: str, registries: Sequence[Registry], source_auth: gitrepo.GitAuth = gitrepo.NO_AUTH
+    ) -> None:
         self._base_url = base_url
         self._registries = tuple(registries)
+        self._source_auth = source_auth
 
     def build(self, *, repo_url: str, tag: str, commit: str, image: str) -> BuiltImage:
         return _build(
@@ -423,6 +440,7 @@ class DockerBuilder:
             registries=self._registries,
             base_url=self._base_url,
             commit=commit,
+            source_auth=self._source_auth,
         )
 
     def push(self, built: BuiltImage) -> PushedImage:

@@ -32,8 +32,16 @@ class LocalForge:
     # Nobody merges here by hand: a person approves in the Prefect UI and twincd merges.
     merged_by_people: ClassVar[bool] = False
 
-    def __init__(self, *, repo_url: str, records_dir: Path, poll_seconds: float = 2) -> None:
+    def __init__(
+        self,
+        *,
+        repo_url: str,
+        records_dir: Path,
+        poll_seconds: float = 2,
+        auth: gitrepo.GitAuth = gitrepo.NO_AUTH,
+    ) -> None:
         self.repo_url = repo_url
+        self._auth = auth
         self.records_dir = records_dir
         self._poll = poll_seconds
 
@@ -78,7 +86,9 @@ class LocalForge:
     ) -> MergeRequest:
         """Open the MR for ``source_branch``; an open one, or one merged at the branch's current
         head, is reused ("already done")."""
-        head = head or gitrepo.branch_head(repo_url=self.repo_url, branch=source_branch) or ""
+        head = (
+            head or gitrepo.branch_head(repo_url=self.repo_url, branch=source_branch, auth=self._auth) or ""
+        )
         existing = self.find(source_branch=source_branch)
         if existing is not None and existing.state == "opened":
             # Like a GitLab MR, an open one follows its branch: it now shows the branch's head.
@@ -149,12 +159,13 @@ class LocalForge:
             raise PermanentError(
                 f"merge request {current.ref} ({current.source_branch}) is closed; re-run the release"
             )
-        head = gitrepo.branch_head(repo_url=self.repo_url, branch=mr.source_branch) or ""
+        head = gitrepo.branch_head(repo_url=self.repo_url, branch=mr.source_branch, auth=self._auth) or ""
         sha = gitrepo.merge_branch(
             repo_url=self.repo_url,
             source=mr.source_branch,
             target=mr.target_branch,
             message=f"Merge branch '{mr.source_branch}'\n\n{mr.title}\n\nApproved-by: {approved_by}",
+            auth=self._auth,
         )
         return self._save(replace(current, state="merged", merge_commit=sha, sha=head), merged_by=approved_by)
 

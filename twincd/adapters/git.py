@@ -8,17 +8,21 @@ our edits are pure functions of the files, so re-applying them on the new head i
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
+import shlex
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import git
 
+from twincd.adapters.secrets import Secret
 from twincd.domain import ReleaseBranch as ReleaseBranch  # re-exported: the type git writes
 from twincd.errors import PermanentError, TransientError
 from twincd.ports import Edit
@@ -50,19 +54,73 @@ def redact_url(url: str) -> str:
         return url
     parts = urlsplit(url)
     host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    try:
+        port = parts.port
+    except ValueError:  # not a port after all: keep no part of what followed the host
+        port = None
+    if port:
+        host = f"{host}:{port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def _scrub(text: str) -> str:
     """git's own output may echo a URL with credentials: redact every URL in it."""
-    return re.sub(r"[a-z][a-z0-9+.-]*://\S+", lambda m: redact_url(m.group(0)), text)
+    # git quotes URLs ('http://host/repo.git/'): a quote ends the URL.
+    return re.sub(r"[a-z][a-z0-9+.-]*://[^\s'\"]+", lambda m: redact_url(m.group(0)), text)
 
 
-# A missing credential must fail, not wait for a password on a terminal nobody watches.
-_NO_PROMPT = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
-_DENIED = re.compile(
+@dataclass(frozen=True)
+class GitAuth:
+    """How git authenticates to remotes, handed to every git command through its environment.
+
+    HTTPS: ``headers`` are ``(URL prefix, header value)`` pairs, given to git as
+    ``http.<prefix>.extraHeader`` through ``GIT_CONFIG_COUNT``/``GIT_CONFIG_KEY_n``/``GIT_CONFIG_VALUE_n``
+    (git-config(1), "ENVIRONMENT"): git sends the header only to URLs under the prefix
+    (``http.<url>.*`` matching), and the value is never in a URL, an argument list (``ps`` shows
+    argv), a remote's config, a log or an error. SSH: ``ssh_key`` is a private key file for
+    ``GIT_SSH_COMMAND``; without one ssh uses its agent. ``GIT_TERMINAL_PROMPT=0`` always: a
+    missing credential must fail, not wait for a password on a terminal nobody watches.
+    """
+
+    headers: tuple[tuple[str, Secret], ...] = ()
+    ssh_key: str = ""
+
+    def env(self) -> dict[str, str]:
+        out = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+        for i, (prefix, value) in enumerate(self.headers):
+            out[f"GIT_CONFIG_KEY_{i}"] = f"http.{prefix}.extraHeader"
+            out[f"GIT_CONFIG_VALUE_{i}"] = value.reveal()
+        if self.headers:
+            out["GIT_CONFIG_COUNT"] = str(len(self.headers))
+        if self.ssh_key:
+            # BatchMode: no passphrase or host-key prompt; a key that needs one fails clearly.
+            out["GIT_SSH_COMMAND"] = (
+                f"ssh -i {shlex.quote(self.ssh_key)} -o IdentitiesOnly=yes -o BatchMode=yes"
+            )
+        return out
+
+    def mask(self, text: str) -> str:
+        for _, value in self.headers:
+            text = value.mask(text)
+        return text
+
+
+NO_AUTH = GitAuth()
+
+
+def basic_header(username: str, token: Secret) -> Secret:
+    """``Authorization: Basic base64(username:token)``, what GitLab takes for a deploy, project or
+    personal access token over HTTPS (any username for a project or personal token)."""
+    pair = base64.b64encode(f"{username}:{token.reveal()}".encode()).decode()
+    return Secret(f"Authorization: Basic {pair}")
+
+
+def is_url(value: str) -> bool:
+    """A git URL (``scheme://...`` or scp-style ``user@host:path``) rather than a local path."""
+    return "://" in value or bool(re.match(r"^[\w.+-]+@[\w.-]+:", value))
+
+
+DENIED = re.compile(
     r"Authentication failed|could not read Username|Permission denied|HTTP 40[13]|"
     r"protected branch|pre-receive hook declined|hook declined",
     re.IGNORECASE,
@@ -72,15 +130,17 @@ _REJECTED = re.compile(
 )
 
 
-def _git_call(what: str, fn: Callable[[], object]) -> object:
+def _git_call(what: str, fn: Callable[[], object], auth: GitAuth = NO_AUTH) -> object:
     try:
         return fn()
     except git.GitCommandError as e:
         # Not `from e`: the SDK error's text carries the command line, URL credentials included.
-        detail = _scrub(str(e.stderr or "")).strip()[:500]
-        if _DENIED.search(detail):
+        detail = auth.mask(_scrub(str(e.stderr or ""))).strip()[:500]
+        if DENIED.search(detail):
             raise GitDenied(
-                f"git {what} refused: {detail}; check the credentials and the branch's protection for twincd"
+                f"git {what} refused: {detail}; check the repository's entry under git.credentials in the "
+                "environment file (the token, its scope: read and write repository) and the branch's "
+                "protection for twincd"
             ) from None
         if _REJECTED.search(detail):
             raise PushRejected(f"git {what} rejected: {detail}") from None
@@ -88,15 +148,25 @@ def _git_call(what: str, fn: Callable[[], object]) -> object:
 
 
 @contextlib.contextmanager
-def _clone(repo_url: str, *, ref: str | None = None) -> Iterator[git.Repo]:
-    """A temporary clone of ``repo_url``, checked out at ``ref`` (branch, tag or commit) if given."""
+def _clone(repo_url: str, *, ref: str | None = None, auth: GitAuth = NO_AUTH) -> Iterator[git.Repo]:
+    """A temporary clone of ``repo_url``, checked out at ``ref`` (branch, tag or commit) if given.
+
+    Partial (``--filter=blob:none``) from a remote: history comes without old file contents, and the
+    blobs a checkout or a diff needs are fetched on demand (with the same credentials).
+    """
+    env = auth.env()
+    partial = ["--filter=blob:none"] if is_url(repo_url) else None
     with tempfile.TemporaryDirectory(prefix="twincd-git-") as tmp:
         repo = _git_call(
-            "clone", lambda: git.Repo.clone_from(repo_url, tmp, no_checkout=ref is not None, env=_NO_PROMPT)
+            f"clone {redact_url(repo_url)}",
+            lambda: git.Repo.clone_from(
+                repo_url, tmp, multi_options=partial, no_checkout=ref is not None, env=env
+            ),
+            auth,
         )
         assert isinstance(repo, git.Repo)
         with repo:  # ends git's persistent cat-file processes before the directory goes
-            repo.git.update_environment(**_NO_PROMPT)
+            repo.git.update_environment(**env)
             if ref is not None:
                 try:
                     repo.git.checkout(ref)
@@ -116,14 +186,14 @@ def _diff(repo: git.Repo, base: str, head: str) -> str:
     return str(repo.git.diff(f"{base}...{head}"))
 
 
-def _in_fresh_clone(repo_url: str, body: Callable[[git.Repo], T]) -> T:
+def _in_fresh_clone(repo_url: str, body: Callable[[git.Repo], T], auth: GitAuth = NO_AUTH) -> T:
     """Run ``body`` in a fresh clone; when its push is rejected (someone pushed first), start over.
 
     Rebase-and-retry without a real rebase: our edits are pure functions of the files, so doing
     them again on the new remote state is exact.
     """
     for attempt in range(PUSH_ATTEMPTS):
-        with _clone(repo_url) as repo:
+        with _clone(repo_url, auth=auth) as repo:
             try:
                 return body(repo)
             except PushRejected:
@@ -157,7 +227,7 @@ _AS_TWINCD = {
 
 
 def write_release_branch(
-    *, repo_url: str, target: str, branch: str, edit: Edit, message: str
+    *, repo_url: str, target: str, branch: str, edit: Edit, message: str, auth: GitAuth = NO_AUTH
 ) -> ReleaseBranch:
     """Make ``branch`` hold ``target`` plus ``edit``, push it, and return its diff against ``target``.
 
@@ -190,17 +260,21 @@ def write_release_branch(
         _push(repo, branch, replacing=existing.commit.hexsha if existing is not None else None)
         return ReleaseBranch(branch, commit.hexsha, base, changes, True, _diff(repo, base, commit.hexsha))
 
-    return _in_fresh_clone(repo_url, body)
+    return _in_fresh_clone(repo_url, body, auth)
 
 
-def branch_head(*, repo_url: str, branch: str) -> str | None:
+def branch_head(*, repo_url: str, branch: str, auth: GitAuth = NO_AUTH) -> str | None:
     """The commit a remote branch points at, or None when it does not exist (one ls-remote)."""
-    out = _git_call("ls-remote", lambda: git.cmd.Git().ls_remote(repo_url, f"refs/heads/{branch}"))
+    out = _git_call(
+        f"ls-remote {redact_url(repo_url)}",
+        lambda: git.cmd.Git().ls_remote("--", repo_url, f"refs/heads/{branch}", env=auth.env()),
+        auth,
+    )
     line = str(out).strip()
     return line.split()[0] if line else None
 
 
-def merge_branch(*, repo_url: str, source: str, target: str, message: str) -> str:
+def merge_branch(*, repo_url: str, source: str, target: str, message: str, auth: GitAuth = NO_AUTH) -> str:
     """Merge ``source`` into ``target`` with a merge commit and push; return the merge commit.
 
     "Already merged" is success: the existing merge commit (the first commit on ``target`` whose
@@ -224,12 +298,12 @@ def merge_branch(*, repo_url: str, source: str, target: str, message: str) -> st
         _push(repo, target)
         return str(repo.head.commit.hexsha)
 
-    return _in_fresh_clone(repo_url, body)
+    return _in_fresh_clone(repo_url, body, auth)
 
 
-def merged_into(*, repo_url: str, source: str, target: str) -> str | None:
+def merged_into(*, repo_url: str, source: str, target: str, auth: GitAuth = NO_AUTH) -> str | None:
     """The merge commit that brought ``source``'s head into ``target``, or None when it is not merged."""
-    with _clone(repo_url) as repo:
+    with _clone(repo_url, auth=auth) as repo:
         tgt, src = _branches(repo, repo_url, target, source)
         if src is None or not repo.is_ancestor(src.commit, tgt.commit):
             return None
@@ -244,20 +318,21 @@ def _merge_commit_of(repo: git.Repo, source_sha: str, target_ref: str) -> str:
     return source_sha
 
 
-def tag_commit(*, repo_url: str, tag: str) -> str:
+def tag_commit(*, repo_url: str, tag: str, auth: GitAuth = NO_AUTH) -> str:
     """The commit a tag points at (annotated tags peeled); GitRefNotFound when there is no such tag."""
     # `--` so that a URL can never be read as an option; no prompt for a missing credential.
     out = str(
         _git_call(
-            "ls-remote",
+            f"ls-remote {redact_url(repo_url)}",
             lambda: git.cmd.Git().ls_remote(
                 "--tags",
                 "--",
                 repo_url,
                 f"refs/tags/{tag}",
                 f"refs/tags/{tag}^{{}}",
-                env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+                env=auth.env(),
             ),
+            auth,
         )
     ).strip()
     refs: dict[str, str] = {}
@@ -271,7 +346,7 @@ def tag_commit(*, repo_url: str, tag: str) -> str:
 
 
 def write_revert_branch(
-    *, repo_url: str, target: str, branch: str, merge_commits: list[str]
+    *, repo_url: str, target: str, branch: str, merge_commits: list[str], auth: GitAuth = NO_AUTH
 ) -> ReleaseBranch:
     """Make ``branch`` (from ``target``) hold a `git revert -m 1` of each merge commit, in the order given.
 
@@ -300,11 +375,13 @@ def write_revert_branch(
         head = repo.head.commit.hexsha
         return ReleaseBranch(branch, head, base, (), True, _diff(repo, base, head))
 
-    return _in_fresh_clone(repo_url, body)
+    return _in_fresh_clone(repo_url, body, auth)
 
 
 @contextlib.contextmanager
-def contains_checker(repo_url: str, commit: str) -> Iterator[Callable[[str], bool]]:
+def contains_checker(
+    repo_url: str, commit: str, *, auth: GitAuth = NO_AUTH
+) -> Iterator[Callable[[str], bool]]:
     """A test "does revision ``rev`` contain ``commit``?", answered from a local bare clone.
 
     Revisions the clone does not know yet (pushed after it was made) trigger one fetch; answers
@@ -312,10 +389,14 @@ def contains_checker(repo_url: str, commit: str) -> Iterator[Callable[[str], boo
     """
     with tempfile.TemporaryDirectory(prefix="twincd-ancestry-") as tmp:
         # Commits only: ancestry needs no file contents (a local path ignores the filter).
+        env = auth.env()
         repo = _git_call(
-            "clone", lambda: git.Repo.clone_from(repo_url, tmp, bare=True, filter="blob:none", env=_NO_PROMPT)
+            f"clone {redact_url(repo_url)}",
+            lambda: git.Repo.clone_from(repo_url, tmp, bare=True, filter="blob:none", env=env),
+            auth,
         )
         assert isinstance(repo, git.Repo)
+        repo.git.update_environment(**env)
         answers: dict[str, bool] = {}
 
         def contains(rev: str) -> bool:
@@ -331,7 +412,11 @@ def contains_checker(repo_url: str, commit: str) -> Iterator[Callable[[str], boo
                             break
                         if attempt:
                             return False  # still unknown: not ours to judge
-                        _git_call("fetch", lambda: repo.git.fetch("origin", "+refs/heads/*:refs/heads/*"))
+                        _git_call(
+                            f"fetch {redact_url(repo_url)}",
+                            lambda: repo.git.fetch("origin", "+refs/heads/*:refs/heads/*"),
+                            auth,
+                        )
             return answers[rev]
 
         with repo:
@@ -339,18 +424,19 @@ def contains_checker(repo_url: str, commit: str) -> Iterator[Callable[[str], boo
 
 
 @contextlib.contextmanager
-def checkout(repo_url: str, *, ref: str) -> Iterator[Path]:
+def checkout(repo_url: str, *, ref: str, auth: GitAuth = NO_AUTH) -> Iterator[Path]:
     """A temporary work tree of ``repo_url`` at ``ref``, as a plain directory (no GitPython outside)."""
-    with _clone(repo_url, ref=ref) as repo:
+    with _clone(repo_url, ref=ref, auth=auth) as repo:
         yield Path(str(repo.working_tree_dir))
 
 
 class GitManifests:
     """The manifests monorepo (the ``Manifests`` port): every operation in a fresh clone."""
 
-    def __init__(self, *, repo_url: str, branch: str) -> None:
+    def __init__(self, *, repo_url: str, branch: str, auth: GitAuth = NO_AUTH) -> None:
         self._url = repo_url
         self._branch = branch
+        self._auth = auth
 
     @property
     def name(self) -> str:
@@ -361,36 +447,46 @@ class GitManifests:
         return self._branch
 
     def head(self) -> str:
-        head = branch_head(repo_url=self._url, branch=self._branch)
+        head = branch_head(repo_url=self._url, branch=self._branch, auth=self._auth)
         if head is None:
             raise GitRefNotFound(f"{self.name}: branch {self._branch!r} does not exist")
         return head
 
     def checkout(self, revision: str) -> contextlib.AbstractContextManager[Path]:
-        return checkout(self._url, ref=revision)
+        return checkout(self._url, ref=revision, auth=self._auth)
 
     def write_branch(self, *, branch: str, edit: Edit, message: str) -> ReleaseBranch:
         return write_release_branch(
-            repo_url=self._url, target=self._branch, branch=branch, edit=edit, message=message
+            repo_url=self._url,
+            target=self._branch,
+            branch=branch,
+            edit=edit,
+            message=message,
+            auth=self._auth,
         )
 
     def write_revert(self, *, branch: str, merge_commits: Sequence[str]) -> ReleaseBranch:
         return write_revert_branch(
-            repo_url=self._url, target=self._branch, branch=branch, merge_commits=list(merge_commits)
+            repo_url=self._url,
+            target=self._branch,
+            branch=branch,
+            merge_commits=list(merge_commits),
+            auth=self._auth,
         )
 
     def merged_into(self, source: str) -> str | None:
-        return merged_into(repo_url=self._url, source=source, target=self._branch)
+        return merged_into(repo_url=self._url, source=source, target=self._branch, auth=self._auth)
 
     def ancestry(self, commit: str) -> contextlib.AbstractContextManager[Callable[[str], bool]]:
-        return contains_checker(self._url, commit)
+        return contains_checker(self._url, commit, auth=self._auth)
 
 
 class GitSource:
     """An app repository (the ``AppSource`` port): releases are its tags."""
 
-    def __init__(self, *, repo_url: str) -> None:
+    def __init__(self, *, repo_url: str, auth: GitAuth = NO_AUTH) -> None:
         self._url = repo_url
+        self._auth = auth
 
     def tag_commit(self, tag: str) -> str:
-        return tag_commit(repo_url=self._url, tag=tag)
+        return tag_commit(repo_url=self._url, tag=tag, auth=self._auth)

@@ -1,0 +1,117 @@
+"""Git remotes over authenticated HTTP: the local stack's git server (git http-backend behind Basic
+auth, as GitLab serves a private project) and the git adapter's credentials.
+
+The real git client talks to the real git http-backend; credentials travel only in git's config
+environment (``http.<url>.extraHeader``), so no test here ever finds them in a URL, a remote's
+config, a message or a log.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from twincd.adapters.git import (
+    GitAuth,
+    GitDenied,
+    GitError,
+    GitManifests,
+    GitSource,
+    basic_header,
+)
+from twincd.adapters.secrets import Secret
+from twincd.domain import ImageChange
+from twincd.sandbox.githttp import create_app
+from twincd.sandbox.procs import free_port
+from twincd.sandbox.seed import seed_app, seed_manifests
+from twincd.sandbox.serving import ServedApp, serve_asgi
+
+TOKEN = "glpat-git-http-test-token"
+OVERLAY = "overlays/eks/hello/kustomization.yaml"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[ServedApp, Path]]:
+    root = tmp_path / "repos"
+    seed_manifests(root / "manifests.git", apps=["hello"], clusters=["eks", "aks"])
+    seed_app(root / "hello.git")
+    served = serve_asgi(create_app(root, TOKEN), name="git-http")
+    try:
+        yield served, root
+    finally:
+        served.stop()
+
+
+def auth_for(url: str, token: str = TOKEN) -> GitAuth:
+    return GitAuth(headers=((url, basic_header("twincd", Secret(token))),))
+
+
+def comment(line: str):  # type: ignore[no-untyped-def]
+    def edit(work: Path) -> tuple[dict[str, str], tuple[ImageChange, ...]]:
+        return {OVERLAY: (work / OVERLAY).read_text() + line + "\n"}, (
+            ImageChange(OVERLAY, "hello", "", line),
+        )
+
+    return edit
+
+
+def test_clone_push_and_tags_through_basic_auth(
+    server: tuple[ServedApp, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    served, root = server
+    base = f"{served.url}/"
+    manifests = GitManifests(repo_url=f"{base}manifests.git", branch="main", auth=auth_for(base))
+    head = manifests.head()
+    branch = manifests.write_branch(branch="twincd/hello/v1", edit=comment("# v1"), message="v1")
+    assert branch.committed and branch.base == head and "+# v1" in branch.diff
+    pushed = subprocess.run(
+        ["git", "-C", str(root / "manifests.git"), "rev-parse", "refs/heads/twincd/hello/v1"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert pushed == branch.head  # the push went through http-backend's receive-pack
+    with manifests.checkout(branch.head) as work:
+        assert (work / OVERLAY).read_text().endswith("# v1\n")
+        config = (work / ".git" / "config").read_text()
+    assert TOKEN not in config and "extraheader" not in config.lower()  # nothing persisted
+    with manifests.ancestry(head) as contains:
+        assert contains(branch.head)
+    source = GitSource(repo_url=f"{base}hello.git", auth=auth_for(base))
+    assert len(source.tag_commit("v1.0.0")) == 40
+    assert TOKEN not in caplog.text
+
+
+@pytest.mark.parametrize("token", ["wrong-token", None])
+def test_a_wrong_or_missing_token_is_refused_naming_the_repository(
+    server: tuple[ServedApp, Path], token: str | None
+) -> None:
+    served, _ = server
+    url = f"{served.url}/manifests.git"
+    auth = auth_for(f"{served.url}/", token) if token else GitAuth()
+    with pytest.raises(GitDenied) as e:
+        GitManifests(repo_url=url, branch="main", auth=auth).head()
+    message = str(e.value)
+    assert url in message and "git.credentials" in message
+    assert TOKEN not in message and "wrong-token" not in message
+    with pytest.raises(GitDenied), GitManifests(repo_url=url, branch="main", auth=auth).checkout("main"):
+        pass  # the clone path is refused too, not only ls-remote
+
+
+def test_credentials_go_only_to_their_url_prefix(server: tuple[ServedApp, Path]) -> None:
+    served, _ = server
+    elsewhere = auth_for("http://gitlab.example.invalid/")  # another host's token is not sent here
+    with pytest.raises(GitDenied):
+        GitManifests(repo_url=f"{served.url}/manifests.git", branch="main", auth=elsewhere).head()
+
+
+def test_an_unreachable_git_host_is_a_transient_error() -> None:
+    url = f"http://127.0.0.1:{free_port()}/manifests.git"
+    with pytest.raises(GitError) as e:
+        GitManifests(repo_url=url, branch="main", auth=auth_for(url)).head()
+    assert not isinstance(e.value, GitDenied) and "127.0.0.1" in str(e.value)
