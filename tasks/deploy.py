@@ -42,7 +42,7 @@ def check_release(env: Environment, app: str, tag: str) -> Release:
 
 @task(name="build-image", **IO_RETRIES)
 def build_image(env: Environment, release: Release) -> BuiltImage:
-    return wiring.builder(env, env.app_registry_urls(release.app)).build(
+    return wiring.builder(env, env.app_registry_urls(release.app), app=release.app).build(
         repo_url=wiring.app_repo_url(env, release.app),
         tag=release.tag,
         commit=release.commit,

@@ -19,6 +19,7 @@ import yaml
 from twincd.config import DEFAULT_ENV, Environment, load_environment
 from twincd.sandbox import stack
 from twincd.sandbox.procs import free_port
+from twincd.sandbox.stack import local_repo_path
 
 TWINCD = [sys.executable, "-m", "twincd.cli"]
 
@@ -29,14 +30,20 @@ def write_env(root: Path, **overrides: object) -> Path:
     state = root / "state"
     env["state_dir"] = str(state)
     env["prefect"] = {"api_url": f"http://127.0.0.1:{free_port()}/api"}
-    env["manifests"]["repo"] = str(state / "git" / "manifests.git")
-    env["apps"]["hello"]["repo"] = str(state / "git" / "hello.git")
+    # The repos are reached over the stack's authenticated git server, as the embedded default does.
+    git = f"http://127.0.0.1:{free_port()}"
+    env["git"] = {"credentials": [{"url": f"{git}/", "username": "twincd", "token": "env:TWINCD_GIT_TOKEN"}]}
+    env["manifests"]["repo"] = f"{git}/manifests.git"
+    env["apps"]["hello"]["repo"] = f"{git}/hello.git"
     registry = f"127.0.0.1:{free_port()}"
     env["registries"] = {"local": {"url": registry, "insecure": True}}
     env["builder"] = {"url": f"unix://{state}/run/podman.sock"}
     for cluster in env["clusters"].values():
         cluster["kubeconfig"] = str(state / "kubeconfig")
-    env["sandbox"] = {"cluster_ports": {name: free_port() for name in env["clusters"]}}
+    env["sandbox"] = {
+        "cluster_ports": {name: free_port() for name in env["clusters"]},
+        "git_port": int(git.rsplit(":", 1)[1]),
+    }
     env["timeouts"] = {"approval_seconds": 600, "rollout_seconds": 30}
     env.update(overrides)
     path = root / "env.yaml"
@@ -71,7 +78,7 @@ def twincd(env: Environment, *args: str, timeout: float = 300) -> subprocess.Com
 
 def release_app(env: Environment, tag: str, *, page: str) -> str:
     """Commit a change to the sample app and tag it: a new release with a new image digest."""
-    repo = env.path(env.apps["hello"].repo)
+    repo = local_repo_path(env, env.apps["hello"].repo)
     with tempfile.TemporaryDirectory() as tmp:
         git = ["git", "-C", tmp, "-c", "user.name=dev", "-c", "user.email=dev@example.test"]
         subprocess.run(["git", "clone", "-q", str(repo), tmp], check=True)

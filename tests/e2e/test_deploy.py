@@ -20,7 +20,7 @@ import pytest
 from tests.e2e.conftest import git_refs, release_app, twincd
 from twincd.config import Environment
 from twincd.sandbox import procs, stack
-from twincd.sandbox.stack import cluster_name_of
+from twincd.sandbox.stack import cluster_name_of, local_repo_path
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 RUN_URL = re.compile(r"Run in the Prefect UI: (\S+)")
@@ -48,7 +48,7 @@ def kubectl_json(env: Environment, context: str, *args: str) -> dict:
 
 def main_file(env: Environment, path: str) -> str:
     return subprocess.run(
-        ["git", "-C", str(env.path(env.manifests.repo)), "show", f"main:{path}"],
+        ["git", "-C", str(local_repo_path(env, env.manifests.repo)), "show", f"main:{path}"],
         check=True,
         capture_output=True,
         text=True,
@@ -56,7 +56,7 @@ def main_file(env: Environment, path: str) -> str:
 
 
 def main_head(env: Environment) -> str:
-    return git_refs(env.path(env.manifests.repo))["refs/heads/main"]
+    return git_refs(local_repo_path(env, env.manifests.repo))["refs/heads/main"]
 
 
 def registry_digest(env: Environment, tag: str) -> str:
@@ -88,14 +88,14 @@ def test_deploy_verifies_both_clusters_and_rerun_changes_nothing(stack_env: Envi
         dep = kubectl_json(env, f"sandbox-{cluster}", "deployment", "-n", "hello", "hello")
         assert dep["spec"]["template"]["spec"]["containers"][0]["image"].endswith("@" + digest)
         assert dep["status"]["availableReplicas"] == 2
-    refs = git_refs(env.path(env.manifests.repo))
+    refs = git_refs(local_repo_path(env, env.manifests.repo))
     records = sorted((env.state_path / "forge").glob("*.json"))
     (ARTIFACTS / "run-url.txt").parent.mkdir(exist_ok=True)
     (ARTIFACTS / "run-url.txt").write_text(RUN_URL.search(first.stdout).group(1))  # type: ignore[union-attr]
 
     again = twincd(env, "deploy", "hello", "v1.0.0", "--auto-approve")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert git_refs(env.path(env.manifests.repo)) == refs  # no second commit or branch
+    assert git_refs(local_repo_path(env, env.manifests.repo)) == refs  # no second commit or branch
     assert sorted((env.state_path / "forge").glob("*.json")) == records  # no second MR
     assert registry_digest(env, "v1.0.0") == digest  # no second image
 
@@ -208,11 +208,11 @@ def test_run_graph_reads_as_the_eight_steps(stack_env: Environment) -> None:
     ],
 )
 def test_bad_tag_is_refused_before_any_change(stack_env: Environment, tag: str, reason: str) -> None:
-    refs = git_refs(stack_env.path(stack_env.manifests.repo))
+    refs = git_refs(local_repo_path(stack_env, stack_env.manifests.repo))
     result = twincd(stack_env, "deploy", "--auto-approve", "hello", "--", tag)
     assert result.returncode != 0
     assert reason in result.stdout + result.stderr
-    assert git_refs(stack_env.path(stack_env.manifests.repo)) == refs
+    assert git_refs(local_repo_path(stack_env, stack_env.manifests.repo)) == refs
 
 
 def test_missing_tag_names_the_repo(stack_env: Environment) -> None:
@@ -230,7 +230,7 @@ def test_unknown_app_lists_the_known_ones(stack_env: Environment) -> None:
 def _push_to_main(env: Environment, path: str, text: str, message: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         git = ["git", "-C", tmp, "-c", "user.name=dev", "-c", "user.email=dev@example.test"]
-        subprocess.run(["git", "clone", "-q", str(env.path(env.manifests.repo)), tmp], check=True)
+        subprocess.run(["git", "clone", "-q", str(local_repo_path(env, env.manifests.repo)), tmp], check=True)
         Path(tmp, path).write_text(text)
         subprocess.run([*git, "commit", "-qam", message], check=True)
         subprocess.run([*git, "push", "-q", "origin", "main"], check=True)
@@ -284,7 +284,7 @@ def test_refused_approval_cancels_and_keeps_the_branch(stack_env: Environment) -
     assert refused.returncode == 0, refused.stderr
     assert run.returncode == 1
     assert "Cancelled" in out and "refused by alice" in out
-    refs = git_refs(env.path(env.manifests.repo))
+    refs = git_refs(local_repo_path(env, env.manifests.repo))
     assert refs["refs/heads/main"] == head  # nothing reached main
     assert "refs/heads/twincd/hello/v1.2.0" in refs  # kept for inspection
 
@@ -305,7 +305,7 @@ def test_approval_in_the_cli_merges_and_verifies(stack_env: Environment) -> None
     assert (
         "Approved-by: bob"
         in subprocess.run(
-            ["git", "-C", str(env.path(env.manifests.repo)), "log", "-1", "main"],
+            ["git", "-C", str(local_repo_path(env, env.manifests.repo)), "log", "-1", "main"],
             capture_output=True,
             text=True,
             check=True,

@@ -27,7 +27,8 @@ from tests.e2e.conftest import git_refs
 from twincd.adapters.dns import Rfc2136, Tsig
 from twincd.config import REPO_ROOT, Environment, load_environment
 from twincd.sandbox import dns as sandbox_dns
-from twincd.sandbox import procs, stack
+from twincd.sandbox import githttp, procs, stack
+from twincd.sandbox.stack import local_repo_path
 
 pytestmark = pytest.mark.e2e
 
@@ -63,13 +64,15 @@ class FailoverStack:
                 **os.environ,
                 "PREFECT_API_URL": self.env.prefect.api_url,
                 sandbox_dns.SECRET_ENV: key or self.key,
+                # The stack's git token, as `twincd` exports it for the CLI's runs.
+                githttp.TOKEN_ENV: githttp.token_path(self.env.state_path).read_text().strip(),
             },
         )
         return result, time.monotonic() - t0
 
     def main_file(self, path: str) -> str:
         return subprocess.run(
-            ["git", "-C", str(self.env.path(self.env.manifests.repo)), "show", f"main:{path}"],
+            ["git", "-C", str(local_repo_path(self.env, self.env.manifests.repo)), "show", f"main:{path}"],
             check=True,
             capture_output=True,
             text=True,
@@ -107,7 +110,15 @@ class FailoverStack:
 
     def message(self, rev: str) -> str:
         return subprocess.run(
-            ["git", "-C", str(self.env.path(self.env.manifests.repo)), "log", "-1", "--format=%B", rev],
+            [
+                "git",
+                "-C",
+                str(local_repo_path(self.env, self.env.manifests.repo)),
+                "log",
+                "-1",
+                "--format=%B",
+                rev,
+            ],
             check=True,
             capture_output=True,
             text=True,
@@ -177,7 +188,7 @@ def aks_ingress() -> Iterator[int]:
 
 
 def test_dry_run_publishes_the_plan_and_changes_nothing(fs: FailoverStack) -> None:
-    refs, records = git_refs(fs.env.path(fs.env.manifests.repo)), fs.forge_records()
+    refs, records = git_refs(local_repo_path(fs.env, fs.env.manifests.repo)), fs.forge_records()
     result, _ = fs.run(mode="active-standby", active="aks", dry_run=True)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
@@ -190,7 +201,7 @@ def test_dry_run_publishes_the_plan_and_changes_nothing(fs: FailoverStack) -> No
         < out.index("**dns** replace A `web.example.test`")
         < out.index("**demote** eks")
     )
-    assert git_refs(fs.env.path(fs.env.manifests.repo)) == refs
+    assert git_refs(local_repo_path(fs.env, fs.env.manifests.repo)) == refs
     assert fs.forge_records() == records
     assert fs.dns.read_a("web") == {EKS, AKS}
 

@@ -18,6 +18,7 @@ from tests.e2e.conftest import git_refs, release_app, twincd
 from tests.e2e.test_deploy import main_file, main_head, registry_digest
 from tests.fakes.gitlab import FakeGitlab
 from twincd.config import Environment, load_environment
+from twincd.sandbox.stack import local_repo_path
 
 TOKEN = "glpat-e2e-secret-token"
 
@@ -51,7 +52,7 @@ def _wait_for(predicate, what: str, timeout: float = 120) -> None:  # type: igno
 @pytest.fixture
 def gitlab(stack_env: Environment) -> Iterator[tuple[FakeGitlab, Environment]]:
     """The stack's manifests repo behind a GitLab fake, and an environment whose forge is GitLab."""
-    with FakeGitlab(repo=stack_env.path(stack_env.manifests.repo), token=TOKEN) as fake:
+    with FakeGitlab(repo=local_repo_path(stack_env, stack_env.manifests.repo), token=TOKEN) as fake:
         yield (
             fake,
             _variant(
@@ -127,7 +128,7 @@ def test_sequential_rollout_stops_before_the_second_cloud_and_reverts(stack_env:
     deleted = httpx.delete(f"http://{env.registries['local'].url}/v2/hello/manifests/{new_digest}")
     assert deleted.status_code == 202, deleted.text
     _wait_for(
-        lambda: "refs/heads/twincd/hello/v3.0.0-revert" in git_refs(env.path(env.manifests.repo)),
+        lambda: "refs/heads/twincd/hello/v3.0.0-revert" in git_refs(local_repo_path(env, env.manifests.repo)),
         "the revert branch",
         timeout=180,
     )
@@ -142,7 +143,7 @@ def test_sequential_rollout_stops_before_the_second_cloud_and_reverts(stack_env:
     )
     assert "aks: not rolled out: an earlier stage failed" in out
     assert "rollback verified on every cluster" in out, out
-    refs = git_refs(env.path(env.manifests.repo))
+    refs = git_refs(local_repo_path(env, env.manifests.repo))
     assert "refs/heads/twincd/hello/v3.0.0-aks" not in refs  # the second cloud was never touched
     for cluster in ("eks", "aks"):
         assert main_file(env, f"overlays/{cluster}/hello/kustomization.yaml") == before[cluster]

@@ -50,7 +50,7 @@ def test_tag_push_hook_starts_exactly_one_deploy(stack_env: Environment) -> None
             "hello": {
                 **stack_env.apps["hello"].model_dump(exclude_none=True),
                 "project": "apps/hello",
-                "repo": str(stack_env.path(stack_env.apps["hello"].repo)),
+                "repo": stack_env.apps["hello"].repo,
             }
         },
     )

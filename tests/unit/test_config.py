@@ -25,7 +25,49 @@ def test_the_embedded_default_loads() -> None:
     assert env.app_overlay("hello", "eks") == "overlays/eks/hello"
     assert env.pull_registry("hello", "aks") == "127.0.0.1:5000"
     assert env.rollout_stages() == [("eks", "aks")]
-    assert env.path(env.manifests.repo) == DEFAULT_ENV.parent.parent / ".twincd/git/manifests.git"
+    # The local stack's repos are remote, behind its authenticated git server.
+    assert env.manifests.repo == "http://127.0.0.1:8929/manifests.git"
+    cred = env.git_credential(env.manifests.repo)
+    assert cred is not None and cred.token == "env:TWINCD_GIT_TOKEN"
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("https://gitlab.example.com/infra/manifests.git", "https://gitlab.example.com/infra/manifests.git"),
+        (
+            "ssh://git@gitlab.example.com/infra/manifests.git",
+            "ssh://git@gitlab.example.com/infra/manifests.git",
+        ),
+        ("git@gitlab.example.com:infra/manifests.git", "git@gitlab.example.com:infra/manifests.git"),
+        ("file:///srv/git/manifests.git", "file:///srv/git/manifests.git"),
+        ("/srv/git/manifests.git", "/srv/git/manifests.git"),
+        (".twincd/git/manifests.git", str(DEFAULT_ENV.parent.parent / ".twincd/git/manifests.git")),
+    ],
+)
+def test_git_urls_stay_urls_and_relative_paths_resolve_against_the_repository(
+    value: str, expected: str
+) -> None:
+    from twincd.wiring import repo_url
+
+    assert repo_url(load_environment(), value) == expected
+
+
+def test_git_credentials_match_the_longest_url_prefix_and_refuse_literals(tmp_path: Path) -> None:
+    creds = [
+        {"url": "https://gitlab.example.com/", "token": "env:GITLAB_TOKEN"},
+        {"url": "https://gitlab.example.com/infra/", "username": "deploy", "token": "secret:infra-token"},
+    ]
+    env = load_environment(write(tmp_path, git={"credentials": creds}))
+    found = env.git_credential("https://gitlab.example.com/infra/manifests.git")
+    assert found is not None and found.username == "deploy"
+    assert env.git_credential("https://github.com/x/y.git") is None
+    literal = [{"url": "https://gitlab.example.com/", "token": "glpat-literal-token"}]
+    with pytest.raises(ConfigError, match="secret reference") as e:
+        load_environment(write(tmp_path, git={"credentials": literal}))
+    assert "glpat-literal-token" not in str(e.value)
+    with pytest.raises(ConfigError, match="either `token`"):
+        load_environment(write(tmp_path, git={"credentials": [{"url": "https://x/"}]}))
 
 
 def test_broken_yaml_names_the_file_and_line(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ free ports beside a running demo.
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import httpx
 
 from twincd.config import DnsRfc2136, Environment
 from twincd.errors import ConfigError
-from twincd.sandbox import buildd, dns, procs, registry, seed
+from twincd.sandbox import buildd, dns, githttp, procs, registry, seed
 from twincd.sandbox.contexts import write_kubeconfig
 
 PREFECT = "prefect-server"
@@ -61,6 +62,27 @@ def _argocd_cluster(env: Environment, cluster: str) -> str:
         return cluster
     by_context = {c.context: name for name, c in env.clusters.items()}
     return by_context.get(argocd.context, cluster)
+
+
+def local_repo_path(env: Environment, value: str) -> Path:
+    """Where a repository of the environment file lives on disk for the local stack.
+
+    A URL of the stack's own git server (``http://127.0.0.1:<sandbox.git_port>/<name>.git``) is
+    the bare repository ``<state>/git/<name>.git`` it serves; a path is the path.
+    """
+    if "://" not in value:
+        return env.path(value)
+    url = urlparse(value)
+    if env.sandbox.git_port is None or url.hostname != "127.0.0.1" or url.port != env.sandbox.git_port:
+        raise ConfigError(
+            f"{env.source}: {value} is not served by the local stack's git server "
+            f"(http://127.0.0.1:{env.sandbox.git_port or '<sandbox.git_port>'}/...)"
+        )
+    return git_root(env) / url.path.lstrip("/")
+
+
+def git_root(env: Environment) -> Path:
+    return env.state_path / "git"
 
 
 def prefect_env(env: Environment) -> dict[str, str]:
@@ -106,6 +128,29 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
 
     say("git repos     " + ", ".join([env.manifests.repo, *(a.repo for a in env.apps.values())]))
     seed_repos(env)
+    if env.sandbox.git_port is not None:
+        token = githttp.token_path(state)
+        if not token.exists():
+            token.parent.mkdir(parents=True, exist_ok=True)
+            token.touch(mode=0o600)
+            token.write_text(secrets.token_urlsafe(24) + "\n")
+        url = f"http://127.0.0.1:{env.sandbox.git_port}"
+        say(f"git server    {url} (git http-backend, Basic auth with the token in {token})")
+        argv = [
+            sys.executable,
+            "-m",
+            "twincd.sandbox.githttp",
+            "--root",
+            str(git_root(env)),
+            "--port",
+            str(env.sandbox.git_port),
+            "--token-file",
+            str(token),
+        ]
+        pid = procs.start_daemon(
+            githttp.NAME, argv, state_dir=state, ready=_healthy(f"{url}/healthz"), timeout=30
+        )
+        services.append(Service(githttp.NAME, url, pid))
 
     if isinstance(env.dns, DnsRfc2136) and env.dns.server.startswith("127.0.0.1:"):
         say(
@@ -143,7 +188,7 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
             "--port",
             str(ports[name]),
             "--manifests",
-            str(env.path(env.manifests.repo)),
+            str(local_repo_path(env, env.manifests.repo)),
             "--argocd-api",
             argocd_url,
         ]
@@ -184,12 +229,21 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
 def seed_repos(env: Environment) -> None:
     """Create the sample app repos (tagged v1.0.0) and the manifests monorepo when missing."""
     for name, app in env.apps.items():
-        seed.seed_app(env.path(app.repo), app=name)
-    seed.seed_manifests(env.path(env.manifests.repo), apps=list(env.apps), clusters=list(env.clusters))
+        seed.seed_app(local_repo_path(env, app.repo), app=name)
+    seed.seed_manifests(
+        local_repo_path(env, env.manifests.repo), apps=list(env.apps), clusters=list(env.clusters)
+    )
 
 
 def _names(env: Environment) -> list[str]:
-    return [PREFECT, *(cluster_name_of(c) for c in env.clusters), dns.NAME, buildd.NAME, registry.NAME]
+    return [
+        PREFECT,
+        *(cluster_name_of(c) for c in env.clusters),
+        dns.NAME,
+        githttp.NAME,
+        buildd.NAME,
+        registry.NAME,
+    ]
 
 
 def down(env: Environment, *, say: Callable[[str], None] = print) -> None:
@@ -200,12 +254,20 @@ def down(env: Environment, *, say: Callable[[str], None] = print) -> None:
 
 
 def status(env: Environment) -> dict[str, int | None]:
-    names = _names(env) if isinstance(env.dns, DnsRfc2136) else [n for n in _names(env) if n != dns.NAME]
+    names = [
+        n
+        for n in _names(env)
+        if (n != dns.NAME or isinstance(env.dns, DnsRfc2136))
+        and (n != githttp.NAME or env.sandbox.git_port is not None)
+    ]
     return {name: procs.daemon_status(name, state_dir=env.state_path) for name in names}
 
 
 def export_sandbox_secrets(env: Environment) -> None:
-    """Point `env:` references at the secrets the local stack generated (the sandbox DNS key)."""
+    """Point `env:` references at the secrets the local stack generated (the DNS key, the git token)."""
+    token = githttp.token_path(env.state_path)
+    if token.exists() and not os.environ.get(githttp.TOKEN_ENV):
+        os.environ[githttp.TOKEN_ENV] = token.read_text().strip()
     if isinstance(env.dns, DnsRfc2136) and env.dns.key == f"env:{dns.SECRET_ENV}":
         path = dns.secret_path(env.state_path)
         if path.exists() and not os.environ.get(dns.SECRET_ENV):
