@@ -111,8 +111,17 @@ class SlackNotifier(_Model):
 
 
 class RegistryConfig(_Model):
-    url: str  # host[:port], as in image references
+    """A registry; without ``password``, the docker config (and its credential helpers) or anonymous."""
+
+    url: str  # host[:port][/path], as in image references
     insecure: bool = False
+    username: str = ""
+    password: SecretRef | None = None  # a password or token (e.g. a GitLab deploy token)
+
+    @field_validator("password")
+    @classmethod
+    def _password_ref(cls, value: str | None) -> str | None:
+        return None if value is None else _check_secret_ref(value)
 
 
 class BuilderConfig(_Model):
@@ -249,6 +258,7 @@ class SandboxConfig(_Model):
 
     cluster_ports: dict[str, int] = {}
     git_port: int | None = None  # the stack's git server (git http-backend with Basic auth)
+    registry_token_port: int | None = None  # the stack registry's token service (auth: token)
 
 
 class Environment(_Model):

@@ -142,6 +142,14 @@ class Registry(Protocol):
         """The digest of ``<repository>:<reference>``, or None when the registry has no such tag."""
         ...
 
+    def labels(self, repository: str, reference: str) -> dict[str, str] | None:
+        """The image config's labels (its provenance), or None when the registry has no such tag."""
+        ...
+
+    def push_credentials(self) -> tuple[str, str] | None:
+        """(username, password) for a push through the builder; None: anonymous. Never logged."""
+        ...
+
 
 class Builder(Protocol):
     """Builds an app's image from a tagged commit and pushes it to the app's registries."""

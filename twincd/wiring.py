@@ -85,8 +85,19 @@ def app_repo_url(env: Environment, app: str) -> str:
 
 def registries(env: Environment, urls: Sequence[str]) -> list[Registry]:
     """The registries at ``urls`` (as in image references), with what the file says of each."""
-    insecure = {r.url for r in env.registries.values() if r.insecure}
-    return [OciRegistry(url=url, insecure=url in insecure) for url in urls]
+    by_url = {r.url: r for r in env.registries.values()}
+    found: list[Registry] = []
+    for url in urls:
+        cfg = by_url.get(url)
+        found.append(
+            OciRegistry(
+                url=url,
+                insecure=bool(cfg and cfg.insecure),
+                username=cfg.username if cfg else "",
+                password=resolve_secret(cfg.password) if cfg and cfg.password else None,
+            )
+        )
+    return found
 
 
 def builder_url(env: Environment) -> str:

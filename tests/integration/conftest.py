@@ -7,6 +7,7 @@ a running `twincd up`, and every daemon is stopped at the end of the session.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prefect.settings import (
@@ -42,11 +43,27 @@ def second_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def builder(tmp_path_factory: pytest.TempPathFactory, registry: str, second_registry: str) -> Iterator[str]:
-    """The Docker Engine API base URL: an existing Docker, or a podman service pushing to both registries."""
+def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A docker-registry that requires tokens from the stack's token service (``auth: token``):
+    its address and its state dir (where the stack user's password lives)."""
+    state_dir = tmp_path_factory.mktemp("registry-token")
+    try:
+        yield start_registry(state_dir, free_port(), token_port=free_port()), state_dir
+    finally:
+        stop_registry(state_dir)
+
+
+@pytest.fixture(scope="session")
+def builder(
+    tmp_path_factory: pytest.TempPathFactory,
+    registry: str,
+    second_registry: str,
+    token_registry: tuple[str, Path],
+) -> Iterator[str]:
+    """The Docker Engine API base URL: an existing Docker, or a podman service pushing to the registries."""
     state_dir = tmp_path_factory.mktemp("buildd")
     try:
-        yield start_buildd(state_dir, insecure_registries=[registry, second_registry])
+        yield start_buildd(state_dir, insecure_registries=[registry, second_registry, token_registry[0]])
     finally:
         stop_buildd(state_dir)
 

@@ -21,7 +21,7 @@ import docker.errors
 import requests.exceptions
 
 from twincd.adapters import git as gitrepo
-from twincd.adapters.registry import OciRegistry, RegistryDenied, display_name
+from twincd.adapters.registry import REVISION_LABEL, OciRegistry, RegistryDenied, display_name
 from twincd.domain import BuiltImage as BuiltImage  # re-exported: what a build yields
 from twincd.domain import ImageRef
 from twincd.domain import PushedImage as PushedImage
@@ -135,6 +135,9 @@ def _build(
         raise PermanentError(f"image {image!r}: no registry to build for")
     commit = commit or _resolve_tag(repo_url, tag, source_auth)
     existing = [r.digest(image, tag) for r in registries]
+    for registry, digest in zip(registries, existing, strict=True):
+        if digest is not None:
+            _check_provenance(registry, image, tag, commit)
     if all(existing):
         refs = tuple(
             ImageRef(name=f"{registry}/{image}", digest=digest, tag=tag)
@@ -187,7 +190,11 @@ def _push(built: BuiltImage, *, base_url: str, registries: Sequence[Registry]) -
                 refs.append(held[repository])  # never pushed over: its digest is the release's
                 continue
             try:
-                stream = client.api.push(repository, tag=tag, stream=True, decode=True)
+                # The registry's credentials go to the engine as X-Registry-Auth (the Engine API's
+                # push auth); podman and Docker then answer the registry's token challenge themselves.
+                login = by_url[registry].push_credentials()
+                auth = {"username": login[0], "password": login[1]} if login else None
+                stream = client.api.push(repository, tag=tag, stream=True, decode=True, auth_config=auth)
             except docker.errors.NotFound as e:
                 raise ImageNotBuilt(f"builder has no image {target}: build it again") from e
             except (docker.errors.APIError, requests.exceptions.RequestException) as e:
@@ -253,6 +260,25 @@ def _resume_partial_push(
             except (docker.errors.APIError, requests.exceptions.RequestException) as e:
                 raise _daemon_error(base_url, e) from e
     return replace(built, image_id=image_ids[0])
+
+
+def _check_provenance(registry: Registry, image: str, tag: str, commit: str) -> None:
+    """An image reused under a release tag must be the build of the tag's commit.
+
+    A tag moved to another commit (``git tag -f``) would otherwise ship the old build: the image's
+    ``org.opencontainers.image.revision`` label (set by every twincd build) must name ``commit``.
+    """
+    labels = registry.labels(image, tag) or {}
+    built_from = labels.get(REVISION_LABEL, "")
+    if built_from == commit:
+        return
+    where = f"{display_name(registry.url)}/{image}:{tag}"
+    what = f"was built from {built_from[:12]}" if built_from else f"has no {REVISION_LABEL} label"
+    raise TagConflict(
+        f"{where} {what}, but tag {tag} is now commit {commit[:12]}: the tag was moved after the image "
+        f"was pushed, and reusing the image would release the old build. Release the new commit under a "
+        f"new tag, or delete {image}:{tag} from the registry (the next run builds it from {commit[:12]})."
+    )
 
 
 def _holdings(digests: dict[str, str]) -> str:

@@ -1,24 +1,29 @@
 """The local stack's OCI registry: Debian's ``docker-registry`` (distribution 2.8) on 127.0.0.1.
 
 Storage is a plain directory under the state dir, so a test session can run its own registry beside
-the stack's, and ``rm -rf`` of the state dir removes every image.
+the stack's, and ``rm -rf`` of the state dir removes every image. With ``token_port`` the registry
+requires the distribution token protocol (``auth: token``), with the stack's own token service
+(``registry_auth.py``) as the realm: the real registry checking real tokens, as every hosted
+registry does. Without it, anonymous (the adapters' tests of unauthenticated registries).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import httpx
 
 from twincd.errors import PermanentError
+from twincd.sandbox import registry_auth
 from twincd.sandbox.procs import start_daemon, stop_daemon, write_config
 
 NAME = "registry"
 
 
-def write_registry_config(state_dir: Path, port: int) -> tuple[Path, bool]:
+def write_registry_config(state_dir: Path, port: int, token_port: int | None = None) -> tuple[Path, bool]:
     """Write ``<state_dir>/registry.yml``; return its path and whether its content changed."""
     storage = state_dir / "registry"
     storage.mkdir(parents=True, exist_ok=True)
@@ -33,25 +38,56 @@ storage:
 http:
   addr: "127.0.0.1:{port}"
 """
+    if token_port is not None:
+        _, cert, _ = registry_auth.ensure_keys(state_dir)
+        text += f"""auth:
+  token:
+    realm: "http://127.0.0.1:{token_port}/token"
+    service: {registry_auth.SERVICE}
+    issuer: {registry_auth.ISSUER}
+    rootcertbundle: {json.dumps(str(cert.resolve()))}
+"""
     return config, write_config(config, text)
 
 
 def registry_ready(port: int) -> bool:
-    """``GET /v2/`` answers 200 (the distribution API's version check)."""
+    """``GET /v2/`` answers 200, or 401 with a challenge (the distribution API's version check)."""
     try:
         # trust_env=False: a proxy from the environment must not intercept loopback.
-        return httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1.0, trust_env=False).status_code == 200
+        r = httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1.0, trust_env=False)
     except httpx.HTTPError:
         return False
+    return r.status_code == 200 or (r.status_code == 401 and "WWW-Authenticate" in r.headers)
 
 
-def start_registry(state_dir: Path, port: int, *, timeout: float = 30.0) -> str:
-    """Start (or find running) the registry on 127.0.0.1:``port``; return ``127.0.0.1:<port>``."""
+def start_registry(
+    state_dir: Path, port: int, *, token_port: int | None = None, timeout: float = 30.0
+) -> str:
+    """Start (or find running) the registry on 127.0.0.1:``port``; return ``127.0.0.1:<port>``.
+
+    ``token_port``: require tokens from the stack's token service, started on that port first.
+    """
     # Debian names the binary docker-registry; upstream release tarballs name it registry.
     binary = shutil.which("docker-registry") or shutil.which("registry")
     if binary is None:
         raise PermanentError("no docker-registry binary on PATH: apt-get install -y docker-registry")
-    config, changed = write_registry_config(state_dir, port)
+    if token_port is not None:
+        start_daemon(
+            registry_auth.NAME,
+            [
+                sys.executable,
+                "-m",
+                "twincd.sandbox.registry_auth",
+                "--state",
+                str(state_dir),
+                "--port",
+                str(token_port),
+            ],
+            state_dir=state_dir,
+            ready=lambda: _answers(f"http://127.0.0.1:{token_port}/token"),
+            timeout=timeout,
+        )
+    config, changed = write_registry_config(state_dir, port, token_port)
     if changed:
         # A registry already running from this state dir still serves the old port: restart it.
         stop_daemon(NAME, state_dir=state_dir)
@@ -65,5 +101,15 @@ def start_registry(state_dir: Path, port: int, *, timeout: float = 30.0) -> str:
     return f"127.0.0.1:{port}"
 
 
+def _answers(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=1.0, trust_env=False)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
 def stop_registry(state_dir: Path) -> bool:
-    return stop_daemon(NAME, state_dir=state_dir)
+    stopped = stop_daemon(NAME, state_dir=state_dir)
+    stop_daemon(registry_auth.NAME, state_dir=state_dir)
+    return stopped

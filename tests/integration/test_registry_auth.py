@@ -1,0 +1,100 @@
+"""Registries that require authentication, as every hosted registry does: the real docker-registry
+with ``auth: token`` and the stack's token service (distribution's token protocol), pushed to by a
+real podman through the Docker Engine API and read by the registry adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from twincd.adapters.builder import DockerBuilder, TagConflict
+from twincd.adapters.git import tag_commit
+from twincd.adapters.registry import REVISION_LABEL, OciRegistry, RegistryDenied
+from twincd.adapters.secrets import Secret
+from twincd.sandbox import registry_auth
+from twincd.sandbox.seed import seed_app
+
+TAG = "v1.0.0"
+
+
+def password(state: Path) -> Secret:
+    return Secret(registry_auth.password_path(state).read_text().strip())
+
+
+def authed(url: str, state: Path) -> OciRegistry:
+    return OciRegistry(url=url, insecure=True, username=registry_auth.USERNAME, password=password(state))
+
+
+@pytest.fixture(scope="module")
+def app_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    bare = tmp_path_factory.mktemp("apps") / "hello.git"
+    seed_app(bare)
+    return bare
+
+
+def test_anonymous_and_wrong_credentials_are_refused_saying_where_they_came_from(
+    token_registry: tuple[str, Path],
+) -> None:
+    url, _ = token_registry
+    with pytest.raises(RegistryDenied, match="anonymously"):
+        OciRegistry(url=url, insecure=True, docker_config=False).digest("hello", TAG)
+    wrong = OciRegistry(url=url, insecure=True, username="twincd", password=Secret("not-the-password"))
+    with pytest.raises(RegistryDenied) as e:
+        wrong.digest("hello", TAG)
+    assert "environment file's registry entry" in str(e.value) and "token service" in str(e.value)
+    assert "not-the-password" not in str(e.value)
+
+
+def test_push_through_the_engine_and_read_back_with_a_token(
+    token_registry: tuple[str, Path], builder: str, app_repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    url, state = token_registry
+    commit = tag_commit(repo_url=str(app_repo), tag=TAG)
+    engine = DockerBuilder(base_url=builder, registries=[authed(url, state)])
+    built = engine.build(repo_url=str(app_repo), tag=TAG, commit=commit, image="hello-auth")
+    pushed = engine.push(built)
+    registry = authed(url, state)
+    assert registry.digest("hello-auth", TAG) == pushed.digest
+    assert (registry.labels("hello-auth", TAG) or {})[REVISION_LABEL] == commit  # its provenance
+    again = engine.build(repo_url=str(app_repo), tag=TAG, commit=commit, image="hello-auth")
+    assert again.reused and engine.push(again).refs == pushed.refs  # no second image
+    assert password(state).reveal() not in caplog.text
+
+
+def test_a_registry_url_with_a_path_names_the_repository_under_it(
+    token_registry: tuple[str, Path], builder: str, app_repo: Path
+) -> None:
+    url, state = token_registry
+    team = f"{url}/team/apps"  # as registry.gitlab.example.com/group/project
+    commit = tag_commit(repo_url=str(app_repo), tag=TAG)
+    engine = DockerBuilder(base_url=builder, registries=[authed(team, state)])
+    pushed = engine.push(engine.build(repo_url=str(app_repo), tag=TAG, commit=commit, image="hello"))
+    assert pushed.refs[0].name == f"{team}/hello"
+    assert authed(url, state).digest("team/apps/hello", TAG) == pushed.digest  # /v2/team/apps/hello/...
+
+
+def test_a_tag_moved_to_another_commit_is_not_released_with_the_old_image(
+    token_registry: tuple[str, Path], builder: str, app_repo: Path
+) -> None:
+    url, state = token_registry
+    old = tag_commit(repo_url=str(app_repo), tag=TAG)
+    engine = DockerBuilder(base_url=builder, registries=[authed(url, state)])
+    engine.push(engine.build(repo_url=str(app_repo), tag=TAG, commit=old, image="hello-moved"))
+    with tempfile.TemporaryDirectory() as work:
+        git = ["git", "-C", work, "-c", "user.name=dev", "-c", "user.email=dev@example.test"]
+        subprocess.run(["git", "clone", "-q", str(app_repo), work], check=True)
+        Path(work, "index.html").write_text("<h1>moved</h1>\n")
+        subprocess.run([*git, "commit", "-qam", "moved"], check=True)
+        subprocess.run([*git, "tag", "-f", TAG], check=True, capture_output=True)
+        subprocess.run([*git, "push", "-q", "-f", "origin", "main", f"refs/tags/{TAG}"], check=True)
+    moved = tag_commit(repo_url=str(app_repo), tag=TAG)
+    assert moved != old
+    with pytest.raises(TagConflict) as e:
+        engine.build(repo_url=str(app_repo), tag=TAG, commit=moved, image="hello-moved")
+    assert f"was built from {old[:12]}" in str(e.value) and "the tag was moved" in str(e.value)
