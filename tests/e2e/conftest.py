@@ -13,11 +13,12 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
 from twincd.config import DEFAULT_ENV, Environment, load_environment
-from twincd.sandbox import stack
+from twincd.sandbox import registry_auth, stack
 from twincd.sandbox.procs import free_port
 from twincd.sandbox.stack import local_repo_path
 
@@ -36,13 +37,21 @@ def write_env(root: Path, **overrides: object) -> Path:
     env["manifests"]["repo"] = f"{git}/manifests.git"
     env["apps"]["hello"]["repo"] = f"{git}/hello.git"
     registry = f"127.0.0.1:{free_port()}"
-    env["registries"] = {"local": {"url": registry, "insecure": True}}
+    env["registries"] = {
+        "local": {
+            "url": registry,
+            "insecure": True,
+            "username": "twincd",
+            "password": "env:TWINCD_REGISTRY_PASSWORD",
+        }
+    }
     env["builder"] = {"url": f"unix://{state}/run/podman.sock"}
     for cluster in env["clusters"].values():
         cluster["kubeconfig"] = str(state / "kubeconfig")
     env["sandbox"] = {
         "cluster_ports": {name: free_port() for name in env["clusters"]},
         "git_port": int(git.rsplit(":", 1)[1]),
+        "registry_token_port": free_port(),
     }
     env["timeouts"] = {"approval_seconds": 600, "rollout_seconds": 30}
     env.update(overrides)
@@ -99,3 +108,16 @@ def git_refs(repo: Path) -> dict[str, str]:
         text=True,
     ).stdout
     return dict(line.split() for line in out.splitlines())
+
+
+def registry_headers(env: Environment, actions: str = "pull") -> dict[str, str]:
+    """A Bearer token for ``hello`` from the stack's token service, as a person with the stack's
+    credentials gets one (the registry requires tokens)."""
+    password = registry_auth.password_path(env.state_path).read_text().strip()
+    answer = httpx.get(
+        f"http://127.0.0.1:{env.sandbox.registry_token_port}/token",
+        params={"service": registry_auth.SERVICE, "scope": f"repository:hello:{actions}"},
+        auth=(registry_auth.USERNAME, password),
+    )
+    assert answer.status_code == 200, answer.text
+    return {"Authorization": f"Bearer {answer.json()['token']}"}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import git_refs, release_app, twincd
+from tests.e2e.conftest import git_refs, registry_headers, release_app, twincd
 from twincd.config import Environment
 from twincd.sandbox import procs, stack
 from twincd.sandbox.stack import cluster_name_of, local_repo_path
@@ -66,7 +66,8 @@ def registry_digest(env: Environment, tag: str) -> str:
         f"http://{env.registries['local'].url}/v2/hello/manifests/{tag}",
         headers={
             "Accept": "application/vnd.oci.image.manifest.v1+json, "
-            "application/vnd.docker.distribution.manifest.v2+json"
+            "application/vnd.docker.distribution.manifest.v2+json",
+            **registry_headers(env),
         },
     )
     assert r.status_code == 200, r.text

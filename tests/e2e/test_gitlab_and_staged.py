@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.e2e.conftest import git_refs, release_app, twincd
+from tests.e2e.conftest import git_refs, registry_headers, release_app, twincd
 from tests.e2e.test_deploy import main_file, main_head, registry_digest
 from tests.fakes.gitlab import FakeGitlab
 from twincd.config import Environment, load_environment
@@ -125,7 +125,10 @@ def test_sequential_rollout_stops_before_the_second_cloud_and_reverts(stack_env:
     )
     # The image vanishes from the registry before eks pulls it: the rollout there must fail.
     new_digest = registry_digest(env, "v3.0.0")
-    deleted = httpx.delete(f"http://{env.registries['local'].url}/v2/hello/manifests/{new_digest}")
+    deleted = httpx.delete(
+        f"http://{env.registries['local'].url}/v2/hello/manifests/{new_digest}",
+        headers=registry_headers(env, "delete"),
+    )
     assert deleted.status_code == 202, deleted.text
     _wait_for(
         lambda: "refs/heads/twincd/hello/v3.0.0-revert" in git_refs(local_repo_path(env, env.manifests.repo)),

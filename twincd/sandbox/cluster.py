@@ -16,10 +16,12 @@ import argparse
 import logging
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 
 from twincd.sandbox.apiserver import create_app, serve_in_thread
 from twincd.sandbox.controllers import DeploymentController, ManifestsSyncer
+from twincd.sandbox.controllers.pulls import load_pull_secret
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +34,13 @@ def run_cluster(
     argocd_api: str | None = None,
     sync_interval: float = 1.0,
     host: str = "127.0.0.1",
+    pull_secret: Path | None = None,
     stop: threading.Event,
 ) -> None:
     """Serve cluster ``name`` on ``host:port`` and reconcile it until ``stop`` is set."""
     server = serve_in_thread(create_app(name), host=host, port=port)
-    controller = DeploymentController(server.url, stop)
+    auths = load_pull_secret(pull_secret) if pull_secret else None
+    controller = DeploymentController(server.url, stop, pull_auths=auths)
     syncer = ManifestsSyncer(
         cluster=name,
         repo=manifests,
@@ -80,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
         help="API URL of the cluster that holds the Applications (default: this one)",
     )
     parser.add_argument("--sync-interval", type=float, default=1.0, help="seconds between polls of main")
+    parser.add_argument(
+        "--pull-secret", type=Path, default=None, help="a .dockerconfigjson the kubelet pulls images with"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s"
@@ -102,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         argocd_api=args.argocd_api,
         sync_interval=args.sync_interval,
         host=args.host,
+        pull_secret=args.pull_secret,
         stop=stop,
     )
 

@@ -8,6 +8,8 @@ free ports beside a running demo.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import secrets
 import sys
@@ -21,7 +23,7 @@ import httpx
 
 from twincd.config import DnsRfc2136, Environment
 from twincd.errors import ConfigError
-from twincd.sandbox import buildd, dns, githttp, procs, registry, seed
+from twincd.sandbox import buildd, dns, githttp, procs, registry, registry_auth, seed
 from twincd.sandbox.contexts import write_kubeconfig
 
 PREFECT = "prefect-server"
@@ -113,9 +115,11 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
     t0 = time.monotonic()
 
     local_registries = [r.url for r in env.registries.values() if r.url.startswith("127.0.0.1:")]
+    token_port = env.sandbox.registry_token_port
     for url in local_registries:
-        say(f"registry      {url}")
-        registry.start_registry(state, _port(url, "registry"))
+        auth = f" (tokens from http://127.0.0.1:{token_port}/token)" if token_port else ""
+        say(f"registry      {url}{auth}")
+        registry.start_registry(state, _port(url, "registry"), token_port=token_port)
         services.append(
             Service(registry.NAME, f"http://{url}", procs.daemon_status(registry.NAME, state_dir=state))
         )
@@ -172,6 +176,7 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
         services.append(Service(dns.NAME, env.dns.server, procs.daemon_status(dns.NAME, state_dir=state)))
 
     ports = _cluster_ports(env)
+    pull_secret = _write_pull_secret(env, local_registries) if token_port else None
     contexts: dict[str, str] = {}
     # Clusters that hold Applications for others start first, so syncers find their Argo CD.
     order = sorted(env.clusters, key=lambda c: _argocd_cluster(env, c) != c)
@@ -183,6 +188,7 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
             sys.executable,
             "-m",
             "twincd.sandbox.cluster",
+            *(["--pull-secret", str(pull_secret)] if pull_secret else []),
             "--name",
             name,
             "--port",
@@ -226,6 +232,16 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
     return services
 
 
+def _write_pull_secret(env: Environment, registries: list[str]) -> Path:
+    """The clusters' imagePullSecret for the stack's registries: a ``.dockerconfigjson``."""
+    password = registry_auth.password_path(env.state_path).read_text().strip()
+    auth = base64.b64encode(f"{registry_auth.USERNAME}:{password}".encode()).decode()
+    path = registry_auth.auth_dir(env.state_path) / "pull-secret.json"
+    path.touch(mode=0o600)
+    path.write_text(json.dumps({"auths": {url: {"auth": auth} for url in registries}}))
+    return path
+
+
 def seed_repos(env: Environment) -> None:
     """Create the sample app repos (tagged v1.0.0) and the manifests monorepo when missing."""
     for name, app in env.apps.items():
@@ -243,6 +259,7 @@ def _names(env: Environment) -> list[str]:
         githttp.NAME,
         buildd.NAME,
         registry.NAME,
+        registry_auth.NAME,
     ]
 
 
@@ -259,15 +276,19 @@ def status(env: Environment) -> dict[str, int | None]:
         for n in _names(env)
         if (n != dns.NAME or isinstance(env.dns, DnsRfc2136))
         and (n != githttp.NAME or env.sandbox.git_port is not None)
+        and (n != registry_auth.NAME or env.sandbox.registry_token_port is not None)
     ]
     return {name: procs.daemon_status(name, state_dir=env.state_path) for name in names}
 
 
 def export_sandbox_secrets(env: Environment) -> None:
     """Point `env:` references at the secrets the local stack generated (the DNS key, the git token)."""
-    token = githttp.token_path(env.state_path)
-    if token.exists() and not os.environ.get(githttp.TOKEN_ENV):
-        os.environ[githttp.TOKEN_ENV] = token.read_text().strip()
+    for path, var in (
+        (githttp.token_path(env.state_path), githttp.TOKEN_ENV),
+        (registry_auth.password_path(env.state_path), registry_auth.PASSWORD_ENV),
+    ):
+        if path.exists() and not os.environ.get(var):
+            os.environ[var] = path.read_text().strip()
     if isinstance(env.dns, DnsRfc2136) and env.dns.key == f"env:{dns.SECRET_ENV}":
         path = dns.secret_path(env.state_path)
         if path.exists() and not os.environ.get(dns.SECRET_ENV):

@@ -14,9 +14,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
-
 from twincd.adapters.cluster import ClusterError
+from twincd.adapters.secrets import Secret
 from twincd.rollout import label_selector
 from twincd.sandbox.controllers.health import ResourceKey
 from twincd.sandbox.controllers.kube import KUBE_ERRORS, Conflict, Expired, Kube
@@ -41,14 +40,21 @@ class DeploymentController:
     """Reconciles every Deployment of one cluster: a watch thread keeps a cache, a tick loop steps
     each unsettled rollout every ``tick`` seconds."""
 
-    def __init__(self, api_url: str, stop: threading.Event, tick: float = 0.2) -> None:
+    def __init__(
+        self,
+        api_url: str,
+        stop: threading.Event,
+        tick: float = 0.2,
+        *,
+        pull_auths: Mapping[str, tuple[str, Secret]] | None = None,
+    ) -> None:
         self.api = Kube(api_url)
         self._watch_api = Kube(api_url)
         self.stop = stop
         self.tick = tick
         self._cache: dict[tuple[str, str], Obj] = {}
         self._lock = threading.Lock()
-        self._registry = httpx.Client(timeout=3.0)
+        self._pull_auths = dict(pull_auths or {})  # the cluster's imagePullSecret
         # Pull results per image. Digests are immutable, so a success is kept; failures are
         # retried after a back-off, as the kubelet does.
         self._pulls: dict[str, tuple[PullResult, float]] = {}
@@ -72,7 +78,6 @@ class DeploymentController:
                         )
         finally:
             self.api.close()
-            self._registry.close()
 
     def _store(self, obj: Obj) -> None:
         meta = obj["metadata"]
@@ -141,7 +146,7 @@ class DeploymentController:
         cached = self._pulls.get(image)
         if cached is not None and (cached[0].ok or time.monotonic() - cached[1] < 2.0):
             return cached[0]
-        result = check_image_pull(self._registry, image)
+        result = check_image_pull(image, auths=self._pull_auths)
         self._pulls[image] = (result, time.monotonic())
         return result
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-import httpx
+from twincd.adapters.registry import OciRegistry, RegistryDenied, RegistryError, RegistryUnavailable
+from twincd.adapters.secrets import Secret
 
 # The Accept list a container runtime sends. A Docker-only Accept gets MANIFEST_UNKNOWN for an
 # OCI manifest, and podman pushes OCI manifests (docs/platform.md, "OCI registry").
@@ -58,22 +63,52 @@ class PullResult:
     message: str = ""
 
 
-def check_image_pull(client: httpx.Client, image: str) -> PullResult:
-    """HEAD the image's manifest the way a runtime resolves it before pulling layers."""
+def check_image_pull(image: str, *, auths: Mapping[str, tuple[str, Secret]] | None = None) -> PullResult:
+    """Resolve the image's manifest the way a runtime does before pulling layers.
+
+    With the registry's challenge answered like a kubelet with an ``imagePullSecret`` (``auths``:
+    registry host → username and password, a ``.dockerconfigjson``'s content): through the registry
+    adapter's token flow, so a registry that requires tokens is pulled from as it really is.
+    """
     where = parse_image(image)
     if where is None:
         # The sandbox has no route to Docker Hub, so short names (``nginx:1.27``) cannot be
         # checked; treat them as pullable rather than failing every third-party image.
         return PullResult(ok=True, image_id=image)
-    try:
-        response = client.head(where.manifest_url, headers={"Accept": MANIFEST_ACCEPT})
-    except httpx.HTTPError as e:
-        return PullResult(ok=False, message=f"failed to resolve reference {image!r}: {type(e).__name__}: {e}")
-    if response.status_code == 200:
-        digest = response.headers.get("Docker-Content-Digest") or where.reference
-        return PullResult(ok=True, image_id=f"{where.host}/{where.repository}@{digest}")
-    if response.status_code == 404:
-        return PullResult(ok=False, message=f"failed to resolve reference {image!r}: {image}: not found")
-    return PullResult(
-        ok=False, message=f"failed to resolve reference {image!r}: unexpected status {response.status_code}"
+    login = (auths or {}).get(where.host)
+    # Plain HTTP: the sandbox registries are "insecure" local ones (deployments/local.yaml).
+    registry = OciRegistry(
+        url=where.host,
+        insecure=True,
+        username=login[0] if login else "",
+        password=login[1] if login else None,
+        docker_config=False,
+        timeout=3.0,
     )
+    try:
+        digest = registry.digest(where.repository, where.reference)
+    except RegistryDenied:
+        # The kubelet's words for a 401/403 (ErrImagePull).
+        return PullResult(
+            ok=False,
+            message=f"failed to authorize: pull access denied for {where.host}/{where.repository}, "
+            "repository does not exist or may require authorization",
+        )
+    except (RegistryUnavailable, RegistryError) as e:
+        return PullResult(ok=False, message=f"failed to resolve reference {image!r}: {e}")
+    if digest is None:
+        return PullResult(ok=False, message=f"failed to resolve reference {image!r}: {image}: not found")
+    return PullResult(ok=True, image_id=f"{where.host}/{where.repository}@{digest}")
+
+
+def load_pull_secret(path: Path) -> dict[str, tuple[str, Secret]]:
+    """A ``.dockerconfigjson`` (``{"auths": {host: {"username", "password"} or {"auth": b64}}}``)."""
+    data = json.loads(path.read_text())
+    auths: dict[str, tuple[str, Secret]] = {}
+    for host, entry in (data.get("auths") or {}).items():
+        if "auth" in entry:
+            user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+        else:
+            user, password = str(entry.get("username", "")), str(entry.get("password", ""))
+        auths[str(host)] = (user, Secret(password))
+    return auths
