@@ -126,6 +126,7 @@ class RegistryConfig(_Model):
 
 class BuilderConfig(_Model):
     url: str | None = None  # Docker Engine API; None = DOCKER_HOST or the default socket
+    api_version: str = "auto"  # negotiated with the engine; or pin one, e.g. "1.44"
 
 
 class ArgoCDConfig(_Model):

@@ -114,7 +114,10 @@ def builder(env: Environment, registry_urls: Sequence[str], *, app: str | None =
     """The builder, pushing to the registries at ``registry_urls``; ``app``: whose repo it builds from."""
     source_auth = _repo(env, env.app(app).repo)[1] if app is not None else NO_AUTH
     return DockerBuilder(
-        base_url=builder_url(env), registries=registries(env, registry_urls), source_auth=source_auth
+        base_url=builder_url(env),
+        registries=registries(env, registry_urls),
+        source_auth=source_auth,
+        api_version=env.builder.api_version,
     )
 
 

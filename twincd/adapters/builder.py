@@ -1,7 +1,8 @@
 """Builder: build an app's image from a tagged commit and push it, over the Docker Engine API.
 
-Works with Docker or podman's Docker-compatible service (``podman system service``); API version
-1.41 is pinned because podman 4 speaks it and version negotiation costs a round trip per client.
+Works with Docker or podman's Docker-compatible service (``podman system service``). The Engine
+API version is negotiated by default (``auto``: one ``GET /version`` per client): Docker Engine 29
+refuses clients below 1.44 while podman 4 speaks 1.41, so no pinned version serves both.
 The build context is ``git archive`` of the tagged commit from a fresh clone, never a working tree,
 so what is built is exactly what was tagged.
 """
@@ -28,7 +29,7 @@ from twincd.domain import PushedImage as PushedImage
 from twincd.errors import PermanentError, TransientError
 from twincd.ports import Registry
 
-API_VERSION = "1.41"
+API_VERSION = "auto"  # builder.api_version in the environment file overrides it
 # Builds stream output, but a quiet RUN step can be silent for minutes; the socket read timeout
 # must outlast it.
 _BUILD_TIMEOUT_SECONDS = 1800
@@ -71,10 +72,10 @@ class TagConflict(PermanentError):
     """
 
 
-def ping(base_url: str) -> bool:
+def ping(base_url: str, *, api_version: str = API_VERSION) -> bool:
     """Whether a Docker Engine API answers at ``base_url``."""
     try:
-        with _client(base_url, timeout=5) as client:
+        with _client(base_url, timeout=5, api_version=api_version) as client:
             return bool(client.ping())
     except (docker.errors.DockerException, requests.exceptions.RequestException, OSError):
         return False
@@ -129,6 +130,7 @@ def _build(
     base_url: str,
     commit: str | None,
     source_auth: gitrepo.GitAuth,
+    api_version: str = API_VERSION,
 ) -> BuiltImage:
     urls = tuple(r.url for r in registries)
     if not registries:
@@ -151,12 +153,16 @@ def _build(
             existing,
             base_url=base_url,
             insecure_registries=_insecure(registries),
+            api_version=api_version,
         )
 
     built = BuiltImage(image, tag, commit, urls)
     with tempfile.TemporaryDirectory(prefix="twincd-build-") as tmp:
         context, build_file = _export_tree(repo_url, tag, Path(tmp), source_auth)
-        with _client(base_url, timeout=_BUILD_TIMEOUT_SECONDS) as client, open(context, "rb") as tar:
+        with (
+            _client(base_url, timeout=_BUILD_TIMEOUT_SECONDS, api_version=api_version) as client,
+            open(context, "rb") as tar,
+        ):
             image_id = _run_build(
                 client, base_url, built, tar, build_file, source=gitrepo.redact_url(repo_url)
             )
@@ -176,14 +182,16 @@ def push_image(
     return _push(built, base_url=base_url, registries=_oci(built.registries, insecure_registries))
 
 
-def _push(built: BuiltImage, *, base_url: str, registries: Sequence[Registry]) -> PushedImage:
+def _push(
+    built: BuiltImage, *, base_url: str, registries: Sequence[Registry], api_version: str = API_VERSION
+) -> PushedImage:
     by_url = {r.url: r for r in registries}
     insecure_registries = _insecure(registries)
     if built.reused:
         return PushedImage(refs=built.existing, reused=True)
     held = {ref.name: ref for ref in built.existing}
     refs: list[ImageRef] = []
-    with _client(base_url, timeout=_BUILD_TIMEOUT_SECONDS) as client:
+    with _client(base_url, timeout=_BUILD_TIMEOUT_SECONDS, api_version=api_version) as client:
         for registry, target in zip(built.registries, built.targets, strict=True):
             repository, _, tag = target.rpartition(":")
             if repository in held:
@@ -226,6 +234,7 @@ def _resume_partial_push(
     *,
     base_url: str,
     insecure_registries: Collection[str],
+    api_version: str = API_VERSION,
 ) -> BuiltImage:
     """Some registries hold the tag: find the builder's image for the others, or raise TagConflict."""
     held = tuple(
@@ -246,7 +255,7 @@ def _resume_partial_push(
         if digest is None
     ]
     image_ids: list[str] = []
-    with _client(base_url, timeout=60) as client:
+    with _client(base_url, timeout=60, api_version=api_version) as client:
         for registry, target in missing:
             try:
                 image_ids.append(str(client.api.inspect_image(target)["Id"]))
@@ -303,8 +312,8 @@ def _conflict_fix(built: BuiltImage, target: str, insecure_registries: Collectio
 
 
 @contextmanager
-def _client(base_url: str, *, timeout: int) -> Iterator[docker.DockerClient]:
-    client = docker.DockerClient(base_url=base_url, version=API_VERSION, timeout=timeout)
+def _client(base_url: str, *, timeout: int, api_version: str) -> Iterator[docker.DockerClient]:
+    client = docker.DockerClient(base_url=base_url, version=api_version, timeout=timeout)
     try:
         yield client
     finally:
@@ -452,9 +461,15 @@ class DockerBuilder:
     """The ``Builder`` port over the Docker Engine API (Docker, or podman's compatible service)."""
 
     def __init__(
-        self, *, base_url: str, registries: Sequence[Registry], source_auth: gitrepo.GitAuth = gitrepo.NO_AUTH
+        self,
+        *,
+        base_url: str,
+        registries: Sequence[Registry],
+        source_auth: gitrepo.GitAuth = gitrepo.NO_AUTH,
+        api_version: str = API_VERSION,
     ) -> None:
         self._base_url = base_url
+        self._api_version = api_version
         self._registries = tuple(registries)
         self._source_auth = source_auth
 
@@ -467,7 +482,10 @@ class DockerBuilder:
             base_url=self._base_url,
             commit=commit,
             source_auth=self._source_auth,
+            api_version=self._api_version,
         )
 
     def push(self, built: BuiltImage) -> PushedImage:
-        return _push(built, base_url=self._base_url, registries=self._registries)
+        return _push(
+            built, base_url=self._base_url, registries=self._registries, api_version=self._api_version
+        )
