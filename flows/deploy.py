@@ -35,6 +35,7 @@ from tasks.deploy import (
     apply_overlay,
     bake,
     build_image,
+    check_prebuilt,
     check_release,
     push_image,
     read_pins,
@@ -63,7 +64,7 @@ class DeployResult:
 
 @flow(name="deploy", flow_run_name="deploy-{app}-{tag}", log_prints=True)
 def deploy(
-    app: str, tag: str, env: str = str(DEFAULT_ENV), auto_approve: bool = False
+    app: str, tag: str, env: str = str(DEFAULT_ENV), auto_approve: bool = False, image: str = ""
 ) -> DeployResult | State:
     """Deploy a tagged release of an app to every cluster.
 
@@ -72,13 +73,15 @@ def deploy(
         tag: The git tag of the app's repository to release (e.g. v1.2.0).
         env: The environment file: clusters, manifests repo, forge, registries, notifier.
         auto_approve: Merge without waiting for a person (demos, CI).
+        image: An image CI built and pushed (<registry>/<image>@sha256:<digest>): no build or push;
+            the digest must be in every registry the app lists.
     """
     environment = load_environment(env)
     release = check_release(untraced(environment), app, tag)
     story = Story(environment, Timeline(app, tag))
     story.add("release", "ok", f"tag {tag} is commit {release.commit[:12]}")
     try:
-        return _deploy(environment, release, story, auto_approve)
+        return _deploy(environment, release, story, auto_approve, image)
     except Refused as e:
         return Cancelled(message=str(e))
     except Exception as e:
@@ -88,10 +91,16 @@ def deploy(
         raise
 
 
-def _deploy(environment: Environment, release: Release, story: Story, auto_approve: bool) -> DeployResult:
-    built = build_image(untraced(environment), release)
-    pushed = push_image(untraced(environment), built)
-    verb = "already in the registry" if pushed.reused else "pushed"
+def _deploy(
+    environment: Environment, release: Release, story: Story, auto_approve: bool, image: str = ""
+) -> DeployResult:
+    if image:
+        pushed = check_prebuilt(untraced(environment), release, image)
+        verb = "built by CI, found"
+    else:
+        built = build_image(untraced(environment), release)
+        pushed = push_image(untraced(environment), built)
+        verb = "already in the registry" if pushed.reused else "pushed"
     story.add(
         "push",
         "ok",

@@ -15,10 +15,12 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks.common import IO_RETRIES
 from twincd import kustomize, wiring
+from twincd.adapters.registry import REVISION_LABEL
 from twincd.config import Environment
 from twincd.domain import (
     ApplyResult,
     BuiltImage,
+    ImageRef,
     MergeRequest,
     Phase,
     PushedImage,
@@ -28,7 +30,7 @@ from twincd.domain import (
     Timeline,
     ValidationReport,
 )
-from twincd.errors import TwincdError
+from twincd.errors import PermanentError, TwincdError
 from twincd.release import check_tag, pull_ref
 from twincd.validate import SchemaValidator, parse_documents, render_overlay, validate_overlays
 
@@ -48,6 +50,39 @@ def build_image(env: Environment, release: Release) -> BuiltImage:
         commit=release.commit,
         image=env.app(release.app).image,
     )
+
+
+@task(name="check-prebuilt-image", **IO_RETRIES)
+def check_prebuilt(env: Environment, release: Release, image: str) -> PushedImage:
+    """An image CI built and pushed (``REF@sha256:…``), found in every registry the app lists.
+
+    When the image carries its provenance label, it must be the build of the tag's commit.
+    """
+    name, _, digest = image.rpartition("@")
+    ImageRef(name=name, digest=digest)  # a malformed digest is refused before any request
+    ref_image = env.app(release.app).image
+    if not name or not name.endswith("/" + ref_image):
+        raise PermanentError(
+            f"--image {image!r} is not <registry>/{ref_image}@sha256:<digest> "
+            f"(the app's image is {ref_image!r})"
+        )
+    refs = []
+    for registry in wiring.registries(env, env.app_registry_urls(release.app)):
+        found = registry.digest(ref_image, digest)
+        if found is None:
+            raise PermanentError(
+                f"{registry.url}/{ref_image}@{digest} does not exist: push the image to every "
+                f"registry app {release.app!r} lists ({', '.join(env.app(release.app).registries)}) "
+                "before deploying it"
+            )
+        built_from = (registry.labels(ref_image, digest) or {}).get(REVISION_LABEL)
+        if built_from and built_from != release.commit:
+            raise PermanentError(
+                f"{registry.url}/{ref_image}@{digest[:19]} was built from {built_from[:12]}, but tag "
+                f"{release.tag} is commit {release.commit[:12]}: it is not this release's image"
+            )
+        refs.append(ImageRef(name=f"{registry.url}/{ref_image}", digest=digest, tag=release.tag))
+    return PushedImage(refs=tuple(refs), reused=True)
 
 
 @task(name="push-image", **IO_RETRIES)

@@ -68,11 +68,13 @@ def cmd_seed(env: Environment, args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_deploy(env: Environment, app: str, tag: str, auto_approve: bool) -> int:
+def _run_deploy(env: Environment, app: str, tag: str, auto_approve: bool, image: str = "") -> int:
     _use_prefect(env)
     from flows.deploy import deploy
 
-    state = deploy(app=app, tag=tag, env=env.source, auto_approve=auto_approve, return_state=True)
+    state = deploy(
+        app=app, tag=tag, env=env.source, auto_approve=auto_approve, image=image, return_state=True
+    )
     print(f"\n{state.name}: {state.message or ''}".rstrip())
     print(f"Run in the Prefect UI: {_ui_url(env, state.state_details.flow_run_id)}")
     return 0 if state.is_completed() else 1
@@ -80,7 +82,7 @@ def _run_deploy(env: Environment, app: str, tag: str, auto_approve: bool) -> int
 
 def cmd_deploy(env: Environment, args: argparse.Namespace) -> int:
     env.app(args.app)  # an unknown app fails here, before Prefect is even imported
-    return _run_deploy(env, args.app, args.tag, args.auto_approve)
+    return _run_deploy(env, args.app, args.tag, args.auto_approve, args.image)
 
 
 def _resume(env: Environment, name: str, run_input: dict[str, Any], run_id: str = "") -> int:
@@ -256,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("app")
     p.add_argument("tag")
     p.add_argument("--auto-approve", action="store_true", help="merge without waiting for a person")
+    p.add_argument(
+        "--image", default="", metavar="REF@sha256:...", help="an image CI built and pushed: no build or push"
+    )
     p = sub.add_parser("approve", help="approve (or --refuse) the release or failover waiting for a merge")
     p.add_argument("app", help="the app, or `active-active` / `active-standby` for a failover")
     p.add_argument("tag", nargs="?", default="", help="the release tag (not for a failover)")

@@ -199,6 +199,53 @@ def test_run_graph_reads_as_the_eight_steps(stack_env: Environment) -> None:
     assert (ARTIFACTS / "deploy-graph.png").stat().st_size > 10_000
 
 
+def test_no_secret_reaches_a_log_an_artifact_or_a_record(stack_env: Environment) -> None:
+    """The git token and the registry password of the deploy above appear nowhere people look."""
+    import httpx
+
+    from twincd.sandbox import githttp, registry_auth
+
+    secrets = [
+        githttp.token_path(stack_env.state_path).read_text().strip(),
+        registry_auth.password_path(stack_env.state_path).read_text().strip(),
+    ]
+    run_id = (ARTIFACTS / "run-url.txt").read_text().rsplit("/", 1)[-1]
+    api = stack_env.prefect.api_url
+    logs = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
+    artifacts = httpx.post(f"{api}/artifacts/filter", json={"limit": 200})
+    runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 200})
+    tasks = httpx.post(f"{api}/task_runs/filter", json={"limit": 200})
+    assert logs.status_code == artifacts.status_code == runs.status_code == tasks.status_code == 200
+    assert len(logs.json()) > 10  # the deploy's log records are there to be searched
+    records = [p.read_text() for p in (stack_env.state_path / "forge").glob("*.json")]
+    haystack = "\n".join([logs.text, artifacts.text, runs.text, tasks.text, *records])
+    for secret in secrets:
+        assert secret and secret not in haystack
+
+
+def test_an_image_built_by_ci_is_deployed_without_a_build(stack_env: Environment) -> None:
+    env = stack_env
+    digest = registry_digest(env, "v1.0.0")
+    refs = git_refs(local_repo_path(env, env.manifests.repo))
+    image = f"{env.registries['local'].url}/hello@{digest}"
+    result = twincd(env, "deploy", "hello", "v1.0.0", "--image", image, "--auto-approve")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "built by CI, found" in out and "build-image" not in out  # no build, no push
+    assert git_refs(local_repo_path(env, env.manifests.repo)) == refs  # main pins it already
+
+
+def test_an_image_digest_missing_from_a_registry_is_refused_before_any_change(stack_env: Environment) -> None:
+    env = stack_env
+    refs = git_refs(local_repo_path(env, env.manifests.repo))
+    missing = f"{env.registries['local'].url}/hello@sha256:{'0' * 64}"
+    result = twincd(env, "deploy", "hello", "v1.0.0", "--image", missing, "--auto-approve")
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"hello@sha256:{'0' * 64} does not exist: push the image" in out, out
+    assert git_refs(local_repo_path(env, env.manifests.repo)) == refs
+
+
 @pytest.mark.parametrize(
     "tag,reason",
     [
