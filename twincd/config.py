@@ -117,6 +117,15 @@ class RegistryConfig(_Model):
     insecure: bool = False
     username: str = ""
     password: SecretRef | None = None  # a password or token (e.g. a GitLab deploy token)
+    # ecr: credentials from ECR's GetAuthorizationToken (the AWS chain) when no password is given.
+    type: Literal["generic", "ecr"] = "generic"
+    region: str | None = None  # ecr: the registry's region
+
+    @model_validator(mode="after")
+    def _ecr_region(self) -> RegistryConfig:
+        if self.type == "ecr" and not self.region:
+            raise ValueError("type: ecr needs `region` (e.g. eu-west-1)")
+        return self
 
     @field_validator("password")
     @classmethod

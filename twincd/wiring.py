@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from twincd import config
 from twincd.adapters import dns as dns_adapters
 from twincd.adapters.builder import DockerBuilder
+from twincd.adapters.ecr import EcrLogin
 from twincd.adapters.forge_local import LocalForge
 from twincd.adapters.git import NO_AUTH, GitAuth, GitManifests, GitSource, basic_header, is_url
 from twincd.adapters.gitlab import GitlabForge
@@ -95,6 +96,9 @@ def registries(env: Environment, urls: Sequence[str]) -> list[Registry]:
                 insecure=bool(cfg and cfg.insecure),
                 username=cfg.username if cfg else "",
                 password=resolve_secret(cfg.password) if cfg and cfg.password else None,
+                login=EcrLogin(region=cfg.region or "", registry_id=url.split(".", 1)[0])
+                if cfg and cfg.type == "ecr"
+                else None,
             )
         )
     return found

@@ -53,17 +53,37 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[s
         stop_registry(state_dir)
 
 
+# The user and password ECR's GetAuthorizationToken gives under moto (mock_aws), for the Basic registry.
+ECR_USER, ECR_PASSWORD = "AWS", "123456789012-auth-token"
+
+
+@pytest.fixture(scope="session")
+def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A docker-registry with ``auth: htpasswd`` (Basic challenges, as ECR answers): one bcrypt user."""
+    import bcrypt
+
+    state_dir = tmp_path_factory.mktemp("registry-basic")
+    htpasswd = state_dir / "htpasswd"
+    htpasswd.write_text(f"{ECR_USER}:{bcrypt.hashpw(ECR_PASSWORD.encode(), bcrypt.gensalt()).decode()}\n")
+    try:
+        yield start_registry(state_dir, free_port(), htpasswd=htpasswd)
+    finally:
+        stop_registry(state_dir)
+
+
 @pytest.fixture(scope="session")
 def builder(
     tmp_path_factory: pytest.TempPathFactory,
     registry: str,
     second_registry: str,
     token_registry: tuple[str, Path],
+    basic_registry: str,
 ) -> Iterator[str]:
     """The Docker Engine API base URL: an existing Docker, or a podman service pushing to the registries."""
     state_dir = tmp_path_factory.mktemp("buildd")
+    insecure = [registry, second_registry, token_registry[0], basic_registry]
     try:
-        yield start_buildd(state_dir, insecure_registries=[registry, second_registry, token_registry[0]])
+        yield start_buildd(state_dir, insecure_registries=insecure)
     finally:
         stop_buildd(state_dir)
 

@@ -98,3 +98,46 @@ def test_a_tag_moved_to_another_commit_is_not_released_with_the_old_image(
     with pytest.raises(TagConflict) as e:
         engine.build(repo_url=str(app_repo), tag=TAG, commit=moved, image="hello-moved")
     assert f"was built from {old[:12]}" in str(e.value) and "the tag was moved" in str(e.value)
+
+
+def test_a_basic_auth_registry_with_ecr_credentials(
+    basic_registry: str, builder: str, app_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ECR answers Basic challenges and takes user AWS with GetAuthorizationToken's password: the
+    credentials come from boto3 (against moto's ECR endpoint), the registry is a real htpasswd one."""
+    from moto import mock_aws
+
+    from tests.integration.conftest import ECR_PASSWORD
+    from twincd.adapters.ecr import EcrLogin
+
+    for var, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
+        monkeypatch.setenv(var, value)  # moto's fake identity (the process environment, not an SDK)
+    with pytest.raises(RegistryDenied, match="anonymously"):
+        OciRegistry(url=basic_registry, insecure=True, docker_config=False).digest("hello-ecr", TAG)
+    wrong = OciRegistry(url=basic_registry, insecure=True, username="AWS", password=Secret("nope"))
+    with pytest.raises(RegistryDenied, match="environment file's registry entry"):
+        wrong.digest("hello-ecr", TAG)
+    with mock_aws():
+        ecr = OciRegistry(url=basic_registry, insecure=True, login=EcrLogin(region="eu-west-1"))
+        assert ecr.credentials() is not None and ecr.credentials().password.reveal() == ECR_PASSWORD  # type: ignore[union-attr]
+        commit = tag_commit(repo_url=str(app_repo), tag=TAG)
+        engine = DockerBuilder(base_url=builder, registries=[ecr])
+        pushed = engine.push(engine.build(repo_url=str(app_repo), tag=TAG, commit=commit, image="hello-ecr"))
+        assert ecr.digest("hello-ecr", TAG) == pushed.digest
+
+
+def test_an_expired_token_is_replaced(tmp_path: Path) -> None:
+    """Tokens live 11 s here: a read after that gets a fresh token, never a refused request."""
+    import time
+
+    from twincd.sandbox.procs import free_port
+    from twincd.sandbox.registry import start_registry, stop_registry
+
+    url = start_registry(tmp_path, free_port(), token_port=free_port(), token_lifetime=11)
+    try:
+        registry = authed(url, tmp_path)
+        assert registry.digest("nothing-here", TAG) is None  # authorized: the tag is simply missing
+        time.sleep(12)  # the token has expired at the registry
+        assert registry.digest("nothing-here", TAG) is None
+    finally:
+        stop_registry(tmp_path)

@@ -24,6 +24,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -131,6 +132,7 @@ class OciRegistry:
         username: str = "",
         password: Secret | None = None,
         docker_config: bool = True,
+        login: Callable[[], Credentials] | None = None,
         timeout: float = 10.0,
     ) -> None:
         self._url = url
@@ -145,6 +147,7 @@ class OciRegistry:
             else None
         )
         self._docker_config = docker_config
+        self._login = login  # a cloud's token exchange (ECR), asked when the file names no password
 
     @property
     def url(self) -> str:
@@ -155,9 +158,12 @@ class OciRegistry:
         return self._insecure
 
     def credentials(self) -> Credentials | None:
-        """The environment file's, else the docker config's (and its credential helpers'), else none."""
+        """The environment file's, else the cloud's (ECR), else the docker config's (and its
+        credential helpers'), else none."""
         if self._explicit is not None:
             return self._explicit
+        if self._login is not None:
+            return self._login()
         if not self._docker_config:
             return None
         try:

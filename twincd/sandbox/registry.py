@@ -23,7 +23,9 @@ from twincd.sandbox.procs import start_daemon, stop_daemon, write_config
 NAME = "registry"
 
 
-def write_registry_config(state_dir: Path, port: int, token_port: int | None = None) -> tuple[Path, bool]:
+def write_registry_config(
+    state_dir: Path, port: int, token_port: int | None = None, htpasswd: Path | None = None
+) -> tuple[Path, bool]:
     """Write ``<state_dir>/registry.yml``; return its path and whether its content changed."""
     storage = state_dir / "registry"
     storage.mkdir(parents=True, exist_ok=True)
@@ -47,6 +49,13 @@ http:
     issuer: {registry_auth.ISSUER}
     rootcertbundle: {json.dumps(str(cert.resolve()))}
 """
+    elif htpasswd is not None:
+        # Basic auth against a bcrypt htpasswd file (distribution's `auth: htpasswd`).
+        text += f"""auth:
+  htpasswd:
+    realm: twincd-registry
+    path: {json.dumps(str(htpasswd.resolve()))}
+"""
     return config, write_config(config, text)
 
 
@@ -61,11 +70,18 @@ def registry_ready(port: int) -> bool:
 
 
 def start_registry(
-    state_dir: Path, port: int, *, token_port: int | None = None, timeout: float = 30.0
+    state_dir: Path,
+    port: int,
+    *,
+    token_port: int | None = None,
+    htpasswd: Path | None = None,
+    token_lifetime: int = registry_auth.TOKEN_SECONDS,
+    timeout: float = 30.0,
 ) -> str:
     """Start (or find running) the registry on 127.0.0.1:``port``; return ``127.0.0.1:<port>``.
 
     ``token_port``: require tokens from the stack's token service, started on that port first.
+    ``htpasswd``: require Basic auth against that bcrypt htpasswd file instead.
     """
     # Debian names the binary docker-registry; upstream release tarballs name it registry.
     binary = shutil.which("docker-registry") or shutil.which("registry")
@@ -82,12 +98,14 @@ def start_registry(
                 str(state_dir),
                 "--port",
                 str(token_port),
+                "--lifetime",
+                str(token_lifetime),
             ],
             state_dir=state_dir,
             ready=lambda: _answers(f"http://127.0.0.1:{token_port}/token"),
             timeout=timeout,
         )
-    config, changed = write_registry_config(state_dir, port, token_port)
+    config, changed = write_registry_config(state_dir, port, token_port, htpasswd)
     if changed:
         # A registry already running from this state dir still serves the old port: restart it.
         stop_daemon(NAME, state_dir=state_dir)
