@@ -22,7 +22,7 @@ import docker.errors
 import requests.exceptions
 
 from twincd.adapters import git as gitrepo
-from twincd.adapters.registry import REVISION_LABEL, OciRegistry, RegistryDenied, display_name
+from twincd.adapters.registry import REVISION_LABEL, OciRegistry, RegistryDenied, RegistryError, display_name
 from twincd.domain import BuiltImage as BuiltImage  # re-exported: what a build yields
 from twincd.domain import ImageRef
 from twincd.domain import PushedImage as PushedImage
@@ -77,7 +77,7 @@ def ping(base_url: str, *, api_version: str = API_VERSION) -> bool:
     try:
         with _client(base_url, timeout=5, api_version=api_version) as client:
             return bool(client.ping())
-    except (docker.errors.DockerException, requests.exceptions.RequestException, OSError):
+    except (BuilderUnavailable, docker.errors.DockerException, requests.exceptions.RequestException, OSError):
         return False
 
 
@@ -139,7 +139,7 @@ def _build(
     existing = [r.digest(image, tag) for r in registries]
     for registry, digest in zip(registries, existing, strict=True):
         if digest is not None:
-            _check_provenance(registry, image, tag, commit)
+            _check_provenance(registry, image, tag, commit, digest)
     if all(existing):
         refs = tuple(
             ImageRef(name=f"{registry}/{image}", digest=digest, tag=tag)
@@ -213,6 +213,14 @@ def _push(
                     message = str(item["error"])
                     if any(w in message.lower() for w in ("unauthorized", "denied", "authentication")):
                         raise RegistryDenied(f"push {target}: access denied: {message[:300]}")
+                    if "name unknown" in message.lower() or "repository with name" in message.lower():
+                        # ECR (and registries without auto-created repositories) refuse a push to a
+                        # repository nobody created: retrying cannot help.
+                        raise RegistryError(
+                            f"push {target}: the repository does not exist in {display_name(registry)}: "
+                            f"create the repository {built.image!r} there (e.g. `aws ecr create-repository "
+                            f"--repository-name {built.image}`), then run again"
+                        )
                     raise PushFailed(f"push {target}: {message[:300]}")
             digest = by_url[registry].digest(built.image, tag)
             if digest is None:
@@ -271,13 +279,13 @@ def _resume_partial_push(
     return replace(built, image_id=image_ids[0])
 
 
-def _check_provenance(registry: Registry, image: str, tag: str, commit: str) -> None:
+def _check_provenance(registry: Registry, image: str, tag: str, commit: str, digest: str) -> None:
     """An image reused under a release tag must be the build of the tag's commit.
 
     A tag moved to another commit (``git tag -f``) would otherwise ship the old build: the image's
     ``org.opencontainers.image.revision`` label (set by every twincd build) must name ``commit``.
     """
-    labels = registry.labels(image, tag) or {}
+    labels = registry.labels(image, digest) or {}  # by digest: the very image found under the tag
     built_from = labels.get(REVISION_LABEL, "")
     if built_from == commit:
         return
@@ -313,7 +321,11 @@ def _conflict_fix(built: BuiltImage, target: str, insecure_registries: Collectio
 
 @contextmanager
 def _client(base_url: str, *, timeout: int, api_version: str) -> Iterator[docker.DockerClient]:
-    client = docker.DockerClient(base_url=base_url, version=api_version, timeout=timeout)
+    try:
+        # With version "auto" the constructor asks the engine for its version: it may be down.
+        client = docker.DockerClient(base_url=base_url, version=api_version, timeout=timeout)
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
+        raise BuilderUnavailable(f"builder at {base_url} cannot be reached: {type(e).__name__}") from None
     try:
         yield client
     finally:

@@ -9,6 +9,7 @@ role), cached per region and registry until shortly before ``expiresAt``, and ne
 from __future__ import annotations
 
 import base64
+import logging
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -19,6 +20,8 @@ from twincd.adapters.registry import Credentials, RegistryDenied, RegistryError,
 from twincd.adapters.secrets import Secret
 
 _RENEW_BEFORE = timedelta(minutes=5)
+# botocore logs whole response bodies at DEBUG, GetAuthorizationToken's password included.
+logging.getLogger("botocore.parsers").setLevel(logging.INFO)
 _cache: dict[tuple[str, str], tuple[Credentials, datetime]] = {}
 _lock = threading.Lock()
 SOURCE = "ECR GetAuthorizationToken (the AWS credentials chain)"

@@ -121,7 +121,10 @@ def is_url(value: str) -> bool:
 
 
 DENIED = re.compile(
-    r"Authentication failed|could not read Username|Permission denied|HTTP 40[13]|"
+    # git 2.39 says "The requested URL returned error: 403"; GitLab answers a token without access
+    # to a project as "repository '…' not found"; ssh in BatchMode fails on an unknown host key.
+    r"Authentication failed|could not read Username|Permission denied|HTTP 40[13]|returned error: 40[13]|"
+    r"repository '[^']*' not found|Host key verification failed|"
     r"protected branch|pre-receive hook declined|hook declined",
     re.IGNORECASE,
 )

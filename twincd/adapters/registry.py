@@ -148,6 +148,7 @@ class OciRegistry:
         )
         self._docker_config = docker_config
         self._login = login  # a cloud's token exchange (ECR), asked when the file names no password
+        self._from_docker: tuple[Credentials | None] | None = None  # looked up once, after a 401
 
     @property
     def url(self) -> str:
@@ -166,11 +167,19 @@ class OciRegistry:
             return self._login()
         if not self._docker_config:
             return None
+        if self._from_docker is None:
+            self._from_docker = (self._docker_credentials(),)
+        return self._from_docker[0]
+
+    def _docker_credentials(self) -> Credentials | None:
         try:
             found = docker.auth.resolve_authconfig(docker.auth.load_config(), self._host.split("://")[-1])
         except docker.errors.DockerException:
             return None  # an unreadable docker config or a failing helper: anonymous, said on a 401
-        if not found or not found.get("password"):
+        # The config file's entries use lower case; credential helpers answer `Username`/`Secret`,
+        # which the SDK hands back as `Username`/`Password`.
+        found = {str(k).lower(): v for k, v in (found or {}).items()}
+        if not found.get("password"):
             return None
         return Credentials(
             str(found.get("username", "")), Secret(str(found["password"])), "the docker config"
@@ -206,7 +215,9 @@ class OciRegistry:
         """The image config's labels (``org.opencontainers.image.revision`` among them); None: no such tag."""
         repo = self.repository(repository)
         where = f"{display_name(self._url)}/{repository}:{reference}"
-        with httpx.Client(timeout=self._timeout, verify=not self._insecure) as client:
+        # Blobs are often served by a redirect to object storage (ECR and Harbor to S3, GitLab to its
+        # object store): follow it. httpx drops Authorization on a redirect to another host.
+        with httpx.Client(timeout=self._timeout, verify=not self._insecure, follow_redirects=True) as client:
             manifest = self._json(client, f"/v2/{repo}/manifests/{reference}", repo, where)
             if manifest is None:
                 return None
@@ -236,13 +247,17 @@ class OciRegistry:
     def _send(self, client: httpx.Client, method: str, path: str, repo: str, where: str) -> httpx.Response:
         scope = f"repository:{repo}:pull"
         headers = {"Accept": ", ".join(MANIFEST_MEDIA_TYPES)}
-        creds = self.credentials()
-        key = (self._base, scope, creds.username if creds else "")
+        # Credentials are looked up only when a registry asks (a credential helper is a process),
+        # but a token cached for them is sent at once.
+        creds = self._explicit
+        key = self._key(scope, creds)
         cached = self._cached(key)
         if cached is not None:
             headers["Authorization"] = f"Bearer {cached.reveal()}"
         response = self._request(client, method, path, headers, where)
         if response.status_code == 401:
+            creds = self.credentials()
+            key = self._key(scope, creds)
             challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
             if challenge is None:
                 raise self._denied(where, 401, creds, "no WWW-Authenticate challenge to answer")
@@ -282,9 +297,12 @@ class OciRegistry:
         realm = challenge.params.get("realm", "")
         if not realm.startswith(("https://", "http://")):
             raise RegistryError(f"registry {where}: the Bearer challenge names no token realm")
-        params = {"scope": challenge.params.get("scope") or scope}
+        # Several scopes in one challenge are space-separated; the token request repeats `scope`.
+        params: list[tuple[str, str | int | float | bool | None]] = [
+            ("scope", s) for s in (challenge.params.get("scope") or scope).split()
+        ]
         if "service" in challenge.params:
-            params["service"] = challenge.params["service"]
+            params.append(("service", challenge.params["service"]))
         headers = {"Authorization": _basic(creds)} if creds else {}
         try:
             answer = client.get(realm, params=params, headers=headers)
@@ -310,6 +328,15 @@ class OciRegistry:
         with _tokens_lock:
             _tokens[key] = (token, time.monotonic() + max(expires - _RENEW_BEFORE, 1.0))
         return token
+
+    def _key(self, scope: str, creds: Credentials | None) -> tuple[str, str, str]:
+        """Tokens are per registry, scope and credentials: a rotated password never reuses one."""
+        who = (
+            hashlib.sha256(f"{creds.username}:{creds.password.reveal()}".encode()).hexdigest()
+            if creds
+            else ""
+        )
+        return (self._base, scope, who)
 
     @staticmethod
     def _cached(key: tuple[str, str, str]) -> Secret | None:
