@@ -2,10 +2,9 @@
 
 Core: no Prefect, no SDK. Each adapter in ``twincd.adapters`` implements one of these, and
 ``twincd.wiring`` is the one place that picks the adapter an environment file asks for; its
-return types are these ports, so ``mypy --strict`` proves every adapter fits its port (the
-``_conforms`` block at the end of ``twincd.wiring`` names the adapters no wiring function returns
-directly). Kargo's ``gitprovider.Interface`` and argocd-image-updater's ``PullRequestService``
-are the models (DESIGN.md, rule 11).
+return types are these ports, and every adapter is returned by one of its functions, so
+``mypy --strict`` proves every adapter fits its port. Kargo's ``gitprovider.Interface`` and
+argocd-image-updater's ``PullRequestService`` are the models (DESIGN.md, rule 11).
 
 Errors: every method raises only ``twincd.errors`` subclasses (the adapter's own small hierarchy);
 transient ones are retried by the tasks, permanent ones end the step.

@@ -5,7 +5,7 @@ configures: ``forge: {type: gitlab}`` → ``GitlabForge``, ``dns: {type: route53
 and so on. Adding a forge, a registry kind or a notifier touches the adapter, the config model
 (``twincd.config``) and this module, nothing else. Relative paths in the file are resolved here
 and only here. The return types are the ports, so ``mypy --strict`` proves every adapter fits its
-port; ``_conforms`` below checks the adapters no function here returns as such.
+port (every adapter is returned by one of these functions).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 from twincd import config
 from twincd.adapters import dns as dns_adapters
@@ -238,20 +237,4 @@ def rollout_target(
         name=w.name,
         revision=revision,
         digest=digest,
-    )
-
-
-if TYPE_CHECKING:
-    # Each adapter against its port (mypy reports the first method that does not fit).
-    _conforms: tuple[
-        type[Forge], type[Forge], type[Notifier], type[Notifier], type[Dns], type[Dns], type[Dns], type[Dns]
-    ] = (
-        LocalForge,
-        GitlabForge,
-        ConsoleNotifier,
-        SlackNotifier,
-        dns_adapters.Rfc2136,
-        dns_adapters.Route53,
-        dns_adapters.AzureDns,
-        dns_adapters.NoDns,
     )

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.e2e.conftest import git_refs
+from tests.e2e.test_deploy import main_file
 from twincd.adapters.dns import Rfc2136, Tsig
 from twincd.config import REPO_ROOT, Environment, load_environment
 from twincd.sandbox import dns as sandbox_dns
@@ -71,12 +72,7 @@ class FailoverStack:
         return result, time.monotonic() - t0
 
     def main_file(self, path: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(local_repo_path(self.env, self.env.manifests.repo)), "show", f"main:{path}"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
+        return main_file(self.env, path)
 
     def component(self, cluster: str) -> str:
         text = self.main_file(f"overlays/{cluster}/hello/kustomization.yaml")

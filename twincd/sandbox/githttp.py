@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import hmac
 import os
 from pathlib import Path
@@ -29,6 +27,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from twincd.sandbox.serving import basic_credentials
 
 NAME = "git-http"
 TOKEN_ENV = "TWINCD_GIT_TOKEN"
@@ -43,15 +43,10 @@ def token_path(state: Path) -> Path:
 
 def _user(header: str, token: bytes) -> str | None:
     """The Basic-auth username when the password is the token; None for anything else."""
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
+    found = basic_credentials(header)
     # Constant time: a timing side channel must not reveal the token.
-    return (user or "git") if hmac.compare_digest(password.encode(), token) else None
+    ok = found is not None and hmac.compare_digest(found[1].encode(), token)
+    return (found[0] or "git") if found and ok else None
 
 
 def create_app(root: Path, token: str) -> Starlette:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import datetime as dt
 import hmac
 import json
@@ -36,6 +35,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from twincd.sandbox.serving import basic_credentials
 
 NAME = "registry-auth"
 USERNAME = "twincd"
@@ -94,13 +95,9 @@ def _user(header: str, password: bytes) -> str | None:
     """ "" for an anonymous request, the username for right credentials, None for wrong ones."""
     if not header:
         return ""
-    scheme, _, value = header.partition(" ")
-    try:
-        user, _, given = base64.b64decode(value, validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    ok = scheme.lower() == "basic" and user == USERNAME and hmac.compare_digest(given.encode(), password)
-    return user if ok else None
+    found = basic_credentials(header)
+    ok = found is not None and found[0] == USERNAME and hmac.compare_digest(found[1].encode(), password)
+    return found[0] if found and ok else None
 
 
 def create_app(key_file: Path, cert_file: Path, password: str, *, lifetime: int = TOKEN_SECONDS) -> Starlette:

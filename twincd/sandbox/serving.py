@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import socket
 import threading
 import time
@@ -68,3 +70,15 @@ def serve_asgi(
         time.sleep(0.01)
     url_host = f"[{host}]" if ":" in host else host
     return ServedApp(f"http://{url_host}:{bound}", bound, server, thread, sock)
+
+
+def basic_credentials(header: str) -> tuple[str, str] | None:
+    """``Authorization: Basic base64(user:password)`` → (user, password); None for anything else."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return user, password
