@@ -126,18 +126,32 @@ def test_a_basic_auth_registry_with_ecr_credentials(
         assert ecr.digest("hello-ecr", TAG) == pushed.digest
 
 
-def test_an_expired_token_is_replaced(tmp_path: Path) -> None:
-    """Tokens live 11 s here: a read after that gets a fresh token, never a refused request."""
+def test_a_token_is_reused_while_valid_and_replaced_once_it_expires(tmp_path: Path) -> None:
+    """Tokens live 12 s here (the client renews them 10 s early): the registry's own log shows one
+    challenge for two reads in a row, and a second challenge only after the token expired."""
     import time
 
-    from twincd.sandbox.procs import free_port
-    from twincd.sandbox.registry import start_registry, stop_registry
+    from twincd.sandbox.procs import free_port, log_path
+    from twincd.sandbox.registry import NAME, start_registry, stop_registry
 
-    url = start_registry(tmp_path, free_port(), token_port=free_port(), token_lifetime=11)
+    def challenges() -> int:
+        lines = log_path(NAME, state_dir=tmp_path).read_text().splitlines()
+        return sum("error authorizing context" in line and "never-pushed" in line for line in lines)
+
+    def settled(expected: int) -> int:
+        deadline = time.monotonic() + 5  # the registry writes its log as it goes
+        while challenges() < expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return challenges()
+
+    url = start_registry(tmp_path, free_port(), token_port=free_port(), token_lifetime=12)
     try:
         registry = authed(url, tmp_path)
-        assert registry.digest("nothing-here", TAG) is None  # authorized: the tag is simply missing
-        time.sleep(12)  # the token has expired at the registry
-        assert registry.digest("nothing-here", TAG) is None
+        assert registry.digest("never-pushed", TAG) is None  # authorized: the tag is simply missing
+        assert registry.digest("never-pushed", TAG) is None
+        assert settled(1) == 1  # the second read reused the token
+        time.sleep(13)  # the token has expired at the registry
+        assert registry.digest("never-pushed", TAG) is None
+        assert settled(2) == 2  # a fresh token, after one more challenge
     finally:
         stop_registry(tmp_path)
