@@ -26,6 +26,13 @@ _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 DEFAULT_TAG_PATTERN = r"^v?\d+\.\d+\.\d+(-[0-9A-Za-z.-]+)?$"
 
 
+def _url_covers(prefix: str, url: str) -> bool:
+    # scp-style `git@host:path` continues at ':'; URLs at '/' only (`host:8443` is another remote).
+    base = prefix.rstrip("/:")
+    boundary = "/" if "://" in base else "/:"
+    return url == base or (url.startswith(base) and url[len(base)] in boundary)
+
+
 def _check_secret_ref(value: str) -> str:
     if not _SECRET_REF.match(value):
         # Never echo the value: it may be the secret itself.
@@ -117,9 +124,11 @@ class RegistryConfig(_Model):
     insecure: bool = False
     username: str = ""
     password: SecretRef | None = None  # a password or token (e.g. a GitLab deploy token)
-    # ecr: credentials from ECR's GetAuthorizationToken (the AWS chain) when no password is given.
-    type: Literal["generic", "ecr"] = "generic"
+    # ecr: credentials from ECR's GetAuthorizationToken (the AWS chain) when no password is given;
+    # acr: an Entra ID token (azure-identity's DefaultAzureCredential) exchanged at the registry.
+    type: Literal["generic", "ecr", "acr"] = "generic"
     region: str | None = None  # ecr: the registry's region
+    tenant: str | None = None  # acr: the Entra tenant, when the identity's default is not the one
 
     @model_validator(mode="after")
     def _ecr_region(self) -> RegistryConfig:
@@ -326,8 +335,10 @@ class Environment(_Model):
         return self
 
     def git_credential(self, url: str) -> GitCredential | None:
-        """The credentials for a git remote: the entry with the longest matching URL prefix."""
-        found = [c for c in self.git.credentials if url.startswith(c.url)]
+        """The credentials for a git remote: the entry with the longest matching URL prefix, matched
+        at path-segment boundaries as git matches ``http.<url>.*`` (``…/infra`` covers ``…/infra/x.git``,
+        never ``…/infra-secrets/x.git``)."""
+        found = [c for c in self.git.credentials if _url_covers(c.url, url)]
         return max(found, key=lambda c: len(c.url)) if found else None
 
     def path(self, value: str) -> Path:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from twincd import config
 from twincd.adapters import dns as dns_adapters
+from twincd.adapters.acr import AcrLogin
 from twincd.adapters.builder import DockerBuilder
 from twincd.adapters.ecr import EcrLogin
 from twincd.adapters.forge_local import LocalForge
@@ -25,10 +26,10 @@ from twincd.adapters.gitlab import GitlabForge
 from twincd.adapters.http_probe import HttpProbe
 from twincd.adapters.kube_read import KubeCluster, KubeRollouts
 from twincd.adapters.notify_console import ConsoleNotifier
-from twincd.adapters.registry import OciRegistry
+from twincd.adapters.registry import Credentials, OciRegistry
 from twincd.adapters.secrets import resolve_secret
 from twincd.adapters.slack import MemoryThreadStore, PrefectVariableThreadStore, SlackNotifier
-from twincd.config import Environment
+from twincd.config import Environment, RegistryConfig
 from twincd.domain import ClusterRef, RolloutTarget
 from twincd.errors import TwincdError
 from twincd.ports import (
@@ -95,12 +96,21 @@ def registries(env: Environment, urls: Sequence[str]) -> list[Registry]:
                 insecure=bool(cfg and cfg.insecure),
                 username=cfg.username if cfg else "",
                 password=resolve_secret(cfg.password) if cfg and cfg.password else None,
-                login=EcrLogin(region=cfg.region or "", registry_id=url.split(".", 1)[0])
-                if cfg and cfg.type == "ecr"
-                else None,
+                login=_cloud_login(cfg, url),
             )
         )
     return found
+
+
+def _cloud_login(cfg: RegistryConfig | None, url: str) -> Callable[[], Credentials] | None:
+    """ECR's or ACR's own token exchange, for a registry entry of that type."""
+    if cfg is None:
+        return None
+    if cfg.type == "ecr":
+        return EcrLogin(region=cfg.region or "", registry_id=url.split(".", 1)[0])
+    if cfg.type == "acr":
+        return AcrLogin(registry_url=url, tenant=cfg.tenant or "", insecure=cfg.insecure)
+    return None
 
 
 def builder_url(env: Environment) -> str:

@@ -155,3 +155,44 @@ def test_a_token_is_reused_while_valid_and_replaced_once_it_expires(tmp_path: Pa
         assert settled(2) == 2  # a fresh token, after one more challenge
     finally:
         stop_registry(tmp_path)
+
+
+def test_acr_credentials_from_an_entra_token_exchanged_at_the_registry(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ACR: azure-identity's real ManagedIdentityCredential gets an Entra ID token (App Service
+    style endpoint), the registry's /oauth2/exchange turns it into a refresh token, and the Bearer
+    flow asks /oauth2/token for an access token with it; the refresh token is reused, no token is
+    logged, and an identity without a role on the registry is told which role it needs."""
+    from azure.identity import ManagedIdentityCredential
+
+    from tests.fakes.acr import FakeAcr
+    from twincd.adapters.acr import AcrLogin
+
+    with FakeAcr() as acr:
+        # The process environment of an App Service managed identity (not an SDK patch).
+        monkeypatch.setenv("IDENTITY_ENDPOINT", f"{acr.url}/msi/token")
+        monkeypatch.setenv("IDENTITY_HEADER", acr.identity_header)
+        digest = acr.push("team/hello", TAG)
+        caplog.set_level(logging.DEBUG)
+        with pytest.raises(RegistryDenied, match="anonymously"):
+            OciRegistry(url=acr.host, insecure=True, docker_config=False).digest("team/hello", TAG)
+        login = AcrLogin(registry_url=acr.host, insecure=True, credential=ManagedIdentityCredential())
+        registry = OciRegistry(url=acr.host, insecure=True, login=login)
+        assert registry.digest("team/hello", TAG) == digest
+        assert registry.digest("team/hello", "v9.9.9") is None
+        assert acr.seen("/oauth2/exchange") == 1  # the refresh token is cached
+        assert acr.seen("/msi/token") == 1
+        creds = registry.credentials()
+        assert creds is not None and creds.username == "00000000-0000-0000-0000-000000000000"
+        logged = caplog.text + "".join(str(r.args) for r in caplog.records)
+        for token in set(acr.aad_tokens) | acr.refresh_tokens | acr.access_tokens:
+            assert token not in logged
+
+    with FakeAcr() as denied:
+        denied.role = False
+        monkeypatch.setenv("IDENTITY_ENDPOINT", f"{denied.url}/msi/token")
+        login = AcrLogin(registry_url=denied.host, insecure=True, credential=ManagedIdentityCredential())
+        with pytest.raises(RegistryDenied, match="AcrPull role") as e:
+            OciRegistry(url=denied.host, insecure=True, login=login).digest("team/hello", TAG)
+        assert not any(t in str(e.value) for t in denied.aad_tokens)

@@ -62,6 +62,15 @@ def test_git_credentials_match_the_longest_url_prefix_and_refuse_literals(tmp_pa
     found = env.git_credential("https://gitlab.example.com/infra/manifests.git")
     assert found is not None and found.username == "deploy"
     assert env.git_credential("https://github.com/x/y.git") is None
+    # Matched at path segments, as git matches http.<url>.*: a sibling group or port is not covered.
+    found = env.git_credential("https://gitlab.example.com/infra-secrets/x.git")
+    assert found is not None and found.username != "deploy"
+    assert env.git_credential("https://gitlab.example.com:8443/infra/x.git") is None
+    scp = load_environment(
+        write(tmp_path, git={"credentials": [{"url": "git@gitlab.example.com", "ssh_key": "k"}]})
+    )
+    assert scp.git_credential("git@gitlab.example.com:infra/x.git") is not None
+    assert scp.git_credential("git@gitlab.example.com.evil:infra/x.git") is None
     literal = [{"url": "https://gitlab.example.com/", "token": "glpat-literal-token"}]
     with pytest.raises(ConfigError, match="secret reference") as e:
         load_environment(write(tmp_path, git={"credentials": literal}))

@@ -303,6 +303,12 @@ class OciRegistry:
         ]
         if "service" in challenge.params:
             params.append(("service", challenge.params["service"]))
+        if creds and realm.startswith("http://") and not self._insecure:
+            # The challenge may name any realm; a password never goes there in the clear.
+            raise RegistryError(
+                f"registry {where}: the token realm {display_name(realm)} is plain HTTP; credentials "
+                "are not sent there (set `insecure: true` on the registry entry for a local registry)"
+            )
         headers = {"Authorization": _basic(creds)} if creds else {}
         try:
             answer = client.get(realm, params=params, headers=headers)
