@@ -117,6 +117,8 @@ class Credentials:
     source: str  # where they came from, for messages: "the environment file", "the docker config"
 
 
+# Registries log the user agent of every request: operators can tell twincd's reads apart.
+USER_AGENT = "twincd/0.1"
 _tokens: dict[tuple[str, str, str], tuple[Secret, float]] = {}
 _tokens_lock = threading.Lock()
 
@@ -134,8 +136,10 @@ class OciRegistry:
         docker_config: bool = True,
         login: Callable[[], Credentials] | None = None,
         timeout: float = 10.0,
+        user_agent: str = USER_AGENT,
     ) -> None:
         self._url = url
+        self._headers = {"User-Agent": user_agent}
         self._insecure = insecure
         host, self._prefix = split_registry(url)
         self._host = host
@@ -196,7 +200,7 @@ class OciRegistry:
     def digest(self, repository: str, reference: str) -> str | None:
         repo = self.repository(repository)
         where = f"{display_name(self._url)}/{repository}:{reference}"
-        with httpx.Client(timeout=self._timeout, verify=not self._insecure) as client:
+        with httpx.Client(timeout=self._timeout, verify=not self._insecure, headers=self._headers) as client:
             response = self._send(client, "HEAD", f"/v2/{repo}/manifests/{reference}", repo, where)
             if response.status_code == 404:
                 return None
@@ -217,7 +221,9 @@ class OciRegistry:
         where = f"{display_name(self._url)}/{repository}:{reference}"
         # Blobs are often served by a redirect to object storage (ECR and Harbor to S3, GitLab to its
         # object store): follow it. httpx drops Authorization on a redirect to another host.
-        with httpx.Client(timeout=self._timeout, verify=not self._insecure, follow_redirects=True) as client:
+        with httpx.Client(
+            timeout=self._timeout, verify=not self._insecure, follow_redirects=True, headers=self._headers
+        ) as client:
             manifest = self._json(client, f"/v2/{repo}/manifests/{reference}", repo, where)
             if manifest is None:
                 return None

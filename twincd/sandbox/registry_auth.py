@@ -138,6 +138,13 @@ def create_app(key_file: Path, cert_file: Path, password: str, *, lifetime: int 
             "access": access,
         }
         signed = sign(claims)
+        # One line per token, as a token service's audit log has (never the token itself).
+        print(
+            f"{dt.datetime.now(dt.UTC).isoformat()} issued user={user or '(anonymous)'} "
+            f"scopes={' '.join(request.query_params.getlist('scope')) or '-'} "
+            f"agent={request.headers.get('user-agent', '-')}",
+            flush=True,
+        )
         issued = dt.datetime.fromtimestamp(now, dt.UTC).isoformat()
         return JSONResponse(
             {"token": signed, "access_token": signed, "expires_in": lifetime, "issued_at": issued}

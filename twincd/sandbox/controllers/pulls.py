@@ -63,6 +63,9 @@ class PullResult:
     message: str = ""
 
 
+KUBELET_AGENT = "twincd-sandbox-kubelet"  # in the registry's log, the cluster's pulls, not twincd's
+
+
 def check_image_pull(image: str, *, auths: Mapping[str, tuple[str, Secret]] | None = None) -> PullResult:
     """Resolve the image's manifest the way a runtime does before pulling layers.
 
@@ -84,6 +87,7 @@ def check_image_pull(image: str, *, auths: Mapping[str, tuple[str, Secret]] | No
         password=login[1] if login else None,
         docker_config=False,
         timeout=3.0,
+        user_agent=KUBELET_AGENT,
     )
     try:
         digest = registry.digest(where.repository, where.reference)
