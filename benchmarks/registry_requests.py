@@ -16,13 +16,11 @@ import re
 import sys
 from collections import Counter
 from datetime import datetime
-from pathlib import Path
 from uuid import UUID
 
 from twincd.config import load_environment
 
-env = load_environment()
-os.environ["PREFECT_API_URL"] = env.prefect.api_url
+os.environ["PREFECT_API_URL"] = load_environment().prefect.api_url
 
 # Imported after PREFECT_API_URL is set: Prefect reads its settings on import.
 from prefect.client.orchestration import get_client
@@ -47,6 +45,9 @@ def _when(stamp: str) -> datetime:
 
 
 def main() -> None:
+    logs = load_environment().state_path / "logs"
+    if not (logs / "registry.log").exists():
+        sys.exit("no registry log: start the stack with `twincd up` and run a deploy first")
     with get_client(sync_client=True) as client:
         if len(sys.argv) > 1:
             run = client.read_flow_run(UUID(sys.argv[1]))
@@ -62,7 +63,6 @@ def main() -> None:
     if run.start_time is None or run.end_time is None:
         sys.exit(f"{run.name} has not finished")
     start, end = run.start_time, run.end_time
-    logs = env.state_path / "logs"
     requests: Counter[tuple[str, str]] = Counter()
     for line in (logs / "registry.log").read_text().splitlines():
         stamp = _TIME.search(line)
@@ -95,6 +95,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if not Path(env.state_path / "logs" / "registry.log").exists():
-        sys.exit("no registry log: start the stack with `twincd up` and run a deploy first")
     main()
