@@ -16,6 +16,7 @@ import re
 import sys
 from collections import Counter
 from datetime import datetime
+from pathlib import Path
 from uuid import UUID
 
 from twincd.config import load_environment
@@ -44,25 +45,8 @@ def _when(stamp: str) -> datetime:
     return datetime.fromisoformat(stamp.rstrip("Z")[:26].rstrip(".") + "+00:00")
 
 
-def main() -> None:
-    logs = load_environment().state_path / "logs"
-    if not (logs / "registry.log").exists():
-        sys.exit("no registry log: start the stack with `twincd up` and run a deploy first")
-    with get_client(sync_client=True) as client:
-        if len(sys.argv) > 1:
-            run = client.read_flow_run(UUID(sys.argv[1]))
-        else:
-            runs = client.read_flow_runs(
-                flow_filter=FlowFilter(name=FlowFilterName(any_=["deploy"])),
-                sort=FlowRunSort.START_TIME_DESC,
-                limit=1,
-            )
-            if not runs:
-                sys.exit("no deploy run on this Prefect server")
-            run = runs[0]
-    if run.start_time is None or run.end_time is None:
-        sys.exit(f"{run.name} has not finished")
-    start, end = run.start_time, run.end_time
+def _count(logs: Path, start: datetime, end: datetime) -> tuple[Counter[tuple[str, str]], Counter[str]]:
+    """(client, status) → requests, and client → tokens issued, between ``start`` and ``end``."""
     requests: Counter[tuple[str, str]] = Counter()
     for line in (logs / "registry.log").read_text().splitlines():
         stamp = _TIME.search(line)
@@ -83,6 +67,29 @@ def main() -> None:
         m = _ISSUED.match(line)
         if m and start <= _when(m.group(1)) <= end:
             tokens[_client(m.group(4))] += 1
+    return requests, tokens
+
+
+def main() -> None:
+    logs = load_environment().state_path / "logs"
+    if not (logs / "registry.log").exists():
+        sys.exit("no registry log: start the stack with `twincd up` and run a deploy first")
+    with get_client(sync_client=True) as client:
+        if len(sys.argv) > 1:
+            run = client.read_flow_run(UUID(sys.argv[1]))
+        else:
+            runs = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["deploy"])),
+                sort=FlowRunSort.START_TIME_DESC,
+                limit=1,
+            )
+            if not runs:
+                sys.exit("no deploy run on this Prefect server")
+            run = runs[0]
+    if run.start_time is None or run.end_time is None:
+        sys.exit(f"{run.name} has not finished")
+    start, end = run.start_time, run.end_time
+    requests, tokens = _count(logs, start, end)
     print(f"{run.name}: {run.state_name}, {start:%H:%M:%S}–{end:%H:%M:%S}")
     print(f"  {'client':<34} {'requests':>8} {'2xx/3xx':>8} {'401':>5} {'other':>6} {'tokens':>7}")
     for who in sorted({w for w, _ in requests} | set(tokens)):
