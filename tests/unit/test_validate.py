@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from twincd.domain import Finding, Severity, image_repository
+from twincd.domain import Finding, Severity, ValidationReport, image_repository
 from twincd.validate import (
     ImagePolicy,
     ManifestError,
@@ -15,6 +15,7 @@ from twincd.validate import (
     SchemaValidator,
     parse_documents,
     render_overlay,
+    report_markdown,
     validate_documents,
     validate_overlay,
 )
@@ -327,3 +328,18 @@ def test_images_twincd_does_not_manage_follow_the_unpinned_policy(validator: Sch
 )
 def test_image_repository_normalizes_as_runtimes_do(image: str, repository: str) -> None:
     assert image_repository(image) == repository
+
+
+def test_the_merge_request_note_lists_warnings_without_failing() -> None:
+    warning = Finding(
+        OVERLAY,
+        "Deployment/hello/hello",
+        "image 'envoyproxy/envoy:v1.31.0' of container 'envoy' is not pinned by digest; "
+        "twincd does not manage it",
+        Severity.WARNING,
+        path="spec.template.spec.containers[1].image",
+    )
+    report = ValidationReport((OVERLAY,), 4, (warning,))
+    note = report_markdown(report)
+    assert report.ok and note.startswith("### ✅ twincd validation passed")
+    assert "1 warning(s):" in note and "⚠️ overlays/eks/hello: Deployment/hello/hello at spec.template" in note
