@@ -202,7 +202,8 @@ def land(
             "validate",
             "ok",
             f"{report.resources} resources valid in {', '.join(report.overlays)}"
-            + (f"; {len(report.unchecked)} unchecked (no schema)" if report.unchecked else ""),
+            + (f"; {len(report.unchecked)} unchecked (no schema)" if report.unchecked else "")
+            + "".join(f"\n⚠️ {f}" for f in report.warnings),
         )
     approver = change.approver or ""
     if mr.state != "merged":

@@ -32,7 +32,7 @@ from twincd.domain import (
 )
 from twincd.errors import PermanentError, TwincdError
 from twincd.release import check_tag, pull_ref
-from twincd.validate import SchemaValidator, parse_documents, render_overlay, validate_overlays
+from twincd.validate import ImagePolicy, SchemaValidator, parse_documents, render_overlay, validate_overlays
 
 
 @task(name="check-release", **IO_RETRIES)
@@ -146,7 +146,14 @@ def validate(
     overlays = [env.app_overlay(app, name) for name in clusters]
     with wiring.manifests(env).checkout(branch.head) as work:
         return validate_overlays(
-            work, overlays, validator=SchemaValidator(kubernetes_version=env.kubernetes_version)
+            work,
+            overlays,
+            validator=SchemaValidator(kubernetes_version=env.kubernetes_version),
+            images=ImagePolicy(
+                managed=env.managed_images(app),
+                unpinned=env.validation.unpinned_images,
+                allowed=env.validation.allowed_unpinned,
+            ),
         )
 
 

@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from twincd.domain import image_repository
 from twincd.errors import ConfigError, PermanentError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -241,6 +242,15 @@ class AppConfig(_Model):
         return value
 
 
+class ValidationConfig(_Model):
+    """Images twincd manages are always checked for a digest pin; others follow this policy."""
+
+    # require: every image pinned; warn: others reported on the MR and in the timeline;
+    # allow-list: others allowed when their repository (or a parent path) is listed.
+    unpinned_images: Literal["require", "warn", "allow-list"] = "warn"
+    allowed_unpinned: tuple[str, ...] = ()  # e.g. docker.io/istio, ghcr.io/org/exporter
+
+
 class TimeoutsConfig(_Model):
     approval_seconds: float = 3600
     rollout_seconds: float = 300
@@ -285,6 +295,7 @@ class Environment(_Model):
 
     state_dir: str = ".twincd"
     kubernetes_version: str = "1.31"
+    validation: ValidationConfig = ValidationConfig()
     prefect: PrefectConfig = PrefectConfig()
     git: GitConfig = GitConfig()
     manifests: ManifestsConfig
@@ -390,6 +401,14 @@ class Environment(_Model):
     def app_registry_urls(self, app: str) -> tuple[str, ...]:
         """Where the app's image is pushed, in the order the file lists the registries."""
         return tuple(self.registries[r].url for r in self.app(app).registries)
+
+    def managed_images(self, app: str) -> frozenset[str]:
+        """The repositories twincd pushes ``app`` to and pins in the overlays, and the bare name the
+        bases use before the first pin (kustomize's ``images: - name: <image>`` matches it)."""
+        image = self.app(app).image
+        return frozenset(
+            {image_repository(image)} | {f"{url}/{image}" for url in self.app_registry_urls(app)}
+        )
 
     def pull_registry(self, app: str, cluster: str) -> str:
         """The registry URL a cluster pulls the app from (one registry per cloud is common)."""

@@ -37,6 +37,22 @@ class ImageRef:
         return self.digest.removeprefix("sha256:")[:12]
 
 
+def image_repository(image: str) -> str:
+    """The repository of an image reference, normalized as container runtimes do (distribution's
+    reference grammar, ``reference/normalize.go``): ``nginx:1.27`` → ``docker.io/library/nginx``,
+    ``127.0.0.1:5000/hello@sha256:…`` → ``127.0.0.1:5000/hello``."""
+    name = image.partition("@")[0]
+    head, slash, tail = name.rpartition("/")
+    if ":" in tail:  # a tag; a ':' before the last '/' is a registry port
+        name = f"{head}{slash}{tail.partition(':')[0]}"
+    first, _, rest = name.partition("/")
+    if not rest:
+        return f"docker.io/library/{first}"
+    if "." not in first and ":" not in first and first != "localhost":
+        return f"docker.io/{name}"
+    return name
+
+
 @dataclass(frozen=True)
 class ImageChange:
     """One image entry rewritten in one kustomization file."""
@@ -62,6 +78,7 @@ class EditResult:
 class Severity(str, Enum):
     ERROR = "error"
     UNCHECKED = "unchecked"  # e.g. custom resources without a schema: reported, not failing
+    WARNING = "warning"  # e.g. an image twincd does not manage, pinned by tag: reported, not failing
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,10 @@ class ValidationReport:
     @property
     def unchecked(self) -> tuple[Finding, ...]:
         return tuple(f for f in self.findings if f.severity is Severity.UNCHECKED)
+
+    @property
+    def warnings(self) -> tuple[Finding, ...]:
+        return tuple(f for f in self.findings if f.severity is Severity.WARNING)
 
     @property
     def ok(self) -> bool:
@@ -290,6 +311,9 @@ class RolloutTarget:
     name: str
     revision: str  # the merge commit
     digest: str | None = None  # None: any image (e.g. a failover only changes replicas)
+    # The app's image repository on this cluster: its containers must carry ``digest``; other
+    # containers (sidecars, init containers from other images) are not the release's.
+    repository: str | None = None
     # Whether a later revision contains ``revision`` (the manifests monorepo moves on: another
     # app's release may land before Argo CD syncs ours, and then it syncs to that later commit).
     contains: Callable[[str], bool] | None = field(default=None, compare=False)

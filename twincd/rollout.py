@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from twincd.domain import Phase, RolloutVerdict
+from twincd.domain import Phase, RolloutVerdict, image_repository
 
 # deploymentutil.TimedOutReason: the controller gave up after spec.progressDeadlineSeconds.
 _TIMED_OUT = "ProgressDeadlineExceeded"
@@ -41,16 +41,26 @@ def _images(pod_spec: Mapping[str, Any]) -> Iterator[str]:
 
 
 def _stale_template(
-    obj: Mapping[str, Any], digest: str | None, *, cluster: str, kind: str
+    obj: Mapping[str, Any], digest: str | None, *, cluster: str, kind: str, repository: str | None
 ) -> RolloutVerdict | None:
+    """Not yet at the release: a container of the app's image (``repository``; None: every
+    container) without the digest. Sidecars and init containers from other images (a mesh proxy,
+    an exporter, a migration) are not the release's and are ignored."""
     if digest is None:
         return None
-    stale = sorted(
-        {i for i in _images(_map(obj, "spec", "template", "spec")) if not i.endswith(f"@{digest}")}
-    )
+    images = set(_images(_map(obj, "spec", "template", "spec")))
+    name = _map(obj, "metadata").get("name", "?")
+    ours = images if repository is None else {i for i in images if image_repository(i) == repository}
+    if not ours:
+        return RolloutVerdict(
+            cluster,
+            Phase.PROGRESSING,
+            f'{kind} "{name}" template runs no {repository} image yet (not yet synced to {digest[:19]})',
+            tuple(f"image {i}" for i in sorted(images)),
+        )
+    stale = sorted(i for i in ours if not i.endswith(f"@{digest}"))
     if not stale:
         return None
-    name = _map(obj, "metadata").get("name", "?")
     return RolloutVerdict(
         cluster,
         Phase.PROGRESSING,
@@ -59,9 +69,11 @@ def _stale_template(
     )
 
 
-def deployment_verdict(obj: Mapping[str, Any], *, cluster: str, digest: str | None) -> RolloutVerdict:
+def deployment_verdict(
+    obj: Mapping[str, Any], *, cluster: str, digest: str | None, repository: str | None = None
+) -> RolloutVerdict:
     """``kubectl rollout status deployment/NAME``, plus the image check and the standby case."""
-    stale = _stale_template(obj, digest, cluster=cluster, kind="deployment")
+    stale = _stale_template(obj, digest, cluster=cluster, kind="deployment", repository=repository)
     if stale is not None:
         return stale
     name = _map(obj, "metadata").get("name", "?")
@@ -114,9 +126,11 @@ def deployment_verdict(obj: Mapping[str, Any], *, cluster: str, digest: str | No
     return RolloutVerdict(cluster, Phase.SUCCEEDED, f'deployment "{name}" successfully rolled out', details)
 
 
-def statefulset_verdict(obj: Mapping[str, Any], *, cluster: str, digest: str | None) -> RolloutVerdict:
+def statefulset_verdict(
+    obj: Mapping[str, Any], *, cluster: str, digest: str | None, repository: str | None = None
+) -> RolloutVerdict:
     """``kubectl rollout status statefulset/NAME``, plus the image check."""
-    stale = _stale_template(obj, digest, cluster=cluster, kind="statefulset")
+    stale = _stale_template(obj, digest, cluster=cluster, kind="statefulset", repository=repository)
     if stale is not None:
         return stale
     spec, status = _map(obj, "spec"), _map(obj, "status")
@@ -167,9 +181,11 @@ def statefulset_verdict(obj: Mapping[str, Any], *, cluster: str, digest: str | N
     )
 
 
-def daemonset_verdict(obj: Mapping[str, Any], *, cluster: str, digest: str | None) -> RolloutVerdict:
+def daemonset_verdict(
+    obj: Mapping[str, Any], *, cluster: str, digest: str | None, repository: str | None = None
+) -> RolloutVerdict:
     """``kubectl rollout status daemonset/NAME``, plus the image check."""
-    stale = _stale_template(obj, digest, cluster=cluster, kind="daemon set")
+    stale = _stale_template(obj, digest, cluster=cluster, kind="daemon set", repository=repository)
     if stale is not None:
         return stale
     name = _map(obj, "metadata").get("name", "?")
@@ -208,7 +224,9 @@ _WORKLOADS: dict[str, Callable[..., RolloutVerdict]] = {
 }
 
 
-def workload_verdict(obj: Mapping[str, Any], *, cluster: str, digest: str | None) -> RolloutVerdict:
+def workload_verdict(
+    obj: Mapping[str, Any], *, cluster: str, digest: str | None, repository: str | None = None
+) -> RolloutVerdict:
     """The verdict for a Deployment, StatefulSet or DaemonSet, chosen by its ``kind``."""
     kind = str(obj.get("kind", ""))
     verdict = _WORKLOADS.get(kind)
@@ -218,7 +236,7 @@ def workload_verdict(obj: Mapping[str, Any], *, cluster: str, digest: str | None
             Phase.FAILED,
             f"no rollout status for kind {kind!r}: only {', '.join(_WORKLOADS)} are supported",
         )
-    return verdict(obj, cluster=cluster, digest=digest)
+    return verdict(obj, cluster=cluster, digest=digest, repository=repository)
 
 
 def _same_revision(a: str, b: str) -> bool:

@@ -16,13 +16,14 @@ import subprocess
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jsonschema_rs
 import yaml
 
-from twincd.domain import Finding, Severity, ValidationReport
+from twincd.domain import Finding, Severity, ValidationReport, image_repository
 from twincd.errors import PermanentError, TransientError
 
 _STDERR_LIMIT = 2000
@@ -235,8 +236,46 @@ def _containers(doc: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]
                 yield f"{prefix}.{key}[{i}]", c
 
 
-def check_policies(doc: Mapping[str, Any], *, overlay: str) -> list[Finding]:
-    """Our rules on top of the schema: no plaintext Secret, every image pinned by digest."""
+@dataclass(frozen=True)
+class ImagePolicy:
+    """Which images must be pinned by digest.
+
+    The images twincd manages (``managed``: the repositories it pushes the apps to and pins) always
+    must be. Other images (a service mesh proxy, an exporter, a migration job's image), pinned by
+    hand or not at all, follow ``unpinned``: ``require`` (an error), ``warn`` (reported on the MR
+    and in the timeline, not failing) or ``allow-list`` (allowed when the repository is in
+    ``allowed``, an error otherwise). ``managed=None``: every image is managed (the strictest).
+    """
+
+    managed: frozenset[str] | None = None
+    unpinned: Literal["require", "warn", "allow-list"] = "warn"
+    allowed: tuple[str, ...] = ()
+
+    def finding(
+        self, image: str, *, overlay: str, resource: str, container: str, path: str
+    ) -> Finding | None:
+        if _PINNED.search(image):
+            return None
+        repository = image_repository(image)
+        pin = f"image {image!r} of container {container!r} is not pinned by digest (@sha256:<64 hex>)"
+        if self.managed is None or repository in self.managed:
+            return Finding(overlay, resource, pin, path=path)
+        if self.unpinned == "warn":
+            return Finding(
+                overlay, resource, f"{pin}; twincd does not manage it", Severity.WARNING, path=path
+            )
+        if self.unpinned == "allow-list":
+            if any(repository == a or repository.startswith(a.rstrip("/") + "/") for a in self.allowed):
+                return None
+            return Finding(overlay, resource, f"{pin} and is not in validation.allowed_unpinned", path=path)
+        return Finding(overlay, resource, f"{pin} (validation.unpinned_images: require)", path=path)
+
+
+STRICT = ImagePolicy()
+
+
+def check_policies(doc: Mapping[str, Any], *, overlay: str, images: ImagePolicy = STRICT) -> list[Finding]:
+    """Our rules on top of the schema: no plaintext Secret, images pinned by digest (``images``)."""
     findings = []
     if doc.get("kind") == "Secret" and doc.get("apiVersion") == "v1":
         findings.append(
@@ -246,31 +285,40 @@ def check_policies(doc: Mapping[str, Any], *, overlay: str) -> list[Finding]:
         )
     for where, c in _containers(doc):
         image = c.get("image")
-        if not isinstance(image, str) or not _PINNED.search(image):
-            findings.append(
-                Finding(
-                    overlay,
-                    resource_id(doc),
-                    f"image {image!r} of container {c.get('name')!r} is not pinned by digest "
-                    "(@sha256:<64 hex>)",
-                    path=f"{where}.image",
-                )
+        found = (
+            images.finding(
+                image,
+                overlay=overlay,
+                resource=resource_id(doc),
+                container=str(c.get("name")),
+                path=f"{where}.image",
             )
+            if isinstance(image, str)
+            else Finding(overlay, resource_id(doc), f"container {c.get('name')!r} has no image", path=where)
+        )
+        if found is not None:
+            findings.append(found)
     return findings
 
 
 def validate_documents(
-    docs: Iterable[Mapping[str, Any]], *, overlay: str, validator: SchemaValidator
+    docs: Iterable[Mapping[str, Any]],
+    *,
+    overlay: str,
+    validator: SchemaValidator,
+    images: ImagePolicy = STRICT,
 ) -> tuple[Finding, ...]:
     """Schema and policy findings for rendered resources (pure, given the validator)."""
     findings: list[Finding] = []
     for doc in docs:
         findings += validator.check(doc, overlay=overlay)
-        findings += check_policies(doc, overlay=overlay)
+        findings += check_policies(doc, overlay=overlay, images=images)
     return tuple(findings)
 
 
-def validate_overlay(repo_dir: Path, overlay: str, *, validator: SchemaValidator) -> ValidationReport:
+def validate_overlay(
+    repo_dir: Path, overlay: str, *, validator: SchemaValidator, images: ImagePolicy = STRICT
+) -> ValidationReport:
     """Render ``overlay`` of the manifests checkout and validate what it renders.
 
     An overlay that does not render is a finding like any other (reported on the MR and to the
@@ -287,18 +335,18 @@ def validate_overlay(repo_dir: Path, overlay: str, *, validator: SchemaValidator
     return ValidationReport(
         overlays=(overlay,),
         resources=len(docs),
-        findings=validate_documents(docs, overlay=overlay, validator=validator),
+        findings=validate_documents(docs, overlay=overlay, validator=validator, images=images),
     )
 
 
 def validate_overlays(
-    repo_dir: Path, overlays: Sequence[str], *, validator: SchemaValidator
+    repo_dir: Path, overlays: Sequence[str], *, validator: SchemaValidator, images: ImagePolicy = STRICT
 ) -> ValidationReport:
     """Every overlay rendered and checked, as one report."""
     resources = 0
     findings: list[Finding] = []
     for overlay in overlays:
-        report = validate_overlay(repo_dir, overlay, validator=validator)
+        report = validate_overlay(repo_dir, overlay, validator=validator, images=images)
         resources += report.resources
         findings.extend(report.findings)
     return ValidationReport(tuple(overlays), resources, tuple(findings))
@@ -346,6 +394,9 @@ def report_markdown(report: ValidationReport) -> str:
         lines += [f"- {_md(str(f))}" for f in report.errors[:MAX_FINDINGS_IN_NOTE]]
         if len(report.errors) > MAX_FINDINGS_IN_NOTE:
             lines.append(f"- … and {len(report.errors) - MAX_FINDINGS_IN_NOTE} more")
+    if report.warnings:
+        lines += ["", f"{len(report.warnings)} warning(s):"]
+        lines += [f"- ⚠️ {_md(str(f))}" for f in report.warnings[:MAX_FINDINGS_IN_NOTE]]
     if report.unchecked:
         lines += [
             "",

@@ -247,4 +247,5 @@ def rollout_target(
         name=w.name,
         revision=revision,
         digest=digest,
+        repository=f"{env.pull_registry(app, cluster_name)}/{env.app(app).image}",
     )

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 from twincd.sandbox.seed import seed_app, seed_manifests
-from twincd.validate import SchemaValidator, parse_documents, render_overlay, validate_documents
+from twincd.validate import ImagePolicy, SchemaValidator, parse_documents, render_overlay, validate_documents
 
 
 def test_seed_is_idempotent_and_tags_the_app(tmp_path: Path) -> None:
@@ -37,11 +37,15 @@ def test_seeded_overlays_render_and_components_switch_replicas(tmp_path: Path) -
         kinds[cluster] = sorted(d["kind"] for d in docs)
         deployment = next(d for d in docs if d["kind"] == "Deployment")
         assert deployment["spec"]["replicas"] == 2  # components/active
-        findings = validate_documents(docs, overlay=cluster, validator=SchemaValidator())
-        # Schemas pass; only the policy flags the seed's image, which the first release pins, and
-        # the SealedSecret has no schema to check against.
+        images = ImagePolicy(managed=frozenset({"docker.io/library/hello", "127.0.0.1:5000/hello"}))
+        findings = validate_documents(docs, overlay=cluster, validator=SchemaValidator(), images=images)
+        # Schemas pass; the policy flags the app's image, which the first release pins (an
+        # error), and warns about the init container and sidecar, pinned by tag, that twincd does
+        # not manage; the SealedSecret has no schema to check against.
         assert [(f.severity.value, f.resource, f.path) for f in findings] == [
+            ("warning", "Deployment/hello/hello", "spec.template.spec.initContainers[0].image"),
             ("error", "Deployment/hello/hello", "spec.template.spec.containers[0].image"),
+            ("warning", "Deployment/hello/hello", "spec.template.spec.containers[1].image"),
             ("unchecked", "SealedSecret/hello/hello-credentials", ""),
         ]
     assert kinds["eks"] == kinds["aks"] == ["Deployment", "Namespace", "SealedSecret", "Service"]

@@ -22,6 +22,7 @@ from twincd.sandbox.controllers import (
     rollout_settled,
     template_hash,
 )
+from twincd.sandbox.controllers.rollout_steps import pod_status
 
 Obj = dict[str, Any]
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -160,6 +161,28 @@ def test_pods_carry_labels_owner_and_the_pulled_digest() -> None:
     assert pod["status"]["phase"] == "Running"
     (container,) = pod["status"]["containerStatuses"]
     assert (container["image"], container["imageID"], container["ready"]) == (GOOD, GOOD, True)
+
+
+def test_init_containers_complete_before_the_containers_start() -> None:
+    """As the kubelet reports it: init containers terminated Completed, then containers running;
+    an init image that cannot be pulled keeps the pod Pending, its containers PodInitializing."""
+    sidecar = "docker.io/prom/statsd-exporter:v0.27.1"
+    template = {
+        "spec": {
+            "initContainers": [{"name": "migrate", "image": "busybox:1.36"}],
+            "containers": [{"name": "hello", "image": GOOD}, {"name": "metrics", "image": sidecar}],
+        }
+    }
+    ok = pod_status(template, GOOD_PULL, T0)
+    (init,) = ok["initContainerStatuses"]
+    assert init["state"]["terminated"]["reason"] == "Completed" and init["ready"] is True
+    assert ok["phase"] == "Running" and [s["ready"] for s in ok["containerStatuses"]] == [True, True]
+    stuck = pod_status(template, {**GOOD_PULL, "busybox:1.36": PullResult(ok=False, message="not found")}, T0)
+    assert stuck["phase"] == "Pending"
+    assert stuck["initContainerStatuses"][0]["state"]["waiting"]["reason"] == "ImagePullBackOff"
+    initialized = next(c for c in stuck["conditions"] if c["type"] == "Initialized")
+    assert (initialized["status"], initialized["reason"]) == ("False", "ContainersNotInitialized")
+    assert {s["state"]["waiting"]["reason"] for s in stuck["containerStatuses"]} == {"PodInitializing"}
 
 
 def test_rolling_update_keeps_availability_and_removes_old_pods() -> None:

@@ -129,6 +129,25 @@ def test_init_container_at_old_image_is_progressing() -> None:
     assert deployment_verdict(obj, cluster="eks", digest=NEW).phase is Phase.PROGRESSING
 
 
+def test_sidecars_and_init_containers_of_other_images_are_not_the_release() -> None:
+    """With the app's repository named, only its containers must carry the digest: a mesh proxy
+    pinned by tag and a migration init container from another image do not hold the rollout."""
+    obj = copy.deepcopy(DEPLOYMENT)
+    spec = obj["spec"]["template"]["spec"]
+    spec["containers"].append({"name": "envoy", "image": "docker.io/envoyproxy/envoy:v1.31.0"})
+    spec["initContainers"] = [{"name": "migrate", "image": "ghcr.io/acme/migrate:2024.11"}]
+    assert deployment_verdict(obj, cluster="eks", digest=NEW, repository=IMAGE).phase is Phase.SUCCEEDED
+    # Without the repository every container counts, as before: the sidecar holds it forever.
+    assert deployment_verdict(obj, cluster="eks", digest=NEW).phase is Phase.PROGRESSING
+    spec["containers"][0]["image"] = f"{IMAGE}@{OLD}"
+    stale = deployment_verdict(obj, cluster="eks", digest=NEW, repository=IMAGE)
+    assert stale.phase is Phase.PROGRESSING and stale.details == (f"image {IMAGE}@{OLD}",)
+    # A template that does not run the app's image at all (not synced yet) waits, saying so.
+    spec["containers"] = [{"name": "envoy", "image": "docker.io/envoyproxy/envoy:v1.31.0"}]
+    missing = workload_verdict(obj, cluster="eks", digest=NEW, repository=IMAGE)
+    assert missing.phase is Phase.PROGRESSING and f"runs no {IMAGE} image" in missing.message
+
+
 def test_spec_update_not_observed_yet() -> None:
     obj = deployment(observedGeneration=3)
     obj["metadata"]["generation"] = 4

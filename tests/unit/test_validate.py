@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from twincd.domain import Finding, Severity
+from twincd.domain import Finding, Severity, ValidationReport, image_repository
 from twincd.validate import (
+    ImagePolicy,
     ManifestError,
     RenderError,
     SchemaValidator,
     parse_documents,
     render_overlay,
+    report_markdown,
     validate_documents,
     validate_overlay,
 )
@@ -277,3 +279,67 @@ def test_an_overlay_that_does_not_render_is_a_validation_finding(
 def test_schemas_of_the_newest_version_not_newer_than_asked() -> None:
     assert SchemaValidator(kubernetes_version="v1.31.4").kubernetes_version == "1.31"
     assert SchemaValidator(kubernetes_version="1.99").kubernetes_version == "1.37"
+
+
+def test_images_twincd_does_not_manage_follow_the_unpinned_policy(validator: SchemaValidator) -> None:
+    """The app's image must be pinned; a hand-managed sidecar pinned by tag is a warning by
+    default, an error under `require`, and allowed under `allow-list` when its repository is listed."""
+    sidecar = "      - name: envoy\n        image: envoyproxy/envoy:v1.31.0\n"
+    docs = parse_documents(_deployment(**{"      initContainers:\n": f"      initContainers:\n{sidecar}"}))
+    managed = frozenset({"127.0.0.1:5000/hello", "docker.io/library/hello"})
+    path = "spec.template.spec.initContainers[0].image"
+
+    def found(policy: ImagePolicy) -> list[tuple[str, str]]:
+        return [
+            (f.severity.value, f.path)
+            for f in validate_documents(docs, overlay=OVERLAY, validator=validator, images=policy)
+        ]
+
+    assert found(ImagePolicy(managed=managed)) == [("warning", path)]
+    assert found(ImagePolicy(managed=managed, unpinned="require")) == [("error", path)]
+    allowed = ImagePolicy(managed=managed, unpinned="allow-list", allowed=("docker.io/envoyproxy/",))
+    assert found(allowed) == []
+    assert found(ImagePolicy(managed=managed, unpinned="allow-list", allowed=("docker.io/envoy",))) == [
+        ("error", path)
+    ]
+    # The app's own image by tag is an error whatever the policy for others.
+    unpinned_app = parse_documents(
+        _deployment(**{f"hello@{DIGEST}\n        ports": "hello:v1\n        ports"})
+    )
+    (finding,) = validate_documents(
+        unpinned_app, overlay=OVERLAY, validator=validator, images=ImagePolicy(managed=managed)
+    )
+    assert finding.severity is Severity.ERROR and "not pinned by digest" in finding.message
+
+
+@pytest.mark.parametrize(
+    ("image", "repository"),
+    [
+        ("nginx", "docker.io/library/nginx"),
+        ("nginx:1.27", "docker.io/library/nginx"),
+        ("prom/statsd-exporter:v0.27.1", "docker.io/prom/statsd-exporter"),
+        ("127.0.0.1:5000/hello@sha256:" + "c" * 64, "127.0.0.1:5000/hello"),
+        (
+            "registry.gitlab.example.com/group/app/hello:v1@sha256:" + "c" * 64,
+            "registry.gitlab.example.com/group/app/hello",
+        ),
+        ("localhost/hello:v1", "localhost/hello"),
+    ],
+)
+def test_image_repository_normalizes_as_runtimes_do(image: str, repository: str) -> None:
+    assert image_repository(image) == repository
+
+
+def test_the_merge_request_note_lists_warnings_without_failing() -> None:
+    warning = Finding(
+        OVERLAY,
+        "Deployment/hello/hello",
+        "image 'envoyproxy/envoy:v1.31.0' of container 'envoy' is not pinned by digest; "
+        "twincd does not manage it",
+        Severity.WARNING,
+        path="spec.template.spec.containers[1].image",
+    )
+    report = ValidationReport((OVERLAY,), 4, (warning,))
+    note = report_markdown(report)
+    assert report.ok and note.startswith("### ✅ twincd validation passed")
+    assert "1 warning(s):" in note and "⚠️ overlays/eks/hello: Deployment/hello/hello at spec.template" in note

@@ -413,7 +413,7 @@ def _evaluate(target: RolloutTarget, seen: Mapping[str, tuple[dict[str, Any], ..
         w = RolloutVerdict(name, Phase.PROGRESSING, f"{target.kind} {target.namespace}/{target.name} {what}")
     else:
         workload = {**workloads[0], "kind": target.kind}  # LIST items carry no kind
-        w = workload_verdict(workload, cluster=name, digest=target.digest)
+        w = workload_verdict(workload, cluster=name, digest=target.digest, repository=target.repository)
         spec = workload.get("spec")
         scaled_to_zero = isinstance(spec, Mapping) and spec.get("replicas") == 0
         if w.phase is Phase.SUCCEEDED and target.digest is not None and not scaled_to_zero:

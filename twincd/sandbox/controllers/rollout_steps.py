@@ -120,18 +120,68 @@ def _container_status(container: Mapping[str, Any], pull: PullResult, started: s
     }
 
 
+def _init_status(container: Mapping[str, Any], pull: PullResult, started: str) -> Obj:
+    """An init container that ran to completion (the kubelet reports it terminated, Completed)."""
+    if not pull.ok:
+        return _container_status(container, pull, started)
+    return {
+        "name": container["name"],
+        "image": str(container["image"]),
+        "imageID": pull.image_id,
+        "ready": True,
+        "started": False,
+        "restartCount": 0,
+        "state": {
+            "terminated": {"exitCode": 0, "reason": "Completed", "startedAt": started, "finishedAt": started}
+        },
+    }
+
+
+def _initializing(container: Mapping[str, Any]) -> Obj:
+    """A container waiting for the pod's init containers."""
+    return {
+        "name": container["name"],
+        "image": str(container["image"]),
+        "imageID": "",
+        "ready": False,
+        "started": False,
+        "restartCount": 0,
+        "state": {"waiting": {"reason": "PodInitializing"}},
+    }
+
+
 def pod_status(template: Mapping[str, Any], pulls: Mapping[str, PullResult], now: datetime) -> Obj:
-    """A Pod's status as the kubelet would report it once its images are (or are not) pulled."""
+    """A Pod's status as the kubelet would report it once its images are (or are not) pulled.
+
+    Init containers run first, in order, to completion (``initContainerStatuses``, terminated
+    Completed); until they have, the pod is Pending, ``Initialized`` is False and its containers
+    wait in ``PodInitializing`` (kubelet, pkg/kubelet/status/generate.go wording).
+    """
     stamp = format_time(now)
+    spec = template.get("spec", {})
+
+    def pull(c: Mapping[str, Any]) -> PullResult:
+        return pulls.get(str(c["image"]), PullResult(ok=True, image_id=str(c["image"])))
+
+    inits = [_init_status(c, pull(c), stamp) for c in spec.get("initContainers", [])]
+    initialized = all(s["ready"] for s in inits)
     statuses = [
-        _container_status(c, pulls.get(str(c["image"]), PullResult(ok=True, image_id=str(c["image"]))), stamp)
-        for c in template.get("spec", {}).get("containers", [])
+        _container_status(c, pull(c), stamp) if initialized else _initializing(c)
+        for c in spec.get("containers", [])
     ]
-    ready = all(s["ready"] for s in statuses)
+    ready = initialized and all(s["ready"] for s in statuses)
     flag = "True" if ready else "False"
+    init_condition: Obj = {"type": "Initialized", "status": "True", "lastTransitionTime": stamp}
+    if not initialized:
+        pending = " ".join(s["name"] for s in inits if not s["ready"])
+        init_condition.update(
+            status="False",
+            reason="ContainersNotInitialized",
+            message=f"containers with incomplete status: [{pending}]",
+        )
     conditions = [
         {"type": "PodScheduled", "status": "True", "lastTransitionTime": stamp},
-        {"type": "Initialized", "status": "True", "lastTransitionTime": stamp},
+        init_condition,
         {"type": "ContainersReady", "status": flag, "lastTransitionTime": stamp},
         {"type": "Ready", "status": flag, "lastTransitionTime": stamp},
     ]
@@ -140,7 +190,7 @@ def pod_status(template: Mapping[str, Any], pulls: Mapping[str, PullResult], now
         for c in conditions[2:]:
             c["reason"] = "ContainersNotReady"
             c["message"] = f"containers with unready status: [{' '.join(waiting)}]"
-    return {
+    status: Obj = {
         "phase": "Running" if ready else "Pending",
         "conditions": conditions,
         "hostIP": "127.0.0.1",
@@ -148,6 +198,9 @@ def pod_status(template: Mapping[str, Any], pulls: Mapping[str, PullResult], now
         "startTime": stamp,
         "containerStatuses": statuses,
     }
+    if inits:
+        status["initContainerStatuses"] = inits
+    return status
 
 
 def new_pod(
