@@ -34,6 +34,21 @@ def _url_covers(prefix: str, url: str) -> bool:
     return url == base or (url.startswith(base) and url[len(base)] in boundary)
 
 
+def _no_credentials(value: str) -> str:
+    """Refuse a URL with credentials in it (``https://user:TOKEN@host/…``): they would reach logs,
+    artifacts and chat wherever the URL is shown. Never echo the value."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        return value  # a path or scp-style `git@host:path` (an ssh user, no secret)
+    userinfo, at, _ = rest.partition("/")[0].rpartition("@")
+    if at and (":" in userinfo or scheme.lower() in ("http", "https")):
+        raise ValueError(
+            "must not carry credentials (user:password@ or a token before @): put them in a "
+            "secret reference (git.credentials for git remotes, the entry's token/password otherwise)"
+        )
+    return value
+
+
 def _check_secret_ref(value: str) -> str:
     if not _SECRET_REF.match(value):
         # Never echo the value: it may be the secret itself.
@@ -51,10 +66,14 @@ class _Model(BaseModel):
 class PrefectConfig(_Model):
     api_url: str = "http://127.0.0.1:4200/api"
 
+    _url = field_validator("api_url")(_no_credentials)
+
 
 class ManifestsConfig(_Model):
     repo: str
     branch: str = "main"
+
+    _repo = field_validator("repo")(_no_credentials)
 
 
 class GitCredential(_Model):
@@ -70,6 +89,8 @@ class GitCredential(_Model):
     username: str = "oauth2"
     token: SecretRef | None = None
     ssh_key: str | None = None
+
+    _url = field_validator("url")(_no_credentials)
 
     @field_validator("token")
     @classmethod
@@ -102,6 +123,7 @@ class GitlabForge(_Model):
     max_poll_seconds: float = 60
 
     _token = field_validator("token")(_check_secret_ref)
+    _url = field_validator("url")(_no_credentials)
 
 
 class ConsoleNotifier(_Model):
@@ -231,6 +253,8 @@ class AppConfig(_Model):
     registries: tuple[str, ...]
     tag_pattern: str = DEFAULT_TAG_PATTERN
     workload: WorkloadConfig
+
+    _repo = field_validator("repo")(_no_credentials)
 
     @field_validator("tag_pattern")
     @classmethod

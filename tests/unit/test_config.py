@@ -148,3 +148,28 @@ def test_release_tags_that_pass(tag: str) -> None:
 def test_release_tags_refused(tag: str, why: str) -> None:
     with pytest.raises(BadTag, match=why):
         check_tag(app="hello", tag=tag, pattern=load_environment().apps["hello"].tag_pattern)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("manifests", {"repo": "https://deploy:glpat-s3cr3t-in-url@gitlab.example.com/infra/manifests.git"}),
+        ("manifests", {"repo": "http://glpat-s3cr3t-in-url@127.0.0.1:8929/manifests.git"}),
+        ("manifests", {"repo": "ssh://git:glpat-s3cr3t-in-url@gitlab.example.com/infra/manifests.git"}),
+        ("prefect", {"api_url": "https://admin:glpat-s3cr3t-in-url@prefect.example.com/api"}),
+    ],
+)
+def test_credentials_in_a_url_are_refused_without_echoing_them(
+    tmp_path: Path, key: str, value: dict[str, str]
+) -> None:
+    with pytest.raises(ConfigError, match="must not carry credentials") as e:
+        load_environment(write(tmp_path, **{key: value}))
+    assert "glpat-s3cr3t-in-url" not in str(e.value)
+
+
+def test_an_ssh_user_and_scp_style_remotes_are_not_credentials(tmp_path: Path) -> None:
+    for repo in (
+        "ssh://git@gitlab.example.com/infra/manifests.git",
+        "git@gitlab.example.com:infra/manifests.git",
+    ):
+        assert load_environment(write(tmp_path, manifests={"repo": repo})).manifests.repo == repo
