@@ -176,6 +176,42 @@ def test_create_rejects_wrong_kind_and_bad_name(
     assert caught.value.status == 422
 
 
+def test_objects_a_real_api_server_refuses_are_422_invalid_with_causes(
+    apps: client.AppsV1Api, http: httpx.Client, namespace: str
+) -> None:
+    """Checked against the same OpenAPI schemas as `twincd validate`: a port that is not a number
+    (the "containerPort: eighty" that once rolled out on the sandbox) and a container without a
+    name are refused, naming each field; nothing is stored. (Sent as raw JSON, as kubectl and Argo
+    CD send it: the Python client would refuse it before sending.)"""
+    bad = {"apiVersion": "apps/v1", "kind": "Deployment", **deployment("bad-port")}
+    container = bad["spec"]["template"]["spec"]["containers"][0]
+    container["ports"] = [{"containerPort": "eighty"}]
+    bad["spec"]["template"]["spec"]["containers"].append({"image": "registry.test/sidecar:1"})
+    url = f"/apis/apps/v1/namespaces/{namespace}/deployments"
+    answer = http.post(url, json=bad)
+    assert answer.status_code == 422
+    body = answer.json()
+    assert body["reason"] == "Invalid" and body["message"].startswith('Deployment "bad-port" is invalid: ')
+    fields = sorted(c["field"] for c in body["details"]["causes"])
+    assert fields == [
+        "spec.template.spec.containers[0].ports[0].containerPort",
+        "spec.template.spec.containers[1]",
+    ]
+    with pytest.raises(client.ApiException) as missing:
+        apps.read_namespaced_deployment("bad-port", namespace)
+    assert missing.value.status == 404
+    # An update is checked too.
+    apps.create_namespaced_deployment(namespace, deployment("good"))
+    patched = http.patch(
+        f"{url}/good",
+        json={"spec": {"template": {"spec": {"dnsPolicy": 7}}}},
+        headers={"Content-Type": "application/merge-patch+json"},
+    )
+    assert patched.status_code == 422 and patched.json()["details"]["causes"][0]["field"] == (
+        "spec.template.spec.dnsPolicy"
+    )
+
+
 def test_get(apps: client.AppsV1Api, namespace: str) -> None:
     apps.create_namespaced_deployment(namespace, deployment("web", "app", "sidecar"))
     got = apps.read_namespaced_deployment("web", namespace)

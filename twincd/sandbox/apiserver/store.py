@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from twincd.domain import Severity
 from twincd.sandbox.apiserver.errors import STALE, ApiError, bad_request, conflict, invalid, not_found
 from twincd.sandbox.apiserver.patches import PatchType, json_patch, merge_patch, strategic_merge_patch
 from twincd.sandbox.apiserver.resources import (
@@ -31,6 +32,45 @@ from twincd.sandbox.apiserver.resources import (
     copy_json,
 )
 from twincd.sandbox.apiserver.selectors import Selection
+from twincd.validate import SchemaValidator
+
+# The OpenAPI schemas `twincd validate` checks against, compiled once per kind on first use.
+_SCHEMAS = SchemaValidator()
+
+
+def _check_schema(rt: ResourceType, obj: JSON) -> None:
+    """A built-in object the real API server would refuse: 422 Invalid, one cause per field.
+
+    A real server decodes built-in kinds into typed structs and validates them, so a wrong type,
+    a missing required field or an out-of-range enum never reaches a controller (``kind: Status``
+    with ``details.causes``, reason ``FieldValueInvalid``; apimachinery's field.ErrorList). Unknown
+    fields are kept, as with the server's default ``fieldValidation=Warn`` (a real server drops
+    them silently; ``Strict``, which kubectl asks for, is not modelled). Status is the controllers'.
+    """
+    body = {key: value for key, value in obj.items() if key != "status"}
+    errors = [
+        f
+        for f in _SCHEMAS.check(body, overlay="")
+        if f.severity is Severity.ERROR and "was unexpected" not in f.message
+    ]
+    if not errors:
+        return
+    name = str(_metadata_name(obj))
+    error = invalid(
+        rt, name, ", ".join(f"{f.path or '(object)'}: Invalid value: {f.message}" for f in errors)
+    )
+    assert error.details is not None
+    error.details["causes"] = [
+        {"reason": "FieldValueInvalid", "message": f"Invalid value: {f.message}", "field": f.path}
+        for f in errors
+    ]
+    raise error
+
+
+def _metadata_name(obj: JSON) -> object:
+    meta = obj.get("metadata")
+    return meta.get("name", "") if isinstance(meta, dict) else ""
+
 
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 _GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # upstream's: no vowels, no look-alikes
@@ -393,6 +433,8 @@ class Store:
                     f"json: cannot unmarshal {got} into Go struct field "
                     f"{rt.kind}Spec.spec.replicas of type int32"
                 )
+        if rt.builtin:
+            _check_schema(rt, obj)
 
     @staticmethod
     def _target_namespace(rt: ResourceType, namespace: str | None, meta: JSON) -> str:
