@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fail-on-drift", action="store_true", help="end the run failed when drift is found")
     sub.add_parser("webhook", help="serve the GitLab Tag Push Hook endpoint that starts deploy runs")
     args = parser.parse_args(argv)
+    env: Environment | None = None
     try:
         env = load_environment(args.env)
         handler = globals()[f"cmd_{args.command}"]
@@ -296,6 +297,40 @@ def main(argv: list[str] | None = None) -> int:
     except TwincdError as e:
         print(f"twincd: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        told = _prefect_api_error(e, env.prefect.api_url if env else "")
+        if told is None:
+            raise
+        print(f"twincd: {told}", file=sys.stderr)
+        return 3
+
+
+def _prefect_api_error(error: BaseException, api_url: str) -> str | None:
+    """One line for an error of the Prefect API (down, 5xx after the client's own retries); None
+    for any other error. Prefect's client already retried 429/502/503 with backoff
+    (PREFECT_CLIENT_MAX_RETRIES, default 5; prefect/client/base.py)."""
+    import httpx
+
+    if not isinstance(error, httpx.HTTPError) or not api_url:
+        return None
+    try:
+        url = str(error.request.url)
+    except RuntimeError:  # an error raised before a request was made
+        return None
+    if not url.startswith(api_url.rstrip("/")):
+        return None
+    if isinstance(error, httpx.HTTPStatusError):
+        code = error.response.status_code
+        if code < 500 and code not in (408, 429):
+            return None  # a request of ours the API refused: a bug to see whole, not an outage
+        return (
+            f"the Prefect API at {api_url} answered HTTP {code} {error.response.reason_phrase} "
+            "(after the client's retries); nothing more was done: run the command again once it answers"
+        )
+    return (
+        f"cannot reach the Prefect API at {api_url} ({type(error).__name__}): start it "
+        "(`twincd up` for the local stack) or check prefect.api_url in the environment file"
+    )
 
 
 if __name__ == "__main__":
