@@ -238,6 +238,7 @@ def cmd_webhook(env: Environment, args: argparse.Namespace) -> int:
         deployment=cfg.deployment,
         projects=projects,
         max_body=cfg.max_body,
+        answer_within=cfg.answer_seconds,
     )
     return 0
 

@@ -45,7 +45,8 @@ def test_tag_push_hook_starts_exactly_one_deploy(stack_env: Environment) -> None
     env = _variant(
         stack_env,
         "webhook",
-        webhook={"secret": "env:TWINCD_E2E_HOOK", "port": port},
+        # The longest wait GitLab allows: the answers here must name the run on a loaded machine.
+        webhook={"secret": "env:TWINCD_E2E_HOOK", "port": port, "answer_seconds": 9},
         apps={
             "hello": {
                 **stack_env.apps["hello"].model_dump(exclude_none=True),

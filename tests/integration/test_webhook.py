@@ -7,6 +7,7 @@ Prefect server holds: its deployment, parameters and idempotency.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -70,7 +71,9 @@ def _serve(app: Starlette) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def hook(env: Environment, deployment_id: UUID) -> Iterator[str]:
     """The webhook URL (projects mapped by repository basename)."""
-    yield from (f"{url}{PATH}" for url in _serve(create_app(env, secret=SECRET, max_body=64 * 1024)))
+    # Room for a slow run creation on a loaded machine: the answer always names the run here.
+    app = create_app(env, secret=SECRET, max_body=64 * 1024, answer_within=30)
+    yield from (f"{url}{PATH}" for url in _serve(app))
 
 
 def tag_push(tag: str = "v1.2.3", *, sha: str | None = SHA, project: str = "apps/hello") -> dict[str, Any]:
@@ -197,6 +200,77 @@ def test_release_tag_creates_one_run_and_replays_land_on_it(hook: str, deploymen
     # The same tag moved to another commit is another release: a new run.
     other = post(hook, tag_push("v1.2.3", sha="9" * 40)).json()["flow_run_id"]
     assert other != ids[0]
+
+
+def test_a_burst_of_replays_and_forgeries_makes_one_run_per_tag(hook: str, deployment_id: UUID) -> None:
+    """40 deliveries at once: 4 tags × 8 replays (answered while the first of each is still being
+    created) and 8 forged ones. Exactly one run per tag, every replay names it, nothing forged in."""
+    import asyncio
+
+    tags = [f"v7.0.{i}" for i in range(4)]
+
+    async def burst() -> list[httpx.Response]:
+        headers = {"X-Gitlab-Event": "Tag Push Hook", "Content-Type": "application/json"}
+        async with httpx.AsyncClient(timeout=30) as client:
+            sends = [
+                client.post(
+                    hook,
+                    content=json.dumps(tag_push(t)).encode(),
+                    headers={**headers, "X-Gitlab-Token": SECRET},
+                )
+                for t in tags
+                for _ in range(8)
+            ] + [
+                client.post(
+                    hook,
+                    content=json.dumps(tag_push("v7.0.9")).encode(),
+                    headers={**headers, "X-Gitlab-Token": "forged"},
+                )
+                for _ in range(8)
+            ]
+            return list(await asyncio.gather(*sends))
+
+    answers = asyncio.run(burst())
+    genuine, forged = answers[:32], answers[32:]
+    assert [r.status_code for r in forged] == [401] * 8
+    assert all(r.status_code == 202 for r in genuine), [r.text for r in genuine if r.status_code != 202]
+    by_tag: dict[str, set[str]] = {}
+    for r in genuine:
+        by_tag.setdefault(r.json()["tag"], set()).add(r.json()["flow_run_id"])
+    assert sorted(by_tag) == tags and all(len(ids) == 1 for ids in by_tag.values())
+
+    async def runs_by_key() -> dict[str | None, int]:
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+        async with get_client() as client:
+            found = await client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])), limit=200
+            )
+        counts: dict[str | None, int] = {}
+        for run in found:
+            counts[run.idempotency_key] = counts.get(run.idempotency_key, 0) + 1
+        return counts
+
+    counts = asyncio.run(runs_by_key())
+    assert [counts.get(f"apps/hello:{t}:{SHA}") for t in tags] == [1, 1, 1, 1]
+    assert f"apps/hello:v7.0.9:{SHA}" not in counts
+
+
+def test_a_slow_run_creation_is_answered_pending_and_still_made_once(
+    env: Environment, deployment_id: UUID
+) -> None:
+    """GitLab wants a fast answer: past ``answer_within`` the delivery is answered 202 pending, the
+    run is still created, and a replay afterwards names that one run."""
+    for url in _serve(create_app(env, secret=SECRET, answer_within=0)):
+        first = post(url + PATH, tag_push("v8.1.0"))
+        assert first.status_code == 202 and first.json()["pending"] is True
+        assert first.json()["idempotency_key"] == f"apps/hello:v8.1.0:{SHA}"
+        deadline = time.monotonic() + 30
+        while "flow_run_id" not in (replay := post(url + PATH, tag_push("v8.1.0")).json()):
+            assert time.monotonic() < deadline, replay
+            time.sleep(0.2)
+    run = asyncio.run(_read_run(replay["flow_run_id"]))
+    assert run.idempotency_key == f"apps/hello:v8.1.0:{SHA}" and run.deployment_id == deployment_id
 
 
 def test_explicit_project_mapping_and_missing_deployment(env: Environment, deployment_id: UUID) -> None:

@@ -8,18 +8,26 @@ on one run (the Prefect server returns the existing run for a known key).
 
 Answers: 401 wrong or missing ``X-Gitlab-Token``; 413 body over ``max_body``; 400 not JSON or not
 a tag push payload; 202 ``{"ignored": reason}`` for tag deletions, other event kinds and tags that
-are not releases of the app; 404 unknown project; 202 ``{"flow_run_id": ...}`` for a run; 503 when
-the Prefect API cannot be reached (GitLab shows it in the hook's recent events).
+are not releases of the app; 404 unknown project; 202 ``{"flow_run_id": ...}`` for a run, or
+``{"pending": true, "idempotency_key": ...}`` when the run takes longer than ``answer_within`` to
+create (it is still created); 503 when the Prefect API cannot be reached (GitLab shows it in the
+hook's recent events, and pauses a hook that answers 5xx for a minute, then longer: its webhook
+docs, "Auto-disabled webhooks").
+
+Replays and concurrent deliveries of one tag share one run creation through one Prefect client
+(``_Runs``), so a burst costs one Prefect call per tag, not per delivery.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -43,6 +51,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20  # GitLab tag push payloads are a few KiB; commits lists are capped at 20
 PATH = "/hooks/gitlab"
+ANSWER_WITHIN = 2.0  # seconds a delivery waits for its run before it is answered `pending`
 _SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")  # SHA-1, or SHA-256 object format
 
 
@@ -96,6 +105,7 @@ def create_app(
     deployment: str = "deploy/deploy",
     max_body: int = MAX_BODY,
     projects: Mapping[str, str] | None = None,
+    answer_within: float = ANSWER_WITHIN,
 ) -> Starlette:
     """The webhook app. ``projects`` maps GitLab ``path_with_namespace`` to an app name."""
     token = secret.reveal() if isinstance(secret, Secret) else secret
@@ -104,7 +114,7 @@ def create_app(
     expected = token.encode()
     exact = _exact_projects(env, projects)
     by_basename = default_projects(env)
-    cached: dict[str, UUID] = {}  # deployment name -> id: saves one API call per delivery
+    runs = _Runs(deployment)
 
     def app_of(project: str) -> str | None:
         if exact is not None:
@@ -118,23 +128,26 @@ def create_app(
             app = _release_app(env, event, app_of(event.project))
         except _Answered as answered:
             return answered.response
-        return await _start_run(deployment, cached, app, event, t0)
+        return await _start_run(runs, app, event, t0, answer_within)
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"ok": True})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # Look the deployment up at startup: a missing one is reported before the first tag is
-        # pushed, and the first delivery does not pay for the lookup.
+        # One Prefect client for the process (its connection pool and TLS context built once, not
+        # per delivery), and the deployment looked up at startup: a missing one is reported before
+        # the first tag is pushed, and the first delivery does not pay for the lookup.
         from prefect.client.orchestration import get_client
 
-        try:
-            async with get_client() as client:
-                cached[deployment] = await _deployment_id(client, deployment)
-        except Exception as e:  # noqa: BLE001 - serve anyway: every delivery looks it up again
-            log.warning("webhook starting without deployment %s: %s", deployment, e)
-        yield
+        async with get_client() as client:
+            runs.client = client
+            try:
+                await runs.deployment_id()
+            except Exception as e:  # noqa: BLE001 - serve anyway: every delivery looks it up again
+                log.warning("webhook starting without deployment %s: %s", deployment, e)
+            yield
+            runs.client = None
 
     return Starlette(
         routes=[Route(PATH, receive, methods=["POST"]), Route("/healthz", health, methods=["GET"])],
@@ -203,18 +216,29 @@ def _release_app(env: Environment, event: TagPush, app: str | None) -> str:
     return app
 
 
-async def _start_run(
-    deployment: str, cached: dict[str, UUID], app: str, event: TagPush, t0: float
-) -> JSONResponse:
-    """Create the run of ``deployment`` for ``event`` (one per project, tag and commit)."""
+async def _start_run(runs: _Runs, app: str, event: TagPush, t0: float, answer_within: float) -> JSONResponse:
+    """Create the run of the deployment for ``event`` (one per project, tag and commit).
+
+    GitLab gives a hook 10 s and asks receivers to answer fast and queue slow work (its webhook
+    docs, "Webhook receiver requirements"); a burst queues run creations on the Prefect server.
+    So a creation that takes longer than ``answer_within`` is answered 202 ``pending`` and goes on
+    in the background; a failure after that is logged with the key, for a redelivery from
+    GitLab's "Recent events".
+    """
     key = f"{event.project}:{event.tag}:{event.sha}"
+    creation = runs.start({"app": app, "tag": event.tag}, key)
     try:
-        run_id = await _create_run(deployment, cached, {"app": app, "tag": event.tag}, key)
+        run_id = await asyncio.wait_for(asyncio.shield(creation), answer_within)
+    except TimeoutError:
+        log.info(
+            "tag push %s %s: run %s still being created; answered pending", event.project, event.tag, key
+        )
+        return _answer(202, {"pending": True, "app": app, "tag": event.tag, "idempotency_key": key})
     except _DeploymentMissing as e:
         log.error("%s", e)
         return _answer(500, {"error": str(e)})
     except Exception as e:  # noqa: BLE001 - the Prefect API is down or refused: GitLab may redeliver
-        log.warning("could not create a %s run for %s: %s", deployment, key, type(e).__name__)
+        log.warning("could not create a %s run for %s: %s", runs.deployment, key, type(e).__name__)
         return _answer(
             503,
             {"error": f"the Prefect API did not accept the run ({type(e).__name__}); redeliver later"},
@@ -224,7 +248,7 @@ async def _start_run(
         "tag push %s %s -> %s run %s (%.0f ms)",
         event.project,
         event.tag,
-        deployment,
+        runs.deployment,
         run_id,
         (time.perf_counter() - t0) * 1000,
     )
@@ -235,28 +259,73 @@ class _DeploymentMissing(Exception):
     pass
 
 
-async def _create_run(deployment: str, cached: dict[str, UUID], parameters: dict[str, Any], key: str) -> UUID:
-    # Imported here: `twincd webhook` points PREFECT_API_URL at the environment's server first.
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
+class _Runs:
+    """Runs of one deployment by idempotency key, through one Prefect client.
 
-    async with get_client() as client:
+    GitLab redelivers a hook it thinks failed, and people replay them from the UI: the Prefect
+    server answers a known idempotency key with the existing run, but each such call still costs
+    a request and a database transaction (the queue behind a burst). Here a key seen before is
+    answered from memory, and deliveries of a key whose run is being created share that one
+    creation instead of making their own; a creation that failed is forgotten, so a redelivery
+    tries again.
+    """
+
+    MAX_KEYS = 10_000  # remembered keys; the oldest are forgotten (the server still dedupes them)
+
+    def __init__(self, deployment: str) -> None:
+        self.deployment = deployment
+        self.client: PrefectClient | None = None
+        self._id: UUID | None = None
+        self._runs: OrderedDict[str, asyncio.Task[UUID]] = OrderedDict()
+
+    async def deployment_id(self) -> UUID:
+        if self._id is None:
+            self._id = await _deployment_id(await self._client(), self.deployment)
+        return self._id
+
+    def start(self, parameters: dict[str, Any], key: str) -> asyncio.Task[UUID]:
+        """The creation of the run for ``key``: the one already started, or a new one."""
+        known = self._runs.get(key)
+        if known is not None:
+            return known
+        task = asyncio.get_running_loop().create_task(self._create(parameters, key))
+        task.add_done_callback(lambda done: self._finished(key, done))
+        self._runs[key] = task
+        while len(self._runs) > self.MAX_KEYS:
+            self._runs.popitem(last=False)
+        return task
+
+    def _finished(self, key: str, task: asyncio.Task[UUID]) -> None:
+        error = None if task.cancelled() else task.exception()  # retrieved: no "never retrieved"
+        if task.cancelled() or error is not None:
+            if self._runs.get(key) is task:
+                self._runs.pop(key)  # not created: the next delivery tries again
+            log.warning("creating the run for %s failed: %s", key, type(error).__name__)
+
+    async def _create(self, parameters: dict[str, Any], key: str) -> UUID:
+        from prefect.exceptions import ObjectNotFound
+
+        client = await self._client()
         for attempt in (1, 2):
-            deployment_id = cached.get(deployment) or await _deployment_id(client, deployment)
-            cached[deployment] = deployment_id
+            deployment_id = await self.deployment_id()
             try:
                 run = await client.create_flow_run_from_deployment(
                     deployment_id, parameters=parameters, idempotency_key=key
                 )
                 return run.id
             except ObjectNotFound:
-                # The deployment was re-created under a new id since it was cached: look it up again.
-                cached.pop(deployment, None)
+                # The deployment was re-created under a new id since it was looked up: again.
+                self._id = None
                 if attempt == 2:
                     raise _DeploymentMissing(
-                        f"deployment {deployment} vanished while creating a run"
+                        f"deployment {self.deployment} vanished while creating a run"
                     ) from None
-    raise AssertionError("unreachable")
+        raise AssertionError("unreachable")
+
+    async def _client(self) -> PrefectClient:
+        if self.client is None:
+            raise RuntimeError("the webhook's Prefect client is not open (served outside its lifespan?)")
+        return self.client
 
 
 async def _deployment_id(client: PrefectClient, deployment: str) -> UUID:
@@ -304,10 +373,18 @@ def serve(
     deployment: str = "deploy/deploy",
     projects: Mapping[str, str] | None = None,
     max_body: int = 1024 * 1024,
+    answer_within: float = ANSWER_WITHIN,
 ) -> None:
     """Serve the webhook until interrupted (``twincd webhook``)."""
     import uvicorn
 
-    app = create_app(env, secret=secret, deployment=deployment, projects=projects, max_body=max_body)
+    app = create_app(
+        env,
+        secret=secret,
+        deployment=deployment,
+        projects=projects,
+        max_body=max_body,
+        answer_within=answer_within,
+    )
     # The access log shows method, path and status; the token travels in a header and is never logged.
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
