@@ -303,7 +303,7 @@ class WebhookConfig(_Model):
     deployment: str = "deploy/deploy"
     max_body: int = 1024 * 1024
     # How long a delivery waits for its run before it is answered 202 pending (GitLab: 10 s max).
-    answer_seconds: float = Field(default=2.0, ge=0, le=9)
+    answer_seconds: float = Field(default=1.0, ge=0, le=9)
 
     _secret = field_validator("secret")(_check_secret_ref)
 

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20  # GitLab tag push payloads are a few KiB; commits lists are capped at 20
 PATH = "/hooks/gitlab"
-ANSWER_WITHIN = 2.0  # seconds a delivery waits for its run before it is answered `pending`
+ANSWER_WITHIN = 1.0  # seconds a delivery waits for its run before it is answered `pending`
 _SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")  # SHA-1, or SHA-256 object format
 
 
@@ -147,6 +147,8 @@ def create_app(
             except Exception as e:  # noqa: BLE001 - serve anyway: every delivery looks it up again
                 log.warning("webhook starting without deployment %s: %s", deployment, e)
             yield
+            # Deliveries answered `pending` were promised a run: finish creating them first.
+            await runs.drain(timeout=30)
             runs.client = None
 
     return Starlette(
@@ -295,12 +297,20 @@ class _Runs:
             self._runs.popitem(last=False)
         return task
 
+    async def drain(self, *, timeout: float) -> None:
+        """Wait for the creations still under way (at shutdown)."""
+        pending = [t for t in self._runs.values() if not t.done()]
+        if pending:
+            log.info("finishing %d run creation(s) before stopping", len(pending))
+            await asyncio.wait(pending, timeout=timeout)
+
     def _finished(self, key: str, task: asyncio.Task[UUID]) -> None:
         error = None if task.cancelled() else task.exception()  # retrieved: no "never retrieved"
         if task.cancelled() or error is not None:
             if self._runs.get(key) is task:
                 self._runs.pop(key)  # not created: the next delivery tries again
-            log.warning("creating the run for %s failed: %s", key, type(error).__name__)
+            why = "cancelled" if error is None else type(error).__name__
+            log.warning("creating the run for %s failed (%s): a redelivery tries again", key, why)
 
     async def _create(self, parameters: dict[str, Any], key: str) -> UUID:
         from prefect.exceptions import ObjectNotFound
