@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import gitlab
 import pytest
@@ -429,3 +430,109 @@ def test_merged_mr_is_reused_only_at_the_same_head(fake: FakeGitlab) -> None:
     # The release was reverted and its branch rebuilt: deploying it again needs a new MR.
     rebuilt = f.open(source_branch=BRANCH, target_branch="main", title="t", description="d", head="b" * 40)
     assert not rebuilt.reused and rebuilt.state == "opened" and rebuilt.ref != merged.ref
+
+
+# ---- the fake behaves as GitLab does (python-gitlab straight at it) ---------------------------
+
+
+def _sdk_mr(fake: FakeGitlab, token: str = TOKEN) -> Any:
+    gl = gitlab.Gitlab(fake.url, private_token=token)
+    project = gl.projects.get(PROJECT, lazy=True)
+    project.mergerequests.create({"source_branch": BRANCH, "target_branch": "main", "title": "t"})
+    return project.mergerequests.get(1, lazy=True)
+
+
+def _push_to_release_branch(fake: FakeGitlab, tmp_path: Path, text: str = "more\n") -> str:
+    work = tmp_path / f"push-{len(list(tmp_path.iterdir()))}"
+    _git("clone", "-q", "-b", BRANCH, str(fake.repo), str(work))
+    (work / "extra.yaml").write_text(text)
+    _git("add", ".", cwd=work)
+    _git("commit", "-qm", "a later push", cwd=work)
+    _git("push", "-q", "origin", BRANCH, cwd=work)
+    return _git("rev-parse", "HEAD", cwd=work)
+
+
+def test_fake_computes_mergeability_asynchronously(fake: FakeGitlab, tmp_path: Path) -> None:
+    main = _git("rev-parse", "main", cwd=fake.repo)
+    lazy = _sdk_mr(fake)
+    assert fake.mrs[1].checking_state == "preparing"
+    with pytest.raises(gitlab.exceptions.GitlabMRClosedError) as e:
+        lazy.merge()
+    assert (e.value.response_code, e.value.error_message) == (405, "405 Method Not Allowed")
+    assert _git("rev-parse", "main", cwd=fake.repo) == main  # nothing merged
+    seen = [lazy.manager.get(1).attributes for _ in range(2)]
+    assert [(a["detailed_merge_status"], a["merge_status"]) for a in seen] == [
+        ("checking", "checking"),
+        ("mergeable", "can_be_merged"),
+    ]
+    # A push makes GitLab check again.
+    head = _push_to_release_branch(fake, tmp_path)
+    again = lazy.manager.get(1).attributes
+    assert again["sha"] == head and again["detailed_merge_status"] in ("checking", "mergeable")
+    assert fake.mrs[1].checking_state == "checking"
+
+
+def test_fake_sha_guard_is_409_and_merges_nothing(fake: FakeGitlab) -> None:
+    fake.check_gets = 0
+    main = _git("rev-parse", "main", cwd=fake.repo)
+    lazy = _sdk_mr(fake)
+    with pytest.raises(gitlab.exceptions.GitlabMRClosedError) as e:
+        lazy.merge(sha="f" * 40)
+    head = _git("rev-parse", BRANCH, cwd=fake.repo)
+    assert e.value.response_code == 409
+    assert e.value.error_message == f"SHA does not match HEAD of source branch: {head}"
+    assert _git("rev-parse", "main", cwd=fake.repo) == main
+    assert lazy.merge(sha=head)["state"] == "merged"
+
+
+def test_fake_approval_rules_block_until_approved_and_reset_on_push(fake: FakeGitlab, tmp_path: Path) -> None:
+    fake.check_gets, fake.approvals_required = 0, 2
+    lazy = _sdk_mr(fake)
+    assert lazy.manager.get(1).detailed_merge_status == "not_approved"
+    approvals = lazy.approvals.get()
+    assert (approvals.approvals_required, approvals.approvals_left) == (2, 2)
+    fake.approve(1, "alice")
+    with pytest.raises(gitlab.exceptions.GitlabMRClosedError) as e:
+        lazy.merge()
+    assert e.value.response_code == 405
+    fake.approve(1, "bob")
+    assert [a["user"]["username"] for a in lazy.approvals.get().approved_by] == ["alice", "bob"]
+    _push_to_release_branch(fake, tmp_path)
+    assert lazy.approvals.get().approvals_left == 2  # approvals reset on push
+
+
+def test_fake_pipeline_must_succeed_and_auto_merge(fake: FakeGitlab) -> None:
+    fake.check_gets, fake.pipelines, fake.only_allow_merge_if_pipeline_succeeds = 0, True, True
+    fake.pipeline_gets = 2
+    lazy = _sdk_mr(fake)
+    assert lazy.manager.get(1).detailed_merge_status == "ci_still_running"
+    with pytest.raises(gitlab.exceptions.GitlabMRClosedError) as e:
+        lazy.merge()
+    assert e.value.response_code == 405
+    scheduled = lazy.merge(merge_when_pipeline_succeeds=True)
+    assert scheduled["state"] == "opened" and scheduled["merge_when_pipeline_succeeds"] is True
+    states = [lazy.manager.get(1).attributes for _ in range(4)]
+    # one step every 2 GETs (the first GET above was one): merged as the pipeline succeeds
+    assert [(s["head_pipeline"]["status"], s["state"]) for s in states] == [
+        ("running", "opened"),
+        ("running", "opened"),
+        ("success", "merged"),
+        ("success", "merged"),
+    ]
+    assert states[-1]["state"] == "merged" and states[-1]["merged_by"]["username"] == "twincd-bot"
+    assert states[-1]["merge_commit_sha"] == _git("rev-parse", "main", cwd=fake.repo)
+
+
+def test_fake_failed_pipeline_aborts_auto_merge(fake: FakeGitlab) -> None:
+    fake.check_gets, fake.pipelines, fake.only_allow_merge_if_pipeline_succeeds = 0, True, True
+    main = _git("rev-parse", "main", cwd=fake.repo)
+    lazy = _sdk_mr(fake)
+    lazy.merge(merge_when_pipeline_succeeds=True)
+    fake.set_pipeline(1, "failed")
+    attrs = lazy.manager.get(1).attributes
+    assert (attrs["state"], attrs["merge_when_pipeline_succeeds"], attrs["detailed_merge_status"]) == (
+        "opened",
+        False,
+        "ci_must_pass",
+    )
+    assert _git("rev-parse", "main", cwd=fake.repo) == main
