@@ -228,10 +228,12 @@ def _merge(
             "merge", "waiting", f"waiting for a merge of {mr.ref}", url=mr.web_url, tell=True, after=[mr]
         )
         try:
-            return wait_for_merge(untraced(environment), mr), wiring.forge_type(environment).name
+            merged = wait_for_merge(untraced(environment), mr)
         except CancelledByUser as e:
             story.add("merge", "cancelled", str(e), tell=True)
             raise Refused(str(e)) from e
+        # Who merged, as the forge says (GitLab's merged_by); its name only when it does not say.
+        return merged, merged.merged_by or wiring.forge_type(environment).name
     if approver is None:
         story.add(
             "merge", "waiting", f"waiting for approval of {mr.ref}", url=mr.web_url, tell=True, after=[mr]

@@ -131,6 +131,7 @@ class MergeRequest:
     merge_commit: str | None = None
     reused: bool = False  # True when an open MR for the branch already existed ("already done")
     sha: str = ""  # the source branch's head the MR was opened or merged with
+    merged_by: str = ""  # who merged, as the forge tells it (GitLab's merged_by/merge_user username)
 
 
 @dataclass(frozen=True)

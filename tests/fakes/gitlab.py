@@ -134,6 +134,7 @@ class FakeMergeRequest:
     auto_merge_user: str | None = None  # merge_when_pipeline_succeeds set by this user
     merged_by: str | None = None
     merged_at: str | None = None
+    events: list[str] = field(default_factory=list)  # what happened to it, for tests to read
     # An asynchronous merge in progress: how many more GETs show `pending_state` and no merge commit.
     pending_gets: int = 0
     pending_state: str = "opened"
@@ -242,6 +243,7 @@ class FakeGitlab(ServedFake):
             self._refresh(mr)
             if user not in mr.approved_by:
                 mr.approved_by.append(user)
+                mr.events.append(f"approved:{user}")
 
     def set_pipeline(self, iid: int, status: str) -> None:
         """Move MR ``iid``'s head pipeline to ``status`` (pending, running, success, failed)."""
@@ -345,6 +347,7 @@ class FakeGitlab(ServedFake):
             return
         mr.sha = head
         mr.checking_state, mr.checking_gets = "checking", self.check_gets
+        mr.events.append(f"push:{head[:12]}")
         mr.approved_by.clear()  # approvals are reset on push
         # MergeRequests::RefreshService aborts auto-merge: "aborted the automatic merge because
         # source branch was updated" (the sha it was set for is no longer the head).
@@ -393,6 +396,7 @@ class FakeGitlab(ServedFake):
             except _MergeFailed:
                 mr.auto_merge_user = None
         elif status in ("failed", "canceled"):
+            mr.events.append(f"auto-merge-aborted:pipeline-{status}")
             mr.auto_merge_user = None  # GitLab aborts auto-merge when the pipeline fails
 
     def _git_status(self, mr: FakeMergeRequest) -> str:
@@ -514,6 +518,7 @@ class FakeGitlab(ServedFake):
         mr.state, mr.merge_commit_sha, mr.squash_commit_sha = "merged", merge_sha, squash_sha
         mr.merged_by, mr.merged_at, mr.updated_at = user, _now(), _now()
         mr.auto_merge_user = None
+        mr.events.append(f"merged:{user}:{self.merge_method}{'+squash' if squash_sha else ''}")
         return new
 
     # ---- handlers --------------------------------------------------------------------------
@@ -690,6 +695,7 @@ class FakeGitlab(ServedFake):
         if "squash" in body:
             mr.squash = _bool(body["squash"])
         if automatically:
+            mr.events.append(f"auto-merge:{user}")
             mr.auto_merge_user = user
             mr.updated_at = _now()
             return JSONResponse(self._mr_json(mr))
@@ -730,6 +736,7 @@ class FakeGitlab(ServedFake):
         if user in mr.approved_by:
             return _error(401, "401 Unauthorized")  # GitLab: a user approves once
         mr.approved_by.append(user)
+        mr.events.append(f"approved:{user}")
         return JSONResponse(self._approvals_json(mr), status_code=201)
 
     def _list_notes(self, *, iid: str, **_: Any) -> Response:

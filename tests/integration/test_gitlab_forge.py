@@ -23,6 +23,8 @@ from twincd.adapters.gitlab import (
     GitlabForge,
     GitlabNotFound,
     GitlabUnavailable,
+    HeadMoved,
+    MergeBlocked,
     MergeTimeout,
 )
 from twincd.adapters.secrets import Secret, resolve_secret
@@ -401,9 +403,12 @@ def test_merge_conflict_is_permanent(fake: FakeGitlab, tmp_path: Path) -> None:
     (work / "kustomization.yaml").write_text("images: [conflict]\n")
     _git("commit", "-qam", "someone else", cwd=work)
     _git("push", "-q", "origin", "main", cwd=work)
+    main = _git("rev-parse", "main", cwd=fake.repo)
     f = forge(fake)
-    with pytest.raises(PermanentError, match=r"cannot be merged now \(406"):
+    # GitLab: detailed_merge_status "conflict", and the merge call would answer 405.
+    with pytest.raises(MergeBlocked, match=r"!1 .* has conflicts with the target branch.*nothing was merged"):
         f.merge(open_release(f), approved_by="auto-approve")
+    assert _git("rev-parse", "main", cwd=fake.repo) == main
 
 
 def test_api_calls_of_one_release(fake: FakeGitlab) -> None:
@@ -536,3 +541,140 @@ def test_fake_failed_pipeline_aborts_auto_merge(fake: FakeGitlab) -> None:
         "ci_must_pass",
     )
     assert _git("rev-parse", "main", cwd=fake.repo) == main
+
+
+# ---- the adapter's merge against GitLab's rules -----------------------------------------------
+
+
+def _merge_calls(fake: FakeGitlab) -> list[int]:
+    return [status for method, path, status in fake.calls("PUT") if path.endswith("/merge")]
+
+
+def test_merge_waits_while_gitlab_checks_then_merges(fake: FakeGitlab) -> None:
+    fake.check_gets = 3  # "preparing" for 3 GETs, then "checking" for 3 more
+    f = forge(fake)
+    mr = open_release(f)
+    merged = f.merge(mr, approved_by="auto-approve")
+    assert merged.state == "merged" and merged.merge_commit == _git("rev-parse", "main", cwd=fake.repo)
+    gets = [c for c in fake.calls("GET") if c[1].endswith("/merge_requests/1")]
+    assert len(gets) >= 6  # read until GitLab had finished checking
+    assert _merge_calls(fake) == [200]  # and only then asked to merge: never a 405
+
+
+def test_merge_still_checking_at_the_deadline_is_transient(fake: FakeGitlab) -> None:
+    fake.check_gets = 1_000_000
+    f = GitlabForge(url=fake.url, project=PROJECT, token=Secret(TOKEN), poll_seconds=0.05, check_seconds=0.5)
+    mr = open_release(f)
+    with pytest.raises(GitlabUnavailable, match=r"!1 .* still 'preparing' after 0 s") as e:
+        f.merge(mr, approved_by="auto-approve")
+    assert isinstance(e.value, TransientError) and _merge_calls(fake) == []
+
+
+def test_required_pipeline_pending_uses_auto_merge(fake: FakeGitlab) -> None:
+    fake.pipelines, fake.only_allow_merge_if_pipeline_succeeds, fake.pipeline_gets = True, True, 2
+    main = _git("rev-parse", "main", cwd=fake.repo)
+    f = GitlabForge(url=fake.url, project=PROJECT, token=Secret(TOKEN), poll_seconds=0.05)
+    mr = open_release(f)
+    merged = f.merge(mr, approved_by="auto-approve")
+    assert fake.mrs[1].events == ["auto-merge:twincd-bot", "merged:twincd-bot:merge"]
+    assert fake.mrs[1].pipeline is not None and fake.mrs[1].pipeline["status"] == "success"
+    assert merged.state == "merged" and merged.merged_by == "twincd-bot"
+    assert merged.merge_commit == _git("rev-parse", "main", cwd=fake.repo) != main
+    assert _merge_calls(fake) == [200]
+
+
+def test_failed_pipeline_aborts_the_auto_merge_and_nothing_lands(fake: FakeGitlab) -> None:
+    fake.pipelines, fake.only_allow_merge_if_pipeline_succeeds = True, True
+    fake.pipeline_gets, fake.pipeline_result = 2, "failed"
+    main = _git("rev-parse", "main", cwd=fake.repo)
+    f = GitlabForge(url=fake.url, project=PROJECT, token=Secret(TOKEN), poll_seconds=0.05)
+    with pytest.raises(MergeBlocked, match=r"auto-merge of !1 .* aborted .*head pipeline failed"):
+        f.merge(open_release(f), approved_by="auto-approve")
+    assert _git("rev-parse", "main", cwd=fake.repo) == main
+
+
+def test_missing_approvals_say_how_many_and_merge_nothing(fake: FakeGitlab) -> None:
+    fake.approvals_required = 2
+    main = _git("rev-parse", "main", cwd=fake.repo)
+    f = forge(fake)
+    mr = open_release(f)
+    fake.approve(1, "alice")
+    with pytest.raises(MergeBlocked) as e:
+        f.merge(mr, approved_by="carol")
+    message = str(e.value)
+    assert "!1" in message and "needs 1 more approval (2 required" in message
+    assert "approved by alice" in message and "Approve it in GitLab" in message
+    assert "lower the rule's required approvals" in message and "nothing was merged" in message
+    assert not isinstance(e.value, TransientError)
+    assert _git("rev-parse", "main", cwd=fake.repo) == main and _merge_calls(fake) == []
+    fake.approve(1, "bob")  # the operator's way out: approve, and the same merge goes through
+    assert f.merge(mr, approved_by="carol").state == "merged"
+
+
+@pytest.mark.parametrize(
+    ("method", "squash"),
+    [("merge", False), ("rebase_merge", False), ("ff", False), ("merge", True), ("ff", True)],
+)
+def test_each_merge_method_lands_and_reports_the_commit_on_the_target(
+    fake: FakeGitlab, method: str, squash: bool
+) -> None:
+    fake.merge_method, fake.squash_option = method, "always" if squash else "default_off"
+    before = _git("rev-parse", "main", cwd=fake.repo)
+    head = _git("rev-parse", BRANCH, cwd=fake.repo)
+    f = forge(fake)
+    merged = f.merge(open_release(f), approved_by="auto-approve")
+    main = _git("rev-parse", "main", cwd=fake.repo)
+    assert merged.merge_commit == main  # what the clusters must run is the target's new head
+    parents = _git("rev-list", "--parents", "-n1", "main", cwd=fake.repo).split()[1:]
+    # The release's content is on the target whatever the method.
+    assert _git("show", "main:kustomization.yaml", cwd=fake.repo) == _git(
+        "show", f"{BRANCH}:kustomization.yaml", cwd=fake.repo
+    )
+    if method == "ff" and not squash:
+        assert main == head and fake.mrs[1].merge_commit_sha is None  # no merge commit on GitLab
+    elif method == "ff":
+        assert parents == [before] and fake.mrs[1].squash_commit_sha == main
+    elif squash:
+        squashed = fake.mrs[1].squash_commit_sha
+        assert parents == [before, squashed] and squashed != head
+    else:
+        assert parents == [before, head] and fake.mrs[1].merge_commit_sha == main
+
+
+def test_ff_project_with_a_moved_target_needs_a_rebase(fake: FakeGitlab, tmp_path: Path) -> None:
+    fake.merge_method = "ff"
+    work = tmp_path / "other"
+    _git("clone", "-q", str(fake.repo), str(work))
+    (work / "README").write_text("someone else's change\n")
+    _git("add", ".", cwd=work)
+    _git("commit", "-qm", "someone else", cwd=work)
+    _git("push", "-q", "origin", "main", cwd=work)
+    main = _git("rev-parse", "main", cwd=fake.repo)
+    f = forge(fake)
+    with pytest.raises(MergeBlocked, match=r"must be rebased onto the target branch"):
+        f.merge(open_release(f), approved_by="auto-approve")
+    assert _git("rev-parse", "main", cwd=fake.repo) == main
+
+
+def test_branch_moved_after_validation_is_refused_by_the_sha_guard(fake: FakeGitlab, tmp_path: Path) -> None:
+    f = forge(fake)
+    validated = _git("rev-parse", BRANCH, cwd=fake.repo)
+    mr = f.open(source_branch=BRANCH, target_branch="main", title="t", description="d", head=validated)
+    assert mr.sha == validated
+    main = _git("rev-parse", "main", cwd=fake.repo)
+    moved = _push_to_release_branch(fake, tmp_path, "not validated\n")  # after validation
+    with pytest.raises(HeadMoved) as e:
+        f.merge(mr, approved_by="auto-approve")
+    assert f"validated {validated[:12]}" in str(e.value) and moved in str(e.value)
+    assert "nothing was merged" in str(e.value)
+    assert _git("rev-parse", "main", cwd=fake.repo) == main  # nothing unvalidated landed
+    assert _merge_calls(fake) == [409]
+
+
+def test_the_real_merger_is_recorded(fake: FakeGitlab) -> None:
+    f = forge(fake)
+    mr = open_release(f)
+    threading.Timer(0.3, fake.merge, args=(1,), kwargs={"user": "alice"}).start()
+    merged = f.wait_for_merge(mr, timeout=20, poll=0.1, max_poll=0.2)
+    assert merged.merged_by == "alice"
+    assert f.get(merged).merged_by == "alice"
