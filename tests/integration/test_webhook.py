@@ -148,9 +148,11 @@ def test_other_event_kinds_are_ignored(hook: str) -> None:
     assert r.status_code == 202 and "not a Tag Push Hook" in r.json()["ignored"]
 
 
-def test_unknown_project_is_404(hook: str) -> None:
+def test_unknown_project_is_ignored_with_202(hook: str) -> None:
+    # A group hook sends every project's events; a 4xx would get the hook disabled by GitLab.
     r = post(hook, tag_push(project="apps/unknown"))
-    assert r.status_code == 404 and "apps/unknown" in r.json()["error"]
+    assert r.status_code == 202 and "apps/unknown is not mapped" in r.json()["ignored"]
+    assert "flow_run_id" not in r.json()
 
 
 async def _read_run(run_id: str) -> Any:
@@ -204,9 +206,8 @@ def test_explicit_project_mapping_and_missing_deployment(env: Environment, deplo
         env, secret=SECRET, projects={"Platform/Hello-Service": "hello"}, deployment="deploy/missing"
     )
     for url in _serve(app):
-        assert (
-            post(url + PATH, tag_push(project="apps/hello")).status_code == 404
-        )  # basenames no longer count
+        ignored = post(url + PATH, tag_push(project="apps/hello"))  # basenames no longer count
+        assert ignored.status_code == 202 and "not mapped" in ignored.json()["ignored"]
         r = post(url + PATH, tag_push(project="platform/hello-service"))
         assert r.status_code == 500 and "no deployment deploy/missing" in r.json()["error"]
 
