@@ -678,3 +678,16 @@ def test_the_real_merger_is_recorded(fake: FakeGitlab) -> None:
     merged = f.wait_for_merge(mr, timeout=20, poll=0.1, max_poll=0.2)
     assert merged.merged_by == "alice"
     assert f.get(merged).merged_by == "alice"
+
+
+def test_api_calls_of_one_auto_approved_release(fake: FakeGitlab) -> None:
+    """open 2, validation 3, merge: reads until GitLab has checked, one PUT (printed for the issue note)."""
+    f = GitlabForge(url=fake.url, project=PROJECT, token=Secret(TOKEN), poll_seconds=0.05)
+    mr = open_release(f)
+    f.post_validation(mr, ValidationReport(("overlays/eks/hello", "overlays/aks/hello"), 6))
+    f.merge(mr, approved_by="auto-approve")
+    calls = [(m, p.split("merge_requests", 1)[-1] or "/", s) for m, p, s in fake.calls()]
+    print(f"GitLab API calls of one auto-approved release: {len(calls)}: {calls}")
+    # list, create; notes list, note, label; GET (checking), GET (mergeable), PUT merge
+    assert [m for m, _, _ in calls] == ["GET", "POST", "GET", "POST", "PUT", "GET", "GET", "PUT"]
+    assert _merge_calls(fake) == [200]
