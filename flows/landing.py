@@ -212,7 +212,8 @@ def land(
     told = _MERGED[change.kind]
     if told is not None:
         by = f" by {approver}" if change.kind == "switch" else ""
-        text = f"{mr.ref} merged as {mr.merge_commit[:12]}{by}"
+        approvals = f"; approved by {', '.join(mr.approved_by)}" if mr.approved_by else ""
+        text = f"{mr.ref} merged as {mr.merge_commit[:12]}{by}{approvals}"
         story.add(change.step, "ok", text, url=mr.web_url, actor=approver, tell=told, after=[mr])
     return Landed(mr.merge_commit, mr, approver, verify(mr.merge_commit, [mr]))
 

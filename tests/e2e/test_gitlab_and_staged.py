@@ -99,11 +99,13 @@ def test_gitlab_forge_waits_for_a_person_to_merge(gitlab: tuple[FakeGitlab, Envi
     run = _start_deploy(env, "v2.0.0", TWINCD_E2E_GITLAB_TOKEN=TOKEN)
     iid = _release_mr(fake, "v2.0.0")
     _wait_for(lambda: bool(fake.notes(iid)), "the validation note")
+    fake.approve(iid, "bob")
     merge_commit = fake.merge(iid, user="alice")  # a person merges in GitLab
     out, _ = run.communicate(timeout=180)
     assert run.returncode == 0, out
     assert main_head(env) == merge_commit
-    assert "(by alice)" in out and "(by GitLab)" not in out, out  # the real merger, from merged_by
+    # The real merger (GitLab's merged_by) and approvers, not "GitLab".
+    assert "approved by bob (by alice)" in out and "(by GitLab)" not in out, out
     assert registry_digest(env, "v2.0.0") in main_file(env, "overlays/eks/hello/kustomization.yaml")
     assert "valid" in fake.notes(iid)[0].lower()
     assert TOKEN not in out

@@ -412,7 +412,8 @@ def test_merge_conflict_is_permanent(fake: FakeGitlab, tmp_path: Path) -> None:
 
 
 def test_api_calls_of_one_release(fake: FakeGitlab) -> None:
-    """The GitLab requests of one deploy: open 2, validation 3, then one GET per poll while waiting."""
+    """The GitLab requests of one deploy: open 2, validation 3, one GET per poll while waiting, and
+    one read of the approvals once merged (who approved, for the timeline)."""
     f = forge(fake)
     mr = open_release(f)
     assert len(fake.calls()) == 2  # list, create
@@ -420,9 +421,11 @@ def test_api_calls_of_one_release(fake: FakeGitlab) -> None:
     assert len(fake.calls()) == 5  # list notes, create note, label
     threading.Timer(0.5, fake.merge, args=(1,)).start()
     f.wait_for_merge(mr, timeout=10, poll=0.1, max_poll=1)
-    polls = len(fake.calls()) - 5
+    assert fake.calls()[-1][1].endswith("/merge_requests/1/approvals")
+    polls = len(fake.calls()) - 6
+    print(f"GitLab API calls of one release a person merges: {len(fake.calls())} ({polls} polls)")
     # 0, .1, .25, .475, .81 s: fewer when GETs are slow on a loaded machine, more when the merge is late.
-    assert polls == len(fake.calls("GET")) - 2 and 2 <= polls <= 8
+    assert polls == len(fake.calls("GET")) - 3 and 2 <= polls <= 8
 
 
 def test_merged_mr_is_reused_only_at_the_same_head(fake: FakeGitlab) -> None:
@@ -691,3 +694,14 @@ def test_api_calls_of_one_auto_approved_release(fake: FakeGitlab) -> None:
     # list, create; notes list, note, label; GET (checking), GET (mergeable), PUT merge
     assert [m for m, _, _ in calls] == ["GET", "POST", "GET", "POST", "PUT", "GET", "GET", "PUT"]
     assert _merge_calls(fake) == [200]
+
+
+def test_the_approvers_of_a_persons_merge_are_recorded(fake: FakeGitlab) -> None:
+    fake.approvals_required = 1
+    f = forge(fake)
+    mr = open_release(f)
+    fake.approve(1, "bob")
+    fake.approve(1, "dana")
+    threading.Timer(0.3, fake.merge, args=(1,), kwargs={"user": "alice"}).start()
+    merged = f.wait_for_merge(mr, timeout=20, poll=0.1, max_poll=0.2)
+    assert (merged.merged_by, merged.approved_by) == ("alice", ("bob", "dana"))

@@ -301,7 +301,7 @@ class GitlabForge:
                 log.warning("still waiting for %s; GitLab did not answer: %s", mr.ref, e)
             else:
                 if current.state == "merged":
-                    return current
+                    return replace(current, approved_by=self._approvers(_iid(mr)))
                 if current.state == "closed":
                     raise CancelledByUser(
                         f"merge request {current.ref} ({current.web_url}) was closed without being "
@@ -434,6 +434,26 @@ class GitlabForge:
             attrs = self._read(iid)
         return self._settled_merge(mr, attrs, settle_timeout)
 
+    def _approvers(self, iid: int) -> tuple[str, ...]:
+        """Who approved the MR (the approvals API; GitLab Free has it too), for the timeline.
+
+        Best effort: the merge is done, so a failure to read its approvals is logged, not raised.
+        """
+        try:
+            approvals = self._call(
+                f"reading the approvals of !{iid}",
+                lambda: (
+                    self._project.mergerequests.get(iid, lazy=True)
+                    .approvals.get(max_retries=self._max_retries)
+                    .attributes
+                ),
+                needs=_READ,
+            )
+        except (GitlabForgeError, TransientError) as e:
+            log.warning("could not read who approved !%s: %s", iid, e)
+            return ()
+        return tuple(_approver_names(approvals))
+
     def _blocked(self, mr: MergeRequest, iid: int, status: str, attrs: dict[str, Any]) -> MergeBlocked:
         where = (
             f"GitLab project {self.project}: merge request {mr.ref} ({attrs.get('web_url') or mr.web_url})"
@@ -449,7 +469,7 @@ class GitlabForge:
                 needs=_READ,
             )
             left, required = approvals.get("approvals_left"), approvals.get("approvals_required")
-            who = [str((a.get("user") or {}).get("username")) for a in approvals.get("approved_by") or []]
+            who = _approver_names(approvals)
             return MergeBlocked(
                 f"{where} needs {left} more approval{'s' if left != 1 else ''} "
                 f"({required} required by the project's approval rules; approved by "
@@ -606,6 +626,10 @@ def _merge_status(attrs: dict[str, Any]) -> str:
         return str(detailed)
     legacy = str(attrs.get("merge_status") or "")
     return {"can_be_merged": "mergeable", "cannot_be_merged": "conflict"}.get(legacy, legacy)
+
+
+def _approver_names(approvals: dict[str, Any]) -> list[str]:
+    return [name for a in approvals.get("approved_by") or [] if (name := _username(a.get("user")))]
 
 
 def _username(user: object) -> str:
