@@ -293,3 +293,37 @@ def test_gitlab_auto_approved_deploy_verifies_the_commit_the_target_got(
     print(f"GitLab API calls of one deploy ({merge_method}, squash {squash_option}, pipelines {pipelines}):")
     print(f"  {len(calls)} in all: " + "; ".join(f"{k} x{n}" for k, n in kinds.items()))
     assert TOKEN not in out
+
+
+def test_gitlab_approval_rules_stop_an_auto_approved_deploy_clearly(
+    gitlab: tuple[FakeGitlab, Environment],
+) -> None:
+    """The project wants two approvals: twincd does not get round it; it says what is missing."""
+    fake, env = gitlab
+    fake.approvals_required = 2
+    release_app(env, "v2.0.3", page="<h1>hello v2.0.3</h1>\n")
+    before = main_head(env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "twincd.cli",
+            "--env",
+            env.source,
+            "deploy",
+            "hello",
+            "v2.0.3",
+            "--auto-approve",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "TWINCD_E2E_GITLAB_TOKEN": TOKEN},
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "needs 2 more approvals (2 required" in out and "Approve it in GitLab" in out, out
+    assert main_head(env) == before  # nothing merged
+    assert fake.mrs[_release_mr(fake, "v2.0.3")].state == "opened"
+    assert not [c for c in fake.calls("PUT") if c[1].endswith("/merge")]

@@ -63,6 +63,9 @@ and ``app/services/merge_requests/mergeability/detailed_merge_status_service.rb`
 - 409 "Another open merge request already exists for this source branch: !<iid>" on a second
   open MR for a source branch (the body's message is a list, as GitLab's is).
 
+``detailed_status=False`` serves a GitLab older than 15.6: legacy ``merge_status`` only (it was
+added in 15.6, the docs' "Merge status" section).
+
 Knobs kept from before: ``fail_next(status, count, retry_after=...)`` answers the next requests
 with 429/5xx; ``complete_merges_after(gets, shown_state=...)`` makes API merges finish later, as
 merge trains do; ``hide_from_lists`` leaves an MR out of list answers (a lagging replica);
@@ -175,6 +178,7 @@ class FakeGitlab(ServedFake):
         only_allow_merge_if_pipeline_succeeds: bool = False,
         pipeline_gets: int = 1,
         pipeline_result: str = "success",
+        detailed_status: bool = True,
     ) -> None:
         self.repo = repo
         self.project = project
@@ -191,6 +195,8 @@ class FakeGitlab(ServedFake):
         self.only_allow_merge_if_pipeline_succeeds = only_allow_merge_if_pipeline_succeeds
         self.pipeline_gets = pipeline_gets
         self.pipeline_result = pipeline_result
+        # False: a GitLab older than 15.6, whose MRs have the legacy merge_status only.
+        self.detailed_status = detailed_status
         self.mrs: dict[int, FakeMergeRequest] = {}
         self.requests: list[tuple[str, str, int]] = []
         self._faults: list[_Fault] = []
@@ -540,7 +546,7 @@ class FakeGitlab(ServedFake):
         pending = mr.pending_gets > 0
         merged = mr.state == "merged" and not pending
         detailed = self._detailed(mr)
-        return {
+        shown = {
             "id": mr.id,
             "iid": mr.iid,
             "project_id": self.project_id,
@@ -572,6 +578,9 @@ class FakeGitlab(ServedFake):
             "created_at": mr.created_at,
             "updated_at": mr.updated_at,
         }
+        if not self.detailed_status:
+            del shown["detailed_merge_status"]
+        return shown
 
     def _find(self, iid: str) -> FakeMergeRequest | None:
         return self.mrs.get(int(iid))

@@ -705,3 +705,16 @@ def test_the_approvers_of_a_persons_merge_are_recorded(fake: FakeGitlab) -> None
     threading.Timer(0.3, fake.merge, args=(1,), kwargs={"user": "alice"}).start()
     merged = f.wait_for_merge(mr, timeout=20, poll=0.1, max_poll=0.2)
     assert (merged.merged_by, merged.approved_by) == ("alice", ("bob", "dana"))
+
+
+def test_legacy_merge_status_only_and_a_rule_it_does_not_show(fake: FakeGitlab) -> None:
+    """A GitLab before 15.6 shows can_be_merged although an approval rule blocks the merge."""
+    fake.detailed_status, fake.approvals_required = False, 1
+    main = _git("rev-parse", "main", cwd=fake.repo)
+    f = GitlabForge(url=fake.url, project=PROJECT, token=Secret(TOKEN), poll_seconds=0.05)
+    mr = open_release(f)
+    with pytest.raises(MergeBlocked, match=r"shows 'mergeable' but GitLab refuses to merge it \(405"):
+        f.merge(mr, approved_by="auto-approve")
+    assert _merge_calls(fake) == [405, 405, 405] and _git("rev-parse", "main", cwd=fake.repo) == main
+    fake.approve(1, "bob")
+    assert f.merge(mr, approved_by="auto-approve").state == "merged"

@@ -337,6 +337,7 @@ class GitlabForge:
         sha = mr.sha or str(attrs.get("sha") or "")
         deadline = time.monotonic() + self._check_seconds
         delay = min(self._poll, 1.0)
+        refused = 0  # 405s to a merge GitLab showed as possible
         while True:
             state, status = str(attrs.get("state")), _merge_status(attrs)
             if state == "merged":
@@ -354,6 +355,16 @@ class GitlabForge:
                         return self._auto_merged(mr, accepted, settle_timeout)
                     return self._settled_merge(mr, accepted, settle_timeout)
                 # 405 although it read mergeable: a push or a pipeline came in between; read again.
+                # Repeated, it is a rule the status does not show (legacy merge_status only knows
+                # git mergeability; approvals and pipelines are not in it): say so, merge nothing.
+                refused += 1
+                if refused >= 3:
+                    raise MergeBlocked(
+                        f"GitLab project {self.project}: merge request {mr.ref} ({mr.web_url}) shows "
+                        f"{status or 'no merge status'!r} but GitLab refuses to merge it (405 Method Not "
+                        "Allowed, 3 times): approvals, a required pipeline, a draft or unresolved threads "
+                        "may block it. Nothing was merged; check the MR in GitLab and re-run the deploy."
+                    )
             else:
                 raise self._blocked(mr, iid, status, attrs)
             remaining = deadline - time.monotonic()
