@@ -63,6 +63,13 @@ and ``app/services/merge_requests/mergeability/detailed_merge_status_service.rb`
 - 409 "Another open merge request already exists for this source branch: !<iid>" on a second
   open MR for a source branch (the body's message is a list, as GitLab's is).
 
+Group hooks (``add_group_hook(url, token=..., group=...)``): ``push_tag(project, tag, sha)`` sends
+a Tag Push Hook for any project of the group, known to twincd or not, as GitLab's group webhooks do
+(payload and headers: https://docs.gitlab.com/ee/user/project/integrations/webhook_events.html#tag-events).
+A hook that fails four consecutive times (any non-2xx answer or no answer) is disabled and sends
+nothing more ("Project or group webhooks that fail four consecutive times are automatically
+disabled", https://docs.gitlab.com/ee/user/project/integrations/webhooks.html#auto-disabled-webhooks).
+
 ``detailed_status=False`` serves a GitLab older than 15.6: legacy ``merge_status`` only (it was
 added in 15.6, the docs' "Merge status" section).
 
@@ -79,12 +86,14 @@ import os
 import re
 import subprocess
 import threading
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
+import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
@@ -156,6 +165,23 @@ class _MergeFailed(Exception):
     pass
 
 
+# GitLab disables a hook after this many consecutive failed deliveries (webhooks docs, above).
+HOOK_FAILURES_TO_DISABLE = 4
+
+
+@dataclass
+class FakeHook:
+    """A group webhook: where GitLab sends the events of the group's projects."""
+
+    url: str
+    token: str
+    group: str
+    uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    consecutive_failures: int = 0
+    disabled: bool = False
+    deliveries: list[tuple[str, int | None]] = field(default_factory=list)  # (project, status)
+
+
 class FakeGitlab(ServedFake):
     """One GitLab project (``project``, numeric id ``project_id``) whose repository is ``repo``."""
 
@@ -203,6 +229,7 @@ class FakeGitlab(ServedFake):
         self._hidden: dict[int, int] = {}  # iid -> how many more list answers leave it out
         self._merge_delay: tuple[int, str] = (0, "merged")  # (GETs until a merge shows, state shown before)
         self._pipeline_ids = 7000
+        self.hooks: list[FakeHook] = []
         # Re-entrant: handlers hold it while they read the repo and change an MR.
         self._lock = threading.RLock()
 
@@ -261,6 +288,47 @@ class FakeGitlab(ServedFake):
             mr.pipeline["status"] = status
             mr.pipeline_gets = self.pipeline_gets
             self._after_pipeline_step(mr)
+
+    def add_group_hook(self, url: str, *, token: str, group: str) -> FakeHook:
+        """A webhook on group ``group`` for tag push events, with secret token ``token``."""
+        hook = FakeHook(url=url, token=token, group=group)
+        self.hooks.append(hook)
+        return hook
+
+    def push_tag(self, project: str, tag: str, sha: str) -> list[int | None]:
+        """Someone pushed ``tag`` at ``sha`` to ``project``: each enabled hook of its group is called.
+
+        Returns each delivery's status (None: no answer); a disabled hook sends nothing.
+        """
+        statuses: list[int | None] = []
+        for hook in self.hooks:
+            if hook.disabled or not project.startswith(hook.group.rstrip("/") + "/"):
+                continue
+            status: int | None
+            try:
+                status = httpx.post(
+                    hook.url,
+                    json=_tag_push_payload(project, tag, sha),
+                    headers={
+                        "X-Gitlab-Event": "Tag Push Hook",
+                        "X-Gitlab-Token": hook.token,
+                        "X-Gitlab-Event-UUID": str(uuid.uuid4()),
+                        "X-Gitlab-Webhook-UUID": hook.uuid,
+                        "X-Gitlab-Instance": "https://gitlab.example.test",
+                        "User-Agent": "GitLab/17.5.0",
+                    },
+                    timeout=10,  # GitLab's webhook timeout
+                ).status_code
+            except httpx.HTTPError:
+                status = None
+            hook.deliveries.append((project, status))
+            statuses.append(status)
+            if status is not None and 200 <= status < 300:
+                hook.consecutive_failures = 0
+            else:
+                hook.consecutive_failures += 1
+                hook.disabled = hook.consecutive_failures >= HOOK_FAILURES_TO_DISABLE
+        return statuses
 
     def close(self, iid: int) -> None:
         """Close without merging, as a reviewer who refuses the release does."""
@@ -769,6 +837,40 @@ class FakeGitlab(ServedFake):
         }
         mr.notes.append(note)
         return JSONResponse(note, status_code=201)
+
+
+def _tag_push_payload(project: str, tag: str, sha: str) -> dict[str, Any]:
+    """A Tag Push Hook body, in the shape of GitLab's documented example (tag events)."""
+    name = project.rsplit("/", 1)[-1]
+    web_url = f"https://gitlab.example.test/{project}"
+    return {
+        "object_kind": "tag_push",
+        "event_name": "tag_push",
+        "before": "0" * 40,
+        "after": sha,
+        "ref": f"refs/tags/{tag}",
+        "ref_protected": True,
+        "checkout_sha": sha,
+        "user_id": 1,
+        "user_name": "A Developer",
+        "user_avatar": None,
+        "project_id": 100 + sum(map(ord, project)),
+        "project": {
+            "id": 100 + sum(map(ord, project)),
+            "name": name,
+            "description": "",
+            "web_url": web_url,
+            "git_ssh_url": f"git@gitlab.example.test:{project}.git",
+            "git_http_url": f"{web_url}.git",
+            "namespace": project.rsplit("/", 1)[0],
+            "visibility_level": 0,
+            "path_with_namespace": project,
+            "default_branch": "main",
+        },
+        "commits": [],
+        "total_commits_count": 0,
+        "repository": {"name": name, "url": f"git@gitlab.example.test:{project}.git", "homepage": web_url},
+    }
 
 
 def _error(status: int, message: str) -> JSONResponse:

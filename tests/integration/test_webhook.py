@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -23,6 +24,7 @@ from prefect.blocks.system import Secret as PrefectSecret
 from prefect.client.orchestration import get_client
 from starlette.applications import Starlette
 
+from tests.fakes.gitlab import HOOK_FAILURES_TO_DISABLE, FakeGitlab
 from twincd.adapters.secrets import SecretNotFound, resolve_secret
 from twincd.adapters.webhook import PATH, create_app
 from twincd.config import DEFAULT_ENV, Environment, load_environment
@@ -222,3 +224,19 @@ def test_secret_references_resolve_from_prefect_blocks(prefect_harness: None) ->
     with pytest.raises(SecretNotFound, match="TWINCD_SURELY_UNSET"):
         resolve_secret("env:TWINCD_SURELY_UNSET")
     assert SECRET not in str(e.value)
+
+
+def test_a_group_hook_stays_enabled_for_projects_twincd_does_not_know(hook: str, tmp_path: Path) -> None:
+    """GitLab sends a group hook every project's tag pushes and disables a hook that fails four
+    times in a row (the fake does too): other projects' tags must not switch off the deploys."""
+    with FakeGitlab(repo=tmp_path / "unused.git", token="glpat-unused") as gitlab_fake:
+        group_hook = gitlab_fake.add_group_hook(hook, token=SECRET, group="apps")
+        for i in range(HOOK_FAILURES_TO_DISABLE + 2):
+            assert gitlab_fake.push_tag(f"apps/other-{i}", "v1.0.0", SHA) == [202]
+        assert not group_hook.disabled
+        assert gitlab_fake.push_tag("apps/hello", "v1.2.9", SHA) == [202]  # still delivered: a run
+        # The same hook pointed at an endpoint that answers 404 is disabled after four deliveries.
+        broken = gitlab_fake.add_group_hook(hook.replace(PATH, "/hooks/nowhere"), token=SECRET, group="ops")
+        for i in range(HOOK_FAILURES_TO_DISABLE + 1):
+            gitlab_fake.push_tag(f"ops/tool-{i}", "v1.0.0", SHA)
+        assert broken.disabled and [s for _, s in broken.deliveries] == [404] * HOOK_FAILURES_TO_DISABLE
