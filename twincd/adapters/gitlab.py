@@ -21,10 +21,15 @@ succeed" and a pipeline still going) sets auto-merge (``merge_when_pipeline_succ
 waits for GitLab to merge (``pipeline_seconds``); ``not_approved`` is a permanent error saying
 how many approvals are missing and what to do; other blocking states (draft, conflict,
 need_rebase, a failed pipeline) are permanent errors naming the state. A 405 after a mergeable
-read (a push or a pipeline in between) reads the MR again. The merged MR records who merged
-(``merged_by``, else ``merge_user``) and the commit the target now runs: ``merge_commit_sha``,
-else ``squash_commit_sha`` (squash + fast-forward), else the head ``sha`` (fast-forward: GitLab
-reports no merge commit).
+read (a push or a pipeline in between) reads the MR again; three of them are a MergeBlocked (a
+GitLab before 15.6 shows only the git-level ``merge_status``, blind to approvals and pipelines).
+Auto-merge is GitLab's ``merge_when_pipeline_succeeds`` (``auto_merge`` since 17.11; the old
+name is still accepted); GitLab aborts it when the pipeline fails or the branch gets new commits,
+and twincd then stops with a MergeBlocked. The merged MR records who merged
+(``merged_by``, else ``merge_user``), who approved (after a person's merge: the approvals API)
+and the commit the target now runs: ``merge_commit_sha``, else ``squash_commit_sha`` (squash +
+fast-forward), else the head ``sha`` (fast-forward: GitLab reports no merge commit; unblu/ucascade#35).
+Merge trains are not modelled: the commit a fast-forward train lands is not the MR's head.
 
 Errors. SDK and ``requests`` errors never leave this module: they become the small hierarchy
 below, with messages that name the project and the permission that is missing. The token is in
