@@ -213,7 +213,8 @@ def land(
     told = _MERGED[change.kind]
     if told is not None:
         by = f" by {approver}" if change.kind == "switch" else ""
-        text = f"{mr.ref} merged as {mr.merge_commit[:12]}{by}"
+        approvals = f"; approved by {', '.join(mr.approved_by)}" if mr.approved_by else ""
+        text = f"{mr.ref} merged as {mr.merge_commit[:12]}{by}{approvals}"
         story.add(change.step, "ok", text, url=mr.web_url, actor=approver, tell=told, after=[mr])
     return Landed(mr.merge_commit, mr, approver, verify(mr.merge_commit, [mr]))
 
@@ -229,10 +230,12 @@ def _merge(
             "merge", "waiting", f"waiting for a merge of {mr.ref}", url=mr.web_url, tell=True, after=[mr]
         )
         try:
-            return wait_for_merge(untraced(environment), mr), wiring.forge_type(environment).name
+            merged = wait_for_merge(untraced(environment), mr)
         except CancelledByUser as e:
             story.add("merge", "cancelled", str(e), tell=True)
             raise Refused(str(e)) from e
+        # Who merged, as the forge says (GitLab's merged_by); its name only when it does not say.
+        return merged, merged.merged_by or wiring.forge_type(environment).name
     if approver is None:
         story.add(
             "merge", "waiting", f"waiting for approval of {mr.ref}", url=mr.web_url, tell=True, after=[mr]

@@ -121,6 +121,10 @@ class GitlabForge(_Model):
     failed_label: str = "twincd::validation-failed"
     poll_seconds: float = 5  # first wait between merge polls; grows to max_poll_seconds
     max_poll_seconds: float = 60
+    # twincd's own merges: how long to wait for GitLab's mergeability check, and for a required
+    # pipeline when the merge is left to GitLab's auto-merge.
+    check_seconds: float = 120
+    pipeline_seconds: float = 3600
 
     _token = field_validator("token")(_check_secret_ref)
     _url = field_validator("url")(_no_credentials)

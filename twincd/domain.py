@@ -152,6 +152,8 @@ class MergeRequest:
     merge_commit: str | None = None
     reused: bool = False  # True when an open MR for the branch already existed ("already done")
     sha: str = ""  # the source branch's head the MR was opened or merged with
+    merged_by: str = ""  # who merged, as the forge tells it (GitLab's merged_by/merge_user username)
+    approved_by: tuple[str, ...] = ()  # who approved on the forge (GitLab's approvals), when known
 
 
 @dataclass(frozen=True)

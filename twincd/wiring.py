@@ -144,6 +144,8 @@ def gitlab_forge(cfg: config.GitlabForge, *, timeout: float = 30) -> GitlabForge
         timeout=timeout,
         poll_seconds=cfg.poll_seconds,
         max_poll_seconds=cfg.max_poll_seconds,
+        check_seconds=cfg.check_seconds,
+        pipeline_seconds=cfg.pipeline_seconds,
     )
 
 

@@ -4,6 +4,7 @@ the sequential rollout that stops before the second cloud and reverts."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import yaml
 
 from tests.e2e.conftest import git_refs, registry_headers, release_app, twincd
 from tests.e2e.test_deploy import main_file, main_head, registry_digest
-from tests.fakes.gitlab import FakeGitlab
+from tests.fakes.gitlab import DEFAULT_USER, FakeGitlab
 from twincd.config import Environment, load_environment
 from twincd.sandbox.stack import local_repo_path
 
@@ -40,6 +41,22 @@ def _start_deploy(env: Environment, tag: str, **extra_env: str) -> subprocess.Po
         text=True,
         env={**os.environ, **extra_env},
     )
+
+
+def _endpoint(path: str) -> str:
+    """``/api/v4/projects/infra%2Fmanifests/merge_requests/3/notes`` → ``.../merge_requests/:iid/notes``."""
+    return re.sub(r"/merge_requests/\d+", "/merge_requests/:iid", path.replace("/api/v4/projects/", "", 1))
+
+
+def git_parents(env: Environment, commit: str) -> list[str]:
+    repo = local_repo_path(env, env.manifests.repo)
+    out = subprocess.run(
+        ["git", "--git-dir", str(repo), "rev-list", "--parents", "-n1", commit],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return out[1:]
 
 
 def _wait_for(predicate, what: str, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
@@ -82,10 +99,13 @@ def test_gitlab_forge_waits_for_a_person_to_merge(gitlab: tuple[FakeGitlab, Envi
     run = _start_deploy(env, "v2.0.0", TWINCD_E2E_GITLAB_TOKEN=TOKEN)
     iid = _release_mr(fake, "v2.0.0")
     _wait_for(lambda: bool(fake.notes(iid)), "the validation note")
-    merge_commit = fake.merge(iid)  # a person merges in GitLab
+    fake.approve(iid, "bob")
+    merge_commit = fake.merge(iid, user="alice")  # a person merges in GitLab
     out, _ = run.communicate(timeout=180)
     assert run.returncode == 0, out
     assert main_head(env) == merge_commit
+    # The real merger (GitLab's merged_by) and approvers, not "GitLab".
+    assert "approved by bob (by alice)" in out and "(by GitLab)" not in out, out
     assert registry_digest(env, "v2.0.0") in main_file(env, "overlays/eks/hello/kustomization.yaml")
     assert "valid" in fake.notes(iid)[0].lower()
     assert TOKEN not in out
@@ -219,3 +239,91 @@ def test_a_failed_apply_fails_its_cluster_only_and_the_release_is_reverted(stack
     assert "verified on aks" in out, out  # aks was verified although eks's apply failed first
     assert "reverted by" in out and "rollback NOT verified: eks: apply failed" in out, out
     assert main_file(env, "overlays/aks/hello/kustomization.yaml") == before  # the revert landed
+
+
+@pytest.mark.parametrize(
+    ("merge_method", "squash_option", "pipelines", "tag"),
+    [("ff", "default_off", False, "v2.0.1"), ("ff", "always", True, "v2.0.2")],
+    ids=["fast-forward", "squash-ff-pipeline-must-succeed"],
+)
+# Last in this module: the tests above expect v2.0.0 to be the release main holds.
+def test_gitlab_auto_approved_deploy_verifies_the_commit_the_target_got(
+    gitlab: tuple[FakeGitlab, Environment], merge_method: str, squash_option: str, pipelines: bool, tag: str
+) -> None:
+    """twincd merges through GitLab's API as GitLab behaves: mergeability checked asynchronously,
+    a required pipeline (auto-merge), fast-forward or squash; the clusters verify the commit the
+    target branch got, which is no merge commit here."""
+    fake, env = gitlab
+    fake.check_gets, fake.merge_method, fake.squash_option = 2, merge_method, squash_option
+    fake.pipelines = fake.only_allow_merge_if_pipeline_succeeds = pipelines
+    # The pipeline runs on past GitLab's mergeability check (4 GETs): twincd sets auto-merge.
+    fake.pipeline_gets = 3
+    release_app(env, tag, page=f"<h1>hello {tag}</h1>\n")
+    before = main_head(env)
+    result = subprocess.run(
+        [sys.executable, "-m", "twincd.cli", "--env", env.source, "deploy", "hello", tag, "--auto-approve"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "TWINCD_E2E_GITLAB_TOKEN": TOKEN},
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    iid = _release_mr(fake, tag)
+    mr = fake.mrs[iid]
+    head = main_head(env)
+    assert mr.state == "merged" and mr.merge_commit_sha is None  # fast-forward: no merge commit
+    if squash_option == "always":
+        assert head == mr.squash_commit_sha and head != mr.sha
+        assert mr.events == [f"auto-merge:{DEFAULT_USER}", f"merged:{DEFAULT_USER}:ff+squash"]
+    else:
+        assert head == mr.sha and mr.events == [f"merged:{DEFAULT_USER}:ff"]
+    assert git_parents(env, head)[0] == before
+    assert registry_digest(env, tag) in main_file(env, "overlays/eks/hello/kustomization.yaml")
+    assert f"merged as {head[:12]}" in out, out
+    for cluster in ("eks", "aks"):  # the clusters verified the commit the target got
+        assert f'Application "hello-{cluster}" Synced and Healthy at {head[:7]}' in out, out
+    assert "Release succeeded" in out, out
+    calls = fake.calls()
+    kinds: dict[str, int] = {}
+    for method, path, status in calls:
+        key = f"{method} {_endpoint(path)} {status}"
+        kinds[key] = kinds.get(key, 0) + 1
+    print(f"GitLab API calls of one deploy ({merge_method}, squash {squash_option}, pipelines {pipelines}):")
+    print(f"  {len(calls)} in all: " + "; ".join(f"{k} x{n}" for k, n in kinds.items()))
+    assert TOKEN not in out
+
+
+def test_gitlab_approval_rules_stop_an_auto_approved_deploy_clearly(
+    gitlab: tuple[FakeGitlab, Environment],
+) -> None:
+    """The project wants two approvals: twincd does not get round it; it says what is missing."""
+    fake, env = gitlab
+    fake.approvals_required = 2
+    release_app(env, "v2.0.3", page="<h1>hello v2.0.3</h1>\n")
+    before = main_head(env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "twincd.cli",
+            "--env",
+            env.source,
+            "deploy",
+            "hello",
+            "v2.0.3",
+            "--auto-approve",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "TWINCD_E2E_GITLAB_TOKEN": TOKEN},
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "needs 2 more approvals (2 required" in out and "Approve it in GitLab" in out, out
+    assert main_head(env) == before  # nothing merged
+    assert fake.mrs[_release_mr(fake, "v2.0.3")].state == "opened"
+    assert not [c for c in fake.calls("PUT") if c[1].endswith("/merge")]

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import gitlab
 import pytest
@@ -22,6 +23,8 @@ from twincd.adapters.gitlab import (
     GitlabForge,
     GitlabNotFound,
     GitlabUnavailable,
+    HeadMoved,
+    MergeBlocked,
     MergeTimeout,
 )
 from twincd.adapters.secrets import Secret, resolve_secret
@@ -400,13 +403,17 @@ def test_merge_conflict_is_permanent(fake: FakeGitlab, tmp_path: Path) -> None:
     (work / "kustomization.yaml").write_text("images: [conflict]\n")
     _git("commit", "-qam", "someone else", cwd=work)
     _git("push", "-q", "origin", "main", cwd=work)
+    main = _git("rev-parse", "main", cwd=fake.repo)
     f = forge(fake)
-    with pytest.raises(PermanentError, match=r"cannot be merged now \(406"):
+    # GitLab: detailed_merge_status "conflict", and the merge call would answer 405.
+    with pytest.raises(MergeBlocked, match=r"!1 .* has conflicts with the target branch.*nothing was merged"):
         f.merge(open_release(f), approved_by="auto-approve")
+    assert _git("rev-parse", "main", cwd=fake.repo) == main
 
 
 def test_api_calls_of_one_release(fake: FakeGitlab) -> None:
-    """The GitLab requests of one deploy: open 2, validation 3, then one GET per poll while waiting."""
+    """The GitLab requests of one deploy: open 2, validation 3, one GET per poll while waiting, and
+    one read of the approvals once merged (who approved, for the timeline)."""
     f = forge(fake)
     mr = open_release(f)
     assert len(fake.calls()) == 2  # list, create
@@ -414,9 +421,11 @@ def test_api_calls_of_one_release(fake: FakeGitlab) -> None:
     assert len(fake.calls()) == 5  # list notes, create note, label
     threading.Timer(0.5, fake.merge, args=(1,)).start()
     f.wait_for_merge(mr, timeout=10, poll=0.1, max_poll=1)
-    polls = len(fake.calls()) - 5
+    assert fake.calls()[-1][1].endswith("/merge_requests/1/approvals")
+    polls = len(fake.calls()) - 6
+    print(f"GitLab API calls of one release a person merges: {len(fake.calls())} ({polls} polls)")
     # 0, .1, .25, .475, .81 s: fewer when GETs are slow on a loaded machine, more when the merge is late.
-    assert polls == len(fake.calls("GET")) - 2 and 2 <= polls <= 8
+    assert polls == len(fake.calls("GET")) - 3 and 2 <= polls <= 8
 
 
 def test_merged_mr_is_reused_only_at_the_same_head(fake: FakeGitlab) -> None:
@@ -429,3 +438,283 @@ def test_merged_mr_is_reused_only_at_the_same_head(fake: FakeGitlab) -> None:
     # The release was reverted and its branch rebuilt: deploying it again needs a new MR.
     rebuilt = f.open(source_branch=BRANCH, target_branch="main", title="t", description="d", head="b" * 40)
     assert not rebuilt.reused and rebuilt.state == "opened" and rebuilt.ref != merged.ref
+
+
+# ---- the fake behaves as GitLab does (python-gitlab straight at it) ---------------------------
+
+
+def _sdk_mr(fake: FakeGitlab, token: str = TOKEN) -> Any:
+    gl = gitlab.Gitlab(fake.url, private_token=token)
+    project = gl.projects.get(PROJECT, lazy=True)
+    project.mergerequests.create({"source_branch": BRANCH, "target_branch": "main", "title": "t"})
+    return project.mergerequests.get(1, lazy=True)
+
+
+def _push_to_release_branch(fake: FakeGitlab, tmp_path: Path, text: str = "more\n") -> str:
+    work = tmp_path / f"push-{len(list(tmp_path.iterdir()))}"
+    _git("clone", "-q", "-b", BRANCH, str(fake.repo), str(work))
+    (work / "extra.yaml").write_text(text)
+    _git("add", ".", cwd=work)
+    _git("commit", "-qm", "a later push", cwd=work)
+    _git("push", "-q", "origin", BRANCH, cwd=work)
+    return _git("rev-parse", "HEAD", cwd=work)
+
+
+def test_fake_computes_mergeability_asynchronously(fake: FakeGitlab, tmp_path: Path) -> None:
+    main = _git("rev-parse", "main", cwd=fake.repo)
+    lazy = _sdk_mr(fake)
+    assert fake.mrs[1].checking_state == "preparing"
+    with pytest.raises(gitlab.exceptions.GitlabMRClosedError) as e:
+        lazy.merge()
+    assert (e.value.response_code, e.value.error_message) == (405, "405 Method Not Allowed")
+    assert _git("rev-parse", "main", cwd=fake.repo) == main  # nothing merged
+    seen = [lazy.manager.get(1).attributes for _ in range(2)]
+    assert [(a["detailed_merge_status"], a["merge_status"]) for a in seen] == [
+        ("checking", "checking"),
+        ("mergeable", "can_be_merged"),
+    ]
+    # A push makes GitLab check again.
+    head = _push_to_release_branch(fake, tmp_path)
+    again = lazy.manager.get(1).attributes
+    assert again["sha"] == head and again["detailed_merge_status"] in ("checking", "mergeable")
+    assert fake.mrs[1].checking_state == "checking"
+
+
+def test_fake_sha_guard_is_409_and_merges_nothing(fake: FakeGitlab) -> None:
+    fake.check_gets = 0
+    main = _git("rev-parse", "main", cwd=fake.repo)
+    lazy = _sdk_mr(fake)
+    with pytest.raises(gitlab.exceptions.GitlabMRClosedError) as e:
+        lazy.merge(sha="f" * 40)
+    head = _git("rev-parse", BRANCH, cwd=fake.repo)
+    assert e.value.response_code == 409
+    assert e.value.error_message == f"SHA does not match HEAD of source branch: {head}"
+    assert _git("rev-parse", "main", cwd=fake.repo) == main
+    assert lazy.merge(sha=head)["state"] == "merged"
+
+
+def test_fake_approval_rules_block_until_approved_and_reset_on_push(fake: FakeGitlab, tmp_path: Path) -> None:
+    fake.check_gets, fake.approvals_required = 0, 2
+    lazy = _sdk_mr(fake)
+    assert lazy.manager.get(1).detailed_merge_status == "not_approved"
+    approvals = lazy.approvals.get()
+    assert (approvals.approvals_required, approvals.approvals_left) == (2, 2)
+    fake.approve(1, "alice")
+    with pytest.raises(gitlab.exceptions.GitlabMRClosedError) as e:
+        lazy.merge()
+    assert e.value.response_code == 405
+    fake.approve(1, "bob")
+    assert [a["user"]["username"] for a in lazy.approvals.get().approved_by] == ["alice", "bob"]
+    _push_to_release_branch(fake, tmp_path)
+    assert lazy.approvals.get().approvals_left == 2  # approvals reset on push
+
+
+def test_fake_pipeline_must_succeed_and_auto_merge(fake: FakeGitlab) -> None:
+    fake.check_gets, fake.pipelines, fake.only_allow_merge_if_pipeline_succeeds = 0, True, True
+    fake.pipeline_gets = 2
+    lazy = _sdk_mr(fake)
+    assert lazy.manager.get(1).detailed_merge_status == "ci_still_running"
+    with pytest.raises(gitlab.exceptions.GitlabMRClosedError) as e:
+        lazy.merge()
+    assert e.value.response_code == 405
+    scheduled = lazy.merge(merge_when_pipeline_succeeds=True)
+    assert scheduled["state"] == "opened" and scheduled["merge_when_pipeline_succeeds"] is True
+    states = [lazy.manager.get(1).attributes for _ in range(4)]
+    # one step every 2 GETs (the first GET above was one): merged as the pipeline succeeds
+    assert [(s["head_pipeline"]["status"], s["state"]) for s in states] == [
+        ("running", "opened"),
+        ("running", "opened"),
+        ("success", "merged"),
+        ("success", "merged"),
+    ]
+    assert states[-1]["state"] == "merged" and states[-1]["merged_by"]["username"] == "twincd-bot"
+    assert states[-1]["merge_commit_sha"] == _git("rev-parse", "main", cwd=fake.repo)
+
+
+def test_fake_failed_pipeline_aborts_auto_merge(fake: FakeGitlab) -> None:
+    fake.check_gets, fake.pipelines, fake.only_allow_merge_if_pipeline_succeeds = 0, True, True
+    main = _git("rev-parse", "main", cwd=fake.repo)
+    lazy = _sdk_mr(fake)
+    lazy.merge(merge_when_pipeline_succeeds=True)
+    fake.set_pipeline(1, "failed")
+    attrs = lazy.manager.get(1).attributes
+    assert (attrs["state"], attrs["merge_when_pipeline_succeeds"], attrs["detailed_merge_status"]) == (
+        "opened",
+        False,
+        "ci_must_pass",
+    )
+    assert _git("rev-parse", "main", cwd=fake.repo) == main
+
+
+# ---- the adapter's merge against GitLab's rules -----------------------------------------------
+
+
+def _merge_calls(fake: FakeGitlab) -> list[int]:
+    return [status for method, path, status in fake.calls("PUT") if path.endswith("/merge")]
+
+
+def test_merge_waits_while_gitlab_checks_then_merges(fake: FakeGitlab) -> None:
+    fake.check_gets = 3  # "preparing" for 3 GETs, then "checking" for 3 more
+    f = forge(fake)
+    mr = open_release(f)
+    merged = f.merge(mr, approved_by="auto-approve")
+    assert merged.state == "merged" and merged.merge_commit == _git("rev-parse", "main", cwd=fake.repo)
+    gets = [c for c in fake.calls("GET") if c[1].endswith("/merge_requests/1")]
+    assert len(gets) >= 6  # read until GitLab had finished checking
+    assert _merge_calls(fake) == [200]  # and only then asked to merge: never a 405
+
+
+def test_merge_still_checking_at_the_deadline_is_transient(fake: FakeGitlab) -> None:
+    fake.check_gets = 1_000_000
+    f = GitlabForge(url=fake.url, project=PROJECT, token=Secret(TOKEN), poll_seconds=0.05, check_seconds=0.5)
+    mr = open_release(f)
+    with pytest.raises(GitlabUnavailable, match=r"!1 .* still 'preparing' after 0 s") as e:
+        f.merge(mr, approved_by="auto-approve")
+    assert isinstance(e.value, TransientError) and _merge_calls(fake) == []
+
+
+def test_required_pipeline_pending_uses_auto_merge(fake: FakeGitlab) -> None:
+    fake.pipelines, fake.only_allow_merge_if_pipeline_succeeds, fake.pipeline_gets = True, True, 2
+    main = _git("rev-parse", "main", cwd=fake.repo)
+    f = GitlabForge(url=fake.url, project=PROJECT, token=Secret(TOKEN), poll_seconds=0.05)
+    mr = open_release(f)
+    merged = f.merge(mr, approved_by="auto-approve")
+    assert fake.mrs[1].events == ["auto-merge:twincd-bot", "merged:twincd-bot:merge"]
+    assert fake.mrs[1].pipeline is not None and fake.mrs[1].pipeline["status"] == "success"
+    assert merged.state == "merged" and merged.merged_by == "twincd-bot"
+    assert merged.merge_commit == _git("rev-parse", "main", cwd=fake.repo) != main
+    assert _merge_calls(fake) == [200]
+
+
+def test_failed_pipeline_aborts_the_auto_merge_and_nothing_lands(fake: FakeGitlab) -> None:
+    fake.pipelines, fake.only_allow_merge_if_pipeline_succeeds = True, True
+    fake.pipeline_gets, fake.pipeline_result = 2, "failed"
+    main = _git("rev-parse", "main", cwd=fake.repo)
+    f = GitlabForge(url=fake.url, project=PROJECT, token=Secret(TOKEN), poll_seconds=0.05)
+    with pytest.raises(MergeBlocked, match=r"auto-merge of !1 .* aborted .*head pipeline failed"):
+        f.merge(open_release(f), approved_by="auto-approve")
+    assert _git("rev-parse", "main", cwd=fake.repo) == main
+
+
+def test_missing_approvals_say_how_many_and_merge_nothing(fake: FakeGitlab) -> None:
+    fake.approvals_required = 2
+    main = _git("rev-parse", "main", cwd=fake.repo)
+    f = forge(fake)
+    mr = open_release(f)
+    fake.approve(1, "alice")
+    with pytest.raises(MergeBlocked) as e:
+        f.merge(mr, approved_by="carol")
+    message = str(e.value)
+    assert "!1" in message and "needs 1 more approval (2 required" in message
+    assert "approved by alice" in message and "Approve it in GitLab" in message
+    assert "lower the rule's required approvals" in message and "nothing was merged" in message
+    assert not isinstance(e.value, TransientError)
+    assert _git("rev-parse", "main", cwd=fake.repo) == main and _merge_calls(fake) == []
+    fake.approve(1, "bob")  # the operator's way out: approve, and the same merge goes through
+    assert f.merge(mr, approved_by="carol").state == "merged"
+
+
+@pytest.mark.parametrize(
+    ("method", "squash"),
+    [("merge", False), ("rebase_merge", False), ("ff", False), ("merge", True), ("ff", True)],
+)
+def test_each_merge_method_lands_and_reports_the_commit_on_the_target(
+    fake: FakeGitlab, method: str, squash: bool
+) -> None:
+    fake.merge_method, fake.squash_option = method, "always" if squash else "default_off"
+    before = _git("rev-parse", "main", cwd=fake.repo)
+    head = _git("rev-parse", BRANCH, cwd=fake.repo)
+    f = forge(fake)
+    merged = f.merge(open_release(f), approved_by="auto-approve")
+    main = _git("rev-parse", "main", cwd=fake.repo)
+    assert merged.merge_commit == main  # what the clusters must run is the target's new head
+    parents = _git("rev-list", "--parents", "-n1", "main", cwd=fake.repo).split()[1:]
+    # The release's content is on the target whatever the method.
+    assert _git("show", "main:kustomization.yaml", cwd=fake.repo) == _git(
+        "show", f"{BRANCH}:kustomization.yaml", cwd=fake.repo
+    )
+    if method == "ff" and not squash:
+        assert main == head and fake.mrs[1].merge_commit_sha is None  # no merge commit on GitLab
+    elif method == "ff":
+        assert parents == [before] and fake.mrs[1].squash_commit_sha == main
+    elif squash:
+        squashed = fake.mrs[1].squash_commit_sha
+        assert parents == [before, squashed] and squashed != head
+    else:
+        assert parents == [before, head] and fake.mrs[1].merge_commit_sha == main
+
+
+def test_ff_project_with_a_moved_target_needs_a_rebase(fake: FakeGitlab, tmp_path: Path) -> None:
+    fake.merge_method = "ff"
+    work = tmp_path / "other"
+    _git("clone", "-q", str(fake.repo), str(work))
+    (work / "README").write_text("someone else's change\n")
+    _git("add", ".", cwd=work)
+    _git("commit", "-qm", "someone else", cwd=work)
+    _git("push", "-q", "origin", "main", cwd=work)
+    main = _git("rev-parse", "main", cwd=fake.repo)
+    f = forge(fake)
+    with pytest.raises(MergeBlocked, match=r"must be rebased onto the target branch"):
+        f.merge(open_release(f), approved_by="auto-approve")
+    assert _git("rev-parse", "main", cwd=fake.repo) == main
+
+
+def test_branch_moved_after_validation_is_refused_by_the_sha_guard(fake: FakeGitlab, tmp_path: Path) -> None:
+    f = forge(fake)
+    validated = _git("rev-parse", BRANCH, cwd=fake.repo)
+    mr = f.open(source_branch=BRANCH, target_branch="main", title="t", description="d", head=validated)
+    assert mr.sha == validated
+    main = _git("rev-parse", "main", cwd=fake.repo)
+    moved = _push_to_release_branch(fake, tmp_path, "not validated\n")  # after validation
+    with pytest.raises(HeadMoved) as e:
+        f.merge(mr, approved_by="auto-approve")
+    assert f"validated {validated[:12]}" in str(e.value) and moved in str(e.value)
+    assert "nothing was merged" in str(e.value)
+    assert _git("rev-parse", "main", cwd=fake.repo) == main  # nothing unvalidated landed
+    assert _merge_calls(fake) == [409]
+
+
+def test_the_real_merger_is_recorded(fake: FakeGitlab) -> None:
+    f = forge(fake)
+    mr = open_release(f)
+    threading.Timer(0.3, fake.merge, args=(1,), kwargs={"user": "alice"}).start()
+    merged = f.wait_for_merge(mr, timeout=20, poll=0.1, max_poll=0.2)
+    assert merged.merged_by == "alice"
+    assert f.get(merged).merged_by == "alice"
+
+
+def test_api_calls_of_one_auto_approved_release(fake: FakeGitlab) -> None:
+    """open 2, validation 3, merge: reads until GitLab has checked, one PUT (printed for the issue note)."""
+    f = GitlabForge(url=fake.url, project=PROJECT, token=Secret(TOKEN), poll_seconds=0.05)
+    mr = open_release(f)
+    f.post_validation(mr, ValidationReport(("overlays/eks/hello", "overlays/aks/hello"), 6))
+    f.merge(mr, approved_by="auto-approve")
+    calls = [(m, p.split("merge_requests", 1)[-1] or "/", s) for m, p, s in fake.calls()]
+    print(f"GitLab API calls of one auto-approved release: {len(calls)}: {calls}")
+    # list, create; notes list, note, label; GET (checking), GET (mergeable), PUT merge
+    assert [m for m, _, _ in calls] == ["GET", "POST", "GET", "POST", "PUT", "GET", "GET", "PUT"]
+    assert _merge_calls(fake) == [200]
+
+
+def test_the_approvers_of_a_persons_merge_are_recorded(fake: FakeGitlab) -> None:
+    fake.approvals_required = 1
+    f = forge(fake)
+    mr = open_release(f)
+    fake.approve(1, "bob")
+    fake.approve(1, "dana")
+    threading.Timer(0.3, fake.merge, args=(1,), kwargs={"user": "alice"}).start()
+    merged = f.wait_for_merge(mr, timeout=20, poll=0.1, max_poll=0.2)
+    assert (merged.merged_by, merged.approved_by) == ("alice", ("bob", "dana"))
+
+
+def test_legacy_merge_status_only_and_a_rule_it_does_not_show(fake: FakeGitlab) -> None:
+    """A GitLab before 15.6 shows can_be_merged although an approval rule blocks the merge."""
+    fake.detailed_status, fake.approvals_required = False, 1
+    main = _git("rev-parse", "main", cwd=fake.repo)
+    f = GitlabForge(url=fake.url, project=PROJECT, token=Secret(TOKEN), poll_seconds=0.05)
+    mr = open_release(f)
+    with pytest.raises(MergeBlocked, match=r"shows 'mergeable' but GitLab refuses to merge it \(405"):
+        f.merge(mr, approved_by="auto-approve")
+    assert _merge_calls(fake) == [405, 405, 405] and _git("rev-parse", "main", cwd=fake.repo) == main
+    fake.approve(1, "bob")
+    assert f.merge(mr, approved_by="auto-approve").state == "merged"

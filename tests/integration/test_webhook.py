@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -24,6 +25,7 @@ from prefect.blocks.system import Secret as PrefectSecret
 from prefect.client.orchestration import get_client
 from starlette.applications import Starlette
 
+from tests.fakes.gitlab import HOOK_FAILURES_TO_DISABLE, FakeGitlab
 from twincd.adapters.secrets import SecretNotFound, resolve_secret
 from twincd.adapters.webhook import PATH, create_app
 from twincd.config import DEFAULT_ENV, Environment, load_environment
@@ -151,9 +153,11 @@ def test_other_event_kinds_are_ignored(hook: str) -> None:
     assert r.status_code == 202 and "not a Tag Push Hook" in r.json()["ignored"]
 
 
-def test_unknown_project_is_404(hook: str) -> None:
+def test_unknown_project_is_ignored_with_202(hook: str) -> None:
+    # A group hook sends every project's events; a 4xx would get the hook disabled by GitLab.
     r = post(hook, tag_push(project="apps/unknown"))
-    assert r.status_code == 404 and "apps/unknown" in r.json()["error"]
+    assert r.status_code == 202 and "apps/unknown is not mapped" in r.json()["ignored"]
+    assert "flow_run_id" not in r.json()
 
 
 async def _read_run(run_id: str) -> Any:
@@ -278,9 +282,8 @@ def test_explicit_project_mapping_and_missing_deployment(env: Environment, deplo
         env, secret=SECRET, projects={"Platform/Hello-Service": "hello"}, deployment="deploy/missing"
     )
     for url in _serve(app):
-        assert (
-            post(url + PATH, tag_push(project="apps/hello")).status_code == 404
-        )  # basenames no longer count
+        ignored = post(url + PATH, tag_push(project="apps/hello"))  # basenames no longer count
+        assert ignored.status_code == 202 and "not mapped" in ignored.json()["ignored"]
         r = post(url + PATH, tag_push(project="platform/hello-service"))
         assert r.status_code == 500 and "no deployment deploy/missing" in r.json()["error"]
 
@@ -295,3 +298,19 @@ def test_secret_references_resolve_from_prefect_blocks(prefect_harness: None) ->
     with pytest.raises(SecretNotFound, match="TWINCD_SURELY_UNSET"):
         resolve_secret("env:TWINCD_SURELY_UNSET")
     assert SECRET not in str(e.value)
+
+
+def test_a_group_hook_stays_enabled_for_projects_twincd_does_not_know(hook: str, tmp_path: Path) -> None:
+    """GitLab sends a group hook every project's tag pushes and disables a hook that fails four
+    times in a row (the fake does too): other projects' tags must not switch off the deploys."""
+    with FakeGitlab(repo=tmp_path / "unused.git", token="glpat-unused") as gitlab_fake:
+        group_hook = gitlab_fake.add_group_hook(hook, token=SECRET, group="apps")
+        for i in range(HOOK_FAILURES_TO_DISABLE + 2):
+            assert gitlab_fake.push_tag(f"apps/other-{i}", "v1.0.0", SHA) == [202]
+        assert not group_hook.disabled
+        assert gitlab_fake.push_tag("apps/hello", "v1.2.9", SHA) == [202]  # still delivered: a run
+        # The same hook pointed at an endpoint that answers 404 is disabled after four deliveries.
+        broken = gitlab_fake.add_group_hook(hook.replace(PATH, "/hooks/nowhere"), token=SECRET, group="ops")
+        for i in range(HOOK_FAILURES_TO_DISABLE + 1):
+            gitlab_fake.push_tag(f"ops/tool-{i}", "v1.0.0", SHA)
+        assert broken.disabled and [s for _, s in broken.deliveries] == [404] * HOOK_FAILURES_TO_DISABLE

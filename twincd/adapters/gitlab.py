@@ -10,6 +10,27 @@ times (client.py ``http_request`` / utils.py ``Retry``). The header is only visi
 so it is the SDK that honours it; once its retries are spent the error surfaces here as a
 :class:`GitlabUnavailable` (transient) and the Prefect task's own retries take over.
 
+Merging (``merge``) follows GitLab's own rules, read from the MR before the merge call
+(https://docs.gitlab.com/ee/api/merge_requests.html, "Merge a merge request" and "Merge status"):
+mergeability is computed asynchronously, so while ``detailed_merge_status`` is ``preparing``,
+``checking``, ``unchecked`` or ``approvals_syncing`` twincd waits (bounded: ``check_seconds``,
+then a transient error); the merge call always carries ``sha=<the validated head>``, so a branch
+moved after validation is refused by GitLab itself (409 "SHA does not match HEAD of source
+branch") and nothing unvalidated lands; ``ci_still_running`` (the project's "Pipelines must
+succeed" and a pipeline still going) sets auto-merge (``merge_when_pipeline_succeeds``) and
+waits for GitLab to merge (``pipeline_seconds``); ``not_approved`` is a permanent error saying
+how many approvals are missing and what to do; other blocking states (draft, conflict,
+need_rebase, a failed pipeline) are permanent errors naming the state. A 405 after a mergeable
+read (a push or a pipeline in between) reads the MR again; three of them are a MergeBlocked (a
+GitLab before 15.6 shows only the git-level ``merge_status``, blind to approvals and pipelines).
+Auto-merge is GitLab's ``merge_when_pipeline_succeeds`` (``auto_merge`` since 17.11; the old
+name is still accepted); GitLab aborts it when the pipeline fails or the branch gets new commits,
+and twincd then stops with a MergeBlocked. The merged MR records who merged
+(``merged_by``, else ``merge_user``), who approved (after a person's merge: the approvals API)
+and the commit the target now runs: ``merge_commit_sha``, else ``squash_commit_sha`` (squash +
+fast-forward), else the head ``sha`` (fast-forward: GitLab reports no merge commit; unblu/ucascade#35).
+Merge trains are not modelled: the commit a fast-forward train lands is not the MR's head.
+
 Errors. SDK and ``requests`` errors never leave this module: they become the small hierarchy
 below, with messages that name the project and the permission that is missing. The token is in
 no message: python-gitlab sends it only as the ``PRIVATE-TOKEN`` header, its exceptions carry the
@@ -73,6 +94,48 @@ class MergeTimeout(GitlabForgeError):
     """The merge request is still open when the wait ends."""
 
 
+class MergeBlocked(GitlabForgeError):
+    """GitLab will not merge the MR as it is (approvals missing, draft, conflicts, failed pipeline)."""
+
+
+class HeadMoved(GitlabForgeError):
+    """The source branch moved after validation: GitLab's sha guard refused the merge (409)."""
+
+
+# detailed_merge_status values while GitLab is still working the answer out (docs, "Merge status";
+# approvals_syncing: gitlab-org/gitlab!150946). Legacy merge_status has preparing/unchecked/checking.
+_STILL_CHECKING = frozenset(
+    {
+        "preparing",
+        "checking",
+        "unchecked",
+        "approvals_syncing",
+        "cannot_be_merged_recheck",
+        "cannot_be_merged_rechecking",
+    }
+)
+# What each blocking state means for the operator, and what they can do (the docs' descriptions).
+_BLOCKED: dict[str, str] = {
+    "not_open": "is not open",
+    "draft_status": "is a draft: mark it ready in GitLab",
+    "conflict": "has conflicts with the target branch: resolve them, or re-run the release on a fresh branch",
+    "need_rebase": "must be rebased onto the target branch (the project fast-forwards): rebase it in GitLab",
+    "broken_status": "cannot be merged because its source branch is broken (a missing or unreadable commit)",
+    "discussions_not_resolved": "has unresolved threads: resolve them in GitLab",
+    "blocked_status": "is blocked by another merge request",
+    "ci_must_pass": "needs a successful pipeline and its pipeline failed or did not run: fix and re-run it",
+    "external_status_checks": "waits for external status checks",
+    "jira_association_missing": "needs a Jira issue in its title or description",
+    "requested_changes": "has changes requested by a reviewer",
+    "merge_request_blocked": "is blocked by another merge request",
+    "security_policy_violations": "violates a security policy",
+    "locked_paths": "touches locked paths",
+    "locked_lfs_files": "touches locked LFS files",
+    "title_regex": "does not match the project's required title pattern",
+    "commits_status": "has commits that are not allowed (e.g. unsigned)",
+}
+
+
 class GitlabForge:
     name: ClassVar[str] = "GitLab"  # who merged, when people merge there
     merged_by_people: ClassVar[bool] = True  # people review and merge on GitLab; twincd waits
@@ -89,6 +152,8 @@ class GitlabForge:
         max_retries: int = 5,
         poll_seconds: float = 5,
         max_poll_seconds: float = 60,
+        check_seconds: float = 120,
+        pipeline_seconds: float = 3600,
     ) -> None:
         self.url = url.rstrip("/")
         self.project = project
@@ -106,6 +171,8 @@ class GitlabForge:
         self._merge_method_cache: str | None = None
         self._poll = poll_seconds
         self._max_poll = max_poll_seconds
+        self._check_seconds = check_seconds
+        self._pipeline_seconds = pipeline_seconds
 
     def close_session(self) -> None:
         """Close python-gitlab's HTTP session (its pooled connections). ``close`` closes an MR."""
@@ -149,7 +216,11 @@ class GitlabForge:
         """Open the release MR; an open one for the branch, or one merged at ``head`` (the branch's
         current head, when known), is reused ("already done")."""
         existing = self.find(source_branch=source_branch, target_branch=target_branch)
-        if existing is not None and (existing.state == "opened" or not head or existing.sha == head):
+        if existing is not None and existing.state == "opened":
+            # The head twincd wrote (and validates) is what a merge may land: ``merge`` sends it as
+            # ``sha``, so GitLab refuses the merge if the branch moved since.
+            return replace(existing, reused=True, sha=head or existing.sha)
+        if existing is not None and (not head or existing.sha == head):
             return replace(existing, reused=True)
         # Otherwise the merged MR is of an older build of the branch (the release was reverted and
         # is deployed again): GitLab takes a new MR for the same source branch.
@@ -174,10 +245,11 @@ class GitlabForge:
             f"opening a merge request from {source_branch!r} into {target_branch!r}", create, needs=_WRITE_MR
         )
         if created is not None:
-            return self._to_mr(created)
+            opened = self._to_mr(created)
+            return replace(opened, sha=head or opened.sha)
         again = self.find(source_branch=source_branch, target_branch=target_branch)
         if again is not None:
-            return replace(again, reused=True)
+            return replace(again, reused=True, sha=head or again.sha)
         # GitLab allows one open MR per source branch whatever its target: an MR from this branch
         # into another branch is a person's doing, and reusing it would release to the wrong place.
         raise GitlabForgeError(
@@ -234,7 +306,7 @@ class GitlabForge:
                 log.warning("still waiting for %s; GitLab did not answer: %s", mr.ref, e)
             else:
                 if current.state == "merged":
-                    return current
+                    return replace(current, approved_by=self._approvers(_iid(mr)))
                 if current.state == "closed":
                     raise CancelledByUser(
                         f"merge request {current.ref} ({current.web_url}) was closed without being "
@@ -252,48 +324,176 @@ class GitlabForge:
             delay = min(delay * 1.5, max_poll)
 
     def merge(self, mr: MergeRequest, *, approved_by: str, settle_timeout: float = 30) -> MergeRequest:
-        """Merge through the API (``auto_approve``: demos and CI); an already merged MR is returned.
+        """Merge through the API at ``mr.sha`` (the validated head); an already merged MR is returned.
 
-        Returns once GitLab reports the MR merged with its merge commit; if that takes longer than
-        ``settle_timeout`` seconds, GitlabUnavailable (transient: a retry finds it merged).
+        Waits while GitLab checks mergeability; sets auto-merge when a required pipeline is still
+        running and waits for GitLab's merge; raises MergeBlocked (permanent, nothing merged) for
+        approvals missing and other blocking states, HeadMoved when the branch moved after
+        validation. Returns once GitLab reports the MR merged with the commit the target runs; if
+        that takes longer than ``settle_timeout`` seconds, GitlabUnavailable (a retry finds it merged).
         """
         iid = _iid(mr)
         attrs = self._read(iid)
-        current = self._to_mr(attrs)
-        if current.state == "merged":  # already done (possibly by an earlier attempt still settling)
+        if attrs.get("state") == "merged":  # already done (possibly by an earlier attempt still settling)
             return self._settled_merge(mr, attrs, settle_timeout)
-        if current.state != "opened":
-            raise GitlabForgeError(
-                f"merge request {current.ref} ({current.web_url}) is {current.state}; re-run the release"
-            )
         message = self._token.mask(
             f"Merge branch '{mr.source_branch}'\n\n{mr.title}\n\nApproved-by: {approved_by}"
         )
+        sha = mr.sha or str(attrs.get("sha") or "")
+        deadline = time.monotonic() + self._check_seconds
+        delay = min(self._poll, 1.0)
+        refused = 0  # 405s to a merge GitLab showed as possible
+        while True:
+            state, status = str(attrs.get("state")), _merge_status(attrs)
+            if state == "merged":
+                return self._settled_merge(mr, attrs, settle_timeout)
+            if state != "opened":
+                url = attrs.get("web_url") or mr.web_url
+                raise GitlabForgeError(f"merge request {mr.ref} ({url}) is {state}; re-run the release")
+            if status in _STILL_CHECKING:
+                pass  # GitLab is still computing mergeability: read again after a pause
+            elif status in ("mergeable", "ci_still_running", ""):  # "": no status shown; GitLab decides
+                auto = status == "ci_still_running"
+                accepted = self._accept(mr, iid, message=message, sha=sha, auto=auto)
+                if accepted is not None:
+                    if auto:
+                        return self._auto_merged(mr, accepted, settle_timeout)
+                    return self._settled_merge(mr, accepted, settle_timeout)
+                # 405 although it read mergeable: a push or a pipeline came in between; read again.
+                # Repeated, it is a rule the status does not show (legacy merge_status only knows
+                # git mergeability; approvals and pipelines are not in it): say so, merge nothing.
+                refused += 1
+                if refused >= 3:
+                    raise MergeBlocked(
+                        f"GitLab project {self.project}: merge request {mr.ref} ({mr.web_url}) shows "
+                        f"{status or 'no merge status'!r} but GitLab refuses to merge it (405 Method Not "
+                        "Allowed, 3 times): approvals, a required pipeline, a draft or unresolved threads "
+                        "may block it. Nothing was merged; check the MR in GitLab and re-run the deploy."
+                    )
+            else:
+                raise self._blocked(mr, iid, status, attrs)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GitlabUnavailable(
+                    f"GitLab at {redact_url(self.url)}, project {self.project}: merge request {mr.ref} "
+                    f"({attrs.get('web_url') or mr.web_url}) is still {status or 'unchecked'!r} after "
+                    f"{self._check_seconds:.0f} s (GitLab computes mergeability in the background); "
+                    "retry once GitLab shows it mergeable"
+                )
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 1.5, self._max_poll)
+            attrs = self._read(iid)
 
-        def accept() -> dict[str, Any]:
+    def _accept(
+        self, mr: MergeRequest, iid: int, *, message: str, sha: str, auto: bool
+    ) -> dict[str, Any] | None:
+        """``PUT .../merge``; None on a 405 (not mergeable at this moment), errors on the rest."""
+        extra: dict[str, Any] = {"sha": sha} if sha else {}
+
+        def accept() -> dict[str, Any] | None:
             try:
                 return self._project.mergerequests.get(iid, lazy=True).merge(
                     merge_commit_message=message,
                     should_remove_source_branch=False,
+                    merge_when_pipeline_succeeds=True if auto else None,
                     max_retries=self._max_retries,
+                    **extra,
                 )
             except gitlab.exceptions.GitlabMRClosedError as e:
-                # 405/406/409/422 on merge: conflicts, a required pipeline or approvals, a moved head.
-                if e.response_code in (405, 406, 409, 422):
-                    reason = self._token.mask(str(e.error_message))[:200]
-                    raise GitlabForgeError(
-                        f"GitLab project {self.project}: merge request {current.ref} ({current.web_url}) "
-                        f"cannot be merged now ({e.response_code}: {reason}); "
-                        "resolve it in GitLab and re-run the deploy"
+                reason = self._token.mask(str(e.error_message))[:200]
+                where = f"GitLab project {self.project}: merge request {mr.ref} ({mr.web_url})"
+                if e.response_code == 405:
+                    return None
+                if e.response_code == 409 and "SHA does not match" in reason:
+                    raise HeadMoved(
+                        f"{where}: its source branch {mr.source_branch} moved after validation "
+                        f"(validated {sha[:12]}; GitLab: {reason}); nothing was merged. Re-run the "
+                        "deploy to validate and merge the branch as it is now."
+                    ) from e
+                if e.response_code in (406, 409, 422):
+                    raise MergeBlocked(
+                        f"{where} cannot be merged ({e.response_code}: {reason}); nothing was merged. "
+                        "Resolve it in GitLab and re-run the deploy."
                     ) from e
                 raise
 
-        attrs = self._call(
+        result: dict[str, Any] | None = self._call(
             f"merging !{iid}",
             accept,
             needs=f"Developer role allowed to merge into {mr.target_branch} (protected branch settings)",
         )
+        return result
+
+    def _auto_merged(self, mr: MergeRequest, attrs: dict[str, Any], settle_timeout: float) -> MergeRequest:
+        """After ``merge_when_pipeline_succeeds``: wait for GitLab's merge (or its abort)."""
+        iid = _iid(mr)
+        deadline = time.monotonic() + self._pipeline_seconds
+        delay = min(self._poll, 1.0)
+        while attrs.get("state") == "opened":
+            if not attrs.get("merge_when_pipeline_succeeds"):
+                # GitLab aborts auto-merge when the pipeline fails or the branch gets new commits.
+                pipeline = (attrs.get("head_pipeline") or {}).get("status") or "unknown"
+                raise MergeBlocked(
+                    f"GitLab project {self.project}: auto-merge of {mr.ref} ({mr.web_url}) was aborted by "
+                    f"GitLab (head pipeline {pipeline}, merge status {_merge_status(attrs)!r}); nothing was "
+                    "merged. Fix the pipeline (or the branch) and re-run the deploy."
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GitlabUnavailable(
+                    f"GitLab project {self.project}: {mr.ref} ({mr.web_url}) is set to merge when its "
+                    f"pipeline succeeds, and is still open after {self._pipeline_seconds:.0f} s; "
+                    "a retry keeps waiting (the auto-merge stays set in GitLab)"
+                )
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 1.5, self._max_poll)
+            attrs = self._read(iid)
         return self._settled_merge(mr, attrs, settle_timeout)
+
+    def _approvers(self, iid: int) -> tuple[str, ...]:
+        """Who approved the MR (the approvals API; GitLab Free has it too), for the timeline.
+
+        Best effort: the merge is done, so a failure to read its approvals is logged, not raised.
+        """
+        try:
+            approvals = self._call(
+                f"reading the approvals of !{iid}",
+                lambda: (
+                    self._project.mergerequests.get(iid, lazy=True)
+                    .approvals.get(max_retries=self._max_retries)
+                    .attributes
+                ),
+                needs=_READ,
+            )
+        except (GitlabForgeError, TransientError) as e:
+            log.warning("could not read who approved !%s: %s", iid, e)
+            return ()
+        return tuple(_approver_names(approvals))
+
+    def _blocked(self, mr: MergeRequest, iid: int, status: str, attrs: dict[str, Any]) -> MergeBlocked:
+        where = (
+            f"GitLab project {self.project}: merge request {mr.ref} ({attrs.get('web_url') or mr.web_url})"
+        )
+        if status == "not_approved":
+            approvals = self._call(
+                f"reading the approvals of !{iid}",
+                lambda: (
+                    self._project.mergerequests.get(iid, lazy=True)
+                    .approvals.get(max_retries=self._max_retries)
+                    .attributes
+                ),
+                needs=_READ,
+            )
+            left, required = approvals.get("approvals_left"), approvals.get("approvals_required")
+            who = _approver_names(approvals)
+            return MergeBlocked(
+                f"{where} needs {left} more approval{'s' if left != 1 else ''} "
+                f"({required} required by the project's approval rules; approved by "
+                f"{', '.join(who) or 'nobody yet'}); nothing was merged. Approve it in GitLab (people "
+                "eligible under the rule), or lower the rule's required approvals, then re-run the deploy."
+            )
+        explained = _BLOCKED.get(status, f"cannot be merged now (detailed_merge_status {status!r})")
+        return MergeBlocked(f"{where} {explained}; nothing was merged. Re-run the deploy once it is fixed.")
 
     def _settled_merge(self, mr: MergeRequest, attrs: dict[str, Any], settle_timeout: float) -> MergeRequest:
         """Poll from ``attrs`` until the MR is merged with a known merge commit."""
@@ -391,6 +591,9 @@ class GitlabForge:
             web_url=str(attrs.get("web_url") or ""),
             merge_commit=commit,
             sha=str(attrs.get("sha") or ""),
+            merged_by=_username(attrs.get("merged_by")) or _username(attrs.get("merge_user"))
+            if state == "merged"
+            else "",
         )
 
     def _call(self, what: str, fn: Callable[[], T], *, needs: str) -> T:
@@ -430,6 +633,23 @@ class GitlabForge:
                 f"{where}: GitLab is unavailable or rate-limiting ({code}) while {what}: {detail}"
             )
         return GitlabForgeError(f"{where}: GitLab refused {what} ({code}): {detail}")
+
+
+def _merge_status(attrs: dict[str, Any]) -> str:
+    """detailed_merge_status (GitLab 15.6+), else the legacy merge_status in its terms."""
+    detailed = attrs.get("detailed_merge_status")
+    if detailed:
+        return str(detailed)
+    legacy = str(attrs.get("merge_status") or "")
+    return {"can_be_merged": "mergeable", "cannot_be_merged": "conflict"}.get(legacy, legacy)
+
+
+def _approver_names(approvals: dict[str, Any]) -> list[str]:
+    return [name for a in approvals.get("approved_by") or [] if (name := _username(a.get("user")))]
+
+
+def _username(user: object) -> str:
+    return str(user.get("username") or "") if isinstance(user, dict) else ""
 
 
 def _iid(mr: MergeRequest) -> int:

@@ -7,12 +7,19 @@ idempotency key ``<project>:<tag>:<sha>``, so GitLab's retries and duplicate del
 on one run (the Prefect server returns the existing run for a known key).
 
 Answers: 401 wrong or missing ``X-Gitlab-Token``; 413 body over ``max_body``; 400 not JSON or not
-a tag push payload; 202 ``{"ignored": reason}`` for tag deletions, other event kinds and tags that
-are not releases of the app; 404 unknown project; 202 ``{"flow_run_id": ...}`` for a run, or
-``{"pending": true, "idempotency_key": ...}`` when the run takes longer than ``answer_within`` to
-create (it is still created); 503 when the Prefect API cannot be reached (GitLab shows it in the
-hook's recent events, and pauses a hook that answers 5xx for a minute, then longer: its webhook
-docs, "Auto-disabled webhooks").
+a tag push payload; 202 ``{"ignored": reason}`` for tag deletions, other event kinds, tags that
+are not releases of the app and projects mapped to no app; 202 ``{"flow_run_id": ...}`` for a run,
+or ``{"pending": true, "idempotency_key": ...}`` when the run takes longer than ``answer_within``
+to create (it is still created); 503 when the Prefect API cannot be reached (GitLab shows it in
+the hook's recent events).
+
+An unmapped project is not an error of the delivery: a group-level hook sends the events of every
+project in the group, and GitLab disables a hook that keeps failing ("Project or group webhooks
+that fail four consecutive times are automatically disabled"; 4xx answers were disabled
+permanently, since GitLab 17.x 4xx and 5xx are disabled temporarily and permanently after 40:
+https://docs.gitlab.com/ee/user/project/integrations/webhooks.html#auto-disabled-webhooks,
+gitlab-org/gitlab!166329). A 404 for every other project of the group would switch off the
+deploys of the mapped ones, so it is answered 202 ``{"ignored": ...}`` and logged.
 
 Replays and concurrent deliveries of one tag share one run creation through one Prefect client
 (``_Runs``), so a burst costs one Prefect call per tag, not per delivery.
@@ -208,9 +215,8 @@ async def _tag_push(request: Request, expected: bytes, max_body: int) -> TagPush
 def _release_app(env: Environment, event: TagPush, app: str | None) -> str:
     """``app`` (the event's project's app) if the tag is one of its releases; raises _Answered if not."""
     if app is None:
-        raise _Answered(
-            _answer(404, {"error": f"project {event.project} is not mapped to an app of {env.source}"})
-        )
+        # 202, not 404: see the module docstring (group hooks; GitLab disables failing hooks).
+        raise _Answered(_ignored(f"project {event.project} is not mapped to an app of {env.source}"))
     try:
         check_tag(app=app, tag=event.tag, pattern=env.apps[app].tag_pattern)
     except BadTag as e:
