@@ -171,7 +171,7 @@ def _build(
                 try:
                     client.api.tag(image_id, repository, target_tag)
                 except (docker.errors.APIError, requests.exceptions.RequestException) as e:
-                    raise _daemon_error(base_url, e) from e
+                    raise _daemon_error(base_url, e) from None
     return replace(built, image_id=image_id)
 
 
@@ -204,9 +204,9 @@ def _push(
                 auth = {"username": login[0], "password": login[1]} if login else None
                 stream = client.api.push(repository, tag=tag, stream=True, decode=True, auth_config=auth)
             except docker.errors.NotFound as e:
-                raise ImageNotBuilt(f"builder has no image {target}: build it again") from e
+                raise ImageNotBuilt(f"builder has no image {target}: build it again") from None
             except (docker.errors.APIError, requests.exceptions.RequestException) as e:
-                raise _daemon_error(base_url, e) from e
+                raise _daemon_error(base_url, e) from None
             # Push failures do not raise: the stream carries them as {"error": ...} items.
             for item in _consume(base_url, stream):
                 if "error" in item:
@@ -275,7 +275,7 @@ def _resume_partial_push(
                     f"{_conflict_fix(built, registry, insecure_registries)}"
                 ) from None
             except (docker.errors.APIError, requests.exceptions.RequestException) as e:
-                raise _daemon_error(base_url, e) from e
+                raise _daemon_error(base_url, e) from None
     return replace(built, image_id=image_ids[0])
 
 
@@ -353,7 +353,7 @@ def _run_build(
             decode=True,
         )
     except (docker.errors.APIError, requests.exceptions.RequestException) as e:
-        raise _daemon_error(base_url, e) from e
+        raise _daemon_error(base_url, e) from None
     image_id = ""
     log: list[str] = []
     for item in _consume(base_url, stream):
@@ -375,7 +375,7 @@ def _consume(base_url: str, stream: Iterator[dict[str, Any]]) -> Iterator[dict[s
     try:
         yield from stream
     except requests.exceptions.RequestException as e:
-        raise BuilderUnavailable(f"builder at {base_url}: connection lost: {type(e).__name__}") from e
+        raise BuilderUnavailable(f"builder at {base_url}: connection lost: {type(e).__name__}") from None
 
 
 def _daemon_error(base_url: str, e: Exception) -> Exception:
@@ -426,9 +426,9 @@ def _resolve_tag(repo_url: str, tag: str, auth: gitrepo.GitAuth) -> str:
     try:
         return gitrepo.tag_commit(repo_url=repo_url, tag=tag, auth=auth)
     except gitrepo.GitRefNotFound as e:
-        raise TagNotFound(f"app repository {gitrepo.redact_url(repo_url)} has no tag {tag!r}") from e
+        raise TagNotFound(f"app repository {gitrepo.redact_url(repo_url)} has no tag {tag!r}") from None
     except gitrepo.GitError as e:
-        raise SourceUnavailable(f"cannot read app repository {gitrepo.redact_url(repo_url)}: {e}") from e
+        raise SourceUnavailable(f"cannot read app repository {gitrepo.redact_url(repo_url)}: {e}") from None
 
 
 def _export_tree(repo_url: str, tag: str, tmp: Path, auth: gitrepo.GitAuth) -> tuple[Path, str]:

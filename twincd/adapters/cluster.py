@@ -75,7 +75,7 @@ def api_client(ref: ClusterRef) -> k8s.ApiClient:
     try:
         k8s_config.load_kube_config(config_file=ref.kubeconfig, context=ref.context, client_configuration=cfg)
     except (ConfigException, FileNotFoundError) as e:
-        raise ClusterDenied(f"cluster {ref.name}: cannot load kubeconfig context {ref.context!r}: {e}") from e
+        raise ClusterDenied(f"cluster {ref.name}: cannot load kubeconfig context {ref.context!r}: {e}") from None
     # One attempt per call: our own loop owns retries and deadlines (urllib3 would retry silently).
     cfg.retries = 0
     return k8s.ApiClient(cfg)
@@ -132,9 +132,9 @@ def _request(
         )
         return api.call_api(*request, _request_timeout=timeout).response
     except ApiException as e:  # the client's wrapper around TLS failures (status 0)
-        raise ClusterError(f"cluster {ref.name}: {what}: API server unreachable ({e.reason})") from e
+        raise ClusterError(f"cluster {ref.name}: {what}: API server unreachable ({e.reason})") from None
     except (urllib3.exceptions.HTTPError, OSError) as e:
-        raise ClusterError(f"cluster {ref.name}: {what}: API server unreachable ({type(e).__name__})") from e
+        raise ClusterError(f"cluster {ref.name}: {what}: API server unreachable ({type(e).__name__})") from None
 
 
 def _read_json(
@@ -151,7 +151,7 @@ def _read_json(
     try:
         data = response.data
     except (urllib3.exceptions.HTTPError, OSError) as e:
-        raise ClusterError(f"cluster {ref.name}: {what}: connection lost ({type(e).__name__})") from e
+        raise ClusterError(f"cluster {ref.name}: {what}: connection lost ({type(e).__name__})") from None
     if not 200 <= response.status <= 299:
         if response.status == 404:
             return 404, None
@@ -371,11 +371,11 @@ class _Stream:
                     try:
                         event = json.loads(line)
                     except ValueError as e:  # a line cut short by a breaking connection
-                        raise _Dropped("unreadable event") from e
+                        raise _Dropped("unreadable event") from None
                     self._event(event)
         except (urllib3.exceptions.HTTPError, OSError) as e:
             if not self._stop.is_set():
-                raise _Dropped(type(e).__name__) from e
+                raise _Dropped(type(e).__name__) from None
         finally:
             self._response = None
             # Closed, not just released: a connection with unread events must never be reused.

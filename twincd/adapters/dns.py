@@ -129,21 +129,21 @@ class Rfc2136:
             raise DnsRefused(
                 f"{self.description}: {what}: BADSIG, the server does not accept the signature "
                 "of the TSIG key (wrong secret or algorithm in dns.key)"
-            ) from e
+            ) from None
         except dns.tsig.PeerBadKey as e:
             raise DnsRefused(
                 f"{self.description}: {what}: BADKEY, the server does not know the key named "
                 f"{self.key.name if self.key else '?'!r}"
-            ) from e
+            ) from None
         except dns.tsig.PeerBadTime as e:
             raise DnsRefused(
                 f"{self.description}: {what}: BADTIME, the clocks of twincd and the server "
                 "differ by more than the TSIG fudge"
-            ) from e
+            ) from None
         except dns.exception.Timeout as e:
-            raise DnsUnavailable(f"{self.description}: {what}: no answer within {self.timeout:g} s") from e
+            raise DnsUnavailable(f"{self.description}: {what}: no answer within {self.timeout:g} s") from None
         except (OSError, EOFError, dns.exception.DNSException) as e:
-            raise DnsUnavailable(f"{self.description}: {what}: {type(e).__name__}") from e
+            raise DnsUnavailable(f"{self.description}: {what}: {type(e).__name__}") from None
 
     def read_a(self, name: str) -> frozenset[str]:
         fqdn = self._fqdn(name)
@@ -229,11 +229,11 @@ class Route53:
             code = e.response.get("Error", {}).get("Code", "")
             message = e.response.get("Error", {}).get("Message", "")
             error = DnsUnavailable if code in _AWS_TRANSIENT else DnsRefused
-            raise error(f"{self.description}: {what}: {code}: {message}"[:500]) from e
+            raise error(f"{self.description}: {what}: {code}: {message}"[:500]) from None
         except NoCredentialsError as e:
-            raise DnsRefused(f"{self.description}: {what}: no AWS credentials found") from e
+            raise DnsRefused(f"{self.description}: {what}: no AWS credentials found") from None
         except BotoCoreError as e:
-            raise DnsUnavailable(f"{self.description}: {what}: {type(e).__name__}") from e
+            raise DnsUnavailable(f"{self.description}: {what}: {type(e).__name__}") from None
         return result
 
     def zone_id(self) -> str:

@@ -409,12 +409,12 @@ class GitlabForge:
                         f"{where}: its source branch {mr.source_branch} moved after validation "
                         f"(validated {sha[:12]}; GitLab: {reason}); nothing was merged. Re-run the "
                         "deploy to validate and merge the branch as it is now."
-                    ) from e
+                    ) from None
                 if e.response_code in (406, 409, 422):
                     raise MergeBlocked(
                         f"{where} cannot be merged ({e.response_code}: {reason}); nothing was merged. "
                         "Resolve it in GitLab and re-run the deploy."
-                    ) from e
+                    ) from None
                 raise
 
         result: dict[str, Any] | None = self._call(
@@ -600,13 +600,13 @@ class GitlabForge:
         try:
             return fn()
         except gitlab.exceptions.GitlabError as e:
-            raise self._translate(what, e, needs) from e
+            raise self._translate(what, e, needs) from None
         except requests.RequestException as e:
             # Connection refused, DNS, TLS, timeouts: python-gitlab already retried them.
             raise GitlabUnavailable(
                 f"GitLab at {redact_url(self.url)} could not be reached while {what} "
                 f"(project {self.project}): {self._token.mask(type(e).__name__)}"
-            ) from e
+            ) from None
 
     def _translate(self, what: str, e: gitlab.exceptions.GitlabError, needs: str) -> Exception:
         code = e.response_code

@@ -83,7 +83,7 @@ def _load_prefect_secret(name: str) -> str:
         raise SecretNotFound(
             f"secret reference secret:{name}: no Prefect Secret block named {name!r} "
             f"(create it with `prefect block create secret` or in the UI)"
-        ) from e
+        ) from None
     value = block.get()  # type: ignore[union-attr]
     if not isinstance(value, str) or not value:
         raise SecretNotFound(
