@@ -203,7 +203,7 @@ def _push(
                 login = by_url[registry].push_credentials()
                 auth = {"username": login[0], "password": login[1]} if login else None
                 stream = client.api.push(repository, tag=tag, stream=True, decode=True, auth_config=auth)
-            except docker.errors.NotFound as e:
+            except docker.errors.NotFound:
                 raise ImageNotBuilt(f"builder has no image {target}: build it again") from None
             except (docker.errors.APIError, requests.exceptions.RequestException) as e:
                 raise _daemon_error(base_url, e) from None
@@ -425,7 +425,7 @@ def _resolve_tag(repo_url: str, tag: str, auth: gitrepo.GitAuth) -> str:
     """The commit that ``tag`` points to (annotated tags peeled); TagNotFound if there is none."""
     try:
         return gitrepo.tag_commit(repo_url=repo_url, tag=tag, auth=auth)
-    except gitrepo.GitRefNotFound as e:
+    except gitrepo.GitRefNotFound:
         raise TagNotFound(f"app repository {gitrepo.redact_url(repo_url)} has no tag {tag!r}") from None
     except gitrepo.GitError as e:
         raise SourceUnavailable(f"cannot read app repository {gitrepo.redact_url(repo_url)}: {e}") from None

@@ -370,7 +370,7 @@ class _Stream:
                 if line.strip():
                     try:
                         event = json.loads(line)
-                    except ValueError as e:  # a line cut short by a breaking connection
+                    except ValueError:  # a line cut short by a breaking connection
                         raise _Dropped("unreadable event") from None
                     self._event(event)
         except (urllib3.exceptions.HTTPError, OSError) as e:

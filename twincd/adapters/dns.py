@@ -125,22 +125,22 @@ class Rfc2136:
     def _send(self, message: dns.message.Message, what: str) -> dns.message.Message:
         try:
             return dns.query.tcp(message, self.host, port=self.port, timeout=self.timeout)
-        except dns.tsig.PeerBadSignature as e:
+        except dns.tsig.PeerBadSignature:
             raise DnsRefused(
                 f"{self.description}: {what}: BADSIG, the server does not accept the signature "
                 "of the TSIG key (wrong secret or algorithm in dns.key)"
             ) from None
-        except dns.tsig.PeerBadKey as e:
+        except dns.tsig.PeerBadKey:
             raise DnsRefused(
                 f"{self.description}: {what}: BADKEY, the server does not know the key named "
                 f"{self.key.name if self.key else '?'!r}"
             ) from None
-        except dns.tsig.PeerBadTime as e:
+        except dns.tsig.PeerBadTime:
             raise DnsRefused(
                 f"{self.description}: {what}: BADTIME, the clocks of twincd and the server "
                 "differ by more than the TSIG fudge"
             ) from None
-        except dns.exception.Timeout as e:
+        except dns.exception.Timeout:
             raise DnsUnavailable(f"{self.description}: {what}: no answer within {self.timeout:g} s") from None
         except (OSError, EOFError, dns.exception.DNSException) as e:
             raise DnsUnavailable(f"{self.description}: {what}: {type(e).__name__}") from None
@@ -230,7 +230,7 @@ class Route53:
             message = e.response.get("Error", {}).get("Message", "")
             error = DnsUnavailable if code in _AWS_TRANSIENT else DnsRefused
             raise error(f"{self.description}: {what}: {code}: {message}"[:500]) from None
-        except NoCredentialsError as e:
+        except NoCredentialsError:
             raise DnsRefused(f"{self.description}: {what}: no AWS credentials found") from None
         except BotoCoreError as e:
             raise DnsUnavailable(f"{self.description}: {what}: {type(e).__name__}") from None

@@ -122,7 +122,7 @@ class LiveReader:
         self.calls += 1
         try:
             status, data = _read_json(self.ref, self._api, what, "GET", path, query=query)
-        except ValueError as e:  # a 2xx body that is not JSON: not an API server (yet), e.g. a proxy page
+        except ValueError:  # a 2xx body that is not JSON: not an API server (yet), e.g. a proxy page
             raise ClusterError(f"cluster {self.ref.name}: {what}: the API server's answer is not JSON") from None
         if status == 404:
             return None

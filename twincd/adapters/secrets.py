@@ -78,7 +78,7 @@ def _load_prefect_secret(name: str) -> str:
 
     try:
         block = SecretBlock.load(name)
-    except ValueError as e:
+    except ValueError:
         # Prefect raises ValueError("Unable to find block document named ...") for a missing block.
         raise SecretNotFound(
             f"secret reference secret:{name}: no Prefect Secret block named {name!r} "
