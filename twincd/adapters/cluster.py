@@ -75,7 +75,9 @@ def api_client(ref: ClusterRef) -> k8s.ApiClient:
     try:
         k8s_config.load_kube_config(config_file=ref.kubeconfig, context=ref.context, client_configuration=cfg)
     except (ConfigException, FileNotFoundError) as e:
-        raise ClusterDenied(f"cluster {ref.name}: cannot load kubeconfig context {ref.context!r}: {e}") from None
+        raise ClusterDenied(
+            f"cluster {ref.name}: cannot load kubeconfig context {ref.context!r}: {e}"
+        ) from None
     # One attempt per call: our own loop owns retries and deadlines (urllib3 would retry silently).
     cfg.retries = 0
     return k8s.ApiClient(cfg)
@@ -134,7 +136,9 @@ def _request(
     except ApiException as e:  # the client's wrapper around TLS failures (status 0)
         raise ClusterError(f"cluster {ref.name}: {what}: API server unreachable ({e.reason})") from None
     except (urllib3.exceptions.HTTPError, OSError) as e:
-        raise ClusterError(f"cluster {ref.name}: {what}: API server unreachable ({type(e).__name__})") from None
+        raise ClusterError(
+            f"cluster {ref.name}: {what}: API server unreachable ({type(e).__name__})"
+        ) from None
 
 
 def _read_json(

@@ -123,7 +123,9 @@ class LiveReader:
         try:
             status, data = _read_json(self.ref, self._api, what, "GET", path, query=query)
         except ValueError:  # a 2xx body that is not JSON: not an API server (yet), e.g. a proxy page
-            raise ClusterError(f"cluster {self.ref.name}: {what}: the API server's answer is not JSON") from None
+            raise ClusterError(
+                f"cluster {self.ref.name}: {what}: the API server's answer is not JSON"
+            ) from None
         if status == 404:
             return None
         if not isinstance(data, dict):
