@@ -59,7 +59,9 @@ class LocalForge:
         if not path.exists():
             return None
         data = json.loads(path.read_text())
-        return MergeRequest(**{k: v for k, v in data.items() if k in MergeRequest.__dataclass_fields__})
+        fields = {k: v for k, v in data.items() if k in MergeRequest.__dataclass_fields__}
+        # JSON has no tuples: read back what asdict wrote as the dataclass holds it.
+        return MergeRequest(**{**fields, "approved_by": tuple(fields.get("approved_by", ()))})
 
     def _save(self, mr: MergeRequest, **extra: str) -> MergeRequest:
         path = self._record_path(mr.source_branch)
@@ -167,7 +169,7 @@ class LocalForge:
             message=f"Merge branch '{mr.source_branch}'\n\n{mr.title}\n\nApproved-by: {approved_by}",
             auth=self._auth,
         )
-        return self._save(replace(current, state="merged", merge_commit=sha, sha=head), merged_by=approved_by)
+        return self._save(replace(current, state="merged", merge_commit=sha, sha=head, merged_by=approved_by))
 
     def close(self, mr: MergeRequest, *, reason: str) -> MergeRequest:
         """Close without merging; the branch stays for inspection."""
