@@ -281,7 +281,10 @@ class ValidationConfig(_Model):
 
 class TimeoutsConfig(_Model):
     approval_seconds: float = 3600
-    rollout_seconds: float = 300
+    # A Deployment's default progressDeadlineSeconds (600) plus one Argo CD reconcile should twincd's
+    # refresh request be lost (timeout.reconciliation 180 s + up to 60 s of jitter): a slow rollout
+    # is Kubernetes' to call failed, not twincd's impatience.
+    rollout_seconds: float = 840
 
 
 class RevertConfig(_Model):
@@ -318,6 +321,9 @@ class SandboxConfig(_Model):
     cluster_ports: dict[str, int] = {}
     git_port: int | None = None  # the stack's git server (git http-backend with Basic auth)
     registry_token_port: int | None = None  # the stack registry's token service (auth: token)
+    # The sandbox Argo CD's timeout.reconciliation: how often it compares an Application with git
+    # when nobody asked it to refresh (Argo CD 2.x: 180 s, plus up to 60 s of jitter).
+    argocd_reconcile_seconds: float = 180
 
 
 class Environment(_Model):

@@ -11,6 +11,7 @@ applied the release (progressing), and a Deployment scaled to zero is reported a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from twincd.domain import Phase, RolloutVerdict, image_repository
@@ -254,11 +255,41 @@ def _revisions(section: Mapping[str, Any]) -> list[str]:
     return [str(one)] if one else []
 
 
-def application_verdict(obj: Mapping[str, Any], *, cluster: str, revision: str) -> RolloutVerdict:
+def _error_conditions(status: Mapping[str, Any]) -> list[str]:
+    """Argo CD's error conditions (``ApplicationCondition.IsError``: the type ends in ``Error``:
+    ComparisonError, InvalidSpecError, SyncError, UnknownError), as ``type: message``."""
+    conditions = status.get("conditions")
+    return [
+        f"{c.get('type')}: {c.get('message', '')}"
+        for c in (conditions if isinstance(conditions, list) else [])
+        if isinstance(c, Mapping) and str(c.get("type", "")).endswith("Error")
+    ]
+
+
+def _reconciled_since(status: Mapping[str, Any], since: datetime | None) -> bool:
+    """Whether Argo CD compared the Application with git at or after ``since`` (``reconciledAt``,
+    RFC 3339 to the second, is set by every comparison with the latest revision)."""
+    at = status.get("reconciledAt")
+    if since is None or not isinstance(at, str) or not at:
+        return False
+    try:
+        reconciled = datetime.fromisoformat(at.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return reconciled >= since.replace(microsecond=0)
+
+
+def application_verdict(
+    obj: Mapping[str, Any], *, cluster: str, revision: str, since: datetime | None = None
+) -> RolloutVerdict:
     """An Argo CD Application against the merge commit it must run.
 
     Failure is decided only for ``revision``: a Degraded health or a failed sync of an older
-    revision may well be what this release fixes, so it keeps the verdict progressing.
+    revision may well be what this release fixes, so it keeps the verdict progressing. Error
+    conditions (a manifest that does not render, an invalid spec, a failed sync attempt) fail at
+    once when they are current: the Application is at ``revision``, or Argo CD compared it with
+    git at or after ``since`` (when twincd asked it to refresh, after the merge), so the error is
+    about a tree that holds the release; an older error is waited out like an older health.
     """
     name = _map(obj, "metadata").get("name", "?")
     status = _map(obj, "status")
@@ -280,6 +311,14 @@ def application_verdict(obj: Mapping[str, Any], *, cluster: str, revision: str) 
         *messages,
     )
 
+    errors = _error_conditions(status)
+    if errors and (at_revision or _reconciled_since(status, since)):
+        return RolloutVerdict(
+            cluster,
+            Phase.FAILED,
+            f'Application "{name}" cannot reach {revision[:7]}: {"; ".join(errors)}',
+            details,
+        )
     if op_for_revision and op.get("phase") in ("Failed", "Error"):
         return RolloutVerdict(
             cluster,

@@ -265,7 +265,7 @@ def clusters(manifests: Manifests, tmp_path_factory: pytest.TempPathFactory) -> 
                     [
                         sys.executable, "-m", "twincd.sandbox.cluster", "--name", name,
                         "--port", str(ports[name]), "--manifests", str(manifests.bare),
-                        "--argocd-api", argocd, "--sync-interval", "0.5",
+                        "--argocd-api", argocd,  # Argo CD's own 180 s poll: tests ask it to refresh
                     ],
                     stdout=out, stderr=subprocess.STDOUT, cwd=repo_root, env=env,
                 )  # fmt: skip
@@ -304,6 +304,14 @@ def wait_application(
         return app if done else None
 
     return wait_for(probe, timeout, f"{name} synced at {revision[:12]} and {health}")
+
+
+def refresh(clusters: dict[str, Cluster], *names: str) -> None:
+    """Click "Refresh" in Argo CD: the annotation its application controller acts on at once."""
+    api = k8s.CustomObjectsApi(clusters["aks"].api)
+    for name in names:
+        body = {"metadata": {"annotations": {"argocd.argoproj.io/refresh": "normal"}}}
+        api.patch_namespaced_custom_object("argoproj.io", "v1alpha1", "argocd", "applications", name, body)
 
 
 def deployment_status(cluster: Cluster) -> k8s.V1DeploymentStatus:
@@ -367,6 +375,7 @@ def test_missing_digest_ends_in_progress_deadline_exceeded_and_degraded(
         {f"overlays/{c}/hello/kustomization.yaml": overlay(image, missing) for c in CLUSTERS},
         "hello: bad digest",
     )
+    refresh(clusters, *(f"hello-{c}" for c in CLUSTERS))
     for name, cluster in clusters.items():
         app = wait_application(clusters, f"hello-{name}", sha, "Degraded", timeout=30)
         assert app["status"]["sync"]["status"] == "Synced"
@@ -385,24 +394,98 @@ def test_missing_digest_ends_in_progress_deadline_exceeded_and_degraded(
         assert deployment_status(cluster).available_replicas == 2
 
 
-def test_broken_overlay_fails_the_sync_with_kubectls_message(
+def test_a_commit_waits_for_argo_cds_poll_until_someone_asks_for_a_refresh(
+    clusters: dict[str, Cluster], manifests: Manifests, registry: Registry
+) -> None:
+    digest = registry.push("hello", "1.0.1")
+    image = f"{registry.host}/hello"
+    before = application(clusters, "hello-eks")["status"]
+    sha = manifests.commit({"overlays/eks/hello/kustomization.yaml": overlay(image, digest)}, "eks: 1.0.1")
+    time.sleep(3)  # Argo CD looks at git every 180 s (plus jitter): nothing happens in 3 s
+    waited = application(clusters, "hello-eks")["status"]
+    assert (waited["sync"]["revision"], waited["reconciledAt"]) == (
+        before["sync"]["revision"],
+        before["reconciledAt"],
+    )
+
+    started = time.monotonic()
+    refresh(clusters, "hello-eks")
+    app = wait_application(clusters, "hello-eks", sha, "Healthy")
+    print(f"refresh to Synced and Healthy: {time.monotonic() - started:.2f}s")
+    assert "argocd.argoproj.io/refresh" not in (app["metadata"].get("annotations") or {})  # consumed
+    assert app["status"]["operationState"]["operation"]["initiatedBy"] == {"automated": True}
+    assert app["status"]["reconciledAt"] >= waited["reconciledAt"]
+
+
+def test_a_manual_application_syncs_only_when_an_operation_asks(
+    clusters: dict[str, Cluster], manifests: Manifests, registry: Registry
+) -> None:
+    api = k8s.CustomObjectsApi(clusters["aks"].api)
+    manual = {"spec": {"syncPolicy": {"automated": None}}}  # a merge patch: null removes the key
+    api.patch_namespaced_custom_object(
+        "argoproj.io", "v1alpha1", "argocd", "applications", "hello-aks", manual
+    )
+    digest = registry.push("hello", "1.0.2")
+    image = f"{registry.host}/hello"
+    sha = manifests.commit({"overlays/aks/hello/kustomization.yaml": overlay(image, digest)}, "aks: 1.0.2")
+    refresh(clusters, "hello-aks")
+
+    def compared() -> dict[str, Any] | None:
+        app = application(clusters, "hello-aks")
+        sync = app["status"]["sync"]
+        return (
+            app
+            if sync["revision"] == sha
+            and "argocd.argoproj.io/refresh" not in app["metadata"].get("annotations", {})
+            else None
+        )
+
+    app = wait_for(compared, 15, "hello-aks compared with the new commit")
+    assert app["status"]["sync"]["status"] == "OutOfSync"  # a manual Application waits for a person
+    assert app["status"]["operationState"]["syncResult"]["revision"] != sha
+
+    # What `argocd app sync hello-aks --revision <sha>` writes (util/argo SetAppOperation).
+    app["operation"] = {"sync": {"revision": sha}, "initiatedBy": {"username": "alice"}}
+    del app["status"]["operationState"]
+    api.replace_namespaced_custom_object(
+        "argoproj.io", "v1alpha1", "argocd", "applications", "hello-aks", app
+    )
+    synced = wait_application(clusters, "hello-aks", sha, "Healthy")
+    assert synced["status"]["operationState"]["operation"]["initiatedBy"] == {"username": "alice"}
+    assert "operation" not in synced  # removed once it ran
+    assert synced["status"]["sync"]["status"] == "Synced"
+    api.patch_namespaced_custom_object(
+        "argoproj.io", "v1alpha1", "argocd", "applications", "hello-aks",
+        {"spec": {"syncPolicy": {"automated": {"prune": False, "selfHeal": False}}}},
+    )  # fmt: skip
+
+
+def test_broken_overlay_is_a_comparison_error_with_kubectls_message(
     clusters: dict[str, Cluster], manifests: Manifests
 ) -> None:
     sha = manifests.commit(
         {"overlays/eks/hello/kustomization.yaml": "resources: [../../../base/nope]\n"}, "eks: broken overlay"
     )
+    refresh(clusters, "hello-eks", "hello-aks")
 
     def failed() -> dict[str, Any] | None:
         app = application(clusters, "hello-eks")
-        operation = app["status"]["operationState"]
-        return app if operation["phase"] == "Failed" and operation["syncResult"]["revision"] == sha else None
+        return app if app["status"]["sync"]["revision"] == sha and app["status"].get("conditions") else None
 
-    app = wait_for(failed, 15, "hello-eks sync Failed")
+    app = wait_for(failed, 15, "hello-eks ComparisonError")
     status = app["status"]
-    assert status["sync"] == {**status["sync"], "status": "OutOfSync", "revision": sha}
-    message = status["operationState"]["message"]
-    assert message.startswith("`kustomize build overlays/eks/hello` failed: accumulating resources:")
-    assert "base/nope" in message
-    # aks's overlay did not change: it is synced at the new revision (and still degraded).
-    other = wait_application(clusters, "hello-aks", sha, "Degraded")
+    assert status["sync"]["status"] == "Unknown"
+    (condition_,) = status["conditions"]
+    assert condition_["type"] == "ComparisonError"
+    assert condition_["message"].startswith(
+        "Failed to load target state: failed to generate manifest for source 1 of 1: rpc error: "
+        "code = Unknown desc = `kustomize build overlays/eks/hello` failed exit status 1: "
+        "accumulating resources:"
+    )
+    assert "base/nope" in condition_["message"]
+    assert status["operationState"]["syncResult"]["revision"] != sha  # nothing was synced
+    # aks's overlay did not change: its manifests are not rendered again, it is synced at the new
+    # revision (Argo CD's manifest-generate-paths) and healthy.
+    other = wait_application(clusters, "hello-aks", sha, "Healthy")
     assert other["status"]["sync"]["status"] == "Synced"
+    assert "rendered hello-aks at " + sha[:12] not in (clusters["aks"].log.read_text())

@@ -123,19 +123,23 @@ def test_missing_image_fails_at_once_with_the_progress_deadline(
     assert elapsed < 30  # well before the 60 s deadline
 
 
-def test_argocd_sync_error_fails_at_once(
+def test_argocd_comparison_error_fails_at_once(
     clusters: dict[str, Cluster], manifests: Manifests, kubeconfig: str
 ) -> None:
     sha = manifests.commit(
         {"overlays/eks/hello/kustomization.yaml": "resources: [../../../base/nope]\n"}, "eks: broken overlay"
     )
     verdict, elapsed = timed(lambda: verify_rollout(target(kubeconfig, "eks", sha, MISSING), timeout=60))
-    print(f"sync error: {verdict.phase.value} in {elapsed:.2f}s: {verdict.message}")
+    print(f"comparison error: {verdict.phase.value} in {elapsed:.2f}s: {verdict.message}")
     assert verdict.phase is Phase.FAILED
     assert verdict.message.startswith(
-        f'Application "hello-eks" sync of {sha[:7]} failed: '
-        "`kustomize build overlays/eks/hello` failed: accumulating resources"
+        f'Application "hello-eks" cannot reach {sha[:7]}: ComparisonError: Failed to load target state: '
     )
+    assert (
+        "`kustomize build overlays/eks/hello` failed exit status 1: accumulating resources" in verdict.message
+    )
+    # Only Argo CD's error: the workload still runs an older revision, its state is not this release's.
+    assert "progress deadline" not in verdict.message
     assert elapsed < 30  # well before the 60 s deadline
 
 
@@ -178,6 +182,37 @@ def test_degraded_application_fails_with_argos_message(
         verdict.message,
     ), verdict.message
     assert elapsed < 30  # well before the 60 s deadline
+
+
+def test_argo_cd_waits_for_its_poll_unless_asked_and_twincd_syncs_a_manual_application(
+    clusters: dict[str, Cluster], manifests: Manifests, registry: Registry, kubeconfig: str
+) -> None:
+    api = k8s.CustomObjectsApi(clusters["aks"].api)
+    applications = ("argoproj.io", "v1alpha1", "argocd", "applications", "hello-eks")
+    api.patch_namespaced_custom_object(*applications, {"spec": {"syncPolicy": {"automated": None}}})
+    digest = registry.push("hello", "1.1.0")
+    sha = manifests.commit(
+        {"overlays/eks/hello/kustomization.yaml": overlay(f"{registry.host}/hello", digest)},
+        "eks: hello 1.1.0",
+    )
+    eks = target(kubeconfig, "eks", sha, digest)
+    # Not asked, Argo CD looks at git at its next poll (180 s and jitter): nothing within 3 s, and the
+    # ComparisonError of the broken commit before is not taken for this release's.
+    unasked = verify_rollout(eks, timeout=3, refresh=False)
+    assert unasked.phase is Phase.FAILED
+    assert (
+        unasked.message.startswith("not rolled out after 3s: ")
+        and f"waiting for {sha[:7]}" in unasked.message
+    )
+
+    verdict, elapsed = timed(lambda: verify_rollout(eks, timeout=60))
+    print(f"manual sync: {verdict.phase.value} in {elapsed:.2f}s: {verdict.message}")
+    assert verdict.phase is Phase.SUCCEEDED, verdict
+    operation = api.get_namespaced_custom_object(*applications)["status"]["operationState"]
+    assert operation["operation"] == {"sync": {"revision": sha}, "initiatedBy": {"username": "twincd"}}
+    assert operation["phase"] == "Succeeded"
+    automated = {"spec": {"syncPolicy": {"automated": {"prune": False, "selfHeal": False}}}}
+    api.patch_namespaced_custom_object(*applications, automated)
 
 
 def test_permanent_errors_fail_at_once(kubeconfig: str) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from twincd.sandbox.controllers import (
+    Comparison,
     Health,
     PullResult,
     ResourceKey,
@@ -22,7 +23,9 @@ from twincd.sandbox.controllers import (
     rollout_settled,
     template_hash,
 )
+from twincd.sandbox.controllers.health import sync_error
 from twincd.sandbox.controllers.rollout_steps import pod_status
+from twincd.sandbox.controllers.syncer import kustomize_inputs, touches
 
 Obj = dict[str, Any]
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -305,20 +308,58 @@ def test_is_in_sync_ignores_server_fields_and_extra_live_metadata() -> None:
     assert not is_in_sync(desired, live)
 
 
-def test_application_status_of_a_failed_render_is_out_of_sync_at_the_tried_revision() -> None:
-    outcome = SyncOutcome("abc123", "Failed", "`kustomize build overlays/eks/hello` failed: boom", "t0", "t1")
-    status = application_status(outcome, Health("Missing"), {}, "repo.git", "overlays/eks/hello", "t2")
-    assert status["sync"]["status"] == "OutOfSync" and status["sync"]["revision"] == "abc123"
-    assert status["operationState"]["phase"] == "Failed"
-    assert status["operationState"]["syncResult"]["revision"] == "abc123"
-    assert status["operationState"]["finishedAt"] == "t1"
+SOURCE = {"repoURL": "repo.git", "path": "overlays/eks/hello", "targetRevision": "main"}
+
+
+def test_application_status_of_a_failed_render_is_unknown_with_a_comparison_error() -> None:
+    message = (
+        "Failed to load target state: ... `kustomize build overlays/eks/hello` failed exit status 1: boom"
+    )
+    comparison = Comparison("abc123", "Unknown", error=message)
+    conditions = (("ComparisonError", message),)
+    status = application_status(comparison, None, Health("Missing"), {}, SOURCE, conditions, "t2")
+    assert status["sync"] == {"status": "Unknown", "revision": "abc123", "comparedTo": {"source": SOURCE}}
+    assert status["conditions"] == [
+        {"type": "ComparisonError", "message": message, "lastTransitionTime": "t2"}
+    ]
+    assert "operationState" not in status  # nothing was synced
     assert status["reconciledAt"] == "t2"
+
+
+def test_application_status_of_a_failed_automated_sync_carries_argo_cds_sync_error() -> None:
+    failed = SyncOutcome("abc123", "Failed", "one or more objects failed to apply, reason: bad", "t0", "t1")
+    conditions = (("SyncError", sync_error(failed)),)
+    status = application_status(
+        Comparison("abc123", "OutOfSync"), failed, Health("Healthy"), {}, SOURCE, conditions, "t2"
+    )
+    state = status["operationState"]
+    assert (state["phase"], state["syncResult"]["revision"], state["finishedAt"]) == (
+        "Failed",
+        "abc123",
+        "t1",
+    )
+    assert state["operation"] == {"sync": {"revision": "abc123"}, "initiatedBy": {"automated": True}}
+    assert status["conditions"][0]["message"] == (
+        "Failed last sync attempt to [abc123]: one or more objects failed to apply, reason: bad"
+    )
+
+
+def test_a_requested_sync_names_who_requested_it() -> None:
+    manual = SyncOutcome("abc123", "Running", "one or more tasks are running", "t0", "", "twincd")
+    status = application_status(
+        Comparison("abc123", "OutOfSync"), manual, Health("Healthy"), {}, SOURCE, (), "t2"
+    )
+    assert status["operationState"]["operation"]["initiatedBy"] == {"username": "twincd"}
+    assert "finishedAt" not in status["operationState"] and "conditions" not in status
 
 
 def test_application_status_lists_resources_with_their_health() -> None:
     key = ResourceKey("apps/v1", "Deployment", "hello", "hello")
-    outcome = SyncOutcome("abc", "Succeeded", "ok", "t0", "t1", (key,), (GOOD,))
-    status = application_status(outcome, Health("Healthy"), {key: Health("Healthy")}, "r", "p", "t2")
+    comparison = Comparison("abc", "Synced", (key,), (GOOD,))
+    outcome = SyncOutcome("abc", "Succeeded", "ok", "t0", "t1")
+    status = application_status(
+        comparison, outcome, Health("Healthy"), {key: Health("Healthy")}, SOURCE, (), "t2"
+    )
     assert status["sync"]["status"] == "Synced"
     assert status["resources"] == [
         {
@@ -332,6 +373,38 @@ def test_application_status_lists_resources_with_their_health() -> None:
         }
     ]
     assert status["summary"] == {"images": [GOOD]}
+
+
+def test_kustomize_inputs_follow_resources_components_and_generator_files(tmp_path: Path) -> None:
+    files = {
+        "services/hello/base/kustomization.yaml": "resources: [deployment.yaml]\n",
+        "services/hello/base/deployment.yaml": "kind: Deployment\n",
+        "components/active/kustomization.yaml": "kind: Component\n",
+        "config/shared.env": "A=1\n",
+        "deploy/eks/hello/kustomization.yaml": (
+            "resources: [../../../services/hello/base]\n"
+            "components: [../../../components/active]\n"
+            "configMapGenerator: [{name: c, envs: [../../../config/shared.env]}]\n"
+            "patches: [{path: replicas.yaml}]\n"
+            "images: [{name: hello, newName: registry.example/hello}]\n"
+        ),
+        "deploy/eks/other/kustomization.yaml": "resources: [../../../services/other]\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    inputs = kustomize_inputs(tmp_path, "deploy/eks/hello")
+    assert inputs == {
+        "deploy/eks/hello",
+        "services/hello/base",
+        "services/hello/base/deployment.yaml",
+        "components/active",
+        "config/shared.env",
+    }
+    assert touches(["services/hello/base/deployment.yaml"], inputs)
+    assert touches(["config/shared.env"], inputs)
+    assert not touches(["deploy/eks/other/kustomization.yaml", "services/other/x.yaml"], inputs)
+    assert not touches(["deploy/eks/hello-two/kustomization.yaml"], inputs)  # a sibling with a longer name
 
 
 def test_kubectl_message_drops_the_klog_header_and_the_export_dir() -> None:

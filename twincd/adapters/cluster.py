@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import urllib3
@@ -408,7 +409,9 @@ class _Stream:
         self._report()
 
 
-def _evaluate(target: RolloutTarget, seen: Mapping[str, tuple[dict[str, Any], ...]]) -> RolloutVerdict:
+def _evaluate(
+    target: RolloutTarget, seen: Mapping[str, tuple[dict[str, Any], ...]], since: datetime | None = None
+) -> RolloutVerdict:
     """The verdict from what the streams hold now (a key is absent until its first list)."""
     name = target.cluster.name
     workloads = seen.get("workload")
@@ -440,9 +443,10 @@ def _evaluate(target: RolloutTarget, seen: Mapping[str, tuple[dict[str, Any], ..
             w.details,
         )
     revision = _effective_revision(apps[0], target)
-    a = application_verdict(apps[0], cluster=name, revision=revision)
-    if a.phase is not Phase.FAILED and not synced_at(apps[0], revision):
-        # The live workload is still an older revision's: its state cannot decide this release.
+    a = application_verdict(apps[0], cluster=name, revision=revision, since=since)
+    if not synced_at(apps[0], revision):
+        # The live workload is still an older revision's: its state cannot decide this release (nor
+        # explain why Argo CD cannot reach it).
         return RolloutVerdict(name, a.phase, a.message, a.details + w.details)
     return combine(a, w)
 
@@ -459,6 +463,101 @@ def _effective_revision(app: Mapping[str, Any], target: RolloutTarget) -> str:
     ):
         return synced
     return target.revision
+
+
+# Argo CD's refresh request: the application controller compares the Application with the latest
+# git revision at once, then removes the annotation (argo-cd pkg/apis/application/v1alpha1/
+# application_annotations.go, controller/appcontroller.go persistReconciliationStatus). Without it
+# Argo CD looks at git only every timeout.reconciliation (120-180 s, plus up to 60 s of jitter).
+REFRESH_ANNOTATION = "argocd.argoproj.io/refresh"
+_MERGE_PATCH = "application/merge-patch+json"
+SYNC_INITIATOR = "twincd"
+
+
+def _application_path(target: RolloutTarget) -> str:
+    return (
+        f"/apis/argoproj.io/v1alpha1/namespaces/{target.argocd_namespace}/applications/{target.application}"
+    )
+
+
+def ask_argocd(target: RolloutTarget, api: k8s.ApiClient) -> str:
+    """Ask Argo CD to look at git now, and to sync a manual-sync Application to ``target.revision``.
+
+    The refresh is a merge patch of the annotation (RBAC: ``patch`` on applications.argoproj.io).
+    An Application without ``spec.syncPolicy.automated`` never syncs by itself: twincd requests the
+    sync as ``argocd app sync`` does (argo-cd util/argo/argo.go ``SetAppOperation``: an update that
+    sets ``operation`` and clears ``status.operationState``, left alone while another operation is
+    in progress, retried on a conflict; RBAC: ``update``). Returns what was asked, for the log; an
+    Application that does not exist yet is left to the verification to report.
+    """
+    assert target.argocd is not None and target.application is not None
+    ref, what = target.argocd, f"Application {target.argocd_namespace}/{target.application}"
+    path = _application_path(target)
+    body = {"metadata": {"annotations": {REFRESH_ANNOTATION: "normal"}}}
+    try:
+        status, app = _read_json(
+            ref, api, f"refresh {what}", "PATCH", path, body=body, content_type=_MERGE_PATCH
+        )
+        for _ in range(5):
+            if status == 404:
+                return f"{what} not found"
+            why = _no_sync_needed(app, target)
+            if why:
+                return f"{what}: refresh requested{why}"
+            state = app.get("status") or {}
+            options = (app.get("spec", {}).get("syncPolicy") or {}).get("syncOptions")
+            operation = {
+                "sync": {"revision": target.revision, **({"syncOptions": options} if options else {})},
+                "initiatedBy": {"username": SYNC_INITIATOR},
+            }
+            kept = {k: v for k, v in state.items() if k != "operationState"}
+            update = {**app, "operation": operation, "status": kept}
+            try:
+                status, _ = _read_json(ref, api, f"sync {what}", "PUT", path, body=update, refused=_Conflict)
+            except _Conflict:  # Argo CD wrote the status in between: read it again
+                status, app = _read_json(ref, api, f"get {what}", "GET", path)
+                continue
+            if status == 404:
+                return f"{what} not found"
+            return f"{what}: refresh and a sync to {target.revision[:7]} requested (manual sync policy)"
+    except ClusterDenied as e:
+        raise ClusterDenied(
+            f"{e}; twincd needs patch and update on applications.argoproj.io in namespace "
+            f"{target.argocd_namespace} to ask Argo CD to refresh and sync"
+        ) from None
+    return f"{what}: refresh requested; the sync request kept conflicting, waiting for Argo CD"
+
+
+def _no_sync_needed(app: Mapping[str, Any], target: RolloutTarget) -> str:
+    """Why twincd must not request a sync of ``app`` (empty when it must)."""
+    if ((app.get("spec") or {}).get("syncPolicy") or {}).get("automated") is not None:
+        return " (automated sync policy)"
+    if app.get("operation") is not None:
+        return "; a sync operation is already in progress"
+    sync = (app.get("status") or {}).get("sync") or {}
+    synced = sync.get("revision") if sync.get("status") == "Synced" else None
+    if synced_at(app, target.revision) or (
+        isinstance(synced, str) and synced and target.contains is not None and target.contains(synced)
+    ):
+        return f"; already synced at a revision with {target.revision[:7]}"
+    return ""
+
+
+class _Conflict(ClusterRefused):
+    """409 on the sync request: the Application changed since it was read."""
+
+
+def _refresh(target: RolloutTarget, clients: _Clients) -> RolloutVerdict | None:
+    """Ask Argo CD to refresh (and sync) the Application; a FAILED verdict when it refuses for good."""
+    if target.argocd is None or target.application is None:
+        return None
+    try:
+        log.info("cluster %s: %s", target.cluster.name, ask_argocd(target, clients[target.argocd]))
+    except ClusterError as e:  # Argo CD's cluster unreachable: the streams retry until the deadline
+        log.warning("cluster %s: %s", target.cluster.name, e)
+    except PermanentError as e:
+        return RolloutVerdict(target.cluster.name, Phase.FAILED, str(e))
+    return None
 
 
 class _Clients:
@@ -484,23 +583,30 @@ class _Clients:
 
 
 def verify_rollout(
-    target: RolloutTarget, *, timeout: float, watch_seconds: int = WATCH_SECONDS
+    target: RolloutTarget, *, timeout: float, watch_seconds: int = WATCH_SECONDS, refresh: bool = True
 ) -> RolloutVerdict:
     """Wait until the rollout succeeded or failed, or the deadline passed; never raises for a cluster.
 
-    The verdict is re-evaluated on every watch event, so it is known as soon as the objects reach
-    it. A permanent error (denied, bad kubeconfig, a collection the server does not serve) fails at
-    once; an unreachable API server is retried until the deadline and then is the failure's reason.
-    ``watch_seconds`` is the server-side length of one watch request (shorter in tests, to show
-    that a watch resumes).
+    With an Argo CD Application, Argo CD is first asked to refresh it (and to sync it when its
+    policy is manual, see :func:`ask_argocd`); ``refresh=False`` leaves Argo CD to its own polling
+    (benchmarks/argocd_refresh.py compares the two). The verdict is re-evaluated on every watch
+    event, so it is known as soon as the objects reach it. A permanent error (denied, bad
+    kubeconfig, a collection the server does not serve) fails at once; an unreachable API server
+    is retried until the deadline and then is the failure's reason. ``watch_seconds`` is the
+    server-side length of one watch request (shorter in tests, to show that a watch resumes).
     """
     name = target.cluster.name
     deadline = time.monotonic() + timeout
+    since = datetime.now(UTC)
     try:
         sources = _sources(target)
         clients = _Clients(s.ref for s in sources)
     except PermanentError as e:
         return RolloutVerdict(name, Phase.FAILED, str(e))
+    refused = _refresh(target, clients) if refresh else None
+    if refused is not None:
+        clients.close()
+        return refused
     out: queue.Queue[_Seen] = queue.Queue()
     streams: dict[str, _Stream] = {}
     seen: dict[str, tuple[dict[str, Any], ...]] = {}
@@ -521,7 +627,7 @@ def verify_rollout(
             if "pods" not in streams and target.digest is not None and seen.get("workload"):
                 # The selector is known once the workload is: it is immutable in apps/v1.
                 start(_pods_source(target, seen["workload"][0]))
-            last = _evaluate(target, seen)
+            last = _evaluate(target, seen, since)
             if last.phase is not Phase.PROGRESSING:
                 return last
     finally:

@@ -22,6 +22,7 @@ from types import FrameType
 from twincd.sandbox.apiserver import create_app, serve_in_thread
 from twincd.sandbox.controllers import DeploymentController, ManifestsSyncer
 from twincd.sandbox.controllers.pulls import load_pull_secret
+from twincd.sandbox.controllers.syncer import RECONCILE_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,10 @@ def run_cluster(
     port: int,
     manifests: str,
     argocd_api: str | None = None,
-    sync_interval: float = 1.0,
+    overlay: str | None = None,
+    application: str = "{app}-{cluster}",
+    argocd_namespace: str = "argocd",
+    reconcile_seconds: float = RECONCILE_SECONDS,
     host: str = "127.0.0.1",
     pull_secret: Path | None = None,
     stop: threading.Event,
@@ -47,7 +51,10 @@ def run_cluster(
         api_url=server.url,
         argocd_api_url=argocd_api or server.url,
         stop=stop,
-        interval=sync_interval,
+        overlay=overlay,
+        application=application,
+        argocd_namespace=argocd_namespace,
+        reconcile_seconds=reconcile_seconds,
     )
     threads = [
         threading.Thread(target=controller.run, name=f"{name}-deployment-controller", daemon=True),
@@ -83,7 +90,18 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="API URL of the cluster that holds the Applications (default: this one)",
     )
-    parser.add_argument("--sync-interval", type=float, default=1.0, help="seconds between polls of main")
+    parser.add_argument(
+        "--overlay", default=None, help="the cluster's overlay path in the repo (default: overlays/<name>)"
+    )
+    parser.add_argument("--application", default="{app}-{cluster}", help="the Applications' name template")
+    parser.add_argument("--argocd-namespace", default="argocd", help="the Applications' namespace")
+    parser.add_argument(
+        "--reconcile-seconds",
+        type=float,
+        default=RECONCILE_SECONDS,
+        help="Argo CD's timeout.reconciliation: seconds between comparisons with git (plus up to 60 s "
+        "of jitter) of an Application nobody asked to refresh",
+    )
     parser.add_argument(
         "--pull-secret", type=Path, default=None, help="a .dockerconfigjson the kubelet pulls images with"
     )
@@ -107,7 +125,10 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         manifests=args.manifests,
         argocd_api=args.argocd_api,
-        sync_interval=args.sync_interval,
+        overlay=args.overlay,
+        application=args.application,
+        argocd_namespace=args.argocd_namespace,
+        reconcile_seconds=args.reconcile_seconds,
         host=args.host,
         pull_secret=args.pull_secret,
         stop=stop,

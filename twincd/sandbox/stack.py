@@ -197,6 +197,15 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
             str(local_repo_path(env, env.manifests.repo)),
             "--argocd-api",
             argocd_url,
+            # The sandbox Argo CD reads the same layout twincd does: each app at <overlay>/<app>.
+            "--overlay",
+            env.clusters[name].overlay,
+            "--application",
+            argocd.application if (argocd := env.clusters[name].argocd) else "{app}-{cluster}",
+            "--argocd-namespace",
+            argocd.namespace if argocd else "argocd",
+            "--reconcile-seconds",
+            str(env.sandbox.argocd_reconcile_seconds),
         ]
         pid = procs.start_daemon(
             cluster_name_of(name), argv, state_dir=state, ready=_healthy(f"{url}/readyz"), timeout=30

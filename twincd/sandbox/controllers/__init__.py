@@ -8,10 +8,12 @@ Two loops, both clients of the standard Kubernetes API (so they run against
   Pods named ``<deployment>-<pod-template-hash>-<suffix>`` and moves ``status`` through the
   ``/status`` subresource with the conditions and messages Kubernetes uses, including
   ``ProgressDeadlineExceeded`` (``rollout_steps``).
-- :class:`ManifestsSyncer` (``syncer``): an Argo-CD-like syncer. It polls the manifests repo's
-  ``main``, renders ``overlays/<cluster>/<app>`` with ``kubectl kustomize``, applies by GET + PUT of
-  whole objects, and publishes one ``argoproj.io/v1alpha1`` ``Application`` per app in the Argo CD
-  cluster, with health and sync status as Argo CD derives them (``health``).
+- :class:`ManifestsSyncer` (``syncer``): the sandbox's Argo CD for one destination cluster. It
+  creates one ``argoproj.io/v1alpha1`` ``Application`` per app directory under the cluster's overlay
+  path, compares each with git every 180 s plus jitter or at once on a refresh request or a sync
+  operation, renders with ``kubectl kustomize`` only what a commit touched, syncs automated
+  Applications (and manual ones when asked), applies by GET + PUT of whole objects, and writes
+  sync status, operation state, conditions and health as Argo CD does (``health``).
 
 Both talk to the API server through ``kube``: the project's own request helper on the official
 ``kubernetes`` client. The state transitions are pure functions (:func:`next_rollout_step`,
@@ -21,6 +23,7 @@ Both talk to the API server through ``kube``: the project's own request helper o
 
 from twincd.sandbox.controllers.deployment import DeploymentController
 from twincd.sandbox.controllers.health import (
+    Comparison,
     Health,
     ResourceKey,
     SyncOutcome,
@@ -41,6 +44,7 @@ from twincd.sandbox.controllers.rollout_steps import (
 from twincd.sandbox.controllers.syncer import ManifestsSyncer, kubectl_message, remote_head, render_overlay
 
 __all__ = [
+    "Comparison",
     "Conflict",
     "DeploymentController",
     "Expired",

@@ -119,29 +119,44 @@ class ResourceKey:
 
 
 @dataclass(frozen=True)
+class Comparison:
+    """One comparison of an Application with git (Argo CD's ``CompareAppState``): ``status.sync``."""
+
+    revision: str  # the commit compared with (the target revision resolved)
+    status: str  # Synced, OutOfSync, or Unknown when the manifests could not be generated
+    resources: tuple[ResourceKey, ...] = ()  # from the last successful render: what health looks at
+    images: tuple[str, ...] = ()
+    error: str = ""  # the ComparisonError condition's message
+
+
+@dataclass(frozen=True)
 class SyncOutcome:
-    """The last sync operation of one application."""
+    """One sync operation of an Application: ``status.operationState``."""
 
     revision: str
     phase: str  # Running, Succeeded, Failed
     message: str
     started_at: str
     finished_at: str = ""
-    resources: tuple[ResourceKey, ...] = ()  # from the last successful render: what health looks at
-    images: tuple[str, ...] = ()
+    username: str = ""  # who requested it (``initiatedBy.username``); empty: automated
+
+
+def sync_error(outcome: SyncOutcome) -> str:
+    """Argo CD's SyncError condition after a failed automated sync, which it does not retry at the
+    same revision (controller/appcontroller.go ``autoSync``: "Failed last sync attempt to ...")."""
+    return f"Failed last sync attempt to [{outcome.revision}]: {outcome.message}"
 
 
 def application_status(
-    outcome: SyncOutcome,
+    comparison: Comparison,
+    operation: SyncOutcome | None,
     health: Health,
     resource_health: Mapping[ResourceKey, Health],
-    repo_url: str,
-    path: str,
+    source: Mapping[str, Any],
+    conditions: Sequence[tuple[str, str]],
     reconciled_at: str,
 ) -> Obj:
-    """An Argo CD Application ``status`` for one sync outcome and the current health."""
-    synced = "Synced" if outcome.phase == "Succeeded" else "OutOfSync"
-    source = {"repoURL": repo_url, "path": path, "targetRevision": "main"}
+    """An Argo CD Application ``status``, field for field as Argo CD writes it."""
     resources = [
         {
             "group": key.group,
@@ -149,30 +164,46 @@ def application_status(
             "kind": key.kind,
             **({"namespace": key.namespace} if key.namespace else {}),
             "name": key.name,
-            "status": synced,
+            "status": comparison.status,
             **(
                 {"health": {"status": resource_health[key].status, "message": resource_health[key].message}}
                 if key in resource_health
                 else {}
             ),
         }
-        for key in outcome.resources
+        for key in comparison.resources
     ]
-    operation: Obj = {
-        "operation": {"sync": {"revision": outcome.revision}, "initiatedBy": {"automated": True}},
-        "phase": outcome.phase,
-        "message": outcome.message,
-        "syncResult": {"revision": outcome.revision, "source": source},
-        "startedAt": outcome.started_at,
-    }
-    if outcome.finished_at:
-        operation["finishedAt"] = outcome.finished_at
-    return {
-        "sync": {"status": synced, "revision": outcome.revision, "comparedTo": {"source": source}},
+    status: Obj = {
+        "sync": {
+            "status": comparison.status,
+            "revision": comparison.revision,
+            "comparedTo": {"source": source},
+        },
         "health": {"status": health.status, "message": health.message},
-        "operationState": operation,
         "reconciledAt": reconciled_at,
         "sourceType": "Kustomize",
         "resources": resources,
-        "summary": {"images": list(outcome.images)},
+        "summary": {"images": list(comparison.images)},
     }
+    if conditions:
+        status["conditions"] = [
+            {"type": kind, "message": message, "lastTransitionTime": reconciled_at}
+            for kind, message in conditions
+        ]
+    if operation is not None:
+        state: Obj = {
+            "operation": {
+                "sync": {"revision": operation.revision},
+                "initiatedBy": {"username": operation.username}
+                if operation.username
+                else {"automated": True},
+            },
+            "phase": operation.phase,
+            "message": operation.message,
+            "syncResult": {"revision": operation.revision, "source": dict(source)},
+            "startedAt": operation.started_at,
+        }
+        if operation.finished_at:
+            state["finishedAt"] = operation.finished_at
+        status["operationState"] = state
+    return status
