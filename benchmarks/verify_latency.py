@@ -93,7 +93,9 @@ class Cluster:
                 "apiVersion": "argoproj.io/v1alpha1",
                 "kind": "Application",
                 "metadata": {"name": "hello-eks"},
-                "spec": {"project": "default"},
+                # Automated: verify_rollout asks it to refresh, and would request a sync of a
+                # manual one (this script writes what Argo CD would).
+                "spec": {"project": "default", "syncPolicy": {"automated": {}}},
             },
         )
 

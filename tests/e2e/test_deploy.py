@@ -26,12 +26,12 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 RUN_URL = re.compile(r"Run in the Prefect UI: (\S+)")
 
 
-def kubectl_json(env: Environment, context: str, *args: str) -> dict:
+def kubectl_json(env: Environment, context: str, *args: str, kubeconfig: Path | None = None) -> dict:
     out = subprocess.run(
         [
             "kubectl",
             "--kubeconfig",
-            str(env.state_path / "kubeconfig"),
+            str(kubeconfig or env.state_path / "kubeconfig"),
             "--context",
             context,
             "get",

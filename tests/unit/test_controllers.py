@@ -15,6 +15,7 @@ from twincd.sandbox.controllers import (
     SyncOutcome,
     application_health,
     application_status,
+    check_image_pull,
     deployment_health,
     is_in_sync,
     kubectl_message,
@@ -122,6 +123,18 @@ def test_parse_image_by_digest_tag_and_without_registry() -> None:
     assert parse_image("127.0.0.1:5000/hello").reference == "latest"  # type: ignore[union-attr]
     assert parse_image("nginx:1.27") is None
     assert parse_image("library/nginx") is None
+
+
+def test_only_the_stacks_own_registries_are_pulled_from() -> None:
+    """A real cluster pulls third-party images; the sandbox checks only the registries it serves."""
+    for foreign in (
+        "ghcr.io/org/exporter:v1",
+        "prom/statsd-exporter:v0.27.1",
+        "quay.io/a/b@sha256:" + "d" * 64,
+    ):
+        assert check_image_pull(foreign) == PullResult(ok=True, image_id=foreign)
+    refused = check_image_pull("127.0.0.1:1/hello:v1")  # the stack's kind of address: really asked
+    assert not refused.ok and "127.0.0.1:1/hello:v1" in refused.message
 
 
 def test_template_hash_is_stable_and_changes_with_the_template() -> None:
