@@ -488,8 +488,11 @@ class ManifestsSyncer:
         assert tracked.comparison is not None
         last = tracked.operation
         revision = tracked.comparison.revision
-        if last is not None and not last.username and last.revision == revision and last.phase != "Succeeded":
-            tracked.conditions = (("SyncError", sync_error(last)),)
+        if last is not None and not last.username and last.revision == revision and last.phase != "Running":
+            # Argo CD's alreadyAttemptedSync: one automated attempt per revision (no selfHeal), so
+            # an Application that stays OutOfSync is not synced in a loop; a failed one says so.
+            if last.phase != "Succeeded":
+                tracked.conditions = (("SyncError", sync_error(last)),)
             return
         self._sync(app, tracked, revision, "")
         self._compare(app, tracked, revision)
