@@ -72,16 +72,31 @@ def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def ecr_registry(basic_registry: str) -> Iterator[str]:
+    """ECR's repository rule (a push never creates a repository; only ``hello-ecr`` exists) in
+    front of the htpasswd registry (Basic challenges, as ECR answers): ``127.0.0.1:<port>``."""
+    from tests.fakes.ecr_front import ecr_front
+    from twincd.sandbox.serving import serve_asgi
+
+    served = serve_asgi(ecr_front(f"http://{basic_registry}", created=["hello-ecr"]), name="ecr-front")
+    try:
+        yield f"127.0.0.1:{served.port}"
+    finally:
+        served.stop()
+
+
+@pytest.fixture(scope="session")
 def builder(
     tmp_path_factory: pytest.TempPathFactory,
     registry: str,
     second_registry: str,
     token_registry: tuple[str, Path],
     basic_registry: str,
+    ecr_registry: str,
 ) -> Iterator[str]:
     """The Docker Engine API base URL: an existing Docker, or a podman service pushing to the registries."""
     state_dir = tmp_path_factory.mktemp("buildd")
-    insecure = [registry, second_registry, token_registry[0], basic_registry]
+    insecure = [registry, second_registry, token_registry[0], basic_registry, ecr_registry]
     try:
         yield start_buildd(state_dir, insecure_registries=insecure)
     finally:

@@ -16,6 +16,7 @@ from twincd.adapters.builder import DockerBuilder, TagConflict
 from twincd.adapters.git import tag_commit
 from twincd.adapters.registry import REVISION_LABEL, OciRegistry, RegistryDenied
 from twincd.adapters.secrets import Secret
+from twincd.errors import TransientError
 from twincd.sandbox import registry_auth
 from twincd.sandbox.seed import seed_app
 
@@ -124,6 +125,29 @@ def test_a_basic_auth_registry_with_ecr_credentials(
         engine = DockerBuilder(base_url=builder, registries=[ecr])
         pushed = engine.push(engine.build(repo_url=str(app_repo), tag=TAG, commit=commit, image="hello-ecr"))
         assert ecr.digest("hello-ecr", TAG) == pushed.digest
+
+
+def test_a_push_to_an_ecr_repository_nobody_created_says_to_create_it(
+    ecr_registry: str, builder: str, app_repo: Path
+) -> None:
+    """ECR creates no repository on push: the engine's NAME_UNKNOWN is a permanent error (a retry
+    cannot help) that says what to create; the repository that exists takes the same image."""
+    from tests.integration.conftest import ECR_PASSWORD, ECR_USER
+    from twincd.adapters.registry import RegistryError
+
+    ecr = OciRegistry(url=ecr_registry, insecure=True, username=ECR_USER, password=Secret(ECR_PASSWORD))
+    engine = DockerBuilder(base_url=builder, registries=[ecr])
+    commit = tag_commit(repo_url=str(app_repo), tag=TAG)
+    built = engine.build(repo_url=str(app_repo), tag=TAG, commit=commit, image="hello-missing")
+    with pytest.raises(RegistryError) as refused:
+        engine.push(built)
+    assert "the repository does not exist in" in str(refused.value)
+    assert "create the repository 'hello-missing' there (e.g. `aws ecr create-repository" in str(
+        refused.value
+    )
+    assert not isinstance(refused.value, TransientError)  # not retried by the task
+    pushed = engine.push(engine.build(repo_url=str(app_repo), tag=TAG, commit=commit, image="hello-ecr"))
+    assert ecr.digest("hello-ecr", TAG) == pushed.digest
 
 
 def test_a_token_is_reused_while_valid_and_replaced_once_it_expires(tmp_path: Path) -> None:
