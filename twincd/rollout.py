@@ -11,7 +11,6 @@ applied the release (progressing), and a Deployment scaled to zero is reported a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 from twincd.domain import Phase, RolloutVerdict, image_repository
@@ -266,30 +265,17 @@ def _error_conditions(status: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _reconciled_since(status: Mapping[str, Any], since: datetime | None) -> bool:
-    """Whether Argo CD compared the Application with git at or after ``since`` (``reconciledAt``,
-    RFC 3339 to the second, is set by every comparison with the latest revision)."""
-    at = status.get("reconciledAt")
-    if since is None or not isinstance(at, str) or not at:
-        return False
-    try:
-        reconciled = datetime.fromisoformat(at.replace("Z", "+00:00"))
-    except ValueError:
-        return False
-    return reconciled >= since.replace(microsecond=0)
-
-
 def application_verdict(
-    obj: Mapping[str, Any], *, cluster: str, revision: str, since: datetime | None = None
+    obj: Mapping[str, Any], *, cluster: str, revision: str, errors_current: bool = False
 ) -> RolloutVerdict:
     """An Argo CD Application against the merge commit it must run.
 
     Failure is decided only for ``revision``: a Degraded health or a failed sync of an older
     revision may well be what this release fixes, so it keeps the verdict progressing. Error
     conditions (a manifest that does not render, an invalid spec, a failed sync attempt) fail at
-    once when they are current: the Application is at ``revision``, or Argo CD compared it with
-    git at or after ``since`` (when twincd asked it to refresh, after the merge), so the error is
-    about a tree that holds the release; an older error is waited out like an older health.
+    once when they are current: the Application is at ``revision``, or ``errors_current`` (Argo
+    CD has reconciled twincd's refresh request, made after the merge, so the conditions are
+    about a tree that holds the release); an older error is waited out like an older health.
     """
     name = _map(obj, "metadata").get("name", "?")
     status = _map(obj, "status")
@@ -312,7 +298,7 @@ def application_verdict(
     )
 
     errors = _error_conditions(status)
-    if errors and (at_revision or _reconciled_since(status, since)):
+    if errors and (at_revision or errors_current):
         return RolloutVerdict(
             cluster,
             Phase.FAILED,

@@ -188,31 +188,64 @@ def test_argo_cd_waits_for_its_poll_unless_asked_and_twincd_syncs_a_manual_appli
     clusters: dict[str, Cluster], manifests: Manifests, registry: Registry, kubeconfig: str
 ) -> None:
     api = k8s.CustomObjectsApi(clusters["aks"].api)
-    applications = ("argoproj.io", "v1alpha1", "argocd", "applications", "hello-eks")
-    api.patch_namespaced_custom_object(*applications, {"spec": {"syncPolicy": {"automated": None}}})
-    digest = registry.push("hello", "1.1.0")
-    sha = manifests.commit(
-        {"overlays/eks/hello/kustomization.yaml": overlay(f"{registry.host}/hello", digest)},
-        "eks: hello 1.1.0",
+    hello_eks = ("argoproj.io", "v1alpha1", "argocd", "applications", "hello-eks")
+    # Argo CD's other way of saying manual: automated, but not enabled (IsAutomatedSyncEnabled).
+    api.patch_namespaced_custom_object(
+        *hello_eks, {"spec": {"syncPolicy": {"automated": {"enabled": False}}}}
     )
-    eks = target(kubeconfig, "eks", sha, digest)
-    # Not asked, Argo CD looks at git at its next poll (180 s and jitter): nothing within 3 s, and the
-    # ComparisonError of the broken commit before is not taken for this release's.
-    unasked = verify_rollout(eks, timeout=3, refresh=False)
-    assert unasked.phase is Phase.FAILED
-    assert (
-        unasked.message.startswith("not rolled out after 3s: ")
-        and f"waiting for {sha[:7]}" in unasked.message
-    )
+    try:
+        digest = registry.push("hello", "1.1.0")
+        sha = manifests.commit(
+            {"overlays/eks/hello/kustomization.yaml": overlay(f"{registry.host}/hello", digest)},
+            "eks: hello 1.1.0",
+        )
+        eks = target(kubeconfig, "eks", sha, digest)
+        # Not asked, Argo CD looks at git at its next poll (180 s and jitter): nothing within 3 s, and
+        # the ComparisonError of the broken commit before is not taken for this release's.
+        unasked = verify_rollout(eks, timeout=3, refresh=False)
+        assert unasked.phase is Phase.FAILED
+        assert (
+            unasked.message.startswith("not rolled out after 3s: ")
+            and f"waiting for {sha[:7]}" in unasked.message
+        )
 
-    verdict, elapsed = timed(lambda: verify_rollout(eks, timeout=60))
-    print(f"manual sync: {verdict.phase.value} in {elapsed:.2f}s: {verdict.message}")
-    assert verdict.phase is Phase.SUCCEEDED, verdict
-    operation = api.get_namespaced_custom_object(*applications)["status"]["operationState"]
-    assert operation["operation"] == {"sync": {"revision": sha}, "initiatedBy": {"username": "twincd"}}
-    assert operation["phase"] == "Succeeded"
-    automated = {"spec": {"syncPolicy": {"automated": {"prune": False, "selfHeal": False}}}}
-    api.patch_namespaced_custom_object(*applications, automated)
+        verdict, elapsed = timed(lambda: verify_rollout(eks, timeout=60))
+        print(f"manual sync: {verdict.phase.value} in {elapsed:.2f}s: {verdict.message}")
+        assert verdict.phase is Phase.SUCCEEDED, verdict
+        operation = api.get_namespaced_custom_object(*hello_eks)["status"]["operationState"]
+        assert operation["operation"] == {"sync": {"revision": sha}, "initiatedBy": {"username": "twincd"}}
+        assert operation["phase"] == "Succeeded"
+    finally:
+        api.patch_namespaced_custom_object(
+            *hello_eks, {"spec": {"syncPolicy": {"automated": {"enabled": True}}}}
+        )
+
+
+def test_a_sync_requested_while_another_operation_runs_is_asked_again_once_it_ended(
+    clusters: dict[str, Cluster], manifests: Manifests, registry: Registry, kubeconfig: str
+) -> None:
+    """A colleague's sync of an older revision is running when twincd verifies: twincd does not
+    overwrite it (SetAppOperation refuses), and asks for its own once it has ended."""
+    api = k8s.CustomObjectsApi(clusters["aks"].api)
+    hello_aks = ("argoproj.io", "v1alpha1", "argocd", "applications", "hello-aks")
+    api.patch_namespaced_custom_object(*hello_aks, {"spec": {"syncPolicy": {"automated": None}}})
+    try:
+        older = manifests.commit({"overlays/aks/hello/note.txt": "older\n"}, "aks: an older change")
+        digest = registry.push("hello", "1.1.1")
+        sha = manifests.commit(
+            {"overlays/aks/hello/kustomization.yaml": overlay(f"{registry.host}/hello", digest)},
+            "aks: hello 1.1.1",
+        )
+        app = api.get_namespaced_custom_object(*hello_aks)
+        app["operation"] = {"sync": {"revision": older}, "initiatedBy": {"username": "bob"}}
+        api.replace_namespaced_custom_object(*hello_aks, app)  # bob's sync, not yet picked up
+        verdict = verify_rollout(target(kubeconfig, "aks", sha, digest), timeout=60)
+        assert verdict.phase is Phase.SUCCEEDED, verdict
+        operation = api.get_namespaced_custom_object(*hello_aks)["status"]["operationState"]
+        assert operation["operation"]["initiatedBy"] == {"username": "twincd"}
+        assert operation["syncResult"]["revision"] == sha
+    finally:
+        api.patch_namespaced_custom_object(*hello_aks, {"spec": {"syncPolicy": {"automated": {}}}})
 
 
 def test_permanent_errors_fail_at_once(kubeconfig: str) -> None:

@@ -15,9 +15,10 @@ import contextlib
 import json
 import logging
 import queue
+import re
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -410,7 +411,9 @@ class _Stream:
 
 
 def _evaluate(
-    target: RolloutTarget, seen: Mapping[str, tuple[dict[str, Any], ...]], since: datetime | None = None
+    target: RolloutTarget,
+    seen: Mapping[str, tuple[dict[str, Any], ...]],
+    refreshed: Callable[[Mapping[str, Any]], bool] = lambda app: False,
 ) -> RolloutVerdict:
     """The verdict from what the streams hold now (a key is absent until its first list)."""
     name = target.cluster.name
@@ -443,7 +446,7 @@ def _evaluate(
             w.details,
         )
     revision = _effective_revision(apps[0], target)
-    a = application_verdict(apps[0], cluster=name, revision=revision, since=since)
+    a = application_verdict(apps[0], cluster=name, revision=revision, errors_current=refreshed(apps[0]))
     if not synced_at(apps[0], revision):
         # The live workload is still an older revision's: its state cannot decide this release (nor
         # explain why Argo CD cannot reach it).
@@ -452,26 +455,25 @@ def _evaluate(
 
 
 def _effective_revision(app: Mapping[str, Any], target: RolloutTarget) -> str:
-    """The synced revision of the Application when it contains the merge commit, else the merge commit."""
+    """The synced revision of the Application when it is a later commit that holds the merge
+    commit (never a branch name: Argo CD shows ``main`` while manifests fail to load), else the
+    merge commit."""
     synced = app.get("status", {}).get("sync", {}).get("revision")
-    if (
-        isinstance(synced, str)
-        and synced
-        and target.contains is not None
-        and not synced.startswith(target.revision[:7])
-        and target.contains(synced)
-    ):
+    if _holds(synced, target) and isinstance(synced, str) and not synced.startswith(target.revision[:7]):
         return synced
     return target.revision
 
 
 # Argo CD's refresh request: the application controller compares the Application with the latest
-# git revision at once, then removes the annotation (argo-cd pkg/apis/application/v1alpha1/
-# application_annotations.go, controller/appcontroller.go persistReconciliationStatus). Without it
-# Argo CD looks at git only every timeout.reconciliation (120-180 s, plus up to 60 s of jitter).
+# git revision at once (resolving the branch anew), then removes both annotations, the timestamp
+# only if it is still the one it saw (argo-cd util/argo/argo.go RefreshApp, controller/
+# appcontroller.go handleRefreshAnnotation). Without it Argo CD looks at git only every
+# timeout.reconciliation (120-180 s, plus up to 60 s of jitter).
 REFRESH_ANNOTATION = "argocd.argoproj.io/refresh"
+REFRESH_TIMESTAMP = "argocd.argoproj.io/refresh-timestamp"
 _MERGE_PATCH = "application/merge-patch+json"
 SYNC_INITIATOR = "twincd"
+_SYNC_REQUEST_SECONDS = 5.0  # at most one sync request per this while verifying
 
 
 def _application_path(target: RolloutTarget) -> str:
@@ -480,84 +482,141 @@ def _application_path(target: RolloutTarget) -> str:
     )
 
 
-def ask_argocd(target: RolloutTarget, api: k8s.ApiClient) -> str:
-    """Ask Argo CD to look at git now, and to sync a manual-sync Application to ``target.revision``.
-
-    The refresh is a merge patch of the annotation (RBAC: ``patch`` on applications.argoproj.io).
-    An Application without ``spec.syncPolicy.automated`` never syncs by itself: twincd requests the
-    sync as ``argocd app sync`` does (argo-cd util/argo/argo.go ``SetAppOperation``: an update that
-    sets ``operation`` and clears ``status.operationState``, left alone while another operation is
-    in progress, retried on a conflict; RBAC: ``update``). Returns what was asked, for the log; an
-    Application that does not exist yet is left to the verification to report.
-    """
-    assert target.argocd is not None and target.application is not None
-    ref, what = target.argocd, f"Application {target.argocd_namespace}/{target.application}"
-    path = _application_path(target)
-    body = {"metadata": {"annotations": {REFRESH_ANNOTATION: "normal"}}}
-    try:
-        status, app = _read_json(
-            ref, api, f"refresh {what}", "PATCH", path, body=body, content_type=_MERGE_PATCH
-        )
-        for _ in range(5):
-            if status == 404:
-                return f"{what} not found"
-            why = _no_sync_needed(app, target)
-            if why:
-                return f"{what}: refresh requested{why}"
-            state = app.get("status") or {}
-            options = (app.get("spec", {}).get("syncPolicy") or {}).get("syncOptions")
-            operation = {
-                "sync": {"revision": target.revision, **({"syncOptions": options} if options else {})},
-                "initiatedBy": {"username": SYNC_INITIATOR},
-            }
-            kept = {k: v for k, v in state.items() if k != "operationState"}
-            update = {**app, "operation": operation, "status": kept}
-            try:
-                status, _ = _read_json(ref, api, f"sync {what}", "PUT", path, body=update, refused=_Conflict)
-            except _Conflict:  # Argo CD wrote the status in between: read it again
-                status, app = _read_json(ref, api, f"get {what}", "GET", path)
-                continue
-            if status == 404:
-                return f"{what} not found"
-            return f"{what}: refresh and a sync to {target.revision[:7]} requested (manual sync policy)"
-    except ClusterDenied as e:
-        raise ClusterDenied(
-            f"{e}; twincd needs patch and update on applications.argoproj.io in namespace "
-            f"{target.argocd_namespace} to ask Argo CD to refresh and sync"
-        ) from None
-    return f"{what}: refresh requested; the sync request kept conflicting, waiting for Argo CD"
+def _what(target: RolloutTarget) -> str:
+    return f"Application {target.argocd_namespace}/{target.application}"
 
 
-def _no_sync_needed(app: Mapping[str, Any], target: RolloutTarget) -> str:
-    """Why twincd must not request a sync of ``app`` (empty when it must)."""
-    if ((app.get("spec") or {}).get("syncPolicy") or {}).get("automated") is not None:
-        return " (automated sync policy)"
-    if app.get("operation") is not None:
-        return "; a sync operation is already in progress"
-    sync = (app.get("status") or {}).get("sync") or {}
-    synced = sync.get("revision") if sync.get("status") == "Synced" else None
-    if synced_at(app, target.revision) or (
-        isinstance(synced, str) and synced and target.contains is not None and target.contains(synced)
-    ):
-        return f"; already synced at a revision with {target.revision[:7]}"
-    return ""
+def request_refresh(target: RolloutTarget, api: k8s.ApiClient) -> str | None:
+    """Ask Argo CD to compare the Application with git now, as ``argocd app get --refresh`` does (a
+    merge patch of the refresh annotation and a unique timestamp; RBAC: ``patch``). Returns the
+    timestamp (its removal says Argo CD reconciled the request), None when there is no such
+    Application yet."""
+    assert target.argocd is not None
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    body = {"metadata": {"annotations": {REFRESH_ANNOTATION: "normal", REFRESH_TIMESTAMP: stamp}}}
+    status, _ = _read_json(
+        target.argocd, api, f"refresh {_what(target)}", "PATCH", _application_path(target),
+        body=body, content_type=_MERGE_PATCH,
+    )  # fmt: skip
+    return None if status == 404 else stamp
 
 
-class _Conflict(ClusterRefused):
-    """409 on the sync request: the Application changed since it was read."""
+def automated(app: Mapping[str, Any]) -> bool:
+    """Whether Argo CD syncs the Application by itself (``IsAutomatedSyncEnabled``: ``automated``
+    present and not ``enabled: false``)."""
+    policy = ((app.get("spec") or {}).get("syncPolicy") or {}).get("automated")
+    return isinstance(policy, Mapping) and policy.get("enabled", True) is not False
 
 
-def _refresh(target: RolloutTarget, clients: _Clients) -> RolloutVerdict | None:
-    """Ask Argo CD to refresh (and sync) the Application; a FAILED verdict when it refuses for good."""
-    if target.argocd is None or target.application is None:
+def _holds(revision: object, target: RolloutTarget) -> bool:
+    """Whether a revision Argo CD reports is a commit that holds ``target.revision``. Argo CD reports
+    the unresolved ``targetRevision`` (``main``) while manifests fail to load: that is no commit."""
+    if not isinstance(revision, str) or not re.fullmatch(r"[0-9a-f]{40}", revision):
+        return False
+    if revision.startswith(target.revision.lower()):
+        return True
+    return target.contains is not None and target.contains(revision)
+
+
+def sync_wanted(app: Mapping[str, Any], target: RolloutTarget) -> bool:
+    """Whether twincd must request a sync: a manual Application, no operation in progress, not
+    Synced at a commit that holds the release, and no sync of the release attempted yet (a failed
+    one is the verdict's to report, not to retry)."""
+    if automated(app) or app.get("operation") is not None:
+        return False
+    status = app.get("status") or {}
+    sync = status.get("sync") or {}
+    if sync.get("status") == "Synced" and _holds(sync.get("revision"), target):
+        return False
+    operation = (status.get("operationState") or {}).get("operation") or {}
+    return not _holds((operation.get("sync") or {}).get("revision"), target)
+
+
+def request_sync(target: RolloutTarget, api: k8s.ApiClient) -> str:
+    """Request a sync of a manual Application to ``target.revision`` as ``argocd app sync`` does
+    (argo-cd util/argo/argo.go ``SetAppOperation``: an update that sets ``operation`` and clears
+    ``status.operationState``, left alone while another operation is in progress, read again on a
+    conflict; the policy's sync options and retry go with it; RBAC: ``update``)."""
+    assert target.argocd is not None
+    ref, what, path = target.argocd, _what(target), _application_path(target)
+    for _ in range(5):
+        status, app = _read_json(ref, api, f"get {what}", "GET", path)
+        if status == 404:
+            return f"{what} not found"
+        if not sync_wanted(app, target):
+            return f"{what}: {'an operation is in progress' if app.get('operation') else 'no sync needed'}"
+        policy = (app.get("spec") or {}).get("syncPolicy") or {}
+        sync = {
+            "revision": target.revision,
+            **({"syncOptions": policy["syncOptions"]} if policy.get("syncOptions") else {}),
+        }
+        operation = {
+            "sync": sync,
+            "initiatedBy": {"username": SYNC_INITIATOR},
+            **({"retry": policy["retry"]} if policy.get("retry") else {}),
+        }
+        kept = {k: v for k, v in (app.get("status") or {}).items() if k != "operationState"}
+        body = {**app, "operation": operation, "status": kept}
+        response = _request(ref, api, f"sync {what}", "PUT", path, body=body)
+        if response.status == 409:  # Argo CD wrote the status in between: read it again
+            continue
+        if not 200 <= response.status <= 299:
+            raise _status_error(ref, f"sync {what}", response.status, response.reason, response.data)
+        return f"{what}: sync to {target.revision[:7]} requested (manual sync policy)"
+    return f"{what}: the sync request kept conflicting; asking again at the next change"
+
+
+class _ArgoCd:
+    """What verification asks of Argo CD: a refresh first, then a sync whenever a manual Application
+    needs one (another operation may be running when verification starts: asked again once it
+    has ended)."""
+
+    def __init__(self, target: RolloutTarget, clients: _Clients, *, refresh: bool) -> None:
+        self.target = target
+        self.api = clients[target.argocd] if target.argocd is not None else None
+        self.enabled = refresh and self.api is not None and target.application is not None
+        self.stamp: str | None = None
+        self._next_sync = 0.0
+
+    def refresh(self) -> None:
+        if not self.enabled:
+            return
+        assert self.api is not None
+        try:
+            self.stamp = request_refresh(self.target, self.api)
+        except TwincdError as e:
+            # Not fatal: Argo CD still looks at git at its next poll (an automated Application syncs).
+            log.warning(
+                "cluster %s: %s; Argo CD will notice the merge at its next poll (grant patch on "
+                "applications.argoproj.io to make it look at once)", self.target.cluster.name, e,
+            )  # fmt: skip
+
+    def refreshed(self, app: Mapping[str, Any]) -> bool:
+        """Whether Argo CD reconciled twincd's refresh request: its timestamp is gone."""
+        annotations = (app.get("metadata") or {}).get("annotations") or {}
+        return self.stamp is not None and annotations.get(REFRESH_TIMESTAMP) != self.stamp
+
+    def sync_if_wanted(self, seen: Mapping[str, Sequence[Mapping[str, Any]]]) -> RolloutVerdict | None:
+        """Request the sync a manual Application needs; a FAILED verdict when Argo CD's cluster refuses."""
+        apps = seen.get("application")
+        if not self.enabled or not apps or not sync_wanted(apps[0], self.target):
+            return None
+        if time.monotonic() < self._next_sync:
+            return None
+        assert self.api is not None
+        self._next_sync = time.monotonic() + _SYNC_REQUEST_SECONDS
+        try:
+            log.info("cluster %s: %s", self.target.cluster.name, request_sync(self.target, self.api))
+        except ClusterError as e:  # unreachable: asked again at the next change
+            log.warning("cluster %s: %s", self.target.cluster.name, e)
+        except PermanentError as e:
+            return RolloutVerdict(
+                self.target.cluster.name,
+                Phase.FAILED,
+                f"{e}; twincd needs update on applications.argoproj.io in namespace "
+                f"{self.target.argocd_namespace} to sync a manual Application",
+            )
         return None
-    try:
-        log.info("cluster %s: %s", target.cluster.name, ask_argocd(target, clients[target.argocd]))
-    except ClusterError as e:  # Argo CD's cluster unreachable: the streams retry until the deadline
-        log.warning("cluster %s: %s", target.cluster.name, e)
-    except PermanentError as e:
-        return RolloutVerdict(target.cluster.name, Phase.FAILED, str(e))
-    return None
 
 
 class _Clients:
@@ -587,8 +646,9 @@ def verify_rollout(
 ) -> RolloutVerdict:
     """Wait until the rollout succeeded or failed, or the deadline passed; never raises for a cluster.
 
-    With an Argo CD Application, Argo CD is first asked to refresh it (and to sync it when its
-    policy is manual, see :func:`ask_argocd`); ``refresh=False`` leaves Argo CD to its own polling
+    With an Argo CD Application, Argo CD is first asked to refresh it, and to sync it whenever its
+    policy is manual and it needs one (:class:`_ArgoCd`); ``refresh=False`` leaves Argo CD to its
+    own polling
     (benchmarks/argocd_refresh.py compares the two). The verdict is re-evaluated on every watch
     event, so it is known as soon as the objects reach it. A permanent error (denied, bad
     kubeconfig, a collection the server does not serve) fails at once; an unreachable API server
@@ -597,16 +657,13 @@ def verify_rollout(
     """
     name = target.cluster.name
     deadline = time.monotonic() + timeout
-    since = datetime.now(UTC)
     try:
         sources = _sources(target)
         clients = _Clients(s.ref for s in sources)
     except PermanentError as e:
         return RolloutVerdict(name, Phase.FAILED, str(e))
-    refused = _refresh(target, clients) if refresh else None
-    if refused is not None:
-        clients.close()
-        return refused
+    argocd = _ArgoCd(target, clients, refresh=refresh)
+    argocd.refresh()
     out: queue.Queue[_Seen] = queue.Queue()
     streams: dict[str, _Stream] = {}
     seen: dict[str, tuple[dict[str, Any], ...]] = {}
@@ -627,7 +684,7 @@ def verify_rollout(
             if "pods" not in streams and target.digest is not None and seen.get("workload"):
                 # The selector is known once the workload is: it is immutable in apps/v1.
                 start(_pods_source(target, seen["workload"][0]))
-            last = _evaluate(target, seen, since)
+            last = argocd.sync_if_wanted(seen) or _evaluate(target, seen, argocd.refreshed)
             if last.phase is not Phase.PROGRESSING:
                 return last
     finally:

@@ -75,6 +75,7 @@ from twincd.sandbox.controllers.rollout_steps import Obj, format_time, template_
 log = logging.getLogger(__name__)
 
 REFRESH = "argocd.argoproj.io/refresh"
+REFRESH_TIMESTAMP = "argocd.argoproj.io/refresh-timestamp"
 RECONCILE_SECONDS = 180.0  # timeout.reconciliation
 JITTER_SECONDS = 60.0  # timeout.reconciliation.jitter
 _SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -265,6 +266,29 @@ class _Tracked:
     reconciled_at: str = ""
 
 
+def automated(spec: Obj) -> bool:
+    """``IsAutomatedSyncEnabled``: ``automated`` present and not ``enabled: false``."""
+    policy = (spec.get("syncPolicy") or {}).get("automated")
+    return isinstance(policy, dict) and policy.get("enabled", True) is not False
+
+
+def operation_of(status: Obj) -> SyncOutcome | None:
+    """The last sync operation as ``status.operationState`` holds it."""
+    state = status.get("operationState")
+    if not isinstance(state, dict):
+        return None
+    operation = state.get("operation") or {}
+    result = state.get("syncResult") or {}
+    return SyncOutcome(
+        revision=str(result.get("revision") or (operation.get("sync") or {}).get("revision") or ""),
+        phase=str(state.get("phase", "")),
+        message=str(state.get("message", "")),
+        started_at=str(state.get("startedAt", "")),
+        finished_at=str(state.get("finishedAt", "")),
+        username=str((operation.get("initiatedBy") or {}).get("username", "")),
+    )
+
+
 def _path_of(app: Obj) -> str:
     return str(((app.get("spec") or {}).get("source") or {}).get("path", ""))
 
@@ -393,38 +417,44 @@ class ManifestsSyncer:
     # --- the application controller ---------------------------------------------------------------
 
     def _reconcile(self, app: Obj, heads: dict[str, str]) -> None:
-        name = str(app["metadata"]["name"])
-        tracked = self._apps.setdefault(name, _Tracked())
+        meta = app["metadata"]
+        key = f"{meta['name']}/{meta.get('uid', '')}"  # a re-created Application starts afresh
+        tracked = self._apps.setdefault(key, _Tracked())
         spec, status = app.get("spec") or {}, app.get("status") or {}
+        # The status is the truth, as for Argo CD: a sync request clears operationState.
+        tracked.operation = operation_of(status)
         source = spec.get("source") or {}
-        refresh = REFRESH in (app["metadata"].get("annotations") or {})
+        target_revision = str(source.get("targetRevision", self.branch))
+        refresh = REFRESH in (meta.get("annotations") or {})
         operation = app.get("operation")
         compared = ((status.get("sync") or {}).get("comparedTo") or {}).get("source")
         if isinstance(operation, dict) and isinstance(operation.get("sync"), dict):
-            revision = str(operation["sync"].get("revision") or source.get("targetRevision", self.branch))
+            revision = str(operation["sync"].get("revision") or target_revision)
             username = str((operation.get("initiatedBy") or {}).get("username", "")) or "admin"
-            self._sync(app, tracked, self._resolve(revision, heads), username)
-            self._compare(app, tracked, self._resolve(str(source.get("targetRevision", self.branch)), heads))
+            self._sync(app, key, tracked, self._resolve(revision, heads), username)
+            self._compare(app, key, tracked, target_revision, heads)
             self._write(app, tracked, drop_refresh=refresh, drop_operation=True)
         elif refresh or time.monotonic() >= tracked.next_compare or compared != source:
-            self._compare(app, tracked, self._resolve(str(source.get("targetRevision", self.branch)), heads))
-            automated = (spec.get("syncPolicy") or {}).get("automated") is not None
-            if automated and tracked.comparison is not None and tracked.comparison.status == "OutOfSync":
-                self._auto_sync(app, tracked)
+            self._compare(app, key, tracked, target_revision, heads)
+            comparison = tracked.comparison
+            if automated(spec) and comparison is not None and comparison.status == "OutOfSync":
+                self._auto_sync(app, key, tracked, comparison.revision)
             self._write(app, tracked, drop_refresh=refresh)
         else:
             self._write(app, tracked)  # health only
 
-    def _render(self, name: str, path: str, commit: str) -> _Render:
+    def _render(self, key: str, path: str, commit: str) -> _Render:
         """The Application's manifests at ``commit``: rendered again only when a commit since the
-        last render touched a path the overlay reads."""
+        last render touched a path the overlay reads (a failed render is always tried again: the
+        fix may add a path it could not read)."""
         assert self._git is not None
-        last = self._renders.get(name)
+        last = self._renders.get(key)
         if last is not None and last.path == path and last.commit == commit:
             return last
         if (
             last is not None
             and last.path == path
+            and not last.error
             and not touches(self._git.changed(last.commit, commit), last.inputs)
         ):
             kept = replace(last, commit=commit)
@@ -442,8 +472,8 @@ class ManifestsSyncer:
                     kept = _Render(
                         path, commit, inputs, error=f"`kustomize build {path}` failed exit status 1: {e}"
                     )
-            log.info("rendered %s at %s", name, commit[:12])
-        self._renders[name] = kept
+            log.info("rendered %s at %s", key.partition("/")[0], commit[:12])
+        self._renders[key] = kept
         return kept
 
     def _placed(self, render: _Render, app: Obj) -> tuple[Obj, ...]:
@@ -452,12 +482,16 @@ class ManifestsSyncer:
         objects = place_namespaces(render.objects, namespaced=self.target.namespaced)
         return tuple(self._tracked(o, name) for o in objects)
 
-    def _compare(self, app: Obj, tracked: _Tracked, head: str) -> None:
-        name, path = str(app["metadata"]["name"]), _path_of(app)
-        render = self._render(name, path, head)
-        previous = tracked.comparison
+    def _compare(
+        self, app: Obj, key: str, tracked: _Tracked, target_revision: str, heads: dict[str, str]
+    ) -> None:
+        """Argo CD's CompareAppState: ``reconciledAt`` is when it started; a render that fails shows
+        the unresolved ``targetRevision`` (controller/state.go: ``syncStatus.Revision = revisions[0]``)."""
         tracked.reconciled_at = format_time(datetime.now(UTC))
         tracked.next_compare = self._next()
+        head = self._resolve(target_revision, heads)
+        render = self._render(key, _path_of(app), head)
+        previous = tracked.comparison
         if render.error:
             # Argo CD keeps showing the resources it knew, with the error as a condition.
             message = (
@@ -465,7 +499,7 @@ class ManifestsSyncer:
                 f"rpc error: code = Unknown desc = {render.error}"
             )
             tracked.comparison = Comparison(
-                head,
+                target_revision,
                 "Unknown",
                 previous.resources if previous else (),
                 previous.images if previous else (),
@@ -484,30 +518,28 @@ class ManifestsSyncer:
         )
         tracked.conditions = ()
 
-    def _auto_sync(self, app: Obj, tracked: _Tracked) -> None:
-        assert tracked.comparison is not None
+    def _auto_sync(self, app: Obj, key: str, tracked: _Tracked, revision: str) -> None:
         last = tracked.operation
-        revision = tracked.comparison.revision
-        if last is not None and not last.username and last.revision == revision and last.phase != "Running":
-            # Argo CD's alreadyAttemptedSync: one automated attempt per revision (no selfHeal), so
-            # an Application that stays OutOfSync is not synced in a loop; a failed one says so.
+        if last is not None and last.revision == revision and last.phase != "Running":
+            # Argo CD's alreadyAttemptedSync (operationState's revision, whoever started it): one
+            # attempt per revision without selfHeal, so an Application that stays OutOfSync is not
+            # synced in a loop; a failed one says so and waits for a new commit.
             if last.phase != "Succeeded":
                 tracked.conditions = (("SyncError", sync_error(last)),)
             return
-        self._sync(app, tracked, revision, "")
-        self._compare(app, tracked, revision)
+        self._sync(app, key, tracked, revision, "")
+        self._compare(app, key, tracked, revision, {})
         if tracked.operation is not None and tracked.operation.phase != "Succeeded":
             tracked.conditions = (*tracked.conditions, ("SyncError", sync_error(tracked.operation)))
 
-    def _sync(self, app: Obj, tracked: _Tracked, revision: str, username: str) -> None:
+    def _sync(self, app: Obj, key: str, tracked: _Tracked, revision: str, username: str) -> None:
         """One sync operation at ``revision``: Running is written first, as Argo CD does."""
-        name, path = str(app["metadata"]["name"]), _path_of(app)
         started = format_time(datetime.now(UTC))
         tracked.operation = SyncOutcome(
             revision, "Running", "one or more tasks are running", started, "", username
         )
         self._write(app, tracked)
-        render = self._render(name, path, revision)
+        render = self._render(key, _path_of(app), revision)
 
         def ended(phase: str, message: str) -> SyncOutcome:
             return SyncOutcome(revision, phase, message, started, format_time(datetime.now(UTC)), username)
@@ -524,7 +556,7 @@ class ManifestsSyncer:
             tracked.operation = ended("Failed", f"one or more objects failed to apply, reason: {e}")
         else:
             tracked.operation = ended("Succeeded", "successfully synced (all tasks run)")
-        log.info("synced %s at %s: %s", name, revision[:12], tracked.operation.phase)
+        log.info("synced %s at %s: %s", app["metadata"]["name"], revision[:12], tracked.operation.phase)
 
     def _tracked(self, obj: Obj, application: str) -> Obj:
         """Argo CD 3's default resource tracking: an annotation naming the owning Application."""
@@ -570,7 +602,7 @@ class ManifestsSyncer:
         )
         if status == tracked.written and not (drop_refresh or drop_operation):
             return
-        seen_refresh = (app["metadata"].get("annotations") or {}).get(REFRESH)
+        seen_stamp = (app["metadata"].get("annotations") or {}).get(REFRESH_TIMESTAMP)
         key = ResourceKey.of(app)
         live: Obj | None = app
         for _ in range(5):
@@ -578,8 +610,10 @@ class ManifestsSyncer:
                 return  # deleted meanwhile
             body = copy.deepcopy(live)
             annotations = body["metadata"].get("annotations") or {}
-            if drop_refresh and annotations.get(REFRESH) == seen_refresh:
+            if drop_refresh and annotations.get(REFRESH_TIMESTAMP) == seen_stamp:
+                # Both go, unless a new request (a new timestamp) came while this one was handled.
                 annotations.pop(REFRESH, None)
+                annotations.pop(REFRESH_TIMESTAMP, None)
             if drop_operation:
                 body.pop("operation", None)
             body["status"] = status
