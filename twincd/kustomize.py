@@ -252,6 +252,14 @@ def set_image(text: str, *, file: str, image: str, ref: ImageRef) -> EditResult:
         image, ref, dash=dash - _line_start(text, dash), key=int(first_key.start_mark.column)
     )
     at = _next_line(text, _last_end(last))
+    # Comment lines right after the last entry, indented as the list's items, are the list's (a
+    # note about what follows, a commented-out entry): the new entry goes after them.
+    column = dash - _line_start(text, dash)
+    while at < len(text):
+        line = text[at : _line_end(text, at)]
+        if not line.lstrip().startswith("#") or len(line) - len(line.lstrip()) < column:
+            break
+        at = _next_line(text, at)
     insert = block if at == 0 or text[at - 1] == "\n" else "\n" + block
     return EditResult(_apply(text, [_Splice(at, at, insert)]), (pinned,))
 

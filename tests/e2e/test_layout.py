@@ -10,6 +10,7 @@ names, as a real Argo CD's Applications would.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -155,8 +156,10 @@ def test_another_layout_deploys_with_an_unmanaged_tagged_sidecar(layout_env: Env
     result = twincd(env, "deploy", "shop", "v1.0.0", "--auto-approve")
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
-    # The hand-pinned proxy passes validation with a warning; only shop's image is twincd's.
-    assert "docker.io/envoyproxy/envoy:v1.31.0" in out and "warning" in out.lower(), out
+    # The hand-pinned proxy passes validation with a warning on the MR; only shop's image is twincd's.
+    record = json.loads((env.state_path / "forge" / "twincd_shop_v1.0.0.json").read_text())
+    assert "warning(s):" in record["validation"], record["validation"]
+    assert "docker.io/envoyproxy/envoy:v1.31.0" in record["validation"]
     for cluster in ("eks", "aks"):
         overlay = _main_file(env, f"deploy/{cluster}/shop/kustomization.yaml")
         # A minimal diff: the proxy's entry and every comment as they were, shop's entry added.

@@ -23,6 +23,7 @@ IMAGE_OLD = {
     "tag_to_digest": "registry.example.com/team/hello:v1.1.0",
     "digest_to_new_digest": f"registry.example.com/team/hello@{OLD_DIGEST}",
     "entry_missing": "",
+    "entry_after_list_comments": "",
     "images_missing": "",
     "images_empty": "",
     "several_images_comments": "old-registry.example.com/hello:v1.1.0",
