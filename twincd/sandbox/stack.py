@@ -183,7 +183,7 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
     for name in order:
         url = f"http://127.0.0.1:{ports[name]}"
         argocd_url = f"http://127.0.0.1:{ports[_argocd_cluster(env, name)]}"
-        say(f"cluster {name:<5} {url} (sandbox API server + Deployment controller + Argo-CD-like syncer)")
+        say(f"cluster {name:<5} {url} (sandbox API server + Deployment controller + sandbox Argo CD)")
         argv = [
             sys.executable,
             "-m",
