@@ -35,12 +35,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-import httpx
-
 from twincd.adapters.cluster import ClusterRef, RolloutTarget, verify_rollout
 from twincd.domain import Phase
 from twincd.sandbox.contexts import write_kubeconfig
-from twincd.sandbox.procs import free_port
+from twincd.sandbox.procs import free_port, wait_until
+from twincd.sandbox.stack import healthy
 
 CLUSTERS = ("eks", "aks")
 # A registry the sandbox does not serve: its kubelet treats the image as present, as a real cluster
@@ -137,15 +136,7 @@ def clusters(repo: Repo, root: Path) -> Iterator[str]:
             stack.callback(proc.wait, 15)
             stack.callback(proc.terminate)
         for port in ports.values():
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    if time.monotonic() > deadline:
-                        raise
-                time.sleep(0.1)
+            wait_until(healthy(f"http://127.0.0.1:{port}/readyz"), 30, f"the cluster on port {port}")
         kubeconfig = root / "kubeconfig"
         write_kubeconfig(kubeconfig, {c: f"http://127.0.0.1:{p}" for c, p in ports.items()})
         yield str(kubeconfig)

@@ -13,11 +13,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
@@ -26,8 +24,8 @@ from tests.e2e.test_deploy import kubectl_json
 from twincd.config import Environment, load_environment
 from twincd.sandbox import registry_auth, seed
 from twincd.sandbox.contexts import write_kubeconfig
-from twincd.sandbox.procs import free_port
-from twincd.sandbox.stack import git_root, local_repo_path
+from twincd.sandbox.procs import free_port, wait_until
+from twincd.sandbox.stack import git_root, healthy, local_repo_path
 
 BASE = {
     "services/shop/base/kustomization.yaml": """\
@@ -123,25 +121,13 @@ def layout_env(stack_env: Environment) -> Iterator[Environment]:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     try:
         for port in ports.values():
-            _wait_ready(f"http://127.0.0.1:{port}/readyz")
+            wait_until(healthy(f"http://127.0.0.1:{port}/readyz"), 30, f"the layout cluster on port {port}")
         yield load_environment(path)
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
             proc.wait(30)
-
-
-def _wait_ready(url: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} not ready")
 
 
 def _main_file(env: Environment, path: str) -> str:

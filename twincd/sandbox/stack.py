@@ -97,7 +97,7 @@ def prefect_env(env: Environment) -> dict[str, str]:
     }
 
 
-def _healthy(url: str) -> Callable[[], bool]:
+def healthy(url: str) -> Callable[[], bool]:
     def check() -> bool:
         try:
             return httpx.get(url, timeout=2).status_code == 200
@@ -152,7 +152,7 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
             str(token),
         ]
         pid = procs.start_daemon(
-            githttp.NAME, argv, state_dir=state, ready=_healthy(f"{url}/healthz"), timeout=30
+            githttp.NAME, argv, state_dir=state, ready=healthy(f"{url}/healthz"), timeout=30
         )
         services.append(Service(githttp.NAME, url, pid))
 
@@ -208,7 +208,7 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
             str(env.sandbox.argocd_reconcile_seconds),
         ]
         pid = procs.start_daemon(
-            cluster_name_of(name), argv, state_dir=state, ready=_healthy(f"{url}/readyz"), timeout=30
+            cluster_name_of(name), argv, state_dir=state, ready=healthy(f"{url}/readyz"), timeout=30
         )
         contexts[env.clusters[name].context] = url
         services.append(Service(f"cluster {name}", url, pid))
@@ -233,7 +233,7 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
         ],
         state_dir=state,
         env=prefect_env(env),
-        ready=_healthy(f"{api}/health"),
+        ready=healthy(f"{api}/health"),
         timeout=120,
     )
     services.append(Service(PREFECT, api.removesuffix("/api"), pid))
