@@ -25,6 +25,7 @@ import yaml
 
 from twincd.domain import Finding, Severity, ValidationReport, image_repository
 from twincd.errors import PermanentError, TransientError
+from twincd.yamlload import load_documents
 
 _STDERR_LIMIT = 2000
 _PINNED = re.compile(r"@sha256:[0-9a-f]{64}$")
@@ -89,28 +90,10 @@ def render_overlay(repo_dir: Path, overlay: str, *, timeout: float = 120.0) -> s
     return done.stdout
 
 
-_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _KubeLoader(_BaseLoader):  # type: ignore[valid-type,misc]
-    """Safe loading, with timestamps left as strings.
-
-    The API server reads YAML through sigs.k8s.io/yaml (go-yaml v2 into interface{}), which keeps
-    timestamp-looking scalars as strings; PyYAML would make datetime objects, which are neither
-    what Kubernetes sees nor JSON that a schema can check.
-    """
-
-
-_KubeLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in _BaseLoader.yaml_implicit_resolvers.items()
-}
-
-
 def parse_documents(text: str, *, source: str = "rendered output") -> list[dict[str, Any]]:
     """The YAML documents of ``text`` (empty ones skipped); each must be a mapping."""
     try:
-        docs = [d for d in yaml.load_all(text, Loader=_KubeLoader) if d is not None]
+        docs = [d for d in load_documents(text) if d is not None]
     except yaml.YAMLError as e:
         raise ManifestError(f"{source}: not valid YAML: {e}") from e
     for i, doc in enumerate(docs):
