@@ -43,7 +43,9 @@ def manifests_head(env: Environment) -> str:
 
 
 # What a commit renders to does not change, and kustomize is the slow part of a check (~2 s of CPU
-# per 1,000 objects here): the scheduled runs between two merges reuse the render of the commit.
+# per 1,000 objects here): the scheduled runs between two merges reuse the render of the commit,
+# and a new commit renders again only the overlays whose inputs it changed (kept under the state
+# dir by their content, twincd.validate.render_overlays).
 @task(
     name="render-desired",
     cache_policy=INPUTS,
@@ -55,7 +57,7 @@ def render_desired(env: Environment, revision: str) -> DesiredState:
     """One clone at ``revision``; every app's overlay for every cluster, rendered."""
     overlays = {(c, a): env.app_overlay(a, c) for c in env.clusters for a in env.apps}
     with wiring.manifests(env).checkout(revision) as work:
-        by_cluster = render_overlays(work, overlays)
+        by_cluster = render_overlays(work, overlays, cache_dir=env.state_path / "renders")
     return DesiredState(revision, {c: by_cluster.get(c, {}) for c in env.clusters})
 
 

@@ -19,11 +19,14 @@ refused with a KustomizationError rather than rewritten.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import posixpath
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from ruamel.yaml import YAML
@@ -438,3 +441,79 @@ def pinned_digests(work: Path, *, image: str, files: Mapping[str, str]) -> dict[
         entries = images_of((work / rel).read_text(), file=rel)
         pins[key] = next((e.digest for e in entries if e.name == image and e.digest), None)
     return pins
+
+
+# --- what a kustomization reads ------------------------------------------------------------
+
+OVERLAY_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
+
+
+def _strings(node: Any) -> Iterable[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _strings(item)
+
+
+def kustomize_inputs(root: Path, path: str) -> frozenset[str]:
+    """The repo paths ``kubectl kustomize <path>`` reads: the directory itself and, followed
+    through every kustomization on the way, each existing local file or directory a kustomization
+    names (resources, components, patches, generator files...). Over-approximating is safe (an
+    unneeded render); missing one would leave an Application stale, so every string that names an
+    existing path counts."""
+    seen: set[str] = set()
+    todo = [posixpath.normpath(path)]
+    while todo:
+        current = todo.pop()
+        if current in seen or current.startswith(".."):
+            continue
+        seen.add(current)
+        directory = root / current
+        file = next((directory / f for f in OVERLAY_FILES if (directory / f).is_file()), None)
+        if file is None:
+            continue
+        try:
+            kustomization = yaml.safe_load(file.read_text())
+        except yaml.YAMLError:
+            continue  # kustomize says what is wrong when it renders
+        for value in _strings(kustomization):
+            candidate = value.rpartition("=")[2]  # generators name files as "key=path"
+            if "://" in candidate or not candidate:
+                continue
+            named = posixpath.normpath(posixpath.join(current, candidate))
+            if named.startswith("..") or not (root / named).exists():
+                continue
+            if (root / named).is_dir():
+                todo.append(named)
+            else:
+                seen.add(named)
+    return frozenset(seen)
+
+
+def touches(changed: Iterable[str], inputs: Iterable[str]) -> bool:
+    """Whether a changed file is one of ``inputs`` or lies under one of them."""
+    prefixes = tuple(p.rstrip("/") + "/" for p in inputs if p != ".")
+    return "." in inputs or any(f in inputs or f.startswith(prefixes) for f in changed)
+
+
+def inputs_digest(root: Path, path: str) -> str:
+    """A digest of everything ``kubectl kustomize <path>`` reads in the work tree ``root``: the
+    paths of :func:`kustomize_inputs` and every file below them, names and bytes. Equal digests
+    render equally, whichever commit they come from, so a render can be kept by it."""
+    digest = hashlib.sha256(path.encode())
+    files: set[Path] = set()
+    for name in kustomize_inputs(root, path):
+        where = root / name
+        if where.is_dir():
+            files.update(
+                f for f in where.rglob("*") if f.is_file() and ".git" not in f.relative_to(root).parts
+            )
+        else:
+            files.add(where)
+    for file in sorted(files):
+        digest.update(b"\0" + str(file.relative_to(root)).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()

@@ -8,6 +8,7 @@ the schema on every call (~50 resources/s); here one jsonschema-rs validator is 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -25,6 +26,7 @@ import yaml
 
 from twincd.domain import Finding, Severity, ValidationReport, image_repository
 from twincd.errors import PermanentError, TransientError
+from twincd.kustomize import inputs_digest
 from twincd.yamlload import load_documents
 
 _STDERR_LIMIT = 2000
@@ -335,18 +337,41 @@ def validate_overlays(
     return ValidationReport(tuple(overlays), resources, tuple(findings))
 
 
+def _cached_render(repo_dir: Path, overlay: str, cache_dir: Path) -> str:
+    """``render_overlay``, kept in ``cache_dir`` by the digest of what the overlay reads (and of the
+    renderer): a commit that does not touch an overlay's inputs does not render it again."""
+    renderer = shutil.which("kustomize") or shutil.which("kubectl") or ""
+    stamp = f"{renderer}:{Path(renderer).stat().st_mtime_ns if renderer else 0}"
+    key = hashlib.sha256(f"{stamp}\0{inputs_digest(repo_dir, overlay)}".encode()).hexdigest()
+    cached = cache_dir / f"{key}.yaml"
+    if cached.is_file():
+        return cached.read_text()
+    text = render_overlay(repo_dir, overlay)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_suffix(f".{threading.get_ident()}.tmp")
+    partial.write_text(text)
+    partial.replace(cached)  # atomic: concurrent renders of one overlay write the same bytes
+    return text
+
+
 def render_overlays(
-    repo_dir: Path, overlays: Mapping[tuple[str, str], str]
+    repo_dir: Path, overlays: Mapping[tuple[str, str], str], *, cache_dir: Path | None = None
 ) -> dict[str, dict[str, tuple[dict[str, Any], ...]]]:
     """Render (cluster, app) → overlay into cluster → app → objects.
 
     Overlays that do not exist mean the app does not run on that cluster. kustomize is a
-    subprocess per overlay: they run side by side.
+    subprocess per overlay: they run side by side. With ``cache_dir``, renders are kept by the
+    content they are made of (:func:`twincd.kustomize.inputs_digest`).
     """
     present = {k: o for k, o in overlays.items() if (repo_dir / o).is_dir()}
 
     def render(overlay: str) -> tuple[dict[str, Any], ...]:
-        return tuple(parse_documents(render_overlay(repo_dir, overlay), source=overlay))
+        text = (
+            render_overlay(repo_dir, overlay)
+            if cache_dir is None
+            else _cached_render(repo_dir, overlay, cache_dir)
+        )
+        return tuple(parse_documents(text, source=overlay))
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         rendered = dict(zip(present, pool.map(render, present.values()), strict=True))

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from twincd.kustomize import kustomize_inputs, touches
 from twincd.sandbox.controllers import (
     Comparison,
     Health,
@@ -26,7 +27,6 @@ from twincd.sandbox.controllers import (
 )
 from twincd.sandbox.controllers.health import sync_error
 from twincd.sandbox.controllers.rollout_steps import pod_status
-from twincd.sandbox.controllers.syncer import kustomize_inputs, touches
 
 Obj = dict[str, Any]
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)

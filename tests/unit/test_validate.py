@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -343,3 +344,40 @@ def test_the_merge_request_note_lists_warnings_without_failing() -> None:
     note = report_markdown(report)
     assert report.ok and note.startswith("### ✅ twincd validation passed")
     assert "1 warning(s):" in note and "⚠️ overlays/eks/hello: Deployment/hello/hello at spec.template" in note
+
+
+def test_renders_are_kept_by_what_each_overlay_reads(tmp_path: Path) -> None:
+    """A change to one app's overlay renders that overlay again and no other; a change to a base
+    they share renders both; what comes out is what kustomize makes of the tree as it is."""
+    from twincd.validate import render_overlays
+
+    files = {
+        "base/kustomization.yaml": "resources: [cm.yaml]\n",
+        "base/cm.yaml": "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: shared}\ndata: {v: '1'}\n",
+        "overlays/eks/a/kustomization.yaml": "resources: [../../../base]\nnamePrefix: a-\n",
+        "overlays/eks/b/kustomization.yaml": "resources: [../../../base]\nnamePrefix: b-\n",
+    }
+    for name, text in files.items():
+        (tmp_path / "repo" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "repo" / name).write_text(text)
+    repo, cache = tmp_path / "repo", tmp_path / "renders"
+    overlays = {("eks", "a"): "overlays/eks/a", ("eks", "b"): "overlays/eks/b"}
+
+    def render() -> dict[str, Any]:
+        return render_overlays(repo, overlays, cache_dir=cache)["eks"]
+
+    first = render()
+    assert [d["metadata"]["name"] for d in first["a"]] == ["a-shared"]
+    kept = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert len(kept) == 2 and render() == first  # nothing rendered again
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == kept
+
+    (repo / "overlays/eks/a/kustomization.yaml").write_text("resources: [../../../base]\nnamePrefix: x-\n")
+    second = render()
+    assert [d["metadata"]["name"] for d in second["a"]] == ["x-shared"] and second["b"] == first["b"]
+    assert len(list(cache.iterdir())) == 3  # one new render: a's
+
+    (repo / "base/cm.yaml").write_text(files["base/cm.yaml"].replace("'1'", "'2'"))
+    third = render()
+    assert {d["data"]["v"] for docs in third.values() for d in docs} == {"2"}
+    assert len(list(cache.iterdir())) == 5  # both again: the base they share changed

@@ -38,7 +38,6 @@ import copy
 import io
 import json
 import logging
-import posixpath
 import random
 import re
 import shutil
@@ -47,16 +46,16 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from twincd.drift import place_namespaces
 from twincd.errors import PermanentError, TransientError
+from twincd.kustomize import OVERLAY_FILES, kustomize_inputs, touches
 from twincd.sandbox.controllers.health import (
     MISSING,
     Comparison,
@@ -129,61 +128,6 @@ def apply_order(objects: Sequence[Obj]) -> list[Obj]:
     return [o for o in objects if o.get("kind") in first] + [o for o in objects if o.get("kind") not in first]
 
 
-_OVERLAY_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
-
-
-def _strings(node: Any) -> Iterable[str]:
-    if isinstance(node, str):
-        yield node
-    elif isinstance(node, dict):
-        for value in node.values():
-            yield from _strings(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _strings(item)
-
-
-def kustomize_inputs(root: Path, path: str) -> frozenset[str]:
-    """The repo paths ``kubectl kustomize <path>`` reads: the directory itself and, followed
-    through every kustomization on the way, each existing local file or directory a kustomization
-    names (resources, components, patches, generator files...). Over-approximating is safe (an
-    unneeded render); missing one would leave an Application stale, so every string that names an
-    existing path counts."""
-    seen: set[str] = set()
-    todo = [posixpath.normpath(path)]
-    while todo:
-        current = todo.pop()
-        if current in seen or current.startswith(".."):
-            continue
-        seen.add(current)
-        directory = root / current
-        file = next((directory / f for f in _OVERLAY_FILES if (directory / f).is_file()), None)
-        if file is None:
-            continue
-        try:
-            kustomization = yaml.safe_load(file.read_text())
-        except yaml.YAMLError:
-            continue  # kustomize says what is wrong when it renders
-        for value in _strings(kustomization):
-            candidate = value.rpartition("=")[2]  # generators name files as "key=path"
-            if "://" in candidate or not candidate:
-                continue
-            named = posixpath.normpath(posixpath.join(current, candidate))
-            if named.startswith("..") or not (root / named).exists():
-                continue
-            if (root / named).is_dir():
-                todo.append(named)
-            else:
-                seen.add(named)
-    return frozenset(seen)
-
-
-def touches(changed: Iterable[str], inputs: Iterable[str]) -> bool:
-    """Whether a changed file is one of ``inputs`` or lies under one of them."""
-    prefixes = tuple(p.rstrip("/") + "/" for p in inputs if p != ".")
-    return "." in inputs or any(f in inputs or f.startswith(prefixes) for f in changed)
-
-
 class _Repo:
     """A bare cache of the manifests repo: trees by commit, changed files between commits."""
 
@@ -237,7 +181,7 @@ class _Repo:
         apps = set()
         for name in out.decode().splitlines():
             parts = name[len(overlay) + 1 :].split("/")
-            if len(parts) == 2 and parts[1] in _OVERLAY_FILES:
+            if len(parts) == 2 and parts[1] in OVERLAY_FILES:
                 apps.add(parts[0])
         return sorted(apps)
 
