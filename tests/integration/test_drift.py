@@ -485,3 +485,22 @@ def test_flow_notifies_on_change_only_and_reports_what_cleared(
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(state.state_details.flow_run_id)
     assert re.fullmatch(r"drift-check-\d{8}-\d{6}", flow_run.name)
+
+
+def test_a_scope_without_a_selector_is_listed_once_for_every_app(
+    clusters: dict[str, Any], manifests: Path, tmp_path: Path
+) -> None:
+    """Two apps that both declare the (cluster-scoped, unlabelled) Namespaces: one LIST of them, so
+    API calls stay kinds x namespaces however many apps a monorepo holds."""
+    for name in CLUSTERS:
+        web = rendered(manifests, name)
+        namespaces = tuple(d for d in web if d["kind"] == "Namespace")
+        assert namespaces and all(not d["metadata"].get("labels") for d in namespaces)
+        env = write_env(tmp_path, manifests)
+        ref = ClusterRef(name, f"sandbox-{name}", str(env.path(env.clusters[name].kubeconfig or "")))
+        alone = read_cluster(ref, desired={"web": web})
+        both = read_cluster(ref, desired={"web": web, "platform": namespaces})
+        assert both.lists == alone.lists
+        assert [a.live for a in both.apps if a.app == "platform"] == [
+            tuple(o for o in alone.apps[0].live if o["kind"] == "Namespace")
+        ]

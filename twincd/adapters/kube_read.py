@@ -180,13 +180,19 @@ def read_cluster(
     """The live objects of every app's (kind, namespace) scopes on one cluster.
 
     ``desired`` maps app → its rendered objects for this cluster. Two apps sharing a scope each
-    list it with their own label selector, so each app's read stays independent.
+    list it with their own label selector, so each app's read stays independent; a scope without a
+    selector (e.g. cluster-scoped Namespaces) is the same for every app and listed once.
     """
     with LiveReader(ref, api=api) as reader:
         apps = []
+        listed: dict[ListScope, list[dict[str, Any]]] = {}
         for app, docs in desired.items():
             placed = place_namespaces(docs, namespaced=reader.namespaced)
-            live = [obj for scope in list_scopes(placed, app=app) for obj in reader.list(scope)]
+            scopes = list_scopes(placed, app=app)
+            for scope in scopes:
+                if scope not in listed:
+                    listed[scope] = reader.list(scope)
+            live = [obj for scope in scopes for obj in listed[scope]]
             apps.append(AppRead(app, placed, tuple(live)))
         return ClusterRead(ref.name, tuple(apps), reader.lists, reader.calls)
 
