@@ -71,7 +71,10 @@ def _repo(env: Environment, value: str) -> tuple[str, GitAuth]:
 
 def manifests(env: Environment) -> Manifests:
     url, auth = _repo(env, env.manifests.repo)
-    return GitManifests(repo_url=url, branch=env.manifests.branch, auth=auth)
+    # The worker's mirror of the monorepo lives under the state dir (shared by its tasks).
+    return GitManifests(
+        repo_url=url, branch=env.manifests.branch, auth=auth, cache_dir=env.state_path / "git-cache"
+    )
 
 
 def app_source(env: Environment, app: str) -> AppSource:

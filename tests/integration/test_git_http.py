@@ -115,3 +115,49 @@ def test_an_unreachable_git_host_is_a_transient_error() -> None:
     with pytest.raises(GitError) as e:
         GitManifests(repo_url=url, branch="main", auth=auth_for(url)).head()
     assert not isinstance(e.value, GitDenied) and "127.0.0.1" in str(e.value)
+
+
+def test_one_mirror_serves_every_operation_over_authenticated_http(
+    server: tuple[ServedApp, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker's mirror is a partial clone made once, fetched incrementally; each operation has a
+    work tree of its own, removed after; the token is in no file of the mirror."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    caplog.set_level(logging.DEBUG)
+    served, root = server
+    base = f"{served.url}/"
+    cache = tmp_path / "git-cache"
+    manifests = GitManifests(
+        repo_url=f"{base}manifests.git", branch="main", auth=auth_for(base), cache_dir=cache
+    )
+    head = manifests.head()
+    first = manifests.write_branch(branch="twincd/hello/v1", edit=comment("# v1"), message="v1")
+    (mirror,) = [p for p in cache.iterdir() if p.suffix == ".git"]
+    git = ["git", "--git-dir", str(mirror)]
+    assert subprocess.run(
+        [*git, "config", "remote.origin.promisor"], capture_output=True, text=True
+    ).stdout == ("true\n")  # partial: file contents come when a work tree needs them
+    inode = (mirror / "HEAD").stat().st_ino
+
+    # Several tasks of one worker at once: each its own work tree, one fetch at a time.
+    with ThreadPoolExecutor(4) as pool:
+        branches = list(
+            pool.map(
+                lambda i: manifests.write_branch(
+                    branch=f"twincd/app{i}/v1", edit=comment(f"# {i}"), message=f"{i}"
+                ),
+                range(4),
+            )
+        )
+    assert all(b.committed and b.base == head for b in branches)
+    with manifests.checkout(first.head) as work:
+        assert (work / OVERLAY).read_text().endswith("# v1\n")
+    with manifests.ancestry(head) as contains:
+        assert contains(first.head) and all(contains(b.head) for b in branches)
+    assert (mirror / "HEAD").stat().st_ino == inode  # the same mirror all along: never cloned again
+    worktrees = subprocess.run([*git, "worktree", "list"], capture_output=True, text=True, check=True).stdout
+    assert worktrees.count("\n") == 1  # only the bare mirror itself: every work tree was removed
+    files = [p for p in cache.rglob("*") if p.is_file()]
+    assert not any(TOKEN.encode() in p.read_bytes() for p in files)
+    assert TOKEN not in caplog.text

@@ -1,7 +1,8 @@
 """Manifests repository adapter (GitPython).
 
-Every operation works in a fresh temporary clone, so nothing depends on a long-lived work tree
-and a re-run after a crash starts clean. Pushes that are rejected because someone else pushed
+Every operation works in a fresh work tree, so nothing depends on a long-lived one and a re-run
+after a crash starts clean: a work tree of the worker's long-lived mirror (``Mirror``) when the
+manifests port has one, else a temporary partial clone. Pushes that are rejected because someone else pushed
 first are retried after a fetch and a re-applied edit (rebase-and-retry without a real rebase:
 our edits are pure functions of the files, so re-applying them on the new head is exact).
 """
@@ -10,9 +11,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
+import hashlib
 import os
 import re
 import shlex
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -150,13 +154,117 @@ def _git_call(what: str, fn: Callable[[], object], auth: GitAuth = NO_AUTH) -> o
         raise GitError(f"git {what} failed: {detail}") from None
 
 
+class Mirror:
+    """One long-lived mirror of a repository under the state dir, shared by every task of a worker.
+
+    Partial (``--filter=blob:none``, a promisor remote) from a remote: commits and trees only; the
+    file contents a checkout or a diff needs are fetched on demand, with the same credentials. It
+    is fetched incrementally (``fetch --prune`` into ``refs/remotes/origin/*``) under an exclusive
+    lock on ``<mirror>.lock`` (flock: concurrent tasks on one worker, and workers sharing a state
+    dir), and each operation gets a work tree of its own (``git worktree add --detach``, removed
+    after), so no task clones the repository again: its cost grows with what changed since the
+    last fetch, not with the repository's history. The remote's URL in the mirror's config holds
+    no credentials (the environment file refuses them); they go through ``GitAuth.env`` only.
+    """
+
+    def __init__(self, repo_url: str, root: Path, auth: GitAuth = NO_AUTH) -> None:
+        self.url = repo_url
+        self.auth = auth
+        self.path = root / f"{hashlib.sha256(repo_url.encode()).hexdigest()[:16]}.git"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{self.path}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _git(self, what: str, *args: str) -> str:
+        env = self.auth.env()
+        argv = ["git", "--git-dir", str(self.path), *args]
+        return str(_git_call(what, lambda: git.cmd.Git().execute(argv, env=env), self.auth))
+
+    def _fetch(self) -> None:
+        """Create the mirror if needed and bring it up to date (the caller holds the lock)."""
+        name = redact_url(self.url)
+        if not (self.path / "HEAD").exists():
+            tmp = self.path.with_name(self.path.name + ".new")
+            shutil.rmtree(tmp, ignore_errors=True)
+            git.cmd.Git().execute(["git", "init", "-q", "--bare", str(tmp)])
+            config = {
+                "remote.origin.url": self.url,
+                "remote.origin.fetch": "+refs/heads/*:refs/remotes/origin/*",
+            }
+            if is_url(self.url):
+                config |= {"remote.origin.promisor": "true", "remote.origin.partialclonefilter": "blob:none"}
+            for key, value in config.items():
+                git.cmd.Git().execute(["git", "--git-dir", str(tmp), "config", key, value])
+            tmp.rename(self.path)
+        partial = ["--filter=blob:none"] if is_url(self.url) else []
+        self._git(f"fetch {name}", "fetch", "-q", "--prune", *partial, "origin")
+
+    def refresh(self) -> None:
+        with self._locked():
+            self._fetch()
+
+    def _resolve(self, ref: str) -> str:
+        for candidate in (f"refs/remotes/origin/{ref}", ref):
+            with contextlib.suppress(GitError, GitDenied):
+                return self._git(f"rev-parse {ref}", "rev-parse", "--verify", "-q", f"{candidate}^{{commit}}")
+        raise GitRefNotFound(f"{redact_url(self.url)}: no branch, tag or commit named {ref!r}")
+
+    def _any_commit(self) -> str:
+        out = self._git(
+            "list branches", "for-each-ref", "--count=1", "--format=%(objectname)", "refs/remotes/origin"
+        )
+        if not out.strip():
+            raise GitRefNotFound(f"{redact_url(self.url)} has no branch yet")
+        return out.strip()
+
+    @contextlib.contextmanager
+    def worktree(self, ref: str | None = None) -> Iterator[git.Repo]:
+        """A work tree of its own, fresh from the remote, at ``ref`` (else no files checked out)."""
+        with tempfile.TemporaryDirectory(prefix="twincd-git-") as tmp:
+            work = str(Path(tmp) / "work")
+            with self._locked():
+                self._fetch()
+                self._git("prune work trees", "worktree", "prune")
+                start = self._resolve(ref) if ref is not None else self._any_commit()
+                no_checkout = [] if ref is not None else ["--no-checkout"]
+                self._git("worktree add", "worktree", "add", "-q", "--detach", *no_checkout, work, start)
+            try:
+                repo = git.Repo(work)
+                with repo:  # ends git's persistent cat-file processes before the directory goes
+                    repo.git.update_environment(**self.auth.env())
+                    yield repo
+            finally:
+                with self._locked(), contextlib.suppress(GitError, GitDenied):
+                    self._git("worktree remove", "worktree", "remove", "--force", work)
+
+    def contains(self, commit: str, rev: str) -> bool | None:
+        """Whether ``rev`` contains ``commit``; None when the mirror does not know one of them."""
+        argv = ["git", "--git-dir", str(self.path), "merge-base", "--is-ancestor", commit, rev]
+        try:
+            git.cmd.Git().execute(argv)
+            return True
+        except git.GitCommandError as e:
+            return False if e.status == 1 else None  # 1: both known, not an ancestor
+
+
 @contextlib.contextmanager
-def _clone(repo_url: str, *, ref: str | None = None, auth: GitAuth = NO_AUTH) -> Iterator[git.Repo]:
-    """A temporary clone of ``repo_url``, checked out at ``ref`` (branch, tag or commit) if given.
+def _clone(
+    repo_url: str, *, ref: str | None = None, auth: GitAuth = NO_AUTH, mirror: Mirror | None = None
+) -> Iterator[git.Repo]:
+    """A temporary clone of ``repo_url``, checked out at ``ref`` (branch, tag or commit) if given;
+    a work tree of ``mirror`` when there is one (no clone at all).
 
     Partial (``--filter=blob:none``) from a remote: history comes without old file contents, and the
     blobs a checkout or a diff needs are fetched on demand (with the same credentials).
     """
+    if mirror is not None:
+        with mirror.worktree(ref) as work:
+            yield work
+        return
     env = auth.env()
     partial = ["--filter=blob:none"] if is_url(repo_url) else None
     with tempfile.TemporaryDirectory(prefix="twincd-git-") as tmp:
@@ -189,14 +297,16 @@ def _diff(repo: git.Repo, base: str, head: str) -> str:
     return str(repo.git.diff(f"{base}...{head}"))
 
 
-def _in_fresh_clone(repo_url: str, body: Callable[[git.Repo], T], auth: GitAuth = NO_AUTH) -> T:
+def _in_fresh_clone(
+    repo_url: str, body: Callable[[git.Repo], T], auth: GitAuth = NO_AUTH, mirror: Mirror | None = None
+) -> T:
     """Run ``body`` in a fresh clone; when its push is rejected (someone pushed first), start over.
 
     Rebase-and-retry without a real rebase: our edits are pure functions of the files, so doing
     them again on the new remote state is exact.
     """
     for attempt in range(PUSH_ATTEMPTS):
-        with _clone(repo_url, auth=auth) as repo:
+        with _clone(repo_url, auth=auth, mirror=mirror) as repo:
             try:
                 return body(repo)
             except PushRejected:
@@ -230,7 +340,14 @@ _AS_TWINCD = {
 
 
 def write_release_branch(
-    *, repo_url: str, target: str, branch: str, edit: Edit, message: str, auth: GitAuth = NO_AUTH
+    *,
+    repo_url: str,
+    target: str,
+    branch: str,
+    edit: Edit,
+    message: str,
+    auth: GitAuth = NO_AUTH,
+    mirror: Mirror | None = None,
 ) -> ReleaseBranch:
     """Make ``branch`` hold ``target`` plus ``edit``, push it, and return its diff against ``target``.
 
@@ -243,7 +360,8 @@ def write_release_branch(
     def body(repo: git.Repo) -> ReleaseBranch:
         target_ref, existing = _branches(repo, repo_url, target, branch)
         base = target_ref.commit.hexsha
-        repo.git.checkout("-B", branch, target_ref.name)
+        # Detached: work trees of one mirror share its branches, and twincd pushes HEAD anyway.
+        repo.git.checkout("--detach", target_ref.name)
         work = Path(str(repo.working_tree_dir))
         files, changes = edit(work)
         if not changes:
@@ -263,7 +381,7 @@ def write_release_branch(
         _push(repo, branch, replacing=existing.commit.hexsha if existing is not None else None)
         return ReleaseBranch(branch, commit.hexsha, base, changes, True, _diff(repo, base, commit.hexsha))
 
-    return _in_fresh_clone(repo_url, body, auth)
+    return _in_fresh_clone(repo_url, body, auth, mirror)
 
 
 def branch_head(*, repo_url: str, branch: str, auth: GitAuth = NO_AUTH) -> str | None:
@@ -277,7 +395,15 @@ def branch_head(*, repo_url: str, branch: str, auth: GitAuth = NO_AUTH) -> str |
     return line.split()[0] if line else None
 
 
-def merge_branch(*, repo_url: str, source: str, target: str, message: str, auth: GitAuth = NO_AUTH) -> str:
+def merge_branch(
+    *,
+    repo_url: str,
+    source: str,
+    target: str,
+    message: str,
+    auth: GitAuth = NO_AUTH,
+    mirror: Mirror | None = None,
+) -> str:
     """Merge ``source`` into ``target`` with a merge commit and push; return the merge commit.
 
     "Already merged" is success: the existing merge commit (the first commit on ``target`` whose
@@ -290,7 +416,7 @@ def merge_branch(*, repo_url: str, source: str, target: str, message: str, auth:
             raise GitRefNotFound(f"{redact_url(repo_url)}: source branch {source!r} does not exist")
         if repo.is_ancestor(src.commit, tgt.commit):
             return _merge_commit_of(repo, src.commit.hexsha, tgt.name)
-        repo.git.checkout("-B", target, tgt.name)
+        repo.git.checkout("--detach", tgt.name)
         try:
             repo.git.merge("--no-ff", "-m", message, src.name, env=_AS_TWINCD)
         except git.GitCommandError as e:
@@ -301,12 +427,14 @@ def merge_branch(*, repo_url: str, source: str, target: str, message: str, auth:
         _push(repo, target)
         return str(repo.head.commit.hexsha)
 
-    return _in_fresh_clone(repo_url, body, auth)
+    return _in_fresh_clone(repo_url, body, auth, mirror)
 
 
-def merged_into(*, repo_url: str, source: str, target: str, auth: GitAuth = NO_AUTH) -> str | None:
+def merged_into(
+    *, repo_url: str, source: str, target: str, auth: GitAuth = NO_AUTH, mirror: Mirror | None = None
+) -> str | None:
     """The merge commit that brought ``source``'s head into ``target``, or None when it is not merged."""
-    with _clone(repo_url, auth=auth) as repo:
+    with _clone(repo_url, auth=auth, mirror=mirror) as repo:
         tgt, src = _branches(repo, repo_url, target, source)
         if src is None or not repo.is_ancestor(src.commit, tgt.commit):
             return None
@@ -349,7 +477,13 @@ def tag_commit(*, repo_url: str, tag: str, auth: GitAuth = NO_AUTH) -> str:
 
 
 def write_revert_branch(
-    *, repo_url: str, target: str, branch: str, merge_commits: list[str], auth: GitAuth = NO_AUTH
+    *,
+    repo_url: str,
+    target: str,
+    branch: str,
+    merge_commits: list[str],
+    auth: GitAuth = NO_AUTH,
+    mirror: Mirror | None = None,
 ) -> ReleaseBranch:
     """Make ``branch`` (from ``target``) hold a `git revert -m 1` of each merge commit, in the order given.
 
@@ -365,7 +499,7 @@ def write_revert_branch(
         if existing is not None and not repo.is_ancestor(existing.commit, target_ref.commit):
             head = existing.commit.hexsha  # not merged yet: an earlier run's revert, reused
             return ReleaseBranch(branch, head, base, (), False, _diff(repo, base, head))
-        repo.git.checkout("-B", branch, target_ref.name)
+        repo.git.checkout("--detach", target_ref.name)
         for sha in merge_commits:
             try:
                 repo.git.revert("--no-edit", "-m", "1", sha, env=_AS_TWINCD)
@@ -378,18 +512,36 @@ def write_revert_branch(
         head = repo.head.commit.hexsha
         return ReleaseBranch(branch, head, base, (), True, _diff(repo, base, head))
 
-    return _in_fresh_clone(repo_url, body, auth)
+    return _in_fresh_clone(repo_url, body, auth, mirror)
 
 
 @contextlib.contextmanager
 def contains_checker(
-    repo_url: str, commit: str, *, auth: GitAuth = NO_AUTH
+    repo_url: str, commit: str, *, auth: GitAuth = NO_AUTH, mirror: Mirror | None = None
 ) -> Iterator[Callable[[str], bool]]:
-    """A test "does revision ``rev`` contain ``commit``?", answered from a local bare clone.
+    """A test "does revision ``rev`` contain ``commit``?", answered from a local bare clone (the
+    mirror, when there is one).
 
     Revisions the clone does not know yet (pushed after it was made) trigger one fetch; answers
     are cached. Safe to call from several threads.
     """
+    if mirror is not None:
+        mirror.refresh()
+        known: dict[str, bool] = {}
+
+        def in_mirror(rev: str) -> bool:
+            if rev not in known:
+                answer = mirror.contains(commit, rev)
+                if answer is None:
+                    mirror.refresh()
+                    answer = mirror.contains(commit, rev)
+                if answer is None:
+                    return False  # still unknown: not ours to judge
+                known[rev] = answer
+            return known[rev]
+
+        yield in_mirror
+        return
     with tempfile.TemporaryDirectory(prefix="twincd-ancestry-") as tmp:
         # Commits only: ancestry needs no file contents (a local path ignores the filter).
         env = auth.env()
@@ -427,19 +579,25 @@ def contains_checker(
 
 
 @contextlib.contextmanager
-def checkout(repo_url: str, *, ref: str, auth: GitAuth = NO_AUTH) -> Iterator[Path]:
+def checkout(
+    repo_url: str, *, ref: str, auth: GitAuth = NO_AUTH, mirror: Mirror | None = None
+) -> Iterator[Path]:
     """A temporary work tree of ``repo_url`` at ``ref``, as a plain directory (no GitPython outside)."""
-    with _clone(repo_url, ref=ref, auth=auth) as repo:
+    with _clone(repo_url, ref=ref, auth=auth, mirror=mirror) as repo:
         yield Path(str(repo.working_tree_dir))
 
 
 class GitManifests:
     """The manifests monorepo (the ``Manifests`` port): every operation in a fresh clone."""
 
-    def __init__(self, *, repo_url: str, branch: str, auth: GitAuth = NO_AUTH) -> None:
+    def __init__(
+        self, *, repo_url: str, branch: str, auth: GitAuth = NO_AUTH, cache_dir: Path | None = None
+    ) -> None:
         self._url = repo_url
         self._branch = branch
         self._auth = auth
+        # One mirror per worker's state dir: no operation clones the monorepo again.
+        self._mirror = Mirror(repo_url, cache_dir, auth) if cache_dir is not None else None
 
     @property
     def name(self) -> str:
@@ -456,7 +614,7 @@ class GitManifests:
         return head
 
     def checkout(self, revision: str) -> contextlib.AbstractContextManager[Path]:
-        return checkout(self._url, ref=revision, auth=self._auth)
+        return checkout(self._url, ref=revision, auth=self._auth, mirror=self._mirror)
 
     def write_branch(self, *, branch: str, edit: Edit, message: str) -> ReleaseBranch:
         return write_release_branch(
@@ -466,6 +624,7 @@ class GitManifests:
             edit=edit,
             message=message,
             auth=self._auth,
+            mirror=self._mirror,
         )
 
     def write_revert(self, *, branch: str, merge_commits: Sequence[str]) -> ReleaseBranch:
@@ -475,13 +634,16 @@ class GitManifests:
             branch=branch,
             merge_commits=list(merge_commits),
             auth=self._auth,
+            mirror=self._mirror,
         )
 
     def merged_into(self, source: str) -> str | None:
-        return merged_into(repo_url=self._url, source=source, target=self._branch, auth=self._auth)
+        return merged_into(
+            repo_url=self._url, source=source, target=self._branch, auth=self._auth, mirror=self._mirror
+        )
 
     def ancestry(self, commit: str) -> contextlib.AbstractContextManager[Callable[[str], bool]]:
-        return contains_checker(self._url, commit, auth=self._auth)
+        return contains_checker(self._url, commit, auth=self._auth, mirror=self._mirror)
 
 
 class GitSource:
