@@ -165,7 +165,12 @@ def forge(env: Environment) -> Iterator[Forge]:
             yield gitlab
     else:
         url, auth = _repo(env, env.manifests.repo)
-        yield LocalForge(repo_url=url, records_dir=env.state_path / "forge", auth=auth)
+        yield LocalForge(
+            repo_url=url,
+            records_dir=env.state_path / "forge",
+            auth=auth,
+            cache_dir=env.state_path / "git-cache",
+        )
 
 
 def notifiers(env: Environment, *, logger: Logger, threads: bool = True) -> list[Notifier]:

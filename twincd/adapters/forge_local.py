@@ -39,9 +39,12 @@ class LocalForge:
         records_dir: Path,
         poll_seconds: float = 2,
         auth: gitrepo.GitAuth = gitrepo.NO_AUTH,
+        cache_dir: Path | None = None,
     ) -> None:
         self.repo_url = repo_url
         self._auth = auth
+        # Merges work in the manifests port's mirror when there is one: no clone per merge.
+        self._mirror = gitrepo.Mirror(repo_url, cache_dir, auth) if cache_dir is not None else None
         self.records_dir = records_dir
         self._poll = poll_seconds
 
@@ -168,6 +171,7 @@ class LocalForge:
             target=mr.target_branch,
             message=f"Merge branch '{mr.source_branch}'\n\n{mr.title}\n\nApproved-by: {approved_by}",
             auth=self._auth,
+            mirror=self._mirror,
         )
         return self._save(replace(current, state="merged", merge_commit=sha, sha=head, merged_by=approved_by))
 
