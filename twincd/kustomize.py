@@ -256,9 +256,11 @@ def set_image(text: str, *, file: str, image: str, ref: ImageRef) -> EditResult:
     )
     at = _next_line(text, _last_end(last))
     # Comment lines right after the last entry, indented as the list's items, are the list's (a
-    # note about what follows, a commented-out entry): the new entry goes after them.
+    # note about what follows, a commented-out entry): the new entry goes after them. When the
+    # list is not indented past its key (kustomize's own layout), a comment there may as well be
+    # about the next key: it stays where it is.
     column = dash - _line_start(text, dash)
-    while at < len(text):
+    while column > int(key.start_mark.column) and at < len(text):
         line = text[at : _line_end(text, at)]
         if not line.lstrip().startswith("#") or len(line) - len(line.lstrip()) < column:
             break
@@ -459,17 +461,46 @@ def _strings(node: Any) -> Iterable[str]:
             yield from _strings(item)
 
 
+# Among kustomize_inputs: the overlay reads something this cannot follow (a remote base, a Helm
+# chart, a kustomization PyYAML cannot parse although kustomize may).
+UNKNOWN = "<unknown>"
+
+
+def _outside(name: str) -> bool:
+    return posixpath.isabs(name) or name == ".." or name.startswith("../")
+
+
+def _in_repo(root: Path, name: str) -> str | None:
+    """``name`` as a path in the repo with symlinks resolved (kustomize follows them), or None when
+    it does not exist or leads out of the repo."""
+    try:
+        real = (root / name).resolve(strict=True).relative_to(root.resolve())
+    except (OSError, ValueError):
+        return None
+    return real.as_posix() if str(real) != "." else "."
+
+
+# The fields that name other kustomizations or files kustomize may fetch from a remote.
+_REFERENCES = ("resources", "bases", "components", "generators", "transformers", "validators", "crds")
+
+
+def _looks_remote(value: str) -> bool:
+    """A remote base or file: ``https://``, ``git@host:``, ``github.com/org/repo/path?ref=``."""
+    return "://" in value or value.startswith("git@") or "?ref=" in value or "//" in value.lstrip("/")
+
+
 def kustomize_inputs(root: Path, path: str) -> frozenset[str]:
     """The repo paths ``kubectl kustomize <path>`` reads: the directory itself and, followed
     through every kustomization on the way, each existing local file or directory a kustomization
-    names (resources, components, patches, generator files...). Over-approximating is safe (an
-    unneeded render); missing one would leave an Application stale, so every string that names an
-    existing path counts."""
+    names (resources, components, patches, generator files...), symlinks resolved; ``UNKNOWN`` when
+    it reads what cannot be followed here (a remote base, a chart, a file PyYAML cannot parse).
+    Over-approximating is safe (an unneeded render); missing one would leave a render stale, so
+    every string that names an existing path counts, whole or after a generator's ``key=``."""
     seen: set[str] = set()
     todo = [posixpath.normpath(path)]
     while todo:
         current = todo.pop()
-        if current in seen or current.startswith(".."):
+        if current in seen or _outside(current):
             continue
         seen.add(current)
         directory = root / current
@@ -479,18 +510,26 @@ def kustomize_inputs(root: Path, path: str) -> frozenset[str]:
         try:
             kustomization = yaml.safe_load(file.read_text())
         except yaml.YAMLError:
-            continue  # kustomize says what is wrong when it renders
+            seen.add(UNKNOWN)
+            continue
+        if isinstance(kustomization, dict) and (
+            kustomization.get("helmCharts")
+            or any(_looks_remote(v) for k in _REFERENCES for v in _strings(kustomization.get(k)))
+        ):
+            seen.add(UNKNOWN)  # a chart or a base fetched from elsewhere
         for value in _strings(kustomization):
-            candidate = value.rpartition("=")[2]  # generators name files as "key=path"
-            if "://" in candidate or not candidate:
+            if "://" in value:
                 continue
-            named = posixpath.normpath(posixpath.join(current, candidate))
-            if named.startswith("..") or not (root / named).exists():
-                continue
-            if (root / named).is_dir():
-                todo.append(named)
-            else:
-                seen.add(named)
+            for candidate in {value, value.rpartition("=")[2]}:  # generators name files as "key=path"
+                if not candidate or posixpath.isabs(candidate):
+                    continue
+                named = _in_repo(root, posixpath.join(current, candidate))
+                if named is None:
+                    continue
+                if (root / named).is_dir():
+                    todo.append(named)
+                else:
+                    seen.add(named)
     return frozenset(seen)
 
 
@@ -500,13 +539,17 @@ def touches(changed: Iterable[str], inputs: Iterable[str]) -> bool:
     return "." in inputs or any(f in inputs or f.startswith(prefixes) for f in changed)
 
 
-def inputs_digest(root: Path, path: str) -> str:
+def inputs_digest(root: Path, path: str) -> str | None:
     """A digest of everything ``kubectl kustomize <path>`` reads in the work tree ``root``: the
     paths of :func:`kustomize_inputs` and every file below them, names and bytes. Equal digests
-    render equally, whichever commit they come from, so a render can be kept by it."""
+    render equally, whichever commit they come from, so a render can be kept by it. None when the
+    overlay reads what no digest here can vouch for (``UNKNOWN``)."""
+    inputs = kustomize_inputs(root, path)
+    if UNKNOWN in inputs:
+        return None
     digest = hashlib.sha256(path.encode())
     files: set[Path] = set()
-    for name in kustomize_inputs(root, path):
+    for name in inputs:
         where = root / name
         if where.is_dir():
             files.update(

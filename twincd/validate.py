@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -96,7 +98,7 @@ def parse_documents(text: str, *, source: str = "rendered output") -> list[dict[
     """The YAML documents of ``text`` (empty ones skipped); each must be a mapping."""
     try:
         docs = [d for d in load_documents(text) if d is not None]
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:  # PyYAML's int() of a plain "0x_" raises ValueError
         raise ManifestError(f"{source}: not valid YAML: {e}") from e
     for i, doc in enumerate(docs):
         if not isinstance(doc, dict):
@@ -339,18 +341,27 @@ def validate_overlays(
 
 def _cached_render(repo_dir: Path, overlay: str, cache_dir: Path) -> str:
     """``render_overlay``, kept in ``cache_dir`` by the digest of what the overlay reads (and of the
-    renderer): a commit that does not touch an overlay's inputs does not render it again."""
+    renderer): a commit that does not touch an overlay's inputs does not render it again. An
+    overlay with a remote base is always rendered."""
+    inputs = inputs_digest(repo_dir, overlay)
+    if inputs is None:
+        return render_overlay(repo_dir, overlay)
     renderer = shutil.which("kustomize") or shutil.which("kubectl") or ""
     stamp = f"{renderer}:{Path(renderer).stat().st_mtime_ns if renderer else 0}"
-    key = hashlib.sha256(f"{stamp}\0{inputs_digest(repo_dir, overlay)}".encode()).hexdigest()
+    key = hashlib.sha256(f"{stamp}\0{inputs}".encode()).hexdigest()
     cached = cache_dir / f"{key}.yaml"
     if cached.is_file():
         return cached.read_text()
     text = render_overlay(repo_dir, overlay)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_suffix(f".{threading.get_ident()}.tmp")
-    partial.write_text(text)
-    partial.replace(cached)  # atomic: concurrent renders of one overlay write the same bytes
+    # A file of its own, complete on disk before it takes the name: a concurrent render (another
+    # thread or worker) or a crash never leaves a partial render under the name.
+    descriptor, partial = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+    with os.fdopen(descriptor, "w") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(partial, cached)
     return text
 
 

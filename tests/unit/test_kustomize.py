@@ -24,6 +24,7 @@ IMAGE_OLD = {
     "digest_to_new_digest": f"registry.example.com/team/hello@{OLD_DIGEST}",
     "entry_missing": "",
     "entry_after_list_comments": "",
+    "entry_before_next_key_comments": "",
     "images_missing": "",
     "images_empty": "",
     "several_images_comments": "old-registry.example.com/hello:v1.1.0",
@@ -214,3 +215,36 @@ def test_switch_components_and_pinned_digests_read_a_work_tree(tmp_path: Path) -
         work, image="hello", files={"eks": rel, "aks": "overlays/aks/hello/kustomization.yaml"}
     )
     assert pins == {"eks": OLD_DIGEST, "aks": None}
+
+
+def test_inputs_digest_follows_what_kustomize_reads_and_declines_remote_bases(tmp_path: Path) -> None:
+    from twincd.kustomize import inputs_digest, kustomize_inputs
+
+    files = {
+        "lib/real/base/kustomization.yaml": "resources: [../../common]\n",
+        "lib/common/kustomization.yaml": "resources: [c.yaml]\n",
+        "lib/common/c.yaml": "kind: ConfigMap\n",
+        "shared/env=prod/kustomization.yaml": "resources: []\n",
+        "app/overlay/kustomization.yaml": (
+            "resources: [../base, ../../shared/env=prod]\n"
+            "configMapGenerator: [{name: c, literals: [CERTS=/etc/ssl, ROOT=/]}]\n"
+            "commonAnnotations: {docs: 'https://example.com/runbook'}\n"
+        ),
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / "app/base").symlink_to(tmp_path / "lib/real/base")  # kustomize follows the link
+    inputs = kustomize_inputs(tmp_path, "app/overlay")
+    assert {"lib/real/base", "lib/common", "shared/env=prod"} <= inputs  # resolved, whole names too
+    assert not any(i.startswith("/") for i in inputs)  # literals naming absolute paths are not read
+    before = inputs_digest(tmp_path, "app/overlay")
+    assert before is not None  # a URL in an annotation is no remote base
+    (tmp_path / "lib/common/c.yaml").write_text("kind: ConfigMap\nmetadata: {name: changed}\n")
+    assert inputs_digest(tmp_path, "app/overlay") != before
+
+    remote = "resources:\n- https://github.com/org/repo//deploy?ref=main\n"
+    (tmp_path / "app/overlay/kustomization.yaml").write_text(remote)
+    assert inputs_digest(tmp_path, "app/overlay") is None  # its content may change with no commit here
+    (tmp_path / "app/overlay/kustomization.yaml").write_text("resources: [a?b]\n")  # PyYAML refuses it
+    assert inputs_digest(tmp_path, "app/overlay") is None

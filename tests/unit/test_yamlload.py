@@ -18,7 +18,8 @@ NaN 1_0.5 6.8523015e+5 685.230_15e+03 190:20:30.15 2001-12-14 2001-12-14t21:59:4
 2001-12-14T21:59:43Z 2001-12-14 21:59:43.10 = << 0.1.2 1.2.3 v1 8080 1e 0e0 0.0 +0.5 0x 0b 0o 12e03
 1__2 sha256:0123 hello 127.0.0.1:5000/hello@sha256:ab http://x/y a-b -a 3Gi 500m 1.5Gi 0.5 '8080'
 "on" 'no' "2001-12-14" 100% 50m 1_2:3"""
-SCALARS = [*_WORDS.split(), "'yes please'", '"a: b"', "it is on", "turn it off now"]
+_MORE = "-.5 +.5 _1 -_1 ._5 -_1e3 .iNF .InF .nAn -.iNf 0x_ 0b_"
+SCALARS = [*_WORDS.split(), *_MORE.split(), "'yes please'", '"a: b"', "it is on", "turn it off now"]
 
 LAYOUTS = [
     "k: {s}\n",
@@ -36,6 +37,13 @@ LAYOUTS = [
     "# a comment\n---\nk: {s}\n...\n",
     "k: &a {s}\nj: *a\n",
     "k: !!str {s}\n",
+    "k:\n  {s}\n",
+    "k: # a comment\n  {s}\n",
+    "-\n  {s}\n",
+    "k: [\n  {s}\n]\n",
+    "k: {{\n  a: {s} }}\n",
+    "k:\n  [\n  {s}]\n",
+    "k: {s}\r\n",
 ]
 
 
@@ -48,14 +56,14 @@ def same(a: Any, b: Any) -> bool:
 def pyyaml(text: str) -> list[Any] | str:
     try:
         return list(yaml.load_all(text, Loader=KubeLoader))
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:  # PyYAML's int() of "0x_" raises ValueError
         return f"error: {e}"
 
 
 def fast(text: str) -> list[Any] | str:
     try:
         return load_documents(text)
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:
         return f"error: {e}"
 
 
@@ -89,6 +97,22 @@ def test_every_scalar_shape_loads_as_pyyaml_loads_it(layout: str) -> None:
         "a:\n\t- b\n",  # a tab
         'a: "unterminated\n',
         "a: 'it''s'\nb: \"\\u00e9\\t\"\n",
+        "k: v\r\n---\r\nj: w\r\n",
+        "--- \r\nk: v\r\n",
+        "\ufeffk: v\n",
+        "k: yes\u2028\n",
+        "k: a\u2028  b\n",
+        "k: \x85\n",
+        "k: a\x7f\n",
+        "k: a\x80\n",
+        "k: a\x00\n",
+        "k: \ufffe\n",
+        "k: a\x85b\n",
+        'k: "\\ud83d\\ude00"\n',
+        "k: |\n\n",
+        "- |\n  \n",
+        "k: |\n\n---\nj: 1\n",
+        "k: >+\n  a\n\n",
     ],
 )
 def test_document_structure_and_errors_are_pyyamls(text: str) -> None:

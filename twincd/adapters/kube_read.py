@@ -192,6 +192,7 @@ def read_cluster(
             for scope in scopes:
                 if scope not in listed:
                     listed[scope] = reader.list(scope)
+            # Shared between the apps that list one scope: read only, never changed in place.
             live = [obj for scope in scopes for obj in listed[scope]]
             apps.append(AppRead(app, placed, tuple(live)))
         return ClusterRead(ref.name, tuple(apps), reader.lists, reader.calls)

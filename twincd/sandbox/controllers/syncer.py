@@ -55,7 +55,7 @@ import yaml
 
 from twincd.drift import place_namespaces
 from twincd.errors import PermanentError, TransientError
-from twincd.kustomize import OVERLAY_FILES, kustomize_inputs, touches
+from twincd.kustomize import OVERLAY_FILES, UNKNOWN, kustomize_inputs, touches
 from twincd.sandbox.controllers.health import (
     MISSING,
     Comparison,
@@ -399,6 +399,7 @@ class ManifestsSyncer:
             last is not None
             and last.path == path
             and not last.error
+            and UNKNOWN not in last.inputs
             and not touches(self._git.changed(last.commit, commit), last.inputs)
         ):
             kept = replace(last, commit=commit)
