@@ -109,7 +109,7 @@ def set_image(
         f"{', '.join(overlays)}.\n\nSource: {release.commit}\n"
     )
     edit = kustomize.pin_images(repo=env.manifests.repo, image=image, pins=pins)
-    return wiring.manifests(env).write_branch(branch=branch, edit=edit, message=message)
+    return wiring.manifests(env).write_branch(branch=branch, edit=edit, message=message, overlays=overlays)
 
 
 @task(name="revert-branch", **IO_RETRIES)
@@ -122,7 +122,8 @@ def revert_branch(env: Environment, branch: str, merge_commits: Sequence[str]) -
 def read_pins(env: Environment, app: str, revision: str) -> dict[str, str | None]:
     """The digest each cluster's overlay of the app pins at ``revision`` (None: not pinned)."""
     files = {name: f"{env.app_overlay(app, name)}/kustomization.yaml" for name in env.clusters}
-    with wiring.manifests(env).checkout(revision) as work:
+    overlays = [env.app_overlay(app, name) for name in env.clusters]
+    with wiring.manifests(env).checkout(revision, overlays=overlays) as work:
         return kustomize.pinned_digests(work, image=env.app(app).image, files=files)
 
 
@@ -144,7 +145,7 @@ def validate(
 ) -> ValidationReport:
     """Render and check the app's overlay of each cluster at the head of the MR's branch."""
     overlays = [env.app_overlay(app, name) for name in clusters]
-    with wiring.manifests(env).checkout(branch.head) as work:
+    with wiring.manifests(env).checkout(branch.head, overlays=overlays) as work:
         return validate_overlays(
             work,
             overlays,
@@ -211,7 +212,7 @@ def apply_overlay(env: Environment, app: str, cluster_name: str, revision: str) 
     The overlay is rendered from a checkout at ``revision`` first: what is applied is what was merged.
     """
     overlay = env.app_overlay(app, cluster_name)
-    with wiring.manifests(env).checkout(revision) as work:
+    with wiring.manifests(env).checkout(revision, overlays=[overlay]) as work:
         objects = parse_documents(render_overlay(work, overlay), source=overlay)
     return wiring.cluster(env, cluster_name).apply(objects)
 

@@ -489,13 +489,16 @@ def _looks_remote(value: str) -> bool:
     return "://" in value or value.startswith("git@") or "?ref=" in value or "//" in value.lstrip("/")
 
 
-def kustomize_inputs(root: Path, path: str) -> frozenset[str]:
+def kustomize_inputs(root: Path, path: str, *, missing: bool = False) -> frozenset[str]:
     """The repo paths ``kubectl kustomize <path>`` reads: the directory itself and, followed
     through every kustomization on the way, each existing local file or directory a kustomization
     names (resources, components, patches, generator files...), symlinks resolved; ``UNKNOWN`` when
     it reads what cannot be followed here (a remote base, a chart, a file PyYAML cannot parse).
     Over-approximating is safe (an unneeded render); missing one would leave a render stale, so
-    every string that names an existing path counts, whole or after a generator's ``key=``."""
+    every string that names an existing path counts, whole or after a generator's ``key=``.
+
+    ``missing=True`` also returns the names that do not exist in ``root`` (not followed): what a
+    sparse work tree must check out before it can tell."""
     seen: set[str] = set()
     todo = [posixpath.normpath(path)]
     while todo:
@@ -517,20 +520,28 @@ def kustomize_inputs(root: Path, path: str) -> frozenset[str]:
             or any(_looks_remote(v) for k in _REFERENCES for v in _strings(kustomization.get(k)))
         ):
             seen.add(UNKNOWN)  # a chart or a base fetched from elsewhere
-        for value in _strings(kustomization):
-            if "://" in value:
-                continue
-            for candidate in {value, value.rpartition("=")[2]}:  # generators name files as "key=path"
-                if not candidate or posixpath.isabs(candidate):
-                    continue
-                named = _in_repo(root, posixpath.join(current, candidate))
-                if named is None:
-                    continue
-                if (root / named).is_dir():
-                    todo.append(named)
-                else:
-                    seen.add(named)
+        for joined in _named(current, kustomization):
+            named = _in_repo(root, joined)
+            if named is None:
+                if missing:
+                    seen.add(joined)
+            elif (root / named).is_dir():
+                todo.append(named)
+            else:
+                seen.add(named)
     return frozenset(seen)
+
+
+def _named(current: str, kustomization: Any) -> Iterable[str]:
+    """The repo paths a kustomization's strings may name, whole or after a generator's ``key=``."""
+    for value in _strings(kustomization):
+        if "://" in value:
+            continue
+        for candidate in {value, value.rpartition("=")[2]}:
+            if candidate and not posixpath.isabs(candidate):
+                joined = posixpath.normpath(posixpath.join(current, candidate))
+                if not _outside(joined):
+                    yield joined
 
 
 def touches(changed: Iterable[str], inputs: Iterable[str]) -> bool:

@@ -187,12 +187,18 @@ class Manifests(Protocol):
         """The commit the target branch points at now."""
         ...
 
-    def checkout(self, revision: str) -> AbstractContextManager[Path]:
-        """A throwaway work tree at ``revision`` (branch, tag or commit), as a plain directory."""
+    def checkout(
+        self, revision: str, *, overlays: Sequence[str] | None = None
+    ) -> AbstractContextManager[Path]:
+        """A throwaway work tree at ``revision`` (branch, tag or commit), as a plain directory;
+        ``overlays``: only they and what they read need to be there (None: the whole tree)."""
         ...
 
-    def write_branch(self, *, branch: str, edit: Edit, message: str) -> ReleaseBranch:
-        """Make ``branch`` hold the target plus ``edit`` and push it (nothing when already so)."""
+    def write_branch(
+        self, *, branch: str, edit: Edit, message: str, overlays: Sequence[str] | None = None
+    ) -> ReleaseBranch:
+        """Make ``branch`` hold the target plus ``edit`` and push it (nothing when already so);
+        ``overlays``: the only files ``edit`` reads are theirs."""
         ...
 
     def write_revert(self, *, branch: str, merge_commits: Sequence[str]) -> ReleaseBranch:

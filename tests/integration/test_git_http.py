@@ -29,6 +29,7 @@ from twincd.sandbox.githttp import create_app
 from twincd.sandbox.procs import free_port
 from twincd.sandbox.seed import seed_app, seed_manifests
 from twincd.sandbox.serving import ServedApp, serve_asgi
+from twincd.validate import render_overlay
 
 TOKEN = "glpat-git-http-test-token"
 OVERLAY = "overlays/eks/hello/kustomization.yaml"
@@ -153,6 +154,13 @@ def test_one_mirror_serves_every_operation_over_authenticated_http(
     assert all(b.committed and b.base == head for b in branches)
     with manifests.checkout(first.head) as work:
         assert (work / OVERLAY).read_text().endswith("# v1\n")
+    # Only the overlay and what it reads (its base, its component), followed level by level.
+    with manifests.checkout(first.head, overlays=["overlays/eks/hello"]) as work:
+        present = {str(p.relative_to(work)) for p in work.rglob("*") if p.is_file() and ".git" not in p.parts}
+        assert OVERLAY in present and "base/hello/deployment.yaml" in present
+        assert "components/active/kustomization.yaml" in present
+        assert not any(p.startswith(("overlays/aks/", "components/standby/")) for p in present), present
+        assert "kind: Deployment" in render_overlay(work, "overlays/eks/hello")
     with manifests.ancestry(head) as contains:
         assert contains(first.head) and all(contains(b.head) for b in branches)
     assert (mirror / "HEAD").stat().st_ino == inode  # the same mirror all along: never cloned again

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import posixpath
 import re
 import shlex
 import shutil
@@ -29,6 +30,7 @@ import git
 from twincd.adapters.secrets import Secret
 from twincd.domain import ReleaseBranch as ReleaseBranch  # re-exported: the type git writes
 from twincd.errors import PermanentError, TransientError
+from twincd.kustomize import UNKNOWN, kustomize_inputs
 from twincd.ports import Edit
 
 AUTHOR = git.Actor("twincd", "twincd@localhost")
@@ -222,20 +224,28 @@ class Mirror:
         return out.strip()
 
     @contextlib.contextmanager
-    def worktree(self, ref: str | None = None) -> Iterator[git.Repo]:
-        """A work tree of its own, fresh from the remote, at ``ref`` (else no files checked out)."""
+    def worktree(self, ref: str | None = None, *, sparse: Sequence[str] | None = None) -> Iterator[git.Repo]:
+        """A work tree of its own, fresh from the remote, at ``ref`` (else no files checked out yet).
+
+        ``sparse``: only these overlays and what they read (:func:`twincd.kustomize.kustomize_inputs`,
+        followed until nothing new turns up) are checked out, as a non-cone sparse checkout; git
+        keeps every other path in the index, so commits, merges and reverts made here carry the
+        whole tree. A monorepo of hundreds of apps then costs a task the files of one.
+        """
         with tempfile.TemporaryDirectory(prefix="twincd-git-") as tmp:
             work = str(Path(tmp) / "work")
             with self._locked():
                 self._fetch()
                 self._git("prune work trees", "worktree", "prune")
                 start = self._resolve(ref) if ref is not None else self._any_commit()
-                no_checkout = [] if ref is not None else ["--no-checkout"]
+                no_checkout = [] if ref is not None and sparse is None else ["--no-checkout"]
                 self._git("worktree add", "worktree", "add", "-q", "--detach", *no_checkout, work, start)
             try:
                 repo = git.Repo(work)
                 with repo:  # ends git's persistent cat-file processes before the directory goes
                     repo.git.update_environment(**self.auth.env())
+                    if sparse is not None:
+                        _sparse_checkout(repo, sparse, start if ref is not None else None)
                     yield repo
             finally:
                 with self._locked(), contextlib.suppress(GitError, GitDenied):
@@ -251,18 +261,44 @@ class Mirror:
             return False if e.status == 1 else None  # 1: both known, not an ancestor
 
 
+def _sparse_checkout(repo: git.Repo, overlays: Sequence[str], start: str | None) -> None:
+    """Check out ``overlays`` and, at ``start``, everything they read (none yet: the caller checks
+    out the commit it works on, and the overlays are what it edits)."""
+    work = Path(str(repo.working_tree_dir))
+    wanted = {posixpath.normpath(o) for o in overlays}
+    # A pattern that matches nothing keeps an empty set empty (merges and reverts need no files).
+    repo.git.sparse_checkout("set", "--no-cone", "/.twincd-nothing", *(f"/{p}/" for p in sorted(wanted)))
+    if start is None:
+        return
+    repo.git.checkout("-q", "--detach", start)
+    for _ in range(16):  # each round reaches one more level of bases and components
+        named = set().union(*(kustomize_inputs(work, o, missing=True) for o in overlays))
+        found = named - wanted - {UNKNOWN}
+        if not found:
+            return
+        wanted |= found
+        # "/p" matches a file or a directory p (gitignore rules): names not in the commit match nothing.
+        repo.git.sparse_checkout("add", *(f"/{p}" for p in sorted(found)))
+
+
 @contextlib.contextmanager
 def _clone(
-    repo_url: str, *, ref: str | None = None, auth: GitAuth = NO_AUTH, mirror: Mirror | None = None
+    repo_url: str,
+    *,
+    ref: str | None = None,
+    auth: GitAuth = NO_AUTH,
+    mirror: Mirror | None = None,
+    sparse: Sequence[str] | None = None,
 ) -> Iterator[git.Repo]:
     """A temporary clone of ``repo_url``, checked out at ``ref`` (branch, tag or commit) if given;
-    a work tree of ``mirror`` when there is one (no clone at all).
+    a work tree of ``mirror`` when there is one (no clone at all), sparse when ``sparse`` names the
+    overlays the caller needs (:meth:`Mirror.worktree`).
 
     Partial (``--filter=blob:none``) from a remote: history comes without old file contents, and the
     blobs a checkout or a diff needs are fetched on demand (with the same credentials).
     """
     if mirror is not None:
-        with mirror.worktree(ref) as work:
+        with mirror.worktree(ref, sparse=sparse) as work:
             yield work
         return
     env = auth.env()
@@ -298,7 +334,11 @@ def _diff(repo: git.Repo, base: str, head: str) -> str:
 
 
 def _in_fresh_clone(
-    repo_url: str, body: Callable[[git.Repo], T], auth: GitAuth = NO_AUTH, mirror: Mirror | None = None
+    repo_url: str,
+    body: Callable[[git.Repo], T],
+    auth: GitAuth = NO_AUTH,
+    mirror: Mirror | None = None,
+    sparse: Sequence[str] | None = None,
 ) -> T:
     """Run ``body`` in a fresh clone; when its push is rejected (someone pushed first), start over.
 
@@ -306,7 +346,7 @@ def _in_fresh_clone(
     them again on the new remote state is exact.
     """
     for attempt in range(PUSH_ATTEMPTS):
-        with _clone(repo_url, auth=auth, mirror=mirror) as repo:
+        with _clone(repo_url, auth=auth, mirror=mirror, sparse=sparse) as repo:
             try:
                 return body(repo)
             except PushRejected:
@@ -348,6 +388,7 @@ def write_release_branch(
     message: str,
     auth: GitAuth = NO_AUTH,
     mirror: Mirror | None = None,
+    overlays: Sequence[str] | None = None,
 ) -> ReleaseBranch:
     """Make ``branch`` hold ``target`` plus ``edit``, push it, and return its diff against ``target``.
 
@@ -381,7 +422,7 @@ def write_release_branch(
         _push(repo, branch, replacing=existing.commit.hexsha if existing is not None else None)
         return ReleaseBranch(branch, commit.hexsha, base, changes, True, _diff(repo, base, commit.hexsha))
 
-    return _in_fresh_clone(repo_url, body, auth, mirror)
+    return _in_fresh_clone(repo_url, body, auth, mirror, overlays)
 
 
 def branch_head(*, repo_url: str, branch: str, auth: GitAuth = NO_AUTH) -> str | None:
@@ -427,7 +468,7 @@ def merge_branch(
         _push(repo, target)
         return str(repo.head.commit.hexsha)
 
-    return _in_fresh_clone(repo_url, body, auth, mirror)
+    return _in_fresh_clone(repo_url, body, auth, mirror, ())  # a merge needs no files checked out
 
 
 def merged_into(
@@ -512,7 +553,7 @@ def write_revert_branch(
         head = repo.head.commit.hexsha
         return ReleaseBranch(branch, head, base, (), True, _diff(repo, base, head))
 
-    return _in_fresh_clone(repo_url, body, auth, mirror)
+    return _in_fresh_clone(repo_url, body, auth, mirror, ())  # a revert needs no files checked out
 
 
 @contextlib.contextmanager
@@ -580,10 +621,16 @@ def contains_checker(
 
 @contextlib.contextmanager
 def checkout(
-    repo_url: str, *, ref: str, auth: GitAuth = NO_AUTH, mirror: Mirror | None = None
+    repo_url: str,
+    *,
+    ref: str,
+    auth: GitAuth = NO_AUTH,
+    mirror: Mirror | None = None,
+    overlays: Sequence[str] | None = None,
 ) -> Iterator[Path]:
-    """A temporary work tree of ``repo_url`` at ``ref``, as a plain directory (no GitPython outside)."""
-    with _clone(repo_url, ref=ref, auth=auth, mirror=mirror) as repo:
+    """A temporary work tree of ``repo_url`` at ``ref``, as a plain directory (no GitPython outside);
+    with a mirror and ``overlays``, only they and what they read are checked out."""
+    with _clone(repo_url, ref=ref, auth=auth, mirror=mirror, sparse=overlays) as repo:
         yield Path(str(repo.working_tree_dir))
 
 
@@ -613,10 +660,14 @@ class GitManifests:
             raise GitRefNotFound(f"{self.name}: branch {self._branch!r} does not exist")
         return head
 
-    def checkout(self, revision: str) -> contextlib.AbstractContextManager[Path]:
-        return checkout(self._url, ref=revision, auth=self._auth, mirror=self._mirror)
+    def checkout(
+        self, revision: str, *, overlays: Sequence[str] | None = None
+    ) -> contextlib.AbstractContextManager[Path]:
+        return checkout(self._url, ref=revision, auth=self._auth, mirror=self._mirror, overlays=overlays)
 
-    def write_branch(self, *, branch: str, edit: Edit, message: str) -> ReleaseBranch:
+    def write_branch(
+        self, *, branch: str, edit: Edit, message: str, overlays: Sequence[str] | None = None
+    ) -> ReleaseBranch:
         return write_release_branch(
             repo_url=self._url,
             target=self._branch,
@@ -625,6 +676,7 @@ class GitManifests:
             message=message,
             auth=self._auth,
             mirror=self._mirror,
+            overlays=overlays,
         )
 
     def write_revert(self, *, branch: str, merge_commits: Sequence[str]) -> ReleaseBranch:
