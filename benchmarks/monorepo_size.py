@@ -3,14 +3,15 @@
 A local stack of its own (free ports, a temporary state dir, `twincd up`'s services). The small
 repo is the stack's seeded one (hello on eks and aks). The large one holds hello and 499 other
 apps on both clusters and 10,000 commits of history (git fast-import), served by the same git
-server. Three releases of hello are deployed into each: the first builds the image and fills the
-worker's mirror of each repo (not compared), the next two are a worker's steady state.
+server. ``--releases`` + 1 releases of hello are deployed into each, in turn: the first builds the
+image and fills the worker's mirror of each repo (not compared), the others are a worker's steady
+state, compared by their medians.
 
 Build and rollout are excluded, as the goal says: the image is built once (later deploys find it
 in the registry), and the large repo has no Argo CD watching it, so its verification is cut short
 (``timeouts.rollout_seconds: 5``, no revert) — only the steps before it are compared.
 
-    .venv/bin/python benchmarks/monorepo_size.py [--apps 500] [--commits 10000]
+    .venv/bin/python benchmarks/monorepo_size.py [--apps 500] [--commits 10000] [--releases 5]
 
 The last line reads ``deploy, 1 app vs N apps x 2 clusters with C commits: X s vs Y s, ratio R``.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -162,6 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--apps", type=int, default=500)
     parser.add_argument("--commits", type=int, default=10000)
+    parser.add_argument("--releases", type=int, default=5, help="releases compared (after a first one)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="twincd-monorepo-") as tmp:
         root = Path(tmp)
@@ -183,7 +186,7 @@ def main() -> None:
             stack.export_sandbox_secrets(small)
             hello = git_root(small) / "hello.git"
             results: dict[str, list[dict[str, float]]] = {"1 app": [], f"{args.apps} apps": []}
-            for i, tag in enumerate(("v1.0.0", "v1.1.0", "v1.2.0")):
+            for i, tag in enumerate(f"v1.{n}.0" for n in range(args.releases + 1)):
                 if i:
                     tag_release(hello, tag)
                 # v1.0.0 builds the image for both; its steps are not compared (a first deploy).
@@ -194,17 +197,21 @@ def main() -> None:
                     results[f"{args.apps} apps"].append(large_steps)
         finally:
             stack.down(small, say=lambda line: None)
-    print(f"{'step':<20} " + "  ".join(f"{k + ' #' + str(n + 1):>14}" for k in results for n in range(2)))
+    large = f"{args.apps} apps"
+    print(f"{'step (median)':<20} {'1 app':>10} {large:>10}")
     for step in STEPS:
-        cells = [f"{r[step]:>12.2f} s" for k in results for r in results[k]]
-        print(f"{step:<20} " + "  ".join(cells))
+        print(
+            f"{step:<20} {statistics.median(r[step] for r in results['1 app']):>8.2f} s "
+            f"{statistics.median(r[step] for r in results[large]):>8.2f} s"
+        )
     totals = {k: [sum(r[s] for s in STEPS) for r in v] for k, v in results.items()}
-    print(f"{'total':<20} " + "  ".join(f"{x:>12.2f} s" for v in totals.values() for x in v))
-    small_s, large_s = totals["1 app"][-1], totals[f"{args.apps} apps"][-1]
+    for k, v in totals.items():
+        print(f"  {k}: " + ", ".join(f"{x:.2f}" for x in v) + " s")
+    small_s, large_s = statistics.median(totals["1 app"]), statistics.median(totals[large])
     print(
         f"deploy, 1 app vs {args.apps} apps x {len(CLUSTERS)} clusters with {args.commits} commits "
-        f"(mirror warm, build and rollout excluded): {small_s:.2f} s vs {large_s:.2f} s, "
-        f"ratio {large_s / small_s:.2f}"
+        f"(mirror warm, build and rollout excluded, median of {args.releases}): {small_s:.2f} s vs "
+        f"{large_s:.2f} s, ratio {large_s / small_s:.2f}"
     )
 
 
