@@ -54,7 +54,7 @@ def manifests_head(env: Environment) -> str:
     **IO_RETRIES,
 )
 def render_desired(env: Environment, revision: str) -> DesiredState:
-    """One clone at ``revision``; every app's overlay for every cluster, rendered."""
+    """One work tree at ``revision``; every app's overlay for every cluster, rendered."""
     overlays = {(c, a): env.app_overlay(a, c) for c in env.clusters for a in env.apps}
     with wiring.manifests(env).checkout(revision) as work:
         by_cluster = render_overlays(work, overlays, cache_dir=env.state_path / "renders")
