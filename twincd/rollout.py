@@ -336,6 +336,13 @@ def application_verdict(
     return RolloutVerdict(cluster, Phase.PROGRESSING, f'Application "{name}" {awaited}', details)
 
 
+def automated(app: Mapping[str, Any]) -> bool:
+    """Whether Argo CD syncs the Application by itself (argo-cd ``IsAutomatedSyncEnabled``:
+    ``spec.syncPolicy.automated`` present and not ``enabled: false``)."""
+    policy = _map(app, "spec", "syncPolicy").get("automated")
+    return isinstance(policy, Mapping) and policy.get("enabled", True) is not False
+
+
 def synced_at(obj: Mapping[str, Any], revision: str) -> bool:
     """Whether an Application's live objects are those of ``revision`` (Synced there).
 

@@ -339,15 +339,19 @@ def validate_overlays(
     return ValidationReport(tuple(overlays), resources, tuple(findings))
 
 
-def _cached_render(repo_dir: Path, overlay: str, cache_dir: Path) -> str:
+def _renderer_stamp() -> str:
+    """Which kustomize renders (path and mtime): a new one makes new renders."""
+    renderer = shutil.which("kustomize") or shutil.which("kubectl") or ""
+    return f"{renderer}:{Path(renderer).stat().st_mtime_ns if renderer else 0}"
+
+
+def _cached_render(repo_dir: Path, overlay: str, cache_dir: Path, stamp: str) -> str:
     """``render_overlay``, kept in ``cache_dir`` by the digest of what the overlay reads (and of the
-    renderer): a commit that does not touch an overlay's inputs does not render it again. An
-    overlay with a remote base is always rendered."""
+    renderer, ``stamp``): a commit that does not touch an overlay's inputs does not render it
+    again. An overlay with a remote base is always rendered."""
     inputs = inputs_digest(repo_dir, overlay)
     if inputs is None:
         return render_overlay(repo_dir, overlay)
-    renderer = shutil.which("kustomize") or shutil.which("kubectl") or ""
-    stamp = f"{renderer}:{Path(renderer).stat().st_mtime_ns if renderer else 0}"
     key = hashlib.sha256(f"{stamp}\0{inputs}".encode()).hexdigest()
     cached = cache_dir / f"{key}.yaml"
     if cached.is_file():
@@ -376,12 +380,13 @@ def render_overlays(
     """
     present = {k: o for k, o in overlays.items() if (repo_dir / o).is_dir()}
 
+    stamp = _renderer_stamp() if cache_dir is not None else ""
+
     def render(overlay: str) -> tuple[dict[str, Any], ...]:
-        text = (
-            render_overlay(repo_dir, overlay)
-            if cache_dir is None
-            else _cached_render(repo_dir, overlay, cache_dir)
-        )
+        if cache_dir is None:
+            text = render_overlay(repo_dir, overlay)
+        else:
+            text = _cached_render(repo_dir, overlay, cache_dir, stamp)
         return tuple(parse_documents(text, source=overlay))
 
     with ThreadPoolExecutor(max_workers=4) as pool:

@@ -224,8 +224,10 @@ def test_argo_cd_waits_for_its_poll_unless_asked_and_twincd_syncs_a_manual_appli
 def test_a_sync_requested_while_another_operation_runs_is_asked_again_once_it_ended(
     clusters: dict[str, Cluster], manifests: Manifests, registry: Registry, kubeconfig: str
 ) -> None:
-    """A colleague's sync of an older revision is running when twincd verifies: twincd does not
-    overwrite it (SetAppOperation refuses), and asks for its own once it has ended."""
+    """A colleague's sync of an older revision is requested when twincd verifies: twincd does not
+    overwrite it (SetAppOperation refuses), and asks for its own once it has ended. (The sandbox may
+    run bob's sync before verification starts; then twincd asks at once. The decision itself is
+    unit-tested in tests/unit/test_argocd_requests.py.)"""
     api = k8s.CustomObjectsApi(clusters["aks"].api)
     hello_aks = ("argoproj.io", "v1alpha1", "argocd", "applications", "hello-aks")
     api.patch_namespaced_custom_object(*hello_aks, {"spec": {"syncPolicy": {"automated": None}}})

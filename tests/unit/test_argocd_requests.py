@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from twincd.adapters.cluster import _evaluate, automated, sync_wanted
+from twincd.adapters.cluster import _evaluate, sync_wanted
 from twincd.domain import ClusterRef, Phase, RolloutTarget
+from twincd.rollout import automated
 
 MERGE = "3f2c9e1d" + "0" * 32
 LATER = "9a8b7c6d" + "1" * 32

@@ -38,6 +38,7 @@ from twincd.domain import RolloutTarget as RolloutTarget
 from twincd.errors import PermanentError, TransientError, TwincdError
 from twincd.rollout import (
     application_verdict,
+    automated,
     combine,
     label_selector,
     pods_verdict,
@@ -499,13 +500,6 @@ def request_refresh(target: RolloutTarget, api: k8s.ApiClient) -> str | None:
         body=body, content_type=_MERGE_PATCH,
     )  # fmt: skip
     return None if status == 404 else stamp
-
-
-def automated(app: Mapping[str, Any]) -> bool:
-    """Whether Argo CD syncs the Application by itself (``IsAutomatedSyncEnabled``: ``automated``
-    present and not ``enabled: false``)."""
-    policy = ((app.get("spec") or {}).get("syncPolicy") or {}).get("automated")
-    return isinstance(policy, Mapping) and policy.get("enabled", True) is not False
 
 
 def _holds(revision: object, target: RolloutTarget) -> bool:

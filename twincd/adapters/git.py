@@ -186,13 +186,17 @@ class Mirror:
         argv = ["git", "--git-dir", str(self.path), *args]
         return str(_git_call(what, lambda: git.cmd.Git().execute(argv, env=env), self.auth))
 
+    def _init_git(self, name: str, *args: str) -> None:
+        argv = ["git", *args]
+        _git_call(f"make a mirror of {name}", lambda: git.cmd.Git().execute(argv))
+
     def _fetch(self) -> None:
         """Create the mirror if needed and bring it up to date (the caller holds the lock)."""
         name = redact_url(self.url)
         if not (self.path / "HEAD").exists():
             tmp = self.path.with_name(self.path.name + ".new")
             shutil.rmtree(tmp, ignore_errors=True)
-            git.cmd.Git().execute(["git", "init", "-q", "--bare", str(tmp)])
+            self._init_git(name, "init", "-q", "--bare", str(tmp))
             config = {
                 "remote.origin.url": self.url,
                 "remote.origin.fetch": "+refs/heads/*:refs/remotes/origin/*",
@@ -200,7 +204,7 @@ class Mirror:
             if is_url(self.url):
                 config |= {"remote.origin.promisor": "true", "remote.origin.partialclonefilter": "blob:none"}
             for key, value in config.items():
-                git.cmd.Git().execute(["git", "--git-dir", str(tmp), "config", key, value])
+                self._init_git(name, "--git-dir", str(tmp), "config", key, value)
             tmp.rename(self.path)
         partial = ["--filter=blob:none"] if is_url(self.url) else []
         self._git(f"fetch {name}", "fetch", "-q", "--prune", *partial, "origin")
@@ -266,11 +270,15 @@ def _sparse_checkout(repo: git.Repo, overlays: Sequence[str], start: str | None)
     out the commit it works on, and the overlays are what it edits)."""
     work = Path(str(repo.working_tree_dir))
     wanted = {posixpath.normpath(o) for o in overlays}
+
+    def sparse(*args: str) -> None:  # a checkout may fetch file contents: the remote's errors map
+        _git_call("sparse checkout", lambda: repo.git.sparse_checkout(*args))
+
     # A pattern that matches nothing keeps an empty set empty (merges and reverts need no files).
-    repo.git.sparse_checkout("set", "--no-cone", "/.twincd-nothing", *(f"/{p}/" for p in sorted(wanted)))
+    sparse("set", "--no-cone", "/.twincd-nothing", *(f"/{p}/" for p in sorted(wanted)))
     if start is None:
         return
-    repo.git.checkout("-q", "--detach", start)
+    _git_call(f"checkout {start[:12]}", lambda: repo.git.checkout("-q", "--detach", start))
     for _ in range(16):  # each round reaches one more level of bases and components
         named = set().union(*(kustomize_inputs(work, o, missing=True) for o in overlays))
         found = named - wanted - {UNKNOWN}
@@ -278,7 +286,7 @@ def _sparse_checkout(repo: git.Repo, overlays: Sequence[str], start: str | None)
             return
         wanted |= found
         # "/p" matches a file or a directory p (gitignore rules): names not in the commit match nothing.
-        repo.git.sparse_checkout("add", *(f"/{p}" for p in sorted(found)))
+        sparse("add", *(f"/{p}" for p in sorted(found)))
 
 
 @contextlib.contextmanager

@@ -56,6 +56,7 @@ import yaml
 from twincd.drift import place_namespaces
 from twincd.errors import PermanentError, TransientError
 from twincd.kustomize import OVERLAY_FILES, UNKNOWN, kustomize_inputs, touches
+from twincd.rollout import automated
 from twincd.sandbox.controllers.health import (
     MISSING,
     Comparison,
@@ -208,12 +209,6 @@ class _Tracked:
     conditions: tuple[tuple[str, str], ...] = ()
     written: Obj = field(default_factory=dict)  # the last status written
     reconciled_at: str = ""
-
-
-def automated(spec: Obj) -> bool:
-    """``IsAutomatedSyncEnabled``: ``automated`` present and not ``enabled: false``."""
-    policy = (spec.get("syncPolicy") or {}).get("automated")
-    return isinstance(policy, dict) and policy.get("enabled", True) is not False
 
 
 def operation_of(status: Obj) -> SyncOutcome | None:
@@ -381,7 +376,7 @@ class ManifestsSyncer:
         elif refresh or time.monotonic() >= tracked.next_compare or compared != source:
             self._compare(app, key, tracked, target_revision, heads)
             comparison = tracked.comparison
-            if automated(spec) and comparison is not None and comparison.status == "OutOfSync":
+            if automated(app) and comparison is not None and comparison.status == "OutOfSync":
                 self._auto_sync(app, key, tracked, comparison.revision)
             self._write(app, tracked, drop_refresh=refresh)
         else:
