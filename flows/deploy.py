@@ -27,9 +27,10 @@ from typing import Any
 from prefect import allow_failure, flow
 from prefect.client.schemas.objects import State
 from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
-from flows.landing import Change, Refused, Story, land, land_subflow
+from flows.landing import Change, Refused, Story, land_approved
 from tasks.common import untraced
 from tasks.deploy import (
     apply_overlay,
@@ -78,7 +79,7 @@ def deploy(
     """
     environment = load_environment(env)
     release = check_release(untraced(environment), app, tag)
-    story = Story(environment, Timeline(app, tag))
+    story = Story(environment, Timeline(app, tag, run=str(flow_run.id or "")))
     story.add("release", "ok", f"tag {tag} is commit {release.commit[:12]}")
     try:
         return _deploy(environment, release, story, auto_approve, image)
@@ -146,10 +147,8 @@ def _deploy(
         ) -> tuple[RolloutVerdict, ...]:
             return _verify(environment, release, clusters, revision, digests, story, "verify", after)
 
-        if len(stages) == 1:
-            landed = land(environment, branch, change, story, verify)
-        else:
-            landed = land_subflow(f"{clusters[0]}", environment, branch, change, story, verify)
+        stage = None if len(stages) == 1 else clusters[0]
+        landed = land_approved(stage, environment, branch, change, story, verify)
         if landed.mr is not None:
             merges.append(landed.revision)
             approver = landed.approver
@@ -301,7 +300,7 @@ def _revert(
         return _verify(environment, release, clusters, revision, digests, story, "verify-rollback", [digests])
 
     try:
-        landed = land_subflow("revert", environment, branch, change, story, verify)
+        landed = land_approved("revert", environment, branch, change, story, verify)
     except Refused as e:
         return f"; the revert was refused: {e}"
     if not landed.merged:

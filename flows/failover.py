@@ -20,7 +20,7 @@ from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
-from flows.landing import Change, Story, ask_approval, land_subflow
+from flows.landing import Change, Story, ask_approval, deadline, land_subflow
 from tasks.common import untraced
 from tasks.failover import (
     check_health,
@@ -36,7 +36,7 @@ from tasks.failover import (
     verify_role,
 )
 from twincd.config import DEFAULT_ENV, Environment, load_environment
-from twincd.domain import MergeRequest, Phase, Role, RolloutVerdict, Timeline
+from twincd.domain import MergeRequest, Phase, Role, RolloutVerdict, Timeline, Waiting
 from twincd.errors import PermanentError, TwincdError
 from twincd.failover import (
     FailoverPlan,
@@ -133,7 +133,7 @@ def failover(
         return FailoverResult(target.label, dry_run, markdown, (), record)
 
     run_id = str(flow_run.id or "manual")
-    story = Story(environment, Timeline("failover", f"{target.label} {run_id[:8]}"))
+    story = Story(environment, Timeline("failover", f"{target.label} {run_id[:8]}", run=run_id))
     story.add(
         "plan",
         "ok",
@@ -143,10 +143,12 @@ def failover(
         approver = f"emergency ({reason})" if emergency else "auto-approve"
     else:
         story.add("approve", "waiting", "waiting for approval of the plan", tell=True, after=[markdown])
+        timeout = environment.timeouts.approval_seconds
         answer = ask_approval(
             description=f"{markdown}\n\nApprove to carry out this plan; leave unticked to refuse.",
             key=f"failover-{run_id[:8]}",
-            timeout=environment.timeouts.approval_seconds,
+            timeout=timeout,
+            waiting=Waiting(None, environment.source, deadline(timeout)),
         )
         if not answer.approved:
             message = (

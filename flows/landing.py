@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from prefect import flow
-from prefect.client.schemas.objects import State
+from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
+from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
 from prefect.runtime import flow_run
-from prefect.states import Cancelled
 
 from tasks.common import untraced
 from tasks.deploy import (
@@ -33,13 +32,14 @@ from tasks.deploy import (
     notify,
     open_merge_request,
     post_validation,
+    read_merge_request,
     validate,
-    wait_for_merge,
 )
 from twincd import wiring
-from twincd.config import Environment
-from twincd.domain import Event, MergeRequest, ReleaseBranch, RolloutVerdict, Timeline
-from twincd.errors import CancelledByUser, PermanentError
+from twincd.adapters import waits
+from twincd.config import Environment, GitlabForge
+from twincd.domain import Event, MergeRequest, ReleaseBranch, RolloutVerdict, Timeline, Waiting
+from twincd.errors import PermanentError
 
 
 class Approval(RunInput):
@@ -48,6 +48,8 @@ class Approval(RunInput):
     approved: bool = False
     approver: str = ""
     comment: str = ""
+    # Set by the reconciliation when nobody answered before the deadline (twincd.adapters.waits).
+    timed_out: bool = False
 
 
 class ValidationFailed(PermanentError):
@@ -106,18 +108,49 @@ class Answer:
     timed_out: bool = False
 
 
-def ask_approval(*, description: str, key: str, timeout: float) -> Answer:
-    """Pause the run with the approval form until a person answers or ``timeout`` passes."""
+# Prefect fails a suspended run this long after its deadline if nothing resumed it before (the
+# reconciliation resumes it at the deadline, so the run itself closes the MR and tells the team).
+_EXPIRY_GRACE = timedelta(hours=1)
+
+
+def deadline(seconds: float) -> str:
+    """``seconds`` from now, as a waiting run's deadline (ISO 8601, UTC)."""
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+
+
+def ask_approval(*, description: str, key: str, timeout: float, waiting: Waiting | None = None) -> Answer:
+    """Wait for a person's answer on the approval form (Prefect UI, ``twincd approve``, a hook).
+
+    A run of a deployment is *suspended*: its process exits, nothing is held while people take
+    days, and the answer schedules it again (it runs from the top; the steps before find their
+    work done, and this call returns the answer, its pause key having fired). ``waiting`` is
+    recorded beside it so a merge hook or the reconciliation can find it. A run with no
+    deployment (the flow called from Python) cannot be suspended (Prefect's server refuses,
+    twincd.adapters.waits), so it pauses in its process instead, and says so.
+    """
+    form = Approval.with_initial_data(description=description, approved=False)
+    context = FlowRunContext.get()
+    run = context.flow_run if context else None
     try:
-        answer = pause_flow_run(
-            wait_for_input=Approval.with_initial_data(description=description, approved=False),
-            timeout=int(timeout),
-            poll_interval=2,
-            key=approval_key(key),
-        )
+        if run is not None and run.deployment_id is not None and run.parent_task_run_id is None:
+            if waiting is not None:
+                waits.record(run.id, waiting)
+            answer = suspend_flow_run(
+                wait_for_input=form,
+                timeout=int(timeout + _EXPIRY_GRACE.total_seconds()),
+                key=approval_key(key),
+            )
+        else:
+            get_run_logger().warning(
+                "this run has no deployment (or is a subflow): it waits for approval in its process; "
+                "start it from a deployment (`twincd deploy`, a worker, `twincd serve`) to free it"
+            )
+            answer = pause_flow_run(
+                wait_for_input=form, timeout=int(timeout), poll_interval=2, key=approval_key(key)
+            )
     except FlowPauseTimeout:
         return Answer(False, "", f"no answer within {timeout:.0f} s", timed_out=True)
-    return Answer(answer.approved, answer.approver, answer.comment)
+    return Answer(answer.approved, answer.approver, answer.comment, answer.timed_out)
 
 
 Kind = Literal["release", "revert", "switch", "undo"]
@@ -136,6 +169,8 @@ class Change:
     approver: str | None = None  # already approved (later stages, failover): merge at once
     auto_approve: bool = False
     wait: bool = True  # False: open the MR and stop there (a revert people merge themselves)
+    # Opened and validated earlier in this run, before a person answered: told once, not again.
+    reviewed: bool = False
     # Called with the MR as soon as it is open: from then on a failure may leave it merged
     # (the failover records the switch here, so its undo finds it).
     on_open: Callable[[MergeRequest], None] | None = field(default=None, compare=False)
@@ -159,7 +194,7 @@ class Landed:
     mr: MergeRequest | None  # None: the target branch already held the change
     approver: str
     verdicts: tuple[RolloutVerdict, ...] = ()
-    merged: bool = True  # False: the MR was opened and left for people (Change.wait is False)
+    merged: bool = True  # False: the MR is open, left for people (Change.wait) or waiting for one
 
 
 Verify = Callable[[str, Sequence[object]], tuple[RolloutVerdict, ...]]
@@ -168,10 +203,11 @@ Verify = Callable[[str, Sequence[object]], tuple[RolloutVerdict, ...]]
 def land(
     environment: Environment, branch: ReleaseBranch, change: Change, story: Story, verify: Verify
 ) -> Landed:
-    """Branch → MR → validation → approval/merge → ``verify(revision, after)``.
+    """Branch → MR → validation → merge → ``verify(revision, after)``.
 
-    Raises ValidationFailed (nothing merged) and Refused (nothing merged, the MR closed on the
-    local forge or left to people on theirs).
+    A change no person approved yet (``approver`` None, not ``auto_approve``) stops before the
+    merge with ``Landed.merged`` False: ``land_approved`` asks, then lands it again.
+    Raises ValidationFailed (nothing merged).
     """
     if not branch.diff:
         # The target branch already holds the change: nothing to merge, only to verify.
@@ -179,7 +215,7 @@ def land(
     mr = open_merge_request(untraced(environment), branch, change.title, change.description)
     if change.on_open is not None:
         change.on_open(mr)
-    if change.kind in _OPENED:
+    if change.kind in _OPENED and not change.reviewed:
         step, status, tell = _OPENED[change.kind]
         text = (
             f"{'reused' if mr.reused else 'opened'} {mr.ref} ({mr.state}): {mr.title}"
@@ -189,7 +225,7 @@ def land(
         story.add(step, status, text, url=mr.web_url, tell=tell, after=[mr])
     if not change.wait:
         return Landed(branch.base, mr, "", merged=False)
-    if change.validate:
+    if change.validate and mr.state != "merged":  # a merged MR has nothing left to gate
         report = validate(untraced(environment), change.app, branch, mr, change.validate)
         mr = post_validation(untraced(environment), mr, report)
         if not report.ok:
@@ -198,16 +234,21 @@ def land(
             raise ValidationFailed(
                 f"validation of {', '.join(report.overlays)} failed; nothing was merged:\n{findings}"
             )
-        story.add(
-            "validate",
-            "ok",
-            f"{report.resources} resources valid in {', '.join(report.overlays)}"
-            + (f"; {len(report.unchecked)} unchecked (no schema)" if report.unchecked else "")
-            + "".join(f"\n⚠️ {f}" for f in report.warnings),
-        )
-    approver = change.approver or ""
-    if mr.state != "merged":
-        mr, approver = _merge(environment, mr, branch, change, story)
+        if not change.reviewed:
+            story.add(
+                "validate",
+                "ok",
+                f"{report.resources} resources valid in {', '.join(report.overlays)}"
+                + (f"; {len(report.unchecked)} unchecked (no schema)" if report.unchecked else "")
+                + "".join(f"\n⚠️ {f}" for f in report.warnings),
+            )
+    if mr.state == "merged":
+        approver = change.approver or mr.merged_by or wiring.forge_type(environment).name
+    elif change.approver is None and not change.auto_approve:
+        return Landed(branch.base, mr, "", merged=False)  # a person decides: see land_approved
+    else:
+        approver = change.approver or "auto-approve"
+        mr = merge(untraced(environment), mr, approver)
     if mr.merge_commit is None:  # every forge returns a merged MR with its merge commit
         raise PermanentError(f"{mr.ref} is {mr.state} without a merge commit; re-run to verify it")
     told = _MERGED[change.kind]
@@ -219,45 +260,94 @@ def land(
     return Landed(mr.merge_commit, mr, approver, verify(mr.merge_commit, [mr]))
 
 
-def _merge(
+def land_approved(
+    stage: str | None,
+    environment: Environment,
+    branch: ReleaseBranch,
+    change: Change,
+    story: Story,
+    verify: Verify,
+) -> Landed:
+    """``land`` (as the subflow ``stage``, or in this run when None), with a person's answer between.
+
+    A change nobody approved yet lands in two passes: the first opens and validates the MR and
+    stops; this run (never a subflow: only a parent run can be suspended) waits for the person;
+    the second pass reuses the MR, validates again what will be merged, merges (unless the person
+    merged on the forge) and verifies.
+    """
+
+    def run(change: Change) -> Landed:
+        if stage is None:
+            return land(environment, branch, change, story, verify)
+        return land_subflow(stage, environment, branch, change, story, verify)
+
+    landed = run(change)
+    if landed.merged or landed.mr is None or not change.wait:
+        return landed
+    approver = await_person(environment, landed.mr, branch, change, story)
+    return run(replace(change, approver=approver, reviewed=True))
+
+
+def await_person(
     environment: Environment, mr: MergeRequest, branch: ReleaseBranch, change: Change, story: Story
-) -> tuple[MergeRequest, str]:
-    """Get the MR merged: by a person on the forge, or approved in the Prefect UI (or auto) and merged."""
-    approver = change.approver
-    if approver is None and not change.auto_approve and wiring.forge_type(environment).merged_by_people:
-        # People review and merge on the forge; twincd waits for them.
+) -> str:
+    """The person who approved or merged ``mr``; raises Refused when it was refused, closed or timed out.
+
+    With a forge where people merge (GitLab), the run waits for their merge or close (the Merge
+    Request Hook or the reconciliation resumes it); with the local forge, for the approval form.
+    Either way the forge is the truth once the run resumes: its MR is read again.
+    """
+    forge = wiring.forge_type(environment)
+    timeout = environment.timeouts.approval_seconds
+    now = read_merge_request(untraced(environment), mr) if forge.merged_by_people else mr
+    if now.state == "opened":
+        what = "a merge" if forge.merged_by_people else "approval"
         story.add(
-            "merge", "waiting", f"waiting for a merge of {mr.ref}", url=mr.web_url, tell=True, after=[mr]
+            "merge", "waiting", f"waiting for {what} of {mr.ref}", url=mr.web_url, tell=True, after=[now]
         )
-        try:
-            merged = wait_for_merge(untraced(environment), mr)
-        except CancelledByUser as e:
-            story.add("merge", "cancelled", str(e), tell=True)
-            raise Refused(str(e)) from e
+        waiting = Waiting(
+            mr=mr,
+            env=environment.source,
+            deadline=deadline(timeout),
+            project=environment.forge.project if isinstance(environment.forge, GitlabForge) else "",
+            app=change.app,
+        )
+        answer = ask_approval(
+            description=_approval_text(mr.title, branch.diff, story.timeline),
+            key=branch.branch,
+            timeout=timeout,
+            waiting=waiting,
+        )
+        if forge.merged_by_people:
+            now = read_merge_request(untraced(environment), mr)
+    else:
+        answer = Answer(False, "", "")
+    if now.state == "merged":
         # Who merged, as the forge says (GitLab's merged_by); its name only when it does not say.
-        return merged, merged.merged_by or wiring.forge_type(environment).name
-    if approver is None:
-        story.add(
-            "merge", "waiting", f"waiting for approval of {mr.ref}", url=mr.web_url, tell=True, after=[mr]
-        )
-        approver = "auto-approve" if change.auto_approve else _approve(environment, mr, branch, story)
-    return merge(untraced(environment), mr, approver), approver
-
-
-def _approve(environment: Environment, mr: MergeRequest, branch: ReleaseBranch, story: Story) -> str:
-    answer = ask_approval(
-        description=_approval_text(mr.title, branch.diff, story.timeline),
-        key=branch.branch,
-        timeout=environment.timeouts.approval_seconds,
-    )
-    if answer.approved:
-        return answer.approver or "a reviewer"
+        return now.merged_by or answer.approver or forge.name
     who = answer.approver or "a reviewer"
+    target = environment.manifests.branch
+    if now.state == "closed":
+        message = (
+            f"{mr.ref} ({mr.web_url}) was closed{' by ' + answer.approver if answer.approver else ''}"
+            f" without being merged; nothing reached {target}. Reopen it and re-run the deploy to release."
+        )
+        story.add("merge", "cancelled", message, actor=answer.approver, tell=True)
+        raise Refused(message)
+    if answer.approved:
+        return who  # twincd merges; a forge's own rules (GitLab's approval rules) still apply
+    if answer.timed_out and forge.merged_by_people:
+        message = (
+            f"{mr.ref} ({mr.web_url}) was not merged within {timeout:.0f} s; it stays open on {forge.name}: "
+            "merge it and re-run the deploy to verify the rollout, or close it"
+        )
+        story.add("merge", "cancelled", message, tell=True)
+        raise Refused(message)
     closed = close_merge_request(untraced(environment), mr, f"refused by {who}: {answer.comment}")
     message = (
         f"{mr.ref} {'not approved in time' if answer.timed_out else 'refused by ' + who}"
         f"{': ' + answer.comment if answer.comment else ''}; nothing reached "
-        f"{environment.manifests.branch}; branch {branch.branch} kept for inspection"
+        f"{target}; branch {branch.branch} kept for inspection"
     )
     story.add("merge", "cancelled", message, actor=who, tell=True, after=[closed])
     raise Refused(message)
@@ -277,20 +367,15 @@ def land_subflow(
 
     The subflow's parameters are only what people need to see (the branch and the MR's title):
     the environment, the story and the verification are the closure's, so no configuration is
-    stored with the subflow run. A refusal ends the subflow Cancelled and raises Refused here.
+    stored with the subflow run.
     """
 
-    def landing(branch_name: str, title: str) -> Landed | State:
-        try:
-            return land(environment, branch, change, story, verify)
-        except Refused as e:
-            return Cancelled(message=str(e))
+    def landing(branch_name: str, title: str) -> Landed:
+        return land(environment, branch, change, story, verify)
 
     name = f"{flow_run.name}/{stage}"
     subflow = flow(name="land", flow_run_name=name, log_prints=True)(landing)
     state = subflow(branch.branch, change.title, return_state=True)
-    if state.is_cancelled():
-        raise Refused(state.message or f"{name} was refused")
     landed = state.result()  # raises what failed the subflow
     if not isinstance(landed, Landed):
         raise PermanentError(f"{name} ended {state.name} without a result")

@@ -13,7 +13,7 @@ from dataclasses import replace
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.common import IO_RETRIES
+from tasks.common import FRESH, IO_RETRIES
 from twincd import kustomize, wiring
 from twincd.adapters.registry import REVISION_LABEL
 from twincd.config import Environment
@@ -166,12 +166,11 @@ def post_validation(env: Environment, mr: MergeRequest, report: ValidationReport
     return replace(mr)  # a result of its own, so the run graph draws validate → post-validation → merge
 
 
-# No retries and no timeout here: the adapter owns its deadline and rides out forge outages.
-@task(name="wait-for-merge")
-def wait_for_merge(env: Environment, mr: MergeRequest) -> MergeRequest:
-    """Wait for a person to merge the MR on the forge (polling with backoff, never a busy loop)."""
+@task(name="read-merge-request", **IO_RETRIES, **FRESH)
+def read_merge_request(env: Environment, mr: MergeRequest) -> MergeRequest:
+    """The MR as the forge shows it now (merged, closed or still open, and by whom)."""
     with wiring.forge(env) as forge:
-        return forge.wait_for_merge(mr, timeout=env.timeouts.approval_seconds)
+        return forge.get(mr)
 
 
 @task(name="merge", **IO_RETRIES)

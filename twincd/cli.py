@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,15 @@ def cmd_seed(env: Environment, args: argparse.Namespace) -> int:
     return 0
 
 
+# The flows' deployments (prefect.yaml, `twincd serve`, the local stack's runner).
+DEPLOY, FAILOVER = "deploy/deploy", "failover/failover"
+
+
 def _run_deploy(env: Environment, app: str, tag: str, auto_approve: bool, image: str = "") -> int:
     _use_prefect(env)
+    if not auto_approve:
+        return _start_deployment(env, DEPLOY, {"app": app, "tag": tag, "image": image})
+    # Nothing waits for a person: run it here, where its logs print as it goes.
     from flows.deploy import deploy
 
     state = deploy(
@@ -80,13 +88,105 @@ def _run_deploy(env: Environment, app: str, tag: str, auto_approve: bool, image:
     return 0 if state.is_completed() else 1
 
 
+def _start_deployment(env: Environment, name: str, parameters: dict[str, Any]) -> int:
+    """A run of deployment ``name``, followed until it ends or waits for a person.
+
+    A run that waits for a person must be a run of a deployment: Prefect suspends only those
+    (its process exits while people take their time) and a worker, ``twincd serve`` or the local
+    stack's runner takes it up again when it is resumed.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            print(
+                f"twincd: no deployment {name} on the Prefect server at {env.prefect.api_url}: "
+                "a run that waits for approval runs from a deployment. Start `twincd serve` (one "
+                "machine; `twincd up` starts it for the local stack) or `prefect deploy --all` and a "
+                "worker; or pass --auto-approve",
+                file=sys.stderr,
+            )
+            return 2
+        run = client.create_flow_run_from_deployment(
+            deployment.id, parameters={**parameters, "env": str(Path(env.source).resolve())}
+        )
+    print(f"started a run of {name}: {_ui_url(env, run.id)}")
+    return _follow(env, run.id)
+
+
+def _follow(env: Environment, run_id: Any, *, since: datetime | None = None, poll: float = 1.0) -> int:
+    """Print the run's logs (and its subflows', from ``since``) until it ends (0: Completed) or waits (0)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+        LogFilterTimestamp,
+        TaskRunFilter,
+        TaskRunFilterId,
+    )
+    from prefect.client.schemas.sorting import LogSort
+
+    printed: set[Any] = set()
+    tasks: dict[Any, str] = {}  # task run id -> its name, to say whose log line it is
+    ended_at: float | None = None
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(run_id)
+            subflows = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id]))
+            )
+            logs = client.read_logs(
+                LogFilter(
+                    flow_run_id=LogFilterFlowRunId(any_=[run_id, *(r.id for r in subflows)]),
+                    timestamp=LogFilterTimestamp(after_=since),  # type: ignore[arg-type]  # a datetime: pydantic takes it
+                ),
+                sort=LogSort.TIMESTAMP_ASC,
+            )
+            fresh = [log for log in logs if log.id not in printed]
+            unnamed = list(
+                {log.task_run_id for log in fresh if log.task_run_id and log.task_run_id not in tasks}
+            )
+            if unnamed:
+                found = client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=unnamed)))
+                tasks.update({t.id: t.name for t in found})
+            for log in fresh:
+                printed.add(log.id)
+                who = tasks.get(log.task_run_id, "") if log.task_run_id else run.name
+                print(f"{log.timestamp:%H:%M:%S} | {who} | {log.message}")
+            state = run.state
+            settled = state is not None and (state.is_final() or state.is_paused())
+            if settled and ended_at is None:
+                ended_at = time.monotonic()
+            # Logs reach the API in batches (every PREFECT_LOGGING_TO_API_BATCH_INTERVAL, 2 s)
+            # after the state: read until a few quiet polls have passed.
+            if ended_at is not None and not fresh and time.monotonic() - ended_at > 3 * poll + 2:
+                break
+            time.sleep(poll)
+    assert state is not None
+    print(f"\n{state.name}: {state.message or ''}".rstrip())
+    if state.is_paused():
+        p = run.parameters
+        command = f"{p['app']} {p['tag']}" if "app" in p else p.get("mode", "")
+        print(
+            f"{run.name} waits for a person (nothing runs meanwhile): approve it in the Prefect UI or "
+            f"with `twincd approve {command}` (`--refuse` to refuse), or merge or close its MR on the forge"
+        )
+    print(f"Run in the Prefect UI: {_ui_url(env, run_id)}")
+    return 0 if state.is_completed() or state.is_paused() else 1
+
+
 def cmd_deploy(env: Environment, args: argparse.Namespace) -> int:
     env.app(args.app)  # an unknown app fails here, before Prefect is even imported
     return _run_deploy(env, args.app, args.tag, args.auto_approve, args.image)
 
 
 def _resume(env: Environment, name: str, run_input: dict[str, Any], run_id: str = "") -> int:
-    """Resume the paused run called ``name`` (or with id ``run_id``) with ``run_input`` (the UI's form)."""
+    """Resume the waiting run called ``name`` (or with id ``run_id``) with ``run_input`` (the UI's form)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -96,46 +196,37 @@ def _resume(env: Environment, name: str, run_input: dict[str, Any], run_id: str 
     )
     from prefect.flow_runs import resume_flow_run
 
+    from twincd.adapters.waits import WAITING_STATES
+
     with get_client(sync_client=True) as client:
-        paused = client.read_flow_runs(
+        waiting = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
                 name=FlowRunFilterName(like_=name),
-                state=FlowRunFilterState(name=FlowRunFilterStateName(any_=["Paused"])),
+                state=FlowRunFilterState(name=FlowRunFilterStateName(any_=list(WAITING_STATES))),
             )
         )
-        # The run itself, or one of its landing subflows (`<name>/<stage>`, e.g. a sequential
-        # rollout's first stage or a revert) that waits for the approval.
-        runs = [r for r in paused if r.name == name or r.name.startswith(name + "/")]
-        if run_id:
-            # The id people see is the run's: a subflow that waits answers to its parent's id too.
-            runs = [
-                r
-                for r in runs
-                if run_id
-                in (
-                    str(r.id),
-                    str(client.read_task_run(r.parent_task_run_id).flow_run_id)
-                    if r.parent_task_run_id
-                    else "",
-                )
-            ]
+        runs = [r for r in waiting if r.name == name and (not run_id or str(r.id) == run_id)]
     if not runs:
         print(
-            f"no paused run named {name}{' with id ' + run_id if run_id else ''}: nothing waits for approval",
+            f"no waiting run named {name}{' with id ' + run_id if run_id else ''}: "
+            "nothing waits for approval",
             file=sys.stderr,
         )
         return 2
     if len(runs) > 1:
         # Never guess which one a person meant to approve.
         print(
-            f"{len(runs)} paused runs are named {name}; choose one with --run:\n"
+            f"{len(runs)} waiting runs are named {name}; choose one with --run:\n"
             + "\n".join(f"  {r.id}  started {r.start_time}" for r in runs),
             file=sys.stderr,
         )
         return 2
+    resumed_at = datetime.now(UTC)
     resume_flow_run(runs[0].id, run_input=run_input)
     print(f"{'approved' if run_input['approved'] else 'refused'} {name}: {_ui_url(env, runs[0].id)}")
-    return 0
+    if runs[0].state_name == "Paused":
+        return 0  # a run paused in its own process goes on there; only a suspended one is taken up anew
+    return _follow(env, runs[0].id, since=resumed_at)
 
 
 def cmd_approve(env: Environment, args: argparse.Namespace) -> int:
@@ -148,7 +239,7 @@ def cmd_approve(env: Environment, args: argparse.Namespace) -> int:
     return _resume(
         env,
         target,
-        {"approved": not args.refuse, "approver": args.approver, "comment": args.comment},
+        {"approved": not args.refuse, "approver": args.approver, "comment": args.comment, "timed_out": False},
         args.run,
     )
 
@@ -186,12 +277,15 @@ def cmd_serve(env: Environment, args: argparse.Namespace) -> int:
     from flows.deploy import deploy
     from flows.drift import drift_check
     from flows.failover import failover
+    from flows.waiting import watch_waits
 
     source = str(Path(env.source).resolve())  # runs may start in another working directory
     deployments = [
         deploy.to_deployment(name="deploy", parameters={"env": source}),
         failover.to_deployment(name="failover", parameters={"env": source}),
         drift_check.to_deployment(name="drift-check", parameters={"env": source}, cron="*/15 * * * *"),
+        # Resumes runs whose MR was merged or closed while no hook reached twincd, and overdue ones.
+        watch_waits.to_deployment(name="watch-waits", cron="*/10 * * * *"),
     ]
     # In a sync context to_deployment returns the deployment itself, never a coroutine.
     serve(*[d for d in deployments if not isinstance(d, Coroutine)])
@@ -200,20 +294,20 @@ def cmd_serve(env: Environment, args: argparse.Namespace) -> int:
 
 def cmd_failover(env: Environment, args: argparse.Namespace) -> int:
     _use_prefect(env)
+    parameters = {
+        "mode": "active-active" if args.active_active else "active-standby",
+        "active": args.to,
+        "dry_run": args.dry_run,
+        "reason": args.reason,
+        "emergency": args.emergency,
+        "auto_approve": args.auto_approve,
+        "health_url": args.health_url,
+    }
+    if not (args.dry_run or args.emergency or args.auto_approve):
+        return _start_deployment(env, FAILOVER, parameters)  # waits for the plan's approval
     from flows.failover import failover
 
-    mode = "active-active" if args.active_active else "active-standby"
-    state = failover(
-        mode=mode,
-        active=args.to,
-        dry_run=args.dry_run,
-        reason=args.reason,
-        emergency=args.emergency,
-        env=env.source,
-        auto_approve=args.auto_approve,
-        health_url=args.health_url,
-        return_state=True,
-    )
+    state = failover(**parameters, env=env.source, return_state=True)
     print(f"\n{state.name}: {state.message or ''}".rstrip())
     print(f"Run in the Prefect UI: {_ui_url(env, state.state_details.flow_run_id)}")
     return 0 if state.is_completed() else 1

@@ -157,6 +157,17 @@ class MergeRequest:
 
 
 @dataclass(frozen=True)
+class Waiting:
+    """What a suspended run waits for: a person's answer (about ``mr``, if any) until ``deadline``."""
+
+    mr: MergeRequest | None  # None: an answer on the form only (a failover plan)
+    env: str  # the environment file the run loaded: its forge holds the MR
+    deadline: str  # ISO 8601, UTC: after it, the reconciliation resumes the run as timed out
+    project: str = ""  # the forge's project (GitLab's path_with_namespace), to match its hooks
+    app: str = ""  # the release's app ("" for a failover): releases of one app queue behind it
+
+
+@dataclass(frozen=True)
 class Event:
     """One entry of a release's timeline: what a notifier tells the team."""
 
@@ -178,9 +189,12 @@ class Timeline:
     app: str
     tag: str
     events: tuple[Event, ...] = ()
+    # The flow run it tells: a run resumed after waiting for a person tells its first steps again,
+    # and they must be the same replies (twincd.notify.reply_key); "" outside a run.
+    run: str = ""
 
     def add(self, event: Event) -> Timeline:
-        return Timeline(self.app, self.tag, (*self.events, event))
+        return Timeline(self.app, self.tag, (*self.events, event), self.run)
 
     @property
     def key(self) -> str:

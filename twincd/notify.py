@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -257,13 +258,19 @@ def is_reply(event: Event) -> bool:
     return event.step in _REPLY_STEPS or event.status in ("failed", "cancelled", "skipped")
 
 
-def reply_key(event: Event) -> str:
-    """Same event, same key: a re-published timeline posts nothing twice, a re-run posts anew."""
-    raw = f"{event.step}\x00{event.cluster}\x00{event.status}\x00{event.at}"
+def reply_key(event: Event, *, run: str = "", nth: int = 1) -> str:
+    """Same event, same key: a re-published timeline posts nothing twice, a re-run posts anew.
+
+    Within a flow run (``run``), the ``nth`` event of its step, cluster and status: a run that was
+    suspended while waiting for a person starts again from the top when resumed and tells its
+    first steps again with new times, and those are replies already posted. Outside a run, the
+    event's time tells events apart.
+    """
+    raw = f"{event.step}\x00{event.cluster}\x00{event.status}\x00{run or event.at}\x00{nth}"
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
-def reply(event: Event) -> Reply:
+def reply(event: Event, key: str = "") -> Reply:
     headline = _HEADLINES.get((event.step, event.status), f"{event.step} {event.status}")
     headline = headline.format(cluster=event.cluster)
     icon = _ICONS.get(event.status, "•")
@@ -280,7 +287,7 @@ def reply(event: Event) -> Reply:
     else:
         text = f"{icon} {title}: {escape(body)}{escape(actor)}"
     mention = event.step == "result" and event.status == "failed"
-    return Reply(reply_key(event), event, mention, plain, text)
+    return Reply(key or reply_key(event), event, mention, plain, text)
 
 
 def thread_replies(timeline: Timeline, *, posted: Collection[str] = ()) -> list[Reply]:
@@ -289,4 +296,12 @@ def thread_replies(timeline: Timeline, *, posted: Collection[str] = ()) -> list[
     Keys rather than a count, because the flow's timelines are not one growing list: a re-run
     starts a new timeline, and the failure path notifies a shorter one.
     """
-    return [r for r in (reply(e) for e in timeline.events if is_reply(e)) if r.key not in posted]
+    seen: Counter[tuple[str, str, str]] = Counter()
+    replies = []
+    for e in timeline.events:
+        seen[e.step, e.cluster, e.status] += 1
+        if is_reply(e):
+            r = reply(e, reply_key(e, run=timeline.run, nth=seen[e.step, e.cluster, e.status]))
+            if r.key not in posted:
+                replies.append(r)
+    return replies

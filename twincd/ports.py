@@ -53,15 +53,11 @@ class Forge(Protocol):
         ...
 
     def get(self, mr: MergeRequest) -> MergeRequest:
-        """The MR as the forge shows it now."""
+        """The MR as the forge shows it now (a merged one with ``merge_commit``, ``merged_by``, approvers)."""
         ...
 
     def post_validation(self, mr: MergeRequest, report: ValidationReport) -> None:
         """Put the validation result where reviewers see it (once, however often retried)."""
-        ...
-
-    def wait_for_merge(self, mr: MergeRequest, *, timeout: float) -> MergeRequest:
-        """Until a person merges (returned with ``merge_commit``) or closes it (CancelledByUser)."""
         ...
 
     def merge(self, mr: MergeRequest, *, approved_by: str) -> MergeRequest:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any, ClassVar, Self
 
 from twincd.adapters import git as gitrepo
 from twincd.domain import MergeRequest, ValidationReport
-from twincd.errors import CancelledByUser, PermanentError
+from twincd.errors import PermanentError
 from twincd.validate import report_markdown
 
 
@@ -127,19 +126,6 @@ class LocalForge:
     def post_validation(self, mr: MergeRequest, report: ValidationReport) -> None:
         """The result goes into the MR's record (the approval form in the Prefect UI shows it too)."""
         self._save(self.get(mr), validation=report_markdown(report))
-
-    def wait_for_merge(self, mr: MergeRequest, *, timeout: float) -> MergeRequest:
-        """Until the record says merged (e.g. by another run's approval) or closed (CancelledByUser)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            current = self.get(mr)
-            if current.state == "merged":
-                return current
-            if current.state == "closed":
-                raise CancelledByUser(f"merge request {current.ref} ({current.source_branch}) was closed")
-            if time.monotonic() >= deadline:
-                raise PermanentError(f"merge request {current.ref} is still open after {timeout:.0f} s")
-            time.sleep(self._poll)
 
     def _next_ref(self) -> str:
         """``!N`` reserved with an exclusive create, so two runs at once never share a number."""

@@ -53,7 +53,7 @@ import requests
 from twincd.adapters.git import redact_url
 from twincd.adapters.secrets import Secret
 from twincd.domain import MergeRequest, ValidationReport
-from twincd.errors import CancelledByUser, PermanentError, TransientError
+from twincd.errors import PermanentError, TransientError
 from twincd.validate import report_markdown
 
 if TYPE_CHECKING:
@@ -258,7 +258,11 @@ class GitlabForge:
         )
 
     def get(self, mr: MergeRequest) -> MergeRequest:
-        return self._to_mr(self._read(_iid(mr)))
+        """The MR now; once merged, with who approved it (one more GET: GitLab's MR approvals API)."""
+        current = self._to_mr(self._read(_iid(mr)))
+        if current.state == "merged":
+            return replace(current, approved_by=self._approvers(_iid(mr)))
+        return current
 
     def post_validation(self, mr: MergeRequest, report: ValidationReport) -> None:
         """Post the validation result as an MR note (once) and set or clear the failure label."""
@@ -286,42 +290,6 @@ class GitlabForge:
             lambda: self._project.mergerequests.update(iid, change, max_retries=self._max_retries),
             needs=_WRITE_MR,
         )
-
-    def wait_for_merge(
-        self, mr: MergeRequest, *, timeout: float, poll: float | None = None, max_poll: float | None = None
-    ) -> MergeRequest:
-        """Poll until a person merges (return it, with ``merge_commit``) or closes it (CancelledByUser).
-
-        The interval grows by half each time up to ``max_poll``: quick answers are seen quickly,
-        and an MR that waits for hours costs one request a minute. Sleeping, never spinning.
-        A GitLab outage while waiting is logged and waited out; only the deadline ends the wait.
-        """
-        deadline = time.monotonic() + timeout
-        delay = self._poll if poll is None else poll
-        max_poll = self._max_poll if max_poll is None else max_poll
-        while True:
-            try:
-                current = self.get(mr)
-            except TransientError as e:
-                log.warning("still waiting for %s; GitLab did not answer: %s", mr.ref, e)
-            else:
-                if current.state == "merged":
-                    return replace(current, approved_by=self._approvers(_iid(mr)))
-                if current.state == "closed":
-                    raise CancelledByUser(
-                        f"merge request {current.ref} ({current.web_url}) was closed without being "
-                        f"merged; nothing reached {current.target_branch}. Reopen it and re-run the "
-                        "deploy to release."
-                    )
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise MergeTimeout(
-                    f"merge request {mr.ref} ({mr.web_url}) is still open after {timeout:.0f} s: "
-                    "nobody merged or closed it. Merge it and re-run the deploy (the open MR is reused), "
-                    "or close it."
-                )
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 1.5, max_poll)
 
     def merge(self, mr: MergeRequest, *, approved_by: str, settle_timeout: float = 30) -> MergeRequest:
         """Merge through the API at ``mr.sha`` (the validated head); an already merged MR is returned.

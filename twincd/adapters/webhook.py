@@ -1,4 +1,5 @@
-"""`twincd webhook`: GitLab "Tag Push Hook" events start runs of the Prefect ``deploy`` deployment.
+"""`twincd webhook`: GitLab "Tag Push Hook" events start runs of the Prefect ``deploy`` deployment,
+and "Merge Request Hook" events resume the runs that wait for that MR's merge or close.
 
 Prefect's incoming webhooks are a Prefect Cloud feature; on a self-hosted server this small
 Starlette app is the receiving end. It answers fast and does no deploying itself: it checks the
@@ -23,6 +24,14 @@ deploys of the mapped ones, so it is answered 202 ``{"ignored": ...}`` and logge
 
 Replays and concurrent deliveries of one tag share one run creation through one Prefect client
 (``_Runs``), so a burst costs one Prefect call per tag, not per delivery.
+
+A Merge Request Hook (``object_kind: merge_request``) with ``object_attributes.action`` ``merge``
+or ``close`` resumes the runs suspended while waiting for that project's MR (twincd.adapters.waits)
+with who did it (``user.username``); other actions (open, update, approved, ...) are answered 202
+``{"ignored": ...}``. A delivery GitLab sends again (the same ``X-Gitlab-Event-UUID``: GitLab's
+retries and "Resend request" keep the UUID of the event) is answered from memory. The run reads
+the MR again when it resumes, so a forged or stale event cannot merge anything; the token check
+still applies first.
 """
 
 from __future__ import annotations
@@ -63,6 +72,16 @@ _SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")  # SHA-1, or SHA-256 object 
 
 
 @dataclass(frozen=True)
+class MergeRequestEvent:
+    """The fields of a GitLab Merge Request Hook payload that twincd uses."""
+
+    project: str  # project.path_with_namespace of the MR's target project
+    iid: int
+    action: str  # object_attributes.action: open, update, approved, merge, close, reopen, ...
+    user: str  # user.username: who did it
+
+
+@dataclass(frozen=True)
 class TagPush:
     """The fields of a GitLab Tag Push Hook payload that twincd uses."""
 
@@ -96,6 +115,23 @@ def parse_tag_push(payload: object) -> TagPush | None:
     return TagPush(project=path, tag=ref.removeprefix("refs/tags/"), sha=sha)
 
 
+def parse_merge_request(payload: dict[str, Any]) -> MergeRequestEvent:
+    """The merge request event in ``payload`` (``object_kind`` already ``merge_request``)."""
+    attributes, project, user = payload.get("object_attributes"), payload.get("project"), payload.get("user")
+    if not isinstance(attributes, dict):
+        raise MalformedEvent("`object_attributes` must be an object")
+    iid, action = attributes.get("iid"), attributes.get("action")
+    if not isinstance(iid, int) or isinstance(iid, bool) or iid < 1:
+        raise MalformedEvent("`object_attributes.iid` must be a positive integer")
+    if not isinstance(action, str):
+        raise MalformedEvent("`object_attributes.action` must be a string")
+    path = project.get("path_with_namespace") if isinstance(project, dict) else None
+    if not isinstance(path, str) or not path:
+        raise MalformedEvent("`project.path_with_namespace` must be a non-empty string")
+    username = user.get("username") if isinstance(user, dict) else None
+    return MergeRequestEvent(path, iid, action, username if isinstance(username, str) else "")
+
+
 def default_projects(env: Environment) -> dict[str, str]:
     """Project name → app, by the basename of each app's repository (``apps/hello`` ↔ ``…/hello.git``).
 
@@ -122,6 +158,7 @@ def create_app(
     exact = _exact_projects(env, projects)
     by_basename = default_projects(env)
     runs = _Runs(deployment)
+    resumes = _Resumes()
 
     def app_of(project: str) -> str | None:
         if exact is not None:
@@ -131,7 +168,10 @@ def create_app(
     async def receive(request: Request) -> JSONResponse:
         t0 = time.perf_counter()
         try:
-            event = await _tag_push(request, expected, max_body)
+            payload = await _payload(request, expected, max_body)
+            if payload.get("object_kind") == "merge_request":
+                return await resumes.answer(request.headers.get("x-gitlab-event-uuid", ""), payload)
+            event = _tag_push(payload)
             app = _release_app(env, event, app_of(event.project))
         except _Answered as answered:
             return answered.response
@@ -148,7 +188,7 @@ def create_app(
         from prefect.client.orchestration import get_client
 
         async with get_client() as client:
-            runs.client = client
+            runs.client = resumes.client = client
             try:
                 await runs.deployment_id()
             except Exception as e:  # noqa: BLE001 - serve anyway: every delivery looks it up again
@@ -156,7 +196,7 @@ def create_app(
             yield
             # Deliveries answered `pending` were promised a run: finish creating them first.
             await runs.drain(timeout=30)
-            runs.client = None
+            runs.client = resumes.client = None
 
     return Starlette(
         routes=[Route(PATH, receive, methods=["POST"]), Route("/healthz", health, methods=["GET"])],
@@ -186,8 +226,8 @@ class _Answered(Exception):
         self.response = response
 
 
-async def _tag_push(request: Request, expected: bytes, max_body: int) -> TagPush:
-    """The delivery's tag push of a tag that exists; raises _Answered for anything else."""
+async def _payload(request: Request, expected: bytes, max_body: int) -> dict[str, Any]:
+    """The delivery's JSON object, once its token and size are checked; raises _Answered if not."""
     # Constant-time comparison of bytes: a timing side channel cannot guess the token.
     given = request.headers.get("x-gitlab-token", "").encode()
     if not hmac.compare_digest(given, expected):
@@ -201,15 +241,96 @@ async def _tag_push(request: Request, expected: bytes, max_body: int) -> TagPush
             _answer(400, {"error": "the client disconnected before sending the whole body"})
         ) from None
     try:
-        event = parse_tag_push(json.loads(body))
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError and MalformedEvent are ValueErrors
-        reason = str(e) if isinstance(e, MalformedEvent) else "the body is not JSON"
-        raise _Answered(_answer(400, {"error": f"malformed tag push event: {reason}"})) from None
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+        raise _Answered(_answer(400, {"error": "malformed event: the body is not JSON"})) from None
+    if not isinstance(payload, dict):
+        raise _Answered(_answer(400, {"error": "malformed event: the body must be a JSON object"}))
+    return payload
+
+
+def _tag_push(payload: dict[str, Any]) -> TagPush:
+    """The payload's tag push of a tag that exists; raises _Answered for anything else."""
+    try:
+        event = parse_tag_push(payload)
+    except MalformedEvent as e:
+        raise _Answered(_answer(400, {"error": f"malformed tag push event: {e}"})) from None
     if event is None:
-        raise _Answered(_ignored("not a Tag Push Hook event"))
+        raise _Answered(_ignored("not a Tag Push Hook or Merge Request Hook event"))
     if event.sha is None:
         raise _Answered(_ignored(f"tag {event.tag} of {event.project} was deleted"))
     return event
+
+
+class _Resumes:
+    """Merge Request Hook deliveries → the runs waiting for that MR, resumed with who merged or closed it.
+
+    A delivery GitLab sends again keeps its ``X-Gitlab-Event-UUID``; its answer is kept (bounded)
+    and given again without a Prefect call.
+    """
+
+    MAX_EVENTS = 10_000
+
+    def __init__(self) -> None:
+        self.client: PrefectClient | None = None
+        self._answered: OrderedDict[str, tuple[int, dict[str, Any]]] = OrderedDict()
+
+    async def answer(self, uuid: str, payload: dict[str, Any]) -> JSONResponse:
+        if uuid and uuid in self._answered:
+            status, body = self._answered[uuid]
+            return _answer(status, {**body, "replayed": True})
+        try:
+            event = parse_merge_request(payload)
+        except MalformedEvent as e:
+            return _answer(400, {"error": f"malformed merge request event: {e}"})
+        if event.action not in ("merge", "close"):
+            return _ignored(f"merge request action {event.action!r}: only merge and close resume a run")
+        if self.client is None:
+            raise RuntimeError("the webhook's Prefect client is not open (served outside its lifespan?)")
+        try:
+            status, body = await self._resume(self.client, event)
+        except Exception as e:  # noqa: BLE001 - the Prefect API is down: GitLab may redeliver
+            log.warning(
+                "merge request %s!%d: could not resume: %s", event.project, event.iid, type(e).__name__
+            )
+            return _answer(
+                503,
+                {"error": f"the Prefect API did not answer ({type(e).__name__}); redeliver later"},
+                headers={"Retry-After": "30"},
+            )
+        if uuid:
+            self._answered[uuid] = (status, body)
+            while len(self._answered) > self.MAX_EVENTS:
+                self._answered.popitem(last=False)
+        return _answer(status, body)
+
+    async def _resume(self, client: PrefectClient, event: MergeRequestEvent) -> tuple[int, dict[str, Any]]:
+        from twincd.adapters import waits
+
+        ref = f"!{event.iid}"
+        waiting = [
+            w
+            for w in await waits.waiting_runs(client)
+            if w.waiting.mr is not None
+            and w.waiting.mr.ref == ref
+            and w.waiting.project.lower() == event.project.lower()
+        ]
+        if not waiting:
+            log.info("merge request %s%s %s: no run waits for it", event.project, ref, event.action)
+            return 202, {"ignored": f"no run waits for {event.project}{ref}"}
+        merged = event.action == "merge"
+        run_input = waits.answer(
+            approved=merged, approver=event.user, comment=f"{'merged' if merged else 'closed'} on GitLab"
+        )
+        resumed: list[str] = []
+        skipped: list[str] = []
+        for w in waiting:
+            why = await waits.resume(client, w.id, run_input)
+            (skipped if why else resumed).append(why or str(w.id))
+        log.info(
+            "merge request %s%s %s by %s: resumed %s", event.project, ref, event.action, event.user, resumed
+        )
+        return 202, {"resumed": resumed, **({"not_resumed": skipped} if skipped else {})}
 
 
 def _release_app(env: Environment, event: TagPush, app: str | None) -> str:

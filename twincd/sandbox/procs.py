@@ -91,6 +91,7 @@ def start_daemon(
     env: Mapping[str, str] | None = None,
     ready: Callable[[], bool],
     timeout: float,
+    cwd: Path | None = None,
 ) -> int:
     """Start ``argv`` as daemon ``name`` unless it already runs; wait until ``ready()``; return its PID.
 
@@ -118,6 +119,7 @@ def start_daemon(
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, **env} if env is not None else None,
+            cwd=cwd,
             start_new_session=True,
         )
     start_time = _start_time(proc.pid)

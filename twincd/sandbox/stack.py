@@ -21,12 +21,16 @@ from urllib.parse import urlparse
 
 import httpx
 
-from twincd.config import DnsRfc2136, Environment
+from twincd.config import REPO_ROOT, DnsRfc2136, Environment
 from twincd.errors import ConfigError
 from twincd.sandbox import buildd, dns, githttp, procs, registry, registry_auth, seed
 from twincd.sandbox.contexts import write_kubeconfig
 
 PREFECT = "prefect-server"
+RUNNER = "runner"
+# How often the stack's runner asks for runs to start (Prefect's default is 10 s): a run resumed
+# after a wait, or started by a hook, begins within this.
+RUNNER_POLL_SECONDS = 2
 
 
 @dataclass(frozen=True)
@@ -237,6 +241,20 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
         timeout=120,
     )
     services.append(Service(PREFECT, api.removesuffix("/api"), pid))
+
+    # The flows served as deployments: a run that waits for a person is suspended (its process
+    # exits) and this runner takes it up again when it is resumed; runs started by the webhook too.
+    say("runner        twincd serve: deploy, failover, drift-check and watch-waits deployments")
+    pid = procs.start_daemon(
+        RUNNER,
+        [sys.executable, "-m", "twincd.cli", "--env", str(Path(env.source).resolve()), "serve"],
+        state_dir=state,
+        env={**prefect_env(env), "PREFECT_RUNNER_POLL_FREQUENCY": str(RUNNER_POLL_SECONDS)},
+        cwd=REPO_ROOT,  # the deployments' entrypoints (flows/...) are relative to it
+        ready=healthy(f"{api}/deployments/name/deploy/deploy"),
+        timeout=90,
+    )
+    services.append(Service(RUNNER, "deployments deploy, failover, drift-check, watch-waits", pid))
     say(f"stack up in {time.monotonic() - t0:.1f} s")
     return services
 
@@ -262,6 +280,7 @@ def seed_repos(env: Environment) -> None:
 
 def _names(env: Environment) -> list[str]:
     return [
+        RUNNER,  # before the server it talks to
         PREFECT,
         *(cluster_name_of(c) for c in env.clusters),
         dns.NAME,

@@ -1,0 +1,119 @@
+"""Runs suspended until a person answers, kept by the Prefect server itself.
+
+A run that waits for a person (an approval in the Prefect UI, a merge on GitLab) is *suspended*
+(``prefect.flow_runs.suspend_flow_run``): its process exits and no worker slot is held; resuming
+it (``resume_flow_run`` with the run input its form asks for) makes the server schedule it again,
+and a worker or ``twincd serve`` runs it from the top, where every step before the wait finds its
+work already done. What it waits for is written beside it as a flow run input under ``KEY``
+(``POST /flow_runs/{id}/input``), so whoever learns the answer, the webhook's Merge Request Hook
+or the reconciliation, finds the run of an MR without a database of its own.
+
+Prefect's server only allows a suspension of a run that has a deployment and no parent
+(core_policy.HandlePausingFlows: "Cannot suspend subflows", "Cannot suspend flows without a
+deployment"), so the flows ask for a person in the parent run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from twincd.domain import MergeRequest, Waiting
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import PrefectClient
+
+KEY = "twincd-waiting"
+# The state names of a run that waits: "Suspended" (prefect.states.Suspended: a Paused state that
+# reschedules, no process), "Paused" (a blocking pause of a run started without a deployment).
+WAITING_STATES = ("Suspended", "Paused")
+
+
+def answer(
+    *, approved: bool, approver: str = "", comment: str = "", timed_out: bool = False
+) -> dict[str, Any]:
+    """The run input of the approval form (flows.landing.Approval) that resumes a waiting run."""
+    return {"approved": approved, "approver": approver, "comment": comment, "timed_out": timed_out}
+
+
+def to_json(waiting: Waiting) -> str:
+    return json.dumps(asdict(waiting))
+
+
+def from_json(text: str) -> Waiting:
+    raw = json.loads(text)
+    mr = raw.pop("mr")
+    if mr is not None:
+        mr["approved_by"] = tuple(mr.get("approved_by", ()))
+    return Waiting(mr=MergeRequest(**mr) if mr is not None else None, **raw)
+
+
+def record(run_id: UUID, waiting: Waiting) -> None:
+    """Write what ``run_id`` waits for (once: a resumed run that records again keeps the first)."""
+    import httpx
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_flow_run_input(run_id, KEY, to_json(waiting))
+        except httpx.HTTPStatusError as e:
+            if e.response.status_code != 409:  # 409: "A flow run input with this key already exists."
+                raise
+
+
+@dataclass(frozen=True)
+class WaitingRun:
+    id: UUID
+    name: str
+    waiting: Waiting
+
+
+async def waiting_runs(client: PrefectClient, *, limit: int = 200) -> list[WaitingRun]:
+    """Every waiting run that recorded what it waits for (oldest first)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateName
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.exceptions import ObjectNotFound
+
+    runs = await client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(name=FlowRunFilterStateName(any_=list(WAITING_STATES)))
+        ),
+        sort=FlowRunSort.START_TIME_ASC,
+        limit=limit,
+    )
+    found = []
+    for run in runs:
+        try:
+            text = await client.read_flow_run_input(run.id, KEY)
+        except ObjectNotFound:
+            continue  # suspended by something else than twincd's wait for a person
+        found.append(WaitingRun(run.id, run.name, from_json(text)))
+    return found
+
+
+def overdue(waiting: Waiting, now: datetime | None = None) -> bool:
+    return (now or datetime.now(UTC)) >= datetime.fromisoformat(waiting.deadline)
+
+
+async def resume(client: PrefectClient, run_id: UUID, run_input: dict[str, Any]) -> str:
+    """Resume ``run_id`` with ``run_input``; "" when done, else why not (no longer suspended, expired).
+
+    What prefect.flow_runs.aresume_flow_run does, through the caller's client: the server checks
+    the input against the form's schema and refuses a run that is no longer paused, so two
+    resumers (a hook and the reconciliation, a hook redelivered) resume it once.
+    """
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.responses import SetStateStatus
+
+    run = await client.read_flow_run(run_id)
+    if run.state is None or not run.state.is_paused():
+        return f"{run.name} is {run.state.name if run.state else 'without state'}, not waiting"
+    result = await client.resume_flow_run(run_id, run_input=run_input)
+    if result.status == SetStateStatus.ACCEPT:
+        return ""
+    if result.state is not None and result.state.type == StateType.FAILED:
+        return f"{run.name} waited past its timeout and can no longer resume"
+    return f"{run.name} cannot be resumed: {getattr(result.details, 'reason', None) or 'refused'}"
