@@ -280,16 +280,34 @@ def cmd_serve(env: Environment, args: argparse.Namespace) -> int:
     from flows.waiting import watch_waits
 
     source = str(Path(env.source).resolve())  # runs may start in another working directory
+    scheduled = not args.without_schedules
     deployments = [
         deploy.to_deployment(name="deploy", parameters={"env": source}),
         failover.to_deployment(name="failover", parameters={"env": source}),
-        drift_check.to_deployment(name="drift-check", parameters={"env": source}, cron="*/15 * * * *"),
+        drift_check.to_deployment(
+            name="drift-check", parameters={"env": source}, cron="*/15 * * * *" if scheduled else None
+        ),
         # Resumes runs whose MR was merged or closed while no hook reached twincd, and overdue ones.
-        watch_waits.to_deployment(name="watch-waits", cron="*/10 * * * *"),
+        watch_waits.to_deployment(name="watch-waits", cron="*/10 * * * *" if scheduled else None),
     ]
     # In a sync context to_deployment returns the deployment itself, never a coroutine.
     serve(*[d for d in deployments if not isinstance(d, Coroutine)])
     return 0
+
+
+def cmd_watch_waits(env: Environment, args: argparse.Namespace) -> int:
+    """The watch-waits flow, now (it also runs every 10 minutes where `twincd serve` runs)."""
+    _use_prefect(env)
+    import asyncio
+
+    from flows.waiting import watch_waits
+
+    async def watch() -> Any:
+        return await watch_waits(return_state=True)
+
+    state = asyncio.run(watch())
+    print(f"\n{state.name}: {state.message or ''}".rstrip())
+    return 0 if state.is_completed() else 1
 
 
 def cmd_failover(env: Environment, args: argparse.Namespace) -> int:
@@ -378,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--auto-approve", action="store_true")
     p.add_argument("--health-url", default="", help="HTTP health URL checked through each ingress IP")
-    sub.add_parser("serve", help="serve the flows as Prefect deployments (no worker needed)")
+    p = sub.add_parser("serve", help="serve the flows as Prefect deployments (no worker needed)")
+    p.add_argument("--without-schedules", action="store_true", help="no drift-check or watch-waits cron")
+    sub.add_parser("watch-waits", help="resume the runs whose MR was merged or closed, or whose wait is over")
     p = sub.add_parser("drift", help="compare the clusters with the manifests branch and with each other")
     p.add_argument("--fail-on-drift", action="store_true", help="end the run failed when drift is found")
     sub.add_parser("webhook", help="serve the GitLab Tag Push Hook endpoint that starts deploy runs")
@@ -386,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     env: Environment | None = None
     try:
         env = load_environment(args.env)
-        handler = globals()[f"cmd_{args.command}"]
+        handler = globals()[f"cmd_{args.command.replace('-', '_')}"]
         code: int = handler(env, args)
         return code
     except TwincdError as e:

@@ -119,7 +119,7 @@ class GitlabForge(_Model):
     token: SecretRef
     labels: tuple[str, ...] = ("twincd",)
     failed_label: str = "twincd::validation-failed"
-    poll_seconds: float = 5  # first wait between merge polls; grows to max_poll_seconds
+    poll_seconds: float = 5  # first wait between reads while GitLab checks or merges; grows to max_poll
     max_poll_seconds: float = 60
     # twincd's own merges: how long to wait for GitLab's mergeability check, and for a required
     # pipeline when the merge is left to GitLab's auto-merge.
@@ -324,6 +324,9 @@ class SandboxConfig(_Model):
     # The sandbox Argo CD's timeout.reconciliation: how often it compares an Application with git
     # when nobody asked it to refresh (Argo CD 2.x: 180 s, plus up to 60 s of jitter).
     argocd_reconcile_seconds: float = 180
+    # Whether the stack's runner (`twincd serve`) keeps the deployments' schedules (drift-check
+    # every 15 min, watch-waits every 10); off for test stacks, whose runs must be their tests'.
+    runner_schedules: bool = True
 
 
 class Environment(_Model):

@@ -23,7 +23,3 @@ class TransientError(TwincdError):
 
 class ConfigError(PermanentError):
     """The environment file is invalid. The message names the file, the key and what was expected."""
-
-
-class CancelledByUser(PermanentError):
-    """A person refused the release (MR closed, approval denied): the run ends cancelled."""

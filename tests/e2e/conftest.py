@@ -52,6 +52,7 @@ def write_env(root: Path, **overrides: object) -> Path:
         "cluster_ports": {name: free_port() for name in env["clusters"]},
         "git_port": int(git.rsplit(":", 1)[1]),
         "registry_token_port": free_port(),
+        "runner_schedules": False,
     }
     env["timeouts"] = {"approval_seconds": 600, "rollout_seconds": 30}
     env.update(overrides)

@@ -66,6 +66,11 @@ and ``app/services/merge_requests/mergeability/detailed_merge_status_service.rb`
 Group hooks (``add_group_hook(url, token=..., group=...)``): ``push_tag(project, tag, sha)`` sends
 a Tag Push Hook for any project of the group, known to twincd or not, as GitLab's group webhooks do
 (payload and headers: https://docs.gitlab.com/ee/user/project/integrations/webhook_events.html#tag-events).
+Project hooks for merge request events (``add_project_hook(url, token=...)``): when an MR is merged
+(by a person, by the API or by auto-merge) or closed, a Merge Request Hook is sent with
+``object_attributes.action`` ``merge`` or ``close`` and ``user`` the person who did it, after the
+change and from a worker of its own, as GitLab sends hooks from Sidekiq after the transaction
+(payload: https://docs.gitlab.com/ee/user/project/integrations/webhook_events.html#merge-request-events).
 A hook that fails four consecutive times (any non-2xx answer or no answer) is disabled and sends
 nothing more ("Project or group webhooks that fail four consecutive times are automatically
 disabled", https://docs.gitlab.com/ee/user/project/integrations/webhooks.html#auto-disabled-webhooks).
@@ -171,11 +176,12 @@ HOOK_FAILURES_TO_DISABLE = 4
 
 @dataclass
 class FakeHook:
-    """A group webhook: where GitLab sends the events of the group's projects."""
+    """A webhook: where GitLab sends the events of a group's projects, or of one project."""
 
     url: str
     token: str
-    group: str
+    group: str  # a group's path (its projects' events), or the project's own path
+    merge_requests: bool = False  # merge request events (else tag push events only)
     uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
     consecutive_failures: int = 0
     disabled: bool = False
@@ -295,45 +301,64 @@ class FakeGitlab(ServedFake):
         self.hooks.append(hook)
         return hook
 
+    def add_project_hook(self, url: str, *, token: str) -> FakeHook:
+        """A webhook on this project for merge request events, with secret token ``token``."""
+        hook = FakeHook(url=url, token=token, group=self.project, merge_requests=True)
+        self.hooks.append(hook)
+        return hook
+
     def push_tag(self, project: str, tag: str, sha: str) -> list[int | None]:
         """Someone pushed ``tag`` at ``sha`` to ``project``: each enabled hook of its group is called.
 
         Returns each delivery's status (None: no answer); a disabled hook sends nothing.
         """
-        statuses: list[int | None] = []
-        for hook in self.hooks:
-            if hook.disabled or not project.startswith(hook.group.rstrip("/") + "/"):
-                continue
-            status: int | None
-            try:
-                status = httpx.post(
-                    hook.url,
-                    json=_tag_push_payload(project, tag, sha),
-                    headers={
-                        "X-Gitlab-Event": "Tag Push Hook",
-                        "X-Gitlab-Token": hook.token,
-                        "X-Gitlab-Event-UUID": str(uuid.uuid4()),
-                        "X-Gitlab-Webhook-UUID": hook.uuid,
-                        "X-Gitlab-Instance": "https://gitlab.example.test",
-                        "User-Agent": "GitLab/17.5.0",
-                    },
-                    timeout=10,  # GitLab's webhook timeout
-                ).status_code
-            except httpx.HTTPError:
-                status = None
-            hook.deliveries.append((project, status))
-            statuses.append(status)
-            if status is not None and 200 <= status < 300:
-                hook.consecutive_failures = 0
-            else:
-                hook.consecutive_failures += 1
-                hook.disabled = hook.consecutive_failures >= HOOK_FAILURES_TO_DISABLE
-        return statuses
+        return [
+            self.deliver(hook, project, "Tag Push Hook", _tag_push_payload(project, tag, sha))
+            for hook in self.hooks
+            if not (hook.disabled or hook.merge_requests) and project.startswith(hook.group.rstrip("/") + "/")
+        ]
 
-    def close(self, iid: int) -> None:
+    def deliver(self, hook: FakeHook, project: str, event: str, payload: dict[str, Any]) -> int | None:
+        """One delivery of ``payload`` to ``hook``: its status (None: no answer), counted for disabling."""
+        status: int | None
+        try:
+            status = httpx.post(
+                hook.url,
+                json=payload,
+                headers={
+                    "X-Gitlab-Event": event,
+                    "X-Gitlab-Token": hook.token,
+                    "X-Gitlab-Event-UUID": str(uuid.uuid4()),
+                    "X-Gitlab-Webhook-UUID": hook.uuid,
+                    "X-Gitlab-Instance": "https://gitlab.example.test",
+                    "User-Agent": "GitLab/17.5.0",
+                },
+                timeout=10,  # GitLab's webhook timeout
+            ).status_code
+        except httpx.HTTPError:
+            status = None
+        hook.deliveries.append((project, status))
+        if status is not None and 200 <= status < 300:
+            hook.consecutive_failures = 0
+        else:
+            hook.consecutive_failures += 1
+            hook.disabled = hook.consecutive_failures >= HOOK_FAILURES_TO_DISABLE
+        return status
+
+    def _mr_event(self, mr: FakeMergeRequest, action: str, user: str) -> None:
+        """Send the Merge Request Hook of ``action`` from a thread, after the change (Sidekiq)."""
+        payload = _merge_request_payload(self.project, self.project_id, mr, action, user)
+        hooks = [h for h in self.hooks if h.merge_requests and not h.disabled]
+        for hook in hooks:
+            threading.Thread(
+                target=self.deliver, args=(hook, self.project, "Merge Request Hook", payload), daemon=True
+            ).start()
+
+    def close(self, iid: int, *, user: str = "a-maintainer") -> None:
         """Close without merging, as a reviewer who refuses the release does."""
         with self._lock:
             self.mrs[iid].state = "closed"
+            self._mr_event(self.mrs[iid], "close", user)
 
     def notes(self, iid: int) -> list[str]:
         with self._lock:
@@ -593,6 +618,7 @@ class FakeGitlab(ServedFake):
         mr.merged_by, mr.merged_at, mr.updated_at = user, _now(), _now()
         mr.auto_merge_user = None
         mr.events.append(f"merged:{user}:{self.merge_method}{'+squash' if squash_sha else ''}")
+        self._mr_event(mr, "merge", user)
         return new
 
     # ---- handlers --------------------------------------------------------------------------
@@ -719,7 +745,7 @@ class FakeGitlab(ServedFake):
         self._seen(mr)
         return JSONResponse(self._mr_json(mr))
 
-    def _update_mr(self, *, iid: str, body: dict[str, Any], **_: Any) -> Response:
+    def _update_mr(self, *, iid: str, body: dict[str, Any], user: str, **_: Any) -> Response:
         mr = self._find(iid)
         if mr is None:
             return _error(404, "404 Not found")
@@ -738,6 +764,7 @@ class FakeGitlab(ServedFake):
         event = body.get("state_event")
         if event == "close" and mr.state == "opened":
             mr.state = "closed"
+            self._mr_event(mr, "close", user)
         elif event == "reopen" and mr.state == "closed":
             mr.state = "opened"
         mr.updated_at = _now()
@@ -870,6 +897,40 @@ def _tag_push_payload(project: str, tag: str, sha: str) -> dict[str, Any]:
         "commits": [],
         "total_commits_count": 0,
         "repository": {"name": name, "url": f"git@gitlab.example.test:{project}.git", "homepage": web_url},
+    }
+
+
+def _merge_request_payload(
+    project: str, project_id: int, mr: FakeMergeRequest, action: str, user: str
+) -> dict[str, Any]:
+    """A Merge Request Hook body, in the shape of GitLab's documented example (merge request events)."""
+    web_url = f"https://gitlab.example.test/{project}"
+    return {
+        "object_kind": "merge_request",
+        "event_type": "merge_request",
+        "user": {"id": 1000 + sum(map(ord, user)), "name": user.title(), "username": user},
+        "project": {
+            "id": project_id,
+            "name": project.rsplit("/", 1)[-1],
+            "web_url": web_url,
+            "namespace": project.rsplit("/", 1)[0],
+            "path_with_namespace": project,
+            "default_branch": "main",
+        },
+        "object_attributes": {
+            "id": mr.id,
+            "iid": mr.iid,
+            "title": mr.title,
+            "source_branch": mr.source_branch,
+            "target_branch": mr.target_branch,
+            "merge_commit_sha": mr.merge_commit_sha,
+            "state": mr.state,
+            "action": action,
+            "url": f"{web_url}/-/merge_requests/{mr.iid}",
+        },
+        "labels": [],
+        "changes": {},
+        "repository": {"name": project.rsplit("/", 1)[-1], "homepage": web_url},
     }
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,12 +24,11 @@ from twincd.adapters.gitlab import (
     GitlabUnavailable,
     HeadMoved,
     MergeBlocked,
-    MergeTimeout,
 )
 from twincd.adapters.secrets import Secret, resolve_secret
 from twincd.config import GitlabForge as GitlabForgeConfig
 from twincd.domain import Finding, MergeRequest, ValidationReport
-from twincd.errors import CancelledByUser, PermanentError, TransientError
+from twincd.errors import PermanentError, TransientError
 from twincd.wiring import gitlab_forge
 
 pytestmark = pytest.mark.integration
@@ -194,55 +192,24 @@ def test_failed_validation_posts_one_note_and_labels(fake: FakeGitlab) -> None:
 # ---- waiting for a person ---------------------------------------------------------------------
 
 
-def test_wait_returns_the_real_merge_commit(fake: FakeGitlab) -> None:
+def test_a_persons_merge_is_read_with_the_real_merge_commit(fake: FakeGitlab) -> None:
     f = forge(fake)
     mr = open_release(f)
-
-    def person_merges() -> None:
-        # A maintainer merges through the API, as the GitLab UI does.
-        gl = gitlab.Gitlab(fake.url, private_token=TOKEN)
-        gl.projects.get(PROJECT, lazy=True).mergerequests.get(1, lazy=True).merge()
-
-    timer = threading.Timer(0.6, person_merges)
-    timer.start()
-    t0 = time.monotonic()
-    merged = f.wait_for_merge(mr, timeout=20, poll=0.1, max_poll=0.3)
-    timer.join()
-    assert 0.6 <= time.monotonic() - t0 < 10  # waited for the person; returned well before the 20 s deadline
+    assert f.get(mr).state == "opened"
+    fake.merge(1)  # a maintainer merges in GitLab
+    merged = f.get(mr)
     assert merged.state == "merged"
     assert merged.merge_commit == _git("rev-parse", "main", cwd=fake.repo)
     parents = _git("rev-list", "--parents", "-n1", "main", cwd=fake.repo).split()
     assert len(parents) == 3  # a real --no-ff merge: the commit and its two parents
 
 
-def test_wait_on_closed_mr_is_cancelled_by_user(fake: FakeGitlab) -> None:
+def test_a_closed_mr_reads_closed(fake: FakeGitlab) -> None:
     f = forge(fake)
     mr = open_release(f)
-    threading.Timer(0.3, fake.close, args=(1,)).start()
-    with pytest.raises(CancelledByUser, match=r"!1 .* closed without being merged; nothing reached main"):
-        f.wait_for_merge(mr, timeout=20, poll=0.1, max_poll=0.2)
-
-
-def test_wait_times_out_saying_still_open(fake: FakeGitlab) -> None:
-    f = forge(fake)
-    mr = open_release(f)
-    before = len(fake.calls())
-    t0 = time.monotonic()
-    with pytest.raises(MergeTimeout, match=r"still open after 1 s"):
-        f.wait_for_merge(mr, timeout=1.0, poll=0.1, max_poll=0.4)
-    elapsed = time.monotonic() - t0
-    assert 1.0 <= elapsed < 5  # waited until the deadline, then gave up
-    # Backoff: 0.1, 0.15, 0.225, 0.34, 0.4 ... s, so a handful of polls (fewer when GETs are slow on a
-    # loaded machine), not a busy loop.
-    assert 2 <= len(fake.calls()) - before <= 8
-
-
-def test_wait_rides_out_a_gitlab_outage(fake: FakeGitlab) -> None:
-    f = forge(fake, max_retries=0)
-    mr = open_release(f)
-    fake.fail_next(503, count=3)
-    threading.Timer(0.5, fake.merge, args=(1,)).start()
-    assert f.wait_for_merge(mr, timeout=20, poll=0.1, max_poll=0.2).state == "merged"
+    fake.close(1)
+    closed = f.get(mr)
+    assert (closed.state, closed.merge_commit) == ("closed", None)
 
 
 def test_close_comments_and_closes(fake: FakeGitlab) -> None:
@@ -412,20 +379,17 @@ def test_merge_conflict_is_permanent(fake: FakeGitlab, tmp_path: Path) -> None:
 
 
 def test_api_calls_of_one_release(fake: FakeGitlab) -> None:
-    """The GitLab requests of one deploy: open 2, validation 3, one GET per poll while waiting, and
-    one read of the approvals once merged (who approved, for the timeline)."""
+    """The GitLab requests of one deploy a person merges: open 2, validation 3, and reading it once
+    resumed: the MR and its approvals (who approved, for the timeline)."""
     f = forge(fake)
     mr = open_release(f)
     assert len(fake.calls()) == 2  # list, create
     f.post_validation(mr, ValidationReport(("overlays/eks/hello", "overlays/aks/hello"), 6))
     assert len(fake.calls()) == 5  # list notes, create note, label
-    threading.Timer(0.5, fake.merge, args=(1,)).start()
-    f.wait_for_merge(mr, timeout=10, poll=0.1, max_poll=1)
-    assert fake.calls()[-1][1].endswith("/merge_requests/1/approvals")
-    polls = len(fake.calls()) - 6
-    print(f"GitLab API calls of one release a person merges: {len(fake.calls())} ({polls} polls)")
-    # 0, .1, .25, .475, .81 s: fewer when GETs are slow on a loaded machine, more when the merge is late.
-    assert polls == len(fake.calls("GET")) - 3 and 2 <= polls <= 8
+    fake.merge(1)
+    f.get(mr)
+    print(f"GitLab API calls of one release a person merges: {len(fake.calls())}")
+    assert [p.rsplit("/", 1)[-1] for _, p, _ in fake.calls()[5:]] == ["1", "approvals"]
 
 
 def test_merged_mr_is_reused_only_at_the_same_head(fake: FakeGitlab) -> None:
@@ -677,10 +641,8 @@ def test_branch_moved_after_validation_is_refused_by_the_sha_guard(fake: FakeGit
 def test_the_real_merger_is_recorded(fake: FakeGitlab) -> None:
     f = forge(fake)
     mr = open_release(f)
-    threading.Timer(0.3, fake.merge, args=(1,), kwargs={"user": "alice"}).start()
-    merged = f.wait_for_merge(mr, timeout=20, poll=0.1, max_poll=0.2)
-    assert merged.merged_by == "alice"
-    assert f.get(merged).merged_by == "alice"
+    fake.merge(1, user="alice")
+    assert f.get(mr).merged_by == "alice"
 
 
 def test_api_calls_of_one_auto_approved_release(fake: FakeGitlab) -> None:
@@ -702,8 +664,8 @@ def test_the_approvers_of_a_persons_merge_are_recorded(fake: FakeGitlab) -> None
     mr = open_release(f)
     fake.approve(1, "bob")
     fake.approve(1, "dana")
-    threading.Timer(0.3, fake.merge, args=(1,), kwargs={"user": "alice"}).start()
-    merged = f.wait_for_merge(mr, timeout=20, poll=0.1, max_poll=0.2)
+    fake.merge(1, user="alice")
+    merged = f.get(mr)
     assert (merged.merged_by, merged.approved_by) == ("alice", ("bob", "dana"))
 
 

@@ -147,6 +147,27 @@ def test_a_rerun_of_the_same_release_gets_new_keys() -> None:
     assert reply_key(e) != reply_key(again)
 
 
+def test_a_resumed_run_telling_its_first_steps_again_posts_nothing_twice() -> None:
+    """A run suspended while waiting for a person starts from the top when resumed: the same
+    events of the same run come again with new times, and are the replies already posted."""
+    events = [
+        Event("push", "ok", f"pushed: r/hello@{DIGEST}", _at(0)),
+        Event("merge-request", "ok", "opened !7", _at(1)),
+        Event("verify", "failed", "eks: timed out", _at(2), "eks"),
+        Event("verify", "failed", "eks: timed out", _at(3), "eks"),  # told twice in one run: two replies
+    ]
+    first = Timeline("hello", "1.2.0", tuple(events[:2]), run="run-1")
+    posted = {r.key for r in thread_replies(first)}
+    replayed = Timeline("hello", "1.2.0", run="run-1")
+    for n, e in enumerate(events):
+        replayed = replayed.add(Event(e.step, e.status, e.text, _at(30 + n), e.cluster))
+    new = thread_replies(replayed, posted=posted)
+    assert [(r.event.step, r.event.at) for r in new] == [("verify", _at(32)), ("verify", _at(33))]
+    # Another run of the same release tells its own story.
+    other = Timeline("hello", "1.2.0", tuple(events[:2]), run="run-2")
+    assert len(thread_replies(other, posted=posted)) == len(posted) == 1
+
+
 def test_validation_failure_reply_has_the_findings_and_the_result_the_mention() -> None:
     findings = "overlays/eks: Deployment/hello/hello: bad\noverlays/aks: Deployment/hello/hello: bad"
     t = Timeline("hello", "1.2.0").add(Event("validate", "failed", findings, _at(0)))

@@ -36,7 +36,6 @@ class LocalForge:
         *,
         repo_url: str,
         records_dir: Path,
-        poll_seconds: float = 2,
         auth: gitrepo.GitAuth = gitrepo.NO_AUTH,
         cache_dir: Path | None = None,
     ) -> None:
@@ -45,7 +44,6 @@ class LocalForge:
         # Merges work in the manifests port's mirror when there is one: no clone per merge.
         self._mirror = gitrepo.Mirror(repo_url, cache_dir, auth) if cache_dir is not None else None
         self.records_dir = records_dir
-        self._poll = poll_seconds
 
     def __enter__(self) -> Self:
         return self

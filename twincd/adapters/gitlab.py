@@ -90,10 +90,6 @@ class GitlabUnavailable(TransientError):
     """429, 5xx, or GitLab could not be reached, after python-gitlab's own retries."""
 
 
-class MergeTimeout(GitlabForgeError):
-    """The merge request is still open when the wait ends."""
-
-
 class MergeBlocked(GitlabForgeError):
     """GitLab will not merge the MR as it is (approvals missing, draft, conflicts, failed pipeline)."""
 

@@ -247,7 +247,11 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
     say("runner        twincd serve: deploy, failover, drift-check and watch-waits deployments")
     pid = procs.start_daemon(
         RUNNER,
-        [sys.executable, "-m", "twincd.cli", "--env", str(Path(env.source).resolve()), "serve"],
+        [
+            sys.executable,
+            *("-m", "twincd.cli", "--env", str(Path(env.source).resolve()), "serve"),
+            *(() if env.sandbox.runner_schedules else ("--without-schedules",)),
+        ],
         state_dir=state,
         env={**prefect_env(env), "PREFECT_RUNNER_POLL_FREQUENCY": str(RUNNER_POLL_SECONDS)},
         cwd=REPO_ROOT,  # the deployments' entrypoints (flows/...) are relative to it
