@@ -7,11 +7,15 @@ of the session. Flows run through the real CLI in subprocesses, exactly as a use
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,6 +27,7 @@ from twincd.sandbox.procs import free_port
 from twincd.sandbox.stack import local_repo_path
 
 TWINCD = [sys.executable, "-m", "twincd.cli"]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_env(root: Path, **overrides: object) -> Path:
@@ -84,6 +89,88 @@ def twincd(env: Environment, *args: str, timeout: float = 300) -> subprocess.Com
         check=False,
         env={**os.environ, "PREFECT_API_URL": env.prefect.api_url},
     )
+
+
+def start_twincd(env: Environment, *args: str, **extra_env: str) -> subprocess.Popen[bytes]:
+    """A long-running CLI command (``webhook``, ``serve``) in a session of its own."""
+    return subprocess.Popen(
+        [*TWINCD, "--env", env.source, *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PREFECT_API_URL": env.prefect.api_url, **extra_env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def stop_twincd(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)  # a runner's flow-run subprocesses go with it
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_for(predicate: Callable[[], object], what: str, timeout: float = 120, poll: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll)
+
+
+def flow_run(env: Environment, run_id: str) -> dict[str, Any]:
+    return dict(httpx.get(f"{env.prefect.api_url.rstrip('/')}/flow_runs/{run_id}").json())
+
+
+def final_run(env: Environment, run_id: str, timeout: float = 240) -> dict[str, Any]:
+    """The run once it ended (Completed, Failed, Cancelled, Crashed)."""
+    final = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
+    wait_for(lambda: flow_run(env, run_id)["state"]["type"] in final, f"run {run_id} to end", timeout)
+    return flow_run(env, run_id)
+
+
+def run_logs(env: Environment, run_id: str) -> str:
+    """Every log line of the run (and its subflows), as the Prefect UI shows them."""
+    api = env.prefect.api_url.rstrip("/")
+    subflows = httpx.post(
+        f"{api}/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [run_id]}}}
+    ).json()
+    ids = [run_id, *(r["id"] for r in subflows)]
+    logs = httpx.post(
+        f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": ids}}, "sort": "TIMESTAMP_ASC"}
+    ).json()
+    return "\n".join(str(line["message"]) for line in logs)
+
+
+def run_id_of(output: str) -> str:
+    """The flow run a CLI command printed (its Prefect UI link)."""
+    ids = re.findall(r"/runs/flow-run/([0-9a-f-]{36})", output)
+    assert ids, f"no flow run link in:\n{output}"
+    return ids[-1]
+
+
+def flow_processes(run_id: str) -> list[int]:
+    """The processes executing flow run ``run_id``: a runner or worker starts each with
+    PREFECT__FLOW_RUN_ID in its environment (prefect/runner/_starter_engine.py)."""
+    marker = f"PREFECT__FLOW_RUN_ID={run_id}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def approve(env: Environment, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``twincd approve ARGS`` once a run waits for it (exit 2 while nothing waits yet)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = twincd(env, "approve", *args)
+        if result.returncode != 2 or time.monotonic() > deadline:
+            return result
+        time.sleep(1)
 
 
 def release_app(env: Environment, tag: str, *, page: str) -> str:

@@ -10,14 +10,20 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import git_refs, registry_headers, release_app, twincd
+from tests.e2e.conftest import (
+    approve,
+    flow_processes,
+    git_refs,
+    registry_headers,
+    release_app,
+    run_id_of,
+    twincd,
+)
 from twincd.config import Environment
 from twincd.sandbox import procs, stack
 from twincd.sandbox.stack import cluster_name_of, local_repo_path
@@ -306,50 +312,35 @@ def test_broken_overlay_fails_validation_and_merges_nothing(stack_env: Environme
         _push_to_main(env, path, good, "repair the eks overlay")
 
 
-def _wait_paused_then(env: Environment, *args: str) -> subprocess.CompletedProcess[str]:
-    deadline = time.monotonic() + 120
-    while True:
-        result = twincd(env, "approve", *args)
-        if result.returncode == 0 or time.monotonic() > deadline:
-            return result
-        time.sleep(1)
-
-
 def test_refused_approval_cancels_and_keeps_the_branch(stack_env: Environment) -> None:
     env = stack_env
     release_app(env, "v1.2.0", page="<h1>hello 1.2.0</h1>\n")
     head = main_head(env)
-    run = subprocess.Popen(
-        [sys.executable, "-m", "twincd.cli", "--env", env.source, "deploy", "hello", "v1.2.0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    refused = _wait_paused_then(
-        env, "hello", "v1.2.0", "--refuse", "--approver", "alice", "--comment", "not today"
-    )
-    out, _ = run.communicate(timeout=120)
-    assert refused.returncode == 0, refused.stderr
-    assert run.returncode == 1
-    assert "Cancelled" in out and "refused by alice" in out
+    started = twincd(env, "deploy", "hello", "v1.2.0")
+    assert started.returncode == 0 and "Suspended" in started.stdout, started.stdout + started.stderr
+    run_id = run_id_of(started.stdout)
+    assert flow_processes(run_id) == []  # nothing runs while it waits
+    refused = approve(env, "hello", "v1.2.0", "--refuse", "--approver", "alice", "--comment", "not today")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "Cancelled" in refused.stdout and "refused by alice" in refused.stdout
     refs = git_refs(local_repo_path(env, env.manifests.repo))
     assert refs["refs/heads/main"] == head  # nothing reached main
     assert "refs/heads/twincd/hello/v1.2.0" in refs  # kept for inspection
+    assert twincd(env, "approve", "hello", "v1.2.0").returncode == 2  # nothing waits any more
 
 
 def test_approval_in_the_cli_merges_and_verifies(stack_env: Environment) -> None:
     env = stack_env
     release_app(env, "v1.3.0", page="<h1>hello 1.3.0</h1>\n")
-    run = subprocess.Popen(
-        [sys.executable, "-m", "twincd.cli", "--env", env.source, "deploy", "hello", "v1.3.0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    approved = _wait_paused_then(env, "hello", "v1.3.0", "--approver", "bob")
-    out, _ = run.communicate(timeout=180)
-    assert approved.returncode == 0, approved.stderr
-    assert run.returncode == 0, out
+    started = twincd(env, "deploy", "hello", "v1.3.0")
+    assert started.returncode == 0 and "Suspended" in started.stdout, started.stdout + started.stderr
+    assert "twincd approve hello v1.3.0" in started.stdout
+    run_id = run_id_of(started.stdout)
+    assert flow_processes(run_id) == []
+    approved = approve(env, "hello", "v1.3.0", "--approver", "bob")
+    assert approved.returncode == 0, approved.stdout + approved.stderr
+    assert run_id_of(approved.stdout) == run_id  # the same run, resumed
+    assert "Completed" in approved.stdout and "Release succeeded" in approved.stdout
     assert (
         "Approved-by: bob"
         in subprocess.run(
@@ -360,6 +351,8 @@ def test_approval_in_the_cli_merges_and_verifies(stack_env: Environment) -> None
         ).stdout
     )
     assert registry_digest(env, "v1.3.0") in main_file(env, "overlays/aks/hello/kustomization.yaml")
+    # The resumed run found the image, the branch and the MR it made before the wait.
+    assert "already in the registry" in approved.stdout and "Finished in state Completed" in approved.stdout
 
 
 def test_cluster_down_fails_that_cluster_and_verifies_the_other(stack_env: Environment) -> None:

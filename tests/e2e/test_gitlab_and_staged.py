@@ -9,16 +9,33 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from tests.e2e.conftest import git_refs, registry_headers, release_app, twincd
+from tests.e2e.conftest import (
+    TWINCD,
+    approve,
+    final_run,
+    flow_processes,
+    flow_run,
+    git_refs,
+    registry_headers,
+    release_app,
+    run_id_of,
+    run_logs,
+    start_twincd,
+    stop_twincd,
+    twincd,
+    wait_for,
+)
 from tests.e2e.test_deploy import main_file, main_head, registry_digest
 from tests.fakes.gitlab import DEFAULT_USER, FakeGitlab
 from twincd.config import Environment, load_environment
+from twincd.sandbox.procs import free_port
 from twincd.sandbox.stack import local_repo_path
 
 TOKEN = "glpat-e2e-secret-token"
@@ -31,16 +48,6 @@ def _variant(env: Environment, name: str, **changes: object) -> Environment:
     path = Path(env.source).with_name(f"{name}.yaml")
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return load_environment(path)
-
-
-def _start_deploy(env: Environment, tag: str, **extra_env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "twincd.cli", "--env", env.source, "deploy", "hello", tag],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **extra_env},
-    )
 
 
 def _endpoint(path: str) -> str:
@@ -59,66 +66,113 @@ def git_parents(env: Environment, commit: str) -> list[str]:
     return out[1:]
 
 
-def _wait_for(predicate, what: str, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
+HOOK_TOKEN = "e2e-mr-hook-token"
 
 
 @pytest.fixture
 def gitlab(stack_env: Environment) -> Iterator[tuple[FakeGitlab, Environment]]:
-    """The stack's manifests repo behind a GitLab fake, and an environment whose forge is GitLab."""
+    """The stack's manifests repo behind a GitLab fake, and an environment whose forge is GitLab.
+
+    The token is a Prefect Secret block, as a worker would read it: runs are executed by the
+    stack's runner, whose environment the test cannot extend. ``twincd webhook`` runs for this
+    environment, and the fake's project hook sends it the Merge Request Hook events.
+    """
+    from prefect.blocks.system import Secret
+
+    os.environ["PREFECT_API_URL"] = stack_env.prefect.api_url
+    Secret(value=TOKEN).save("e2e-gitlab-token", overwrite=True)
+    port = free_port()
     with FakeGitlab(repo=local_repo_path(stack_env, stack_env.manifests.repo), token=TOKEN) as fake:
-        yield (
-            fake,
-            _variant(
-                stack_env,
-                "gitlab",
-                forge={
-                    "type": "gitlab",
-                    "url": fake.url,
-                    "project": "infra/manifests",
-                    "token": "env:TWINCD_E2E_GITLAB_TOKEN",
-                    "poll_seconds": 0.5,
-                },
-            ),
+        env = _variant(
+            stack_env,
+            "gitlab",
+            forge={
+                "type": "gitlab",
+                "url": fake.url,
+                "project": "infra/manifests",
+                "token": "secret:e2e-gitlab-token",
+                "poll_seconds": 0.5,
+            },
+            webhook={"secret": "env:TWINCD_E2E_HOOK", "port": port},
         )
+        fake.add_project_hook(f"http://127.0.0.1:{port}/hooks/gitlab", token=HOOK_TOKEN)
+        hook = start_twincd(env, "webhook", TWINCD_E2E_HOOK=HOOK_TOKEN)
+        try:
+            wait_for(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), "the webhook")
+            yield fake, env
+        finally:
+            stop_twincd(hook)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _suspended_deploy(env: Environment, tag: str) -> str:
+    """``twincd deploy hello TAG`` until it waits for a person; the run's id."""
+    started = twincd(env, "deploy", "hello", tag)
+    assert started.returncode == 0 and "Suspended" in started.stdout, started.stdout + started.stderr
+    run_id = run_id_of(started.stdout)
+    assert flow_processes(run_id) == []  # nothing runs while it waits
+    return run_id
 
 
 def _release_mr(fake: FakeGitlab, tag: str) -> int:
     """The iid of the release MR of ``tag``, once the flow has opened it."""
     branch = f"twincd/hello/{tag}"
-    _wait_for(lambda: any(m.source_branch == branch for m in fake.mrs.values()), "the MR")
+    wait_for(lambda: any(m.source_branch == branch for m in fake.mrs.values()), "the MR")
     return next(m.iid for m in fake.mrs.values() if m.source_branch == branch)
 
 
-def test_gitlab_forge_waits_for_a_person_to_merge(gitlab: tuple[FakeGitlab, Environment]) -> None:
+def _first_task_after(env: Environment, run_id: str, moment: float) -> float:
+    """Seconds from ``moment`` (epoch) to the start of the run's first task run after it."""
+    api = env.prefect.api_url.rstrip("/")
+    tasks = httpx.post(
+        f"{api}/task_runs/filter", json={"task_runs": {"flow_run_id": {"any_": [run_id]}}}
+    ).json()
+    starts = sorted(datetime.fromisoformat(t["start_time"]).timestamp() for t in tasks if t.get("start_time"))
+    return next(t for t in starts if t > moment) - moment
+
+
+def test_a_merge_on_gitlab_resumes_the_suspended_release(gitlab: tuple[FakeGitlab, Environment]) -> None:
     fake, env = gitlab
     release_app(env, "v2.0.0", page="<h1>hello 2.0.0</h1>\n")
-    run = _start_deploy(env, "v2.0.0", TWINCD_E2E_GITLAB_TOKEN=TOKEN)
+    run_id = _suspended_deploy(env, "v2.0.0")
     iid = _release_mr(fake, "v2.0.0")
-    _wait_for(lambda: bool(fake.notes(iid)), "the validation note")
+    assert "valid" in fake.notes(iid)[0].lower()
     fake.approve(iid, "bob")
-    merge_commit = fake.merge(iid, user="alice")  # a person merges in GitLab
-    out, _ = run.communicate(timeout=180)
-    assert run.returncode == 0, out
+    merged_at = time.time()
+    merge_commit = fake.merge(iid, user="alice")  # a person merges in GitLab: the hook resumes the run
+    run = final_run(env, run_id)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
     assert main_head(env) == merge_commit
+    out = run_logs(env, run_id)
     # The real merger (GitLab's merged_by) and approvers, not "GitLab".
     assert "approved by bob (by alice)" in out and "(by GitLab)" not in out, out
     assert registry_digest(env, "v2.0.0") in main_file(env, "overlays/eks/hello/kustomization.yaml")
-    assert "valid" in fake.notes(iid)[0].lower()
     assert TOKEN not in out
+    [(_, status)] = fake.hooks[0].deliveries
+    assert status == 202
+    print(f"merge event to the resumed run's first task: {_first_task_after(env, run_id, merged_at):.2f} s")
 
 
-def test_gitlab_mr_closed_without_merge_cancels_the_run(gitlab: tuple[FakeGitlab, Environment]) -> None:
+def test_a_close_whose_hook_was_lost_is_found_by_watch_waits(gitlab: tuple[FakeGitlab, Environment]) -> None:
     fake, env = gitlab
     release_app(env, "v2.1.0", page="<h1>hello 2.1.0</h1>\n")
     head = main_head(env)
-    run = _start_deploy(env, "v2.1.0", TWINCD_E2E_GITLAB_TOKEN=TOKEN)
-    fake.close(_release_mr(fake, "v2.1.0"))
-    out, _ = run.communicate(timeout=180)
-    assert run.returncode == 1 and "Cancelled" in out, out
+    run_id = _suspended_deploy(env, "v2.1.0")
+    fake.hooks[0].disabled = True  # the hook is lost: nothing tells twincd
+    fake.close(_release_mr(fake, "v2.1.0"), user="dana")
+    time.sleep(2)
+    assert flow_run(env, run_id)["state"]["name"] == "Suspended"
+    found = twincd(env, "watch-waits")
+    assert found.returncode == 0, found.stdout + found.stderr
+    run = final_run(env, run_id)
+    assert run["state"]["type"] == "CANCELLED", run["state"]
+    assert "was closed" in run["state"]["message"] and "nothing reached main" in run["state"]["message"]
     assert main_head(env) == head
 
 
@@ -138,29 +192,32 @@ def test_sequential_rollout_stops_before_the_second_cloud_and_reverts(stack_env:
     before = {c: main_file(env, f"overlays/{c}/hello/kustomization.yaml") for c in ("eks", "aks")}
     old_digest = registry_digest(env, "v2.0.0")
     release_app(env, "v3.0.0", page="<h1>hello 3.0.0</h1>\n")
-    run = _start_deploy(env, "v3.0.0")
-    _wait_for(
-        lambda: twincd(env, "approve", "hello", "v3.0.0", "--approver", "carol").returncode == 0,
-        "the first stage's approval",
-    )
-    # The image vanishes from the registry before eks pulls it: the rollout there must fail.
+    run_id = _suspended_deploy(env, "v3.0.0")
     new_digest = registry_digest(env, "v3.0.0")
+    # Approved: the resumed run merges the first stage; `approve` follows it until the revert waits.
+    first = subprocess.Popen(
+        [*TWINCD, "--env", env.source, "approve", "hello", "v3.0.0", "--approver", "carol"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PREFECT_API_URL": env.prefect.api_url},
+    )
+    # The image vanishes from the registry once merged, before eks pulls it: the rollout must fail.
+    wait_for(
+        lambda: new_digest in main_file(env, "overlays/eks/hello/kustomization.yaml"), "the merge", poll=0.05
+    )
     deleted = httpx.delete(
         f"http://{env.registries['local'].url}/v2/hello/manifests/{new_digest}",
         headers=registry_headers(env, "delete"),
     )
     assert deleted.status_code == 202, deleted.text
-    _wait_for(
-        lambda: "refs/heads/twincd/hello/v3.0.0-revert" in git_refs(local_repo_path(env, env.manifests.repo)),
-        "the revert branch",
-        timeout=180,
-    )
-    _wait_for(
-        lambda: twincd(env, "approve", "hello", "v3.0.0", "--approver", "carol").returncode == 0,
-        "the revert's approval",
-    )
-    out, _ = run.communicate(timeout=240)
-    assert run.returncode == 1, out
+    waited, _ = first.communicate(timeout=240)
+    assert first.returncode == 0 and "Suspended" in waited, waited
+    assert "refs/heads/twincd/hello/v3.0.0-revert" in git_refs(local_repo_path(env, env.manifests.repo))
+    reverted = approve(env, "hello", "v3.0.0", "--approver", "carol")
+    out = reverted.stdout
+    assert reverted.returncode == 1, out + reverted.stderr
+    assert run_id_of(out) == run_id
     assert (
         "rollout failed on eks" in out and "ProgressDeadlineExceeded" in out or "timed out progressing" in out
     )
