@@ -169,8 +169,9 @@ class Change:
     approver: str | None = None  # already approved (later stages, failover): merge at once
     auto_approve: bool = False
     wait: bool = True  # False: open the MR and stop there (a revert people merge themselves)
-    # Opened and validated earlier in this run, before a person answered: told once, not again.
-    reviewed: bool = False
+    # The MR opened and validated earlier in this run, as the forge showed it when a person
+    # answered (merged on the forge, or still open to merge): not opened or told again.
+    reviewed: MergeRequest | None = None
     # Called with the MR as soon as it is open: from then on a failure may leave it merged
     # (the failover records the switch here, so its undo finds it).
     on_open: Callable[[MergeRequest], None] | None = field(default=None, compare=False)
@@ -212,37 +213,18 @@ def land(
     if not branch.diff:
         # The target branch already holds the change: nothing to merge, only to verify.
         return Landed(branch.base, None, change.approver or "", verify(branch.base, [branch]))
-    mr = open_merge_request(untraced(environment), branch, change.title, change.description)
-    if change.on_open is not None:
-        change.on_open(mr)
-    if change.kind in _OPENED and not change.reviewed:
-        step, status, tell = _OPENED[change.kind]
-        text = (
-            f"{'reused' if mr.reused else 'opened'} {mr.ref} ({mr.state}): {mr.title}"
-            if change.kind == "release"
-            else f"revert MR {mr.ref} opened: {mr.web_url}"
-        )
-        story.add(step, status, text, url=mr.web_url, tell=tell, after=[mr])
-    if not change.wait:
-        return Landed(branch.base, mr, "", merged=False)
+    if change.reviewed is not None:
+        mr = change.reviewed  # opened and validated before a person answered; as the forge shows it now
+    else:
+        mr = _open(environment, branch, change, story)
+        if not change.wait:
+            return Landed(branch.base, mr, "", merged=False)
     if change.validate and mr.state != "merged":  # a merged MR has nothing left to gate
-        report = validate(untraced(environment), change.app, branch, mr, change.validate)
-        mr = post_validation(untraced(environment), mr, report)
-        if not report.ok:
-            findings = "\n".join(str(f) for f in report.errors)
-            story.add("validate", "failed", findings, tell=True, after=[mr])
-            raise ValidationFailed(
-                f"validation of {', '.join(report.overlays)} failed; nothing was merged:\n{findings}"
-            )
-        if not change.reviewed:
-            story.add(
-                "validate",
-                "ok",
-                f"{report.resources} resources valid in {', '.join(report.overlays)}"
-                + (f"; {len(report.unchecked)} unchecked (no schema)" if report.unchecked else "")
-                + "".join(f"\n⚠️ {f}" for f in report.warnings),
-            )
+        mr = _validate(environment, branch, change, mr, story)
     if mr.state == "merged":
+        if change.reviewed is None:
+            # A re-run found it merged by a person on the forge: who merged and who approved.
+            mr = read_merge_request(untraced(environment), mr)
         approver = change.approver or mr.merged_by or wiring.forge_type(environment).name
     elif change.approver is None and not change.auto_approve:
         return Landed(branch.base, mr, "", merged=False)  # a person decides: see land_approved
@@ -258,6 +240,45 @@ def land(
         text = f"{mr.ref} merged as {mr.merge_commit[:12]}{by}{approvals}"
         story.add(change.step, "ok", text, url=mr.web_url, actor=approver, tell=told, after=[mr])
     return Landed(mr.merge_commit, mr, approver, verify(mr.merge_commit, [mr]))
+
+
+def _open(environment: Environment, branch: ReleaseBranch, change: Change, story: Story) -> MergeRequest:
+    """The change's MR (one per branch and run: a resumed run finds the one it opened)."""
+    mr = open_merge_request(untraced(environment), branch, change.title, change.description)
+    if change.on_open is not None:
+        change.on_open(mr)
+    if change.kind in _OPENED:
+        step, status, tell = _OPENED[change.kind]
+        text = (
+            f"{'reused' if mr.reused else 'opened'} {mr.ref} ({mr.state}): {mr.title}"
+            if change.kind == "release"
+            else f"revert MR {mr.ref} opened: {mr.web_url}"
+        )
+        story.add(step, status, text, url=mr.web_url, tell=tell, after=[mr])
+    return mr
+
+
+def _validate(
+    environment: Environment, branch: ReleaseBranch, change: Change, mr: MergeRequest, story: Story
+) -> MergeRequest:
+    """Render and check the change's overlays; raises ValidationFailed (nothing merged)."""
+    report = validate(untraced(environment), change.app, branch, mr, change.validate)
+    mr = post_validation(untraced(environment), mr, report)
+    if not report.ok:
+        findings = "\n".join(str(f) for f in report.errors)
+        story.add("validate", "failed", findings, tell=True, after=[mr])
+        raise ValidationFailed(
+            f"validation of {', '.join(report.overlays)} failed; nothing was merged:\n{findings}"
+        )
+    if change.reviewed is None:  # told once: validated again before twincd merges after an approval
+        story.add(
+            "validate",
+            "ok",
+            f"{report.resources} resources valid in {', '.join(report.overlays)}"
+            + (f"; {len(report.unchecked)} unchecked (no schema)" if report.unchecked else "")
+            + "".join(f"\n⚠️ {f}" for f in report.warnings),
+        )
+    return mr
 
 
 def land_approved(
@@ -284,14 +305,14 @@ def land_approved(
     landed = run(change)
     if landed.merged or landed.mr is None or not change.wait:
         return landed
-    approver = await_person(environment, landed.mr, branch, change, story)
-    return run(replace(change, approver=approver, reviewed=True))
+    approver, now = await_person(environment, landed.mr, branch, change, story)
+    return run(replace(change, approver=approver, reviewed=now))
 
 
 def await_person(
     environment: Environment, mr: MergeRequest, branch: ReleaseBranch, change: Change, story: Story
-) -> str:
-    """The person who approved or merged ``mr``; raises Refused when it was refused, closed or timed out.
+) -> tuple[str, MergeRequest]:
+    """Who approved or merged ``mr``, and the MR as it is now; Refused when refused, closed or timed out.
 
     With a forge where people merge (GitLab), the run waits for their merge or close (the Merge
     Request Hook or the reconciliation resumes it); with the local forge, for the approval form.
@@ -324,7 +345,7 @@ def await_person(
         answer = Answer(False, "", "")
     if now.state == "merged":
         # Who merged, as the forge says (GitLab's merged_by); its name only when it does not say.
-        return now.merged_by or answer.approver or forge.name
+        return now.merged_by or answer.approver or forge.name, now
     who = answer.approver or "a reviewer"
     target = environment.manifests.branch
     if now.state == "closed":
@@ -335,7 +356,7 @@ def await_person(
         story.add("merge", "cancelled", message, actor=answer.approver, tell=True)
         raise Refused(message)
     if answer.approved:
-        return who  # twincd merges; a forge's own rules (GitLab's approval rules) still apply
+        return who, now  # twincd merges; a forge's own rules (GitLab's approval rules) still apply
     if answer.timed_out and forge.merged_by_people:
         message = (
             f"{mr.ref} ({mr.web_url}) was not merged within {timeout:.0f} s; it stays open on {forge.name}: "

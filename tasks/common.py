@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, TypeVar, cast
 
 from prefect.cache_policies import NO_CACHE
@@ -33,6 +34,24 @@ T = TypeVar("T")
 
 # Reads must see the world as it is now, and writes must happen: never a cached answer.
 FRESH: dict[str, Any] = {"cache_policy": NO_CACHE}
+
+
+def _branch_of_this_run(context: Any, parameters: dict[str, Any]) -> str:
+    """The cache key of a task writing or opening a branch's change: the flow run and the branch."""
+    branch = parameters["branch"]
+    key = f"{context.task_run.flow_run_id}\0{context.task.name}\0{getattr(branch, 'branch', branch)}"
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+# The branch and MR made before the run waited for a person are what it merges when it is
+# resumed: a run resumes from the top (prefect.flow_runs.suspend_flow_run), and writing the branch
+# again after a person merged it on the forge would find the change already on the target branch
+# and lose the release's MR; opening again after a person closed it would open a new MR. So a run
+# writes each branch and opens its MR once: the result is kept (persisted) and reused by the same
+# run, never by another one (other inputs, e.g. whether the image was pushed or found, differ
+# between the attempts). Workers on several machines need shared result storage
+# (PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK).
+ONCE_PER_RUN: dict[str, Any] = {"cache_key_fn": _branch_of_this_run, "persist_result": True}
 
 
 def untraced(value: T) -> T:

@@ -13,7 +13,7 @@ from dataclasses import replace
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.common import FRESH, IO_RETRIES
+from tasks.common import FRESH, IO_RETRIES, ONCE_PER_RUN
 from twincd import kustomize, wiring
 from twincd.adapters.registry import REVISION_LABEL
 from twincd.config import Environment
@@ -90,7 +90,7 @@ def push_image(env: Environment, built: BuiltImage) -> PushedImage:
     return wiring.builder(env, built.registries).push(built)
 
 
-@task(name="set-image", task_run_name="set-image-{branch}", **IO_RETRIES)
+@task(name="set-image", task_run_name="set-image-{branch}", **IO_RETRIES, **ONCE_PER_RUN)
 def set_image(
     env: Environment, release: Release, pushed: PushedImage, clusters: tuple[str, ...], branch: str
 ) -> ReleaseBranch:
@@ -112,7 +112,7 @@ def set_image(
     return wiring.manifests(env).write_branch(branch=branch, edit=edit, message=message, overlays=overlays)
 
 
-@task(name="revert-branch", **IO_RETRIES)
+@task(name="revert-branch", **IO_RETRIES, **ONCE_PER_RUN)
 def revert_branch(env: Environment, branch: str, merge_commits: Sequence[str]) -> ReleaseBranch:
     """A branch reverting ``merge_commits`` (``git revert -m 1`` each, in the order given)."""
     return wiring.manifests(env).write_revert(branch=branch, merge_commits=merge_commits)
@@ -127,7 +127,7 @@ def read_pins(env: Environment, app: str, revision: str) -> dict[str, str | None
         return kustomize.pinned_digests(work, image=env.app(app).image, files=files)
 
 
-@task(name="open-merge-request", **IO_RETRIES)
+@task(name="open-merge-request", **IO_RETRIES, **ONCE_PER_RUN)
 def open_merge_request(env: Environment, branch: ReleaseBranch, title: str, description: str) -> MergeRequest:
     with wiring.forge(env) as forge:
         return forge.open(

@@ -78,9 +78,10 @@ def gitlab(stack_env: Environment) -> Iterator[tuple[FakeGitlab, Environment]]:
     environment, and the fake's project hook sends it the Merge Request Hook events.
     """
     from prefect.blocks.system import Secret
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    os.environ["PREFECT_API_URL"] = stack_env.prefect.api_url
-    Secret(value=TOKEN).save("e2e-gitlab-token", overwrite=True)
+    with temporary_settings({PREFECT_API_URL: stack_env.prefect.api_url}):
+        Secret(value=TOKEN).save("e2e-gitlab-token", overwrite=True)
     port = free_port()
     with FakeGitlab(repo=local_repo_path(stack_env, stack_env.manifests.repo), token=TOKEN) as fake:
         env = _variant(
