@@ -110,6 +110,9 @@ class GitConfig(_Model):
 
 class LocalForge(_Model):
     type: Literal["local"]
+    # How long a merge waits for the merges before it (one at a time into the manifests branch)
+    # and rebuilds itself on pushes from elsewhere, before it gives up (transient: a retry goes on).
+    merge_seconds: float = 300
 
 
 class GitlabForge(_Model):

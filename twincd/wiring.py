@@ -170,6 +170,7 @@ def forge(env: Environment) -> Iterator[Forge]:
             records_dir=env.state_path / "forge",
             auth=auth,
             cache_dir=env.state_path / "git-cache",
+            merge_seconds=env.forge.merge_seconds,
         )
 
 

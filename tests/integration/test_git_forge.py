@@ -242,3 +242,44 @@ def test_local_forge_keeps_the_validation_note_and_sees_a_merge_or_a_close(
     assert again.ref != other.ref  # a closed MR is never reopened: a new one, with a record of its own
     record = json.loads(next(records.glob("*v5.json")).read_text())
     assert "closed_reason" not in record and record["description"] == "e"
+
+
+def _new_file(path: str) -> gitrepo.Edit:
+    def edit(work: Path) -> tuple[dict[str, str], tuple[ImageChange, ...]]:
+        return {path: f"{path}\n"}, (ImageChange(path, "hello", "", path),)
+
+    return edit
+
+
+def test_twenty_merges_at_once_all_land_once(manifests: str, tmp_path: Path) -> None:
+    """Twenty releases approved at the same moment (each its own forge and mirror user, as twenty
+    flow runs are): every merge lands, one merge commit each, none lost, none twice."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = 20
+    for i in range(n):
+        gitrepo.write_release_branch(
+            repo_url=manifests,
+            target="main",
+            branch=f"twincd/app{i}/v1",
+            edit=_new_file(f"app{i}.txt"),
+            message=f"{i}",
+        )
+    base = run_git("-C", manifests, "rev-parse", "main")
+
+    def merge(i: int) -> str:
+        forge = LocalForge(repo_url=manifests, records_dir=tmp_path / "forge", cache_dir=tmp_path / "cache")
+        mr = forge.open(
+            source_branch=f"twincd/app{i}/v1", target_branch="main", title=f"app{i}", description=""
+        )
+        merged = forge.merge(mr, approved_by=f"p{i}")
+        assert merged.merge_commit is not None
+        return merged.merge_commit
+
+    with ThreadPoolExecutor(n) as pool:
+        commits = list(pool.map(merge, range(n)))
+    merges = run_git("-C", manifests, "rev-list", "--merges", f"{base}..main").split()
+    assert sorted(merges) == sorted(commits) and len(set(commits)) == n  # one merge commit per release
+    tree = run_git("-C", manifests, "ls-tree", "--name-only", "main").split()
+    assert all(f"app{i}.txt" in tree for i in range(n))  # no merge lost another's change
+    assert run_git("-C", manifests, "rev-list", "--count", f"{base}..main") == str(2 * n)

@@ -1,16 +1,27 @@
 """The local forge: a merge request is a branch of the manifests repo plus a JSON record.
 
 It lets people try twincd without GitLab. Approval happens in the Prefect UI (the deploy flow
-pauses with a form); approving merges the branch into the target with a merge commit.
+waits with a form); approving merges the branch into the target with a merge commit.
 Records live under ``<state_dir>/forge/`` and are written atomically, so a crash never leaves a
 half-written record behind.
+
+Merges into the target branch are made one at a time, as a forge does (GitLab merges an MR under
+a lock on its target and rejects a stale one): a file lock under the records dir orders the
+merges of every process sharing the state dir, so fifty releases approved at once do not race
+each other's pushes ("cannot lock ref 'refs/heads/main'"). A push from elsewhere in between is
+still met by the rebuild-and-push-again of ``git.merge_branch``; the merge gives up (transient)
+only after ``merge_seconds``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +29,7 @@ from typing import Any, ClassVar, Self
 
 from twincd.adapters import git as gitrepo
 from twincd.domain import MergeRequest, ValidationReport
-from twincd.errors import PermanentError
+from twincd.errors import PermanentError, TransientError
 from twincd.validate import report_markdown
 
 
@@ -38,8 +49,10 @@ class LocalForge:
         records_dir: Path,
         auth: gitrepo.GitAuth = gitrepo.NO_AUTH,
         cache_dir: Path | None = None,
+        merge_seconds: float = 300,
     ) -> None:
         self.repo_url = repo_url
+        self.merge_seconds = merge_seconds
         self._auth = auth
         # Merges work in the manifests port's mirror when there is one: no clone per merge.
         self._mirror = gitrepo.Mirror(repo_url, cache_dir, auth) if cache_dir is not None else None
@@ -148,16 +161,53 @@ class LocalForge:
             raise PermanentError(
                 f"merge request {current.ref} ({current.source_branch}) is closed; re-run the release"
             )
-        head = gitrepo.branch_head(repo_url=self.repo_url, branch=mr.source_branch, auth=self._auth) or ""
-        sha = gitrepo.merge_branch(
-            repo_url=self.repo_url,
-            source=mr.source_branch,
-            target=mr.target_branch,
-            message=f"Merge branch '{mr.source_branch}'\n\n{mr.title}\n\nApproved-by: {approved_by}",
-            auth=self._auth,
-            mirror=self._mirror,
-        )
-        return self._save(replace(current, state="merged", merge_commit=sha, sha=head, merged_by=approved_by))
+        deadline = time.monotonic() + self.merge_seconds
+        message = f"Merge branch '{mr.source_branch}'\n\n{mr.title}\n\nApproved-by: {approved_by}"
+        with self._merging(mr.target_branch, deadline):
+            head = gitrepo.branch_head(repo_url=self.repo_url, branch=mr.source_branch, auth=self._auth) or ""
+            sha = self._merge_until(mr, message, deadline)
+            return self._save(
+                replace(current, state="merged", merge_commit=sha, sha=head, merged_by=approved_by)
+            )
+
+    def _merge_until(self, mr: MergeRequest, message: str, deadline: float) -> str:
+        """The merge commit, built again while pushes from elsewhere keep moving the target."""
+        while True:
+            try:
+                return gitrepo.merge_branch(
+                    repo_url=self.repo_url,
+                    source=mr.source_branch,
+                    target=mr.target_branch,
+                    message=message,
+                    auth=self._auth,
+                    mirror=self._mirror,
+                )
+            except gitrepo.PushRejected:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+
+    @contextmanager
+    def _merging(self, target: str, deadline: float) -> Iterator[None]:
+        """Hold the target branch's merge lock (waiting until ``deadline`` for the merges before)."""
+        self.records_dir.mkdir(parents=True, exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", target)
+        with open(self.records_dir / f".merge-{name}.lock", "w") as lock:
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise TransientError(
+                            f"merging into {target}: other merges held it for {self.merge_seconds:.0f} s; "
+                            "a retry goes on"
+                        ) from None
+                    time.sleep(0.05)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def close(self, mr: MergeRequest, *, reason: str) -> MergeRequest:
         """Close without merging; the branch stays for inspection."""

@@ -367,7 +367,11 @@ def _push(repo: git.Repo, branch: str, *, replacing: str | None = None) -> None:
     """Push HEAD to ``branch``; ``replacing``: the branch's commit we rebuild it over (twincd's own
     branches only), refused if someone else moved it meanwhile."""
     lease = [f"--force-with-lease=refs/heads/{branch}:{replacing}"] if replacing else []
-    _git_call(f"push {branch}", lambda: repo.git.push(*lease, "origin", f"HEAD:refs/heads/{branch}"))
+    # To the URL, not to "origin": a push to a named remote also updates its remote-tracking ref,
+    # and in a work tree of the shared mirror that write would race another task's fetch under the
+    # mirror's lock ("cannot lock ref 'refs/remotes/origin/main'"). The next fetch brings it.
+    url = repo.remote().url
+    _git_call(f"push {branch}", lambda: repo.git.push(*lease, url, f"HEAD:refs/heads/{branch}"))
 
 
 def _branches(
