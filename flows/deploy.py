@@ -31,6 +31,7 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
 from flows.landing import Change, Refused, Story, land_approved
+from flows.turns import one_at_a_time
 from tasks.common import untraced
 from tasks.deploy import (
     apply_overlay,
@@ -82,7 +83,11 @@ def deploy(
     story = Story(environment, Timeline(app, tag, run=str(flow_run.id or "")))
     story.add("release", "ok", f"tag {tag} is commit {release.commit[:12]}")
     try:
-        return _deploy(environment, release, story, auto_approve, image)
+        # One release of an app at a time: a later one waits for its turn (flows/turns.py).
+        with one_at_a_time(
+            environment, f"release-{app}", "deploy", lambda run: run.parameters.get("app") == app
+        ):
+            return _deploy(environment, release, story, auto_approve, image)
     except Refused as e:
         return Cancelled(message=str(e))
     except Exception as e:

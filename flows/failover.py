@@ -21,6 +21,7 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
 from flows.landing import Change, Story, ask_approval, deadline, land_subflow
+from flows.turns import one_at_a_time
 from tasks.common import untraced
 from tasks.failover import (
     check_health,
@@ -122,8 +123,24 @@ def failover(
     """
     environment = load_environment(env)
     target = Target(mode, active)
-    if not dry_run and not reason.strip():
+    if dry_run:
+        return _failover(environment, target, True, reason, emergency, auto_approve, health_url)
+    if not reason.strip():
         raise PlanError("a failover needs a reason (it goes into the commits, the MRs and the notifications)")
+    # One failover at a time, planned from what the one before left (flows/turns.py).
+    with one_at_a_time(environment, "failover", "failover", lambda run: not run.parameters.get("dry_run")):
+        return _failover(environment, target, False, reason, emergency, auto_approve, health_url)
+
+
+def _failover(
+    environment: Environment,
+    target: Target,
+    dry_run: bool,
+    reason: str,
+    emergency: bool,
+    auto_approve: bool,
+    health_url: str,
+) -> FailoverResult | State:
     overlays = read_overlays(untraced(environment))
     record = read_dns(untraced(environment))
     plan = plan_failover(topology_of(environment, overlays, record), target, http_health=bool(health_url))

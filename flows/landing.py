@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from prefect import flow, get_run_logger
+from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
@@ -113,6 +114,16 @@ class Answer:
 _EXPIRY_GRACE = timedelta(hours=1)
 
 
+def this_run() -> FlowRun | None:
+    context = FlowRunContext.get()
+    return context.flow_run if context else None
+
+
+def suspendable(run: FlowRun | None) -> bool:
+    """Whether Prefect's server lets ``run`` suspend: a run of a deployment, not a subflow."""
+    return run is not None and run.deployment_id is not None and run.parent_task_run_id is None
+
+
 def deadline(seconds: float) -> str:
     """``seconds`` from now, as a waiting run's deadline (ISO 8601, UTC)."""
     return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
@@ -129,12 +140,11 @@ def ask_approval(*, description: str, key: str, timeout: float, waiting: Waiting
     twincd.adapters.waits), so it pauses in its process instead, and says so.
     """
     form = Approval.with_initial_data(description=description, approved=False)
-    context = FlowRunContext.get()
-    run = context.flow_run if context else None
+    run = this_run()
+    if run is not None and waiting is not None:
+        waits.record(run.id, approval_key(key), waiting)
     try:
-        if run is not None and run.deployment_id is not None and run.parent_task_run_id is None:
-            if waiting is not None:
-                waits.record(run.id, waiting)
+        if suspendable(run):
             answer = suspend_flow_run(
                 wait_for_input=form,
                 timeout=int(timeout + _EXPIRY_GRACE.total_seconds()),
@@ -331,7 +341,6 @@ def await_person(
             env=environment.source,
             deadline=deadline(timeout),
             project=environment.forge.project if isinstance(environment.forge, GitlabForge) else "",
-            app=change.app,
         )
         answer = ask_approval(
             description=_approval_text(mr.title, branch.diff, story.timeline),

@@ -1,19 +1,23 @@
-"""The watch-waits flow: resume the runs waiting for a person whose answer is already known.
+"""The watch-waits flow: resume the waiting runs whose answer is already known.
 
 A release that waits for a merge on GitLab is resumed by the Merge Request Hook (``twincd
 webhook``). A hook can be lost (the receiver down, GitLab's delivery given up), and a merge can
 happen while nothing listens; a run left waiting past its deadline must still close its MR or
 tell the team. This flow, scheduled every 10 minutes (prefect.yaml, ``twincd serve``), reads the
 forge for every waiting run's MR and resumes the run when the MR was merged or closed, or when
-its deadline passed. The resumed run reads the MR itself again: this flow decides nothing.
+its deadline passed; and a run queued behind an earlier change of its app (flows/turns.py) whose
+run ahead ended without resuming it (its process was killed). The resumed run reads the MR, or
+looks for its turn, itself again: this flow decides nothing.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import PrefectClient, get_client
 
 from tasks.common import untraced
 from tasks.deploy import read_merge_request
@@ -25,43 +29,15 @@ from twincd.errors import TwincdError
 
 @flow(name="watch-waits", log_prints=True)
 async def watch_waits() -> list[str]:
-    """Resume every waiting run whose MR was merged or closed, or whose deadline passed."""
-    logger = get_run_logger()
+    """Resume every waiting run whose MR was merged or closed, whose turn came, or whose deadline passed."""
     environments: dict[str, Environment | None] = {}
     done: list[str] = []
     async with get_client() as client:
         for run in await waits.waiting_runs(client):
             waiting = run.waiting
             if waiting.env not in environments:
-                try:
-                    environments[waiting.env] = load_environment(waiting.env)
-                except TwincdError as e:
-                    logger.warning(
-                        "%s waits with environment %s, which does not load: %s", run.name, waiting.env, e
-                    )
-                    environments[waiting.env] = None
-            environment = environments[waiting.env]
-            run_input = None
-            if (
-                environment is not None
-                and waiting.mr is not None
-                and wiring.forge_type(environment).merged_by_people
-            ):
-                try:
-                    mr = read_merge_request(untraced(environment), waiting.mr)
-                except TwincdError as e:  # one forge's trouble must not hold the other runs
-                    logger.warning("%s: could not read %s: %s", run.name, waiting.mr.ref, e)
-                else:
-                    if mr.state == "merged":
-                        run_input = waits.answer(
-                            approved=True, approver=mr.merged_by, comment="merged (watch-waits)"
-                        )
-                    elif mr.state == "closed":
-                        run_input = waits.answer(approved=False, comment="closed (watch-waits)")
-            if run_input is None and waits.overdue(waiting, datetime.now(UTC)):
-                run_input = waits.answer(
-                    approved=False, timed_out=True, comment=f"no answer by {waiting.deadline}"
-                )
+                environments[waiting.env] = _load(run.name, waiting.env)
+            run_input = await _answer(client, run, environments[waiting.env])
             if run_input is None:
                 continue
             why = await waits.resume(client, run.id, run_input)
@@ -69,3 +45,37 @@ async def watch_waits() -> list[str]:
             print(outcome)
             done.append(outcome)
     return done
+
+
+def _load(name: str, source: str) -> Environment | None:
+    try:
+        return load_environment(source)
+    except TwincdError as e:
+        get_run_logger().warning("%s waits with environment %s, which does not load: %s", name, source, e)
+        return None
+
+
+async def _answer(
+    client: PrefectClient, run: waits.WaitingRun, environment: Environment | None
+) -> dict[str, Any] | None:
+    """The input that resumes ``run`` now, or None while it must go on waiting."""
+    waiting = run.waiting
+    if waiting.behind:  # queued: its turn comes when the run ahead of it ended
+        ahead = await client.read_flow_run(UUID(waiting.behind))
+        if ahead.state is not None and ahead.state.is_final():
+            return waits.answer(approved=False, comment=f"{ahead.name} ended ({ahead.state.name})")
+    elif (
+        environment is not None and waiting.mr is not None and wiring.forge_type(environment).merged_by_people
+    ):
+        try:
+            mr = read_merge_request(untraced(environment), waiting.mr)
+        except TwincdError as e:  # one forge's trouble must not hold the other runs
+            get_run_logger().warning("%s: could not read %s: %s", run.name, waiting.mr.ref, e)
+        else:
+            if mr.state == "merged":
+                return waits.answer(approved=True, approver=mr.merged_by, comment="merged (watch-waits)")
+            if mr.state == "closed":
+                return waits.answer(approved=False, comment="closed (watch-waits)")
+    if waits.overdue(waiting, datetime.now(UTC)):
+        return waits.answer(approved=False, timed_out=True, comment=f"no answer by {waiting.deadline}")
+    return None

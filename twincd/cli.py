@@ -71,6 +71,7 @@ def cmd_seed(env: Environment, args: argparse.Namespace) -> int:
 
 # The flows' deployments (prefect.yaml, `twincd serve`, the local stack's runner).
 DEPLOY, FAILOVER = "deploy/deploy", "failover/failover"
+TURN = "turn-"  # the pause keys of a run queued behind an earlier change (flows/turns.py)
 
 
 def _run_deploy(env: Environment, app: str, tag: str, auto_approve: bool, image: str = "") -> int:
@@ -169,7 +170,11 @@ def _follow(env: Environment, run_id: Any, *, since: datetime | None = None, pol
             time.sleep(poll)
     assert state is not None
     print(f"\n{state.name}: {state.message or ''}".rstrip())
-    if state.is_paused():
+    if state.is_paused() and (state.state_details.pause_key or "").startswith(TURN):
+        print(
+            f"{run.name} waits for its turn behind an earlier change of the same app (nothing runs meanwhile)"
+        )
+    elif state.is_paused():
         p = run.parameters
         command = f"{p['app']} {p['tag']}" if "app" in p else p.get("mode", "")
         print(
@@ -218,6 +223,13 @@ def _resume(env: Environment, name: str, run_input: dict[str, Any], run_id: str 
         print(
             f"{len(runs)} waiting runs are named {name}; choose one with --run:\n"
             + "\n".join(f"  {r.id}  started {r.start_time}" for r in runs),
+            file=sys.stderr,
+        )
+        return 2
+    if (runs[0].state and runs[0].state.state_details.pause_key or "").startswith(TURN):
+        print(
+            f"{name} waits for its turn behind an earlier change, not for approval: it asks for "
+            "approval once that one ended",
             file=sys.stderr,
         )
         return 2

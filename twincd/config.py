@@ -283,7 +283,8 @@ class ValidationConfig(_Model):
 
 
 class TimeoutsConfig(_Model):
-    approval_seconds: float = 3600
+    # People take days; a waiting run holds nothing (it is suspended), so a long default costs nothing.
+    approval_seconds: float = 3 * 24 * 3600
     # A Deployment's default progressDeadlineSeconds (600) plus one Argo CD reconcile should twincd's
     # refresh request be lost (timeout.reconciliation 180 s + up to 60 s of jitter): a slow rollout
     # is Kubernetes' to call failed, not twincd's impatience.
@@ -302,6 +303,10 @@ class RolloutConfig(_Model):
     order: tuple[str, ...] = ()  # sequential: the clusters in order (default: as listed in `clusters`)
     bake_seconds: float = 0  # sequential: how long a verified stage must stay healthy before the next
     revert: RevertConfig = RevertConfig()
+    # A release of an app while an earlier one has not ended: `wait` for it (queued, suspended),
+    # or `supersede` an earlier one still waiting for a person (it closes its MR and ends
+    # Cancelled; nothing is reverted, nothing was merged). See flows/turns.py.
+    later_release: Literal["wait", "supersede"] = "wait"
 
 
 class WebhookConfig(_Model):

@@ -158,13 +158,15 @@ class MergeRequest:
 
 @dataclass(frozen=True)
 class Waiting:
-    """What a suspended run waits for: a person's answer (about ``mr``, if any) until ``deadline``."""
+    """What a suspended run waits for: a person's answer (about ``mr``, if any) until ``deadline``,
+    or its turn after the run ``behind`` (an earlier change of the same ``lock``)."""
 
-    mr: MergeRequest | None  # None: an answer on the form only (a failover plan)
+    mr: MergeRequest | None  # None: an answer on the form only (a failover plan), or a turn
     env: str  # the environment file the run loaded: its forge holds the MR
     deadline: str  # ISO 8601, UTC: after it, the reconciliation resumes the run as timed out
     project: str = ""  # the forge's project (GitLab's path_with_namespace), to match its hooks
-    app: str = ""  # the release's app ("" for a failover): releases of one app queue behind it
+    lock: str = ""  # what only one run changes at a time: "release-<app>", "failover"
+    behind: str = ""  # the flow run id it queues behind ("" when it waits for a person)
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,14 @@
 """Runs suspended until a person answers, kept by the Prefect server itself.
 
-A run that waits for a person (an approval in the Prefect UI, a merge on GitLab) is *suspended*
-(``prefect.flow_runs.suspend_flow_run``): its process exits and no worker slot is held; resuming
-it (``resume_flow_run`` with the run input its form asks for) makes the server schedule it again,
-and a worker or ``twincd serve`` runs it from the top, where every step before the wait finds its
-work already done. What it waits for is written beside it as a flow run input under ``KEY``
-(``POST /flow_runs/{id}/input``), so whoever learns the answer, the webhook's Merge Request Hook
-or the reconciliation, finds the run of an MR without a database of its own.
+A run that waits for a person (an approval in the Prefect UI, a merge on GitLab) or for its turn
+behind an earlier change of the same app is *suspended* (``prefect.flow_runs.suspend_flow_run``):
+its process exits and no worker slot is held; resuming it (``resume_flow_run`` with the run input
+its form asks for) makes the server schedule it again, and a worker or ``twincd serve`` runs it
+from the top, where every step before the wait finds its work already done. What it waits for is
+written beside it as a flow run input named after the wait's pause key (``POST
+/flow_runs/{id}/input``; the suspended state carries the key), so whoever learns the answer, the
+webhook's Merge Request Hook or the reconciliation, finds the run of an MR without a database of
+its own.
 
 Prefect's server only allows a suspension of a run that has a deployment and no parent
 (core_policy.HandlePausingFlows: "Cannot suspend subflows", "Cannot suspend flows without a
@@ -26,7 +28,7 @@ from twincd.domain import MergeRequest, Waiting
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
 
-KEY = "twincd-waiting"
+PREFIX = "twincd-waiting-"  # + the wait's pause key
 # The state names of a run that waits: "Suspended" (prefect.states.Suspended: a Paused state that
 # reschedules, no process), "Paused" (a blocking pause of a run started without a deployment).
 WAITING_STATES = ("Suspended", "Paused")
@@ -51,14 +53,14 @@ def from_json(text: str) -> Waiting:
     return Waiting(mr=MergeRequest(**mr) if mr is not None else None, **raw)
 
 
-def record(run_id: UUID, waiting: Waiting) -> None:
-    """Write what ``run_id`` waits for (once: a resumed run that records again keeps the first)."""
+def record(run_id: UUID, pause_key: str, waiting: Waiting) -> None:
+    """Write what ``run_id`` waits for at ``pause_key`` (once: a resumed run keeps the first)."""
     import httpx
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         try:
-            client.create_flow_run_input(run_id, KEY, to_json(waiting))
+            client.create_flow_run_input(run_id, PREFIX + pause_key, to_json(waiting))
         except httpx.HTTPStatusError as e:
             if e.response.status_code != 409:  # 409: "A flow run input with this key already exists."
                 raise
@@ -86,10 +88,11 @@ async def waiting_runs(client: PrefectClient, *, limit: int = 200) -> list[Waiti
     )
     found = []
     for run in runs:
+        pause_key = run.state.state_details.pause_key if run.state else None
         try:
-            text = await client.read_flow_run_input(run.id, KEY)
+            text = await client.read_flow_run_input(run.id, PREFIX + (pause_key or ""))
         except ObjectNotFound:
-            continue  # suspended by something else than twincd's wait for a person
+            continue  # suspended by something else than twincd's waits
         found.append(WaitingRun(run.id, run.name, from_json(text)))
     return found
 
