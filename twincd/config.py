@@ -335,6 +335,9 @@ class SandboxConfig(_Model):
     # Whether the stack's runner (`twincd serve`) keeps the deployments' schedules (drift-check
     # every 15 min, watch-waits every 10); off for test stacks, whose runs must be their tests'.
     runner_schedules: bool = True
+    # How many flow runs the stack's runner executes at once (Prefect's runner default: 5); a
+    # suspended run holds none.
+    runner_processes: int = Field(default=10, ge=1)
 
 
 class Environment(_Model):

@@ -253,7 +253,11 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
             *(() if env.sandbox.runner_schedules else ("--without-schedules",)),
         ],
         state_dir=state,
-        env={**prefect_env(env), "PREFECT_RUNNER_POLL_FREQUENCY": str(RUNNER_POLL_SECONDS)},
+        env={
+            **prefect_env(env),
+            "PREFECT_RUNNER_POLL_FREQUENCY": str(RUNNER_POLL_SECONDS),
+            "PREFECT_RUNNER_PROCESS_LIMIT": str(env.sandbox.runner_processes),
+        },
         cwd=REPO_ROOT,  # the deployments' entrypoints (flows/...) are relative to it
         ready=healthy(f"{api}/deployments/name/deploy/deploy"),
         timeout=90,
