@@ -26,6 +26,7 @@ suspended: it refuses to start while an earlier run of its lock has not ended, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -93,15 +94,12 @@ def one_at_a_time(
 
 
 def _ensure_limit(name: str) -> None:
-    import httpx
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists
 
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-        except httpx.HTTPStatusError as e:
-            if e.response.status_code != 409:  # 409: it exists
-                raise
+    # An existing limit (made by an earlier run) is kept as it is: people may have raised it.
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
 
 
 def _earlier(run: FlowRun, flow_name: str, same: Callable[[FlowRun], bool]) -> list[FlowRun]:
