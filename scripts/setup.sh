@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(git podman runc busybox-static docker-registry bind9 bind9-utils chromium)
+APT_PACKAGES=(git podman runc busybox-static docker-registry bind9 bind9-utils chromium postgresql)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

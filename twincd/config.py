@@ -65,6 +65,9 @@ class _Model(BaseModel):
 
 class PrefectConfig(_Model):
     api_url: str = "http://127.0.0.1:4200/api"
+    # The database of the stack's Prefect server (`twincd up`): SQLite in the state dir, or the
+    # stack's own PostgreSQL (on sandbox.postgres_port), as Prefect recommends beyond one machine.
+    database: Literal["sqlite", "postgresql"] = "sqlite"
 
     _url = field_validator("api_url")(_no_credentials)
 
@@ -328,6 +331,7 @@ class SandboxConfig(_Model):
 
     cluster_ports: dict[str, int] = {}
     git_port: int | None = None  # the stack's git server (git http-backend with Basic auth)
+    postgres_port: int = 5433  # the stack's PostgreSQL, when prefect.database is postgresql
     registry_token_port: int | None = None  # the stack registry's token service (auth: token)
     # The sandbox Argo CD's timeout.reconciliation: how often it compares an Application with git
     # when nobody asked it to refresh (Argo CD 2.x: 180 s, plus up to 60 s of jitter).
@@ -335,6 +339,8 @@ class SandboxConfig(_Model):
     # Whether the stack's runner (`twincd serve`) keeps the deployments' schedules (drift-check
     # every 15 min, watch-waits every 10); off for test stacks, whose runs must be their tests'.
     runner_schedules: bool = True
+    # False: no runner; workers of a work pool run the flows (`prefect deploy` from prefect.yaml).
+    runner: bool = True
     # How many flow runs the stack's runner executes at once (Prefect's runner default: 5); a
     # suspended run holds none.
     runner_processes: int = Field(default=10, ge=1)

@@ -722,3 +722,37 @@ class GitSource:
 
     def tag_commit(self, tag: str) -> str:
         return tag_commit(repo_url=self._url, tag=tag, auth=self._auth)
+
+
+def pull_project(repository: str, ref: str, token: str = "", username: str = "twincd") -> dict[str, str]:
+    """A Prefect pull step (prefect.yaml ``pull:``): the project's code at ``ref``, cloned into the
+    working directory; returns ``{"directory": ...}`` for the steps after it.
+
+    Prefect's own ``git_clone`` step puts an access token into the URL of a ``git -c
+    url.<url with token>.insteadOf=…`` argument, where ``ps`` shows it; here the token (a Prefect
+    Secret block, resolved by the worker) goes to git as an ``extraHeader`` through its config
+    environment (``GitAuth``), as every other git call of twincd does.
+    """
+    headers = ((repository, basic_header(username, Secret(token))),) if token and is_url(repository) else ()
+    auth = GitAuth(headers=headers)
+    directory = Path.cwd() / f"twincd-{hashlib.sha256(f'{repository}@{ref}'.encode()).hexdigest()[:12]}"
+    if not (directory / ".git").exists():
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        name = redact_url(repository)
+        _git_call(
+            f"clone {name}",
+            lambda: git.cmd.Git().execute(
+                ["git", "clone", "-q", "--no-checkout", "--", repository, str(tmp)], env=auth.env()
+            ),
+            auth,
+        )
+        _git_call(
+            f"checkout {ref}",
+            lambda: git.cmd.Git().execute(
+                ["git", "-C", str(tmp), "checkout", "-q", "--detach", ref], env=auth.env()
+            ),
+            auth,
+        )
+        tmp.rename(directory)
+    return {"directory": str(directory.relative_to(Path.cwd()))}

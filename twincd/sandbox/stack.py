@@ -23,7 +23,7 @@ import httpx
 
 from twincd.config import REPO_ROOT, DnsRfc2136, Environment
 from twincd.errors import ConfigError
-from twincd.sandbox import buildd, dns, githttp, procs, registry, registry_auth, seed
+from twincd.sandbox import buildd, dns, githttp, postgres, procs, registry, registry_auth, seed
 from twincd.sandbox.contexts import write_kubeconfig
 
 PREFECT = "prefect-server"
@@ -222,6 +222,19 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
         write_kubeconfig(env.path(kc), contexts)
 
     api = env.prefect.api_url.rstrip("/")
+    database: dict[str, str] = {}
+    if env.prefect.database == "postgresql":
+        say(f"postgres      127.0.0.1:{env.sandbox.postgres_port} (the Prefect server's database)")
+        database["PREFECT_API_DATABASE_CONNECTION_URL"] = postgres.start_postgres(
+            state, env.sandbox.postgres_port
+        )
+        services.append(
+            Service(
+                postgres.NAME,
+                f"127.0.0.1:{env.sandbox.postgres_port}",
+                procs.daemon_status(postgres.NAME, state_dir=state),
+            )
+        )
     say(f"prefect       {api.removesuffix('/api')} (server + UI; first start runs migrations, ~20 s)")
     port = _port(api, "prefect.api_url")
     pid = procs.start_daemon(
@@ -236,7 +249,7 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
             str(port),
         ],
         state_dir=state,
-        env=prefect_env(env),
+        env={**prefect_env(env), **database},
         ready=healthy(f"{api}/health"),
         timeout=120,
     )
@@ -244,25 +257,26 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
 
     # The flows served as deployments: a run that waits for a person is suspended (its process
     # exits) and this runner takes it up again when it is resumed; runs started by the webhook too.
-    say("runner        twincd serve: deploy, failover, drift-check and watch-waits deployments")
-    pid = procs.start_daemon(
-        RUNNER,
-        [
-            sys.executable,
-            *("-m", "twincd.cli", "--env", str(Path(env.source).resolve()), "serve"),
-            *(() if env.sandbox.runner_schedules else ("--without-schedules",)),
-        ],
-        state_dir=state,
-        env={
-            **prefect_env(env),
-            "PREFECT_RUNNER_POLL_FREQUENCY": str(RUNNER_POLL_SECONDS),
-            "PREFECT_RUNNER_PROCESS_LIMIT": str(env.sandbox.runner_processes),
-        },
-        cwd=REPO_ROOT,  # the deployments' entrypoints (flows/...) are relative to it
-        ready=healthy(f"{api}/deployments/name/deploy/deploy"),
-        timeout=90,
-    )
-    services.append(Service(RUNNER, "deployments deploy, failover, drift-check, watch-waits", pid))
+    if env.sandbox.runner:
+        say("runner        twincd serve: deploy, failover, drift-check and watch-waits deployments")
+        pid = procs.start_daemon(
+            RUNNER,
+            [
+                sys.executable,
+                *("-m", "twincd.cli", "--env", str(Path(env.source).resolve()), "serve"),
+                *(() if env.sandbox.runner_schedules else ("--without-schedules",)),
+            ],
+            state_dir=state,
+            env={
+                **prefect_env(env),
+                "PREFECT_RUNNER_POLL_FREQUENCY": str(RUNNER_POLL_SECONDS),
+                "PREFECT_RUNNER_PROCESS_LIMIT": str(env.sandbox.runner_processes),
+            },
+            cwd=REPO_ROOT,  # the deployments' entrypoints (flows/...) are relative to it
+            ready=healthy(f"{api}/deployments/name/deploy/deploy"),
+            timeout=90,
+        )
+        services.append(Service(RUNNER, "deployments deploy, failover, drift-check, watch-waits", pid))
     say(f"stack up in {time.monotonic() - t0:.1f} s")
     return services
 
@@ -290,6 +304,7 @@ def _names(env: Environment) -> list[str]:
     return [
         RUNNER,  # before the server it talks to
         PREFECT,
+        postgres.NAME,  # after the server that uses it
         *(cluster_name_of(c) for c in env.clusters),
         dns.NAME,
         githttp.NAME,
@@ -313,19 +328,31 @@ def status(env: Environment) -> dict[str, int | None]:
         if (n != dns.NAME or isinstance(env.dns, DnsRfc2136))
         and (n != githttp.NAME or env.sandbox.git_port is not None)
         and (n != registry_auth.NAME or env.sandbox.registry_token_port is not None)
+        and (n != postgres.NAME or env.prefect.database == "postgresql")
+        and (n != RUNNER or env.sandbox.runner)
     ]
     return {name: procs.daemon_status(name, state_dir=env.state_path) for name in names}
 
 
-def export_sandbox_secrets(env: Environment) -> None:
-    """Point `env:` references at the secrets the local stack generated (the DNS key, the git token)."""
+def sandbox_secrets(env: Environment) -> dict[str, str]:
+    """The secrets the local stack generated (the git token, the registry password, the DNS key),
+    by the variable its environment file's ``env:`` references name."""
+    found = {}
     for path, var in (
         (githttp.token_path(env.state_path), githttp.TOKEN_ENV),
         (registry_auth.password_path(env.state_path), registry_auth.PASSWORD_ENV),
     ):
-        if path.exists() and not os.environ.get(var):
-            os.environ[var] = path.read_text().strip()
+        if path.exists():
+            found[var] = path.read_text().strip()
     if isinstance(env.dns, DnsRfc2136) and env.dns.key == f"env:{dns.SECRET_ENV}":
         path = dns.secret_path(env.state_path)
-        if path.exists() and not os.environ.get(dns.SECRET_ENV):
-            os.environ[dns.SECRET_ENV] = path.read_text().strip()
+        if path.exists():
+            found[dns.SECRET_ENV] = path.read_text().strip()
+    return found
+
+
+def export_sandbox_secrets(env: Environment) -> None:
+    """Point `env:` references at the secrets the local stack generated (unless already set)."""
+    for var, value in sandbox_secrets(env).items():
+        if not os.environ.get(var):
+            os.environ[var] = value
