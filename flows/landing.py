@@ -13,6 +13,7 @@ approval and the failover plan's approval all use it.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -51,6 +52,8 @@ class Approval(RunInput):
     comment: str = ""
     # Set by the reconciliation when nobody answered before the deadline (twincd.adapters.waits).
     timed_out: bool = False
+    # Set by a Merge Request Hook or the reconciliation: "look at the forge", not a person's answer.
+    seen_on_forge: bool = False
 
 
 class ValidationFailed(PermanentError):
@@ -107,6 +110,7 @@ class Answer:
     approver: str
     comment: str
     timed_out: bool = False
+    seen_on_forge: bool = False
 
 
 # Prefect fails a suspended run this long after its deadline if nothing resumed it before (the
@@ -117,6 +121,12 @@ _EXPIRY_GRACE = timedelta(hours=1)
 def this_run() -> FlowRun | None:
     context = FlowRunContext.get()
     return context.flow_run if context else None
+
+
+def resumed() -> bool:
+    """Whether this run waited before (its replay from the top after a resume)."""
+    run = this_run()
+    return bool(run is not None and run.empirical_policy.pause_keys)
 
 
 def suspendable(run: FlowRun | None) -> bool:
@@ -160,7 +170,7 @@ def ask_approval(*, description: str, key: str, timeout: float, waiting: Waiting
             )
     except FlowPauseTimeout:
         return Answer(False, "", f"no answer within {timeout:.0f} s", timed_out=True)
-    return Answer(answer.approved, answer.approver, answer.comment, answer.timed_out)
+    return Answer(answer.approved, answer.approver, answer.comment, answer.timed_out, answer.seen_on_forge)
 
 
 Kind = Literal["release", "revert", "switch", "undo"]
@@ -229,12 +239,13 @@ def land(
         mr = _open(environment, branch, change, story)
         if not change.wait:
             return Landed(branch.base, mr, "", merged=False)
+        if mr.state == "merged" or resumed():
+            # As the forge shows it now: merged by a person on the forge before a re-run, or
+            # merged or closed while this run waited (its MR is the one it opened before).
+            mr = read_merge_request(untraced(environment), mr)
     if change.validate and mr.state != "merged":  # a merged MR has nothing left to gate
         mr = _validate(environment, branch, change, mr, story)
     if mr.state == "merged":
-        if change.reviewed is None:
-            # A re-run found it merged by a person on the forge: who merged and who approved.
-            mr = read_merge_request(untraced(environment), mr)
         approver = change.approver or mr.merged_by or wiring.forge_type(environment).name
     elif change.approver is None and not change.auto_approve:
         return Landed(branch.base, mr, "", merged=False)  # a person decides: see land_approved
@@ -319,6 +330,20 @@ def land_approved(
     return run(replace(change, approver=approver, reviewed=now))
 
 
+_MAX_WAITS = 20  # waits for one MR (each resumed by a hook the forge did not bear out)
+
+
+def _decided(environment: Environment, mr: MergeRequest) -> MergeRequest:
+    """The MR once the forge shows it opened, merged or closed (GitLab shows `locked` while merging)."""
+    now = read_merge_request(untraced(environment), mr)
+    for _ in range(30):
+        if now.state in ("opened", "merged", "closed"):
+            return now
+        time.sleep(2)
+        now = read_merge_request(untraced(environment), mr)
+    return now
+
+
 def await_person(
     environment: Environment, mr: MergeRequest, branch: ReleaseBranch, change: Change, story: Story
 ) -> tuple[str, MergeRequest]:
@@ -330,28 +355,36 @@ def await_person(
     """
     forge = wiring.forge_type(environment)
     timeout = environment.timeouts.approval_seconds
-    now = read_merge_request(untraced(environment), mr) if forge.merged_by_people else mr
-    if now.state == "opened":
-        what = "a merge" if forge.merged_by_people else "approval"
-        story.add(
-            "merge", "waiting", f"waiting for {what} of {mr.ref}", url=mr.web_url, tell=True, after=[now]
-        )
+    now = _decided(environment, mr) if forge.merged_by_people else mr
+    answer = Answer(False, "", "")
+    for attempt in range(1, _MAX_WAITS + 1):
+        if now.state != "opened":
+            break
+        if attempt == 1:
+            what = "a merge" if forge.merged_by_people else "approval"
+            story.add(
+                "merge", "waiting", f"waiting for {what} of {mr.ref}", url=mr.web_url, tell=True, after=[now]
+            )
         waiting = Waiting(
             mr=mr,
             env=environment.source,
             deadline=deadline(timeout),
             project=environment.forge.project if isinstance(environment.forge, GitlabForge) else "",
         )
+        # Every wait under a key of its own: a key that fired returns its answer at once (a replay).
         answer = ask_approval(
             description=_approval_text(mr.title, branch.diff, story.timeline),
-            key=branch.branch,
+            key=branch.branch if attempt == 1 else f"{branch.branch}-{attempt}",
             timeout=timeout,
             waiting=waiting,
         )
-        if forge.merged_by_people:
-            now = read_merge_request(untraced(environment), mr)
-    else:
-        answer = Answer(False, "", "")
+        if not forge.merged_by_people:
+            break  # the form is the answer
+        now = _decided(environment, mr)
+        if not answer.seen_on_forge:
+            break  # a person's answer on the form (approved: twincd merges; or refused, or timed out)
+        # A hook or the reconciliation said merged or closed, and the forge shows it open (a stale
+        # or forged event, an MR reopened since): wait again; only the forge decides.
     if now.state == "merged":
         # Who merged, as the forge says (GitLab's merged_by); its name only when it does not say.
         return now.merged_by or answer.approver or forge.name, now

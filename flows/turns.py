@@ -8,16 +8,18 @@ the app back). So a run takes its turn:
   (``release-<app>``, ``failover``; limit 1, created on first use, visible in the UI's
   Concurrency page). The slot is a lease the holder renews (prefect.concurrency.sync), so a run
   whose process dies frees it when the lease runs out.
-- A run that waits for a person is suspended and holds nothing (Prefect releases nothing across a
-  suspension: the slot goes when the process exits). A later run of the same lock therefore does
-  not trust the slot alone: holding it, it looks for earlier runs of the same lock that have not
-  ended (waiting for a person, queued, or running) and, by ``rollout.later_release``:
+- A run that waits for a person is suspended and holds nothing: the slot is released as the
+  suspension (Prefect's ``Pause``) leaves the ``concurrency`` block. A later run of the same lock
+  therefore does not trust the slot alone: holding it, it looks for earlier runs of the same lock
+  that have not ended (waiting for a person, queued, or running) and, by ``rollout.later_release``:
   ``wait`` (the default): suspends itself, queued behind the latest of them, until that one ends;
-  ``supersede``: answers the earlier releases that wait for a person "refused: superseded by …"
-  (they close their MR and end Cancelled, nothing reverted, since nothing was merged) and goes
-  on, queued only behind one still running.
-- A run that ends (whatever its state) resumes the runs queued behind it; the watch-waits
-  reconciliation resumes those whose run ahead ended without doing so (a killed process).
+  ``supersede``: answers the earlier releases of other tags that wait for a person "refused:
+  superseded by …" (they close their MR and end Cancelled, nothing reverted, since nothing was
+  merged), cancels the earlier ones still queued, and goes on, queued only behind one running.
+- A run that ends (whatever its state) marks itself ended (a flow run input, ``ENDED``: its final
+  state is set only after its flow function returns) and resumes the runs queued behind it; the
+  watch-waits reconciliation resumes those whose run ahead ended without doing so (a killed
+  process).
 
 A run started without a deployment (``--auto-approve`` runs in the CLI's own process) cannot be
 suspended: it refuses to start while an earlier run of its lock has not ended, and says which.
@@ -75,12 +77,14 @@ def one_at_a_time(
     _ensure_limit(lock)
     ended = False
     try:
-        with concurrency(lock, occupy=1, strict=True):
+        # A lease renewal that fails once (the server restarting) must not cancel a release
+        # between its merge and its verification: only the holder's death frees the slot.
+        with concurrency(lock, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
             ahead = _earlier(run, flow_name, same)
             if ahead and environment.rollout.later_release == "supersede":
                 ahead = _supersede(run, ahead)
             if ahead:
-                _queue(environment, run, lock, ahead[-1])  # suspends: the slot goes with the process
+                _queue(environment, run, lock, ahead[-1])  # suspends: the slot is released
             yield
         ended = True
     except Pause:
@@ -105,25 +109,33 @@ def _ensure_limit(name: str) -> None:
 def _earlier(run: FlowRun, flow_name: str, same: Callable[[FlowRun], bool]) -> list[FlowRun]:
     """Runs of the same lock created before ``run`` that have not ended, oldest first."""
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=_ENDED))
-            ),
+        runs: list[FlowRun] = waits.every_page(
+            lambda offset: client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=_ENDED))
+                ),
+                offset=offset,
+                limit=waits.PAGE,
+            )
         )
-    mine = (run.created, str(run.id))
-    return sorted(
-        (
-            r
-            for r in runs
-            if r.id != run.id and same(r) and r.created and run.created and (r.created, str(r.id)) < mine
-        ),
-        key=lambda r: (r.created, str(r.id)),
-    )
+        mine = (run.created, str(run.id))
+        earlier = sorted(
+            (
+                r
+                for r in runs
+                if r.id != run.id and same(r) and r.created and run.created and (r.created, str(r.id)) < mine
+            ),
+            key=lambda r: (r.created, str(r.id)),
+        )
+        # One that returned from its flow function but whose final state is not set yet ended.
+        return [r for r in earlier if not (r.state and r.state.is_running() and waits.ended(client, r.id))]
 
 
 def _supersede(run: FlowRun, ahead: list[FlowRun]) -> list[FlowRun]:
-    """Answer the earlier runs waiting for a person "superseded"; those still running stay ahead."""
+    """Refuse the earlier releases waiting for a person ("superseded"), cancel the queued ones;
+    those running, and runs of the same tag (the same branch and MR), stay ahead."""
+    from prefect.states import Cancelled
 
     async def answer() -> list[FlowRun]:
         remaining = []
@@ -131,16 +143,21 @@ def _supersede(run: FlowRun, ahead: list[FlowRun]) -> list[FlowRun]:
             waiting = {w.id: w for w in await waits.waiting_runs(client)}
             for earlier in ahead:
                 found = waiting.get(earlier.id)
-                if found is None or found.waiting.behind:
+                same_release = earlier.parameters.get("tag") == run.parameters.get("tag")
+                if found is None or same_release:
                     remaining.append(earlier)
                     continue
-                run_input = waits.answer(
-                    approved=False, approver="twincd", comment=f"superseded by {run.name}"
-                )
-                why = await waits.resume(client, earlier.id, run_input)
-                get_run_logger().info("%s: %s", earlier.name, why or f"superseded by {run.name}")
-                if why:
-                    remaining.append(earlier)
+                why = f"superseded by {run.name}"
+                if found.waiting.behind:  # queued: it never opened anything
+                    await client.set_flow_run_state(earlier.id, Cancelled(message=why), force=True)
+                else:
+                    refused = await waits.resume(
+                        client, earlier.id, waits.answer(approved=False, approver="twincd", comment=why)
+                    )
+                    if refused:
+                        remaining.append(earlier)
+                        why = refused
+                get_run_logger().info("%s: %s", earlier.name, why)
         return remaining
 
     return asyncio.run(answer())
@@ -176,10 +193,11 @@ def _queue(environment: Environment, run: FlowRun, lock: str, ahead: FlowRun) ->
 
 
 def _resume_next(run: FlowRun) -> None:
-    """Resume the runs queued behind ``run`` (it ended)."""
+    """Mark ``run`` ended and resume the runs queued behind it."""
 
     async def resume() -> None:
         async with get_client() as client:
+            await waits.mark_ended(client, run.id)
             for queued in await waits.waiting_runs(client):
                 if queued.waiting.behind == str(run.id):
                     why = await waits.resume(client, queued.id, {})

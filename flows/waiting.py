@@ -73,9 +73,9 @@ async def _answer(
             get_run_logger().warning("%s: could not read %s: %s", run.name, waiting.mr.ref, e)
         else:
             if mr.state == "merged":
-                return waits.answer(approved=True, approver=mr.merged_by, comment="merged (watch-waits)")
+                return waits.answer(approver=mr.merged_by, comment="merged (watch-waits)", seen_on_forge=True)
             if mr.state == "closed":
-                return waits.answer(approved=False, comment="closed (watch-waits)")
+                return waits.answer(comment="closed (watch-waits)", seen_on_forge=True)
     if waits.overdue(waiting, datetime.now(UTC)):
         return waits.answer(approved=False, timed_out=True, comment=f"no answer by {waiting.deadline}")
     return None

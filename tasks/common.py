@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, TypeVar, cast
 
 from prefect.cache_policies import NO_CACHE
@@ -36,22 +38,42 @@ T = TypeVar("T")
 FRESH: dict[str, Any] = {"cache_policy": NO_CACHE}
 
 
-def _branch_of_this_run(context: Any, parameters: dict[str, Any]) -> str:
-    """The cache key of a task writing or opening a branch's change: the flow run and the branch."""
+def once_per_run(key: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """Task options that keep its result for the rest of its flow run, by ``key(parameters)``.
+
+    A run that waited (for a person, for its turn) resumes from the top
+    (prefect.flow_runs.suspend_flow_run), and the steps before the wait must come out as they
+    did: the branch and MR made before the wait are what it merges (writing the branch again
+    after a person merged it on the forge would find the change already on the target and lose
+    the release's MR; opening again after a person closed it would open a new one), and a stage
+    verified or baked before the wait is not verified again (its clusters may have moved on: a
+    revert merged meanwhile). The result is persisted and reused by the same run only, never by
+    another one; the key names what identifies the step (the branch, the cluster and revision),
+    not inputs that differ between attempts (whether the image was pushed or found). Workers on
+    several machines need shared result storage (PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK); results
+    expire after 30 days, longer than any wait.
+    """
+
+    def cache_key(context: Any, parameters: dict[str, Any]) -> str:
+        raw = f"{context.task_run.flow_run_id}\0{context.task.name}\0{key(parameters)}"
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+    return {"cache_key_fn": cache_key, "persist_result": True, "cache_expiration": timedelta(days=30)}
+
+
+def _branch_name(parameters: dict[str, Any]) -> str:
     branch = parameters["branch"]
-    key = f"{context.task_run.flow_run_id}\0{context.task.name}\0{getattr(branch, 'branch', branch)}"
-    return hashlib.sha256(key.encode()).hexdigest()
+    return str(getattr(branch, "branch", branch))
 
 
-# The branch and MR made before the run waited for a person are what it merges when it is
-# resumed: a run resumes from the top (prefect.flow_runs.suspend_flow_run), and writing the branch
-# again after a person merged it on the forge would find the change already on the target branch
-# and lose the release's MR; opening again after a person closed it would open a new MR. So a run
-# writes each branch and opens its MR once: the result is kept (persisted) and reused by the same
-# run, never by another one (other inputs, e.g. whether the image was pushed or found, differ
-# between the attempts). Workers on several machines need shared result storage
-# (PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK).
-ONCE_PER_RUN: dict[str, Any] = {"cache_key_fn": _branch_of_this_run, "persist_result": True}
+def _cluster_revision(parameters: dict[str, Any]) -> str:
+    return f"{parameters['cluster_name']}@{parameters['revision']}"
+
+
+# Each branch written, and its MR opened, once per run.
+ONCE_PER_BRANCH = once_per_run(_branch_name)
+# Each cluster verified (baked, applied) at a revision once per run.
+ONCE_PER_CLUSTER_REVISION = once_per_run(_cluster_revision)
 
 
 def untraced(value: T) -> T:

@@ -13,7 +13,7 @@ from dataclasses import replace
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.common import FRESH, IO_RETRIES, ONCE_PER_RUN
+from tasks.common import FRESH, IO_RETRIES, ONCE_PER_BRANCH, ONCE_PER_CLUSTER_REVISION, once_per_run
 from twincd import kustomize, wiring
 from twincd.adapters.registry import REVISION_LABEL
 from twincd.config import Environment
@@ -90,7 +90,7 @@ def push_image(env: Environment, built: BuiltImage) -> PushedImage:
     return wiring.builder(env, built.registries).push(built)
 
 
-@task(name="set-image", task_run_name="set-image-{branch}", **IO_RETRIES, **ONCE_PER_RUN)
+@task(name="set-image", task_run_name="set-image-{branch}", **IO_RETRIES, **ONCE_PER_BRANCH)
 def set_image(
     env: Environment, release: Release, pushed: PushedImage, clusters: tuple[str, ...], branch: str
 ) -> ReleaseBranch:
@@ -112,7 +112,7 @@ def set_image(
     return wiring.manifests(env).write_branch(branch=branch, edit=edit, message=message, overlays=overlays)
 
 
-@task(name="revert-branch", **IO_RETRIES, **ONCE_PER_RUN)
+@task(name="revert-branch", **IO_RETRIES, **ONCE_PER_BRANCH)
 def revert_branch(env: Environment, branch: str, merge_commits: Sequence[str]) -> ReleaseBranch:
     """A branch reverting ``merge_commits`` (``git revert -m 1`` each, in the order given)."""
     return wiring.manifests(env).write_revert(branch=branch, merge_commits=merge_commits)
@@ -127,7 +127,7 @@ def read_pins(env: Environment, app: str, revision: str) -> dict[str, str | None
         return kustomize.pinned_digests(work, image=env.app(app).image, files=files)
 
 
-@task(name="open-merge-request", **IO_RETRIES, **ONCE_PER_RUN)
+@task(name="open-merge-request", **IO_RETRIES, **ONCE_PER_BRANCH)
 def open_merge_request(env: Environment, branch: ReleaseBranch, title: str, description: str) -> MergeRequest:
     with wiring.forge(env) as forge:
         return forge.open(
@@ -139,7 +139,10 @@ def open_merge_request(env: Environment, branch: ReleaseBranch, title: str, desc
         )
 
 
-@task(name="validate", **IO_RETRIES)
+# Validated once per run and branch head: a resumed run validates again only a branch that moved.
+@task(
+    name="validate", **IO_RETRIES, **once_per_run(lambda p: f"{p['branch'].head}:{','.join(p['clusters'])}")
+)
 def validate(
     env: Environment, app: str, branch: ReleaseBranch, mr: MergeRequest, clusters: tuple[str, ...]
 ) -> ValidationReport:
@@ -204,7 +207,7 @@ def notify(env: Environment, timeline: Timeline) -> None:
             logger.warning("could not note the notifier failure in an artifact: %s", type(e).__name__)
 
 
-@task(name="apply-overlay", task_run_name="apply-{cluster_name}", **IO_RETRIES)
+@task(name="apply-overlay", task_run_name="apply-{cluster_name}", **IO_RETRIES, **ONCE_PER_CLUSTER_REVISION)
 def apply_overlay(env: Environment, app: str, cluster_name: str, revision: str) -> ApplyResult:
     """`sync: apply` clusters (no Argo CD): server-side apply of the app's overlay at ``revision``.
 
@@ -216,7 +219,7 @@ def apply_overlay(env: Environment, app: str, cluster_name: str, revision: str) 
     return wiring.cluster(env, cluster_name).apply(objects)
 
 
-@task(name="verify-rollout", task_run_name="verify-{cluster_name}")
+@task(name="verify-rollout", task_run_name="verify-{cluster_name}", **ONCE_PER_CLUSTER_REVISION)
 def verify_rollout(
     env: Environment,
     app: str,
@@ -235,7 +238,7 @@ def verify_rollout(
         return RolloutVerdict(cluster_name, Phase.FAILED, str(e))
 
 
-@task(name="bake", task_run_name="bake-{cluster_name}")
+@task(name="bake", task_run_name="bake-{cluster_name}", **ONCE_PER_CLUSTER_REVISION)
 def bake(
     env: Environment,
     app: str,

@@ -243,6 +243,8 @@ def _resume(env: Environment, name: str, run_input: dict[str, Any], run_id: str 
 
 def cmd_approve(env: Environment, args: argparse.Namespace) -> int:
     _use_prefect(env)
+    from twincd.adapters.waits import answer
+
     target = (
         f"failover-{args.app}"
         if args.app in ("active-active", "active-standby")
@@ -251,7 +253,7 @@ def cmd_approve(env: Environment, args: argparse.Namespace) -> int:
     return _resume(
         env,
         target,
-        {"approved": not args.refuse, "approver": args.approver, "comment": args.comment, "timed_out": False},
+        answer(approved=not args.refuse, approver=args.approver, comment=args.comment),
         args.run,
     )
 

@@ -329,6 +329,8 @@ class FakeGitlab(ServedFake):
                     "X-Gitlab-Event": event,
                     "X-Gitlab-Token": hook.token,
                     "X-Gitlab-Event-UUID": str(uuid.uuid4()),
+                    # Kept by GitLab across the retries of one delivery (gitlab-org/gitlab!160952).
+                    "Idempotency-Key": str(uuid.uuid4()),
                     "X-Gitlab-Webhook-UUID": hook.uuid,
                     "X-Gitlab-Instance": "https://gitlab.example.test",
                     "User-Agent": "GitLab/17.5.0",

@@ -18,27 +18,49 @@ deployment"), so the flows ask for a person in the parent run.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 from twincd.domain import MergeRequest, Waiting
 
 if TYPE_CHECKING:
-    from prefect.client.orchestration import PrefectClient
+    from prefect.client.orchestration import PrefectClient, SyncPrefectClient
+    from prefect.client.schemas.objects import FlowRun
+
+T = TypeVar("T")
 
 PREFIX = "twincd-waiting-"  # + the wait's pause key
+ENDED = "twincd-ended"  # a run's own mark that it returned from its flow function (flows/turns.py)
+# The Prefect server answers at most PREFECT_SERVER_API_DEFAULT_LIMIT (200) runs per request.
+PAGE = 200
 # The state names of a run that waits: "Suspended" (prefect.states.Suspended: a Paused state that
 # reschedules, no process), "Paused" (a blocking pause of a run started without a deployment).
 WAITING_STATES = ("Suspended", "Paused")
 
 
 def answer(
-    *, approved: bool, approver: str = "", comment: str = "", timed_out: bool = False
+    *,
+    approved: bool = False,
+    approver: str = "",
+    comment: str = "",
+    timed_out: bool = False,
+    seen_on_forge: bool = False,
 ) -> dict[str, Any]:
-    """The run input of the approval form (flows.landing.Approval) that resumes a waiting run."""
-    return {"approved": approved, "approver": approver, "comment": comment, "timed_out": timed_out}
+    """The run input of the approval form (flows.landing.Approval) that resumes a waiting run.
+
+    ``seen_on_forge``: not a person's answer but "look at the forge" (a Merge Request Hook, the
+    reconciliation): the run reads the MR and decides.
+    """
+    return {
+        "approved": approved,
+        "approver": approver,
+        "comment": comment,
+        "timed_out": timed_out,
+        "seen_on_forge": seen_on_forge,
+    }
 
 
 def to_json(waiting: Waiting) -> str:
@@ -73,19 +95,35 @@ class WaitingRun:
     waiting: Waiting
 
 
-async def waiting_runs(client: PrefectClient, *, limit: int = 200) -> list[WaitingRun]:
+def every_page(read: Callable[[int], list[T]]) -> list[T]:
+    """Every item of a paged listing: ``read(offset)`` until a short page."""
+    items: list[T] = []
+    while True:
+        page = read(len(items))
+        items.extend(page)
+        if len(page) < PAGE:
+            return items
+
+
+async def waiting_runs(client: PrefectClient) -> list[WaitingRun]:
     """Every waiting run that recorded what it waits for (oldest first)."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateName
     from prefect.client.schemas.sorting import FlowRunSort
     from prefect.exceptions import ObjectNotFound
 
-    runs = await client.read_flow_runs(
-        flow_run_filter=FlowRunFilter(
-            state=FlowRunFilterState(name=FlowRunFilterStateName(any_=list(WAITING_STATES)))
-        ),
-        sort=FlowRunSort.START_TIME_ASC,
-        limit=limit,
-    )
+    runs: list[FlowRun] = []
+    while True:
+        page = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(name=FlowRunFilterStateName(any_=list(WAITING_STATES)))
+            ),
+            sort=FlowRunSort.START_TIME_ASC,
+            offset=len(runs),
+            limit=PAGE,
+        )
+        runs.extend(page)
+        if len(page) < PAGE:
+            break
     found = []
     for run in runs:
         pause_key = run.state.state_details.pause_key if run.state else None
@@ -95,6 +133,27 @@ async def waiting_runs(client: PrefectClient, *, limit: int = 200) -> list[Waiti
             continue  # suspended by something else than twincd's waits
         found.append(WaitingRun(run.id, run.name, from_json(text)))
     return found
+
+
+async def mark_ended(client: PrefectClient, run_id: UUID) -> None:
+    import httpx
+
+    try:
+        await client.create_flow_run_input(run_id, ENDED, "true")
+    except httpx.HTTPStatusError as e:
+        if e.response.status_code != 409:  # already marked
+            raise
+
+
+def ended(client: SyncPrefectClient, run_id: UUID) -> bool:
+    """Whether ``run_id`` marked itself ended (its final state may not be set yet)."""
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        client.read_flow_run_input(run_id, ENDED)
+    except ObjectNotFound:
+        return False
+    return True
 
 
 def overdue(waiting: Waiting, now: datetime | None = None) -> bool:

@@ -28,10 +28,10 @@ Replays and concurrent deliveries of one tag share one run creation through one 
 A Merge Request Hook (``object_kind: merge_request``) with ``object_attributes.action`` ``merge``
 or ``close`` resumes the runs suspended while waiting for that project's MR (twincd.adapters.waits)
 with who did it (``user.username``); other actions (open, update, approved, ...) are answered 202
-``{"ignored": ...}``. A delivery GitLab sends again (the same ``X-Gitlab-Event-UUID``: GitLab's
-retries and "Resend request" keep the UUID of the event) is answered from memory. The run reads
-the MR again when it resumes, so a forged or stale event cannot merge anything; the token check
-still applies first.
+``{"ignored": ...}``. A delivery GitLab sends again (the same ``Idempotency-Key``) is answered
+from memory. The run is not told what happened, only to look at the forge: it reads the MR and
+decides, so a forged or stale event cannot merge or close anything; the token check still
+applies first.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def create_app(
     exact = _exact_projects(env, projects)
     by_basename = default_projects(env)
     runs = _Runs(deployment)
-    resumes = _Resumes()
+    resumes = _Resumes(answer_within)
 
     def app_of(project: str) -> str | None:
         if exact is not None:
@@ -170,7 +170,10 @@ def create_app(
         try:
             payload = await _payload(request, expected, max_body)
             if payload.get("object_kind") == "merge_request":
-                return await resumes.answer(request.headers.get("x-gitlab-event-uuid", ""), payload)
+                delivery = request.headers.get("idempotency-key") or request.headers.get(
+                    "x-gitlab-event-uuid", ""
+                )
+                return await resumes.answer(delivery, payload)
             event = _tag_push(payload)
             app = _release_app(env, event, app_of(event.project))
         except _Answered as answered:
@@ -263,22 +266,24 @@ def _tag_push(payload: dict[str, Any]) -> TagPush:
 
 
 class _Resumes:
-    """Merge Request Hook deliveries → the runs waiting for that MR, resumed with who merged or closed it.
+    """Merge Request Hook deliveries → the runs waiting for that MR, told to look at the forge.
 
-    A delivery GitLab sends again keeps its ``X-Gitlab-Event-UUID``; its answer is kept (bounded)
-    and given again without a Prefect call.
+    A delivery is known again by its ``Idempotency-Key`` (GitLab keeps it across retries and
+    "Resend request"; webhooks docs, "Delivery headers", gitlab-org/gitlab!160952), else its
+    ``X-Gitlab-Event-UUID`` (shared by the hooks one event triggers), with the project, MR and
+    action: its answer is given again without a Prefect call. Finding the runs costs a read per
+    waiting run, so a delivery is answered 202 ``pending`` after ``answer_within`` and the resume
+    goes on (GitLab gives a hook 10 s; a lost one is made up for by watch-waits).
     """
 
     MAX_EVENTS = 10_000
 
-    def __init__(self) -> None:
+    def __init__(self, answer_within: float) -> None:
         self.client: PrefectClient | None = None
-        self._answered: OrderedDict[str, tuple[int, dict[str, Any]]] = OrderedDict()
+        self.answer_within = answer_within
+        self._answered: OrderedDict[str, asyncio.Task[tuple[int, dict[str, Any]]]] = OrderedDict()
 
-    async def answer(self, uuid: str, payload: dict[str, Any]) -> JSONResponse:
-        if uuid and uuid in self._answered:
-            status, body = self._answered[uuid]
-            return _answer(status, {**body, "replayed": True})
+    async def answer(self, delivery: str, payload: dict[str, Any]) -> JSONResponse:
         try:
             event = parse_merge_request(payload)
         except MalformedEvent as e:
@@ -287,9 +292,22 @@ class _Resumes:
             return _ignored(f"merge request action {event.action!r}: only merge and close resume a run")
         if self.client is None:
             raise RuntimeError("the webhook's Prefect client is not open (served outside its lifespan?)")
+        key = f"{delivery}:{event.project}!{event.iid}:{event.action}" if delivery else ""
+        known = self._answered.get(key) if key else None
+        replayed = known is not None
+        if known is None:
+            known = asyncio.get_running_loop().create_task(self._resume(self.client, event))
+            if key:
+                self._answered[key] = known
+                while len(self._answered) > self.MAX_EVENTS:
+                    self._answered.popitem(last=False)
         try:
-            status, body = await self._resume(self.client, event)
+            status, body = await asyncio.wait_for(asyncio.shield(known), self.answer_within)
+        except TimeoutError:
+            return _answer(202, {"pending": True, "merge_request": f"{event.project}!{event.iid}"})
         except Exception as e:  # noqa: BLE001 - the Prefect API is down: GitLab may redeliver
+            if key and self._answered.get(key) is known:
+                self._answered.pop(key)  # not done: a redelivery tries again
             log.warning(
                 "merge request %s!%d: could not resume: %s", event.project, event.iid, type(e).__name__
             )
@@ -298,11 +316,7 @@ class _Resumes:
                 {"error": f"the Prefect API did not answer ({type(e).__name__}); redeliver later"},
                 headers={"Retry-After": "30"},
             )
-        if uuid:
-            self._answered[uuid] = (status, body)
-            while len(self._answered) > self.MAX_EVENTS:
-                self._answered.popitem(last=False)
-        return _answer(status, body)
+        return _answer(status, {**body, **({"replayed": True} if replayed else {})})
 
     async def _resume(self, client: PrefectClient, event: MergeRequestEvent) -> tuple[int, dict[str, Any]]:
         from twincd.adapters import waits
@@ -318,9 +332,14 @@ class _Resumes:
         if not waiting:
             log.info("merge request %s%s %s: no run waits for it", event.project, ref, event.action)
             return 202, {"ignored": f"no run waits for {event.project}{ref}"}
+        # Not an answer but "look at the forge": the run reads the MR and decides (a forged or
+        # stale event, or one about an MR reopened since, cannot merge or close anything).
         merged = event.action == "merge"
         run_input = waits.answer(
-            approved=merged, approver=event.user, comment=f"{'merged' if merged else 'closed'} on GitLab"
+            approved=False,
+            approver=event.user,
+            comment=f"{'merged' if merged else 'closed'} on GitLab",
+            seen_on_forge=True,
         )
         resumed: list[str] = []
         skipped: list[str] = []
