@@ -133,7 +133,8 @@ def test_a_release_waits_suspended_and_survives_a_worker_on_postgres(pg_stack: E
                 json={"parameters": {"app": "hello", "tag": "v8.0.0"}},
             ).json()["id"]
             wait_for(lambda: flow_run(env, run_id)["state"]["name"] == "Suspended", "the wait", timeout=300)
-            assert flow_processes(run_id) == []  # nothing runs while it waits
+            # Nothing runs while it waits: its process exits once the suspension is recorded.
+            wait_for(lambda: flow_processes(run_id) == [], "the suspended run's process to exit", timeout=60)
             os.killpg(workers[0].pid, signal.SIGKILL)  # a worker dies while the release waits
             workers[0].wait(timeout=10)
 
