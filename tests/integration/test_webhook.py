@@ -314,3 +314,85 @@ def test_a_group_hook_stays_enabled_for_projects_twincd_does_not_know(hook: str,
         for i in range(HOOK_FAILURES_TO_DISABLE + 1):
             gitlab_fake.push_tag(f"ops/tool-{i}", "v1.0.0", SHA)
         assert broken.disabled and [s for _, s in broken.deliveries] == [404] * HOOK_FAILURES_TO_DISABLE
+
+
+def merge_request_event(
+    iid: int, action: str, *, project: str = "infra/manifests", user: str = "alice"
+) -> dict[str, Any]:
+    """A GitLab Merge Request Hook payload (trimmed to what GitLab always sends)."""
+    return {
+        "object_kind": "merge_request",
+        "event_type": "merge_request",
+        "user": {"id": 9, "name": user.title(), "username": user},
+        "project": {"id": 42, "path_with_namespace": project},
+        "object_attributes": {
+            "iid": iid,
+            "action": action,
+            "state": "merged" if action == "merge" else "closed",
+        },
+    }
+
+
+def _suspended_run(deployment_id: UUID, iid: int, tag: str) -> UUID:
+    """A run of the deployment suspended while it waits for MR ``iid``, with its record."""
+    from prefect.states import Running, Suspended
+
+    from twincd.adapters import waits
+    from twincd.domain import MergeRequest, Waiting
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run_from_deployment(deployment_id, parameters={"app": "hello", "tag": tag})
+        client.set_flow_run_state(run.id, Running(), force=True)
+        client.set_flow_run_state(run.id, Suspended(timeout_seconds=3600, pause_key="approve-x"), force=True)
+    mr = MergeRequest(f"!{iid}", f"twincd/hello/{tag}", "main", "t", "opened", "https://gitlab.example/mr")
+    waits.record(
+        run.id, "approve-x", Waiting(mr, "env.yaml", "2999-01-01T00:00:00+00:00", project="infra/manifests")
+    )
+    return run.id
+
+
+def _state(run_id: UUID) -> str:
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+    assert state is not None
+    return str(state.type.value)
+
+
+def test_a_merge_request_hook_resumes_the_run_that_waits_for_it(hook: str, deployment_id: UUID) -> None:
+    waiting = _suspended_run(deployment_id, 31, "v3.1.0")
+    other = _suspended_run(deployment_id, 32, "v3.2.0")
+    headers = {"X-Gitlab-Token": SECRET, "X-Gitlab-Event": "Merge Request Hook", "Idempotency-Key": "k-31"}
+
+    assert (
+        httpx.post(
+            hook, json=merge_request_event(31, "merge"), headers={**headers, "X-Gitlab-Token": "x"}
+        ).status_code
+        == 401
+    )
+    ignored = httpx.post(hook, json=merge_request_event(31, "update"), headers=headers, timeout=30)
+    assert ignored.status_code == 202 and "only merge and close" in ignored.json()["ignored"]
+    elsewhere = httpx.post(
+        hook, json=merge_request_event(31, "merge", project="other/repo"), headers=headers, timeout=30
+    )
+    assert elsewhere.status_code == 202 and "no run waits" in elsewhere.json()["ignored"]
+    assert _state(waiting) == "PAUSED"
+
+    resumed = httpx.post(hook, json=merge_request_event(31, "merge"), headers=headers, timeout=30)
+    assert resumed.status_code == 202 and resumed.json()["resumed"] == [str(waiting)], resumed.text
+    assert _state(waiting) == "SCHEDULED" and _state(other) == "PAUSED"  # only the run of !31
+    again = httpx.post(hook, json=merge_request_event(31, "merge"), headers=headers, timeout=30)
+    assert again.json() == {**resumed.json(), "replayed": True}  # GitLab's retry: answered from memory
+    closed = httpx.post(
+        hook,
+        json=merge_request_event(32, "close"),
+        headers={**headers, "Idempotency-Key": "k-32"},
+        timeout=30,
+    )
+    assert closed.json()["resumed"] == [str(other)] and _state(other) == "SCHEDULED"
+    malformed = httpx.post(
+        hook,
+        json={"object_kind": "merge_request", "object_attributes": {"iid": "x"}},
+        headers=headers,
+        timeout=30,
+    )
+    assert malformed.status_code == 400 and "iid" in malformed.json()["error"]
