@@ -11,6 +11,7 @@ list of what was undone.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -163,7 +164,9 @@ def _failover(
         timeout = environment.timeouts.approval_seconds
         answer = ask_approval(
             description=f"{markdown}\n\nApprove to carry out this plan; leave unticked to refuse.",
-            key=f"failover-{run_id[:8]}",
+            # The plan in the key: a run resumed after the world changed plans again, and a
+            # changed plan is asked for again, never carried out under an earlier approval.
+            key=f"failover-{run_id[:8]}-{hashlib.sha256(markdown.encode()).hexdigest()[:12]}",
             timeout=timeout,
             waiting=Waiting(None, environment.source, deadline(timeout)),
         )

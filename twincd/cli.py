@@ -76,8 +76,6 @@ TURN = "turn-"  # the pause keys of a run queued behind an earlier change (flows
 
 def _run_deploy(env: Environment, app: str, tag: str, auto_approve: bool, image: str = "") -> int:
     _use_prefect(env)
-    if not auto_approve:
-        return _start_deployment(env, DEPLOY, {"app": app, "tag": tag, "image": image})
     # Nothing waits for a person: run it here, where its logs print as it goes.
     from flows.deploy import deploy
 
@@ -89,13 +87,18 @@ def _run_deploy(env: Environment, app: str, tag: str, auto_approve: bool, image:
     return 0 if state.is_completed() else 1
 
 
-def _start_deployment(env: Environment, name: str, parameters: dict[str, Any]) -> int:
+def _start_deployment(env: Environment, name: str, parameters: dict[str, Any], env_file: str | None) -> int:
     """A run of deployment ``name``, followed until it ends or waits for a person.
 
     A run that waits for a person must be a run of a deployment: Prefect suspends only those
     (its process exits while people take their time) and a worker, ``twincd serve`` or the local
-    stack's runner takes it up again when it is resumed.
+    stack's runner takes it up again when it is resumed. The run gets ``env_file`` (``--env``)
+    only when one was given, as an absolute path (a runner on this machine reads it); otherwise
+    the deployment's own (workers: the Prefect Variable ``twincd_env``, a file of the clone).
     """
+    _use_prefect(env)
+    if env_file is not None:
+        parameters = {**parameters, "env": str(Path(env_file).resolve())}
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -111,11 +114,12 @@ def _start_deployment(env: Environment, name: str, parameters: dict[str, Any]) -
                 file=sys.stderr,
             )
             return 2
-        run = client.create_flow_run_from_deployment(
-            deployment.id, parameters={**parameters, "env": str(Path(env.source).resolve())}
-        )
+        run = client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
     print(f"started a run of {name}: {_ui_url(env, run.id)}")
     return _follow(env, run.id)
+
+
+_UNCLAIMED = 30.0  # seconds a followed run may stay Scheduled before the CLI says nobody took it up
 
 
 def _follow(env: Environment, run_id: Any, *, since: datetime | None = None, poll: float = 1.0) -> int:
@@ -133,6 +137,7 @@ def _follow(env: Environment, run_id: Any, *, since: datetime | None = None, pol
     from prefect.client.schemas.sorting import LogSort
 
     printed: set[Any] = set()
+    started, warned = time.monotonic(), False
     tasks: dict[Any, str] = {}  # task run id -> its name, to say whose log line it is
     ended_at: float | None = None
     with get_client(sync_client=True) as client:
@@ -160,6 +165,18 @@ def _follow(env: Environment, run_id: Any, *, since: datetime | None = None, pol
                 who = tasks.get(log.task_run_id, "") if log.task_run_id else run.name
                 print(f"{log.timestamp:%H:%M:%S} | {who} | {log.message}")
             state = run.state
+            if (
+                state is not None
+                and state.is_scheduled()
+                and time.monotonic() - started > _UNCLAIMED
+                and not warned
+            ):
+                warned = True  # a run nobody takes up: say why the wait goes on
+                print(
+                    f"{run.name} is still {state.name} after {_UNCLAIMED:.0f} s: is a runner "
+                    "(`twincd serve`, `twincd up`) or a worker of its work pool running?",
+                    file=sys.stderr,
+                )
             settled = state is not None and (state.is_final() or state.is_paused())
             if settled and ended_at is None:
                 ended_at = time.monotonic()
@@ -187,7 +204,11 @@ def _follow(env: Environment, run_id: Any, *, since: datetime | None = None, pol
 
 def cmd_deploy(env: Environment, args: argparse.Namespace) -> int:
     env.app(args.app)  # an unknown app fails here, before Prefect is even imported
-    return _run_deploy(env, args.app, args.tag, args.auto_approve, args.image)
+    if not args.auto_approve:  # it waits for a person: a run of the deployment
+        return _start_deployment(
+            env, DEPLOY, {"app": args.app, "tag": args.tag, "image": args.image}, args.env
+        )
+    return _run_deploy(env, args.app, args.tag, True, args.image)
 
 
 def _resume(env: Environment, name: str, run_input: dict[str, Any], run_id: str = "") -> int:
@@ -336,7 +357,7 @@ def cmd_failover(env: Environment, args: argparse.Namespace) -> int:
         "health_url": args.health_url,
     }
     if not (args.dry_run or args.emergency or args.auto_approve):
-        return _start_deployment(env, FAILOVER, parameters)  # waits for the plan's approval
+        return _start_deployment(env, FAILOVER, parameters, args.env)  # waits for the plan's approval
     from flows.failover import failover
 
     state = failover(**parameters, env=env.source, return_state=True)
@@ -371,9 +392,7 @@ def cmd_webhook(env: Environment, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twincd", description=__doc__)
-    parser.add_argument(
-        "--env", default=str(DEFAULT_ENV), help="environment file (default: deployments/local.yaml)"
-    )
+    parser.add_argument("--env", default=None, help="environment file (default: deployments/local.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser(
         "up", help="start the local stack (Prefect, registry, build API, git repos, sandbox clusters)"
@@ -419,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     env: Environment | None = None
     try:
-        env = load_environment(args.env)
+        env = load_environment(args.env or DEFAULT_ENV)
         handler = globals()[f"cmd_{args.command.replace('-', '_')}"]
         code: int = handler(env, args)
         return code
