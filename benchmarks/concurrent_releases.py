@@ -18,6 +18,11 @@ Prefect server and every flow-run process.
     .venv/bin/python benchmarks/concurrent_releases.py [--releases 10] [--rollout-seconds 300]
 
 The last line reads ``releases N: merged M, failed F, lost commits L, duplicated D, wall S s``.
+
+With ``--waiting``, the N releases wait for approval instead: once every one is suspended, the
+flow-run processes still alive are counted and the runner's and the server's resident memory
+compared with theirs before the releases started; the last line reads
+``waiting releases N: flow processes P, runner + server X MB (Y MB before)``.
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--releases", type=int, default=10, help="N: releases of N apps at once")
     parser.add_argument("--rollout-seconds", type=float, default=300)
+    parser.add_argument("--waiting", action="store_true", help="releases that wait for approval")
     args = parser.parse_args()
     n = args.releases
     with tempfile.TemporaryDirectory(prefix="twincd-concurrent-") as tmp:
@@ -105,6 +111,9 @@ def main() -> None:
                 if (p := procs.daemon_status(name, state_dir=env.state_path))
             ]
             deployment = httpx.get(f"{api}/deployments/name/deploy/deploy").json()["id"]
+            if args.waiting:
+                waiting(api, deployment, env_file, n, server)
+                return
             peak = [0.0]
             done = threading.Event()
 
@@ -155,6 +164,33 @@ def main() -> None:
     print(
         f"releases {n}: merged {merged}, failed {len(failed)}, lost commits {lost}, "
         f"duplicated {duplicated}, wall {wall:.1f} s"
+    )
+
+
+def waiting(api: str, deployment: str, env_file: Path, n: int, server: list[int]) -> None:
+    before = rss_mb(server)
+    runs = [
+        httpx.post(
+            f"{api}/deployments/{deployment}/create_flow_run",
+            json={"parameters": {"app": f"app{i}", "tag": "v1.0.0", "env": str(env_file)}},
+        ).json()["id"]
+        for i in range(n)
+    ]
+    t0 = time.perf_counter()
+    while True:
+        states = [httpx.get(f"{api}/flow_runs/{r}").json()["state"] for r in runs]
+        if all(s and s["name"] == "Suspended" for s in states):
+            break
+        if any(s and s["type"] in FINAL for s in states):
+            raise SystemExit(
+                "a release ended instead of waiting: "
+                + str([s["message"] for s in states if s["type"] in FINAL])
+            )
+        time.sleep(1)
+    print(f"{n} releases suspended, waiting for approval, after {time.perf_counter() - t0:.1f} s")
+    time.sleep(5)  # their processes exit once the suspension is recorded
+    print(
+        f"waiting releases {n}: flow processes {len(flow_processes())}, runner + server {rss_mb(server):.0f} MB ({before:.0f} MB before)"
     )
 
 

@@ -2,12 +2,14 @@
 
 The burst of the probe that found the webhook could not hold one: 20 tags × 10 deliveries each
 (GitLab's retries and people's replays) plus 50 forged ones, sent concurrently. The webhook is
-`twincd webhook`, its own process, creating runs on a throwaway Prefect server (SQLite,
-`prefect_test_harness`) for a stub `deploy` deployment (no worker runs them). GitLab gives a
-hook 10 s to answer. Runs are counted once every creation has finished (answers may be
-``pending``: the run is still being created).
+`twincd webhook`, its own process, creating runs on a throwaway Prefect server for a stub
+`deploy` deployment (no worker runs them): on SQLite (`prefect_test_harness`), or with
+``--database postgresql`` a `prefect server start` on a PostgreSQL of its own (the stack's
+twincd.sandbox.postgres). GitLab gives a hook 10 s to answer. Runs are counted once every
+creation has finished (answers may be ``pending``: the run is still being created).
 
     .venv/bin/python benchmarks/webhook_burst.py [--tags 20] [--replays 10] [--forged 50]
+        [--database sqlite|postgresql]
 
 Last line: ``deliveries N: runs R of E expected, forged accepted A, p50 X s, p99 Y s``.
 """
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -148,17 +151,61 @@ async def _runs(deployment_id: Any) -> int:
     return len(found)
 
 
+@contextmanager
+def _server(database: str, tmp: Path) -> Iterator[None]:
+    """A throwaway Prefect server on ``database``, the process's PREFECT_API_URL while it runs."""
+    if database == "sqlite":
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+        return
+    from twincd.sandbox import postgres, procs
+
+    state = tmp / "state"
+    port = procs.free_port()
+    url = postgres.start_postgres(state, procs.free_port())
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--port", str(port)],
+        env={
+            **os.environ,
+            "PREFECT_HOME": str(tmp / "prefect"),
+            "PREFECT_API_DATABASE_CONNECTION_URL": url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        procs.wait_until(lambda: _healthy(f"{api}/health"), 120, "the Prefect server")
+        with temporary_settings({PREFECT_API_URL: api}):
+            yield
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+        procs.stop_daemon(postgres.NAME, state_dir=state)
+        shutil.rmtree(postgres.data_dir(state), ignore_errors=True)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tags", type=int, default=20)
     parser.add_argument("--replays", type=int, default=10)
     parser.add_argument("--forged", type=int, default=50)
+    parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
     args = parser.parse_args()
     tags = [f"v3.{i}.0" for i in range(args.tags)]
     with (
         temporary_settings({PREFECT_SERVER_ANALYTICS_ENABLED: False}),
-        prefect_test_harness(server_startup_timeout=120),
         tempfile.TemporaryDirectory() as tmp,
+        _server(args.database, Path(tmp)),
     ):
         deployment_id = deploy_stub.to_deployment(name="deploy").apply()
         with _webhook(Path(tmp)) as (url, pid):
@@ -180,6 +227,7 @@ def main() -> None:
     print(
         f"slowest genuine answer: {genuine[-1]:.3f} s; within GitLab's 10 s: {sum(s < 10 for s in genuine)}"
     )
+    print(f"Prefect server database: {args.database}")
     print(
         f"deliveries {len(results)}: runs {runs} of {len(tags)} expected, forged accepted {accepted_forged}, "
         f"p50 {p50:.3f} s, p99 {p99:.3f} s"
