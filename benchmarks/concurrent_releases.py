@@ -189,8 +189,9 @@ def waiting(api: str, deployment: str, env_file: Path, n: int, server: list[int]
         time.sleep(1)
     print(f"{n} releases suspended, waiting for approval, after {time.perf_counter() - t0:.1f} s")
     time.sleep(5)  # their processes exit once the suspension is recorded
+    alive, now = len(flow_processes()), rss_mb(server)
     print(
-        f"waiting releases {n}: flow processes {len(flow_processes())}, runner + server {rss_mb(server):.0f} MB ({before:.0f} MB before)"
+        f"waiting releases {n}: flow processes {alive}, runner + server {now:.0f} MB ({before:.0f} MB before)"
     )
 
 
