@@ -16,7 +16,7 @@ from tests.e2e.conftest import (
     twincd,
     wait_for,
 )
-from tests.e2e.test_deploy import main_file, registry_digest
+from tests.e2e.test_deploy import main_file, main_head, registry_digest
 from tests.e2e.test_gitlab_and_staged import _variant
 from twincd.config import Environment
 from twincd.sandbox.stack import local_repo_path
@@ -34,25 +34,16 @@ def _pause_key(env: Environment, run_id: str) -> str:
     return str(flow_run(env, run_id)["state"]["state_details"]["pause_key"])
 
 
-def _reverts(env: Environment) -> str:
-    return subprocess.run(
-        [
-            "git",
-            "-C",
-            str(local_repo_path(env, env.manifests.repo)),
-            "log",
-            "--oneline",
-            "--grep=Revert",
-            "main",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+def _reverts(env: Environment, since: str) -> str:
+    """The reverts that reached main after ``since`` (earlier tests of the session made others)."""
+    repo = str(local_repo_path(env, env.manifests.repo))
+    log = ["git", "-C", repo, "log", "--oneline", "--grep=Revert", f"{since}..main"]
+    return subprocess.run(log, capture_output=True, text=True, check=True).stdout
 
 
 def test_a_later_release_of_the_same_app_waits_for_its_turn(stack_env: Environment) -> None:
     env = stack_env
+    base = main_head(env)
     release_app(env, "v6.0.0", page="<h1>hello 6.0.0</h1>\n")
     release_app(env, "v6.1.0", page="<h1>hello 6.1.0</h1>\n")
     first, _ = _start(env, "v6.0.0")
@@ -71,11 +62,12 @@ def test_a_later_release_of_the_same_app_waits_for_its_turn(stack_env: Environme
     again = approve(env, "hello", "v6.1.0", "--approver", "bob")
     assert again.returncode == 0 and "Release succeeded" in again.stdout, again.stdout + again.stderr
     assert registry_digest(env, "v6.1.0") in main_file(env, OVERLAY)
-    assert _reverts(env) == ""  # neither release reverted the other
+    assert _reverts(env, base) == ""  # neither release reverted the other
 
 
 def test_a_later_release_can_supersede_one_that_waits_for_approval(stack_env: Environment) -> None:
     env = _variant(stack_env, "supersede", rollout={"later_release": "supersede"})
+    base = main_head(env)
     release_app(env, "v7.0.0", page="<h1>hello 7.0.0</h1>\n")
     release_app(env, "v7.1.0", page="<h1>hello 7.1.0</h1>\n")
     before = main_file(env, OVERLAY)
@@ -89,4 +81,4 @@ def test_a_later_release_can_supersede_one_that_waits_for_approval(stack_env: En
     done = approve(env, "hello", "v7.1.0", "--approver", "bob")
     assert done.returncode == 0, done.stdout + done.stderr
     assert registry_digest(env, "v7.1.0") in main_file(env, OVERLAY)
-    assert _reverts(env) == ""
+    assert _reverts(env, base) == ""
