@@ -67,6 +67,21 @@ def apps_environment(root: Path, n: int, rollout_seconds: float) -> Path:
     return path
 
 
+def create_run(api: str, deployment: str, parameters: dict[str, Any]) -> str:
+    """A run of the deployment; a 503 (SQLite busy: "database is locked") is asked again, as
+    Prefect's own client does (PREFECT_CLIENT_MAX_RETRIES)."""
+    for attempt in range(8):
+        created = httpx.post(
+            f"{api}/deployments/{deployment}/create_flow_run", json={"parameters": parameters}
+        )
+        if created.status_code != 503:
+            break
+        time.sleep(0.5 * 2**attempt)
+    if created.status_code != 201:
+        raise SystemExit(f"the Prefect API refused the run: {created.status_code} {created.text[:500]}")
+    return str(created.json()["id"])
+
+
 def rss_mb(pids: list[int]) -> float:
     total = 0
     for pid in pids:
@@ -126,17 +141,11 @@ def main() -> None:
             sampler.start()
             t0 = time.perf_counter()
             runs = {
-                f"app{i}": httpx.post(
-                    f"{api}/deployments/{deployment}/create_flow_run",
-                    json={
-                        "parameters": {
-                            "app": f"app{i}",
-                            "tag": "v1.0.0",
-                            "env": str(env_file),
-                            "auto_approve": True,
-                        }
-                    },
-                ).json()["id"]
+                f"app{i}": create_run(
+                    api,
+                    deployment,
+                    {"app": f"app{i}", "tag": "v1.0.0", "env": str(env_file), "auto_approve": True},
+                )
                 for i in range(n)
             }
             states: dict[str, dict[str, Any]] = {}
@@ -170,10 +179,7 @@ def main() -> None:
 def waiting(api: str, deployment: str, env_file: Path, n: int, server: list[int]) -> None:
     before = rss_mb(server)
     runs = [
-        httpx.post(
-            f"{api}/deployments/{deployment}/create_flow_run",
-            json={"parameters": {"app": f"app{i}", "tag": "v1.0.0", "env": str(env_file)}},
-        ).json()["id"]
+        create_run(api, deployment, {"app": f"app{i}", "tag": "v1.0.0", "env": str(env_file)})
         for i in range(n)
     ]
     t0 = time.perf_counter()
