@@ -11,12 +11,14 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import (
     approve,
+    final_run,
     flow_processes,
     git_refs,
     registry_headers,
@@ -367,3 +369,28 @@ def test_cluster_down_fails_that_cluster_and_verifies_the_other(stack_env: Envir
     assert result.returncode == 1
     assert "rollout failed on eks: cluster eks" in out and "unreachable" in out
     assert "verified on aks" in out
+
+
+def test_an_approval_nobody_gives_times_out_closes_the_mr_and_says_so(stack_env: Environment) -> None:
+    from tests.e2e.test_gitlab_and_staged import _variant
+
+    env = _variant(stack_env, "short-approval", timeouts={"approval_seconds": 3, "rollout_seconds": 30})
+    release_app(env, "v1.5.0", page="<h1>hello 1.5.0</h1>\n")
+    head = main_head(env)
+    started = twincd(env, "deploy", "hello", "v1.5.0")
+    assert started.returncode == 0 and "Suspended" in started.stdout, started.stdout + started.stderr
+    run_id = run_id_of(started.stdout)
+    time.sleep(4)  # past the deadline: the reconciliation (every 10 minutes; here at once) ends the wait
+    found = twincd(env, "watch-waits")
+    assert found.returncode == 0 and "no answer by" in found.stdout + found.stderr, (
+        found.stdout + found.stderr
+    )
+    run = final_run(env, run_id)
+    assert run["state"]["type"] == "CANCELLED", run["state"]
+    assert (
+        "not approved in time" in run["state"]["message"]
+        and "nothing reached main" in run["state"]["message"]
+    )
+    assert main_head(env) == head
+    records = list((env.state_path / "forge").glob("*v1.5.0.json"))
+    assert records and json.loads(records[0].read_text())["state"] == "closed"  # the MR says why
