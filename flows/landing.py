@@ -6,8 +6,10 @@ merge (or a person's merge on the forge) → verification on the clusters. ``lan
 plain function of tasks; ``land_subflow`` runs it as a named subflow, so a sequential
 rollout's stages, a revert and failover's switches each show as one box in the Prefect run graph.
 
-The approval pause is written once, here (``ask_approval``): the release approval, the revert
-approval and the failover plan's approval all use it.
+The wait for a person is written once, here (``ask_approval``, ``await_person``): the release
+approval, the revert approval and the failover plan's approval all use it. The run is suspended
+while it waits (no process held), which Prefect allows only in a parent run: ``land_approved``
+lands a change in two passes around the answer, and the wait happens between them in the parent.
 """
 
 from __future__ import annotations
