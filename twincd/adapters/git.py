@@ -735,11 +735,23 @@ def pull_project(repository: str, ref: str, token: str = "", username: str = "tw
     """
     headers = ((repository, basic_header(username, Secret(token))),) if token and is_url(repository) else ()
     auth = GitAuth(headers=headers)
-    directory = Path.cwd() / f"twincd-{hashlib.sha256(f'{repository}@{ref}'.encode()).hexdigest()[:12]}"
+    name = redact_url(repository)
+    # A branch or tag is resolved to its commit first: a clone is kept per commit, so a branch
+    # that moved is cloned again, and a commit is never fetched twice.
+    listed = str(
+        _git_call(
+            f"ls-remote {name}",
+            lambda: git.cmd.Git().execute(
+                ["git", "ls-remote", "--", repository, ref, f"{ref}^{{}}"], env=auth.env()
+            ),
+            auth,
+        )
+    ).split()
+    commit = listed[-2] if listed else ref  # an annotated tag's peeled commit is listed last
+    directory = Path.cwd() / f"twincd-{hashlib.sha256(f'{repository}@{commit}'.encode()).hexdigest()[:12]}"
     if not (directory / ".git").exists():
         tmp = directory.with_name(directory.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        name = redact_url(repository)
         _git_call(
             f"clone {name}",
             lambda: git.cmd.Git().execute(
@@ -750,7 +762,7 @@ def pull_project(repository: str, ref: str, token: str = "", username: str = "tw
         _git_call(
             f"checkout {ref}",
             lambda: git.cmd.Git().execute(
-                ["git", "-C", str(tmp), "checkout", "-q", "--detach", ref], env=auth.env()
+                ["git", "-C", str(tmp), "checkout", "-q", "--detach", commit], env=auth.env()
             ),
             auth,
         )
