@@ -174,9 +174,8 @@ def _queue(environment: Environment, run: FlowRun, lock: str, ahead: FlowRun) ->
     # A fresh pause key for every wait: a key that fired would let the run through at once.
     fired = set(run.empirical_policy.pause_keys or ())
     state = ahead.state_id or ahead.id
-    key = next(  # "turn-": twincd approve and the CLI's follow tell these waits apart
-        f"turn-{str(state)[:8]}-{i}" for i in range(1, 1000) if f"turn-{str(state)[:8]}-{i}" not in fired
-    )
+    prefix = f"{waits.TURN}{str(state)[:8]}-"  # twincd approve and the CLI tell these waits apart
+    key = next(f"{prefix}{i}" for i in range(1, 1000) if f"{prefix}{i}" not in fired)
     waits.record(
         run.id,
         key,

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from twincd.adapters import waits
 from twincd.config import DEFAULT_ENV, REPO_ROOT, Environment, load_environment
 from twincd.errors import ConfigError, TwincdError
 
@@ -71,7 +72,6 @@ def cmd_seed(env: Environment, args: argparse.Namespace) -> int:
 
 # The flows' deployments (prefect.yaml, `twincd serve`, the local stack's runner).
 DEPLOY, FAILOVER = "deploy/deploy", "failover/failover"
-TURN = "turn-"  # the pause keys of a run queued behind an earlier change (flows/turns.py)
 
 
 def _run_deploy(env: Environment, app: str, tag: str, auto_approve: bool, image: str = "") -> int:
@@ -187,7 +187,7 @@ def _follow(env: Environment, run_id: Any, *, since: datetime | None = None, pol
             time.sleep(poll)
     assert state is not None
     print(f"\n{state.name}: {state.message or ''}".rstrip())
-    if state.is_paused() and (state.state_details.pause_key or "").startswith(TURN):
+    if state.is_paused() and (state.state_details.pause_key or "").startswith(waits.TURN):
         print(
             f"{run.name} waits for its turn behind an earlier change of the same app (nothing runs meanwhile)"
         )
@@ -222,13 +222,11 @@ def _resume(env: Environment, name: str, run_input: dict[str, Any], run_id: str 
     )
     from prefect.flow_runs import resume_flow_run
 
-    from twincd.adapters.waits import WAITING_STATES
-
     with get_client(sync_client=True) as client:
         waiting = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
                 name=FlowRunFilterName(like_=name),
-                state=FlowRunFilterState(name=FlowRunFilterStateName(any_=list(WAITING_STATES))),
+                state=FlowRunFilterState(name=FlowRunFilterStateName(any_=list(waits.WAITING_STATES))),
             )
         )
         runs = [r for r in waiting if r.name == name and (not run_id or str(r.id) == run_id)]
@@ -247,7 +245,7 @@ def _resume(env: Environment, name: str, run_input: dict[str, Any], run_id: str 
             file=sys.stderr,
         )
         return 2
-    if (runs[0].state and runs[0].state.state_details.pause_key or "").startswith(TURN):
+    if (runs[0].state and runs[0].state.state_details.pause_key or "").startswith(waits.TURN):
         print(
             f"{name} waits for its turn behind an earlier change, not for approval: it asks for "
             "approval once that one ended",
@@ -264,7 +262,6 @@ def _resume(env: Environment, name: str, run_input: dict[str, Any], run_id: str 
 
 def cmd_approve(env: Environment, args: argparse.Namespace) -> int:
     _use_prefect(env)
-    from twincd.adapters.waits import answer
 
     target = (
         f"failover-{args.app}"
@@ -274,7 +271,7 @@ def cmd_approve(env: Environment, args: argparse.Namespace) -> int:
     return _resume(
         env,
         target,
-        answer(approved=not args.refuse, approver=args.approver, comment=args.comment),
+        waits.answer(approved=not args.refuse, approver=args.approver, comment=args.comment),
         args.run,
     )
 
@@ -346,7 +343,6 @@ def cmd_watch_waits(env: Environment, args: argparse.Namespace) -> int:
 
 
 def cmd_failover(env: Environment, args: argparse.Namespace) -> int:
-    _use_prefect(env)
     parameters = {
         "mode": "active-active" if args.active_active else "active-standby",
         "active": args.to,
@@ -358,6 +354,7 @@ def cmd_failover(env: Environment, args: argparse.Namespace) -> int:
     }
     if not (args.dry_run or args.emergency or args.auto_approve):
         return _start_deployment(env, FAILOVER, parameters, args.env)  # waits for the plan's approval
+    _use_prefect(env)
     from flows.failover import failover
 
     state = failover(**parameters, env=env.source, return_state=True)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 PREFIX = "twincd-waiting-"  # + the wait's pause key
+TURN = "turn-"  # the pause keys of a run queued behind an earlier change (flows/turns.py)
 ENDED = "twincd-ended"  # a run's own mark that it returned from its flow function (flows/turns.py)
 # The Prefect server answers at most PREFECT_SERVER_API_DEFAULT_LIMIT (200) runs per request.
 PAGE = 200
