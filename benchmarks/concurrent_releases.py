@@ -94,17 +94,6 @@ def rss_mb(pids: list[int]) -> float:
     return total / 1024
 
 
-def flow_processes() -> list[int]:
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if b"PREFECT__FLOW_RUN_ID=" in environ.read_bytes():
-                found.append(int(environ.parent.name))
-        except OSError:
-            continue
-    return found
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--releases", type=int, default=10, help="N: releases of N apps at once")
@@ -134,7 +123,7 @@ def main() -> None:
 
             def sample() -> None:
                 while not done.is_set():
-                    peak[0] = max(peak[0], rss_mb(server + flow_processes()))
+                    peak[0] = max(peak[0], rss_mb(server + procs.flow_run_processes()))
                     time.sleep(0.5)
 
             sampler = threading.Thread(target=sample, daemon=True)
@@ -195,7 +184,7 @@ def waiting(api: str, deployment: str, env_file: Path, n: int, server: list[int]
         time.sleep(1)
     print(f"{n} releases suspended, waiting for approval, after {time.perf_counter() - t0:.1f} s")
     time.sleep(5)  # their processes exit once the suspension is recorded
-    alive, now = len(flow_processes()), rss_mb(server)
+    alive, now = len(procs.flow_run_processes()), rss_mb(server)
     print(
         f"waiting releases {n}: flow processes {alive}, runner + server {now:.0f} MB ({before:.0f} MB before)"
     )

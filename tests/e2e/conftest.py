@@ -149,20 +149,6 @@ def run_id_of(output: str) -> str:
     return ids[-1]
 
 
-def flow_processes(run_id: str) -> list[int]:
-    """The processes executing flow run ``run_id``: a runner or worker starts each with
-    PREFECT__FLOW_RUN_ID in its environment (prefect/runner/_starter_engine.py)."""
-    marker = f"PREFECT__FLOW_RUN_ID={run_id}".encode()
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if marker in environ.read_bytes().split(b"\0"):
-                found.append(int(environ.parent.name))
-        except OSError:  # gone, or not ours to read
-            continue
-    return found
-
-
 def approve(env: Environment, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """``twincd approve ARGS`` once a run waits for it (exit 2 while nothing waits yet)."""
     deadline = time.monotonic() + timeout

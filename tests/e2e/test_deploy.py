@@ -19,7 +19,6 @@ import pytest
 from tests.e2e.conftest import (
     approve,
     final_run,
-    flow_processes,
     git_refs,
     registry_headers,
     release_app,
@@ -28,6 +27,7 @@ from tests.e2e.conftest import (
 )
 from twincd.config import Environment
 from twincd.sandbox import procs, stack
+from twincd.sandbox.procs import flow_run_processes
 from twincd.sandbox.stack import cluster_name_of, local_repo_path
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -321,7 +321,7 @@ def test_refused_approval_cancels_and_keeps_the_branch(stack_env: Environment) -
     started = twincd(env, "deploy", "hello", "v1.2.0")
     assert started.returncode == 0 and "Suspended" in started.stdout, started.stdout + started.stderr
     run_id = run_id_of(started.stdout)
-    assert flow_processes(run_id) == []  # nothing runs while it waits
+    assert flow_run_processes(run_id) == []  # nothing runs while it waits
     refused = approve(env, "hello", "v1.2.0", "--refuse", "--approver", "alice", "--comment", "not today")
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "Cancelled" in refused.stdout and "refused by alice" in refused.stdout
@@ -338,7 +338,7 @@ def test_approval_in_the_cli_merges_and_verifies(stack_env: Environment) -> None
     assert started.returncode == 0 and "Suspended" in started.stdout, started.stdout + started.stderr
     assert "twincd approve hello v1.3.0" in started.stdout
     run_id = run_id_of(started.stdout)
-    assert flow_processes(run_id) == []
+    assert flow_run_processes(run_id) == []
     approved = approve(env, "hello", "v1.3.0", "--approver", "bob")
     assert approved.returncode == 0, approved.stdout + approved.stderr
     assert run_id_of(approved.stdout) == run_id  # the same run, resumed

@@ -20,7 +20,6 @@ from tests.e2e.conftest import (
     TWINCD,
     approve,
     final_run,
-    flow_processes,
     flow_run,
     git_refs,
     registry_headers,
@@ -35,7 +34,7 @@ from tests.e2e.conftest import (
 from tests.e2e.test_deploy import main_file, main_head, registry_digest
 from tests.fakes.gitlab import DEFAULT_USER, FakeGitlab
 from twincd.config import Environment, load_environment
-from twincd.sandbox.procs import free_port
+from twincd.sandbox.procs import flow_run_processes, free_port
 from twincd.sandbox.stack import local_repo_path
 
 TOKEN = "glpat-e2e-secret-token"
@@ -117,7 +116,7 @@ def _suspended_deploy(env: Environment, tag: str) -> str:
     started = twincd(env, "deploy", "hello", tag)
     assert started.returncode == 0 and "Suspended" in started.stdout, started.stdout + started.stderr
     run_id = run_id_of(started.stdout)
-    assert flow_processes(run_id) == []  # nothing runs while it waits
+    assert flow_run_processes(run_id) == []  # nothing runs while it waits
     return run_id
 
 

@@ -9,7 +9,6 @@ import subprocess
 from tests.e2e.conftest import (
     approve,
     final_run,
-    flow_processes,
     flow_run,
     release_app,
     run_id_of,
@@ -19,6 +18,7 @@ from tests.e2e.conftest import (
 from tests.e2e.test_deploy import main_file, main_head, registry_digest
 from tests.e2e.test_gitlab_and_staged import _variant
 from twincd.config import Environment
+from twincd.sandbox.procs import flow_run_processes
 from twincd.sandbox.stack import local_repo_path
 
 OVERLAY = "overlays/eks/hello/kustomization.yaml"
@@ -50,7 +50,7 @@ def test_a_later_release_of_the_same_app_waits_for_its_turn(stack_env: Environme
     assert _pause_key(env, first).startswith("approve-")
     second, out = _start(env, "v6.1.0")  # while the first waits for approval
     assert "waits for its turn" in out and _pause_key(env, second).startswith("turn-"), out
-    assert flow_processes(first) == flow_processes(second) == []
+    assert flow_run_processes(first) == flow_run_processes(second) == []
     refused = twincd(env, "approve", "hello", "v6.1.0")
     assert refused.returncode == 2 and "waits for its turn" in refused.stderr  # nothing to approve yet
 

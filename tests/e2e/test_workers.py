@@ -22,7 +22,6 @@ import yaml
 from tests.e2e.conftest import (
     REPO_ROOT,
     final_run,
-    flow_processes,
     flow_run,
     release_app,
     run_logs,
@@ -35,7 +34,7 @@ from tests.e2e.test_deploy import main_file, registry_digest
 from tests.fakes.gitlab import FakeGitlab
 from twincd.config import Environment, load_environment
 from twincd.sandbox import postgres, stack
-from twincd.sandbox.procs import free_port
+from twincd.sandbox.procs import flow_run_processes, free_port
 from twincd.sandbox.stack import local_repo_path
 
 TOKEN = "glpat-workers-e2e-token"
@@ -134,7 +133,9 @@ def test_a_release_waits_suspended_and_survives_a_worker_on_postgres(pg_stack: E
             ).json()["id"]
             wait_for(lambda: flow_run(env, run_id)["state"]["name"] == "Suspended", "the wait", timeout=300)
             # Nothing runs while it waits: its process exits once the suspension is recorded.
-            wait_for(lambda: flow_processes(run_id) == [], "the suspended run's process to exit", timeout=60)
+            wait_for(
+                lambda: flow_run_processes(run_id) == [], "the suspended run's process to exit", timeout=60
+            )
             os.killpg(workers[0].pid, signal.SIGKILL)  # a worker dies while the release waits
             workers[0].wait(timeout=10)
 

@@ -232,3 +232,17 @@ def _start_time(pid: int) -> int | None:
             os.waitpid(pid, os.WNOHANG)
         return None
     return start_time
+
+
+def flow_run_processes(run_id: str = "") -> list[int]:
+    """The processes executing flow run ``run_id`` (any flow run when ""): a runner or worker
+    starts each with PREFECT__FLOW_RUN_ID in its environment (prefect/runner/_starter_engine.py)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            variables = environ.read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        if any(v.startswith(b"PREFECT__FLOW_RUN_ID=") and v.endswith(run_id.encode()) for v in variables):
+            found.append(int(environ.parent.name))
+    return found
