@@ -31,6 +31,7 @@ from prefect.runtime import flow_run
 
 from tasks.common import untraced
 from tasks.deploy import (
+    catch_up,
     close_merge_request,
     merge,
     notify,
@@ -42,8 +43,8 @@ from tasks.deploy import (
 from twincd import wiring
 from twincd.adapters import waits
 from twincd.config import Environment, GitlabForge
-from twincd.domain import Event, MergeRequest, ReleaseBranch, RolloutVerdict, Timeline, Waiting
-from twincd.errors import PermanentError
+from twincd.domain import CaughtUp, Event, MergeRequest, ReleaseBranch, RolloutVerdict, Timeline, Waiting
+from twincd.errors import PermanentError, TargetMoved, TransientError
 
 
 class Approval(RunInput):
@@ -253,7 +254,7 @@ def land(
         return Landed(branch.base, mr, "", merged=False)  # a person decides: see land_approved
     else:
         approver = change.approver or "auto-approve"
-        mr = merge(untraced(environment), mr, approver)
+        mr = _merge_validated(environment, branch, change, mr, story, approver)
     if mr.merge_commit is None:  # every forge returns a merged MR with its merge commit
         raise PermanentError(f"{mr.ref} is {mr.state} without a merge commit; re-run to verify it")
     told = _MERGED[change.kind]
@@ -282,18 +283,48 @@ def _open(environment: Environment, branch: ReleaseBranch, change: Change, story
 
 
 def _validate(
-    environment: Environment, branch: ReleaseBranch, change: Change, mr: MergeRequest, story: Story
+    environment: Environment,
+    branch: ReleaseBranch,
+    change: Change,
+    mr: MergeRequest,
+    story: Story,
+    caught: CaughtUp | None = None,
 ) -> MergeRequest:
-    """Render and check the change's overlays; raises ValidationFailed (nothing merged)."""
-    report = validate(untraced(environment), change.app, branch, mr, change.validate)
+    """Render and check the change's overlays (``caught``: the branch brought up to a target that
+    moved, and every overlay the target's new commits touched); raises ValidationFailed (nothing
+    merged)."""
+    touched = caught.paths if caught is not None else ()
+    report = validate(untraced(environment), change.app, branch, mr, change.validate, touched)
     mr = post_validation(untraced(environment), mr, report)
+    target = environment.manifests.branch
+    moved = (
+        f"{target} moved to {branch.base[:12]} since validation; its new commits:\n"
+        + "\n".join(f"  {c}" for c in caught.commits[:10])
+        if caught is not None and caught.moved
+        else ""
+    )
     if not report.ok:
         findings = "\n".join(str(f) for f in report.errors)
-        story.add("validate", "failed", findings, tell=True, after=[mr])
-        raise ValidationFailed(
-            f"validation of {', '.join(report.overlays)} failed; nothing was merged:\n{findings}"
+        own = {environment.app_overlay(change.app, c) for c in change.validate}
+        if caught is not None and any(f.overlay not in own for f in report.errors):
+            text = (
+                f"{moved}\nThey break {target} itself, not this change: {mr.ref} was not merged. Fix "
+                f"{target} and re-run.\n{findings}"
+            )
+        elif caught is not None:
+            text = f"{moved}\n{mr.ref} merged onto them fails validation; nothing was merged:\n{findings}"
+        else:
+            text = f"validation of {', '.join(report.overlays)} failed; nothing was merged:\n{findings}"
+        story.add("validate", "failed", text, url=mr.web_url, tell=True, after=[mr])
+        raise ValidationFailed(text)
+    if caught is not None:
+        story.add(
+            "validate",
+            "ok",
+            f"{moved}\n{report.resources} resources of the merge result valid in "
+            f"{', '.join(report.overlays)}",
         )
-    if change.reviewed is None:  # told once: validated again before twincd merges after an approval
+    elif change.reviewed is None:  # told once: validated again before twincd merges after an approval
         story.add(
             "validate",
             "ok",
@@ -302,6 +333,42 @@ def _validate(
             + "".join(f"\n⚠️ {f}" for f in report.warnings),
         )
     return mr
+
+
+_MERGE_ATTEMPTS = 5  # targets that move again between a validation and its merge
+
+
+def _merge_validated(
+    environment: Environment,
+    branch: ReleaseBranch,
+    change: Change,
+    mr: MergeRequest,
+    story: Story,
+    approver: str,
+) -> MergeRequest:
+    """Merge exactly the tree that was validated.
+
+    A change that is validated is first brought up to the target's head (``catch_up``: a no-op
+    when the target did not move); when that changed the branch, its head, which is what the
+    merge will land, is validated again, with every overlay the target's new commits touched.
+    The merge is then a compare-and-swap on that target commit (``onto``); a target that moved
+    again in between starts it over.
+    """
+    if not change.validate:
+        return merge(untraced(environment), mr, approver)
+    for _ in range(_MERGE_ATTEMPTS):
+        caught = catch_up(untraced(environment), branch)
+        if caught.branch.head != branch.head:
+            branch = caught.branch
+            mr = _validate(environment, branch, change, replace(mr, sha=branch.head), story, caught)
+        try:
+            return merge(untraced(environment), mr, approver, branch.base)
+        except TargetMoved:
+            continue
+    raise TransientError(
+        f"{environment.manifests.branch} moved {_MERGE_ATTEMPTS} times while {mr.ref} was validated and "
+        "merged; nothing was merged. Re-run the release"
+    )
 
 
 def land_approved(

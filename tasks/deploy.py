@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -20,6 +21,7 @@ from twincd.config import Environment
 from twincd.domain import (
     ApplyResult,
     BuiltImage,
+    CaughtUp,
     ImageRef,
     MergeRequest,
     Phase,
@@ -144,21 +146,52 @@ def open_merge_request(env: Environment, branch: ReleaseBranch, title: str, desc
     name="validate", **IO_RETRIES, **once_per_run(lambda p: f"{p['branch'].head}:{','.join(p['clusters'])}")
 )
 def validate(
-    env: Environment, app: str, branch: ReleaseBranch, mr: MergeRequest, clusters: tuple[str, ...]
+    env: Environment,
+    app: str,
+    branch: ReleaseBranch,
+    mr: MergeRequest,
+    clusters: tuple[str, ...],
+    touched: tuple[str, ...] = (),
 ) -> ValidationReport:
-    """Render and check the app's overlay of each cluster at the head of the MR's branch."""
-    overlays = [env.app_overlay(app, name) for name in clusters]
-    with wiring.manifests(env).checkout(branch.head, overlays=overlays) as work:
-        return validate_overlays(
-            work,
-            overlays,
-            validator=SchemaValidator(kubernetes_version=env.kubernetes_version),
-            images=ImagePolicy(
-                managed=env.managed_images(app),
-                unpinned=env.validation.unpinned_images,
-                allowed=env.validation.allowed_unpinned,
-            ),
-        )
+    """Render and check the app's overlay of each cluster at the head of the MR's branch.
+
+    ``touched``: paths the target's newer commits changed (the branch was brought up to it): every
+    other app's overlay on these clusters that reads one of them is checked too, so what the merge
+    lands is checked wherever it changed, not only where this change did.
+    """
+    own = [env.app_overlay(app, name) for name in clusters]
+    others = (
+        {env.app_overlay(a, name): a for a in env.apps if a != app for name in clusters} if touched else {}
+    )
+    validator = SchemaValidator(kubernetes_version=env.kubernetes_version)
+    with wiring.manifests(env).checkout(branch.head, overlays=[*own, *others]) as work:
+        reports = [validate_overlays(work, own, validator=validator, images=_image_policy(env, app))]
+        for overlay, other in others.items():
+            if _reads_any(work, overlay, touched):
+                reports.append(
+                    validate_overlays(work, [overlay], validator=validator, images=_image_policy(env, other))
+                )
+    return ValidationReport(
+        tuple(o for r in reports for o in r.overlays),
+        sum(r.resources for r in reports),
+        tuple(f for r in reports for f in r.findings),
+    )
+
+
+def _image_policy(env: Environment, app: str) -> ImagePolicy:
+    return ImagePolicy(
+        managed=env.managed_images(app),
+        unpinned=env.validation.unpinned_images,
+        allowed=env.validation.allowed_unpinned,
+    )
+
+
+def _reads_any(work: Path, overlay: str, paths: Sequence[str]) -> bool:
+    """Whether ``kubectl kustomize overlay`` reads any of ``paths`` (or what cannot be told)."""
+    inputs = kustomize.kustomize_inputs(work, overlay)
+    return kustomize.UNKNOWN in inputs or any(
+        p == i or p.startswith(i.rstrip("/") + "/") for p in paths for i in inputs
+    )
 
 
 @task(name="post-validation", **IO_RETRIES)
@@ -176,10 +209,16 @@ def read_merge_request(env: Environment, mr: MergeRequest) -> MergeRequest:
         return forge.get(mr)
 
 
+@task(name="catch-up", task_run_name="catch-up-{branch.branch}", **IO_RETRIES, **FRESH)
+def catch_up(env: Environment, branch: ReleaseBranch) -> CaughtUp:
+    """The branch brought up to the target's head, so that what is validated next is what merges."""
+    return wiring.manifests(env).catch_up(branch)
+
+
 @task(name="merge", **IO_RETRIES)
-def merge(env: Environment, mr: MergeRequest, approved_by: str) -> MergeRequest:
+def merge(env: Environment, mr: MergeRequest, approved_by: str, onto: str | None = None) -> MergeRequest:
     with wiring.forge(env) as forge:
-        return forge.merge(mr, approved_by=approved_by)
+        return forge.merge(mr, approved_by=approved_by, onto=onto)
 
 
 @task(name="close-merge-request", **IO_RETRIES)

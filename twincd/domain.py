@@ -271,6 +271,19 @@ class ReleaseBranch:
 
 
 @dataclass(frozen=True)
+class CaughtUp:
+    """A branch brought up to its target's head (what merging it would now make), and what came in."""
+
+    branch: ReleaseBranch  # head: the branch with the target merged in; base: the target's head
+    commits: tuple[str, ...] = ()  # the target's new commits, "<sha12> <subject> (<author>)", newest first
+    paths: tuple[str, ...] = ()  # the repo paths they changed
+
+    @property
+    def moved(self) -> bool:
+        return bool(self.commits)
+
+
+@dataclass(frozen=True)
 class BuiltImage:
     """What a build produced: the image tagged locally for every registry, or found in all of them."""
 

@@ -23,3 +23,11 @@ class TransientError(TwincdError):
 
 class ConfigError(PermanentError):
     """The environment file is invalid. The message names the file, the key and what was expected."""
+
+
+class TargetMoved(PermanentError):
+    """The target branch moved while a merge was made: its compare-and-swap lost, nothing landed.
+
+    Permanent for the step that raised it (retrying the same merge cannot succeed); the landing
+    starts over from the new target: catch up, validate the result again, merge again.
+    """

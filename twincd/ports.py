@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Protocol
 from twincd.domain import (
     ApplyResult,
     BuiltImage,
+    CaughtUp,
     ComponentChange,
     ImageChange,
     MergeRequest,
@@ -60,8 +61,10 @@ class Forge(Protocol):
         """Put the validation result where reviewers see it (once, however often retried)."""
         ...
 
-    def merge(self, mr: MergeRequest, *, approved_by: str) -> MergeRequest:
-        """Merge it (an already merged MR is returned as it is), with ``merge_commit`` set."""
+    def merge(self, mr: MergeRequest, *, approved_by: str, onto: str | None = None) -> MergeRequest:
+        """Merge it at its validated head ``mr.sha`` (an already merged MR is returned as it is),
+        with ``merge_commit`` set. ``onto``: the target commit the validated head was brought up
+        to; where the forge can, the merge is a compare-and-swap on it (TargetMoved otherwise)."""
         ...
 
     def close(self, mr: MergeRequest, *, reason: str) -> MergeRequest:
@@ -199,6 +202,11 @@ class Manifests(Protocol):
 
     def write_revert(self, *, branch: str, merge_commits: Sequence[str]) -> ReleaseBranch:
         """Make ``branch`` hold a ``git revert -m 1`` of each merge commit, in the order given."""
+        ...
+
+    def catch_up(self, branch: ReleaseBranch) -> CaughtUp:
+        """``branch`` with the target's head merged in and pushed (what merging it would land),
+        and the target's commits that came in; unchanged when it already holds the target."""
         ...
 
     def merged_into(self, source: str) -> str | None:

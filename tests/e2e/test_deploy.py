@@ -394,3 +394,66 @@ def test_an_approval_nobody_gives_times_out_closes_the_mr_and_says_so(stack_env:
     assert main_head(env) == head
     records = list((env.state_path / "forge").glob("*v1.5.0.json"))
     assert records and json.loads(records[0].read_text())["state"] == "closed"  # the MR says why
+
+
+_BILLING = {
+    "base/billing/kustomization.yaml": "resources:\n  - deployment.yaml\n",
+    "base/billing/deployment.yaml": (
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: billing\n  namespace: billing\nspec:\n"
+        "  selector:\n    matchLabels: {app: billing}\n"
+        "  template:\n    metadata:\n      labels: {app: billing}\n"
+        "    spec:\n      containers:\n        - name: billing\n          image: billing@sha256:"
+        + "0" * 64
+        + "\n          ports:\n            - containerPort: eighty\n"
+    ),
+    "overlays/eks/billing/kustomization.yaml": "resources:\n  - ../../../base/billing\n",
+    "overlays/aks/billing/kustomization.yaml": "resources:\n  - ../../../base/billing\n",
+}
+
+
+def _commit_files(env: Environment, files: dict[str, str | None], message: str) -> str:
+    """A colleague's commit on main (None: delete the file); its commit id."""
+    with tempfile.TemporaryDirectory() as tmp:
+        git = ["git", "-C", tmp, "-c", "user.name=colleague", "-c", "user.email=dev@example.test"]
+        subprocess.run(["git", "clone", "-q", str(local_repo_path(env, env.manifests.repo)), tmp], check=True)
+        for path, text in files.items():
+            if text is None:
+                subprocess.run([*git, "rm", "-q", path], check=True)
+            else:
+                Path(tmp, path).parent.mkdir(parents=True, exist_ok=True)
+                Path(tmp, path).write_text(text)
+                subprocess.run([*git, "add", path], check=True)
+        subprocess.run([*git, "commit", "-qm", message], check=True)
+        subprocess.run([*git, "push", "-q", "origin", "main"], check=True)
+        return subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+
+def test_main_broken_while_a_release_waits_is_not_merged_onto(stack_env: Environment) -> None:
+    """Issue 16.1: a colleague breaks another app on main while a release waits; the approval does
+    not merge onto it, and the run names the commit that broke main."""
+    from tests.e2e.test_gitlab_and_staged import _variant
+
+    hello = stack_env.apps["hello"].model_dump(exclude_none=True)
+    env = _variant(stack_env, "two-apps", apps={"hello": hello, "billing": {**hello, "image": "billing"}})
+    release_app(env, "v1.6.0", page="<h1>hello 1.6.0</h1>\n")
+    started = twincd(env, "deploy", "hello", "v1.6.0")
+    assert started.returncode == 0 and "Suspended" in started.stdout, started.stdout + started.stderr
+    run_id = run_id_of(started.stdout)
+    broke = _commit_files(env, dict(_BILLING), "add billing")
+    try:
+        approved = approve(env, "hello", "v1.6.0", "--approver", "bob")
+        out = approved.stdout + approved.stderr
+        assert approved.returncode == 1, out
+        run = final_run(env, run_id)
+        message = run["state"]["message"]
+        assert run["state"]["type"] == "FAILED", run["state"]
+        assert f"{broke[:12]} add billing (colleague)" in message and "break main itself" in message, message
+        assert "overlays/eks/billing" in message and "containerPort" in message, message
+        assert main_head(env) == broke  # nothing merged onto it
+        assert "break main itself" in out  # the team's story says so (the console notifier's log)
+        records = list((env.state_path / "forge").glob("*v1.6.0.json"))
+        assert records and json.loads(records[0].read_text())["state"] == "opened"  # to merge once fixed
+    finally:
+        _commit_files(env, dict.fromkeys(_BILLING), "remove billing")

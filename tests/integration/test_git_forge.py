@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from twincd.adapters import git as gitrepo
 from twincd.adapters.forge_local import LocalForge
 from twincd.domain import ImageChange
-from twincd.errors import PermanentError
+from twincd.errors import PermanentError, TargetMoved
 from twincd.sandbox.seed import seed_app, seed_manifests
 
 OVERLAY = "overlays/eks/hello/kustomization.yaml"
@@ -283,3 +284,67 @@ def test_twenty_merges_at_once_all_land_once(manifests: str, tmp_path: Path) -> 
     tree = run_git("-C", manifests, "ls-tree", "--name-only", "main").split()
     assert all(f"app{i}.txt" in tree for i in range(n))  # no merge lost another's change
     assert run_git("-C", manifests, "rev-list", "--count", f"{base}..main") == str(2 * n)
+
+
+def test_catch_up_then_merge_lands_exactly_the_validated_tree(manifests: str, tmp_path: Path) -> None:
+    """Issue 16.1: what merges is the branch's head brought up to the target, as a compare-and-swap."""
+    forge = LocalForge(repo_url=manifests, records_dir=tmp_path / "forge")
+    branch = gitrepo.write_release_branch(
+        repo_url=manifests, target="main", branch="twincd/hello/v5", edit=append_line("# v5"), message="v5"
+    )
+    mr = forge.open(source_branch=branch.branch, target_branch="main", title="v5", description="d")
+    same = gitrepo.catch_up_branch(repo_url=manifests, target="main", branch=branch)
+    assert same.branch == branch and not same.moved  # the target did not move: nothing to do
+
+    moved_to = _push_to_main(manifests, tmp_path, "a colleague's change\n")
+    caught = gitrepo.catch_up_branch(repo_url=manifests, target="main", branch=branch)
+    assert caught.moved and caught.paths == ("README.md",) and caught.commits[0].startswith(moved_to[:12])
+    assert caught.branch.base == moved_to and caught.branch.head != branch.head
+    assert run_git("-C", manifests, "rev-parse", branch.branch) == caught.branch.head  # pushed
+    # Again from the branch as validated before: an earlier attempt's catch-up is taken, not redone.
+    assert gitrepo.catch_up_branch(repo_url=manifests, target="main", branch=branch).branch.head == (
+        caught.branch.head
+    )
+
+    # The old head is refused, as GitLab's sha guard refuses it; so is a merge onto a target that moved.
+    with pytest.raises(PermanentError, match="moved to .* since it was validated"):
+        forge.merge(mr, approved_by="alice", onto=moved_to)
+    validated = replace(mr, sha=caught.branch.head)
+    again = _push_to_main(manifests, tmp_path, "another change\n")
+    with pytest.raises(TargetMoved, match="nothing was merged"):
+        forge.merge(validated, approved_by="alice", onto=moved_to)
+    assert run_git("-C", manifests, "rev-parse", "main") == again  # nothing landed
+
+    caught = gitrepo.catch_up_branch(repo_url=manifests, target="main", branch=caught.branch)
+    merged = forge.merge(replace(mr, sha=caught.branch.head), approved_by="alice", onto=caught.branch.base)
+    tree = run_git("-C", manifests, "rev-parse", f"{merged.merge_commit}^{{tree}}")
+    assert tree == run_git("-C", manifests, "rev-parse", f"{caught.branch.head}^{{tree}}")
+
+
+def test_someone_elses_push_to_the_branch_is_refused(manifests: str, tmp_path: Path) -> None:
+    branch = gitrepo.write_release_branch(
+        repo_url=manifests, target="main", branch="twincd/hello/v6", edit=append_line("# v6"), message="v6"
+    )
+    work = tmp_path / "branch-work"
+    run_git("clone", "-q", "-b", branch.branch, manifests, str(work))
+    (work / "README.md").write_text("pushed by hand\n")
+    run_git("commit", "-qam", "by hand", cwd=work)
+    run_git("push", "-q", "origin", f"HEAD:{branch.branch}", cwd=work)
+    _push_to_main(manifests, tmp_path, "main moves\n")
+    with pytest.raises(PermanentError, match="by someone else; nothing was merged"):
+        gitrepo.catch_up_branch(repo_url=manifests, target="main", branch=branch)
+
+
+def test_a_conflict_with_the_target_is_permanent_and_pushes_nothing(manifests: str, tmp_path: Path) -> None:
+    branch = gitrepo.write_release_branch(
+        repo_url=manifests, target="main", branch="twincd/hello/v7", edit=append_line("# v7"), message="v7"
+    )
+    work = tmp_path / "main-edit"
+    run_git("clone", "-q", manifests, str(work))
+    with (work / OVERLAY).open("a") as f:
+        f.write("# conflicting line\n")
+    run_git("commit", "-qam", "edit the same line", cwd=work)
+    run_git("push", "-q", "origin", "HEAD:main", cwd=work)
+    with pytest.raises(PermanentError, match="conflicts with twincd/hello/v7"):
+        gitrepo.catch_up_branch(repo_url=manifests, target="main", branch=branch)
+    assert run_git("-C", manifests, "rev-parse", branch.branch) == branch.head

@@ -150,8 +150,12 @@ class LocalForge:
             except FileExistsError:
                 n += 1
 
-    def merge(self, mr: MergeRequest, *, approved_by: str) -> MergeRequest:
-        """Merge the branch into the target; an already merged MR returns its merge commit."""
+    def merge(self, mr: MergeRequest, *, approved_by: str, onto: str | None = None) -> MergeRequest:
+        """Merge the branch into the target; an already merged MR returns its merge commit.
+
+        Like GitLab's ``sha`` guard, a branch that moved since ``mr.sha`` (its validated head) is
+        refused; ``onto`` makes the merge a compare-and-swap on the target (TargetMoved).
+        """
         current = self.find(source_branch=mr.source_branch)
         if current is None:
             raise MergeRequestNotFound(f"no merge request for branch {mr.source_branch!r}")
@@ -165,13 +169,19 @@ class LocalForge:
         message = f"Merge branch '{mr.source_branch}'\n\n{mr.title}\n\nApproved-by: {approved_by}"
         with self._merging(mr.target_branch, deadline):
             head = gitrepo.branch_head(repo_url=self.repo_url, branch=mr.source_branch, auth=self._auth) or ""
-            sha = self._merge_until(mr, message, deadline)
+            if mr.sha and head != mr.sha:
+                raise PermanentError(
+                    f"merge request {current.ref}: {mr.source_branch} moved to {head[:12]} since it was "
+                    f"validated at {mr.sha[:12]}; nothing was merged. Re-run the release"
+                )
+            sha = self._merge_until(mr, message, deadline, onto)
             return self._save(
                 replace(current, state="merged", merge_commit=sha, sha=head, merged_by=approved_by)
             )
 
-    def _merge_until(self, mr: MergeRequest, message: str, deadline: float) -> str:
-        """The merge commit, built again while pushes from elsewhere keep moving the target."""
+    def _merge_until(self, mr: MergeRequest, message: str, deadline: float, onto: str | None) -> str:
+        """The merge commit, built again while pushes from elsewhere keep moving the target (with
+        ``onto``, a moved target is the caller's to validate again: TargetMoved)."""
         while True:
             try:
                 return gitrepo.merge_branch(
@@ -181,6 +191,7 @@ class LocalForge:
                     message=message,
                     auth=self._auth,
                     mirror=self._mirror,
+                    onto=onto,
                 )
             except gitrepo.PushRejected:
                 if time.monotonic() >= deadline:

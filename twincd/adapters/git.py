@@ -20,7 +20,7 @@ import shlex
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -28,8 +28,9 @@ from urllib.parse import urlsplit, urlunsplit
 import git
 
 from twincd.adapters.secrets import Secret
+from twincd.domain import CaughtUp
 from twincd.domain import ReleaseBranch as ReleaseBranch  # re-exported: the type git writes
-from twincd.errors import PermanentError, TransientError
+from twincd.errors import PermanentError, TargetMoved, TransientError
 from twincd.kustomize import UNKNOWN, kustomize_inputs
 from twincd.ports import Edit
 
@@ -459,11 +460,15 @@ def merge_branch(
     message: str,
     auth: GitAuth = NO_AUTH,
     mirror: Mirror | None = None,
+    onto: str | None = None,
 ) -> str:
     """Merge ``source`` into ``target`` with a merge commit and push; return the merge commit.
 
     "Already merged" is success: the existing merge commit (the first commit on ``target`` whose
     parents include the source head) is returned and nothing is pushed.
+    ``onto``: the target commit the merge must be made on, a compare-and-swap (the push carries it
+    as the expected old value, so a push from elsewhere in between is refused by the remote
+    itself); TargetMoved when the target is elsewhere, nothing pushed.
     """
 
     def body(repo: git.Repo) -> str:
@@ -472,6 +477,11 @@ def merge_branch(
             raise GitRefNotFound(f"{redact_url(repo_url)}: source branch {source!r} does not exist")
         if repo.is_ancestor(src.commit, tgt.commit):
             return _merge_commit_of(repo, src.commit.hexsha, tgt.name)
+        if onto is not None and tgt.commit.hexsha != onto:
+            raise TargetMoved(
+                f"{redact_url(repo_url)}: {target} moved to {tgt.commit.hexsha[:12]} (the merge was to "
+                f"be made on {onto[:12]}); nothing was merged"
+            )
         repo.git.checkout("--detach", tgt.name)
         try:
             repo.git.merge("--no-ff", "-m", message, src.name, env=_AS_TWINCD)
@@ -480,10 +490,77 @@ def merge_branch(
                 f"{redact_url(repo_url)}: {source} does not merge cleanly into {target}: "
                 f"{_scrub(str(e.stdout or '')).strip()[:300]}"
             ) from None
-        _push(repo, target)
+        _push(repo, target, replacing=onto)
         return str(repo.head.commit.hexsha)
 
     return _in_fresh_clone(repo_url, body, auth, mirror, ())  # a merge needs no files checked out
+
+
+def catch_up_branch(
+    *,
+    repo_url: str,
+    target: str,
+    branch: ReleaseBranch,
+    auth: GitAuth = NO_AUTH,
+    mirror: Mirror | None = None,
+) -> CaughtUp:
+    """Bring ``branch`` up to ``target``'s head: merge the target into it (GitLab's "update branch")
+    so that its head is exactly what merging it would land, and push it.
+
+    Nothing changes when the branch already holds the target's head. The branch must be where it
+    was validated (``branch.head``), or ahead of it only by twincd's own catch-ups: anyone else's
+    push to it is refused, as GitLab's ``sha`` guard refuses it. A conflict is permanent.
+    """
+
+    def body(repo: git.Repo) -> CaughtUp:
+        tgt, src = _branches(repo, repo_url, target, branch.branch)
+        if src is None:
+            raise GitRefNotFound(f"{redact_url(repo_url)}: branch {branch.branch!r} does not exist")
+        own = _own_catch_ups(repo, branch.head, src.commit.hexsha)
+        if own is None:
+            raise PermanentError(
+                f"{redact_url(repo_url)}: {branch.branch} moved to {src.commit.hexsha[:12]} since it was "
+                f"validated at {branch.head[:12]}, by someone else; nothing was merged. Re-run the release"
+            )
+        current = replace(branch, head=src.commit.hexsha) if own else branch
+        if repo.is_ancestor(tgt.commit, src.commit):
+            return CaughtUp(current)
+        log = repo.git.log("--abbrev=12", "--format=%h %s (%an)", f"{src.commit.hexsha}..{tgt.commit.hexsha}")
+        paths = repo.git.diff("--name-only", f"{src.commit.hexsha}...{tgt.commit.hexsha}")
+        repo.git.checkout("--detach", src.commit.hexsha)
+        try:
+            repo.git.merge(
+                "--no-ff",
+                "-m",
+                f"Merge branch '{target}' into {branch.branch}",
+                tgt.commit.hexsha,
+                env=_AS_TWINCD,
+            )
+        except git.GitCommandError as e:
+            raise PermanentError(
+                f"{redact_url(repo_url)}: {target} (now {tgt.commit.hexsha[:12]}) conflicts with "
+                f"{branch.branch}: {_scrub(str(e.stdout or '')).strip()[:300]}; nothing was merged. "
+                f"Re-run the release: it rebuilds the branch on {target}"
+            ) from None
+        _push(repo, branch.branch, replacing=src.commit.hexsha)
+        head, base = repo.head.commit.hexsha, tgt.commit.hexsha
+        caught = replace(current, head=head, base=base, committed=True, diff=_diff(repo, base, head))
+        return CaughtUp(caught, tuple(str(log).splitlines()), tuple(str(paths).splitlines()))
+
+    return _in_fresh_clone(repo_url, body, auth, mirror, ())  # a merge needs no files checked out
+
+
+def _own_catch_ups(repo: git.Repo, validated: str, head: str) -> bool | None:
+    """False: ``head`` is ``validated``; True: ahead of it only by twincd's catch-up merges (an earlier
+    attempt's); None: anything else (someone else pushed)."""
+    if head == validated:
+        return False
+    commit = repo.commit(head)
+    while commit.hexsha != validated:
+        if len(commit.parents) != 2 or commit.author.email != AUTHOR.email:
+            return None
+        commit = commit.parents[0]
+    return True
 
 
 def merged_into(
@@ -702,6 +779,11 @@ class GitManifests:
             merge_commits=list(merge_commits),
             auth=self._auth,
             mirror=self._mirror,
+        )
+
+    def catch_up(self, branch: ReleaseBranch) -> CaughtUp:
+        return catch_up_branch(
+            repo_url=self._url, target=self._branch, branch=branch, auth=self._auth, mirror=self._mirror
         )
 
     def merged_into(self, source: str) -> str | None:

@@ -287,8 +287,16 @@ class GitlabForge:
             needs=_WRITE_MR,
         )
 
-    def merge(self, mr: MergeRequest, *, approved_by: str, settle_timeout: float = 30) -> MergeRequest:
+    def merge(
+        self, mr: MergeRequest, *, approved_by: str, onto: str | None = None, settle_timeout: float = 30
+    ) -> MergeRequest:
         """Merge through the API at ``mr.sha`` (the validated head); an already merged MR is returned.
+
+        ``onto`` is not sent: GitLab's merge API guards the source only (``sha``, gitlab-foss#14139),
+        never the target. twincd brings the branch up to the target before validating it, so a
+        merge commit made now holds the validated tree; a push to the target in the seconds between
+        is merged unvalidated unless the project's merge method is ``ff`` or ``rebase_merge``, where
+        GitLab itself refuses a source that is not up to date (merge status ``need_rebase``).
 
         Waits while GitLab checks mergeability; sets auto-merge when a required pipeline is still
         running and waits for GitLab's merge; raises MergeBlocked (permanent, nothing merged) for
