@@ -30,7 +30,7 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
-from flows.landing import Change, Refused, Story, land_approved
+from flows.landing import Change, Refused, Story, failure_text, land_approved
 from flows.turns import one_at_a_time
 from tasks.common import untraced
 from tasks.deploy import (
@@ -46,7 +46,7 @@ from tasks.deploy import (
     verify_rollout,
 )
 from twincd.config import DEFAULT_ENV, Environment, load_environment
-from twincd.domain import Phase, PushedImage, Release, ReleaseBranch, RolloutVerdict, Timeline
+from twincd.domain import MergeRequest, Phase, PushedImage, Release, ReleaseBranch, RolloutVerdict, Timeline
 from twincd.errors import PermanentError, TwincdError
 from twincd.release import pull_ref
 
@@ -91,9 +91,7 @@ def deploy(
     except Refused as e:
         return Cancelled(message=str(e))
     except Exception as e:
-        # Only our own errors' text goes to chat: an SDK's may carry request details.
-        why = str(e) if isinstance(e, TwincdError) else f"unexpected {type(e).__name__} (see the run's logs)"
-        story.add("result", "failed", why, tell=True)
+        story.add("result", "failed", failure_text(e, "deploy"), tell=True)
         raise
 
 
@@ -119,6 +117,7 @@ def _deploy(
     stages = environment.rollout_stages()
     digests = {c: pull_ref(environment, release.app, c, pushed).digest for c in environment.clusters}
     merges: list[str] = []
+    merged: list[str] = []  # what reached the target, as people read it: "!3 (https://…) as 1a2b3c4d5e6f"
     verdicts: list[RolloutVerdict] = []
     approver: str | None = None
     for number, clusters in enumerate(stages, 1):
@@ -156,6 +155,7 @@ def _deploy(
         landed = land_approved(stage, environment, branch, change, story, verify)
         if landed.mr is not None:
             merges.append(landed.revision)
+            merged.append(f"{landed.mr.ref} ({landed.mr.web_url}) as {landed.revision[:12]}")
             approver = landed.approver
         stage_verdicts = landed.verdicts
         if (
@@ -189,7 +189,7 @@ def _deploy(
             verdicts.extend(
                 RolloutVerdict(c, Phase.FAILED, "not rolled out: an earlier stage failed") for c in skipped
             )
-            _fail(environment, release, story, tuple(verdicts), merges, auto_approve)
+            _fail(environment, release, story, tuple(verdicts), merges, merged, auto_approve)
     story.add(
         "result",
         "ok",
@@ -268,56 +268,95 @@ def _fail(
     story: Story,
     verdicts: tuple[RolloutVerdict, ...],
     merges: list[str],
+    merged: list[str],
     auto_approve: bool,
 ) -> None:
+    """Fail the release with the whole truth: every cluster's result, what was merged, what was
+    reverted or not (with the revert MR), and what to do next."""
+    target = environment.manifests.branch
     failed = [v for v in verdicts if v.phase is not Phase.SUCCEEDED]
-    summary = (
+    lines = [
         "rollout failed on "
         + "; ".join(f"{v.cluster}: {v.message}" for v in failed)
         + "; verified on "
-        + (", ".join(v.cluster for v in verdicts if v not in failed) or "none")
-    )
-    if merges and environment.rollout.revert.on_failure:
-        summary += _revert(environment, release, story, merges, auto_approve)
-    raise RolloutFailed(summary)
+        + (", ".join(v.cluster for v in verdicts if v not in failed) or "none"),
+        f"merged into {target}: " + ("; ".join(merged) or "nothing"),
+    ]
+    if not merges:
+        lines.append(f"next: nothing to revert; fix the cause and re-run the deploy of {release.tag}")
+    elif environment.rollout.revert.on_failure:
+        lines.extend(_revert(environment, release, story, merges, auto_approve))
+    else:
+        lines.append(
+            f"not reverted (rollout.revert.on_failure is off): {target} still pins {release.tag}. "
+            f"Next: revert with `git revert -m 1 {' '.join(m[:12] for m in merges[::-1])}` or release a fix"
+        )
+    raise RolloutFailed("\n".join(lines))
 
 
 def _revert(
     environment: Environment, release: Release, story: Story, merges: list[str], auto_approve: bool
-) -> str:
-    """Open the revert MR; when configured, merge it (after approval) and verify the rollback."""
-    branch = revert_branch(untraced(environment), f"{release.branch}-revert", merges[::-1])
-    change = Change(
-        kind="revert",
-        step="revert",
-        title=f"Revert {release.app} {release.tag}",
-        description=f"Rollback of {release.app} {release.tag}: reverts "
-        f"{', '.join(m[:12] for m in merges)}.\n\n```diff\n{branch.diff}```\n",
-        auto_approve=auto_approve,
-        wait=environment.rollout.revert.wait,
-    )
+) -> list[str]:
+    """Open the revert MR; when configured, merge it (after approval) and verify the rollback.
 
-    def verify(revision: str, after: Sequence[object]) -> tuple[RolloutVerdict, ...]:
-        digests = read_pins(
-            untraced(environment), release.app, revision, wait_for=list(after), return_state=False
-        )
-        clusters = tuple(environment.clusters)
-        return _verify(environment, release, clusters, revision, digests, story, "verify-rollback", [digests])
-
+    What happened, as lines of the failure's message: a failing revert is told there, never in
+    place of the rollout failure it was made for.
+    """
+    target = environment.manifests.branch
+    by_hand = f"revert by hand: `git revert -m 1 {' '.join(m[:12] for m in merges[::-1])}` on {target}"
+    opened: list[MergeRequest] = []
     try:
+        branch = revert_branch(untraced(environment), f"{release.branch}-revert", merges[::-1])
+        change = Change(
+            kind="revert",
+            step="revert",
+            title=f"Revert {release.app} {release.tag}",
+            description=f"Rollback of {release.app} {release.tag}: reverts "
+            f"{', '.join(m[:12] for m in merges)}.\n\n```diff\n{branch.diff}```\n",
+            auto_approve=auto_approve,
+            wait=environment.rollout.revert.wait,
+            on_open=opened.append,
+        )
+
+        def verify(revision: str, after: Sequence[object]) -> tuple[RolloutVerdict, ...]:
+            digests = read_pins(
+                untraced(environment), release.app, revision, wait_for=list(after), return_state=False
+            )
+            clusters = tuple(environment.clusters)
+            return _verify(
+                environment, release, clusters, revision, digests, story, "verify-rollback", [digests]
+            )
+
         landed = land_approved("revert", environment, branch, change, story, verify)
     except Refused as e:
-        return f"; the revert was refused: {e}"
+        return [f"the revert was refused: {e}", f"next: {target} still pins {release.tag}; release a fix"]
+    except Exception as e:  # noqa: BLE001 - the revert's failure is told beside the rollout's, not instead
+        where = (
+            f"revert MR {opened[-1].ref} ({opened[-1].web_url}) is open"
+            if opened
+            else "no revert MR was opened"
+        )
+        story.add("revert", "failed", f"the revert failed: {failure_text(e, 'deploy')}; {where}", tell=True)
+        return [
+            f"the revert FAILED: {failure_text(e, 'deploy')}",
+            f"{where}; {target} still pins {release.tag}. Next: "
+            + (f"merge {opened[-1].ref} by hand" if opened else by_hand),
+        ]
+    mr = landed.mr
+    ref = f"{mr.ref} ({mr.web_url})" if mr else "(none)"
     if not landed.merged:
-        ref = landed.mr.ref if landed.mr else "(none)"
-        return f"; revert MR {ref} opened ({branch.branch})"
-    ref = landed.mr.ref if landed.mr else "(none)"
+        return [f"revert MR {ref} opened, not merged", f"next: merge {ref} to roll back, or release a fix"]
     failed = [v for v in landed.verdicts if v.phase is not Phase.SUCCEEDED]
-    return f"; reverted by {ref} ({landed.revision[:12]}), rollback " + (
-        "NOT verified: " + "; ".join(f"{v.cluster}: {v.message}" for v in failed)
-        if failed
-        else "verified on every cluster"
-    )
+    if failed:
+        return [
+            f"reverted by {ref} as {landed.revision[:12]}; rollback NOT verified: "
+            + "; ".join(f"{v.cluster}: {v.message}" for v in failed),
+            "next: look at those clusters; the manifests are back at the previous release",
+        ]
+    return [
+        f"reverted by {ref} as {landed.revision[:12]}; rollback verified on every cluster",
+        f"next: fix {release.app} and release a new tag",
+    ]
 
 
 def _mr_title(

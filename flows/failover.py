@@ -21,7 +21,7 @@ from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
-from flows.landing import Change, Story, ask_approval, deadline, land_subflow
+from flows.landing import Change, Story, ask_approval, deadline, failure_text, land_subflow
 from flows.turns import one_at_a_time
 from tasks.common import untraced
 from tasks.failover import (
@@ -39,7 +39,7 @@ from tasks.failover import (
 )
 from twincd.config import DEFAULT_ENV, Environment, load_environment
 from twincd.domain import MergeRequest, Phase, Role, RolloutVerdict, Timeline, Waiting
-from twincd.errors import PermanentError, TwincdError
+from twincd.errors import PermanentError
 from twincd.failover import (
     FailoverPlan,
     Health,
@@ -188,9 +188,7 @@ def _failover(
         done = _execute(environment, plan, run_id, reason, approver, health_url, story, changes)
     except Exception as e:  # whatever failed, what was changed is put back
         undone = _undo(environment, plan, run_id, reason, story, changes)
-        # Only our own errors' text goes to chat: an SDK's may carry request details.
-        why = str(e) if isinstance(e, TwincdError) else f"unexpected {type(e).__name__} (see the run's logs)"
-        text = f"failover to {target.label} failed: {why}. Undone: " + (
+        text = f"failover to {target.label} failed: {failure_text(e, 'failover')}. Undone: " + (
             "; ".join(undone) or "nothing had changed"
         )
         story.add("result", "failed", text, tell=True)
@@ -320,8 +318,8 @@ def _undo(
                 undone.append(_undo_dns(environment, change))
             else:
                 undone += _undo_switch(environment, plan, run_id, reason, story, change)
-        except TwincdError as e:
-            undone.append(f"could not undo {type(change).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - one failed undo must not hide the failure or the other undos
+            undone.append(f"could not undo {type(change).__name__}: {failure_text(e, 'failover')}")
     return undone
 
 

@@ -21,13 +21,15 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
+import httpx
 from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
-from prefect.exceptions import FlowPauseTimeout
+from prefect.exceptions import FlowPauseTimeout, PrefectHTTPStatusError
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL
 
 from tasks.common import untraced
 from tasks.deploy import (
@@ -44,7 +46,7 @@ from twincd import wiring
 from twincd.adapters import waits
 from twincd.config import Environment, GitlabForge
 from twincd.domain import CaughtUp, Event, MergeRequest, ReleaseBranch, RolloutVerdict, Timeline, Waiting
-from twincd.errors import PermanentError, TargetMoved, TransientError
+from twincd.errors import PermanentError, TargetMoved, TransientError, TwincdError
 
 
 class Approval(RunInput):
@@ -99,7 +101,27 @@ class Story:
             self.tell(after=after)
 
     def tell(self, *, after: Sequence[object] = ()) -> None:
-        notify(untraced(self.environment), untraced(self.timeline), wait_for=list(after))
+        try:
+            notify(untraced(self.environment), untraced(self.timeline), wait_for=list(after))
+        except Exception as e:  # noqa: BLE001 - telling must never replace what it tells of
+            get_run_logger().warning("could not tell the team (%s); the run goes on", failure_text(e, "run"))
+
+
+def failure_text(e: BaseException, rerun: str) -> str:
+    """A failure as people read it: what failed, naming the system, and whether re-running ``rerun``
+    (the deploy, the failover) completes it. Only twincd's own messages are quoted: an SDK's text
+    may carry request details."""
+    if isinstance(e, TransientError):
+        return f"{e} (transient: re-running the {rerun} completes it; the steps already done are kept)"
+    if isinstance(e, TwincdError):
+        return str(e)
+    if isinstance(e, httpx.HTTPError | PrefectHTTPStatusError):
+        # Every adapter maps its own HTTP errors; a bare one is the Prefect client's.
+        return (
+            f"the Prefect API at {PREFECT_API_URL.value() or '(ephemeral)'} failed ({type(e).__name__}); "
+            f"re-run the {rerun} once it answers: the steps already done are kept"
+        )
+    return f"unexpected {type(e).__name__} (see the run's logs)"
 
 
 def approval_key(name: str) -> str:
@@ -475,13 +497,17 @@ def await_person(
         )
         story.add("merge", "cancelled", message, tell=True)
         raise Refused(message)
-    closed = close_merge_request(untraced(environment), mr, f"refused by {who}: {answer.comment}")
     message = (
         f"{mr.ref} {'not approved in time' if answer.timed_out else 'refused by ' + who}"
         f"{': ' + answer.comment if answer.comment else ''}; nothing reached "
         f"{target}; branch {branch.branch} kept for inspection"
     )
-    story.add("merge", "cancelled", message, actor=who, tell=True, after=[closed])
+    after: list[object] = []
+    try:
+        after.append(close_merge_request(untraced(environment), mr, f"refused by {who}: {answer.comment}"))
+    except Exception as e:  # noqa: BLE001 - a close that fails must not hide the refusal
+        message += f"; closing {mr.ref} ({mr.web_url}) failed: {failure_text(e, 'deploy')}: close it by hand"
+    story.add("merge", "cancelled", message, actor=who, tell=True, after=after)
     raise Refused(message)
 
 

@@ -298,6 +298,30 @@ def test_a_failed_apply_fails_its_cluster_only_and_the_release_is_reverted(stack
     assert main_file(env, "overlays/aks/hello/kustomization.yaml") == before  # the revert landed
 
 
+def test_a_failed_revert_is_told_beside_the_failed_rollout(stack_env: Environment) -> None:
+    """Issue 16.2: when the revert fails too, the message still gives every cluster's result, what
+    was merged, that nothing was reverted, and how to revert by hand."""
+    clusters = {name: c.model_dump(exclude_none=True) for name, c in stack_env.clusters.items()}
+    clusters["eks"] = {**clusters["eks"], "sync": "apply", "context": "sandbox-nowhere"}
+    clusters["eks"].pop("argocd", None)
+    env = _variant(stack_env, "apply", clusters=clusters)
+    repo = local_repo_path(env, env.manifests.repo)
+    # A branch named like a directory of the revert branch: git cannot create the revert branch
+    # ("refs/heads/…-revert/held' exists; cannot create 'refs/heads/…-revert'"), so the revert fails.
+    main = main_head(env)
+    subprocess.run(["git", "-C", str(repo), "branch", "twincd/hello/v3.2.0-revert/held", main], check=True)
+    release_app(env, "v3.2.0", page="<h1>hello 3.2.0</h1>\n")
+    result = twincd(env, "deploy", "hello", "v3.2.0", "--auto-approve")
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "rollout failed on eks: apply failed:" in out and "verified on aks" in out, out
+    merged = main_head(env)
+    assert "merged into main: !" in out and f"as {merged[:12]}" in out, out  # the release stays on main
+    assert "the revert FAILED: git push" in out and "no revert MR was opened" in out, out
+    assert f"revert by hand: `git revert -m 1 {merged[:12]}` on main" in out, out
+    assert registry_digest(env, "v3.2.0") in main_file(env, "overlays/aks/hello/kustomization.yaml")
+
+
 @pytest.mark.parametrize(
     ("merge_method", "squash_option", "pipelines", "tag"),
     [("ff", "default_off", False, "v2.0.1"), ("ff", "always", True, "v2.0.2")],
