@@ -31,6 +31,47 @@ def _use_prefect(env: Environment) -> None:
     # flows/ and tasks/ live at the repository root (prefect.yaml entrypoints).
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
+    _await_prefect(os.environ["PREFECT_API_URL"], float(os.environ.get(PREFECT_WAIT, "120")))
+
+
+# How long a command waits for a Prefect API that does not answer before it gives up.
+PREFECT_WAIT = "TWINCD_PREFECT_WAIT"
+
+
+def _await_prefect(api_url: str, seconds: float) -> None:
+    """Wait, with backoff, for the Prefect API to answer its health check (at most ``seconds``).
+
+    Prefect's client retries 429/502/503 and dropped connections with backoff, but a connection
+    refused only once it has connected before (prefect/client/base.py, "Only retry ConnectError
+    after we've successfully connected once"): a command started while the server restarts would
+    fail at once. Once this returns the client has a server to connect to, and its own retries
+    (PREFECT_CLIENT_MAX_RETRIES, see stack.prefect_env) carry the command through the next outage.
+    Gives up silently: the command's first call then fails with its one-line message.
+    """
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    delay, said = 0.5, False
+    while True:
+        try:
+            answer = httpx.get(f"{api_url.rstrip('/')}/health", timeout=5)
+            if answer.status_code < 500:
+                return
+            why = f"HTTP {answer.status_code}"
+        except httpx.HTTPError as e:
+            why = type(e).__name__
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        if not said:
+            print(
+                f"twincd: the Prefect API at {api_url} does not answer ({why}); trying again for up to "
+                f"{seconds:.0f} s (--prefect-wait; `twincd up` starts the local stack)",
+                file=sys.stderr,
+            )
+            said = True
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 15)
 
 
 def _ui_url(env: Environment, flow_run_id: Any) -> str:
@@ -390,6 +431,13 @@ def cmd_webhook(env: Environment, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twincd", description=__doc__)
     parser.add_argument("--env", default=None, help="environment file (default: deployments/local.yaml)")
+    parser.add_argument(
+        "--prefect-wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"how long to wait for a Prefect API that does not answer (default 120; or ${PREFECT_WAIT})",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser(
         "up", help="start the local stack (Prefect, registry, build API, git repos, sandbox clusters)"
@@ -433,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fail-on-drift", action="store_true", help="end the run failed when drift is found")
     sub.add_parser("webhook", help="serve the GitLab Tag Push Hook endpoint that starts deploy runs")
     args = parser.parse_args(argv)
+    if args.prefect_wait is not None:
+        os.environ[PREFECT_WAIT] = str(args.prefect_wait)
     env: Environment | None = None
     try:
         env = load_environment(args.env or DEFAULT_ENV)

@@ -7,6 +7,7 @@ the sample app, so every test starts from the state the one before left (as a us
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import (
+    TWINCD,
     approve,
     final_run,
     git_refs,
@@ -457,3 +459,32 @@ def test_main_broken_while_a_release_waits_is_not_merged_onto(stack_env: Environ
         assert records and json.loads(records[0].read_text())["state"] == "opened"  # to merge once fixed
     finally:
         _commit_files(env, dict.fromkeys(_BILLING), "remove billing")
+
+
+def test_a_prefect_server_restarted_during_a_wait_loses_nothing(stack_env: Environment) -> None:
+    """Issue 16.3/16.8: the Prefect server goes away while a release waits, and `twincd approve`
+    is given while it is down: the CLI waits for it, and the release completes once it is back."""
+    env = stack_env
+    release_app(env, "v1.7.0", page="<h1>hello 1.7.0</h1>\n")
+    started = twincd(env, "deploy", "hello", "v1.7.0")
+    assert started.returncode == 0 and "Suspended" in started.stdout, started.stdout + started.stderr
+    run_id = run_id_of(started.stdout)
+    assert procs.stop_daemon(stack.PREFECT, state_dir=env.state_path)
+    approving = subprocess.Popen(
+        [*TWINCD, "--env", env.source, "approve", "hello", "v1.7.0", "--approver", "carol"],
+        env={**os.environ, "PREFECT_API_URL": env.prefect.api_url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(8)  # an outage the CLI rides out
+        assert approving.poll() is None, approving.communicate()
+    finally:
+        stack.up(env, say=lambda line: None)  # the server (and the runner, if it died) come back
+    out, err = approving.communicate(timeout=300)
+    assert approving.returncode == 0, out + err
+    assert "does not answer (ConnectError); trying again" in err and "Traceback" not in err
+    assert run_id_of(out) == run_id and "Release succeeded" in out
+    assert final_run(env, run_id)["state"]["type"] == "COMPLETED"
+    assert registry_digest(env, "v1.7.0") in main_file(env, "overlays/eks/hello/kustomization.yaml")

@@ -37,8 +37,9 @@ def _approve(tmp_path: Path, api_url: str) -> subprocess.CompletedProcess[str]:
     data["state_dir"] = str(tmp_path / "state")
     env_file = tmp_path / "env.yaml"
     env_file.write_text(yaml.safe_dump(data))
-    # One retry instead of Prefect's five (2+4+8+16+32 s of backoff): a Prefect setting.
-    environ = {**os.environ, "PREFECT_CLIENT_MAX_RETRIES": "1"}
+    # One retry instead of twincd's seven (2+4+8+... s of backoff): a Prefect setting; and 3 s
+    # instead of 120 of waiting for an API that does not answer at all.
+    environ = {**os.environ, "PREFECT_CLIENT_MAX_RETRIES": "1", "TWINCD_PREFECT_WAIT": "3"}
     return subprocess.run(
         [sys.executable, "-m", "twincd.cli", "--env", str(env_file), "approve", "hello", "v1.0.0"],
         capture_output=True,
@@ -54,7 +55,12 @@ def test_a_prefect_api_that_is_down_is_named_in_one_line(tmp_path: Path) -> None
     done = _approve(tmp_path, url)
     assert done.returncode == 3
     assert "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1] == (
+    lines = done.stderr.strip().splitlines()
+    assert lines[0] == (  # waited with backoff first (a server restarting comes back in seconds)
+        f"twincd: the Prefect API at {url} does not answer (ConnectError); trying again for up to 3 s "
+        "(--prefect-wait; `twincd up` starts the local stack)"
+    )
+    assert lines[-1] == (
         f"twincd: cannot reach the Prefect API at {url} (ConnectError): start it (`twincd up` for "
         "the local stack) or check prefect.api_url in the environment file"
     )

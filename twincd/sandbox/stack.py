@@ -98,6 +98,10 @@ def prefect_env(env: Environment) -> dict[str, str]:
         "PREFECT_API_URL": env.prefect.api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_API_URL": env.prefect.api_url,
+        # Prefect's client retries an unanswered or 502/503 request this many times, waiting 2, 4,
+        # 8... s (prefect/client/base.py): 7 rides out about 4 minutes of a Prefect API outage
+        # (default 5: about 1 minute). A value the user set is kept.
+        "PREFECT_CLIENT_MAX_RETRIES": os.environ.get("PREFECT_CLIENT_MAX_RETRIES", "7"),
     }
 
 
