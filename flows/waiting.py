@@ -8,6 +8,9 @@ forge for every waiting run's MR and resumes the run when the MR was merged or c
 its deadline passed; and a run queued behind an earlier change of its app (flows/turns.py) whose
 run ahead ended without resuming it (its process was killed). The resumed run reads the MR, or
 looks for its turn, itself again: this flow decides nothing.
+
+It also marks Crashed the runs whose process died: no heartbeat for three beats
+(``waits.crash_the_dead``); a run queued behind one gets its turn in the same sweep.
 """
 
 from __future__ import annotations
@@ -33,6 +36,14 @@ async def watch_waits() -> list[str]:
     environments: dict[str, Environment | None] = {}
     done: list[str] = []
     async with get_client() as client:
+        # First the runs whose process died, so that the runs queued behind them get their turn below.
+        silent = waits.silent_seconds()
+        if silent is None:
+            get_run_logger().warning("flow run heartbeats are off: runs whose process died cannot be found")
+        else:
+            for crashed in await waits.crash_the_dead(client, silent):
+                print(crashed)
+                done.append(crashed)
         for run in await waits.waiting_runs(client):
             waiting = run.waiting
             if waiting.env not in environments:

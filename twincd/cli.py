@@ -293,12 +293,62 @@ def _resume(env: Environment, name: str, run_input: dict[str, Any], run_id: str 
             file=sys.stderr,
         )
         return 2
+    refused = _cannot_answer(env, runs[0])
+    if refused:
+        print(refused, file=sys.stderr)
+        return 2
     resumed_at = datetime.now(UTC)
     resume_flow_run(runs[0].id, run_input=run_input)
     print(f"{'approved' if run_input['approved'] else 'refused'} {name}: {_ui_url(env, runs[0].id)}")
     if runs[0].state_name == "Paused":
         return 0  # a run paused in its own process goes on there; only a suspended one is taken up anew
     return _follow(env, runs[0].id, since=resumed_at)
+
+
+def _cannot_answer(env: Environment, run: Any) -> str:
+    """Why ``run`` cannot take a person's answer ("" when it can): its process died while it was
+    paused in it, or its MR was already merged or closed on the forge (the forge decided)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from twincd import wiring
+
+    async def check() -> str:
+        async with get_client() as client:
+            silent = waits.silent_seconds()
+            if (
+                run.state_name == "Paused"
+                and silent is not None
+                and await waits.last_sign_of_life(client, run, silent) is None
+            ):
+                return (
+                    f"{run.name} was paused in a process that died (no heartbeat for {silent:.0f} s): it "
+                    "cannot go on. `twincd watch-waits` marks it Crashed; re-run it (the steps already done "
+                    "are kept)"
+                )
+            try:
+                text = await client.read_flow_run_input(
+                    run.id, waits.PREFIX + (run.state.state_details.pause_key or "")
+                )
+            except ObjectNotFound:
+                return ""
+        mr = waits.from_json(text).mr
+        if mr is None:
+            return ""
+        with wiring.forge(env) as forge:
+            now = forge.get(mr)
+        if now.state in ("merged", "closed"):
+            by = f" by {now.merged_by}" if now.merged_by else ""
+            return (
+                f"{run.name}: {now.ref} ({now.web_url}) is already {now.state}{by} on {forge.name}: there is "
+                "nothing to approve. The run reads it when it is resumed (the Merge Request Hook, or "
+                "`twincd watch-waits` now)"
+            )
+        return ""
+
+    return asyncio.run(check())
 
 
 def cmd_approve(env: Environment, args: argparse.Namespace) -> int:

@@ -21,11 +21,13 @@ from tests.e2e.conftest import (
     TWINCD,
     approve,
     final_run,
+    flow_run,
     git_refs,
     registry_headers,
     release_app,
     run_id_of,
     twincd,
+    wait_for,
 )
 from twincd.config import Environment
 from twincd.sandbox import procs, stack
@@ -488,3 +490,80 @@ def test_a_prefect_server_restarted_during_a_wait_loses_nothing(stack_env: Envir
     assert run_id_of(out) == run_id and "Release succeeded" in out
     assert final_run(env, run_id)["state"]["type"] == "COMPLETED"
     assert registry_digest(env, "v1.7.0") in main_file(env, "overlays/eks/hello/kustomization.yaml")
+
+
+def _task_state(env: Environment, flow_run_id: str, name: str) -> str:
+    import httpx
+
+    body = {"task_runs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}
+    runs = httpx.post(f"{env.prefect.api_url}/task_runs/filter", json=body, timeout=30).json()
+    return next((r["state"]["type"] for r in runs if r["name"] == name), "")
+
+
+def test_a_run_killed_during_verification_is_marked_crashed_and_a_rerun_completes(
+    stack_env: Environment,
+) -> None:
+    """Issue 16.4/16.8: the flow run's process is killed while it verifies; watch-waits marks it
+    Crashed from its missing heartbeats (not Running forever), and a re-run completes the release
+    without a second image, commit or MR."""
+    import signal
+
+    env = stack_env
+    release_app(env, "v1.8.0", page="<h1>hello 1.8.0</h1>\n")
+    started = twincd(env, "deploy", "hello", "v1.8.0")
+    assert started.returncode == 0 and "Suspended" in started.stdout, started.stdout + started.stderr
+    run_id = run_id_of(started.stdout)
+    eks = procs.daemon_status(cluster_name_of("eks"), state_dir=env.state_path)
+    assert eks is not None
+    os.kill(eks, signal.SIGSTOP)  # eks answers nothing: the verification of eks goes on and on
+    # `approve` resumes the run and follows it (a run that will never end: stopped below).
+    following = subprocess.Popen(
+        [*TWINCD, "--env", env.source, "approve", "hello", "v1.8.0", "--approver", "dave"],
+        env={**os.environ, "PREFECT_API_URL": env.prefect.api_url},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(
+            lambda: _task_state(env, run_id, "verify-eks") == "RUNNING", "verify-eks running", timeout=180
+        )
+        # The machine is lost: the runner and the run's process die together (a runner that
+        # outlives its run's process marks the run Crashed itself).
+        runner = procs.daemon_status(stack.RUNNER, state_dir=env.state_path)
+        assert runner is not None
+        for pid in [runner, *flow_run_processes(run_id)]:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        os.kill(eks, signal.SIGCONT)
+        following.kill()
+        following.wait()
+    wait_for(lambda: flow_run_processes(run_id) == [], "the flow run's process gone", timeout=30)
+    stack.up(env, say=lambda line: None)  # another runner takes over
+    assert flow_run(env, run_id)["state"]["type"] == "RUNNING"  # a zombie, until found
+    time.sleep(95)  # three missed heartbeats (30 s each on the local stack)
+    swept = twincd(env, "watch-waits")
+    assert swept.returncode == 0 and "no heartbeat from its process" in swept.stdout + swept.stderr, (
+        swept.stdout + swept.stderr
+    )
+    run = flow_run(env, run_id)
+    assert run["state"]["type"] == "CRASHED" and "the process died" in run["state"]["message"], run["state"]
+    assert twincd(env, "approve", "hello", "v1.8.0").returncode == 2  # nothing waits any more
+
+    repo = local_repo_path(env, env.manifests.repo)
+    merges_before = _merges_of(repo, "twincd/hello/v1.8.0")
+    again = twincd(env, "deploy", "hello", "v1.8.0", "--auto-approve")
+    out = again.stdout + again.stderr
+    assert again.returncode == 0 and "Release succeeded" in out, out
+    assert "already in the registry" in out  # no second image
+    assert _merges_of(repo, "twincd/hello/v1.8.0") == merges_before == 1  # no second merge
+    assert registry_digest(env, "v1.8.0") in main_file(env, "overlays/eks/hello/kustomization.yaml")
+
+
+def _merges_of(repo: Path, branch: str) -> int:
+    out = subprocess.run(
+        ["git", "-C", str(repo), "log", "--merges", "--format=%s", "main"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sum(f"Merge branch '{branch}'" in line for line in out.splitlines())

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
@@ -180,3 +180,91 @@ async def resume(client: PrefectClient, run_id: UUID, run_input: dict[str, Any])
     if result.state is not None and result.state.type == StateType.FAILED:
         return f"{run.name} waited past its timeout and can no longer resume"
     return f"{run.name} cannot be resumed: {getattr(result.details, 'reason', None) or 'refused'}"
+
+
+# A run's process sends a heartbeat event every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (Prefect
+# >= 3.1.8; 180 by default in 3.9, at least 30; prefect/flow_engine.py `_send_heartbeats`). A run
+# that sent none for this many beats lost its process (killed, OOM, node gone): it would stay
+# Running forever (and hold its app's turn, flows/turns.py).
+MISSED_BEATS = 3
+
+
+# The top-level flows of twincd (prefect.yaml): only their runs are judged by their heartbeats.
+FLOWS = ("deploy", "failover", "drift-check", "watch-waits")
+
+
+def silent_seconds() -> float | None:
+    """How long a run may send no heartbeat before it counts as dead (this process's setting);
+    None when heartbeats are off (then no run can be judged by them)."""
+    from prefect.settings import get_current_settings
+
+    frequency = get_current_settings().flows.heartbeat_frequency
+    return None if frequency is None else MISSED_BEATS * float(frequency)
+
+
+async def last_sign_of_life(client: PrefectClient, run: FlowRun, seconds: float) -> datetime | None:
+    """The last heartbeat (or state change) of ``run`` in the last ``seconds``; None: none at all."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+    now = datetime.now(UTC)
+    since = now - timedelta(seconds=seconds)
+    if run.state is not None and run.state.timestamp is not None and run.state.timestamp >= since:
+        return run.state.timestamp
+    page = await client.read_events(
+        filter=EventFilter(
+            occurred=EventOccurredFilter.model_validate({"since": since, "until": now}),
+            event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+            resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"]),
+        ),
+        limit=1,
+    )
+    return page.events[0].occurred if page.events else None
+
+
+async def crash_the_dead(client: PrefectClient, seconds: float) -> list[str]:
+    """Mark Crashed every running (or in-process paused) run of twincd's flows silent for ``seconds``.
+
+    This is the check of Prefect's "detect zombie flows" guide (docs.prefect.io/v3/advanced/
+    detect-zombie-flows), made here rather than as the guide's proactive automation: that one also
+    fires on a run that *suspends* when its last heartbeat races the suspension, and would crash a
+    release waiting days for its approval. A suspended run has no process by design and is never
+    touched; the server refuses the change when the run moved on meanwhile (no ``force``).
+    """
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterParentTaskRunId,
+        FlowRunFilterState,
+        FlowRunFilterStateName,
+    )
+    from prefect.client.schemas.responses import SetStateStatus
+    from prefect.states import Crashed
+
+    runs: list[FlowRun] = []
+    while True:
+        page = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(name=FlowRunFilterStateName(any_=["Running", "Paused"])),
+                parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True),
+            ),
+            flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOWS))),
+            offset=len(runs),
+            limit=PAGE,
+        )
+        runs.extend(page)
+        if len(page) < PAGE:
+            break
+    crashed = []
+    for run in runs:
+        if await last_sign_of_life(client, run, seconds) is not None:
+            continue
+        message = (
+            f"no heartbeat from its process for {seconds:.0f} s: the process died (killed, out of memory, "
+            "its machine gone). Marked Crashed by twincd watch-waits; re-run it: the steps already done "
+            "are kept"
+        )
+        result = await client.set_flow_run_state(run.id, Crashed(message=message))  # type: ignore[var-annotated]
+        if result.status == SetStateStatus.ACCEPT:
+            crashed.append(f"{run.name}: {message}")
+    return crashed

@@ -102,6 +102,9 @@ def prefect_env(env: Environment) -> dict[str, str]:
         # 8... s (prefect/client/base.py): 7 rides out about 4 minutes of a Prefect API outage
         # (default 5: about 1 minute). A value the user set is kept.
         "PREFECT_CLIENT_MAX_RETRIES": os.environ.get("PREFECT_CLIENT_MAX_RETRIES", "7"),
+        # A flow run's heartbeat every 30 s (Prefect's least; 180 by default): watch-waits marks a
+        # run Crashed after three missed beats (twincd.adapters.waits.crash_the_dead).
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30"),
     }
 
 
