@@ -3,10 +3,12 @@ the sequential rollout that stops before the second cloud and reverts."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -408,3 +410,152 @@ def test_gitlab_approval_rules_stop_an_auto_approved_deploy_clearly(
     assert main_head(env) == before  # nothing merged
     assert fake.mrs[_release_mr(fake, "v2.0.3")].state == "opened"
     assert not [c for c in fake.calls("PUT") if c[1].endswith("/merge")]
+
+
+def _argv_sampler(stop: threading.Event, seen: set[str]) -> None:
+    """Every process's command line while ``stop`` is not set (what `ps` shows to any user)."""
+    while not stop.is_set():
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                seen.add(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue  # the process ended meanwhile
+        time.sleep(0.05)
+
+
+def _prefect_records(env: Environment) -> str:
+    """Every log record, artifact, flow run (parameters, state messages), task run and run input."""
+    api = env.prefect.api_url
+    texts = []
+    for what in ("logs", "artifacts", "flow_runs", "task_runs"):
+        offset = 0
+        while True:
+            page = httpx.post(f"{api}/{what}/filter", json={"limit": 200, "offset": offset}, timeout=30)
+            assert page.status_code == 200, page.text
+            texts.append(page.text)
+            if len(page.json()) < 200:
+                break
+            offset += 200
+    for run in httpx.post(f"{api}/flow_runs/filter", json={"limit": 200}, timeout=30).json():
+        inputs = httpx.post(f"{api}/flow_runs/{run['id']}/input/filter", json={"prefix": ""}, timeout=30)
+        texts.append(inputs.text)
+    return "\n".join(texts)
+
+
+def test_no_known_secret_appears_anywhere(gitlab: tuple[FakeGitlab, Environment]) -> None:
+    """Issue 16.6: a release through GitLab and Slack with every secret known; each is looked for in
+    every log, artifact, state message, run input, chat message, MR, git config, daemon log and in
+    the process list sampled while it ran."""
+    from tests.fakes.slack import start_fake_slack
+    from twincd.sandbox.stack import sandbox_secrets
+
+    fake, gitlab_env = gitlab
+    slack_token = "xoxb-e2e-known-secret-1234567890"
+    running = start_fake_slack(token=slack_token)
+    stop, argv = threading.Event(), set[str]()
+    sampler = threading.Thread(target=_argv_sampler, args=(stop, argv), daemon=True)
+    try:
+        env = _variant(
+            gitlab_env,
+            "secrets",
+            notifier={
+                "type": "slack",
+                "channel": "#deploys",
+                "token": "env:TWINCD_E2E_SLACK",
+                "api_url": running.fake.api_url,
+            },
+        )
+        sandbox = sandbox_secrets(env)
+        secrets = {
+            "GitLab token": TOKEN,
+            "Slack token": slack_token,
+            "webhook secret": HOOK_TOKEN,
+            "git token": sandbox["TWINCD_GIT_TOKEN"],
+            "registry password": sandbox["TWINCD_REGISTRY_PASSWORD"],
+            "TSIG key": sandbox["TWINCD_DNS_TSIG"].rsplit(":", 1)[-1],
+        }
+        release_app(env, "v5.0.0", page="<h1>hello 5.0.0</h1>\n")
+        sampler.start()
+        result = subprocess.run(
+            [*TWINCD, "--env", env.source, "deploy", "hello", "v5.0.0", "--auto-approve"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            env={**os.environ, "PREFECT_API_URL": env.prefect.api_url, "TWINCD_E2E_SLACK": slack_token},
+        )
+        stop.set()
+        sampler.join()
+        assert result.returncode == 0, result.stdout + result.stderr
+        chat = [c.text + json.dumps(c.blocks) for c in running.fake.calls]
+        assert len(chat) >= 3  # the release was told: there is chat to search
+        mrs = [m.title + m.description + json.dumps(m.notes) for m in fake.mrs.values()]
+        state = env.state_path
+        git_configs = [
+            p.read_text(errors="replace")
+            for p in state.rglob("config")
+            if p.parent.name.endswith(".git") or p.parent.name == ".git"
+        ]
+        git_configs.append(
+            subprocess.run(["git", "config", "--global", "--list"], capture_output=True, text=True).stdout
+        )
+        daemon_logs = [p.read_text(errors="replace") for p in state.rglob("*.log")]
+        places = {
+            "the CLI's output": result.stdout + result.stderr,
+            "Prefect (logs, artifacts, runs, inputs)": _prefect_records(env),
+            "chat": "\n".join(chat),
+            "merge requests": "\n".join(mrs),
+            "git config": "\n".join(git_configs),
+            "daemon logs": "\n".join(daemon_logs),
+            "the process list": "\n".join(argv),
+        }
+        assert len(argv) > 20 and git_configs and daemon_logs
+        hits = [
+            f"{name} in {where}"
+            for name, value in secrets.items()
+            for where, text in places.items()
+            if value in text
+        ]
+        assert all(len(v) >= 16 for v in secrets.values()), secrets.keys()
+        assert hits == [], hits
+    finally:
+        stop.set()
+        running.stop()
+
+
+def test_gitlab_5xx_and_429_bursts_during_open_and_merge(gitlab: tuple[FakeGitlab, Environment]) -> None:
+    """Issue 16.8: GitLab answers bursts of 502, 429 (Retry-After) and 503 while the MR is opened
+    and merged: the release goes through with one MR and one merge."""
+    fake, env = gitlab
+    release_app(env, "v5.1.0", page="<h1>hello 5.1.0</h1>\n")
+    fake.fail_next(502, 2)
+    fake.fail_next(429, 2, retry_after="1")
+    deploying = subprocess.Popen(
+        [*TWINCD, "--env", env.source, "deploy", "hello", "v5.1.0", "--auto-approve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PREFECT_API_URL": env.prefect.api_url},
+    )
+    _release_mr(fake, "v5.1.0")
+    fake.fail_next(503, 3)  # the next burst hits the validation note, the approvals and the merge
+    out, _ = deploying.communicate(timeout=300)
+    assert deploying.returncode == 0 and "Release succeeded" in out, out
+    mrs = [m for m in fake.mrs.values() if m.source_branch == "twincd/hello/v5.1.0"]
+    assert len(mrs) == 1 and mrs[0].state == "merged", [(m.iid, m.state) for m in mrs]
+    merges = subprocess.run(
+        [
+            "git",
+            "-C",
+            str(local_repo_path(env, env.manifests.repo)),
+            "log",
+            "--merges",
+            "--format=%s",
+            "main",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert merges.count("Merge branch 'twincd/hello/v5.1.0'") == 1
+    assert registry_digest(env, "v5.1.0") in main_file(env, "overlays/eks/hello/kustomization.yaml")
