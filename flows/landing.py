@@ -340,6 +340,8 @@ def _validate(
         story.add("validate", "failed", text, url=mr.web_url, tell=True, after=[mr])
         raise ValidationFailed(text)
     if caught is not None:
+        if moved:
+            get_run_logger().info("%s\nthe merge result is valid: merging it", moved)
         story.add(
             "validate",
             "ok",

@@ -152,6 +152,7 @@ class FakeMergeRequest:
     merged_by: str | None = None
     merged_at: str | None = None
     events: list[str] = field(default_factory=list)  # what happened to it, for tests to read
+    refresh_wait: int | None = None  # requests left before a push to its branch is noticed
     # An asynchronous merge in progress: how many more GETs show `pending_state` and no merge commit.
     pending_gets: int = 0
     pending_state: str = "opened"
@@ -220,6 +221,10 @@ class FakeGitlab(ServedFake):
         self.users = {token: DEFAULT_USER, **(users or {})}
         # Project settings and how long GitLab's asynchronous work takes (in GETs of the MR).
         self.check_gets = check_gets
+        # Requests about an MR before a push to its source branch shows in it: GitLab refreshes an
+        # MR after a push in a background job (MergeRequests::RefreshService via Sidekiq), so a
+        # merge with the pushed head right after the push is refused with 409 until then.
+        self.refresh_lag = 0
         self.merge_method = merge_method
         self.squash_option = squash_option
         self.approvals_required = approvals_required
@@ -380,6 +385,11 @@ class FakeGitlab(ServedFake):
         ("POST", re.compile(_MR + "/approve$"), "_approve_mr"),
         ("GET", re.compile(_MR + "/notes$"), "_list_notes"),
         ("POST", re.compile(_MR + "/notes$"), "_create_note"),
+        (
+            "GET",
+            re.compile(r"^/api/v4/projects/(?P<pid>[^/]+)/repository/branches/(?P<branch>[^/]+)$"),
+            "_get_branch",
+        ),
     )
 
     async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -446,6 +456,12 @@ class FakeGitlab(ServedFake):
         head = self._head(mr.source_branch)
         if head is None or head == mr.sha:
             return
+        if mr.refresh_wait is None:
+            mr.refresh_wait = self.refresh_lag
+        if mr.refresh_wait > 0:  # GitLab's RefreshService has not run yet: the MR shows the old head
+            mr.refresh_wait -= 1
+            return
+        mr.refresh_wait = None
         mr.sha = head
         mr.checking_state, mr.checking_gets = "checking", self.check_gets
         mr.events.append(f"push:{head[:12]}")
@@ -683,6 +699,14 @@ class FakeGitlab(ServedFake):
 
     def _get_project(self, **_: Any) -> Response:
         return JSONResponse(self._project_json())
+
+    def _get_branch(self, *, branch: str, **_: Any) -> Response:
+        """``GET /projects/:id/repository/branches/:branch`` (the name URL-encoded): the repository's head."""
+        name = unquote(branch)
+        head = self._head(name)
+        if head is None:
+            return JSONResponse({"message": "404 Branch Not Found"}, status_code=404)
+        return JSONResponse({"name": name, "commit": {"id": head, "short_id": head[:8]}, "merged": False})
 
     def _list_mrs(self, *, query: dict[str, str], **_: Any) -> Response:
         mrs = sorted(self.mrs.values(), key=lambda m: m.iid, reverse=True)  # GitLab: newest first

@@ -9,6 +9,7 @@ import logging
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -636,6 +637,20 @@ def test_branch_moved_after_validation_is_refused_by_the_sha_guard(fake: FakeGit
     assert "nothing was merged" in str(e.value)
     assert _git("rev-parse", "main", cwd=fake.repo) == main  # nothing unvalidated landed
     assert _merge_calls(fake) == [409]
+
+
+def test_a_head_twincd_pushed_is_merged_once_gitlab_refreshed_the_mr(
+    fake: FakeGitlab, tmp_path: Path
+) -> None:
+    """After twincd's own push (a catch-up), GitLab answers 409 until its background refresh shows
+    the new head; the branch in the repository is at the validated head, so the merge waits."""
+    f = forge(fake)
+    mr = f.open(source_branch=BRANCH, target_branch="main", title="t", description="d")
+    fake.refresh_lag = 4
+    pushed = _push_to_release_branch(fake, tmp_path, "caught up\n")
+    merged = f.merge(replace(mr, sha=pushed), approved_by="auto-approve")
+    assert merged.state == "merged"
+    assert _merge_calls(fake)[0] == 409 and _merge_calls(fake)[-1] == 200
 
 
 def test_the_real_merger_is_recorded(fake: FakeGitlab) -> None:

@@ -94,6 +94,10 @@ class MergeBlocked(GitlabForgeError):
     """GitLab will not merge the MR as it is (approvals missing, draft, conflicts, failed pipeline)."""
 
 
+# What ``_accept`` answers when GitLab has not yet seen the head twincd pushed: read again.
+_LAGGING: dict[str, Any] = {}
+
+
 class HeadMoved(GitlabForgeError):
     """The source branch moved after validation: GitLab's sha guard refused the merge (409)."""
 
@@ -327,14 +331,17 @@ class GitlabForge:
             elif status in ("mergeable", "ci_still_running", ""):  # "": no status shown; GitLab decides
                 auto = status == "ci_still_running"
                 accepted = self._accept(mr, iid, message=message, sha=sha, auto=auto)
-                if accepted is not None:
+                if accepted is _LAGGING:
+                    pass  # GitLab has not refreshed the MR after twincd's push yet: read again
+                elif accepted is not None:
                     if auto:
                         return self._auto_merged(mr, accepted, settle_timeout)
                     return self._settled_merge(mr, accepted, settle_timeout)
-                # 405 although it read mergeable: a push or a pipeline came in between; read again.
-                # Repeated, it is a rule the status does not show (legacy merge_status only knows
-                # git mergeability; approvals and pipelines are not in it): say so, merge nothing.
-                refused += 1
+                else:
+                    # 405 although it read mergeable: a push or a pipeline came in between; read
+                    # again. Repeated, it is a rule the status does not show (legacy merge_status
+                    # only knows git mergeability; approvals and pipelines are not in it): say so.
+                    refused += 1
                 if refused >= 3:
                     raise MergeBlocked(
                         f"GitLab project {self.project}: merge request {mr.ref} ({mr.web_url}) shows "
@@ -377,6 +384,11 @@ class GitlabForge:
                 if e.response_code == 405:
                     return None
                 if e.response_code == 409 and "SHA does not match" in reason:
+                    if self._branch_head(mr.source_branch) == sha:
+                        # The branch is at the validated head (twincd's own catch-up push): GitLab
+                        # refreshes an MR after a push in the background (MergeRequests::
+                        # RefreshService, a Sidekiq job) and compares with the head it knew.
+                        return _LAGGING
                     raise HeadMoved(
                         f"{where}: its source branch {mr.source_branch} moved after validation "
                         f"(validated {sha[:12]}; GitLab: {reason}); nothing was merged. Re-run the "
@@ -395,6 +407,13 @@ class GitlabForge:
             needs=f"Developer role allowed to merge into {mr.target_branch} (protected branch settings)",
         )
         return result
+
+    def _branch_head(self, branch: str) -> str:
+        """The commit ``branch`` points at in the repository (not as an MR last saw it)."""
+        found = self._call(
+            f"reading branch {branch}", lambda: self._project.branches.get(branch), needs="Reporter role"
+        )
+        return str(found.commit["id"])
 
     def _auto_merged(self, mr: MergeRequest, attrs: dict[str, Any], settle_timeout: float) -> MergeRequest:
         """After ``merge_when_pipeline_succeeds``: wait for GitLab's merge (or its abort)."""

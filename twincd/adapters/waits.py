@@ -18,7 +18,7 @@ deployment"), so the flows ask for a person in the parent run.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -106,27 +106,43 @@ def every_page(read: Callable[[int], list[T]]) -> list[T]:
             return items
 
 
-async def waiting_runs(client: PrefectClient) -> list[WaitingRun]:
-    """Every waiting run that recorded what it waits for (oldest first)."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateName
+async def runs_in(
+    client: PrefectClient, states: Sequence[str], *, flows: Sequence[str] = ()
+) -> list[FlowRun]:
+    """Every top-level run in one of ``states`` (of ``flows`` when given), oldest first, page by page."""
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterParentTaskRunId,
+        FlowRunFilterState,
+        FlowRunFilterStateName,
+    )
     from prefect.client.schemas.sorting import FlowRunSort
-    from prefect.exceptions import ObjectNotFound
 
     runs: list[FlowRun] = []
     while True:
         page = await client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(name=FlowRunFilterStateName(any_=list(WAITING_STATES)))
+                state=FlowRunFilterState(name=FlowRunFilterStateName(any_=list(states))),
+                parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True),
             ),
+            flow_filter=FlowFilter(name=FlowFilterName(any_=list(flows))) if flows else None,
             sort=FlowRunSort.START_TIME_ASC,
             offset=len(runs),
             limit=PAGE,
         )
         runs.extend(page)
         if len(page) < PAGE:
-            break
+            return runs
+
+
+async def waiting_runs(client: PrefectClient) -> list[WaitingRun]:
+    """Every waiting run that recorded what it waits for (oldest first)."""
+    from prefect.exceptions import ObjectNotFound
+
     found = []
-    for run in runs:
+    for run in await runs_in(client, WAITING_STATES):
         pause_key = run.state.state_details.pause_key if run.state else None
         try:
             text = await client.read_flow_run_input(run.id, PREFIX + (pause_key or ""))
@@ -230,33 +246,11 @@ async def crash_the_dead(client: PrefectClient, seconds: float) -> list[str]:
     release waiting days for its approval. A suspended run has no process by design and is never
     touched; the server refuses the change when the run moved on meanwhile (no ``force``).
     """
-    from prefect.client.schemas.filters import (
-        FlowFilter,
-        FlowFilterName,
-        FlowRunFilter,
-        FlowRunFilterParentTaskRunId,
-        FlowRunFilterState,
-        FlowRunFilterStateName,
-    )
     from prefect.client.schemas.responses import SetStateStatus
     from prefect.states import Crashed
 
-    runs: list[FlowRun] = []
-    while True:
-        page = await client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(name=FlowRunFilterStateName(any_=["Running", "Paused"])),
-                parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True),
-            ),
-            flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOWS))),
-            offset=len(runs),
-            limit=PAGE,
-        )
-        runs.extend(page)
-        if len(page) < PAGE:
-            break
     crashed = []
-    for run in runs:
+    for run in await runs_in(client, ("Running", "Paused"), flows=FLOWS):
         if await last_sign_of_life(client, run, seconds) is not None:
             continue
         message = (
