@@ -170,6 +170,12 @@ def test_a_close_whose_hook_was_lost_is_found_by_watch_waits(gitlab: tuple[FakeG
     fake.close(_release_mr(fake, "v2.1.0"), user="dana")
     time.sleep(2)
     assert flow_run(env, run_id)["state"]["name"] == "Suspended"
+    # Issue 16.4: a person's approval cannot overrule the forge: the CLI says the MR is closed.
+    refused = twincd(env, "approve", "hello", "v2.1.0", "--approver", "erin")
+    assert refused.returncode == 2 and "is already closed on GitLab: there is nothing to approve" in (
+        refused.stderr
+    ), refused.stdout + refused.stderr
+    assert flow_run(env, run_id)["state"]["name"] == "Suspended"  # not resumed by the refusal
     found = twincd(env, "watch-waits")
     assert found.returncode == 0, found.stdout + found.stderr
     run = final_run(env, run_id)
