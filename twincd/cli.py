@@ -315,7 +315,8 @@ def _cannot_answer(env: Environment, run: Any) -> str:
 
     from twincd import wiring
 
-    async def check() -> str:
+    async def check() -> tuple[str, str]:
+        """Why not, from Prefect ("" when it may), and what the run waits for (its record's JSON)."""
         async with get_client() as client:
             silent = waits.silent_seconds()
             if (
@@ -326,29 +327,31 @@ def _cannot_answer(env: Environment, run: Any) -> str:
                 return (
                     f"{run.name} was paused in a process that died (no heartbeat for {silent:.0f} s): it "
                     "cannot go on. `twincd watch-waits` marks it Crashed; re-run it (the steps already done "
-                    "are kept)"
+                    "are kept)",
+                    "",
                 )
             try:
-                text = await client.read_flow_run_input(
+                return "", await client.read_flow_run_input(
                     run.id, waits.PREFIX + (run.state.state_details.pause_key or "")
                 )
             except ObjectNotFound:
-                return ""
-        mr = waits.from_json(text).mr
-        if mr is None:
-            return ""
-        with wiring.forge(env) as forge:
-            now = forge.get(mr)
-        if now.state in ("merged", "closed"):
-            by = f" by {now.merged_by}" if now.merged_by else ""
-            return (
-                f"{run.name}: {now.ref} ({now.web_url}) is already {now.state}{by} on {forge.name}: there is "
-                "nothing to approve. The run reads it when it is resumed (the Merge Request Hook, or "
-                "`twincd watch-waits` now)"
-            )
-        return ""
+                return "", ""
 
-    return asyncio.run(check())
+    why, record = asyncio.run(check())
+    mr = waits.from_json(record).mr if record else None
+    if why or mr is None:
+        return why
+    # Out of the event loop: Prefect's Secret block loads synchronously only outside one.
+    with wiring.forge(env) as forge:
+        now = forge.get(mr)
+    if now.state in ("merged", "closed"):
+        by = f" by {now.merged_by}" if now.merged_by else ""
+        return (
+            f"{run.name}: {now.ref} ({now.web_url}) is already {now.state}{by} on {forge.name}: there is "
+            "nothing to approve. The run reads it when it is resumed (the Merge Request Hook, or "
+            "`twincd watch-waits` now)"
+        )
+    return ""
 
 
 def cmd_approve(env: Environment, args: argparse.Namespace) -> int:
