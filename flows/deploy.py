@@ -40,6 +40,7 @@ from tasks.deploy import (
     check_prebuilt,
     check_release,
     push_image,
+    read_merge_request,
     read_pins,
     revert_branch,
     set_image,
@@ -331,6 +332,16 @@ def _revert(
     except Refused as e:
         return [f"the revert was refused: {e}", f"next: {target} still pins {release.tag}; release a fix"]
     except Exception as e:  # noqa: BLE001 - the revert's failure is told beside the rollout's, not instead
+        now = _as_the_forge_shows(environment, opened[-1]) if opened else None
+        if now is not None and now.state == "merged":  # merged: what failed is the check of the rollback
+            ref, why = f"{now.ref} ({now.web_url})", failure_text(e, "deploy")
+            story.add(
+                "revert", "failed", f"reverted by {ref}, but the rollback was not verified: {why}", tell=True
+            )
+            return [
+                f"reverted by {ref} as {(now.merge_commit or '')[:12]}; the rollback was NOT verified: {why}",
+                "next: look at the clusters; the manifests are back at the previous release",
+            ]
         where = (
             f"revert MR {opened[-1].ref} ({opened[-1].web_url}) is open"
             if opened
@@ -357,6 +368,14 @@ def _revert(
         f"reverted by {ref} as {landed.revision[:12]}; rollback verified on every cluster",
         f"next: fix {release.app} and release a new tag",
     ]
+
+
+def _as_the_forge_shows(environment: Environment, mr: MergeRequest) -> MergeRequest | None:
+    """``mr`` as the forge shows it now; None when the forge cannot say (a failure already told)."""
+    try:
+        return read_merge_request(untraced(environment), mr)
+    except Exception:  # noqa: BLE001 - this only words a failure message
+        return None
 
 
 def _mr_title(

@@ -44,6 +44,7 @@ from tasks.deploy import (
 )
 from twincd import wiring
 from twincd.adapters import waits
+from twincd.adapters.git import redact_url
 from twincd.config import Environment, GitlabForge
 from twincd.domain import CaughtUp, Event, MergeRequest, ReleaseBranch, RolloutVerdict, Timeline, Waiting
 from twincd.errors import PermanentError, TargetMoved, TransientError, TwincdError
@@ -116,10 +117,15 @@ def failure_text(e: BaseException, rerun: str) -> str:
     if isinstance(e, TwincdError):
         return str(e)
     if isinstance(e, httpx.HTTPError | PrefectHTTPStatusError):
-        # Every adapter maps its own HTTP errors; a bare one is the Prefect client's.
+        # Adapters map their own connection errors and statuses; an HTTP error that gets here is
+        # almost always the Prefect client's (a PrefectHTTPStatusError always is).
+        api = redact_url(PREFECT_API_URL.value() or "(ephemeral)")
+        who = (
+            "the Prefect API" if isinstance(e, PrefectHTTPStatusError) else "an HTTP call (the Prefect API?)"
+        )
         return (
-            f"the Prefect API at {PREFECT_API_URL.value() or '(ephemeral)'} failed ({type(e).__name__}); "
-            f"re-run the {rerun} once it answers: the steps already done are kept"
+            f"{who} at {api} failed ({type(e).__name__}); re-run the {rerun} once it answers: the steps "
+            "already done are kept"
         )
     return f"unexpected {type(e).__name__} (see the run's logs)"
 

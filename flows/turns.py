@@ -75,6 +75,7 @@ def one_at_a_time(
         yield
         return
     _ensure_limit(lock)
+    waits.note_beat(run.id)  # how often its process beats: how long a silence means it died
     ended = False
     try:
         # A lease renewal that fails once (the server restarting) must not cancel a release

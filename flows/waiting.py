@@ -37,13 +37,12 @@ async def watch_waits() -> list[str]:
     done: list[str] = []
     async with get_client() as client:
         # First the runs whose process died, so that the runs queued behind them get their turn below.
-        silent = waits.silent_seconds()
-        if silent is None:
-            get_run_logger().warning("flow run heartbeats are off: runs whose process died cannot be found")
-        else:
-            for crashed in await waits.crash_the_dead(client, silent):
+        try:
+            for crashed in await waits.crash_the_dead(client):
                 print(crashed)
                 done.append(crashed)
+        except Exception as e:  # noqa: BLE001 - the waiting runs below must be resumed all the same
+            get_run_logger().warning("could not look for runs whose process died: %s", type(e).__name__)
         for run in await waits.waiting_runs(client):
             waiting = run.waiting
             if waiting.env not in environments:

@@ -143,7 +143,11 @@ def open_merge_request(env: Environment, branch: ReleaseBranch, title: str, desc
 
 # Validated once per run and branch head: a resumed run validates again only a branch that moved.
 @task(
-    name="validate", **IO_RETRIES, **once_per_run(lambda p: f"{p['branch'].head}:{','.join(p['clusters'])}")
+    name="validate",
+    **IO_RETRIES,
+    **once_per_run(
+        lambda p: f"{p['branch'].head}:{','.join(p['clusters'])}:{','.join(p.get('touched', ()))}"
+    ),
 )
 def validate(
     env: Environment,
@@ -187,11 +191,10 @@ def _image_policy(env: Environment, app: str) -> ImagePolicy:
 
 
 def _reads_any(work: Path, overlay: str, paths: Sequence[str]) -> bool:
-    """Whether ``kubectl kustomize overlay`` reads any of ``paths`` (or what cannot be told)."""
-    inputs = kustomize.kustomize_inputs(work, overlay)
-    return kustomize.UNKNOWN in inputs or any(
-        p == i or p.startswith(i.rstrip("/") + "/") for p in paths for i in inputs
-    )
+    """Whether ``kubectl kustomize overlay`` reads any of ``paths`` (or what cannot be told); names
+    that no longer exist count (a base the target's commits deleted is what broke it)."""
+    inputs = kustomize.kustomize_inputs(work, overlay, missing=True)
+    return kustomize.UNKNOWN in inputs or kustomize.touches(paths, inputs)
 
 
 @task(name="post-validation", **IO_RETRIES)

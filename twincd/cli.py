@@ -42,19 +42,34 @@ def _await_prefect(api_url: str, seconds: float) -> None:
     """Wait, with backoff, for the Prefect API to answer its health check (at most ``seconds``).
 
     Prefect's client retries 429/502/503 and dropped connections with backoff, but a connection
-    refused only once it has connected before (prefect/client/base.py, "Only retry ConnectError
-    after we've successfully connected once"): a command started while the server restarts would
-    fail at once. Once this returns the client has a server to connect to, and its own retries
-    (PREFECT_CLIENT_MAX_RETRIES, see stack.prefect_env) carry the command through the next outage.
+    refused only on a client that has connected before (prefect/client/base.py, "Only retry
+    ConnectError after we've successfully connected once"), and every ``get_client()`` is a new
+    client: a command started while the server restarts would fail at once. Once this returns there
+    is a server to connect to; Prefect's retries (PREFECT_CLIENT_MAX_RETRIES, see
+    stack.prefect_env) then cover a server that answers 503 or drops connections, not one that is
+    gone again.
     Gives up silently: the command's first call then fails with its one-line message.
     """
-    import httpx
+    import base64
 
+    import httpx
+    from prefect.settings import get_current_settings
+
+    # As Prefect's client reaches it: its TLS settings and credentials (prefect/client/orchestration).
+    api = get_current_settings().api
+    verify: bool | str = False if api.tls_insecure_skip_verify else (api.ssl_cert_file or True)
+    headers = {}
+    if api.key:
+        headers["Authorization"] = f"Bearer {api.key.get_secret_value()}"
+    elif api.auth_string:
+        headers["Authorization"] = (
+            "Basic " + base64.b64encode(api.auth_string.get_secret_value().encode()).decode()
+        )
     deadline = time.monotonic() + seconds
     delay, said = 0.5, False
     while True:
         try:
-            answer = httpx.get(f"{api_url.rstrip('/')}/health", timeout=5)
+            answer = httpx.get(f"{api_url.rstrip('/')}/health", timeout=5, verify=verify, headers=headers)
             if answer.status_code < 500:
                 return
             why = f"HTTP {answer.status_code}"
@@ -318,16 +333,10 @@ def _cannot_answer(env: Environment, run: Any) -> str:
     async def check() -> tuple[str, str]:
         """Why not, from Prefect ("" when it may), and what the run waits for (its record's JSON)."""
         async with get_client() as client:
-            silent = waits.silent_seconds()
-            if (
-                run.state_name == "Paused"
-                and silent is not None
-                and await waits.last_sign_of_life(client, run, silent) is None
-            ):
+            if run.state_name == "Paused" and (why := await waits.dead(client, run)):
                 return (
-                    f"{run.name} was paused in a process that died (no heartbeat for {silent:.0f} s): it "
-                    "cannot go on. `twincd watch-waits` marks it Crashed; re-run it (the steps already done "
-                    "are kept)",
+                    f"{run.name} was paused in a process that is gone ({why}): it cannot go on. "
+                    "`twincd watch-waits` marks it Crashed; re-run it (the steps already done are kept)",
                     "",
                 )
             try:

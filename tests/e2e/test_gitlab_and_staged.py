@@ -442,8 +442,13 @@ def _prefect_records(env: Environment) -> str:
             if len(page.json()) < 200:
                 break
             offset += 200
-    for run in httpx.post(f"{api}/flow_runs/filter", json={"limit": 200}, timeout=30).json():
-        inputs = httpx.post(f"{api}/flow_runs/{run['id']}/input/filter", json={"prefix": ""}, timeout=30)
+    runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 200}, timeout=30).json()
+    assert len(runs) < 200  # one page holds every run of the test stack
+    for run in runs:
+        # The server answers one input unless asked for more (api/flow_runs.py: limit=1).
+        inputs = httpx.post(
+            f"{api}/flow_runs/{run['id']}/input/filter", json={"prefix": "", "limit": 1000}, timeout=30
+        )
         texts.append(inputs.text)
     return "\n".join(texts)
 

@@ -301,10 +301,11 @@ def test_catch_up_then_merge_lands_exactly_the_validated_tree(manifests: str, tm
     assert caught.moved and caught.paths == ("README.md",) and caught.commits[0].startswith(moved_to[:12])
     assert caught.branch.base == moved_to and caught.branch.head != branch.head
     assert run_git("-C", manifests, "rev-parse", branch.branch) == caught.branch.head  # pushed
-    # Again from the branch as validated before: an earlier attempt's catch-up is taken, not redone.
-    assert gitrepo.catch_up_branch(repo_url=manifests, target="main", branch=branch).branch.head == (
-        caught.branch.head
-    )
+    # Again from the branch as validated before: an earlier attempt's catch-up is taken, not redone,
+    # with what came in since the validated head.
+    again = gitrepo.catch_up_branch(repo_url=manifests, target="main", branch=branch)
+    assert again.branch.head == caught.branch.head and again.branch.base == moved_to
+    assert again.paths == caught.paths and again.commits == caught.commits
 
     # The old head is refused, as GitLab's sha guard refuses it; so is a merge onto a target that moved.
     with pytest.raises(PermanentError, match="moved to .* since it was validated"):
@@ -319,6 +320,13 @@ def test_catch_up_then_merge_lands_exactly_the_validated_tree(manifests: str, tm
     merged = forge.merge(replace(mr, sha=caught.branch.head), approved_by="alice", onto=caught.branch.base)
     tree = run_git("-C", manifests, "rev-parse", f"{merged.merge_commit}^{{tree}}")
     assert tree == run_git("-C", manifests, "rev-parse", f"{caught.branch.head}^{{tree}}")
+    # Merged: a catch-up (a retried run) pushes nothing more.
+    before = refs(manifests)
+    assert (
+        gitrepo.catch_up_branch(repo_url=manifests, target="main", branch=caught.branch).branch
+        == caught.branch
+    )
+    assert refs(manifests) == before
 
 
 def test_someone_elses_push_to_the_branch_is_refused(manifests: str, tmp_path: Path) -> None:

@@ -14,7 +14,9 @@ def test_a_bare_http_error_is_the_prefect_api_and_says_so() -> None:
     error = httpx.ConnectError("[Errno 111] Connection refused")
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4299/api"}):
         text = failure_text(error, "deploy")
-    assert text.startswith("the Prefect API at http://127.0.0.1:4299/api failed (ConnectError)")
+    assert text.startswith(
+        "an HTTP call (the Prefect API?) at http://127.0.0.1:4299/api failed (ConnectError)"
+    )
     assert "re-run the deploy once it answers" in text and "Errno" not in text
 
 

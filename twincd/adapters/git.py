@@ -522,11 +522,19 @@ def catch_up_branch(
                 f"{redact_url(repo_url)}: {branch.branch} moved to {src.commit.hexsha[:12]} since it was "
                 f"validated at {branch.head[:12]}, by someone else; nothing was merged. Re-run the release"
             )
-        current = replace(branch, head=src.commit.hexsha) if own else branch
+        if repo.is_ancestor(src.commit, tgt.commit):
+            return CaughtUp(branch)  # merged already: nothing to bring up to date (the forge says so)
+        base = tgt.commit.hexsha
+        # What came in since the head that was validated, however many catch-ups ago.
+        log = str(repo.git.log("--abbrev=12", "--format=%h %s (%an)", f"{branch.head}..{base}"))
+        paths = str(repo.git.diff("--name-only", f"{branch.head}...{base}"))
+        came = (tuple(log.splitlines()), tuple(paths.splitlines()))
         if repo.is_ancestor(tgt.commit, src.commit):
-            return CaughtUp(current)
-        log = repo.git.log("--abbrev=12", "--format=%h %s (%an)", f"{src.commit.hexsha}..{tgt.commit.hexsha}")
-        paths = repo.git.diff("--name-only", f"{src.commit.hexsha}...{tgt.commit.hexsha}")
+            # An earlier attempt's catch-up already holds the target (its push landed, its answer was
+            # lost): that head is the one to validate, with what came in since ``branch.head``.
+            head = src.commit.hexsha
+            caught = replace(branch, head=head, base=base, committed=bool(own), diff=_diff(repo, base, head))
+            return CaughtUp(caught, *came) if own else CaughtUp(replace(branch, base=base))
         repo.git.checkout("--detach", src.commit.hexsha)
         try:
             repo.git.merge(
@@ -543,9 +551,10 @@ def catch_up_branch(
                 f"Re-run the release: it rebuilds the branch on {target}"
             ) from None
         _push(repo, branch.branch, replacing=src.commit.hexsha)
-        head, base = repo.head.commit.hexsha, tgt.commit.hexsha
-        caught = replace(current, head=head, base=base, committed=True, diff=_diff(repo, base, head))
-        return CaughtUp(caught, tuple(str(log).splitlines()), tuple(str(paths).splitlines()))
+        head = repo.head.commit.hexsha
+        return CaughtUp(
+            replace(branch, head=head, base=base, committed=True, diff=_diff(repo, base, head)), *came
+        )
 
     return _in_fresh_clone(repo_url, body, auth, mirror, ())  # a merge needs no files checked out
 

@@ -107,9 +107,9 @@ def every_page(read: Callable[[int], list[T]]) -> list[T]:
 
 
 async def runs_in(
-    client: PrefectClient, states: Sequence[str], *, flows: Sequence[str] = ()
+    client: PrefectClient, states: Sequence[str], *, flows: Sequence[str] = (), top_level: bool = False
 ) -> list[FlowRun]:
-    """Every top-level run in one of ``states`` (of ``flows`` when given), oldest first, page by page."""
+    """Every run in one of ``states`` (of ``flows``, without a parent: when given), oldest first."""
     from prefect.client.schemas.filters import (
         FlowFilter,
         FlowFilterName,
@@ -125,7 +125,7 @@ async def runs_in(
         page = await client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
                 state=FlowRunFilterState(name=FlowRunFilterStateName(any_=list(states))),
-                parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True),
+                parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True) if top_level else None,
             ),
             flow_filter=FlowFilter(name=FlowFilterName(any_=list(flows))) if flows else None,
             sort=FlowRunSort.START_TIME_ASC,
@@ -199,66 +199,95 @@ async def resume(client: PrefectClient, run_id: UUID, run_input: dict[str, Any])
 
 
 # A run's process sends a heartbeat event every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (Prefect
-# >= 3.1.8; 180 by default in 3.9, at least 30; prefect/flow_engine.py `_send_heartbeats`). A run
-# that sent none for this many beats lost its process (killed, OOM, node gone): it would stay
-# Running forever (and hold its app's turn, flows/turns.py).
+# >= 3.1.8; 180 by default in 3.9, at least 30; prefect/flow_engine.py `_send_heartbeats`, which
+# sends the first one as the run starts). A run that missed this many beats lost its process
+# (killed, OOM, machine gone): it would stay Running forever (and hold its app's turn).
 MISSED_BEATS = 3
+# A run's beat interval is its process's setting, never the reader's: recorded beside the run as it
+# starts (``note_beat``), else read from its last two heartbeats since its state began, else
+# Prefect's default.
+DEFAULT_BEAT = 180.0
+BEAT = "twincd-heartbeat-seconds"
+
+
+def note_beat(run_id: UUID) -> None:
+    """Record this process's heartbeat interval beside ``run_id`` (once: the setting of its workers)."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    frequency = get_current_settings().flows.heartbeat_frequency
+    if frequency is None:
+        return
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_flow_run_input(run_id, BEAT, str(frequency))
+        except httpx.HTTPStatusError as e:
+            if e.response.status_code != 409:  # already noted by this run's first start
+                raise
 
 
 # The top-level flows of twincd (prefect.yaml): only their runs are judged by their heartbeats.
 FLOWS = ("deploy", "failover", "drift-check", "watch-waits")
 
 
-def silent_seconds() -> float | None:
-    """How long a run may send no heartbeat before it counts as dead (this process's setting);
-    None when heartbeats are off (then no run can be judged by them)."""
-    from prefect.settings import get_current_settings
-
-    frequency = get_current_settings().flows.heartbeat_frequency
-    return None if frequency is None else MISSED_BEATS * float(frequency)
-
-
-async def last_sign_of_life(client: PrefectClient, run: FlowRun, seconds: float) -> datetime | None:
-    """The last heartbeat (or state change) of ``run`` in the last ``seconds``; None: none at all."""
+async def dead(client: PrefectClient, run: FlowRun, now: datetime | None = None) -> str:
+    """Why ``run``'s process is dead ("" when it is alive or cannot be judged): no heartbeat for
+    ``MISSED_BEATS`` of its own beat intervals. A run that never sent one (heartbeats off where it
+    runs) is never judged."""
     from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+    from prefect.exceptions import ObjectNotFound
 
-    now = datetime.now(UTC)
-    since = now - timedelta(seconds=seconds)
-    if run.state is not None and run.state.timestamp is not None and run.state.timestamp >= since:
-        return run.state.timestamp
+    now = now or datetime.now(UTC)
+    # Since its state began (a run resumed after a wait beats anew: the gap is no interval), less a
+    # little: its process's first beat and its Running state are sent about together.
+    began = (run.state.timestamp if run.state else None) or run.start_time or now - timedelta(days=30)
+    since = began - timedelta(seconds=10)
     page = await client.read_events(
         filter=EventFilter(
             occurred=EventOccurredFilter.model_validate({"since": since, "until": now}),
             event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
             resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"]),
-        ),
-        limit=1,
+        ),  # newest first (EventFilter.order defaults to DESC)
+        limit=2,
     )
-    return page.events[0].occurred if page.events else None
+    beats = [e.occurred for e in page.events]
+    if not beats:
+        return ""
+    try:
+        interval = float(await client.read_flow_run_input(run.id, BEAT))
+    except ObjectNotFound:
+        interval = (beats[0] - beats[1]).total_seconds() if len(beats) > 1 else DEFAULT_BEAT
+    silent = (now - beats[0]).total_seconds()
+    if silent <= MISSED_BEATS * max(interval, 1.0):
+        return ""
+    return (
+        f"no heartbeat from its process for {silent:.0f} s (it beat every {interval:.0f} s): the process "
+        "died (killed, out of memory, its machine gone)"
+    )
 
 
-async def crash_the_dead(client: PrefectClient, seconds: float) -> list[str]:
-    """Mark Crashed every running (or in-process paused) run of twincd's flows silent for ``seconds``.
+async def crash_the_dead(client: PrefectClient) -> list[str]:
+    """Mark Crashed every running (or in-process paused) run of twincd's flows whose process is dead.
 
     This is the check of Prefect's "detect zombie flows" guide (docs.prefect.io/v3/advanced/
     detect-zombie-flows), made here rather than as the guide's proactive automation: that one also
     fires on a run that *suspends* when its last heartbeat races the suspension, and would crash a
     release waiting days for its approval. A suspended run has no process by design and is never
-    touched; the server refuses the change when the run moved on meanwhile (no ``force``).
+    touched. The server does not guard the change (Running → Crashed is always accepted), so the
+    run is read again just before: one that moved on meanwhile is left alone.
     """
-    from prefect.client.schemas.responses import SetStateStatus
     from prefect.states import Crashed
 
     crashed = []
-    for run in await runs_in(client, ("Running", "Paused"), flows=FLOWS):
-        if await last_sign_of_life(client, run, seconds) is not None:
+    for run in await runs_in(client, ("Running", "Paused"), flows=FLOWS, top_level=True):
+        why = await dead(client, run)
+        if not why:
             continue
-        message = (
-            f"no heartbeat from its process for {seconds:.0f} s: the process died (killed, out of memory, "
-            "its machine gone). Marked Crashed by twincd watch-waits; re-run it: the steps already done "
-            "are kept"
-        )
-        result = await client.set_flow_run_state(run.id, Crashed(message=message))  # type: ignore[var-annotated]
-        if result.status == SetStateStatus.ACCEPT:
-            crashed.append(f"{run.name}: {message}")
+        now = await client.read_flow_run(run.id)
+        if now.state_id != run.state_id:
+            continue
+        message = f"{why}. Marked Crashed by twincd watch-waits; re-run it: the steps already done are kept"
+        await client.set_flow_run_state(run.id, Crashed(message=message))
+        crashed.append(f"{run.name}: {message}")
     return crashed

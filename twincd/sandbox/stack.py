@@ -98,9 +98,9 @@ def prefect_env(env: Environment) -> dict[str, str]:
         "PREFECT_API_URL": env.prefect.api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_API_URL": env.prefect.api_url,
-        # Prefect's client retries an unanswered or 502/503 request this many times, waiting 2, 4,
-        # 8... s (prefect/client/base.py): 7 rides out about 4 minutes of a Prefect API outage
-        # (default 5: about 1 minute). A value the user set is kept.
+        # Prefect's client retries a 429/502/503 answer or a dropped connection this many times,
+        # waiting 2, 4, 8... s (prefect/client/base.py): 7 is about 4 minutes (default 5: about 1);
+        # a refused connection only on a client that connected before. A user's value is kept.
         "PREFECT_CLIENT_MAX_RETRIES": os.environ.get("PREFECT_CLIENT_MAX_RETRIES", "7"),
         # A flow run's heartbeat every 30 s (Prefect's least; 180 by default): watch-waits marks a
         # run Crashed after three missed beats (twincd.adapters.waits.crash_the_dead).
