@@ -23,11 +23,11 @@ from twincd.sandbox.stack import local_repo_path
 
 def test_registry_down_during_push_changes_nothing_and_a_rerun_completes(stack_env: Environment) -> None:
     env = stack_env
-    release_app(env, "v6.0.0", page="<h1>hello 6.0.0</h1>\n")
+    release_app(env, "v10.0.0", page="<h1>hello 10.0.0</h1>\n")
     head = main_head(env)
     assert procs.stop_daemon(registry.NAME, state_dir=env.state_path)
     try:
-        failed = twincd(env, "deploy", "hello", "v6.0.0", "--auto-approve")
+        failed = twincd(env, "deploy", "hello", "v10.0.0", "--auto-approve")
     finally:
         stack.up(env, say=lambda line: None)
     out = failed.stdout + failed.stderr
@@ -35,10 +35,10 @@ def test_registry_down_during_push_changes_nothing_and_a_rerun_completes(stack_e
     assert env.registries["local"].url in out and "re-running the deploy completes it" in out, out
     assert "Traceback" not in failed.stdout
     assert main_head(env) == head  # nothing merged
-    assert "refs/heads/twincd/hello/v6.0.0" not in git_refs(local_repo_path(env, env.manifests.repo))
-    again = twincd(env, "deploy", "hello", "v6.0.0", "--auto-approve")
+    assert "refs/heads/twincd/hello/v10.0.0" not in git_refs(local_repo_path(env, env.manifests.repo))
+    again = twincd(env, "deploy", "hello", "v10.0.0", "--auto-approve")
     assert again.returncode == 0 and "Release succeeded" in again.stdout + again.stderr
-    assert registry_digest(env, "v6.0.0") in main_file(env, "overlays/eks/hello/kustomization.yaml")
+    assert registry_digest(env, "v10.0.0") in main_file(env, "overlays/eks/hello/kustomization.yaml")
 
 
 def test_slack_down_for_the_whole_release_does_not_stop_it(stack_env: Environment) -> None:
@@ -48,9 +48,9 @@ def test_slack_down_for_the_whole_release_does_not_stop_it(stack_env: Environmen
         "slack-down",
         notifier={"type": "slack", "channel": "#deploys", "token": "env:TWINCD_E2E_SLACK", "api_url": down},
     )
-    release_app(env, "v6.1.0", page="<h1>hello 6.1.0</h1>\n")
+    release_app(env, "v10.1.0", page="<h1>hello 10.1.0</h1>\n")
     result = subprocess.run(
-        [*TWINCD, "--env", env.source, "deploy", "hello", "v6.1.0", "--auto-approve"],
+        [*TWINCD, "--env", env.source, "deploy", "hello", "v10.1.0", "--auto-approve"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -60,19 +60,19 @@ def test_slack_down_for_the_whole_release_does_not_stop_it(stack_env: Environmen
     out = result.stdout + result.stderr
     assert result.returncode == 0 and "Release succeeded" in out, out  # the console told it
     assert "slack notifier failed (the deploy goes on)" in out, out  # and said Slack could not be told
-    assert registry_digest(env, "v6.1.0") in main_file(env, "overlays/aks/hello/kustomization.yaml")
+    assert registry_digest(env, "v10.1.0") in main_file(env, "overlays/aks/hello/kustomization.yaml")
 
 
 def test_a_push_race_on_main_merges_the_validated_merge_result(stack_env: Environment) -> None:
     """A colleague's valid change lands on main while a release waits: the approved release is
     brought up to it, validated again, and merged as exactly that tree."""
     env = stack_env
-    release_app(env, "v6.2.0", page="<h1>hello 6.2.0</h1>\n")
-    started = twincd(env, "deploy", "hello", "v6.2.0")
+    release_app(env, "v10.2.0", page="<h1>hello 10.2.0</h1>\n")
+    started = twincd(env, "deploy", "hello", "v10.2.0")
     assert started.returncode == 0 and "Suspended" in started.stdout, started.stdout + started.stderr
     run_id = run_id_of(started.stdout)
     theirs = _push_readme(env, "a colleague's note\n")
-    approved = approve(env, "hello", "v6.2.0", "--approver", "erin")
+    approved = approve(env, "hello", "v10.2.0", "--approver", "erin")
     out = approved.stdout + approved.stderr
     assert approved.returncode == 0 and "Release succeeded" in out, out
     assert f"main moved to {theirs[:12]} since validation" in run_logs(env, run_id)
@@ -82,7 +82,7 @@ def test_a_push_race_on_main_merges_the_validated_merge_result(stack_env: Enviro
     assert parents[0] == theirs  # merged onto the colleague's commit, as validated
     assert _git(repo, "rev-parse", f"{merge}^{{tree}}") == _git(repo, "rev-parse", f"{parents[1]}^{{tree}}")
     assert main_file(env, "README.md") == "a colleague's note\n"
-    assert registry_digest(env, "v6.2.0") in main_file(env, "overlays/eks/hello/kustomization.yaml")
+    assert registry_digest(env, "v10.2.0") in main_file(env, "overlays/eks/hello/kustomization.yaml")
 
 
 def _push_readme(env: Environment, text: str) -> str:

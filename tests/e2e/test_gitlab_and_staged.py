@@ -485,10 +485,10 @@ def test_no_known_secret_appears_anywhere(gitlab: tuple[FakeGitlab, Environment]
             "registry password": sandbox["TWINCD_REGISTRY_PASSWORD"],
             "TSIG key": sandbox["TWINCD_DNS_TSIG"].rsplit(":", 1)[-1],
         }
-        release_app(env, "v5.0.0", page="<h1>hello 5.0.0</h1>\n")
+        release_app(env, "v11.0.0", page="<h1>hello 11.0.0</h1>\n")
         sampler.start()
         result = subprocess.run(
-            [*TWINCD, "--env", env.source, "deploy", "hello", "v5.0.0", "--auto-approve"],
+            [*TWINCD, "--env", env.source, "deploy", "hello", "v11.0.0", "--auto-approve"],
             capture_output=True,
             text=True,
             timeout=300,
