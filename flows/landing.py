@@ -388,8 +388,8 @@ def _merge_validated(
         return merge(untraced(environment), mr, approver)
     for _ in range(_MERGE_ATTEMPTS):
         caught = catch_up(untraced(environment), branch)
-        if caught.branch.head != branch.head:
-            branch = caught.branch
+        moved, branch = caught.branch.head != branch.head, caught.branch
+        if moved:
             mr = _validate(environment, branch, change, replace(mr, sha=branch.head), story, caught)
         try:
             return merge(untraced(environment), mr, approver, branch.base)
