@@ -79,15 +79,18 @@ def stack_env() -> Iterator[Environment]:
         subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
-def twincd(env: Environment, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run the CLI as a user does, against the test stack's environment file."""
+def twincd(
+    env: Environment, *args: str, timeout: float = 300, **extra_env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as a user does, against the test stack's environment file (``extra_env``: the
+    variables its ``env:`` secret references name)."""
     return subprocess.run(
         [*TWINCD, "--env", env.source, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
-        env={**os.environ, "PREFECT_API_URL": env.prefect.api_url},
+        env={**os.environ, "PREFECT_API_URL": env.prefect.api_url, **extra_env},
     )
 
 

@@ -7,12 +7,11 @@ in test_deploy.py; GitLab's 5xx/429 bursts in test_gitlab_and_staged.py (they ne
 
 from __future__ import annotations
 
-import os
 import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.e2e.conftest import TWINCD, approve, git_refs, release_app, run_id_of, run_logs, twincd
+from tests.e2e.conftest import approve, git_refs, release_app, run_id_of, run_logs, twincd
 from tests.e2e.test_deploy import main_file, main_head, registry_digest
 from tests.e2e.test_gitlab_and_staged import _variant
 from twincd.config import Environment
@@ -49,13 +48,8 @@ def test_slack_down_for_the_whole_release_does_not_stop_it(stack_env: Environmen
         notifier={"type": "slack", "channel": "#deploys", "token": "env:TWINCD_E2E_SLACK", "api_url": down},
     )
     release_app(env, "v10.1.0", page="<h1>hello 10.1.0</h1>\n")
-    result = subprocess.run(
-        [*TWINCD, "--env", env.source, "deploy", "hello", "v10.1.0", "--auto-approve"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env={**os.environ, "PREFECT_API_URL": env.prefect.api_url, "TWINCD_E2E_SLACK": "xoxb-e2e-slack-down"},
+    result = twincd(
+        env, "deploy", "hello", "v10.1.0", "--auto-approve", TWINCD_E2E_SLACK="xoxb-e2e-slack-down"
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0 and "Release succeeded" in out, out  # the console told it

@@ -487,14 +487,7 @@ def test_no_known_secret_appears_anywhere(gitlab: tuple[FakeGitlab, Environment]
         }
         release_app(env, "v11.0.0", page="<h1>hello 11.0.0</h1>\n")
         sampler.start()
-        result = subprocess.run(
-            [*TWINCD, "--env", env.source, "deploy", "hello", "v11.0.0", "--auto-approve"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-            env={**os.environ, "PREFECT_API_URL": env.prefect.api_url, "TWINCD_E2E_SLACK": slack_token},
-        )
+        result = twincd(env, "deploy", "hello", "v11.0.0", "--auto-approve", TWINCD_E2E_SLACK=slack_token)
         stop.set()
         sampler.join()
         assert result.returncode == 0, result.stdout + result.stderr
