@@ -351,7 +351,7 @@ def _validate(
         story.add(
             "validate",
             "ok",
-            f"{moved}\n{report.resources} resources of the merge result valid in "
+            (f"{moved}\n" if moved else "") + f"{report.resources} resources of the merge result valid in "
             f"{', '.join(report.overlays)}",
         )
     elif change.reviewed is None:  # told once: validated again before twincd merges after an approval

@@ -76,17 +76,22 @@ def from_json(text: str) -> Waiting:
     return Waiting(mr=MergeRequest(**mr) if mr is not None else None, **raw)
 
 
-def record(run_id: UUID, pause_key: str, waiting: Waiting) -> None:
-    """Write what ``run_id`` waits for at ``pause_key`` (once: a resumed run keeps the first)."""
+def _write_once(run_id: UUID, key: str, value: str) -> None:
+    """The flow run input ``key`` of ``run_id``, written unless it exists (the first write stays)."""
     import httpx
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         try:
-            client.create_flow_run_input(run_id, PREFIX + pause_key, to_json(waiting))
+            client.create_flow_run_input(run_id, key, value)
         except httpx.HTTPStatusError as e:
             if e.response.status_code != 409:  # 409: "A flow run input with this key already exists."
                 raise
+
+
+def record(run_id: UUID, pause_key: str, waiting: Waiting) -> None:
+    """Write what ``run_id`` waits for at ``pause_key`` (once: a resumed run keeps the first)."""
+    _write_once(run_id, PREFIX + pause_key, to_json(waiting))
 
 
 @dataclass(frozen=True)
@@ -212,19 +217,11 @@ BEAT = "twincd-heartbeat-seconds"
 
 def note_beat(run_id: UUID) -> None:
     """Record this process's heartbeat interval beside ``run_id`` (once: the setting of its workers)."""
-    import httpx
-    from prefect.client.orchestration import get_client
     from prefect.settings import get_current_settings
 
     frequency = get_current_settings().flows.heartbeat_frequency
-    if frequency is None:
-        return
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_flow_run_input(run_id, BEAT, str(frequency))
-        except httpx.HTTPStatusError as e:
-            if e.response.status_code != 409:  # already noted by this run's first start
-                raise
+    if frequency is not None:
+        _write_once(run_id, BEAT, str(frequency))
 
 
 # The top-level flows of twincd (prefect.yaml): only their runs are judged by their heartbeats.
