@@ -73,8 +73,14 @@ def drift_check(env: str = str(DEFAULT_ENV), fail_on_drift: bool = False) -> Sta
             checks.append(future.result())
         except TwincdError as e:
             unreadable.append(f"{name}: {e}")
-    items = tuple(i for c in checks for i in c.items) + drift.find_skew(
-        [w for c in checks for w in c.workloads], serving=environment.serving_clusters()
+    workloads = [w for c in checks for w in c.workloads]
+    # Each app's serving clusters as configured: a standby scaled to zero is no skew.
+    items = tuple(i for c in checks for i in c.items) + tuple(
+        item
+        for app in environment.apps
+        for item in drift.find_skew(
+            [w for w in workloads if w.app == app], serving=environment.serving_clusters(app)
+        )
     )
     table = publish_report(untraced(environment), desired, items, tuple(checks))
     if unreadable:

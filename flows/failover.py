@@ -1,17 +1,19 @@
-"""The failover flow: Active/Active ⇄ Active/Standby, through the manifests repo and DNS, health-gated.
+"""The failover flow: per app Active/Active ⇄ Active/Standby, or a whole cloud evacuated, through
+the manifests repo and DNS, health-gated.
 
 Orchestration only. The plan (``twincd.failover``) is published before anything changes; a dry
 run stops there. Then, in the plan's order: promote (switch overlays to components/active, land
-the change in the subflow ``failover-<mode>/promote``, verify full replicas), health gate, DNS
-replace + read back, demote (components/standby, ``…/demote``, verify scaled to 0). Any failure
-after the first change puts back what was changed, newest first (DNS record set; merged switches
-by a revert MR, each in a subflow ``…/undo-<step>``), notifies, and ends the run failed with the
-list of what was undone.
+the change in the subflow ``promote``, verify full replicas), health gate, each app's DNS replace
++ read back, the old records' TTL wait, demote (components/standby, ``demote``, verify scaled to 0).
+Any failure after the first change puts back what was changed, newest first (DNS record sets;
+merged switches by a revert MR, each in a subflow ``undo-<step>``), notifies, and ends the run
+failed with the list of what was undone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -36,9 +38,10 @@ from tasks.failover import (
     revert_switch,
     switch_components,
     verify_role,
+    wait_ttl,
 )
 from twincd.config import DEFAULT_ENV, Environment, load_environment
-from twincd.domain import MergeRequest, Phase, Role, RolloutVerdict, Timeline, Waiting
+from twincd.domain import ARecords, MergeRequest, Phase, Role, RolloutVerdict, Timeline, Waiting
 from twincd.errors import PermanentError
 from twincd.failover import (
     FailoverPlan,
@@ -49,8 +52,10 @@ from twincd.failover import (
     ReplaceRecord,
     SwitchComponents,
     Target,
+    WaitTtl,
     branch_name,
     check_record_change,
+    evacuated,
     gate,
     plan_failover,
     topology_of,
@@ -83,7 +88,7 @@ class PendingSwitch:
 class ReplacedRecord:
     """A DNS write that was attempted: undone by writing ``old`` back unless the server still holds it."""
 
-    old: frozenset[str]
+    action: ReplaceRecord
 
 
 Undoable = MergedSwitch | PendingSwitch | ReplacedRecord
@@ -95,42 +100,65 @@ class FailoverResult:
     dry_run: bool
     plan: str  # the markdown published before anything changed
     done: tuple[str, ...]  # what was carried out, in order
-    record: frozenset[str] | None  # the DNS record as read back at the end (None: not managed)
+    records: dict[str, frozenset[str]]  # every app record (full name) as read back at the end
 
 
-@flow(name="failover", flow_run_name="failover-{mode}", log_prints=True)
+def _run_name() -> str:
+    p = flow_run.parameters
+    return (
+        "failover-"
+        + _target(p.get("mode"), p.get("active"), p.get("apps") or (), p.get("evacuate", ""), None).label
+    )
+
+
+def _target(
+    mode: str | None, active: str | None, apps: Sequence[str], evacuate: str, env: Environment | None
+) -> Target:
+    if evacuate:
+        clusters = evacuated(env, evacuate) if env is not None else (evacuate,)
+        return Target(apps=tuple(apps), evacuate=clusters)
+    return Target(mode, active or None, tuple(apps))  # type: ignore[arg-type]
+
+
+@flow(name="failover", flow_run_name=_run_name, log_prints=True)
 def failover(
-    mode: Literal["active-active", "active-standby"],
+    mode: Literal["active-active", "active-standby"] | None = None,
     active: str | None = None,
+    apps: list[str] | None = None,
+    evacuate: str = "",
+    force: bool = False,
     dry_run: bool = False,
     reason: str = "",
     emergency: bool = False,
     env: str = str(DEFAULT_ENV),
     auto_approve: bool = False,
-    health_url: str = "",
 ) -> FailoverResult | State:
-    """Switch the clusters between Active/Active and Active/Standby, or move the active side.
+    """Switch apps between Active/Active and Active/Standby, move their active side, or evacuate a cloud.
 
     Args:
-        mode: active-active (every cluster serves) or active-standby (only `active` serves).
-        active: The serving cluster when mode is active-standby (e.g. aks); empty for active-active.
+        mode: active-active (every cluster serves) or active-standby (only `active` serves); empty
+            with `evacuate`.
+        active: The serving cluster when mode is active-standby (e.g. aks).
+        apps: The apps to switch; empty: every app.
+        evacuate: A cluster (e.g. aks) or a cloud (e.g. azure) every app moves off: Active/Standby
+            apps served there are promoted on the other side, Active/Active apps narrowed.
+        force: Break an app's topology constraint (`only:`); the plan says so and why it exists.
         dry_run: Publish the plan as an artifact and stop; nothing is changed.
         reason: Why (required unless dry_run); goes into the commits, merge requests and notifications.
-        emergency: Merge without waiting for approval; still recorded as merge requests with the reason.
+        emergency: Merge without waiting for approval and skip the TTL wait before demoting; still
+            recorded as merge requests with the reason.
         env: The environment file (clusters, manifests repo, forge, DNS).
         auto_approve: Merge without waiting for approval (demos, CI).
-        health_url: Optional HTTP URL checked on each serving cluster before DNS changes;
-            `{ingress_ip}` is replaced by the cluster's ingress IP, e.g. http://{ingress_ip}/healthz.
     """
     environment = load_environment(env)
-    target = Target(mode, active)
+    target = _target(mode, active, apps or (), evacuate, environment)
     if dry_run:
-        return _failover(environment, target, True, reason, emergency, auto_approve, health_url)
+        return _failover(environment, target, True, reason, emergency, auto_approve, force)
     if not reason.strip():
         raise PlanError("a failover needs a reason (it goes into the commits, the MRs and the notifications)")
     # One failover at a time, planned from what the one before left (flows/turns.py).
     with one_at_a_time(environment, "failover", "failover", lambda run: not run.parameters.get("dry_run")):
-        return _failover(environment, target, False, reason, emergency, auto_approve, health_url)
+        return _failover(environment, target, False, reason, emergency, auto_approve, force)
 
 
 def _failover(
@@ -140,23 +168,25 @@ def _failover(
     reason: str,
     emergency: bool,
     auto_approve: bool,
-    health_url: str,
+    force: bool,
 ) -> FailoverResult | State:
     overlays = read_overlays(untraced(environment))
-    record = read_dns(untraced(environment))
-    plan = plan_failover(topology_of(environment, overlays, record), target, http_health=bool(health_url))
+    records = read_dns(untraced(environment))
+    plan = plan_failover(
+        topology_of(environment, overlays, records),
+        target,
+        http_health=[a for a, cfg in environment.apps.items() if cfg.health is not None],
+        force=force,
+        emergency=emergency,
+    )
     markdown = publish_plan(plan, reason, dry_run, emergency)
     print(markdown)
     if dry_run or plan.noop:
-        return FailoverResult(target.label, dry_run, markdown, (), record)
+        return FailoverResult(target.label, dry_run, markdown, (), _fqdns(environment, records))
 
     run_id = str(flow_run.id or "manual")
     story = Story(environment, Timeline("failover", f"{target.label} {run_id[:8]}", run=run_id))
-    story.add(
-        "plan",
-        "ok",
-        f"{'EMERGENCY ' if emergency else ''}{plan.current.describe()} → {target.label}; reason: {reason}",
-    )
+    story.add("plan", "ok", f"{'EMERGENCY ' if emergency else ''}{plan.summary()}; reason: {reason}")
     if emergency or auto_approve:
         approver = f"emergency ({reason})" if emergency else "auto-approve"
     else:
@@ -172,10 +202,10 @@ def _failover(
         )
         if not answer.approved:
             message = (
-                f"no approval of the failover to {target.label} within "
+                f"no approval of the failover {target.label} within "
                 f"{environment.timeouts.approval_seconds:.0f} s; nothing was changed"
                 if answer.timed_out
-                else f"failover to {target.label} refused by {answer.approver or 'a reviewer'}; "
+                else f"failover {target.label} refused by {answer.approver or 'a reviewer'}; "
                 "nothing was changed"
             )
             story.add("approve", "cancelled", message, tell=True)
@@ -185,17 +215,27 @@ def _failover(
 
     changes: list[Undoable] = []
     try:
-        done = _execute(environment, plan, run_id, reason, approver, health_url, story, changes)
+        done = _execute(environment, plan, run_id, reason, approver, story, changes)
     except Exception as e:  # whatever failed, what was changed is put back
         undone = _undo(environment, plan, run_id, reason, story, changes)
-        text = f"failover to {target.label} failed: {failure_text(e, 'failover')}. Undone: " + (
+        text = f"failover {target.label} failed: {failure_text(e, 'failover')}. Undone: " + (
             "; ".join(undone) or "nothing had changed"
         )
         story.add("result", "failed", text, tell=True)
         raise FailoverFailed(text) from e
     final = read_dns(untraced(environment))
-    story.add("result", "ok", f"{target.label}: serving {', '.join(plan.serving)}", tell=True, after=[final])
-    return FailoverResult(target.label, False, markdown, done, final)
+    serving = "; ".join(f"{c.app} on {', '.join(c.serving)}" for c in plan.changes)
+    story.add("result", "ok", f"{target.label}: serving {serving}", tell=True, after=[final])
+    return FailoverResult(target.label, False, markdown, done, _fqdns(environment, final))
+
+
+def _fqdns(environment: Environment, records: dict[str, ARecords]) -> dict[str, frozenset[str]]:
+    return {
+        r.fqdn: records[r.name].ips
+        for a in environment.apps
+        for r in environment.app_records(a)
+        if r.name in records
+    }
 
 
 def _verify_roles(
@@ -253,19 +293,19 @@ def _switch(
         )
 
 
-def _health(environment: Environment, action: HealthGate, health_url: str, story: Story) -> dict[str, Health]:
-    checks = {c: check_health.submit(untraced(environment), c) for c in action.clusters}
-    results = {c: f.result() for c, f in checks.items()}
+def _health(environment: Environment, action: HealthGate, story: Story) -> dict[tuple[str, str], Health]:
+    checks = {(a, c): check_health.submit(untraced(environment), a, c) for a, c in action.checks}
+    results = {k: f.result() for k, f in checks.items()}
     probes = {
-        c: probe_health.submit(
-            untraced(environment), c, health_url, h, wait_for=[checks[c]], return_state=False
-        )
-        for c, h in results.items()
-        if health_url and h.healthy
+        k: probe_health.submit(untraced(environment), h, wait_for=[checks[k]], return_state=False)
+        for k, h in results.items()
+        if k[0] in action.http and h.healthy
     }
-    health = {c: probes[c].result() if c in probes else h for c, h in results.items()}
+    health = {k: probes[k].result() if k in probes else h for k, h in results.items()}
     for h in health.values():
-        story.add("health", "ok" if h.healthy else "failed", "; ".join(h.checks), cluster=h.cluster)
+        story.add(
+            "health", "ok" if h.healthy else "failed", f"{h.app}: " + "; ".join(h.checks), cluster=h.cluster
+        )
     story.tell(after=[*checks.values(), *probes.values()])
     return health
 
@@ -276,29 +316,32 @@ def _execute(
     run_id: str,
     reason: str,
     approver: str,
-    health_url: str,
     story: Story,
     changes: list[Undoable],
 ) -> tuple[str, ...]:
     """Carry out the plan in order; record each change in ``changes`` as soon as it may have happened."""
     done: list[str] = []
-    health: dict[str, Health] = {}
+    health: dict[tuple[str, str], Health] = {}
     for action in plan.actions:
+        started = time.monotonic()
         if isinstance(action, SwitchComponents):
             _switch(environment, plan, action, run_id, reason, approver, story, changes)
         elif isinstance(action, HealthGate):
-            health = _health(environment, action, health_url, story)
+            health = _health(environment, action, story)
             gate(plan, health)
         elif isinstance(action, ReplaceRecord):
-            check_record_change(plan, health)
+            check_record_change(plan, action, health)
             # Recorded before the write: a timeout may hide a write the server did apply.
-            changes.append(ReplacedRecord(action.old))
-            written = replace_dns(untraced(environment), action.new)
-            seen = read_back_dns(untraced(environment), written, READ_BACK_SECONDS)
+            changes.append(ReplacedRecord(action))
+            written = replace_dns(untraced(environment), action, action.new)
+            seen = read_back_dns(untraced(environment), action, written, READ_BACK_SECONDS)
             story.add(
-                "dns", "ok", f"{action.name} reads back {', '.join(sorted(seen))}", tell=True, after=[seen]
+                "dns", "ok", f"{action.fqdn} reads back {', '.join(sorted(seen))}", tell=True, after=[seen]
             )
-        done.append(action.describe())
+        elif isinstance(action, WaitTtl) and not action.skip:
+            story.add("dns", "ok", f"waiting {action.seconds} s for the old TTL of {', '.join(action.names)}")
+            wait_ttl(action.seconds, action.names)
+        done.append(f"{action.describe()} [{time.monotonic() - started:.1f} s]")
     return tuple(done)
 
 
@@ -315,7 +358,7 @@ def _undo(
     for change in reversed(changes):
         try:
             if isinstance(change, ReplacedRecord):
-                undone.append(_undo_dns(environment, change))
+                undone.append(_undo_dns(environment, change.action))
             else:
                 undone += _undo_switch(environment, plan, run_id, reason, story, change)
         except Exception as e:  # noqa: BLE001 - one failed undo must not hide the failure or the other undos
@@ -323,12 +366,12 @@ def _undo(
     return undone
 
 
-def _undo_dns(environment: Environment, change: ReplacedRecord) -> str:
-    if read_dns(untraced(environment)) == change.old:
-        return f"DNS still held {', '.join(sorted(change.old))}: nothing to put back"
-    written = replace_dns(untraced(environment), change.old)
-    read_back_dns(untraced(environment), written, READ_BACK_SECONDS)
-    return f"DNS put back to {', '.join(sorted(change.old))}"
+def _undo_dns(environment: Environment, action: ReplaceRecord) -> str:
+    if read_dns(untraced(environment)).get(action.name, ARecords(frozenset(), None)).ips == action.old:
+        return f"{action.fqdn} still held {', '.join(sorted(action.old))}: nothing to put back"
+    written = replace_dns(untraced(environment), action, action.old)
+    read_back_dns(untraced(environment), action, written, READ_BACK_SECONDS)
+    return f"{action.fqdn} put back to {', '.join(sorted(action.old))}"
 
 
 def _undo_switch(
@@ -355,7 +398,7 @@ def _undo_switch(
         kind="undo",
         step=f"undo-{step}",
         title=f"Revert failover: {step}",
-        description=f"Undo of {ref} after a failed failover to {plan.target.label}."
+        description=f"Undo of {ref} after a failed failover {plan.target.label}."
         f"\n\nReason of the failover: {reason}\n\n```diff\n{branch.diff}```\n",
         approver="twincd undo",
     )

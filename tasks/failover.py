@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import functools
+import time
+
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.common import FRESH, IO_RETRIES
 from twincd import failover, kustomize, wiring
 from twincd.config import Environment
-from twincd.domain import ReleaseBranch, Role, RolloutVerdict
+from twincd.domain import ARecords, ReleaseBranch, Role, RolloutVerdict
 from twincd.errors import TwincdError
-from twincd.failover import FailoverPlan, Health, Overlay, SwitchComponents, read_back, switch_edit
+from twincd.failover import (
+    FailoverPlan,
+    Health,
+    Overlay,
+    ReplaceRecord,
+    SwitchComponents,
+    consecutive,
+    read_back,
+    switch_edit,
+)
 
 
 @task(name="read-overlays", **IO_RETRIES, **FRESH)
@@ -24,10 +36,13 @@ def read_overlays(env: Environment) -> tuple[Overlay, ...]:
 
 
 @task(name="read-dns", **IO_RETRIES, **FRESH)
-def read_dns(env: Environment) -> frozenset[str] | None:
-    """The record's IPs at the authoritative server; None when DNS is not managed by twincd."""
+def read_dns(env: Environment) -> dict[str, ARecords]:
+    """Every app's records (by name relative to the zone) as the authoritative server holds them,
+    with their TTL; empty when DNS is not managed by twincd."""
     dns = wiring.dns(env)
-    return dns.read_a(env.dns_record()[0]) if dns.managed else None
+    if not dns.managed:
+        return {}
+    return {r.name: dns.read(r.name) for app in env.apps for r in env.app_records(app)}
 
 
 @task(name="publish-plan")
@@ -37,7 +52,7 @@ def publish_plan(plan: FailoverPlan, reason: str, dry_run: bool, emergency: bool
     create_markdown_artifact(
         markdown=markdown,
         key=f"failover-plan-{plan.target.label}",
-        description=f"Failover plan: {plan.current.describe()} → {plan.target.label}",
+        description=f"Failover plan: {plan.summary()}",
     )
     return markdown
 
@@ -77,41 +92,57 @@ def verify_role(env: Environment, cluster_name: str, app: str, role: Role, revis
     return wiring.rollouts(env).verify_role(target, role=role, app=app, timeout=env.timeouts.rollout_seconds)
 
 
-@task(name="check-health", task_run_name="health-{cluster_name}", **FRESH)
-def check_health(env: Environment, cluster_name: str) -> Health:
-    """API reachable and every app's workload available at its full replica count (one look)."""
-    specs = [env.app(app).workload for app in env.apps]
+@task(name="check-health", task_run_name="health-{app}-{cluster_name}", **FRESH)
+def check_health(env: Environment, app: str, cluster_name: str) -> Health:
+    """API reachable and the app's workload available at its full replica count (one look)."""
+    w = env.app(app).workload
+    what = f"{w.kind} {w.namespace}/{w.name}"
     try:
-        found = wiring.cluster(env, cluster_name).workloads([(w.kind, w.namespace, w.name) for w in specs])
+        (found,) = wiring.cluster(env, cluster_name).workloads([(w.kind, w.namespace, w.name)])
     except TwincdError as e:
-        return Health(cluster_name, False, (f"API server: {e}",))
-    return failover.workload_health(
-        cluster_name,
-        [
-            (app, f"{w.kind} {w.namespace}/{w.name}", obj)
-            for app, w, obj in zip(env.apps, specs, found, strict=True)
-        ],
-    )
+        return Health(app, cluster_name, False, (f"API server: {e}",))
+    return failover.workload_health(app, cluster_name, what, found)
 
 
-@task(name="probe-health", task_run_name="probe-{cluster_name}", **FRESH)
-def probe_health(env: Environment, cluster_name: str, health_url: str, health: Health) -> Health:
-    """The HTTP health URL through the cluster's ingress IP, with the public name as Host."""
-    url = health_url.format(ingress_ip=env.clusters[cluster_name].ingress_ip)
-    ok, seen = wiring.probe().check(url, host=env.dns_record()[1])
-    return failover.with_probe(health, seen, ok)
+@task(name="probe-health", task_run_name="probe-{health.app}-{health.cluster}", **FRESH)
+def probe_health(env: Environment, health: Health) -> Health:
+    """The app's health path through every ingress IP of the cluster, as its clients reach it: the
+    public name as Host and SNI, its certificate verified, several 2xx answers in a row per IP."""
+    cfg = env.app(health.app).health
+    assert cfg is not None
+    host = cfg.host or env.app_records(health.app)[0].fqdn
+    ca_file = str(env.path(cfg.ca_file)) if cfg.ca_file else None
+    probe = wiring.probe(cfg.timeout_seconds)
+    for ip in env.clusters[health.cluster].ips:
+        url = f"{cfg.scheme}://{ip}:{cfg.effective_port}{cfg.path}"
+        ok, seen = consecutive(
+            functools.partial(probe.check, url, host=host, ca_file=ca_file),
+            successes=cfg.successes,
+            attempts=cfg.attempts,
+            interval=cfg.interval_seconds,
+        )
+        health = failover.with_probe(health, seen, ok)
+        if not ok:
+            break
+    return health
 
 
-@task(name="replace-dns", **IO_RETRIES, **FRESH)
-def replace_dns(env: Environment, ips: frozenset[str]) -> frozenset[str]:
+@task(name="replace-dns", task_run_name="dns-{action.fqdn}", **IO_RETRIES, **FRESH)
+def replace_dns(env: Environment, action: ReplaceRecord, ips: frozenset[str]) -> frozenset[str]:
     """Replace the record set with ``ips`` (one atomic change); returns what was written."""
-    name, _, ttl = env.dns_record()
-    wiring.dns(env).replace_a(name, ips, ttl=ttl)
+    wiring.dns(env).replace_a(action.name, ips, ttl=action.ttl)
     return ips
 
 
-@task(name="read-back-dns", **FRESH)
-def read_back_dns(env: Environment, expect: frozenset[str], timeout: float = 30.0) -> frozenset[str]:
+@task(name="read-back-dns", task_run_name="read-back-{action.fqdn}", **FRESH)
+def read_back_dns(
+    env: Environment, action: ReplaceRecord, expect: frozenset[str], timeout: float = 30.0
+) -> frozenset[str]:
     """Poll the authoritative server until the record holds exactly ``expect`` (bounded)."""
-    name, shown, _ = env.dns_record()
-    return read_back(wiring.dns(env), name, expect, shown_as=shown, timeout=timeout)
+    return read_back(wiring.dns(env), action.name, expect, shown_as=action.fqdn, timeout=timeout)
+
+
+@task(name="wait-ttl", task_run_name="ttl-wait-{seconds}s")
+def wait_ttl(seconds: int, names: tuple[str, ...]) -> None:
+    """Let the old record sets expire from resolvers' caches before their IPs stop serving."""
+    time.sleep(seconds)

@@ -281,11 +281,16 @@ def _resume(env: Environment, name: str, run_input: dict[str, Any], run_id: str 
     with get_client(sync_client=True) as client:
         waiting = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
-                name=FlowRunFilterName(like_=name),
+                name=FlowRunFilterName(like_=name.removesuffix("*")),
                 state=FlowRunFilterState(name=FlowRunFilterStateName(any_=list(waits.WAITING_STATES))),
             )
         )
-        runs = [r for r in waiting if r.name == name and (not run_id or str(r.id) == run_id)]
+        runs = [
+            r
+            for r in waiting
+            if (r.name == name or name.endswith("*") and r.name.startswith(name[:-1]))
+            and (not run_id or str(r.id) == run_id)
+        ]
     if not runs:
         print(
             f"no waiting run named {name}{' with id ' + run_id if run_id else ''}: "
@@ -366,11 +371,8 @@ def _cannot_answer(env: Environment, run: Any) -> str:
 def cmd_approve(env: Environment, args: argparse.Namespace) -> int:
     _use_prefect(env)
 
-    target = (
-        f"failover-{args.app}"
-        if args.app in ("active-active", "active-standby")
-        else f"deploy-{args.app}-{args.tag}"
-    )
+    # One failover runs at a time (flows/turns.py): `failover` finds it whatever its target.
+    target = "failover-*" if args.app == "failover" else f"deploy-{args.app}-{args.tag}"
     return _resume(
         env,
         target,
@@ -446,14 +448,18 @@ def cmd_watch_waits(env: Environment, args: argparse.Namespace) -> int:
 
 
 def cmd_failover(env: Environment, args: argparse.Namespace) -> int:
+    for app in args.apps:
+        env.app(app)  # an unknown app is refused before anything starts
     parameters = {
-        "mode": "active-active" if args.active_active else "active-standby",
+        "mode": None if args.evacuate else "active-active" if args.active_active else "active-standby",
         "active": args.to,
+        "apps": args.apps,
+        "evacuate": args.evacuate or "",
+        "force": args.force,
         "dry_run": args.dry_run,
         "reason": args.reason,
         "emergency": args.emergency,
         "auto_approve": args.auto_approve,
-        "health_url": args.health_url,
     }
     if not (args.dry_run or args.emergency or args.auto_approve):
         return _start_deployment(env, FAILOVER, parameters, args.env)  # waits for the plan's approval
@@ -515,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         "--image", default="", metavar="REF@sha256:...", help="an image CI built and pushed: no build or push"
     )
     p = sub.add_parser("approve", help="approve (or --refuse) the release or failover waiting for a merge")
-    p.add_argument("app", help="the app, or `active-active` / `active-standby` for a failover")
+    p.add_argument("app", help="the app, or `failover` for the failover waiting")
     p.add_argument("tag", nargs="?", default="", help="the release tag (not for a failover)")
     p.add_argument("--refuse", action="store_true")
     p.add_argument("--approver", default=os.environ.get("USER", "cli"))
@@ -525,17 +531,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     p = sub.add_parser("demo", help="up + seed + deploy with auto-approve; leaves the stack running")
     p.add_argument("--tag", default="v1.0.0")
-    p = sub.add_parser("failover", help="switch Active/Active <-> Active/Standby through git and DNS")
+    p = sub.add_parser(
+        "failover", help="switch apps Active/Active <-> Active/Standby, or evacuate a cloud, via git and DNS"
+    )
+    p.add_argument("apps", nargs="*", metavar="APP", help="the apps to switch (default: every app)")
     side = p.add_mutually_exclusive_group(required=True)
     side.add_argument("--to", metavar="CLUSTER", help="active-standby with CLUSTER serving")
     side.add_argument("--active-active", action="store_true", help="every cluster serves")
+    side.add_argument(
+        "--evacuate",
+        metavar="CLUSTER|CLOUD",
+        help="every app off that cluster or cloud: Active/Standby apps promoted elsewhere, "
+        "Active/Active apps narrowed, constraints kept",
+    )
+    p.add_argument("--force", action="store_true", help="break an app's topology constraint (`only:`)")
     p.add_argument("--reason", default="", help="why (required unless --dry-run); recorded everywhere")
     p.add_argument("--dry-run", action="store_true", help="show the plan and stop")
     p.add_argument(
-        "--emergency", action="store_true", help="merge without waiting for approval (still audited)"
+        "--emergency",
+        action="store_true",
+        help="merge without waiting for approval and skip the TTL wait before demoting (still audited)",
     )
     p.add_argument("--auto-approve", action="store_true")
-    p.add_argument("--health-url", default="", help="HTTP health URL checked through each ingress IP")
     p = sub.add_parser("serve", help="serve the flows as Prefect deployments (no worker needed)")
     p.add_argument("--without-schedules", action="store_true", help="no drift-check or watch-waits cron")
     sub.add_parser("watch-waits", help="resume the runs whose MR was merged or closed, or whose wait is over")

@@ -8,8 +8,10 @@ file is refused instead of being carried around.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -192,7 +194,10 @@ class ClusterConfig(_Model):
     context: str
     kubeconfig: str | None = None
     overlay: str
-    ingress_ip: str | None = None
+    # Where the cluster's ingress (load balancer) answers. An AWS NLB has one IP per availability
+    # zone and an Azure LB may have several front ends: list them all, or DNS loses that redundancy.
+    ingress_ips: tuple[str, ...] = ()
+    ingress_ip: str | None = None  # one IP; the same as `ingress_ips: [IP]`
     registry: str | None = None  # the registry this cluster pulls from; default: the app's first
     sync: Literal["argocd", "apply"] = "argocd"
     argocd: ArgoCDConfig | None = None
@@ -201,12 +206,41 @@ class ClusterConfig(_Model):
     def _argocd_needed(self) -> ClusterConfig:
         if self.sync == "argocd" and self.argocd is None:
             raise ValueError("sync: argocd needs an `argocd: {context: ...}` entry")
+        if self.ingress_ip and self.ingress_ips:
+            raise ValueError("give `ingress_ips` (a list) or `ingress_ip`, not both")
+        for ip in self.ips:
+            try:
+                ipaddress.IPv4Address(ip)
+            except ValueError:
+                raise ValueError(f"ingress IP {ip!r} is not an IPv4 address (A records hold IPv4)") from None
         return self
+
+    @property
+    def ips(self) -> tuple[str, ...]:
+        """Every ingress IP of the cluster, as DNS publishes them when the cluster serves."""
+        return self.ingress_ips or ((self.ingress_ip,) if self.ingress_ip else ())
 
 
 class TopologyConfig(_Model):
+    """An app's topology as first laid out (``twincd up`` seeds it); the overlays in git say what
+    it is now. ``only`` is a constraint every failover keeps unless forced, ``why`` says why."""
+
     mode: Literal["active-active", "active-standby"] = "active-active"
     active: str | None = None
+    only: Literal["active-active", "active-standby"] | None = None
+    why: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TopologyConfig:
+        if self.mode == "active-standby" and not self.active:
+            raise ValueError("mode active-standby needs `active: <cluster>`")
+        if self.mode == "active-active" and self.active:
+            raise ValueError("mode active-active takes no `active` (every cluster serves)")
+        if self.only and not self.why.strip():
+            raise ValueError("a constraint (`only`) needs `why`: the plan shows it to whoever breaks it")
+        if self.only and self.only != self.mode:
+            raise ValueError(f"mode {self.mode} breaks the app's own constraint only: {self.only}")
+        return self
 
 
 class DnsNone(_Model):
@@ -217,7 +251,7 @@ class DnsRfc2136(_Model):
     type: Literal["rfc2136"]
     server: str
     zone: str
-    record: str
+    record: str | None = None  # the default record of an app without `dns:` of its own
     ttl: int = 60
     key: SecretRef
 
@@ -229,7 +263,7 @@ class DnsRoute53(_Model):
 
     type: Literal["route53"]
     zone: str
-    record: str
+    record: str | None = None  # the default record of an app without `dns:` of its own
     ttl: int = 60
     hosted_zone_id: str | None = None
     region: str = "us-east-1"
@@ -243,11 +277,55 @@ class DnsAzure(_Model):
     subscription_id: str
     resource_group: str
     zone: str
-    record: str
+    record: str | None = None  # the default record of an app without `dns:` of its own
     ttl: int = 60
     base_url: str | None = (
         None  # the ARM endpoint, default https://management.azure.com (other clouds, tests)
     )
+
+
+class AppDns(_Model):
+    """An app's own A record(s) in the environment's zone (provider and zone come from `dns:`)."""
+
+    record: str | None = None
+    records: tuple[str, ...] = ()  # several names for the same app (e.g. shop and www.shop)
+    ttl: int | None = Field(default=None, ge=1)  # default: the environment's dns.ttl
+
+    @model_validator(mode="after")
+    def _one(self) -> AppDns:
+        if bool(self.record) == bool(self.records):
+            raise ValueError("give `record` (one name) or `records` (a list), not both or neither")
+        return self
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.records or (str(self.record),)
+
+
+class HealthConfig(_Model):
+    """The failover health gate's check of an app through each ingress IP, as a client reaches it:
+    the app's public name as Host and TLS SNI, the certificate verified for that name, 2xx only."""
+
+    path: str
+    scheme: Literal["https", "http"] = "https"
+    port: int | None = Field(default=None, ge=1, le=65535)  # default 443 / 80
+    host: str | None = None  # default: the app's first DNS name
+    ca_file: str | None = None  # PEM bundle that signs the ingress certificate; default: system CAs
+    successes: int = Field(default=3, ge=1)  # consecutive 2xx answers needed per IP
+    interval_seconds: float = Field(default=1.0, ge=0)
+    timeout_seconds: float = Field(default=5.0, gt=0)
+    attempts: int = Field(default=10, ge=1)  # per IP, before the gate fails
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with `/` (e.g. /healthz)")
+        return value
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or (443 if self.scheme == "https" else 80)
 
 
 class WorkloadConfig(_Model):
@@ -263,6 +341,9 @@ class AppConfig(_Model):
     registries: tuple[str, ...]
     tag_pattern: str = DEFAULT_TAG_PATTERN
     workload: WorkloadConfig
+    topology: TopologyConfig | None = None  # default: the environment's `topology`
+    dns: AppDns | None = None  # default: the environment's dns.record (for one app only)
+    health: HealthConfig | None = None  # the failover health gate's HTTP check; off without it
 
     _repo = field_validator("repo")(_no_credentials)
 
@@ -397,8 +478,27 @@ class Environment(_Model):
             raise ValueError(f"rollout.order names unknown cluster(s) {', '.join(unknown)}")
         if self.rollout.order and sorted(self.rollout.order) != sorted(self.clusters):
             raise ValueError("rollout.order must list every cluster exactly once")
-        if self.topology.mode == "active-standby" and self.topology.active not in self.clusters:
-            raise ValueError("topology.active must name one of the clusters when mode is active-standby")
+        return self
+
+    @model_validator(mode="after")
+    def _topologies_and_records(self) -> Environment:
+        for where, topology in [("topology", self.topology)] + [
+            (f"apps.{a}.topology", app.topology) for a, app in self.apps.items() if app.topology
+        ]:
+            if topology.active is not None and topology.active not in self.clusters:
+                raise ValueError(
+                    f"{where}.active names {topology.active!r}, not one of the clusters "
+                    f"({', '.join(self.clusters)})"
+                )
+        owners: dict[str, str] = {}
+        for app in self.apps:
+            for record in self.app_records(app):
+                if record.fqdn in owners:
+                    raise ValueError(
+                        f"apps {owners[record.fqdn]} and {app} both use the DNS record {record.fqdn}: "
+                        "each app needs its own (`apps.<app>.dns.record`), or one failover would move both"
+                    )
+                owners[record.fqdn] = app
         return self
 
     def git_credential(self, url: str) -> GitCredential | None:
@@ -434,17 +534,31 @@ class Environment(_Model):
             return [tuple(self.clusters)]
         return [(c,) for c in (self.rollout.order or tuple(self.clusters))]
 
-    def dns_record(self) -> tuple[str, str, int]:
-        """The managed record: (name relative to the zone, full name for people, TTL); "" when unmanaged."""
+    def app_records(self, app: str) -> tuple[RecordName, ...]:
+        """The A records that send clients to ``app`` (none when twincd does not manage its DNS)."""
         if self.dns.type == "none":
-            return "", "", 60
-        return self.dns.record, f"{self.dns.record}.{self.dns.zone}", self.dns.ttl
+            return ()
+        own = self.app(app).dns
+        names = own.names if own else ((self.dns.record,) if self.dns.record else ())
+        ttl = own.ttl if own and own.ttl else self.dns.ttl
+        return tuple(RecordName(n, f"{n}.{self.dns.zone}" if n != "@" else self.dns.zone, ttl) for n in names)
 
-    def serving_clusters(self) -> frozenset[str]:
-        """The clusters the topology says take traffic (Active/Standby: the active one only)."""
-        if self.topology.mode == "active-standby" and self.topology.active is not None:
-            return frozenset({self.topology.active})
+    def app_topology(self, app: str) -> TopologyConfig:
+        """The app's topology as configured: its own, else the environment's."""
+        return self.app(app).topology or self.topology
+
+    def serving_clusters(self, app: str) -> frozenset[str]:
+        """The clusters the app's configured topology says take traffic (Active/Standby: the active one)."""
+        topology = self.app_topology(app)
+        if topology.mode == "active-standby" and topology.active is not None:
+            return frozenset({topology.active})
         return frozenset(self.clusters)
+
+    def argocd_cluster(self) -> str | None:
+        """The cluster that hosts Argo CD (the one whose context the `argocd:` entries name)."""
+        contexts = {c.argocd.context for c in self.clusters.values() if c.argocd is not None}
+        hosts = [name for name, c in self.clusters.items() if c.context in contexts]
+        return hosts[0] if len(hosts) == 1 else None
 
     def applications(self, cluster: str) -> dict[str, str | None]:
         """app → the Argo CD Application that owns it on ``cluster`` (None: no Argo CD there)."""
@@ -476,6 +590,15 @@ class Environment(_Model):
 
 class UnknownApp(PermanentError):
     pass
+
+
+@dataclass(frozen=True)
+class RecordName:
+    """One managed A record: its name relative to the zone, its full name, the TTL twincd writes."""
+
+    name: str
+    fqdn: str
+    ttl: int
 
 
 def _where(loc: tuple[int | str, ...]) -> str:

@@ -17,6 +17,14 @@ _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
+class ARecords:
+    """A name's whole A record set as the authoritative server holds it."""
+
+    ips: frozenset[str]
+    ttl: int | None  # seconds; None when there is no record set
+
+
+@dataclass(frozen=True)
 class ImageRef:
     """An image pinned by digest: ``registry/name@sha256:...``; the tag is kept for people."""
 

@@ -1,16 +1,21 @@
 """Failover planning: current topology + target → an ordered plan that never drops traffic.
 
 Pure: no I/O, no Prefect, no SDK. The flow reads the topology (which Kustomize Component each
-app overlay references, which IPs the DNS record holds), asks ``plan_failover`` for the actions,
-publishes ``FailoverPlan.markdown()`` and executes the actions in order. The order is the whole
-point (issue #7): bring up what will serve, check it is healthy, point DNS at it, read DNS back,
-and only then stop what no longer serves.
+app overlay references, which IPs each app's DNS records hold and their TTL), asks
+``plan_failover`` for the actions, publishes ``FailoverPlan.markdown()`` and executes the actions
+in order. Topology is per app: each app has its own record(s) and may be Active/Active or
+Active/Standby, and may carry a constraint (``only``) a failover keeps unless forced.
+
+The order is the whole point: bring up what will serve (promote), check it is healthy (gate),
+point DNS at it, read DNS back, wait for the old record set's TTL so that resolvers stop handing
+out the old IPs, and only then stop what no longer serves (demote).
 
 Rules enforced here rather than in the flow, so unit tests pin them:
 - a plan never publishes an empty record set (never remove the last IP);
-- ``gate`` refuses to publish any IP whose cluster failed its health check, and refuses the DNS
-  change unless at least one healthy IP stays in the record;
-- a topology already at the target gives an empty plan (no MR, no DNS write).
+- ``gate`` refuses to publish any IP of a cluster that failed the app's health check, and
+  refuses a DNS change unless a healthy IP stays in the record;
+- a topology already at the target gives an empty plan (no MR, no DNS write);
+- a constraint is broken only with ``force``, and the plan says so and why the constraint exists.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import posixpath
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,7 +31,7 @@ from typing import Literal
 import yaml
 
 from twincd.config import Environment
-from twincd.domain import Phase, Role, RolloutVerdict
+from twincd.domain import ARecords, Phase, Role, RolloutVerdict
 from twincd.errors import PermanentError, TransientError
 from twincd.ports import Dns
 
@@ -37,7 +42,7 @@ Mode = Literal["active-active", "active-standby"]
 
 
 class PlanError(PermanentError):
-    """The target cannot be reached safely from here (unknown cluster, no ingress IP, ...)."""
+    """The target cannot be reached safely from here (unknown cluster, no ingress IP, a constraint)."""
 
 
 class HealthGateFailed(PermanentError):
@@ -55,44 +60,115 @@ class Overlay:
 
 
 @dataclass(frozen=True)
-class Topology:
-    """What runs where now: overlays at the manifests branch head, and the DNS record."""
+class Constraint:
+    """What an app's topology must stay (``only``), and why (shown whenever a plan meets it)."""
 
-    clusters: tuple[str, ...]
-    ingress_ips: tuple[tuple[str, str | None], ...]  # (cluster, ingress IP) in cluster order
+    only: Mode
+    why: str
+
+    def allows(self, serving: Sequence[str], clusters: Sequence[str]) -> bool:
+        if self.only == "active-standby":
+            return len(serving) == 1
+        return set(serving) == set(clusters)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One A record of an app as the authority holds it now (``ttl``: as read; None: no set)."""
+
+    name: str  # relative to the zone
+    fqdn: str
+    ips: frozenset[str]
+    ttl: int | None
+    write_ttl: int  # the TTL twincd writes (configured)
+
+
+@dataclass(frozen=True)
+class AppState:
+    """One app now: its overlays' components, its DNS records (empty: not managed), its constraint."""
+
+    app: str
     overlays: tuple[Overlay, ...]
-    record: frozenset[str] | None  # None: DNS is not managed by twincd
-    record_name: str = ""  # e.g. "web.example.test", for people
-
-    def ip(self, cluster: str) -> str | None:
-        return dict(self.ingress_ips).get(cluster)
+    records: tuple[Record, ...] = ()
+    constraint: Constraint | None = None
 
     def role(self, cluster: str) -> Role:
         roles = {o.role for o in self.overlays if o.cluster == cluster}
         return roles.pop() if len(roles) == 1 else "unknown"
 
-    def describe(self) -> str:
-        roles = ", ".join(f"{c} {self.role(c)}" for c in self.clusters)
-        dns = "not managed" if self.record is None else (", ".join(sorted(self.record)) or "no A records")
-        return f"{roles}; {self.record_name or 'DNS'}: {dns}"
+    def serving(self, clusters: Sequence[str]) -> tuple[str, ...]:
+        return tuple(c for c in clusters if self.role(c) == "active")
+
+
+@dataclass(frozen=True)
+class Topology:
+    """What runs where now: every app's overlays at the manifests branch head and its records."""
+
+    clusters: tuple[str, ...]
+    ingress_ips: tuple[tuple[str, tuple[str, ...]], ...]  # (cluster, its ingress IPs) in cluster order
+    apps: tuple[AppState, ...]
+    dns_managed: bool = True
+
+    def ips(self, cluster: str) -> tuple[str, ...]:
+        return dict(self.ingress_ips).get(cluster, ())
+
+    def app(self, name: str) -> AppState:
+        for a in self.apps:
+            if a.app == name:
+                return a
+        raise PlanError(f"unknown app {name!r} (known: {', '.join(a.app for a in self.apps)})")
+
+    def describe(self, app: AppState) -> str:
+        roles = ", ".join(f"{c} {app.role(c)}" for c in self.clusters)
+        if not app.records:
+            return f"{roles}; DNS not managed"
+        records = "; ".join(f"{r.fqdn}: {', '.join(sorted(r.ips)) or 'no A records'}" for r in app.records)
+        return f"{roles}; {records}"
 
 
 @dataclass(frozen=True)
 class Target:
-    mode: Mode
+    """What is asked: some apps (none named: every app) to a mode, or every app off some clusters."""
+
+    mode: Mode | None = None
     active: str | None = None  # the serving cluster when mode is active-standby
+    apps: tuple[str, ...] = ()
+    evacuate: tuple[str, ...] = ()  # clusters every app stops serving from
 
     @property
     def label(self) -> str:
-        """For branch names and artifact keys: ``active-active`` or ``active-standby-aks``."""
-        return self.mode if self.mode == "active-active" else f"{self.mode}-{self.active}"
+        """For branch names and artifact keys: ``evacuate-aks``, ``hello-active-standby-aks``."""
+        if self.evacuate:
+            return "evacuate-" + "-".join(self.evacuate)
+        mode = self.mode if self.mode == "active-active" else f"{self.mode}-{self.active}"
+        return "-".join([*self.apps, mode])
 
-    def serving(self, clusters: Sequence[str]) -> tuple[str, ...]:
-        return (
-            tuple(clusters)
-            if self.mode == "active-active"
-            else tuple(c for c in clusters if c == self.active)
-        )
+    def serving(self, app: AppState, clusters: Sequence[str]) -> tuple[str, ...]:
+        """The clusters that serve ``app`` once this target is reached."""
+        if not self.evacuate:
+            return tuple(clusters) if self.mode == "active-active" else (str(self.active),)
+        left = tuple(c for c in app.serving(clusters) if c not in self.evacuate)
+        # An app served only from the evacuated side is promoted on the first cluster left.
+        return left or tuple(c for c in clusters if c not in self.evacuate)[:1]
+
+
+def mode_label(serving: Sequence[str], clusters: Sequence[str]) -> str:
+    if set(serving) == set(clusters):
+        return "active-active"
+    if len(serving) == 1:
+        return f"active-standby on {serving[0]}"
+    return f"active-active on {', '.join(serving)} only"
+
+
+@dataclass(frozen=True)
+class AppChange:
+    """One app's line in the plan: where it is, where it goes, and the constraint it meets."""
+
+    app: str
+    current: str
+    target: str
+    serving: tuple[str, ...]
+    constraint: str = ""  # "only active-standby: <why>", plus "BROKEN by --force" when so
 
 
 @dataclass(frozen=True)
@@ -119,40 +195,73 @@ class SwitchComponents:
 
 @dataclass(frozen=True)
 class HealthGate:
-    """Every serving cluster must be healthy before DNS names it (and before anything is demoted)."""
+    """Every (app, cluster) that will serve must be healthy before DNS names it or anything is demoted."""
 
-    clusters: tuple[str, ...]
-    http: bool = False
+    checks: tuple[tuple[str, str], ...]  # (app, cluster)
+    http: tuple[str, ...] = ()  # apps whose HTTP health path is checked through every ingress IP
+
+    @property
+    def clusters(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(c for _, c in self.checks))
 
     def describe(self) -> str:
-        extra = ", HTTP health URL through the ingress IP" if self.http else ""
-        return f"**health gate** {', '.join(self.clusters)}: API reachable, workloads available{extra}"
+        parts = []
+        for app in dict.fromkeys(a for a, _ in self.checks):
+            clusters = ", ".join(c for a, c in self.checks if a == app)
+            how = "workload available" + (
+                ", HTTP health path through every ingress IP (Host, SNI, certificate, 2xx)"
+                if app in self.http
+                else ""
+            )
+            parts.append(f"{app} on {clusters} ({how})")
+        return f"**health gate** {'; '.join(parts)}"
 
 
 @dataclass(frozen=True)
 class ReplaceRecord:
-    """Replace the whole A record set in one atomic change, then read it back until it shows ``new``."""
+    """Replace an app's whole A record set in one atomic change, then read it back until it shows ``new``."""
 
-    name: str
+    app: str
+    name: str  # relative to the zone
+    fqdn: str
     old: frozenset[str]
     new: frozenset[str]
+    ttl: int  # written with the new set
 
     def describe(self) -> str:
         old = ", ".join(sorted(self.old)) or "(none)"
         return (
-            f"**dns** replace A `{self.name}` {old} → {', '.join(sorted(self.new))}, "
+            f"**dns** replace A `{self.fqdn}` {old} → {', '.join(sorted(self.new))} (TTL {self.ttl}), "
             "read back from the authoritative server until it shows the new set"
         )
 
 
-Action = SwitchComponents | HealthGate | ReplaceRecord
+@dataclass(frozen=True)
+class WaitTtl:
+    """Resolvers may hand out a removed IP until the old set's TTL runs out: demote after that."""
+
+    seconds: int
+    names: tuple[str, ...]
+    skip: bool = False  # --emergency
+
+    def describe(self) -> str:
+        names = ", ".join(f"`{n}`" for n in self.names)
+        if self.skip:
+            return (
+                f"**TTL wait** skipped (emergency): resolvers may still send clients to the removed IPs "
+                f"of {names} for up to {self.seconds} s after the change"
+            )
+        return f"**TTL wait** {self.seconds} s (the old TTL of {names}) before anything is demoted"
+
+
+Action = SwitchComponents | HealthGate | ReplaceRecord | WaitTtl
 
 
 @dataclass(frozen=True)
 class FailoverPlan:
     current: Topology
     target: Target
-    serving: tuple[str, ...]
+    changes: tuple[AppChange, ...]
     actions: tuple[Action, ...]
     notes: tuple[str, ...] = ()
 
@@ -160,22 +269,26 @@ class FailoverPlan:
     def noop(self) -> bool:
         return not self.actions
 
+    def serving(self, app: str) -> tuple[str, ...]:
+        return next(c.serving for c in self.changes if c.app == app)
+
+    def summary(self) -> str:
+        return "; ".join(f"{c.app} {c.current.split(';')[0]} → {c.target}" for c in self.changes)
+
     def markdown(self, *, reason: str = "", dry_run: bool = False, emergency: bool = False) -> str:
-        lines = [f"# Failover to {self.target.label}", ""]
+        lines = [f"# Failover: {self.target.label}", ""]
         if dry_run:
             lines += ["**Dry run**: nothing below is carried out.", ""]
         if emergency:
             lines += ["**Emergency**: merges do not wait for approval (still recorded on the forge).", ""]
         if reason:
             lines += [f"Reason: {reason}", ""]
-        target = ", ".join(self.serving)
-        ips = ", ".join(ip for c in self.serving if (ip := self.current.ip(c)))
-        lines += [
-            f"- current: {self.current.describe()}",
-            f"- target: {self.target.label}: {target} {'serves' if len(self.serving) == 1 else 'serve'}"
-            + (f" ({ips})" if self.current.record is not None else ""),
-            "",
-        ]
+        for c in self.changes:
+            ips = ", ".join(ip for cluster in c.serving for ip in self.current.ips(cluster))
+            lines.append(f"- **{c.app}**: {c.current} → {c.target}" + (f" ({ips})" if ips else ""))
+            if c.constraint:
+                lines.append(f"  - constraint: {c.constraint}")
+        lines.append("")
         if self.noop:
             lines.append("Already at the target: nothing to do.")
         else:
@@ -226,50 +339,126 @@ def switch_edit(overlay: Overlay, role: Role) -> tuple[list[str], list[str]]:
     return [component_path(overlay.file, other)], [component_path(overlay.file, role)]
 
 
-def plan_failover(current: Topology, target: Target, *, http_health: bool = False) -> FailoverPlan:
-    """The ordered actions from ``current`` to ``target`` (empty when already there)."""
-    if target.mode == "active-standby":
-        if target.active not in current.clusters:
-            raise PlanError(
-                f"active-standby needs the active cluster, one of {', '.join(current.clusters)}; "
-                f"got {target.active!r}"
-            )
-    elif target.active is not None:
-        raise PlanError("active-active takes no active cluster (every cluster serves)")
-    if not current.overlays:
-        raise PlanError("no app overlays found: nothing to switch")
-    serving = target.serving(current.clusters)
+def plan_failover(
+    current: Topology,
+    target: Target,
+    *,
+    http_health: Sequence[str] = (),
+    force: bool = False,
+    emergency: bool = False,
+) -> FailoverPlan:
+    """The ordered actions from ``current`` to ``target`` (empty when already there).
+
+    ``http_health``: the apps whose health gate includes the HTTP check through every ingress IP.
+    """
+    _check_target(current, target)
+    apps = [current.app(a) for a in target.apps] if target.apps else list(current.apps)
+    changes: list[AppChange] = []
     notes: list[str] = []
-
-    promote = [o for o in current.overlays if o.cluster in serving and o.role != "active"]
-    demote = [o for o in current.overlays if o.cluster not in serving and o.role != "standby"]
-    new_record: frozenset[str] | None = None
-    if current.record is not None:
-        missing = [c for c in serving if not current.ip(c)]
-        if missing:
-            raise PlanError(f"cluster(s) {', '.join(missing)} have no ingress_ip: DNS cannot point at them")
-        new_record = frozenset(ip for c in serving if (ip := current.ip(c)))
-    else:
-        notes.append(
-            "DNS is not managed by twincd (dns: none): point the record at "
-            + ", ".join(f"{c} ({current.ip(c) or 'no ingress_ip'})" for c in serving)
-            + " yourself, after the health gate and before the demotion takes effect."
+    promote: list[Overlay] = []
+    demote: list[Overlay] = []
+    checks: list[tuple[str, str]] = []
+    records: list[ReplaceRecord] = []
+    broken: list[str] = []
+    for app in apps:
+        if not app.overlays:
+            raise PlanError(f"{app.app}: no overlays found: nothing to switch")
+        serving = target.serving(app, current.clusters)
+        changes.append(_app_change(current, app, serving, force, broken))
+        up = [o for o in app.overlays if o.cluster in serving and o.role != "active"]
+        down = [o for o in app.overlays if o.cluster not in serving and o.role != "standby"]
+        dns = _record_changes(current, app, serving, notes)
+        promote += up
+        demote += down
+        records += dns
+        if up or down or dns:
+            # Also when nothing is promoted: whatever serves next is checked before DNS or a
+            # demotion leans on it.
+            checks += [(app.app, c) for c in serving]
+    if broken and not force:
+        raise PlanError(
+            "refusing to break a constraint (--force overrides, and the plan says so): " + "; ".join(broken)
         )
-
     actions: list[Action] = []
     if promote:
         actions.append(SwitchComponents("promote", "active", _clusters(promote, current), tuple(promote)))
-    dns_change = new_record is not None and new_record != current.record
-    if promote or demote or dns_change:
-        # Also when nothing is promoted: whatever serves next is checked before DNS or a demotion
-        # leans on it.
-        actions.append(HealthGate(serving, http=http_health))
-    if dns_change:
-        assert current.record is not None and new_record is not None
-        actions.append(ReplaceRecord(current.record_name, current.record, new_record))
+    if checks:
+        gated = tuple(a for a in dict.fromkeys(a for a, _ in checks) if a in http_health)
+        actions.append(HealthGate(tuple(checks), gated))
+    actions += records
+    shrinking = [r for r in records if r.old - r.new]
+    if demote and shrinking:
+        ttl = max(_old_ttl(current, r) for r in shrinking)
+        actions.append(WaitTtl(ttl, tuple(r.fqdn for r in shrinking), skip=emergency))
     if demote:
         actions.append(SwitchComponents("demote", "standby", _clusters(demote, current), tuple(demote)))
-    return FailoverPlan(current, target, serving, tuple(actions), tuple(notes))
+    return FailoverPlan(current, target, tuple(changes), tuple(actions), tuple(notes))
+
+
+def _check_target(current: Topology, target: Target) -> None:
+    unknown = [
+        c
+        for c in (*target.evacuate, *([target.active] if target.active else []))
+        if c not in current.clusters
+    ]
+    if unknown:
+        raise PlanError(
+            f"unknown cluster(s) {', '.join(map(repr, unknown))}; known: {', '.join(current.clusters)}"
+        )
+    if target.evacuate:
+        if target.mode is not None or target.active is not None:
+            raise PlanError("an evacuation takes no mode: every app keeps its topology on what is left")
+        if set(target.evacuate) >= set(current.clusters):
+            raise PlanError("evacuating every cluster leaves nothing to serve")
+    elif target.mode == "active-standby" and target.active is None:
+        raise PlanError(f"active-standby needs the active cluster, one of {', '.join(current.clusters)}")
+    elif target.mode == "active-active" and target.active is not None:
+        raise PlanError("active-active takes no active cluster (every cluster serves)")
+    elif target.mode is None:
+        raise PlanError("give a mode (active-active, or active-standby with the active cluster) or evacuate")
+    if not current.apps:
+        raise PlanError("no apps: nothing to switch")
+
+
+def _app_change(
+    current: Topology, app: AppState, serving: tuple[str, ...], force: bool, broken: list[str]
+) -> AppChange:
+    said = ""
+    if app.constraint is not None:
+        said = f"only {app.constraint.only}: {app.constraint.why}"
+        if not app.constraint.allows(serving, current.clusters):
+            broken.append(
+                f"{app.app} must stay {app.constraint.only} ({app.constraint.why}); "
+                f"the target makes it {mode_label(serving, current.clusters)}"
+            )
+            said += " (BROKEN by --force)" if force else " (would be broken)"
+    return AppChange(app.app, current.describe(app), mode_label(serving, current.clusters), serving, said)
+
+
+def _record_changes(
+    current: Topology, app: AppState, serving: tuple[str, ...], notes: list[str]
+) -> list[ReplaceRecord]:
+    if not app.records:
+        targets = ", ".join(f"{c} ({', '.join(current.ips(c)) or 'no ingress IP'})" for c in serving)
+        notes.append(
+            f"{app.app}: DNS is not managed by twincd: point its name at {targets} yourself, after the "
+            "health gate and before the demotion takes effect."
+        )
+        return []
+    missing = [c for c in serving if not current.ips(c)]
+    if missing:
+        raise PlanError(
+            f"cluster(s) {', '.join(missing)} have no ingress IP: DNS cannot point {app.app} at them"
+        )
+    new = frozenset(ip for c in serving for ip in current.ips(c))
+    return [
+        ReplaceRecord(app.app, r.name, r.fqdn, r.ips, new, r.write_ttl) for r in app.records if r.ips != new
+    ]
+
+
+def _old_ttl(current: Topology, change: ReplaceRecord) -> int:
+    record = next(r for r in current.app(change.app).records if r.fqdn == change.fqdn)
+    return record.ttl if record.ttl is not None else record.write_ttl
 
 
 def _clusters(overlays: Sequence[Overlay], topology: Topology) -> tuple[str, ...]:
@@ -279,37 +468,55 @@ def _clusters(overlays: Sequence[Overlay], topology: Topology) -> tuple[str, ...
 
 @dataclass(frozen=True)
 class Health:
-    """One cluster's health check: every check passed, or the first failure's reason."""
+    """One app's health on one cluster: every check passed, or the first failure's reason."""
 
+    app: str
     cluster: str
     healthy: bool
     checks: tuple[str, ...]  # what was checked, and how it went, for people
 
 
-def workload_health(
-    cluster: str, workloads: Sequence[tuple[str, str, Mapping[str, object] | None]]
-) -> Health:
-    """Every app's workload found and available at its full replica count (``(app, what, object)``).
+def workload_health(app: str, cluster: str, what: str, obj: Mapping[str, object] | None) -> Health:
+    """The app's workload found and available at its full replica count.
 
     One look, no waiting: the rollout was verified before, so anything short of healthy now is a
-    reason not to send traffic to ``cluster``. The first unhealthy workload ends the check.
+    reason not to send traffic to ``cluster``.
     """
-    checks: list[str] = []
-    for app, what, obj in workloads:
-        spec = obj.get("spec", {}) if obj is not None else {}
-        status = obj.get("status", {}) if obj is not None else {}
-        want = spec.get("replicas", 1) if isinstance(spec, Mapping) else 1
-        available = status.get("availableReplicas", 0) if isinstance(status, Mapping) else 0
-        if obj is None or not want or available < want:
-            shown = "not found" if obj is None else f"{available}/{want} replicas available"
-            return Health(cluster, False, (*checks, f"{app}: {what} {shown}"))
-        checks.append(f"{app}: {available}/{want} replicas available")
-    return Health(cluster, True, tuple(checks))
+    spec = obj.get("spec", {}) if obj is not None else {}
+    status = obj.get("status", {}) if obj is not None else {}
+    want = spec.get("replicas", 1) if isinstance(spec, Mapping) else 1
+    available = status.get("availableReplicas", 0) if isinstance(status, Mapping) else 0
+    if obj is None or not want or available < want:
+        shown = "not found" if obj is None else f"{available}/{want} replicas available"
+        return Health(app, cluster, False, (f"{what} {shown}",))
+    return Health(app, cluster, True, (f"{what}: {available}/{want} replicas available",))
 
 
 def with_probe(health: Health, check: str, ok: bool) -> Health:
     """``health`` plus one more check (an HTTP probe through the ingress): healthy only if both are."""
-    return Health(health.cluster, health.healthy and ok, (*health.checks, check))
+    return Health(health.app, health.cluster, health.healthy and ok, (*health.checks, check))
+
+
+def consecutive(
+    check: Callable[[], tuple[bool, str]],
+    *,
+    successes: int,
+    attempts: int,
+    interval: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[bool, str]:
+    """``successes`` healthy answers in a row within ``attempts`` tries: one lucky answer from a
+    pod that is still starting (or a flapping one) is not health."""
+    streak, seen = 0, ""
+    for attempt in range(1, attempts + 1):
+        ok, seen = check()
+        streak = streak + 1 if ok else 0
+        if streak >= successes:
+            return True, f"{seen} ({successes} in a row)"
+        if attempts - attempt < successes - streak:
+            break  # not enough tries left for the streak
+        sleep(interval)
+    return False, f"{seen} ({streak} of {successes} healthy answers in a row within {attempts} tries)"
 
 
 def role_verdict(
@@ -331,41 +538,40 @@ def role_verdict(
     return RolloutVerdict(verdict.cluster, Phase.SUCCEEDED, f"{app}: {verdict.message}", verdict.details)
 
 
-def gate(plan: FailoverPlan, health: Mapping[str, Health]) -> None:
-    """Raise HealthGateFailed unless every serving cluster is healthy.
+def gate(plan: FailoverPlan, health: Mapping[tuple[str, str], Health]) -> None:
+    """Raise HealthGateFailed unless every (app, cluster) the plan gates is healthy.
 
     Then no IP of an unhealthy cluster is ever published, and a record change always leaves at
     least one healthy IP (the serving set is never empty).
     """
-    unhealthy = [c for c in plan.serving if c not in health or not health[c].healthy]
+    checks = [c for a in plan.actions if isinstance(a, HealthGate) for c in a.checks]
+    unhealthy = [c for c in checks if c not in health or not health[c].healthy]
     if unhealthy:
         why = "; ".join(
-            f"{c}: {health[c].checks[-1] if c in health and health[c].checks else 'not checked'}"
-            for c in unhealthy
+            f"{app} on {cluster}: "
+            + (health[(app, cluster)].checks[-1] if (app, cluster) in health else "not checked")
+            for app, cluster in unhealthy
         )
-        raise HealthGateFailed(f"health gate failed for {', '.join(unhealthy)} ({why}); DNS was not changed")
-    check_record_change(plan, health)
-
-
-def check_record_change(plan: FailoverPlan, health: Mapping[str, Health]) -> None:
-    """The last line of defence before a DNS write: nothing unhealthy in, something healthy left."""
+        raise HealthGateFailed(f"health gate failed ({why}); DNS was not changed")
     for action in plan.actions:
-        if not isinstance(action, ReplaceRecord):
-            continue
-        healthy_ips = {ip for c, h in health.items() if h.healthy and (ip := plan.current.ip(c))}
-        unhealthy_ips = {ip for c, h in health.items() if not h.healthy and (ip := plan.current.ip(c))}
-        if not action.new:
-            raise HealthGateFailed(f"refusing to remove the last IP of {action.name}")
-        if action.new & unhealthy_ips:
-            raise HealthGateFailed(
-                f"refusing to publish {', '.join(sorted(action.new & unhealthy_ips))} in "
-                f"{action.name}: its cluster failed the health check"
-            )
-        if not action.new & healthy_ips:
-            raise HealthGateFailed(
-                f"refusing to change {action.name}: no IP of the new set belongs to a "
-                "cluster that passed the health check (the last healthy IP would go)"
-            )
+        if isinstance(action, ReplaceRecord):
+            check_record_change(plan, action, health)
+
+
+def check_record_change(
+    plan: FailoverPlan, action: ReplaceRecord, health: Mapping[tuple[str, str], Health]
+) -> None:
+    """The last line of defence before a DNS write: nothing unhealthy in, something healthy left."""
+    mine = {c: h for (app, c), h in health.items() if app == action.app}
+    healthy_ips = {ip for c, h in mine.items() if h.healthy for ip in plan.current.ips(c)}
+    if not action.new:
+        raise HealthGateFailed(f"refusing to remove the last IP of {action.fqdn}")
+    unchecked = sorted(action.new - healthy_ips)
+    if unchecked:
+        raise HealthGateFailed(
+            f"refusing to publish {', '.join(unchecked)} in {action.fqdn}: its cluster did not pass "
+            f"{action.app}'s health check"
+        )
 
 
 def branch_name(target: Target, run_id: str, step: str) -> str:
@@ -374,11 +580,35 @@ def branch_name(target: Target, run_id: str, step: str) -> str:
     return f"twincd/failover/{target.label}-{short}/{step}"
 
 
-def topology_of(env: Environment, overlays: tuple[Overlay, ...], record: frozenset[str] | None) -> Topology:
-    """What runs where now: the overlays read, the record read, the clusters' ingress IPs."""
+def topology_of(env: Environment, overlays: Sequence[Overlay], records: Mapping[str, ARecords]) -> Topology:
+    """What runs where now: the overlays read, each app's records as read (by relative name)."""
     clusters = tuple(env.clusters)
-    ips = tuple((c, env.clusters[c].ingress_ip) for c in clusters)
-    return Topology(clusters, ips, overlays, record, env.dns_record()[1])
+    apps = []
+    for app in env.apps:
+        configured = env.app_topology(app)
+        constraint = Constraint(configured.only, configured.why) if configured.only else None
+        found = tuple(
+            Record(r.name, r.fqdn, records[r.name].ips, records[r.name].ttl, r.ttl)
+            for r in env.app_records(app)
+            if r.name in records
+        )
+        apps.append(AppState(app, tuple(o for o in overlays if o.app == app), found, constraint))
+    ips = tuple((c, env.clusters[c].ips) for c in clusters)
+    return Topology(clusters, ips, tuple(apps), env.dns.type != "none")
+
+
+def evacuated(env: Environment, what: str) -> tuple[str, ...]:
+    """The clusters ``--evacuate`` names: a cluster, or every cluster of a cloud (``azure``)."""
+    if what in env.clusters:
+        return (what,)
+    found = tuple(name for name, c in env.clusters.items() if c.cloud == what)
+    if not found:
+        clouds = sorted({c.cloud for c in env.clusters.values()})
+        raise PlanError(
+            f"--evacuate {what!r}: neither a cluster ({', '.join(env.clusters)}) "
+            f"nor a cloud ({', '.join(clouds)})"
+        )
+    return found
 
 
 class DnsReadBackFailed(PermanentError):
@@ -397,7 +627,7 @@ def read_back(
     seen: frozenset[str] | str = "nothing yet"
     while True:
         try:
-            seen = dns.read_a(name)
+            seen = dns.read(name).ips
             if seen == expect:
                 return seen
         except TransientError as e:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol
 
 from twincd.domain import (
     ApplyResult,
+    ARecords,
     BuiltImage,
     CaughtUp,
     ComponentChange,
@@ -114,8 +115,9 @@ class Dns(Protocol):
         """False when twincd does not manage DNS (``dns: none``)."""
         ...
 
-    def read_a(self, name: str) -> frozenset[str]:
-        """The IPv4 addresses of ``name`` (relative to the zone); empty when there is none."""
+    def read(self, name: str) -> ARecords:
+        """The whole A record set of ``name`` (relative to the zone) and its TTL, as the authority
+        holds it; no addresses (and no TTL) when there is none."""
         ...
 
     def replace_a(self, name: str, ips: Iterable[str], *, ttl: int) -> None:
@@ -247,8 +249,9 @@ class Rollouts(Protocol):
 
 
 class Probe(Protocol):
-    """An HTTP check through a cluster's ingress, with the public name as Host."""
+    """An HTTP check through a cluster's ingress, as a client of the app's public name reaches it."""
 
-    def check(self, url: str, *, host: str) -> tuple[bool, str]:
-        """(healthy, what was seen) for one GET: an answer below 400 is healthy, an error is not."""
+    def check(self, url: str, *, host: str, ca_file: str | None = None) -> tuple[bool, str]:
+        """(healthy, what was seen) for one GET of ``url`` with ``host`` as Host and TLS SNI, the
+        certificate verified for ``host`` (against ``ca_file`` or the system CAs): 2xx only."""
         ...

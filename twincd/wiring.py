@@ -230,8 +230,8 @@ def rollouts(env: Environment) -> Rollouts:
     return KubeRollouts(manifests=manifests(env))
 
 
-def probe() -> Probe:
-    return HttpProbe()
+def probe(timeout: float) -> Probe:
+    return HttpProbe(timeout=timeout)
 
 
 def rollout_target(

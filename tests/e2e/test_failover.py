@@ -199,7 +199,7 @@ def test_dry_run_publishes_the_plan_and_changes_nothing(fs: FailoverStack) -> No
     )
     assert git_refs(local_repo_path(fs.env, fs.env.manifests.repo)) == refs
     assert fs.forge_records() == records
-    assert fs.dns.read_a("web") == {EKS, AKS}
+    assert fs.dns.read("web").ips == {EKS, AKS}
 
 
 def test_active_active_to_standby_on_aks(fs: FailoverStack, aks_ingress: int) -> None:
@@ -214,7 +214,7 @@ def test_active_active_to_standby_on_aks(fs: FailoverStack, aks_ingress: int) ->
     assert result.returncode == 0, out
     print(f"\nactive-active -> active-standby(aks): {seconds:.1f} s (flow subprocess, start to end)")
     assert f"GET http://{AKS}:{aks_ingress}/healthz: HTTP 200" in out
-    assert fs.dns.read_a("web") == {AKS}
+    assert fs.dns.read("web").ips == {AKS}
     assert fs.component("eks") == "standby" and fs.component("aks") == "active"
     eks, aks = fs.deployment("eks"), fs.deployment("aks")
     assert eks["spec"]["replicas"] == 0 and eks["status"].get("availableReplicas", 0) == 0
@@ -240,7 +240,7 @@ def test_dns_refusing_the_update_reverts_the_promotion(fs: FailoverStack) -> Non
     assert "BADSIG" in out and "promote of eks reverted by" in out
     assert "DNS still held 127.0.0.12: nothing to put back" in out
     assert wrong.split(":")[2] not in out and fs.key.split(":")[2] not in out
-    assert fs.component("eks") == "standby" and fs.dns.read_a("web") == {AKS}
+    assert fs.component("eks") == "standby" and fs.dns.read("web").ips == {AKS}
     # `git revert -m 1` of the promotion's merge, merged through its own MR.
     assert fs.message("main").startswith("Merge branch 'twincd/failover/active-active-")
     assert fs.message("main^2").startswith("Revert \"Merge branch 'twincd/failover/active-active-")
@@ -260,7 +260,7 @@ def test_unhealthy_target_aborts_before_dns_and_reverts_the_switch(
     print(f"\naborted failover with eks down: {seconds:.1f} s")
     assert "promote not verified: eks" in out and "promote of eks reverted by" in out
     assert "replace-dns" not in out  # never reached
-    assert fs.dns.read_a("web") == {AKS}
+    assert fs.dns.read("web").ips == {AKS}
     assert fs.component("eks") == "standby"
     _wait_available(fs, "aks", 2)
 
@@ -270,7 +270,7 @@ def test_back_to_active_active_in_an_emergency(fs: FailoverStack) -> None:
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     print(f"\nactive-standby(aks) -> active-active (emergency): {seconds:.1f} s")
-    assert fs.dns.read_a("web") == {EKS, AKS}
+    assert fs.dns.read("web").ips == {EKS, AKS}
     assert fs.component("eks") == "active" and fs.component("aks") == "active"
     assert fs.deployment("eks")["status"]["availableReplicas"] == 2
     promote = [

@@ -67,16 +67,16 @@ def assert_no_secret(error: BaseException, *secrets: str) -> None:
 def test_replace_reads_back_the_whole_new_set(fake: FakeAzureDns) -> None:
     port = adapter(fake)
     assert port.managed and port.description == f"azure zone {ZONE} (resource group {RG}, subscription {SUB})"
-    assert port.read_a("web") == {EKS, AKS}
+    assert port.read("web").ips == {EKS, AKS}
     port.replace_a("web", [AKS], ttl=60)
-    assert port.read_a("web") == {AKS}
+    assert port.read("web").ips == {AKS}
     port.replace_a("web", {EKS, AKS}, ttl=60)
-    assert port.read_a("web") == {EKS, AKS}
-    assert port.read_a("nothing-here") == frozenset()
+    assert port.read("web").ips == {EKS, AKS}
+    assert port.read("nothing-here").ips == frozenset()
     # The zone apex and fully qualified names map to Azure's relative names.
     port.replace_a("@", [EKS], ttl=60)
-    assert port.read_a(f"{ZONE}.") == {EKS} and fake.record(ZONE, "@") is not None
-    assert port.read_a(f"web.{ZONE}") == {EKS, AKS}
+    assert port.read(f"{ZONE}.").ips == {EKS} and fake.record(ZONE, "@") is not None
+    assert port.read(f"web.{ZONE}").ips == {EKS, AKS}
 
 
 def test_ttl_from_the_caller_is_what_azure_holds(fake: FakeAzureDns) -> None:
@@ -87,6 +87,17 @@ def test_ttl_from_the_caller_is_what_azure_holds(fake: FakeAzureDns) -> None:
     port.replace_a("web", [AKS], ttl=300)
     assert fake.record(ZONE, "web").ttl == 300  # type: ignore[union-attr]
     assert [body["properties"]["TTL"] for body in fake.put_bodies] == [30, 300]
+    assert port.read("web").ttl == 300  # the TTL the failover's wait reads back
+    assert port.read("nothing-here").ttl is None
+
+
+def test_several_ips_per_cluster_are_written_and_read_as_one_set(fake: FakeAzureDns) -> None:
+    port = adapter(fake)
+    front_ends = ["127.0.0.12", "127.0.0.22"]  # two load balancer front ends on aks
+    port.replace_a("web", [EKS, *front_ends], ttl=60)
+    assert port.read("web").ips == {EKS, *front_ends}
+    record = fake.record(ZONE, "web")
+    assert record is not None and sorted(record.ips) == sorted([EKS, *front_ends])
 
 
 def test_one_put_replaces_the_whole_set_guarded_by_the_etag_just_read(fake: FakeAzureDns) -> None:
@@ -116,10 +127,10 @@ def test_a_concurrent_change_between_read_and_write_is_transient_and_not_overwri
     ):
         port.replace_a("web", [AKS], ttl=60)
     assert fake.calls("PUT")[-1].status == 412
-    assert port.read_a("web") == {OTHER}  # the other writer's change stands
+    assert port.read("web").ips == {OTHER}  # the other writer's change stands
     # What the task retry does: read again (new etag) and write.
     port.replace_a("web", [AKS], ttl=60)
-    assert port.read_a("web") == {AKS}
+    assert port.read("web").ips == {AKS}
     # Same for a record set someone creates while twincd creates it.
     fake.change_before_next_put((OTHER,))
     with pytest.raises(DnsUnavailable, match="etag mismatch, 412"):
@@ -141,7 +152,7 @@ def test_a_token_azure_rejects_is_refused_naming_the_role_and_never_showing_the_
 
 def test_an_identity_without_write_permission_gets_403_naming_the_role(fake: FakeAzureDns) -> None:
     port = adapter(fake, token=READER)
-    assert port.read_a("web") == {EKS, AKS}
+    assert port.read("web").ips == {EKS, AKS}
     with pytest.raises(
         DnsRefused,
         match=r"403 AuthorizationFailed: .*grant it: the identity needs the "
@@ -168,7 +179,7 @@ def test_no_credential_available_is_refused_without_its_text(fake: FakeAzureDns)
     with pytest.raises(
         DnsRefused, match="no Azure token .ClientAuthenticationError.; sign in with `az login`"
     ) as e:
-        port.read_a("web")
+        port.read("web").ips
     assert "DNS Zone Contributor" in str(e.value)
     assert_no_secret(e.value, "s3cr3t")
     assert fake.calls() == []
@@ -178,11 +189,11 @@ def test_unknown_zone_or_group_is_a_config_error(fake: FakeAzureDns) -> None:
     with pytest.raises(
         DnsConfigError, match="404 ParentResourceNotFound: .*Parent resource 'other.test' not found"
     ):
-        adapter(fake, zone="other.test").read_a("web")
+        adapter(fake, zone="other.test").read("web").ips
     with pytest.raises(DnsConfigError, match="ParentResourceNotFound"):
         adapter(fake, zone="other.test").replace_a("web", [EKS], ttl=60)
     with pytest.raises(DnsConfigError, match="404 ResourceGroupNotFound.*check dns.zone, dns.resource_group"):
-        adapter(fake, resource_group="rg-elsewhere").read_a("web")
+        adapter(fake, resource_group="rg-elsewhere").read("web").ips
     assert fake.calls("PUT") == []
 
 
@@ -193,7 +204,7 @@ def test_bad_input_is_refused_before_sending(fake: FakeAzureDns) -> None:
     with pytest.raises(DnsConfigError, match="not an IPv4 address"):
         port.replace_a("web", ["::1"], ttl=60)
     with pytest.raises(DnsConfigError, match="not a record name"):
-        port.read_a("web/../../other")
+        port.read("web/../../other").ips
     with pytest.raises(DnsConfigError, match="must be https"):
         AzureDns(
             subscription_id=SUB,
@@ -209,7 +220,7 @@ def test_a_500_is_retried_by_the_sdk_and_a_lasting_one_is_transient(fake: FakeAz
     fake.fail_next(500, 1)
     port = adapter(fake)
     port.replace_a("web", [AKS], ttl=60)
-    assert port.read_a("web") == {AKS}
+    assert port.read("web").ips == {AKS}
     assert [c.status for c in fake.calls()][:2] == [500, 200]
     fake.fail_next(500, 10)
     with pytest.raises(DnsUnavailable, match="500 InternalServerError"):
@@ -222,11 +233,11 @@ def test_429_waits_for_retry_after_then_succeeds_and_lasting_throttling_is_trans
 ) -> None:
     fake.fail_next(429, 1, retry_after="1")
     t0 = time.monotonic()
-    assert adapter(fake).read_a("web") == {EKS, AKS}
+    assert adapter(fake).read("web").ips == {EKS, AKS}
     assert time.monotonic() - t0 >= 0.9
     fake.fail_next(429, 5, retry_after="0")
     with pytest.raises(DnsUnavailable, match="429 TooManyRequests"):
-        adapter(fake, retries=0).read_a("web")
+        adapter(fake, retries=0).read("web").ips
 
 
 def test_endpoint_down_is_transient() -> None:
@@ -240,7 +251,7 @@ def test_endpoint_down_is_transient() -> None:
         timeout=1,
     )
     with pytest.raises(DnsUnavailable, match="ServiceRequestError .the ARM endpoint did not answer.") as e:
-        port.read_a("web")
+        port.read("web").ips
     assert_no_secret(e.value, TOKEN)
 
 

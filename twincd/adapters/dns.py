@@ -4,7 +4,8 @@ Providers:
 
 - ``Rfc2136``: dynamic updates (RFC 2136) signed with a TSIG key, over TCP, through dnspython;
   works with BIND, Knot, PowerDNS and the many providers that accept them.
-- ``Route53``: boto3 ``change_resource_record_sets`` with one UPSERT.
+- ``Route53``: boto3; the whole set read across pages, written in one change batch (an UPSERT of
+  a simple set; a multivalue-answer name keeps one set per IP).
 - ``AzureDns``: azure-mgmt-dns, one PUT of the whole record set guarded by its etag (If-Match).
 - ``NoDns``: DNS is not managed by twincd; it reads and writes nothing and says so.
 
@@ -34,6 +35,7 @@ import dns.tsig
 import dns.tsigkeyring
 import dns.update
 
+from twincd.domain import ARecords
 from twincd.errors import PermanentError, TransientError
 
 if TYPE_CHECKING:
@@ -145,19 +147,19 @@ class Rfc2136:
         except (OSError, EOFError, dns.exception.DNSException) as e:
             raise DnsUnavailable(f"{self.description}: {what}: {type(e).__name__}") from None
 
-    def read_a(self, name: str) -> frozenset[str]:
+    def read(self, name: str) -> ARecords:
         fqdn = self._fqdn(name)
         response = self._send(dns.message.make_query(fqdn, dns.rdatatype.A), f"read A {fqdn}")
         rcode = response.rcode()
         if rcode == dns.rcode.NXDOMAIN:
-            return frozenset()
+            return ARecords(frozenset(), None)
         if rcode != dns.rcode.NOERROR:
             raise _rcode_error(rcode, f"{self.description}: read A {fqdn}")
-        return frozenset(
-            str(rr)
-            for rrset in response.answer
-            if rrset.rdtype == dns.rdatatype.A and rrset.name == fqdn
-            for rr in rrset
+        # The authoritative answer carries the TTL as configured (a resolver's would count down).
+        sets = [r for r in response.answer if r.rdtype == dns.rdatatype.A and r.name == fqdn]
+        return ARecords(
+            frozenset(str(rr) for rrset in sets for rr in rrset),
+            max((rrset.ttl for rrset in sets), default=None),
         )
 
     def replace_a(self, name: str, ips: Iterable[str], *, ttl: int) -> None:
@@ -204,13 +206,67 @@ _AWS_TRANSIENT = {
 }
 
 
+# Route 53 routing policies twincd does not manage (each set carries one of these keys); multivalue
+# answer (MultiValueAnswer) and simple sets it does.
+_ROUTING_POLICIES = {
+    "Weight",
+    "Region",
+    "Failover",
+    "GeoLocation",
+    "GeoProximityLocation",
+    "CidrRoutingConfig",
+}
+
+
+def _multivalue_changes(
+    fqdn: str, current: list[dict[str, Any]], values: list[str], ttl: int
+) -> list[dict[str, Any]]:
+    """One change batch that leaves one multivalue-answer set per IP in ``values``.
+
+    Sets already holding exactly one wanted IP at ``ttl`` stay (their health checks with them);
+    every other set is deleted as read (Route 53 deletes only an exact match) and the missing IPs
+    are created. The batch is applied atomically.
+    """
+    keep: dict[str, dict[str, Any]] = {}
+    changes: list[dict[str, Any]] = []
+    for rrset in current:
+        held = [r["Value"] for r in rrset.get("ResourceRecords", [])]
+        if len(held) == 1 and held[0] in values and held[0] not in keep and rrset.get("TTL") == ttl:
+            keep[held[0]] = rrset
+        else:
+            changes.append({"Action": "DELETE", "ResourceRecordSet": rrset})
+    for ip in values:
+        if ip not in keep:
+            created = {
+                "Name": fqdn,
+                "Type": "A",
+                "SetIdentifier": f"twincd-{ip}",
+                "MultiValueAnswer": True,
+                "TTL": ttl,
+                "ResourceRecords": [{"Value": ip}],
+            }
+            changes.append({"Action": "CREATE", "ResourceRecordSet": created})
+    # DELETEs first: replacing a set by a DELETE and a CREATE in one batch is how Route 53's
+    # ChangeResourceRecordSets docs replace a record, and a TTL change re-creates the same identifier.
+    return sorted(changes, key=lambda c: c["Action"] != "DELETE")
+
+
 class Route53:
     """Amazon Route 53 through boto3; credentials from the standard AWS chain (env, profile, IRSA)."""
 
     managed = True
 
-    def __init__(self, *, zone: str, hosted_zone_id: str | None = None, region: str = "us-east-1") -> None:
+    def __init__(
+        self,
+        *,
+        zone: str,
+        hosted_zone_id: str | None = None,
+        region: str = "us-east-1",
+        page_size: int = 100,
+    ) -> None:
         import boto3  # here, so the other providers work without boto3 installed
+
+        self.page_size = page_size
 
         self.zone = zone.rstrip(".") + "."
         self.client: Any = boto3.client("route53", region_name=region)
@@ -250,43 +306,72 @@ class Route53:
     def _fqdn(self, name: str) -> str:
         return f"{name}.{self.zone}" if name not in ("@", "") else self.zone
 
-    def read_a(self, name: str) -> frozenset[str]:
-        fqdn = self._fqdn(name)
-        found = self._call(
-            f"read A {fqdn}",
-            "list_resource_record_sets",
-            HostedZoneId=self.zone_id(),
-            StartRecordName=fqdn,
-            StartRecordType="A",
-            MaxItems="1",
-        )
-        for rrset in found.get("ResourceRecordSets", []):
-            if rrset["Name"] == fqdn and rrset["Type"] == "A":
-                return frozenset(r["Value"] for r in rrset.get("ResourceRecords", []))
-        return frozenset()
+    def _sets(self, fqdn: str) -> list[dict[str, Any]]:
+        """Every A record set of ``fqdn``, across pages.
+
+        A simple record set holds all its values in one set, but a multivalue-answer (or weighted,
+        latency, ...) name has one set per SetIdentifier, and a page may end in the middle of them:
+        ListResourceRecordSets then says IsTruncated with NextRecordName/Type/Identifier.
+        """
+        sets: list[dict[str, Any]] = []
+        start: dict[str, str] = {"StartRecordName": fqdn, "StartRecordType": "A"}
+        while True:
+            page = self._call(
+                f"read A {fqdn}",
+                "list_resource_record_sets",
+                HostedZoneId=self.zone_id(),
+                MaxItems=str(self.page_size),
+                **start,
+            )
+            listed = page.get("ResourceRecordSets", [])
+            sets += [r for r in listed if r["Name"] == fqdn and r["Type"] == "A"]
+            more = page.get("IsTruncated") and page.get("NextRecordName") == fqdn
+            if not more or page.get("NextRecordType") != "A":
+                return sets
+            after = page.get("NextRecordIdentifier")
+            if not after or after == start.get("StartRecordIdentifier"):
+                # The same name and type continue on the next page only through a SetIdentifier; a
+                # page that does not move on would be read forever (moto 5 omits the identifier).
+                raise DnsUnavailable(f"{self.description}: read A {fqdn}: the listing did not advance")
+            start = {"StartRecordName": fqdn, "StartRecordType": "A", "StartRecordIdentifier": after}
+
+    def read(self, name: str) -> ARecords:
+        sets = self._sets(self._fqdn(name))
+        ips = frozenset(r["Value"] for rrset in sets for r in rrset.get("ResourceRecords", []))
+        return ARecords(ips, max((int(r["TTL"]) for r in sets if "TTL" in r), default=None))
 
     def replace_a(self, name: str, ips: Iterable[str], *, ttl: int) -> None:
         values = _checked_ips(name, ips)
         fqdn = self._fqdn(name)
-        # One UPSERT replaces the whole set; Route 53 applies a change batch atomically.
+        what = f"replace A {fqdn} with {', '.join(values)}"
+        current = self._sets(fqdn)
+        for rrset in current:
+            if "AliasTarget" in rrset:
+                raise DnsConfigError(
+                    f"{self.description}: {what}: an alias record; twincd manages plain A sets"
+                )
+            policy = sorted(set(rrset) & _ROUTING_POLICIES)
+            if policy:
+                raise DnsConfigError(
+                    f"{self.description}: {what}: a {policy[0]} routing policy; twincd manages simple "
+                    "and multivalue-answer A records"
+                )
+        if any(r.get("MultiValueAnswer") for r in current):
+            changes = _multivalue_changes(fqdn, current, values, ttl)
+        else:
+            # One UPSERT replaces the whole simple set; Route 53 applies a change batch atomically.
+            simple = {
+                "Name": fqdn,
+                "Type": "A",
+                "TTL": ttl,
+                "ResourceRecords": [{"Value": ip} for ip in values],
+            }
+            changes = [{"Action": "UPSERT", "ResourceRecordSet": simple}]
         change = self._call(
-            f"replace A {fqdn} with {', '.join(values)}",
+            what,
             "change_resource_record_sets",
             HostedZoneId=self.zone_id(),
-            ChangeBatch={
-                "Comment": "twincd failover",
-                "Changes": [
-                    {
-                        "Action": "UPSERT",
-                        "ResourceRecordSet": {
-                            "Name": fqdn,
-                            "Type": "A",
-                            "TTL": ttl,
-                            "ResourceRecords": [{"Value": ip} for ip in values],
-                        },
-                    }
-                ],
-            },
+            ChangeBatch={"Comment": "twincd failover", "Changes": changes},
         )
         # The API lists the new set at once, while the change is still PENDING on the name servers:
         # a read-back proves nothing until the change is INSYNC.
@@ -406,13 +491,13 @@ class AzureDns:
         # __context__) it would travel with our error into logs, pickled task states and reports.
         raise error
 
-    def read_a(self, name: str) -> frozenset[str]:
+    def read(self, name: str) -> ARecords:
         relative = self._relative(name)
         found = self._get(relative, f"read A {relative}")
-        return (
-            frozenset(a.ipv4_address for a in (found.a_records or []) if a.ipv4_address)
-            if found
-            else frozenset()
+        if found is None:
+            return ARecords(frozenset(), None)
+        return ARecords(
+            frozenset(a.ipv4_address for a in (found.a_records or []) if a.ipv4_address), found.ttl
         )
 
     def replace_a(self, name: str, ips: Iterable[str], *, ttl: int) -> None:
@@ -533,8 +618,8 @@ class NoDns:
     managed = False
     description = "none (DNS is not managed by twincd)"
 
-    def read_a(self, name: str) -> frozenset[str]:
-        return frozenset()
+    def read(self, name: str) -> ARecords:
+        return ARecords(frozenset(), None)
 
     def replace_a(self, name: str, ips: Iterable[str], *, ttl: int) -> None:
         raise DnsConfigError(

@@ -83,8 +83,11 @@ def ensure_key(state_dir: Path) -> str:
     return value
 
 
-def zone_text(*, zone: str, records: Mapping[str, tuple[str, ...]], ttl: int = 60) -> str:
-    """A minimal zone: SOA, NS (the server itself) and A record sets by relative name."""
+def zone_text(
+    *, zone: str, records: Mapping[str, tuple[str, ...]], ttl: int = 60, ttls: Mapping[str, int] | None = None
+) -> str:
+    """A minimal zone: SOA, NS (the server itself) and A record sets by relative name (``ttls``:
+    a record's own TTL, else ``ttl``)."""
     lines = [
         f"$ORIGIN {zone.rstrip('.')}.",
         f"$TTL {ttl}",
@@ -93,7 +96,7 @@ def zone_text(*, zone: str, records: Mapping[str, tuple[str, ...]], ttl: int = 6
         "ns IN A   127.0.0.1",
     ]
     for name, ips in records.items():
-        lines += [f"{name} {ttl} IN A {ip}" for ip in ips]
+        lines += [f"{name} {(ttls or {}).get(name, ttl)} IN A {ip}" for ip in ips]
     return "\n".join(lines) + "\n"
 
 
@@ -139,6 +142,7 @@ def start_dns(
     zone: str = "example.test",
     records: Mapping[str, tuple[str, ...]] | None = None,
     ttl: int = 60,
+    ttls: Mapping[str, int] | None = None,
 ) -> str:
     """Start named for ``zone`` on 127.0.0.1:``port`` (idempotent); return the TSIG key string.
 
@@ -150,7 +154,7 @@ def start_dns(
     key = ensure_key(state_dir)
     zone_file = directory / f"{zone}.zone"
     if not zone_file.exists():
-        zone_file.write_text(zone_text(zone=zone, records=records or {}, ttl=ttl))
+        zone_file.write_text(zone_text(zone=zone, records=records or {}, ttl=ttl, ttls=ttls))
     conf = directory / "named.conf"
     changed = procs.write_config(
         conf,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 BUSYBOX = Path("/bin/busybox")
@@ -118,7 +119,7 @@ resources:
   - ../../../base/{app}
 
 components:
-  - ../../../components/active
+  - ../../../components/{role}
 """
 
 COMPONENT = """\
@@ -191,7 +192,11 @@ def seed_app(bare: Path, *, app: str = "hello", tag: str = "v1.0.0") -> bool:
     return True
 
 
-def manifests_files(*, apps: list[str], clusters: list[str]) -> dict[str, str | Path]:
+def manifests_files(
+    *, apps: Mapping[str, Collection[str]] | Sequence[str], clusters: list[str]
+) -> dict[str, str | Path]:
+    """The monorepo's files; ``apps``: each app's serving clusters (a list: every cluster serves)."""
+    serving = apps if isinstance(apps, Mapping) else {app: clusters for app in apps}
     files: dict[str, str | Path] = {
         "README.md": "# Manifests monorepo\n\nManaged by twincd: `base/<app>`, `overlays/<cluster>/<app>`, "
         "`components/{active,standby}`.\n",
@@ -200,7 +205,7 @@ def manifests_files(*, apps: list[str], clusters: list[str]) -> dict[str, str | 
             what="Standby: scaled to zero, ready to be switched to active.", replicas=0
         ),
     }
-    for app in apps:
+    for app in serving:
         for name, text in [
             ("kustomization.yaml", BASE_KUSTOMIZATION),
             ("namespace.yaml", NAMESPACE),
@@ -210,11 +215,16 @@ def manifests_files(*, apps: list[str], clusters: list[str]) -> dict[str, str | 
         ]:
             files[f"base/{app}/{name}"] = text.format(app=app)
         for cluster in clusters:
-            files[f"overlays/{cluster}/{app}/kustomization.yaml"] = OVERLAY.format(app=app, cluster=cluster)
+            role = "active" if cluster in serving[app] else "standby"
+            files[f"overlays/{cluster}/{app}/kustomization.yaml"] = OVERLAY.format(
+                app=app, cluster=cluster, role=role
+            )
     return files
 
 
-def seed_manifests(bare: Path, *, apps: list[str], clusters: list[str]) -> bool:
+def seed_manifests(
+    bare: Path, *, apps: Mapping[str, Collection[str]] | Sequence[str], clusters: list[str]
+) -> bool:
     """The manifests monorepo. Returns False when it already existed."""
     if (bare / "HEAD").exists():
         return False

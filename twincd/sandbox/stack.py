@@ -168,21 +168,23 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
         services.append(Service(githttp.NAME, url, pid))
 
     if isinstance(env.dns, DnsRfc2136) and env.dns.server.startswith("127.0.0.1:"):
+        # Each app's records as its configured topology lays it out (the overlays are seeded alike).
+        records = {
+            r.name: (r, tuple(ip for c in sorted(env.serving_clusters(app)) for ip in env.clusters[c].ips))
+            for app in env.apps
+            for r in env.app_records(app)
+        }
         say(
             f"dns           {env.dns.server} "
-            f"(BIND: {env.dns.record}.{env.dns.zone}, RFC 2136 updates with TSIG)"
-        )
-        serving = tuple(
-            c.ingress_ip
-            for name, c in env.clusters.items()
-            if c.ingress_ip and (env.topology.mode == "active-active" or env.topology.active == name)
+            f"(BIND: {', '.join(r.fqdn for r, _ in records.values())}, RFC 2136 updates with TSIG)"
         )
         dns.start_dns(
             state,
             _port(env.dns.server, "dns.server"),
             zone=env.dns.zone,
-            records={env.dns.record: serving},
+            records={name: ips for name, (_, ips) in records.items()},
             ttl=env.dns.ttl,
+            ttls={name: r.ttl for name, (r, _) in records.items()},
         )
         services.append(Service(dns.NAME, env.dns.server, procs.daemon_status(dns.NAME, state_dir=state)))
 
@@ -303,7 +305,9 @@ def seed_repos(env: Environment) -> None:
     for name, app in env.apps.items():
         seed.seed_app(local_repo_path(env, app.repo), app=name)
     seed.seed_manifests(
-        local_repo_path(env, env.manifests.repo), apps=list(env.apps), clusters=list(env.clusters)
+        local_repo_path(env, env.manifests.repo),
+        apps={app: env.serving_clusters(app) for app in env.apps},
+        clusters=list(env.clusters),
     )
 
 
