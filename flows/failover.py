@@ -339,7 +339,9 @@ def _execute(
                 "dns", "ok", f"{action.fqdn} reads back {', '.join(sorted(seen))}", tell=True, after=[seen]
             )
         elif isinstance(action, WaitTtl) and not action.skip:
-            story.add("dns", "ok", f"waiting {action.seconds} s for the old TTL of {', '.join(action.names)}")
+            story.add(
+                "dns", "ok", f"waiting {action.seconds} s for the old TTL of {', '.join(action.names)}", tell=True
+            )
             wait_ttl(action.seconds, action.names)
         done.append(f"{action.describe()} [{time.monotonic() - started:.1f} s]")
     return tuple(done)

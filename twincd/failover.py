@@ -209,7 +209,8 @@ class HealthGate:
         for app in dict.fromkeys(a for a, _ in self.checks):
             clusters = ", ".join(c for a, c in self.checks if a == app)
             how = "workload available" + (
-                ", HTTP health path through every ingress IP (Host, SNI, certificate, 2xx)"
+                "; its health path through every ingress IP as its clients reach it: Host and SNI, "
+                "certificate verified, 2xx only"
                 if app in self.http
                 else ""
             )

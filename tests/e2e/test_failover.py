@@ -8,13 +8,11 @@ active-active, as the deploy tests expect it.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +23,7 @@ import yaml
 
 from tests.e2e.conftest import git_refs
 from tests.e2e.test_deploy import main_file
+from tests.ingress import Ingress, make_ca, serve_ingress
 from twincd.adapters.dns import Rfc2136, Tsig
 from twincd.config import REPO_ROOT, Environment, load_environment
 from twincd.sandbox import dns as sandbox_dns
@@ -35,6 +34,7 @@ pytestmark = pytest.mark.e2e
 
 EKS, AKS = "127.0.0.11", "127.0.0.12"
 ZONE = "example.test"
+TTL = 3
 
 # The flow in a subprocess, as `twincd failover` runs it: a real Prefect flow run on the stack's server.
 RUN_FLOW = """
@@ -47,6 +47,9 @@ sys.exit(0 if state.is_completed() else 1)
 
 
 class FailoverStack:
+    ingress: Ingress
+    ingress_port: int
+
     def __init__(self, env: Environment, key: str, dns_server: str) -> None:
         self.env = env
         self.key = key
@@ -139,7 +142,10 @@ def _wait_available(fs: FailoverStack, cluster: str, replicas: int, timeout: flo
 def fs(stack_env: Environment) -> Iterator[FailoverStack]:
     root = Path(tempfile.mkdtemp(prefix="twincd-failover-"))
     port = procs.free_port()
-    key = sandbox_dns.start_dns(root, port, zone=ZONE, records={"web": (EKS, AKS)})
+    # A short TTL: the failover waits for the old record set's TTL before it demotes.
+    key = sandbox_dns.start_dns(root, port, zone=ZONE, records={"web": (EKS, AKS)}, ttl=TTL)
+    ca = make_ca(root)
+    ingress_port = procs.free_port()
     try:
         raw = yaml.safe_load(Path(stack_env.source).read_text())
         raw["dns"] = {
@@ -147,8 +153,16 @@ def fs(stack_env: Environment) -> Iterator[FailoverStack]:
             "server": f"127.0.0.1:{port}",
             "zone": ZONE,
             "record": "web",
-            "ttl": 60,
+            "ttl": TTL,
             "key": f"env:{sandbox_dns.SECRET_ENV}",
+        }
+        # The health gate reaches hello through each ingress IP over TLS, as its clients do.
+        raw["apps"]["hello"]["health"] = {
+            "path": "/healthz",
+            "port": ingress_port,
+            "ca_file": str(ca.pem),
+            "successes": 2,
+            "interval_seconds": 0.2,
         }
         raw["timeouts"] = {**raw.get("timeouts", {}), "rollout_seconds": 20}
         path = Path(stack_env.source).with_name("env-failover.yaml")
@@ -156,31 +170,19 @@ def fs(stack_env: Environment) -> Iterator[FailoverStack]:
         fs = FailoverStack(load_environment(path), key, f"127.0.0.1:{port}")
         for cluster in ("eks", "aks"):
             _wait_available(fs, cluster, 2)
-        yield fs
+        ingress = Ingress(f"web.{ZONE}")
+        with serve_ingress(
+            [EKS, AKS],
+            ingress_port,
+            ingress,
+            cert=ca.issue(root, ingress.host),
+            default=ca.issue(root, "ingress.local"),
+        ):
+            fs.ingress, fs.ingress_port = ingress, ingress_port
+            yield fs
     finally:
         sandbox_dns.stop_dns(root)
         subprocess.run(["rm", "-rf", str(root)], check=False)
-
-
-class _Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200 if self.path == "/healthz" else 404)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def aks_ingress() -> Iterator[int]:
-    """An HTTP health endpoint on aks's ingress IP (the sandbox has no ingress controller of its own)."""
-    server = http.server.ThreadingHTTPServer((AKS, 0), _Health)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
 
 
 def test_dry_run_publishes_the_plan_and_changes_nothing(fs: FailoverStack) -> None:
@@ -190,11 +192,12 @@ def test_dry_run_publishes_the_plan_and_changes_nothing(fs: FailoverStack) -> No
     assert result.returncode == 0, out
     assert (
         "**Dry run**" in out
-        and "current: eks active, aks active; web.example.test: 127.0.0.11, 127.0.0.12" in out
+        and f"- **hello**: eks active, aks active; web.{ZONE}: {EKS}, {AKS} → active-standby on aks" in out
     )
     assert (
-        out.index("**health gate** aks")
+        out.index("**health gate** hello on aks")
         < out.index("**dns** replace A `web.example.test`")
+        < out.index(f"**TTL wait** {TTL} s")
         < out.index("**demote** eks")
     )
     assert git_refs(local_repo_path(fs.env, fs.env.manifests.repo)) == refs
@@ -202,18 +205,15 @@ def test_dry_run_publishes_the_plan_and_changes_nothing(fs: FailoverStack) -> No
     assert fs.dns.read("web").ips == {EKS, AKS}
 
 
-def test_active_active_to_standby_on_aks(fs: FailoverStack, aks_ingress: int) -> None:
+def test_active_active_to_standby_on_aks(fs: FailoverStack) -> None:
     result, seconds = fs.run(
-        mode="active-standby",
-        active="aks",
-        reason="e2e: AWS maintenance window",
-        auto_approve=True,
-        health_url=f"http://{{ingress_ip}}:{aks_ingress}/healthz",
+        mode="active-standby", active="aks", reason="e2e: AWS maintenance window", auto_approve=True
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     print(f"\nactive-active -> active-standby(aks): {seconds:.1f} s (flow subprocess, start to end)")
-    assert f"GET http://{AKS}:{aks_ingress}/healthz: HTTP 200" in out
+    assert f"GET https://{AKS}:{fs.ingress_port}/healthz as web.{ZONE}: HTTP 200 (2 in a row)" in out
+    assert f"waiting {TTL} s for the old TTL of web.{ZONE}" in out
     assert fs.dns.read("web").ips == {AKS}
     assert fs.component("eks") == "standby" and fs.component("aks") == "active"
     eks, aks = fs.deployment("eks"), fs.deployment("aks")
@@ -238,13 +238,26 @@ def test_dns_refusing_the_update_reverts_the_promotion(fs: FailoverStack) -> Non
     out = result.stdout + result.stderr
     assert result.returncode == 1, out
     assert "BADSIG" in out and "promote of eks reverted by" in out
-    assert "DNS still held 127.0.0.12: nothing to put back" in out
+    assert f"web.{ZONE} still held 127.0.0.12: nothing to put back" in out
     assert wrong.split(":")[2] not in out and fs.key.split(":")[2] not in out
     assert fs.component("eks") == "standby" and fs.dns.read("web").ips == {AKS}
     # `git revert -m 1` of the promotion's merge, merged through its own MR.
     assert fs.message("main").startswith("Merge branch 'twincd/failover/active-active-")
     assert fs.message("main^2").startswith("Revert \"Merge branch 'twincd/failover/active-active-")
     print("\n" + next(line for line in out.splitlines() if line.startswith("FLOW-STATE")))
+
+
+def test_a_redirect_from_the_ingress_fails_the_gate_and_reverts_the_promotion(fs: FailoverStack) -> None:
+    fs.ingress.status = 308  # ingress-nginx's HTTP→HTTPS redirect: the app is never reached
+    try:
+        result, _ = fs.run(mode="active-active", reason="e2e: ingress misconfigured", auto_approve=True)
+    finally:
+        fs.ingress.status = 200
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "HTTP 308 (a redirect to https://web.example.test/healthz does not reach the app)" in out
+    assert "DNS was not changed" in out and "promote of eks reverted by" in out
+    assert fs.dns.read("web").ips == {AKS} and fs.component("eks") == "standby"
 
 
 def test_unhealthy_target_aborts_before_dns_and_reverts_the_switch(

@@ -173,3 +173,90 @@ def test_an_ssh_user_and_scp_style_remotes_are_not_credentials(tmp_path: Path) -
         "git@gitlab.example.com:infra/manifests.git",
     ):
         assert load_environment(write(tmp_path, manifests={"repo": repo})).manifests.repo == repo
+
+
+def _with_ledger(tmp_path: Path, **ledger: object) -> Path:
+    data = yaml.safe_load(DEFAULT_ENV.read_text())
+    data["apps"]["ledger"] = {**data["apps"]["hello"], "workload": {"namespace": "ledger", "name": "ledger"}}
+    data["apps"]["ledger"].update(ledger)
+    path = tmp_path / "env.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_each_app_has_its_own_topology_records_and_health_with_the_environments_as_defaults(
+    tmp_path: Path,
+) -> None:
+    env = load_environment(
+        _with_ledger(
+            tmp_path,
+            topology={
+                "mode": "active-standby",
+                "active": "aks",
+                "only": "active-standby",
+                "why": "DB latency",
+            },
+            dns={"records": ["ledger", "www.ledger"], "ttl": 30},
+            health={"path": "/healthz", "ca_file": "certs/ca.pem"},
+        )
+    )
+    assert env.app_topology("hello").mode == "active-active" and env.serving_clusters("hello") == {
+        "eks",
+        "aks",
+    }
+    assert env.app_topology("ledger").only == "active-standby" and env.serving_clusters("ledger") == {"aks"}
+    assert [(r.name, r.fqdn, r.ttl) for r in env.app_records("hello")] == [("web", "web.example.test", 60)]
+    assert [r.fqdn for r in env.app_records("ledger")] == ["ledger.example.test", "www.ledger.example.test"]
+    health = env.apps["ledger"].health
+    assert health is not None and health.effective_port == 443 and health.successes == 3
+    assert env.argocd_cluster() == "aks"  # the cluster whose context both argocd entries name
+
+
+def test_two_apps_on_one_record_or_a_broken_constraint_are_refused(tmp_path: Path) -> None:
+    # Without a record of its own, ledger would share hello's default `web`: one failover moving both.
+    with pytest.raises(ConfigError, match="apps hello and ledger both use the DNS record web.example.test"):
+        load_environment(_with_ledger(tmp_path))
+    with pytest.raises(ConfigError, match="a constraint .* needs `why`"):
+        load_environment(
+            _with_ledger(
+                tmp_path,
+                dns={"record": "ledger"},
+                topology={"mode": "active-active", "only": "active-active"},
+            )
+        )
+    with pytest.raises(ConfigError, match="mode active-active breaks the app's own constraint"):
+        load_environment(
+            _with_ledger(
+                tmp_path,
+                dns={"record": "ledger"},
+                topology={"mode": "active-active", "only": "active-standby", "why": "x"},
+            )
+        )
+    with pytest.raises(ConfigError, match=r"apps.ledger.topology.active names 'gke'"):
+        load_environment(
+            _with_ledger(
+                tmp_path, dns={"record": "ledger"}, topology={"mode": "active-standby", "active": "gke"}
+            )
+        )
+    with pytest.raises(ConfigError, match="health.path: .*must start with `/`"):
+        load_environment(_with_ledger(tmp_path, dns={"record": "ledger"}, health={"path": "healthz"}))
+
+
+def test_a_cluster_lists_every_ingress_ip(tmp_path: Path) -> None:
+    data = yaml.safe_load(DEFAULT_ENV.read_text())
+    data["clusters"]["eks"].pop("ingress_ip")
+    data["clusters"]["eks"]["ingress_ips"] = ["127.0.0.11", "127.0.0.21", "127.0.0.31"]
+    path = tmp_path / "env.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = load_environment(path)
+    assert env.clusters["eks"].ips == ("127.0.0.11", "127.0.0.21", "127.0.0.31")
+    assert env.clusters["aks"].ips == ("127.0.0.12",)
+    data["clusters"]["eks"]["ingress_ip"] = "127.0.0.11"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="give `ingress_ips` .* or `ingress_ip`, not both"):
+        load_environment(path)
+    data["clusters"]["eks"].pop("ingress_ip")
+    data["clusters"]["eks"]["ingress_ips"] = ["lb-1.elb.amazonaws.com"]
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="'lb-1.elb.amazonaws.com' is not an IPv4 address"):
+        load_environment(path)

@@ -34,12 +34,9 @@ class HttpProbe:
                     follow_redirects=False,
                 )
         except httpx.ConnectError as e:
-            cause = e.__cause__ or e.__context__
-            if isinstance(cause, ssl.SSLCertVerificationError):
-                return (
-                    False,
-                    f"GET {url} as {host}: certificate not valid for {host} ({cause.verify_message})",
-                )
+            bad = _cert_error(e)
+            if bad is not None:
+                return False, f"GET {url} as {host}: certificate not valid for {host} ({bad.verify_message})"
             return False, f"GET {url} as {host}: {type(e).__name__}"
         except httpx.HTTPError as e:
             return False, f"GET {url} as {host}: {type(e).__name__}"
@@ -47,3 +44,13 @@ class HttpProbe:
         if 300 <= r.status_code < 400:
             shown += f" (a redirect to {r.headers.get('location', '?')} does not reach the app)"
         return 200 <= r.status_code < 300, shown
+
+
+def _cert_error(e: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate failure under httpx's ConnectError (httpx ← httpcore ← ssl)."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
