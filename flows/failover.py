@@ -340,7 +340,10 @@ def _execute(
             )
         elif isinstance(action, WaitTtl) and not action.skip:
             story.add(
-                "dns", "ok", f"waiting {action.seconds} s for the old TTL of {', '.join(action.names)}", tell=True
+                "dns",
+                "ok",
+                f"waiting {action.seconds} s for the old TTL of {', '.join(action.names)}",
+                tell=True,
             )
             wait_ttl(action.seconds, action.names)
         done.append(f"{action.describe()} [{time.monotonic() - started:.1f} s]")

@@ -94,7 +94,7 @@ def test_empty_set_and_bad_addresses_are_refused_before_sending(bind: tuple[str,
 def test_server_down_is_transient() -> None:
     port = Rfc2136(server=f"127.0.0.1:{free_port()}", zone=ZONE, key=None, timeout=1)
     with pytest.raises(DnsUnavailable, match="ConnectionRefusedError"):
-        port.read("web").ips
+        port.read("web")
     with pytest.raises(DnsUnavailable):
         port.replace_a("web", [EKS], ttl=60)
 
@@ -123,7 +123,7 @@ def test_route53_upsert_replaces_the_set_under_moto() -> None:
         port.replace_a("web", [AKS], ttl=60)
         assert port.read("web").ips == {AKS}
         with pytest.raises(DnsRefused, match="no hosted zone named other.test."):
-            Route53(zone="other.test").read("web").ips
+            Route53(zone="other.test").read("web")
         with pytest.raises(DnsRefused, match="NoSuchHostedZone"):
             Route53(zone=ZONE, hosted_zone_id="ZNOTHERE").replace_a("web", [EKS], ttl=60)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ingress import Ingress, CertAuthority, make_ca, serve_ingress
+from tests.ingress import CertAuthority, Ingress, make_ca, serve_ingress
 from twincd.adapters.http_probe import HttpProbe
 
 pytestmark = pytest.mark.integration
