@@ -26,7 +26,9 @@ from prefect.states import Cancelled
 from flows.landing import Change, Story, ask_approval, deadline, failure_text, land_subflow
 from flows.turns import one_at_a_time
 from tasks.common import untraced
+from tasks.deploy import apply_overlay
 from tasks.failover import (
+    api_unreachable,
     check_health,
     merged_into,
     probe_health,
@@ -47,7 +49,6 @@ from twincd.failover import (
     FailoverPlan,
     Health,
     HealthGate,
-    Overlay,
     PlanError,
     ReplaceRecord,
     SwitchComponents,
@@ -172,12 +173,15 @@ def _failover(
 ) -> FailoverResult | State:
     overlays = read_overlays(untraced(environment))
     records = read_dns(untraced(environment))
+    reach = {c: api_unreachable.submit(untraced(environment), c) for c in environment.clusters}
     plan = plan_failover(
         topology_of(environment, overlays, records),
         target,
         http_health=[a for a, cfg in environment.apps.items() if cfg.health is not None],
         force=force,
         emergency=emergency,
+        unreachable={c: why for c, f in reach.items() if (why := f.result())},
+        argocd=environment.argocd_cluster(),
     )
     markdown = publish_plan(plan, reason, dry_run, emergency)
     print(markdown)
@@ -239,14 +243,52 @@ def _fqdns(environment: Environment, records: dict[str, ARecords]) -> dict[str, 
 
 
 def _verify_roles(
-    environment: Environment, overlays: Sequence[Overlay], role: Role, revision: str, after: Sequence[object]
+    environment: Environment,
+    action: SwitchComponents,
+    role: Role,
+    revision: str,
+    after: Sequence[object],
+    story: Story,
 ) -> tuple[RolloutVerdict, ...]:
-    futures = [
-        verify_role.submit(
-            untraced(environment), o.cluster, o.app, role, revision, wait_for=list(after), return_state=False
+    """Each overlay's cluster at ``revision`` in ``role``. Where Argo CD is unreachable (or absent,
+    ``sync: apply``) twincd server-side applies the overlay first; an unreachable cluster is skipped."""
+    futures = []
+    for o in action.overlays:
+        if o.cluster in action.unverified:
+            story.add(
+                "verify",
+                "skipped",
+                f"{o.app}: unreachable; gets {revision[:12]} when back",
+                cluster=o.cluster,
+            )
+            continue
+        direct = o.cluster in action.direct or environment.clusters[o.cluster].sync == "apply"
+        applied = (
+            [
+                apply_overlay.submit(
+                    untraced(environment),
+                    o.app,
+                    o.cluster,
+                    revision,
+                    wait_for=list(after),
+                    return_state=False,
+                )
+            ]
+            if direct
+            else []
         )
-        for o in overlays
-    ]
+        futures.append(
+            verify_role.submit(
+                untraced(environment),
+                o.cluster,
+                o.app,
+                role,
+                revision,
+                direct,
+                wait_for=[*after, *applied],
+                return_state=False,
+            )
+        )
     return tuple(f.result() for f in futures)
 
 
@@ -279,7 +321,7 @@ def _switch(
     )
 
     def verify(revision: str, after: Sequence[object]) -> tuple[RolloutVerdict, ...]:
-        return _verify_roles(environment, action.overlays, action.role, revision, after)
+        return _verify_roles(environment, action, action.role, revision, after, story)
 
     landed = land_subflow(action.step, environment, branch, change, story, verify)
     if landed.mr is not None:
@@ -411,7 +453,7 @@ def _undo_switch(
     def verify(revision: str, after: Sequence[object]) -> tuple[RolloutVerdict, ...]:
         # Serving again before the DNS undo (next in line) sends traffic back here.
         return (
-            _verify_roles(environment, action.overlays, "active", revision, after) if step == "demote" else ()
+            _verify_roles(environment, action, "active", revision, after, story) if step == "demote" else ()
         )
 
     landed = land_subflow(f"undo-{step}", environment, branch, undo, story, verify)

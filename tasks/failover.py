@@ -12,7 +12,7 @@ from tasks.common import FRESH, IO_RETRIES
 from twincd import failover, kustomize, wiring
 from twincd.config import Environment
 from twincd.domain import ARecords, ReleaseBranch, Role, RolloutVerdict
-from twincd.errors import TwincdError
+from twincd.errors import TransientError, TwincdError
 from twincd.failover import (
     FailoverPlan,
     Health,
@@ -83,13 +83,28 @@ def merged_into(env: Environment, branch: str) -> str | None:
 
 
 @task(name="verify-role", task_run_name="verify-{app}-{cluster_name}-{role}", **FRESH)
-def verify_role(env: Environment, cluster_name: str, app: str, role: Role, revision: str) -> RolloutVerdict:
+def verify_role(
+    env: Environment, cluster_name: str, app: str, role: Role, revision: str, direct: bool = False
+) -> RolloutVerdict:
     """Wait until the cluster runs ``revision`` with the app at full replicas (active) or at 0 (standby).
 
-    Any image will do (digest None): a failover changes replicas, never images.
+    Any image will do (digest None): a failover changes replicas, never images. ``direct``: twincd
+    applied the overlay itself, so no Argo CD Application is asked or waited for.
     """
-    target = wiring.rollout_target(env, cluster_name, app, revision)
+    target = wiring.rollout_target(env, cluster_name, app, revision, argocd=not direct)
     return wiring.rollouts(env).verify_role(target, role=role, app=app, timeout=env.timeouts.rollout_seconds)
+
+
+@task(name="api-reachable", task_run_name="reach-{cluster_name}", **FRESH)
+def api_unreachable(env: Environment, cluster_name: str) -> str:
+    """Why the cluster's API server cannot be reached ("" when it answers): one read, no retries,
+    so a cluster that is down is planned around at once."""
+    w = next(iter(env.apps.values())).workload
+    try:
+        wiring.cluster(env, cluster_name).workloads([(w.kind, w.namespace, w.name)])
+    except TransientError as e:
+        return str(e)
+    return ""
 
 
 @task(name="check-health", task_run_name="health-{app}-{cluster_name}", **FRESH)

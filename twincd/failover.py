@@ -179,6 +179,11 @@ class SwitchComponents:
     role: Role  # the component every overlay below ends up referencing
     clusters: tuple[str, ...]
     overlays: tuple[Overlay, ...]
+    # Clusters whose Argo CD is unreachable: twincd server-side applies their overlays itself.
+    direct: tuple[str, ...] = ()
+    # Clusters whose API server is unreachable: the change is merged (git stays the truth) and
+    # reaches them when they are back; it cannot be verified now.
+    unverified: tuple[str, ...] = ()
 
     def describe(self) -> str:
         verify = (
@@ -187,10 +192,14 @@ class SwitchComponents:
             else "verify every workload scaled to 0 (standby)"
         )
         files = ", ".join(f"`{o.file}`" for o in self.overlays)
-        return (
-            f"**{self.step}** {', '.join(self.clusters)}: switch {files} to `{component(self.role)}`, "
-            f"merge, {verify}"
+        text = (
+            f"**{self.step}** {', '.join(self.clusters)}: switch {files} to `{component(self.role)}`, merge"
+            + (f", apply to {', '.join(self.direct)} directly (Argo CD unreachable)" if self.direct else "")
+            + f", {verify}"
         )
+        if self.unverified:
+            text += f" except on {', '.join(self.unverified)} (unreachable: not verified now)"
+        return text
 
 
 @dataclass(frozen=True)
@@ -347,12 +356,17 @@ def plan_failover(
     http_health: Sequence[str] = (),
     force: bool = False,
     emergency: bool = False,
+    unreachable: Mapping[str, str] | None = None,
+    argocd: str | None = None,
 ) -> FailoverPlan:
     """The ordered actions from ``current`` to ``target`` (empty when already there).
 
     ``http_health``: the apps whose health gate includes the HTTP check through every ingress IP.
+    ``unreachable``: clusters whose API server did not answer, and why. ``argocd``: the cluster
+    that hosts Argo CD; when it is unreachable, twincd applies the other clusters' switches itself.
     """
     _check_target(current, target)
+    down = dict(unreachable or {})
     apps = [current.app(a) for a in target.apps] if target.apps else list(current.apps)
     changes: list[AppChange] = []
     notes: list[str] = []
@@ -367,12 +381,12 @@ def plan_failover(
         serving = target.serving(app, current.clusters)
         changes.append(_app_change(current, app, serving, force, broken))
         up = [o for o in app.overlays if o.cluster in serving and o.role != "active"]
-        down = [o for o in app.overlays if o.cluster not in serving and o.role != "standby"]
+        off = [o for o in app.overlays if o.cluster not in serving and o.role != "standby"]
         dns = _record_changes(current, app, serving, notes)
         promote += up
-        demote += down
+        demote += off
         records += dns
-        if up or down or dns:
+        if up or off or dns:
             # Also when nothing is promoted: whatever serves next is checked before DNS or a
             # demotion leans on it.
             checks += [(app.app, c) for c in serving]
@@ -380,9 +394,22 @@ def plan_failover(
         raise PlanError(
             "refusing to break a constraint (--force overrides, and the plan says so): " + "; ".join(broken)
         )
+    direct = _direct(current, promote, demote, down, argocd, notes)
+
+    def switch(step: Literal["promote", "demote"], role: Role, overlays: list[Overlay]) -> SwitchComponents:
+        clusters = _clusters(overlays, current)
+        return SwitchComponents(
+            step,
+            role,
+            clusters,
+            tuple(overlays),
+            tuple(c for c in clusters if c in direct),
+            tuple(c for c in clusters if c in down),
+        )
+
     actions: list[Action] = []
     if promote:
-        actions.append(SwitchComponents("promote", "active", _clusters(promote, current), tuple(promote)))
+        actions.append(switch("promote", "active", promote))
     if checks:
         gated = tuple(a for a in dict.fromkeys(a for a, _ in checks) if a in http_health)
         actions.append(HealthGate(tuple(checks), gated))
@@ -392,8 +419,41 @@ def plan_failover(
         ttl = max(_old_ttl(current, r) for r in shrinking)
         actions.append(WaitTtl(ttl, tuple(r.fqdn for r in shrinking), skip=emergency))
     if demote:
-        actions.append(SwitchComponents("demote", "standby", _clusters(demote, current), tuple(demote)))
+        actions.append(switch("demote", "standby", demote))
     return FailoverPlan(current, target, tuple(changes), tuple(actions), tuple(notes))
+
+
+def _direct(
+    current: Topology,
+    promote: Sequence[Overlay],
+    demote: Sequence[Overlay],
+    down: Mapping[str, str],
+    argocd: str | None,
+    notes: list[str],
+) -> tuple[str, ...]:
+    """The clusters twincd applies itself (Argo CD is unreachable); refuses to promote where the API
+    server is unreachable, and notes the demotions that cannot be verified now."""
+    stranded = sorted({o.cluster for o in promote if o.cluster in down})
+    if stranded:
+        raise PlanError(
+            f"cannot promote on {', '.join(stranded)}: its API server is unreachable "
+            f"({'; '.join(down[c] for c in stranded)})"
+        )
+    direct: tuple[str, ...] = ()
+    if argocd is not None and argocd in down:
+        direct = tuple(c for c in current.clusters if c not in down)
+        notes.append(
+            f"Argo CD unreachable (it runs on {argocd}): applying directly. Each switch is still merged "
+            f"into the manifests branch (git stays the truth; its MR says why), then twincd server-side "
+            f"applies the overlays of {', '.join(direct)} at that revision (field manager twincd) and "
+            "verifies them. Once Argo CD is back, the drift check shows whether it agrees."
+        )
+    for cluster in sorted({o.cluster for o in demote if o.cluster in down}):
+        notes.append(
+            f"{cluster} is unreachable ({down[cluster]}): its demotion is merged and reaches it when it "
+            "is back; it is not verified now."
+        )
+    return direct
 
 
 def _check_target(current: Topology, target: Target) -> None:

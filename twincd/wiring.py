@@ -235,24 +235,31 @@ def probe(timeout: float) -> Probe:
 
 
 def rollout_target(
-    env: Environment, cluster_name: str, app: str, revision: str, digest: str | None = None
+    env: Environment,
+    cluster_name: str,
+    app: str,
+    revision: str,
+    digest: str | None = None,
+    *,
+    argocd: bool = True,
 ) -> RolloutTarget:
-    """What a cluster must show for ``app`` at ``revision``; with Argo CD, where its Application lives."""
+    """What a cluster must show for ``app`` at ``revision``; with Argo CD, where its Application lives
+    (``argocd=False``: twincd applied the overlay itself, so no Application is asked)."""
     c = env.clusters[cluster_name]
     w = env.app(app).workload
     ref = cluster_ref(env, cluster_name)
-    argocd = c.argocd if c.sync == "argocd" else None
+    app_of = c.argocd if c.sync == "argocd" and argocd else None
     return RolloutTarget(
         cluster=ref,
         argocd=ClusterRef(
             f"Argo CD of {cluster_name}",
-            argocd.context,
-            str(env.path(argocd.kubeconfig)) if argocd.kubeconfig else ref.kubeconfig,
+            app_of.context,
+            str(env.path(app_of.kubeconfig)) if app_of.kubeconfig else ref.kubeconfig,
         )
-        if argocd
+        if app_of
         else None,
-        application=argocd.application.format(app=app, cluster=cluster_name) if argocd else None,
-        argocd_namespace=argocd.namespace if argocd else "argocd",
+        application=app_of.application.format(app=app, cluster=cluster_name) if app_of else None,
+        argocd_namespace=app_of.namespace if app_of else "argocd",
         kind=w.kind,
         namespace=w.namespace,
         name=w.name,

@@ -395,3 +395,32 @@ def test_read_overlays_names_a_missing_overlay(tmp_path: Path) -> None:
         read_overlays(
             tmp_path, repo="manifests.git", files={("aks", "hello"): "overlays/aks/hello/kustomization.yaml"}
         )
+
+
+def test_argo_cd_unreachable_switches_are_applied_directly_and_the_plan_says_so_first() -> None:
+    current = topology(
+        app("web", "active", "active", {EKS, AKS}),
+        app("ledger", "standby", "active", {AKS}, constraint=LEDGER_ONLY_AS),
+    )
+    down = {"aks": "connection refused"}
+    plan = plan_failover(current, Target(evacuate=("aks",)), unreachable=down, argocd="aks")
+    promote, demote = plan.actions[0], plan.actions[-1]
+    assert isinstance(promote, SwitchComponents) and promote.direct == ("eks",) and promote.unverified == ()
+    assert isinstance(demote, SwitchComponents) and demote.direct == () and demote.unverified == ("aks",)
+    md = plan.markdown()
+    assert "Argo CD unreachable (it runs on aks): applying directly" in md
+    assert "apply to eks directly (Argo CD unreachable)" in md
+    assert "except on aks (unreachable: not verified now)" in md
+    # Argo CD reachable (it runs on a cluster that answers): nothing is applied by twincd.
+    normal = plan_failover(current, Target(evacuate=("aks",)), unreachable={}, argocd="aks")
+    assert all(not a.direct for a in normal.actions if isinstance(a, SwitchComponents))
+
+
+def test_promoting_on_an_unreachable_cluster_is_refused_before_anything_changes() -> None:
+    current = topology(app("ledger", "standby", "active", {AKS}))
+    with pytest.raises(
+        PlanError, match=r"cannot promote on eks: its API server is unreachable \(timed out\)"
+    ):
+        plan_failover(
+            current, Target("active-standby", "eks"), unreachable={"eks": "timed out"}, argocd="aks"
+        )
