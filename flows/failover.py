@@ -388,8 +388,21 @@ def _execute(
                 tell=True,
             )
             wait_ttl(action.seconds, action.names)
-        done.append(f"{action.describe()} [{time.monotonic() - started:.1f} s]")
+        took = time.monotonic() - started
+        # One line per step with its wall time: where a failover spends its time, in the run's log.
+        print(f"step {len(done) + 1} of {len(plan.actions)} done in {took:.1f} s: {_step_name(action)}")
+        done.append(f"{action.describe()} [{took:.1f} s]")
     return tuple(done)
+
+
+def _step_name(action: object) -> str:
+    if isinstance(action, SwitchComponents):
+        return f"{action.step} {', '.join(action.clusters)}"
+    if isinstance(action, HealthGate):
+        return "health gate"
+    if isinstance(action, ReplaceRecord):
+        return f"dns {action.fqdn} + read back"
+    return "TTL wait" + (" (skipped)" if isinstance(action, WaitTtl) and action.skip else "")
 
 
 def _undo(
@@ -451,10 +464,11 @@ def _undo_switch(
     )
 
     def verify(revision: str, after: Sequence[object]) -> tuple[RolloutVerdict, ...]:
-        # Serving again before the DNS undo (next in line) sends traffic back here.
-        return (
-            _verify_roles(environment, action, "active", revision, after, story) if step == "demote" else ()
-        )
+        # An undone demotion serves again before the DNS undo (next in line) sends traffic back; an
+        # undone promotion is verified back at standby, so "undone" is what the clusters show (and
+        # Argo CD is asked now, not at its next poll).
+        role: Role = "active" if step == "demote" else "standby"
+        return _verify_roles(environment, action, role, revision, after, story)
 
     landed = land_subflow(f"undo-{step}", environment, branch, undo, story, verify)
     mr_ref = landed.mr.ref if landed.mr else "(nothing to merge)"
