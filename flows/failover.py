@@ -23,13 +23,22 @@ from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
-from flows.landing import Change, Story, ask_approval, deadline, failure_text, land_subflow
+from flows.landing import (
+    Change,
+    Story,
+    ask_approval,
+    deadline,
+    failure_text,
+    land_approved,
+    land_subflow,
+)
 from flows.turns import one_at_a_time
 from tasks.common import untraced
 from tasks.deploy import apply_overlay
 from tasks.failover import (
     api_unreachable,
     check_health,
+    keep_plan,
     merged_into,
     probe_health,
     publish_plan,
@@ -42,6 +51,7 @@ from tasks.failover import (
     verify_role,
     wait_ttl,
 )
+from twincd import wiring
 from twincd.config import DEFAULT_ENV, Environment, load_environment
 from twincd.domain import ARecords, MergeRequest, Phase, Role, RolloutVerdict, Timeline, Waiting
 from twincd.errors import PermanentError
@@ -185,36 +195,27 @@ def _failover(
     )
     markdown = publish_plan(plan, reason, dry_run, emergency)
     print(markdown)
-    if dry_run or plan.noop:
+    if dry_run:
         return FailoverResult(target.label, dry_run, markdown, (), _fqdns(environment, records))
 
     run_id = str(flow_run.id or "manual")
     story = Story(environment, Timeline("failover", f"{target.label} {run_id[:8]}", run=run_id))
-    story.add("plan", "ok", f"{'EMERGENCY ' if emergency else ''}{plan.summary()}; reason: {reason}")
-    if emergency or auto_approve:
-        approver = f"emergency ({reason})" if emergency else "auto-approve"
-    else:
-        story.add("approve", "waiting", "waiting for approval of the plan", tell=True, after=[markdown])
-        timeout = environment.timeouts.approval_seconds
-        answer = ask_approval(
-            description=f"{markdown}\n\nApprove to carry out this plan; leave unticked to refuse.",
-            # The plan in the key: a run resumed after the world changed plans again, and a
-            # changed plan is asked for again, never carried out under an earlier approval.
-            key=f"failover-{run_id[:8]}-{hashlib.sha256(markdown.encode()).hexdigest()[:12]}",
-            timeout=timeout,
-            waiting=Waiting(None, environment.source, deadline(timeout)),
-        )
-        if not answer.approved:
-            message = (
-                f"no approval of the failover {target.label} within "
-                f"{environment.timeouts.approval_seconds:.0f} s; nothing was changed"
-                if answer.timed_out
-                else f"failover {target.label} refused by {answer.approver or 'a reviewer'}; "
-                "nothing was changed"
-            )
-            story.add("approve", "cancelled", message, tell=True)
-            return Cancelled(message=message)
-        approver = answer.approver or "a reviewer"
+    if not plan.noop:
+        story.add("plan", "ok", f"{'EMERGENCY ' if emergency else ''}{plan.summary()}; reason: {reason}")
+    approver = _approver(environment, plan, markdown, run_id, reason, emergency, auto_approve, story)
+    if isinstance(approver, State):
+        return approver
+    # What is carried out is the plan that got past approval first in this run. A run that waits
+    # for a merge on the forge resumes from the top, and planning again from what the switch it
+    # waited for changed would find less (or nothing) left to do: its steps are re-entered in the
+    # kept plan's order instead, each finding its work done.
+    kept = keep_plan(plan)
+    if kept != plan:
+        markdown = kept.markdown(reason=reason, emergency=emergency)
+        print(f"Resumed: carrying out the plan made before the wait:\n{markdown}")
+    plan = kept
+    if plan.noop:
+        return FailoverResult(target.label, False, markdown, (), _fqdns(environment, records))
     story.tell(after=[markdown])
 
     changes: list[Undoable] = []
@@ -231,6 +232,56 @@ def _failover(
     serving = "; ".join(f"{c.app} on {', '.join(c.serving)}" for c in plan.changes)
     story.add("result", "ok", f"{target.label}: serving {serving}", tell=True, after=[final])
     return FailoverResult(target.label, False, markdown, done, _fqdns(environment, final))
+
+
+def _approver(
+    environment: Environment,
+    plan: FailoverPlan,
+    markdown: str,
+    run_id: str,
+    reason: str,
+    emergency: bool,
+    auto_approve: bool,
+    story: Story,
+) -> str | None | State:
+    """Who approved the plan; None when each switch waits for people to merge its MR on the forge
+    (GitLab); a Cancelled state when the plan was refused or not approved in time."""
+    if emergency or auto_approve:
+        return f"emergency ({reason})" if emergency else "auto-approve"
+    forge = wiring.forge_type(environment)
+    if plan.noop:
+        return None
+    if forge.merged_by_people:
+        # Approval happens where the team approves changes: each switch is a merge request that
+        # people approve and merge on the forge (its rules apply); the run waits suspended.
+        story.add(
+            "approve",
+            "ok",
+            f"each switch below is a merge request to approve and merge on {forge.name}",
+            tell=True,
+            after=[markdown],
+        )
+        return None
+    story.add("approve", "waiting", "waiting for approval of the plan", tell=True, after=[markdown])
+    timeout = environment.timeouts.approval_seconds
+    answer = ask_approval(
+        description=f"{markdown}\n\nApprove to carry out this plan; leave unticked to refuse.",
+        # The plan in the key: a run resumed after the world changed plans again, and a
+        # changed plan is asked for again, never carried out under an earlier approval.
+        key=f"failover-{run_id[:8]}-{hashlib.sha256(markdown.encode()).hexdigest()[:12]}",
+        timeout=timeout,
+        waiting=Waiting(None, environment.source, deadline(timeout)),
+    )
+    if not answer.approved:
+        message = (
+            f"no approval of the failover {plan.target.label} within {timeout:.0f} s; nothing was changed"
+            if answer.timed_out
+            else f"failover {plan.target.label} refused by {answer.approver or 'a reviewer'}; "
+            "nothing was changed"
+        )
+        story.add("approve", "cancelled", message, tell=True)
+        return Cancelled(message=message)
+    return answer.approver or "a reviewer"
 
 
 def _fqdns(environment: Environment, records: dict[str, ARecords]) -> dict[str, frozenset[str]]:
@@ -298,7 +349,7 @@ def _switch(
     action: SwitchComponents,
     run_id: str,
     reason: str,
-    approver: str,
+    approver: str | None,
     story: Story,
     changes: list[Undoable],
 ) -> None:
@@ -323,7 +374,7 @@ def _switch(
     def verify(revision: str, after: Sequence[object]) -> tuple[RolloutVerdict, ...]:
         return _verify_roles(environment, action, action.role, revision, after, story)
 
-    landed = land_subflow(action.step, environment, branch, change, story, verify)
+    landed = land_approved(action.step, environment, branch, change, story, verify)
     if landed.mr is not None:
         changes[-1] = MergedSwitch(action, landed.mr)
     failed = [v for v in landed.verdicts if v.phase is not Phase.SUCCEEDED]
@@ -357,7 +408,7 @@ def _execute(
     plan: FailoverPlan,
     run_id: str,
     reason: str,
-    approver: str,
+    approver: str | None,
     story: Story,
     changes: list[Undoable],
 ) -> tuple[str, ...]:

@@ -8,7 +8,7 @@ import time
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.common import FRESH, IO_RETRIES
+from tasks.common import FRESH, IO_RETRIES, ONCE_PER_BRANCH, once_per_run
 from twincd import failover, kustomize, wiring
 from twincd.config import Environment
 from twincd.domain import ARecords, ReleaseBranch, Role, RolloutVerdict
@@ -57,7 +57,14 @@ def publish_plan(plan: FailoverPlan, reason: str, dry_run: bool, emergency: bool
     return markdown
 
 
-@task(name="switch-components", task_run_name="switch-{action.step}", **IO_RETRIES, **FRESH)
+@task(name="keep-plan", **once_per_run(lambda parameters: "plan"))
+def keep_plan(plan: FailoverPlan) -> FailoverPlan:
+    """The plan this run carries out: the first one given here in the run, persisted, so a run
+    resumed after waiting for a merge carries out what was planned, not a plan made afresh."""
+    return plan
+
+
+@task(name="switch-components", task_run_name="switch-{action.step}", **IO_RETRIES, **ONCE_PER_BRANCH)
 def switch_components(env: Environment, action: SwitchComponents, branch: str, reason: str) -> ReleaseBranch:
     """Point every overlay of the action at its component, on ``branch``, and push it."""
     edits = {o.file: switch_edit(o, action.role) for o in action.overlays}
@@ -70,7 +77,7 @@ def switch_components(env: Environment, action: SwitchComponents, branch: str, r
     )
 
 
-@task(name="revert-switch", task_run_name="undo-{step}", **IO_RETRIES, **FRESH)
+@task(name="revert-switch", task_run_name="undo-{step}", **IO_RETRIES, **ONCE_PER_BRANCH)
 def revert_switch(env: Environment, step: str, merge_commit: str, branch: str) -> ReleaseBranch:
     """Undo a merged switch: ``git revert -m 1`` of its merge commit, on ``branch``."""
     return wiring.manifests(env).write_revert(branch=branch, merge_commits=[merge_commit])

@@ -139,10 +139,20 @@ def run_logs(env: Environment, run_id: str) -> str:
         f"{api}/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [run_id]}}}
     ).json()
     ids = [run_id, *(r["id"] for r in subflows)]
-    logs = httpx.post(
-        f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": ids}}, "sort": "TIMESTAMP_ASC"}
-    ).json()
-    return "\n".join(str(line["message"]) for line in logs)
+    lines: list[str] = []
+    while True:  # the server answers at most 200 logs per call (PREFECT_API_DEFAULT_LIMIT)
+        page = httpx.post(
+            f"{api}/logs/filter",
+            json={
+                "logs": {"flow_run_id": {"any_": ids}},
+                "sort": "TIMESTAMP_ASC",
+                "limit": 200,
+                "offset": len(lines),
+            },
+        ).json()
+        lines += [str(line["message"]) for line in page]
+        if len(page) < 200:
+            return "\n".join(lines)
 
 
 def run_id_of(output: str) -> str:

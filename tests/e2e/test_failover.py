@@ -2,7 +2,7 @@
 
 Tests run in file order and walk one topology: dry run (nothing changes) → active-standby on aks →
 back to active-active refused by DNS (wrong key: the promotion is reverted) → back with eks down
-(the promotion is reverted, DNS untouched) → back for real (emergency). The stack ends
+(refused at plan time, nothing changed) → back for real (emergency). The stack ends
 active-active, as the deploy tests expect it.
 """
 
@@ -260,9 +260,10 @@ def test_a_redirect_from_the_ingress_fails_the_gate_and_reverts_the_promotion(fs
     assert fs.dns.read("web").ips == {AKS} and fs.component("eks") == "standby"
 
 
-def test_unhealthy_target_aborts_before_dns_and_reverts_the_switch(
+def test_promoting_a_cluster_that_is_down_is_refused_before_anything_changes(
     fs: FailoverStack, stack_env: Environment
 ) -> None:
+    refs = git_refs(local_repo_path(fs.env, fs.env.manifests.repo))
     assert procs.stop_daemon(stack.cluster_name_of("eks"), state_dir=stack_env.state_path)
     try:
         result, seconds = fs.run(mode="active-active", reason="e2e: eks is down", auto_approve=True)
@@ -270,9 +271,9 @@ def test_unhealthy_target_aborts_before_dns_and_reverts_the_switch(
         stack.up(stack_env, say=lambda line: None)  # the sandbox cluster back, resynced from main
     out = result.stdout + result.stderr
     assert result.returncode == 1, out
-    print(f"\naborted failover with eks down: {seconds:.1f} s")
-    assert "promote not verified: eks" in out and "promote of eks reverted by" in out
-    assert "replace-dns" not in out  # never reached
+    print(f"\nrefused failover with eks down: {seconds:.1f} s")
+    assert "cannot promote on eks: its API server is unreachable" in out
+    assert git_refs(local_repo_path(fs.env, fs.env.manifests.repo)) == refs  # no branch, no merge
     assert fs.dns.read("web").ips == {AKS}
     assert fs.component("eks") == "standby"
     _wait_available(fs, "aks", 2)

@@ -563,3 +563,44 @@ def test_gitlab_5xx_and_429_bursts_during_open_and_merge(gitlab: tuple[FakeGitla
     ).stdout
     assert merges.count("Merge branch 'twincd/hello/v5.1.0'") == 1
     assert registry_digest(env, "v5.1.0") in main_file(env, "overlays/eks/hello/kustomization.yaml")
+
+
+def test_a_failover_with_gitlab_waits_for_people_to_merge_each_switch_there(
+    gitlab: tuple[FakeGitlab, Environment],
+) -> None:
+    """Issue 15.6: no Prefect form; each switch is a GitLab MR people approve and merge, the run
+    suspended meanwhile; the merge resumes it and the failover goes on from where it waited."""
+    from twincd.adapters.dns import Rfc2136, Tsig
+    from twincd.sandbox import dns as sandbox_dns
+
+    fake, env = gitlab
+    assert env.dns.type == "rfc2136"
+    # The stack's BIND, with the stack's key; a short TTL so that the TTL wait stays short.
+    dns = Rfc2136(
+        server=env.dns.server, zone=env.dns.zone, key=Tsig.parse(sandbox_dns.ensure_key(env.state_path))
+    )
+    dns.replace_a("web", ["127.0.0.11", "127.0.0.12"], ttl=2)
+    env = _variant(env, "gitlab-failover", dns={**env.dns.model_dump(), "ttl": 2})
+    started = twincd(env, "failover", "--to", "aks", "--reason", "e2e: AWS maintenance through GitLab")
+    out = started.stdout + started.stderr
+    assert started.returncode == 0 and "Suspended" in out, out
+    run_id = run_id_of(out)
+    assert "each switch below is a merge request to approve and merge on GitLab" in out
+    # DNS moved (behind the health gate) and the old TTL ran out before the demotion was asked for.
+    assert dns.read("web").ips == {"127.0.0.12"}
+    [mr] = [m for m in fake.mrs.values() if m.source_branch.startswith("twincd/failover/active-standby-aks-")]
+    assert mr.source_branch.endswith("/demote") and mr.state == "opened"
+    assert flow_run_processes(run_id) == []  # nothing runs while people review
+    fake.approve(mr.iid, "bob")
+    fake.merge(mr.iid, user="alice")  # the Merge Request Hook resumes the run
+    run = final_run(env, run_id)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    logs = run_logs(env, run_id)
+    assert "merged as" in logs and "by alice" in logs and "approved by bob" in logs, logs
+    assert "Resumed: carrying out the plan made before the wait" in logs
+    assert "components/standby" in main_file(env, "overlays/eks/hello/kustomization.yaml")
+    # Back, in an emergency: twincd merges on GitLab itself, still through MRs that say why.
+    back = twincd(env, "failover", "--active-active", "--reason", "e2e: back", "--emergency", timeout=600)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert dns.read("web").ips == {"127.0.0.11", "127.0.0.12"}
+    assert "components/active" in main_file(env, "overlays/eks/hello/kustomization.yaml")
