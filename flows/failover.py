@@ -44,6 +44,7 @@ from tasks.failover import (
     publish_plan,
     read_back_dns,
     read_dns,
+    read_ingress_ips,
     read_overlays,
     replace_dns,
     revert_switch,
@@ -184,13 +185,19 @@ def _failover(
     overlays = read_overlays(untraced(environment))
     records = read_dns(untraced(environment))
     reach = {c: api_unreachable.submit(untraced(environment), c) for c in environment.clusters}
+    down = {c: why for c, f in reach.items() if (why := f.result())}
+    ingress = {
+        c: read_ingress_ips.submit(untraced(environment), c)
+        for c, cfg in environment.clusters.items()
+        if cfg.ingress_service is not None and c not in down
+    }
     plan = plan_failover(
-        topology_of(environment, overlays, records),
+        topology_of(environment, overlays, records, {c: f.result() for c, f in ingress.items()}),
         target,
         http_health=[a for a, cfg in environment.apps.items() if cfg.health is not None],
         force=force,
         emergency=emergency,
-        unreachable={c: why for c, f in reach.items() if (why := f.result())},
+        unreachable=down,
         argocd=environment.argocd_cluster(),
     )
     markdown = publish_plan(plan, reason, dry_run, emergency)
@@ -386,11 +393,15 @@ def _switch(
         )
 
 
-def _health(environment: Environment, action: HealthGate, story: Story) -> dict[tuple[str, str], Health]:
+def _health(
+    environment: Environment, plan: FailoverPlan, action: HealthGate, story: Story
+) -> dict[tuple[str, str], Health]:
     checks = {(a, c): check_health.submit(untraced(environment), a, c) for a, c in action.checks}
     results = {k: f.result() for k, f in checks.items()}
     probes = {
-        k: probe_health.submit(untraced(environment), h, wait_for=[checks[k]], return_state=False)
+        k: probe_health.submit(
+            untraced(environment), h, plan.current.ips(h.cluster), wait_for=[checks[k]], return_state=False
+        )
         for k, h in results.items()
         if k[0] in action.http and h.healthy
     }
@@ -420,7 +431,7 @@ def _execute(
         if isinstance(action, SwitchComponents):
             _switch(environment, plan, action, run_id, reason, approver, story, changes)
         elif isinstance(action, HealthGate):
-            health = _health(environment, action, story)
+            health = _health(environment, plan, action, story)
             gate(plan, health)
         elif isinstance(action, ReplaceRecord):
             check_record_change(plan, action, health)

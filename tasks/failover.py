@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import socket
 import time
 
 from prefect import task
@@ -114,6 +115,28 @@ def api_unreachable(env: Environment, cluster_name: str) -> str:
     return ""
 
 
+@task(name="read-ingress-ips", task_run_name="ingress-{cluster_name}", **IO_RETRIES, **FRESH)
+def read_ingress_ips(env: Environment, cluster_name: str) -> tuple[str, ...]:
+    """The cluster's ingress IPs from its LoadBalancer Service (hostnames resolved to IPv4)."""
+    svc = env.clusters[cluster_name].ingress_service
+    assert svc is not None
+    return failover.load_balancer_ips(
+        wiring.cluster(env, cluster_name).service(svc.namespace, svc.name),
+        where=f"cluster {cluster_name}: Service {svc.namespace}/{svc.name}",
+        resolve=resolve_ipv4,
+    )
+
+
+def resolve_ipv4(hostname: str) -> tuple[str, ...]:
+    try:
+        found = socket.getaddrinfo(hostname, None, socket.AF_INET, socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise failover.PlanError(
+            f"the load balancer name {hostname} does not resolve: {e.strerror}"
+        ) from None
+    return tuple(dict.fromkeys(str(addr[4][0]) for addr in found))
+
+
 @task(name="check-health", task_run_name="health-{app}-{cluster_name}", **FRESH)
 def check_health(env: Environment, app: str, cluster_name: str) -> Health:
     """API reachable and the app's workload available at its full replica count (one look)."""
@@ -127,7 +150,7 @@ def check_health(env: Environment, app: str, cluster_name: str) -> Health:
 
 
 @task(name="probe-health", task_run_name="probe-{health.app}-{health.cluster}", **FRESH)
-def probe_health(env: Environment, health: Health) -> Health:
+def probe_health(env: Environment, health: Health, ips: tuple[str, ...]) -> Health:
     """The app's health path through every ingress IP of the cluster, as its clients reach it: the
     public name as Host and SNI, its certificate verified, several 2xx answers in a row per IP."""
     cfg = env.app(health.app).health
@@ -135,7 +158,7 @@ def probe_health(env: Environment, health: Health) -> Health:
     host = cfg.host or env.app_records(health.app)[0].fqdn
     ca_file = str(env.path(cfg.ca_file)) if cfg.ca_file else None
     probe = wiring.probe(cfg.timeout_seconds)
-    for ip in env.clusters[health.cluster].ips:
+    for ip in ips:
         url = f"{cfg.scheme}://{ip}:{cfg.effective_port}{cfg.path}"
         ok, seen = consecutive(
             functools.partial(probe.check, url, host=host, ca_file=ca_file),

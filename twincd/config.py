@@ -189,6 +189,11 @@ class ArgoCDConfig(_Model):
     application: str = "{app}-{cluster}"
 
 
+class IngressService(_Model):
+    namespace: str = "ingress-nginx"
+    name: str = "ingress-nginx-controller"
+
+
 class ClusterConfig(_Model):
     cloud: str
     context: str
@@ -198,6 +203,10 @@ class ClusterConfig(_Model):
     # zone and an Azure LB may have several front ends: list them all, or DNS loses that redundancy.
     ingress_ips: tuple[str, ...] = ()
     ingress_ip: str | None = None  # one IP; the same as `ingress_ips: [IP]`
+    # Or read them when a failover plans: the ingress controller's LoadBalancer Service, whose
+    # status.loadBalancer.ingress lists an IP per front end (Azure) or a hostname (an AWS NLB,
+    # resolved to its per-zone IPs).
+    ingress_service: IngressService | None = None
     registry: str | None = None  # the registry this cluster pulls from; default: the app's first
     sync: Literal["argocd", "apply"] = "argocd"
     argocd: ArgoCDConfig | None = None
@@ -206,8 +215,8 @@ class ClusterConfig(_Model):
     def _argocd_needed(self) -> ClusterConfig:
         if self.sync == "argocd" and self.argocd is None:
             raise ValueError("sync: argocd needs an `argocd: {context: ...}` entry")
-        if self.ingress_ip and self.ingress_ips:
-            raise ValueError("give `ingress_ips` (a list) or `ingress_ip`, not both")
+        if sum(map(bool, (self.ingress_ip, self.ingress_ips, self.ingress_service))) > 1:
+            raise ValueError("give one of `ingress_ips` (a list), `ingress_ip` or `ingress_service`")
         for ip in self.ips:
             try:
                 ipaddress.IPv4Address(ip)

@@ -641,8 +641,14 @@ def branch_name(target: Target, run_id: str, step: str) -> str:
     return f"twincd/failover/{target.label}-{short}/{step}"
 
 
-def topology_of(env: Environment, overlays: Sequence[Overlay], records: Mapping[str, ARecords]) -> Topology:
-    """What runs where now: the overlays read, each app's records as read (by relative name)."""
+def topology_of(
+    env: Environment,
+    overlays: Sequence[Overlay],
+    records: Mapping[str, ARecords],
+    ingress: Mapping[str, tuple[str, ...]] | None = None,
+) -> Topology:
+    """What runs where now: the overlays read, each app's records as read (by relative name), and
+    each cluster's ingress IPs: read from its Service (``ingress``), else as configured."""
     clusters = tuple(env.clusters)
     apps = []
     for app in env.apps:
@@ -654,8 +660,29 @@ def topology_of(env: Environment, overlays: Sequence[Overlay], records: Mapping[
             if r.name in records
         )
         apps.append(AppState(app, tuple(o for o in overlays if o.app == app), found, constraint))
-    ips = tuple((c, env.clusters[c].ips) for c in clusters)
+    ips = tuple((c, (ingress or {}).get(c, env.clusters[c].ips)) for c in clusters)
     return Topology(clusters, ips, tuple(apps), env.dns.type != "none")
+
+
+def load_balancer_ips(
+    service: Mapping[str, object] | None, *, where: str, resolve: Callable[[str], tuple[str, ...]]
+) -> tuple[str, ...]:
+    """Every address of a LoadBalancer Service's ``status.loadBalancer.ingress``: ``ip`` entries as
+    they are, ``hostname`` entries (AWS load balancers publish a name, not IPs) resolved to their
+    A records, one per availability zone."""
+    if service is None:
+        raise PlanError(f"{where}: not found")
+    status = service.get("status")
+    entries = status.get("loadBalancer", {}).get("ingress") if isinstance(status, Mapping) else None
+    ips: list[str] = []
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, Mapping) and entry.get("ip"):
+            ips.append(str(entry["ip"]))
+        elif isinstance(entry, Mapping) and entry.get("hostname"):
+            ips += resolve(str(entry["hostname"]))
+    if not ips:
+        raise PlanError(f"{where}: status.loadBalancer.ingress has no address yet (pending)")
+    return tuple(dict.fromkeys(ips))
 
 
 def evacuated(env: Environment, what: str) -> tuple[str, ...]:

@@ -231,6 +231,10 @@ class Cluster(Protocol):
         """The live objects matching every app's desired objects: one LIST per kind and namespace."""
         ...
 
+    def service(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        """One Service as the cluster holds it now (None: not found)."""
+        ...
+
     def apply(self, objects: Iterable[Mapping[str, Any]]) -> ApplyResult:
         """Server-side apply of rendered objects (clusters without Argo CD)."""
         ...

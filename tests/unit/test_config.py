@@ -253,9 +253,16 @@ def test_a_cluster_lists_every_ingress_ip(tmp_path: Path) -> None:
     assert env.clusters["aks"].ips == ("127.0.0.12",)
     data["clusters"]["eks"]["ingress_ip"] = "127.0.0.11"
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(ConfigError, match="give `ingress_ips` .* or `ingress_ip`, not both"):
+    with pytest.raises(ConfigError, match="give one of `ingress_ips` .*, `ingress_ip` or `ingress_service`"):
         load_environment(path)
     data["clusters"]["eks"].pop("ingress_ip")
+    data["clusters"]["eks"].pop("ingress_ips")
+    data["clusters"]["eks"]["ingress_service"] = {"namespace": "ingress-nginx"}
+    path.write_text(yaml.safe_dump(data))
+    read = load_environment(path).clusters["eks"]
+    assert read.ips == () and read.ingress_service is not None
+    assert read.ingress_service.name == "ingress-nginx-controller"
+    data["clusters"]["eks"].pop("ingress_service")
     data["clusters"]["eks"]["ingress_ips"] = ["lb-1.elb.amazonaws.com"]
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="'lb-1.elb.amazonaws.com' is not an IPv4 address"):

@@ -115,7 +115,7 @@ class LiveReader:
         if self._owns_api:
             self._api.close()
 
-    def _get(self, what: str, path: str, query: Sequence[tuple[str, str]] = ()) -> dict[str, Any] | None:
+    def get(self, what: str, path: str, query: Sequence[tuple[str, str]] = ()) -> dict[str, Any] | None:
         """GET ``path`` as JSON; None on 404. Every failure is a cluster adapter error: the client's
         ApiException (status 0 for TLS failures), urllib3 and OS errors become ClusterError, 401/403
         ClusterDenied (through cluster.py's own request helper, so both adapters agree)."""
@@ -142,7 +142,7 @@ class LiveReader:
             return info
         if api_version not in self._discovered:
             prefix = "/apis/" if "/" in api_version else "/api/"
-            found = self._get(f"discover {api_version}", prefix + api_version) or {}
+            found = self.get(f"discover {api_version}", prefix + api_version) or {}
             self._discovered[api_version] = {
                 str(r["kind"]): KindInfo(
                     api_version, str(r["kind"]), str(r["name"]), bool(r.get("namespaced"))
@@ -168,7 +168,7 @@ class LiveReader:
         query = [("labelSelector", scope.label_selector)] if scope.label_selector else []
         where = f" in {scope.namespace}" if scope.namespace else ""
         self.lists += 1
-        body = self._get(f"list {scope.kind}{where}", info.path(scope.namespace), query)
+        body = self.get(f"list {scope.kind}{where}", info.path(scope.namespace), query)
         items = (body or {}).get("items", [])
         # Items of a LIST carry neither apiVersion nor kind: put them back, the comparison keys on them.
         return [{**item, "apiVersion": scope.api_version, "kind": scope.kind} for item in items]
@@ -215,6 +215,12 @@ class KubeCluster:
 
     def read(self, desired: Mapping[str, Iterable[Mapping[str, Any]]]) -> ClusterRead:
         return read_cluster(self.ref, desired=desired)
+
+    def service(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        with LiveReader(self.ref) as reader:
+            return reader.get(
+                f"read Service {namespace}/{name}", f"/api/v1/namespaces/{namespace}/services/{name}"
+            )
 
     def apply(self, objects: Iterable[Mapping[str, Any]]) -> ApplyResult:
         return apply_overlay(self.ref, objects)
