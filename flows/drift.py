@@ -74,12 +74,13 @@ def drift_check(env: str = str(DEFAULT_ENV), fail_on_drift: bool = False) -> Sta
         except TwincdError as e:
             unreadable.append(f"{name}: {e}")
     workloads = [w for c in checks for w in c.workloads]
-    # Each app's serving clusters as configured: a standby scaled to zero is no skew.
+    # Each app's serving clusters as git has them (a failover moves them): a standby scaled to
+    # zero is no skew.
     items = tuple(i for c in checks for i in c.items) + tuple(
         item
         for app in environment.apps
         for item in drift.find_skew(
-            [w for w in workloads if w.app == app], serving=environment.serving_clusters(app)
+            [w for w in workloads if w.app == app], serving=drift.serving_in_git(desired.by_cluster, app)
         )
     )
     table = publish_report(untraced(environment), desired, items, tuple(checks))

@@ -586,6 +586,23 @@ def workload_states(
     return tuple(states)
 
 
+def serving_in_git(
+    rendered: Mapping[str, Mapping[str, Iterable[Mapping[str, Any]]]], app: str
+) -> frozenset[str]:
+    """The clusters where git says ``app`` serves: its rendered overlay scales no workload to zero
+    (``components/standby`` does). After a failover this is the topology, not the file's default."""
+    serving = set()
+    for cluster, apps in rendered.items():
+        workloads = [
+            o
+            for o in apps.get(app, ())
+            if o.get("kind") in ("Deployment", "StatefulSet") and isinstance(o.get("spec"), Mapping)
+        ]
+        if workloads and all(o["spec"].get("replicas", 1) != 0 for o in workloads):
+            serving.add(cluster)
+    return frozenset(serving)
+
+
 def find_skew(states: Iterable[WorkloadState], *, serving: Collection[str]) -> tuple[DriftItem, ...]:
     """Cloud vs cloud: for each workload on more than one cluster, the image digests must agree
     everywhere (a standby on an older digest would fail over to old code), and the replica intent

@@ -205,6 +205,9 @@ def test_evacuating_aks_while_aks_and_its_argo_cd_are_down(evac: Evac) -> None:
     for app in ("hello", "ledger"):
         wait_for(lambda app=app: evac.available("aks", app) == 0, f"{app} scaled to 0 on aks", 240)
     assert evac.deployment("aks", "hello")["spec"]["replicas"] == 0
+    # The drift check says whether Argo CD, back, agrees with what twincd applied while it was away.
+    drift = twincd(evac.env, "drift", "--fail-on-drift", timeout=300)
+    assert drift.returncode == 0, drift.stdout + drift.stderr
 
 
 def test_a_dns_failure_puts_every_app_back(evac: Evac) -> None:

@@ -326,3 +326,20 @@ def test_state_slug_names_one_environment_file_and_fits_prefect_keys(tmp_path: A
     assert state_slug(str(a)).startswith("prod-eu-") and state_slug(str(a)) == state_slug(str(a))
     assert state_slug(str(a)) != state_slug(str(b))  # same name, another file: its own state
     assert all(c.isalnum() or c == "-" for c in state_slug(str(a)))
+
+
+def test_serving_clusters_come_from_the_rendered_overlays_not_the_configured_topology() -> None:
+    from twincd.drift import serving_in_git
+
+    def deployment(replicas: int | None) -> dict[str, object]:
+        spec: dict[str, object] = {} if replicas is None else {"replicas": replicas}
+        return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}, "spec": spec}
+
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}, "spec": {}}
+    rendered = {
+        "eks": {"web": (deployment(2), service), "ledger": (deployment(0),)},
+        "aks": {"web": (deployment(0), service), "ledger": (deployment(None),)},  # default 1
+    }
+    assert serving_in_git(rendered, "web") == {"eks"}  # failed over to eks: aks is standby
+    assert serving_in_git(rendered, "ledger") == {"aks"}
+    assert serving_in_git(rendered, "nothing") == frozenset()
