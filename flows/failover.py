@@ -31,6 +31,7 @@ from flows.landing import (
     failure_text,
     land_approved,
     land_subflow,
+    resumed,
 )
 from flows.turns import one_at_a_time
 from tasks.common import untraced
@@ -55,7 +56,7 @@ from tasks.failover import (
 from twincd import wiring
 from twincd.config import DEFAULT_ENV, Environment, load_environment
 from twincd.domain import ARecords, MergeRequest, Phase, Role, RolloutVerdict, Timeline, Waiting
-from twincd.errors import PermanentError
+from twincd.errors import PermanentError, TwincdError
 from twincd.failover import (
     FailoverPlan,
     Health,
@@ -97,13 +98,22 @@ class PendingSwitch:
 
 
 @dataclass(frozen=True)
+class EarlierSwitch:
+    """A switch an earlier pass of this run merged (a person merged it on the forge and the run
+    resumed from the top), not reached again by this pass before it failed."""
+
+    action: SwitchComponents
+    branch: str
+
+
+@dataclass(frozen=True)
 class ReplacedRecord:
     """A DNS write that was attempted: undone by writing ``old`` back unless the server still holds it."""
 
     action: ReplaceRecord
 
 
-Undoable = MergedSwitch | PendingSwitch | ReplacedRecord
+Undoable = MergedSwitch | PendingSwitch | EarlierSwitch | ReplacedRecord
 
 
 @dataclass(frozen=True)
@@ -182,24 +192,16 @@ def _failover(
     auto_approve: bool,
     force: bool,
 ) -> FailoverResult | State:
-    overlays = read_overlays(untraced(environment))
-    records = read_dns(untraced(environment))
-    reach = {c: api_unreachable.submit(untraced(environment), c) for c in environment.clusters}
-    down = {c: why for c, f in reach.items() if (why := f.result())}
-    ingress = {
-        c: read_ingress_ips.submit(untraced(environment), c)
-        for c, cfg in environment.clusters.items()
-        if cfg.ingress_service is not None and c not in down
-    }
-    plan = plan_failover(
-        topology_of(environment, overlays, records, {c: f.result() for c, f in ingress.items()}),
-        target,
-        http_health=[a for a, cfg in environment.apps.items() if cfg.health is not None],
-        force=force,
-        emergency=emergency,
-        unreachable=down,
-        argocd=environment.argocd_cluster(),
-    )
+    try:
+        plan, records = _plan(environment, target, force, emergency)
+    except TwincdError:
+        # A run resumed after a merge plans again from the top; when that fails (a cluster that
+        # blips, a load balancer still pending), the plan kept before the wait still holds.
+        kept_before = keep_plan(None) if resumed() else None
+        if kept_before is None:
+            raise
+        plan, records = kept_before, {}
+        print("Could not plan again after the wait: carrying out the plan kept from before it")
     markdown = publish_plan(plan, reason, dry_run, emergency)
     print(markdown)
     if dry_run:
@@ -217,8 +219,9 @@ def _failover(
     # waited for changed would find less (or nothing) left to do: its steps are re-entered in the
     # kept plan's order instead, each finding its work done.
     kept = keep_plan(plan)
+    assert kept is not None  # given a plan, it returns one
     if kept != plan:
-        markdown = kept.markdown(reason=reason, emergency=emergency)
+        markdown = publish_plan(kept, reason, False, emergency)  # the artifact shows what is carried out
         print(f"Resumed: carrying out the plan made before the wait:\n{markdown}")
     plan = kept
     if plan.noop:
@@ -239,6 +242,31 @@ def _failover(
     serving = "; ".join(f"{c.app} on {', '.join(c.serving)}" for c in plan.changes)
     story.add("result", "ok", f"{target.label}: serving {serving}", tell=True, after=[final])
     return FailoverResult(target.label, False, markdown, done, _fqdns(environment, final))
+
+
+def _plan(
+    environment: Environment, target: Target, force: bool, emergency: bool
+) -> tuple[FailoverPlan, dict[str, ARecords]]:
+    """The plan from what runs now: overlays, DNS records, reachable clusters, ingress IPs."""
+    overlays = read_overlays(untraced(environment))
+    records = read_dns(untraced(environment))
+    reach = {c: api_unreachable.submit(untraced(environment), c) for c in environment.clusters}
+    down = {c: why for c, f in reach.items() if (why := f.result())}
+    ingress = {
+        c: read_ingress_ips.submit(untraced(environment), c)
+        for c, cfg in environment.clusters.items()
+        if cfg.ingress_service is not None and c not in down
+    }
+    plan = plan_failover(
+        topology_of(environment, overlays, records, {c: f.result() for c, f in ingress.items()}),
+        target,
+        http_health=[a for a, cfg in environment.apps.items() if cfg.health is not None],
+        force=force,
+        emergency=emergency,
+        unreachable=down,
+        argocd=environment.argocd_cluster(),
+    )
+    return plan, records
 
 
 def _approver(
@@ -426,6 +454,7 @@ def _execute(
     """Carry out the plan in order; record each change in ``changes`` as soon as it may have happened."""
     done: list[str] = []
     health: dict[tuple[str, str], Health] = {}
+    found_done: list[ReplaceRecord] = []  # DNS changes an earlier pass of this run made
     for action in plan.actions:
         started = time.monotonic()
         if isinstance(action, SwitchComponents):
@@ -435,6 +464,8 @@ def _execute(
             gate(plan, health)
         elif isinstance(action, ReplaceRecord):
             check_record_change(plan, action, health)
+            if resumed() and _holds(environment, action, action.new):
+                found_done.append(action)
             # Recorded before the write: a timeout may hide a write the server did apply.
             changes.append(ReplacedRecord(action))
             written = replace_dns(untraced(environment), action, action.new)
@@ -442,6 +473,10 @@ def _execute(
             story.add(
                 "dns", "ok", f"{action.fqdn} reads back {', '.join(sorted(seen))}", tell=True, after=[seen]
             )
+        elif isinstance(action, WaitTtl) and _written_before(plan, found_done):
+            # DNS held the new sets before this pass: an earlier pass of this run wrote them, waited
+            # for the old TTL, and then asked for the merge it was resumed by.
+            print(f"TTL wait: done before the wait for a merge ({', '.join(action.names)})")
         elif isinstance(action, WaitTtl) and not action.skip:
             story.add(
                 "dns",
@@ -455,6 +490,15 @@ def _execute(
         print(f"step {len(done) + 1} of {len(plan.actions)} done in {took:.1f} s: {_step_name(action)}")
         done.append(f"{action.describe()} [{took:.1f} s]")
     return tuple(done)
+
+
+def _holds(environment: Environment, action: ReplaceRecord, ips: frozenset[str]) -> bool:
+    return read_dns(untraced(environment)).get(action.name, ARecords(frozenset(), None)).ips == ips
+
+
+def _written_before(plan: FailoverPlan, found_done: Sequence[ReplaceRecord]) -> bool:
+    writes = [a for a in plan.actions if isinstance(a, ReplaceRecord)]
+    return bool(writes) and all(w in found_done for w in writes)
 
 
 def _step_name(action: object) -> str:
@@ -475,12 +519,32 @@ def _undo(
     story: Story,
     changes: list[Undoable],
 ) -> list[str]:
-    """Put back every change, newest first; each undo step's failure is reported, not raised."""
+    """Put back every change, newest first; each undo step's failure is reported, not raised.
+
+    A run resumed after a merge on the forge re-enters its plan from the top, so a failure may come
+    before this pass reached again what an earlier pass did: those are found on the forge (a
+    switch merged into the target) and in DNS (a record holding the new set), and undone too.
+    """
+    index = {id(a): i for i, a in enumerate(plan.actions)}
+    todo = [(index[id(c.action)], c) for c in changes]
+    seen = {i for i, _ in todo}
+    now: dict[str, ARecords] | None = None
+    for i, action in enumerate(plan.actions):
+        if i in seen:
+            continue
+        if isinstance(action, SwitchComponents):
+            branch = branch_name(plan.target, run_id, action.step)
+            if merged_into(untraced(environment), branch) is not None:
+                todo.append((i, EarlierSwitch(action, branch)))
+        elif isinstance(action, ReplaceRecord):
+            now = now if now is not None else read_dns(untraced(environment))
+            if now.get(action.name, ARecords(frozenset(), None)).ips == action.new:
+                todo.append((i, ReplacedRecord(action)))
     undone: list[str] = []
-    for change in reversed(changes):
+    for _, change in sorted(todo, key=lambda t: t[0], reverse=True):
         try:
             if isinstance(change, ReplacedRecord):
-                undone.append(_undo_dns(environment, change.action))
+                undone.append(_undo_dns(environment, plan, change.action))
             else:
                 undone += _undo_switch(environment, plan, run_id, reason, story, change)
         except Exception as e:  # noqa: BLE001 - one failed undo must not hide the failure or the other undos
@@ -488,12 +552,22 @@ def _undo(
     return undone
 
 
-def _undo_dns(environment: Environment, action: ReplaceRecord) -> str:
-    if read_dns(untraced(environment)).get(action.name, ARecords(frozenset(), None)).ips == action.old:
-        return f"{action.fqdn} still held {', '.join(sorted(action.old))}: nothing to put back"
-    written = replace_dns(untraced(environment), action, action.old)
+def _undo_dns(environment: Environment, plan: FailoverPlan, action: ReplaceRecord) -> str:
+    # Never publish again an IP of a cluster that could not be reached when the plan was made
+    # (an evacuation of a cloud that is down): the rule of the health gate holds for undos too.
+    dead = {ip for c in plan.unreachable for ip in plan.current.ips(c)}
+    old = action.old - dead
+    if not old:
+        return (
+            f"{action.fqdn} left at {', '.join(sorted(action.new))}: its old IPs "
+            f"({', '.join(sorted(action.old))}) belong to unreachable clusters"
+        )
+    if _holds(environment, action, old):
+        return f"{action.fqdn} still held {', '.join(sorted(old))}: nothing to put back"
+    written = replace_dns(untraced(environment), action, old)
     read_back_dns(untraced(environment), action, written, READ_BACK_SECONDS)
-    return f"{action.fqdn} put back to {', '.join(sorted(action.old))}"
+    dropped = f" (not {', '.join(sorted(action.old & dead))}: unreachable)" if action.old & dead else ""
+    return f"{action.fqdn} put back to {', '.join(sorted(old))}{dropped}"
 
 
 def _undo_switch(
@@ -502,14 +576,17 @@ def _undo_switch(
     run_id: str,
     reason: str,
     story: Story,
-    change: MergedSwitch | PendingSwitch,
+    change: MergedSwitch | PendingSwitch | EarlierSwitch,
 ) -> list[str]:
     action = change.action
     step, clusters = action.step, ", ".join(action.clusters)
-    ref = change.mr.ref
-    if isinstance(change, MergedSwitch):
-        merge_commit = change.mr.merge_commit
+    if isinstance(change, EarlierSwitch):
+        ref = f"the merge of {change.branch}"
+        merge_commit = merged_into(untraced(environment), change.branch)
+    elif isinstance(change, MergedSwitch):
+        ref, merge_commit = change.mr.ref, change.mr.merge_commit
     else:
+        ref = change.mr.ref
         merge_commit = merged_into(untraced(environment), change.mr.source_branch)
     if merge_commit is None:
         return [f"{step} of {clusters}: {ref} never reached the branch, nothing to revert"]

@@ -67,12 +67,13 @@ def _branch_name(parameters: dict[str, Any]) -> str:
 
 
 def _cluster_revision(parameters: dict[str, Any]) -> str:
-    return f"{parameters['cluster_name']}@{parameters['revision']}"
+    # The app too: a failover's switch applies (verifies) several apps on one cluster at one revision.
+    return f"{parameters.get('app', '')}:{parameters['cluster_name']}@{parameters['revision']}"
 
 
 # Each branch written, and its MR opened, once per run.
 ONCE_PER_BRANCH = once_per_run(_branch_name)
-# Each cluster verified (baked, applied) at a revision once per run.
+# Each app on each cluster verified (baked, applied) at a revision once per run.
 ONCE_PER_CLUSTER_REVISION = once_per_run(_cluster_revision)
 
 

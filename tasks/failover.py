@@ -59,7 +59,7 @@ def publish_plan(plan: FailoverPlan, reason: str, dry_run: bool, emergency: bool
 
 
 @task(name="keep-plan", **once_per_run(lambda parameters: "plan"))
-def keep_plan(plan: FailoverPlan) -> FailoverPlan:
+def keep_plan(plan: FailoverPlan | None) -> FailoverPlan | None:
     """The plan this run carries out: the first one given here in the run, persisted, so a run
     resumed after waiting for a merge carries out what was planned, not a plan made afresh."""
     return plan

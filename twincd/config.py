@@ -205,7 +205,8 @@ class ClusterConfig(_Model):
     ingress_ip: str | None = None  # one IP; the same as `ingress_ips: [IP]`
     # Or read them when a failover plans: the ingress controller's LoadBalancer Service, whose
     # status.loadBalancer.ingress lists an IP per front end (Azure) or a hostname (an AWS NLB,
-    # resolved to its per-zone IPs).
+    # resolved to its per-zone IPs, which are static). A Classic ELB's or an ALB's addresses change
+    # over time: AWS points names at those with alias records, which A records cannot follow.
     ingress_service: IngressService | None = None
     registry: str | None = None  # the registry this cluster pulls from; default: the app's first
     sync: Literal["argocd", "apply"] = "argocd"
@@ -508,6 +509,12 @@ class Environment(_Model):
                         "each app needs its own (`apps.<app>.dns.record`), or one failover would move both"
                     )
                 owners[record.fqdn] = app
+            health = self.apps[app].health
+            if health is not None and not health.host and not self.app_records(app):
+                raise ValueError(
+                    f"apps.{app}.health needs `host` (the name its clients use, sent as Host and SNI) "
+                    "when the app has no DNS record twincd manages"
+                )
         return self
 
     def git_credential(self, url: str) -> GitCredential | None:

@@ -20,6 +20,7 @@ Rules enforced here rather than in the flow, so unit tests pin them:
 
 from __future__ import annotations
 
+import ipaddress
 import posixpath
 import re
 import time
@@ -274,6 +275,7 @@ class FailoverPlan:
     changes: tuple[AppChange, ...]
     actions: tuple[Action, ...]
     notes: tuple[str, ...] = ()
+    unreachable: tuple[str, ...] = ()  # clusters whose API server did not answer when planned
 
     @property
     def noop(self) -> bool:
@@ -420,7 +422,7 @@ def plan_failover(
         actions.append(WaitTtl(ttl, tuple(r.fqdn for r in shrinking), skip=emergency))
     if demote:
         actions.append(switch("demote", "standby", demote))
-    return FailoverPlan(current, target, tuple(changes), tuple(actions), tuple(notes))
+    return FailoverPlan(current, target, tuple(changes), tuple(actions), tuple(notes), tuple(sorted(down)))
 
 
 def _direct(
@@ -502,8 +504,9 @@ def _record_changes(
     if not app.records:
         targets = ", ".join(f"{c} ({', '.join(current.ips(c)) or 'no ingress IP'})" for c in serving)
         notes.append(
-            f"{app.app}: DNS is not managed by twincd: point its name at {targets} yourself, after the "
-            "health gate and before the demotion takes effect."
+            f"{app.app}: DNS is not managed by twincd: point its name at {targets} yourself. twincd "
+            "demotes right after the health gate: with the local forge, change DNS before approving "
+            "this plan; with GitLab, before merging the demote MR."
         )
         return []
     missing = [c for c in serving if not current.ips(c)]
@@ -682,7 +685,9 @@ def load_balancer_ips(
             ips += resolve(str(entry["hostname"]))
     if not ips:
         raise PlanError(f"{where}: status.loadBalancer.ingress has no address yet (pending)")
-    return tuple(dict.fromkeys(ips))
+    # Sorted: getaddrinfo rotates a name's addresses, and the plan (whose digest keys its approval)
+    # must read the same for the same addresses.
+    return tuple(sorted(set(ips), key=ipaddress.IPv4Address))
 
 
 def evacuated(env: Environment, what: str) -> tuple[str, ...]:
@@ -706,10 +711,12 @@ class DnsReadBackFailed(PermanentError):
 def read_back(
     dns: Dns, name: str, expect: frozenset[str], *, shown_as: str, timeout: float = 30.0, every: float = 0.5
 ) -> frozenset[str]:
-    """Poll the authoritative server until ``name`` holds exactly ``expect`` (bounded by ``timeout``).
+    """Poll the provider until ``name`` holds exactly ``expect`` (bounded by ``timeout``).
 
-    A write can be accepted before every server of the authority serves it (Route 53 is PENDING
-    until INSYNC; secondaries follow NOTIFY): only reading it back proves resolvers will get it.
+    What is read back is what the adapter reads: the server twincd updates (RFC 2136: the primary,
+    whose secondaries follow its NOTIFY), Route 53 after the change is INSYNC on all its name
+    servers, Azure's ARM view of the record set. It proves the write took; the TTL wait after it
+    covers resolvers that cached the old set.
     """
     deadline = time.monotonic() + timeout
     seen: frozenset[str] | str = "nothing yet"

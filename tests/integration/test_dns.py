@@ -187,6 +187,19 @@ def test_route53_reads_a_multivalue_name_across_pages_and_writes_it_whole_in_one
         assert kept == ["az-0", "az-1", "az-2"]
         port.replace_a("web", ips, ttl=45)  # aks back: one set created for it
         assert port.read("web").ips == set(ips)
+        port.replace_a("web", ips, ttl=45)  # already so: nothing to change (a batch needs one change)
+
+        def identifiers() -> list[tuple[str, int]]:
+            listed = client.list_resource_record_sets(HostedZoneId=zone_id, StartRecordName=fqdn)
+            return sorted(
+                (r["SetIdentifier"], r["TTL"])
+                for r in listed["ResourceRecordSets"]
+                if r["Name"] == fqdn and r["Type"] == "A"
+            )
+
+        before = [name for name, _ in identifiers()]
+        port.replace_a("web", ips, ttl=20)  # a TTL change keeps each set (and its health check)
+        assert identifiers() == [(name, 20) for name in before] and port.read("web").ttl == 20
 
 
 def test_route53_refuses_routing_policies_it_does_not_manage() -> None:

@@ -238,6 +238,12 @@ def test_two_apps_on_one_record_or_a_broken_constraint_are_refused(tmp_path: Pat
                 tmp_path, dns={"record": "ledger"}, topology={"mode": "active-standby", "active": "gke"}
             )
         )
+    none = yaml.safe_load(_with_ledger(tmp_path, dns={"record": "ledger"}).read_text())
+    none["dns"] = {"type": "none"}
+    none["apps"]["ledger"]["health"] = {"path": "/healthz"}
+    (tmp_path / "none.yaml").write_text(yaml.safe_dump(none))
+    with pytest.raises(ConfigError, match="apps.ledger.health needs `host`"):
+        load_environment(tmp_path / "none.yaml")
     with pytest.raises(ConfigError, match="health.path: .*must start with `/`"):
         load_environment(_with_ledger(tmp_path, dns={"record": "ledger"}, health={"path": "healthz"}))
 

@@ -221,18 +221,22 @@ _ROUTING_POLICIES = {
 def _multivalue_changes(
     fqdn: str, current: list[dict[str, Any]], values: list[str], ttl: int
 ) -> list[dict[str, Any]]:
-    """One change batch that leaves one multivalue-answer set per IP in ``values``.
+    """One change batch that leaves one multivalue-answer set per IP in ``values``; empty when the
+    name already holds exactly that.
 
-    Sets already holding exactly one wanted IP at ``ttl`` stay (their health checks with them);
-    every other set is deleted as read (Route 53 deletes only an exact match) and the missing IPs
-    are created. The batch is applied atomically.
+    A set already holding one wanted IP stays, with its health check (Route 53 answers a multivalue
+    record without a health check as always healthy): only its TTL is changed (an UPSERT of the set
+    as read). Every other set is deleted as read (Route 53 deletes only an exact match) and the
+    missing IPs are created. The batch is applied atomically.
     """
     keep: dict[str, dict[str, Any]] = {}
     changes: list[dict[str, Any]] = []
     for rrset in current:
         held = [r["Value"] for r in rrset.get("ResourceRecords", [])]
-        if len(held) == 1 and held[0] in values and held[0] not in keep and rrset.get("TTL") == ttl:
+        if len(held) == 1 and held[0] in values and held[0] not in keep:
             keep[held[0]] = rrset
+            if rrset.get("TTL") != ttl:
+                changes.append({"Action": "UPSERT", "ResourceRecordSet": {**rrset, "TTL": ttl}})
         else:
             changes.append({"Action": "DELETE", "ResourceRecordSet": rrset})
     for ip in values:
@@ -247,7 +251,7 @@ def _multivalue_changes(
             }
             changes.append({"Action": "CREATE", "ResourceRecordSet": created})
     # DELETEs first: replacing a set by a DELETE and a CREATE in one batch is how Route 53's
-    # ChangeResourceRecordSets docs replace a record, and a TTL change re-creates the same identifier.
+    # ChangeResourceRecordSets docs replace a record.
     return sorted(changes, key=lambda c: c["Action"] != "DELETE")
 
 
@@ -358,6 +362,8 @@ class Route53:
                 )
         if any(r.get("MultiValueAnswer") for r in current):
             changes = _multivalue_changes(fqdn, current, values, ttl)
+            if not changes:
+                return  # already exactly that (a batch must hold at least one change)
         else:
             # One UPSERT replaces the whole simple set; Route 53 applies a change batch atomically.
             simple = {

@@ -36,7 +36,10 @@ class HttpProbe:
         except httpx.ConnectError as e:
             bad = _cert_error(e)
             if bad is not None:
-                return False, f"GET {url} as {host}: certificate not valid for {host} ({bad.verify_message})"
+                return (
+                    False,
+                    f"GET {url} as {host}: certificate verification failed for {host}: {bad.verify_message}",
+                )
             return False, f"GET {url} as {host}: {type(e).__name__}"
         except httpx.HTTPError as e:
             return False, f"GET {url} as {host}: {type(e).__name__}"

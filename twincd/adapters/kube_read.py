@@ -246,7 +246,10 @@ class KubeRollouts:
         Never raises for a cluster: whatever fails becomes a FAILED verdict, as in ``verify``.
         """
         try:
-            verdict = verify_rollout(target, timeout=timeout)
+            # As in ``verify``: Argo CD may have synced a later commit of the monorepo (the next
+            # switch of the same failover) that contains this one.
+            with self._manifests.ancestry(target.revision) as contains:
+                verdict = verify_rollout(replace(target, contains=contains), timeout=timeout)
             if verdict.phase is not Phase.SUCCEEDED:
                 return verdict
             (workload,) = KubeCluster(target.cluster).workloads(
