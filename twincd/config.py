@@ -500,15 +500,7 @@ class Environment(_Model):
                     f"{where}.active names {topology.active!r}, not one of the clusters "
                     f"({', '.join(self.clusters)})"
                 )
-        owners: dict[str, str] = {}
         for app in self.apps:
-            for record in self.app_records(app):
-                if record.fqdn in owners:
-                    raise ValueError(
-                        f"apps {owners[record.fqdn]} and {app} both use the DNS record {record.fqdn}: "
-                        "each app needs its own (`apps.<app>.dns.record`), or one failover would move both"
-                    )
-                owners[record.fqdn] = app
             health = self.apps[app].health
             if health is not None and not health.host and not self.app_records(app):
                 raise ValueError(

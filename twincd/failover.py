@@ -653,6 +653,17 @@ def topology_of(
     """What runs where now: the overlays read, each app's records as read (by relative name), and
     each cluster's ingress IPs: read from its Service (``ingress``), else as configured."""
     clusters = tuple(env.clusters)
+    owners: dict[str, str] = {}
+    for app in env.apps:
+        for r in env.app_records(app):
+            if r.fqdn in owners:
+                # Refused here, not when the file is read: deploys do not care, a failover would
+                # move both apps with one record.
+                raise PlanError(
+                    f"apps {owners[r.fqdn]} and {app} both use the DNS record {r.fqdn}: give each app "
+                    "its own (`apps.<app>.dns.record`) before a failover"
+                )
+            owners[r.fqdn] = app
     apps = []
     for app in env.apps:
         configured = env.app_topology(app)

@@ -213,9 +213,13 @@ def test_each_app_has_its_own_topology_records_and_health_with_the_environments_
 
 
 def test_two_apps_on_one_record_or_a_broken_constraint_are_refused(tmp_path: Path) -> None:
-    # Without a record of its own, ledger would share hello's default `web`: one failover moving both.
-    with pytest.raises(ConfigError, match="apps hello and ledger both use the DNS record web.example.test"):
-        load_environment(_with_ledger(tmp_path))
+    from twincd.failover import PlanError, topology_of
+
+    # Without a record of its own, ledger shares hello's default `web`: deploys do not care, but a
+    # failover would move both apps with one record, so it refuses to plan.
+    shared = load_environment(_with_ledger(tmp_path))
+    with pytest.raises(PlanError, match="apps hello and ledger both use the DNS record web.example.test"):
+        topology_of(shared, (), {})
     with pytest.raises(ConfigError, match="a constraint .* needs `why`"):
         load_environment(
             _with_ledger(
