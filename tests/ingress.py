@@ -91,6 +91,11 @@ def make_ca(directory: Path, name: str = "twincd test CA") -> CertAuthority:
     return CertAuthority(cert, key, pem)
 
 
+def health_config(port: int, ca: CertAuthority) -> dict[str, object]:
+    """An app's `health:` entry for an ingress served here: 2xx twice in a row, 0.2 s apart."""
+    return {"path": "/healthz", "port": port, "ca_file": str(ca.pem), "successes": 2, "interval_seconds": 0.2}
+
+
 @dataclass
 class Ingress:
     """What the ingress answers for its host: ``status`` on ``path`` (e.g. 308 while misconfigured)."""

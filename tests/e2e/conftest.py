@@ -6,6 +6,7 @@ of the session. Flows run through the real CLI in subprocesses, exactly as a use
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -185,6 +186,33 @@ def release_app(env: Environment, tag: str, *, page: str) -> str:
         return subprocess.run(
             [*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True
         ).stdout.strip()
+
+
+def deployment(env: Environment, cluster: str, app: str) -> dict[str, Any]:
+    """``kubectl get deployment`` of ``app`` (namespace and name alike) on a sandbox cluster, with
+    its managedFields (kubectl hides them by default since 1.21)."""
+    out = subprocess.run(
+        [
+            "kubectl",
+            "--kubeconfig",
+            str(env.state_path / "kubeconfig"),
+            "--context",
+            f"sandbox-{cluster}",
+            "get",
+            "deployment",
+            "-n",
+            app,
+            app,
+            "-o",
+            "json",
+            "--show-managed-fields",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    data: dict[str, Any] = json.loads(out)
+    return data
 
 
 def git_refs(repo: Path) -> dict[str, str]:

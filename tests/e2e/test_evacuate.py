@@ -13,7 +13,7 @@ evacuating aks while aks (and with it Argo CD) is down, aks back, and an undo af
 
 from __future__ import annotations
 
-import json
+import functools
 import re
 import subprocess
 import tempfile
@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.conftest import git_refs, twincd, wait_for, write_env
+from tests.e2e.conftest import deployment, git_refs, twincd, wait_for, write_env
 from tests.e2e.test_deploy import main_file
-from tests.ingress import Ingress, make_ca, serve_ingress
+from tests.ingress import Ingress, health_config, make_ca, serve_ingress
 from twincd.adapters.dns import Rfc2136, Tsig
 from twincd.config import Environment, load_environment
 from twincd.sandbox import dns as sandbox_dns
@@ -61,28 +61,7 @@ class Evac:
         return "active" if "components/active" in text else "standby"
 
     def deployment(self, cluster: str, app: str) -> dict[str, Any]:
-        out = subprocess.run(
-            [
-                "kubectl",
-                "--kubeconfig",
-                str(self.env.state_path / "kubeconfig"),
-                "--context",
-                f"sandbox-{cluster}",
-                "get",
-                "deployment",
-                "-n",
-                app,
-                app,
-                "-o",
-                "json",
-                "--show-managed-fields",  # kubectl hides them by default since 1.21
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        data: dict[str, Any] = json.loads(out)
-        return data
+        return deployment(self.env, cluster, app)
 
     def available(self, cluster: str, app: str) -> int:
         try:
@@ -92,6 +71,10 @@ class Evac:
 
     def refs(self) -> dict[str, str]:
         return git_refs(local_repo_path(self.env, self.env.manifests.repo))
+
+
+def _scaled_to_zero(evac: Evac, cluster: str, app: str) -> bool:
+    return evac.available(cluster, app) == 0
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +89,7 @@ def evac() -> Iterator[Evac]:
         raw["clusters"][name].pop("ingress_ip")
         raw["clusters"][name]["ingress_ips"] = list(ips)
     raw["dns"] |= {"server": f"127.0.0.1:{procs.free_port()}", "ttl": TTL}
-    raw["apps"]["hello"]["health"] = {
-        "path": "/healthz",
-        "port": ingress_port,
-        "ca_file": str(ca.pem),
-        "successes": 2,
-        "interval_seconds": 0.2,
-    }
+    raw["apps"]["hello"]["health"] = health_config(ingress_port, ca)
     raw["apps"]["ledger"] = {
         **raw["apps"]["hello"],
         "repo": f"{git}/ledger.git",
@@ -203,7 +180,7 @@ def test_evacuating_aks_while_aks_and_its_argo_cd_are_down(evac: Evac) -> None:
         stack.up(evac.env, say=lambda line: None)
     # aks back: Argo CD applies the demotion that was merged while it was away.
     for app in ("hello", "ledger"):
-        wait_for(lambda app=app: evac.available("aks", app) == 0, f"{app} scaled to 0 on aks", 240)
+        wait_for(functools.partial(_scaled_to_zero, evac, "aks", app), f"{app} scaled to 0 on aks", 240)
     assert evac.deployment("aks", "hello")["spec"]["replicas"] == 0
     # The drift check says whether Argo CD, back, agrees with what twincd applied while it was away.
     drift = twincd(evac.env, "drift", "--fail-on-drift", timeout=300)
@@ -223,5 +200,5 @@ def test_a_dns_failure_puts_every_app_back(evac: Evac) -> None:
     assert {a: (evac.role("eks", a), evac.role("aks", a)) for a in ("hello", "ledger")} == before
     assert evac.dns.read("web").ips == set(EKS_IPS) and evac.dns.read("ledger").ips == set(EKS_IPS)
     for app in ("hello", "ledger"):
-        wait_for(lambda app=app: evac.available("aks", app) == 0, f"{app} back to 0 on aks", 120)
+        wait_for(functools.partial(_scaled_to_zero, evac, "aks", app), f"{app} back to 0 on aks", 120)
         assert evac.available("eks", app) == 2

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.conftest import git_refs
+from tests.e2e.conftest import deployment, git_refs
 from tests.e2e.test_deploy import main_file
-from tests.ingress import Ingress, make_ca, serve_ingress
+from tests.ingress import Ingress, health_config, make_ca, serve_ingress
 from twincd.adapters.dns import Rfc2136, Tsig
 from twincd.config import REPO_ROOT, Environment, load_environment
 from twincd.sandbox import dns as sandbox_dns
@@ -82,27 +82,7 @@ class FailoverStack:
         return "active" if "components/active" in text else "standby" if "components/standby" in text else "?"
 
     def deployment(self, cluster: str) -> dict[str, Any]:
-        out = subprocess.run(
-            [
-                "kubectl",
-                "--kubeconfig",
-                str(self.env.state_path / "kubeconfig"),
-                "--context",
-                f"sandbox-{cluster}",
-                "get",
-                "deployment",
-                "-n",
-                "hello",
-                "hello",
-                "-o",
-                "json",
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        data: dict[str, Any] = json.loads(out)
-        return data
+        return deployment(self.env, cluster, "hello")
 
     def forge_records(self) -> dict[str, dict[str, Any]]:
         return {p.name: json.loads(p.read_text()) for p in (self.env.state_path / "forge").glob("*.json")}
@@ -157,13 +137,7 @@ def fs(stack_env: Environment) -> Iterator[FailoverStack]:
             "key": f"env:{sandbox_dns.SECRET_ENV}",
         }
         # The health gate reaches hello through each ingress IP over TLS, as its clients do.
-        raw["apps"]["hello"]["health"] = {
-            "path": "/healthz",
-            "port": ingress_port,
-            "ca_file": str(ca.pem),
-            "successes": 2,
-            "interval_seconds": 0.2,
-        }
+        raw["apps"]["hello"]["health"] = health_config(ingress_port, ca)
         raw["timeouts"] = {**raw.get("timeouts", {}), "rollout_seconds": 20}
         path = Path(stack_env.source).with_name("env-failover.yaml")
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
