@@ -264,7 +264,7 @@ def _plan(
         force=force,
         emergency=emergency,
         unreachable=down,
-        argocd=environment.argocd_cluster(),
+        argocd={c: environment.argocd_host(c) for c in environment.clusters},
     )
     return plan, records
 

@@ -562,11 +562,13 @@ class Environment(_Model):
             return frozenset({topology.active})
         return frozenset(self.clusters)
 
-    def argocd_cluster(self) -> str | None:
-        """The cluster that hosts Argo CD (the one whose context the `argocd:` entries name)."""
-        contexts = {c.argocd.context for c in self.clusters.values() if c.argocd is not None}
-        hosts = [name for name, c in self.clusters.items() if c.context in contexts]
-        return hosts[0] if len(hosts) == 1 else None
+    def argocd_host(self, cluster: str) -> str | None:
+        """The cluster that hosts the Argo CD syncing ``cluster`` (matched by kubeconfig context);
+        None without Argo CD, or when it runs outside the clusters of this file."""
+        argocd = self.clusters[cluster].argocd
+        if argocd is None:
+            return None
+        return next((name for name, c in self.clusters.items() if c.context == argocd.context), None)
 
     def applications(self, cluster: str) -> dict[str, str | None]:
         """app → the Argo CD Application that owns it on ``cluster`` (None: no Argo CD there)."""

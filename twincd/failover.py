@@ -108,7 +108,6 @@ class Topology:
     clusters: tuple[str, ...]
     ingress_ips: tuple[tuple[str, tuple[str, ...]], ...]  # (cluster, its ingress IPs) in cluster order
     apps: tuple[AppState, ...]
-    dns_managed: bool = True
 
     def ips(self, cluster: str) -> tuple[str, ...]:
         return dict(self.ingress_ips).get(cluster, ())
@@ -210,10 +209,6 @@ class HealthGate:
     checks: tuple[tuple[str, str], ...]  # (app, cluster)
     http: tuple[str, ...] = ()  # apps whose HTTP health path is checked through every ingress IP
 
-    @property
-    def clusters(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(c for _, c in self.checks))
-
     def describe(self) -> str:
         parts = []
         for app in dict.fromkeys(a for a, _ in self.checks):
@@ -280,9 +275,6 @@ class FailoverPlan:
     @property
     def noop(self) -> bool:
         return not self.actions
-
-    def serving(self, app: str) -> tuple[str, ...]:
-        return next(c.serving for c in self.changes if c.app == app)
 
     def summary(self) -> str:
         return "; ".join(f"{c.app} {c.current.split(';')[0]} → {c.target}" for c in self.changes)
@@ -359,13 +351,13 @@ def plan_failover(
     force: bool = False,
     emergency: bool = False,
     unreachable: Mapping[str, str] | None = None,
-    argocd: str | None = None,
+    argocd: Mapping[str, str | None] | None = None,
 ) -> FailoverPlan:
     """The ordered actions from ``current`` to ``target`` (empty when already there).
 
     ``http_health``: the apps whose health gate includes the HTTP check through every ingress IP.
-    ``unreachable``: clusters whose API server did not answer, and why. ``argocd``: the cluster
-    that hosts Argo CD; when it is unreachable, twincd applies the other clusters' switches itself.
+    ``unreachable``: clusters whose API server did not answer, and why. ``argocd``: for each cluster,
+    the cluster that hosts its Argo CD; where that one is unreachable, twincd applies the switch itself.
     """
     _check_target(current, target)
     down = dict(unreachable or {})
@@ -430,7 +422,7 @@ def _direct(
     promote: Sequence[Overlay],
     demote: Sequence[Overlay],
     down: Mapping[str, str],
-    argocd: str | None,
+    argocd: Mapping[str, str | None] | None,
     notes: list[str],
 ) -> tuple[str, ...]:
     """The clusters twincd applies itself (Argo CD is unreachable); refuses to promote where the API
@@ -441,15 +433,16 @@ def _direct(
             f"cannot promote on {', '.join(stranded)}: its API server is unreachable "
             f"({'; '.join(down[c] for c in stranded)})"
         )
-    direct: tuple[str, ...] = ()
-    if argocd is not None and argocd in down:
-        direct = tuple(c for c in current.clusters if c not in down)
+    hosts = {c: host for c, host in (argocd or {}).items() if c not in down and host in down}
+    for host in dict.fromkeys(hosts.values()):
         notes.append(
-            f"Argo CD unreachable (it runs on {argocd}): applying directly. Each switch is still merged "
+            f"Argo CD unreachable (it runs on {host}): applying directly. Each switch is still merged "
             f"into the manifests branch (git stays the truth; its MR says why), then twincd server-side "
-            f"applies the overlays of {', '.join(direct)} at that revision (field manager twincd) and "
-            "verifies them. Once Argo CD is back, the drift check shows whether it agrees."
+            f"applies the overlays of {', '.join(c for c, h in hosts.items() if h == host)} at that "
+            "revision (field manager twincd) and verifies them. Once Argo CD is back, the drift check "
+            "shows whether it agrees."
         )
+    direct = tuple(c for c in current.clusters if c in hosts)
     for cluster in sorted({o.cluster for o in demote if o.cluster in down}):
         notes.append(
             f"{cluster} is unreachable ({down[cluster]}): its demotion is merged and reaches it when it "
@@ -675,7 +668,7 @@ def topology_of(
         )
         apps.append(AppState(app, tuple(o for o in overlays if o.app == app), found, constraint))
     ips = tuple((c, (ingress or {}).get(c, env.clusters[c].ips)) for c in clusters)
-    return Topology(clusters, ips, tuple(apps), env.dns.type != "none")
+    return Topology(clusters, ips, tuple(apps))
 
 
 def load_balancer_ips(

@@ -209,7 +209,8 @@ def test_each_app_has_its_own_topology_records_and_health_with_the_environments_
     assert [r.fqdn for r in env.app_records("ledger")] == ["ledger.example.test", "www.ledger.example.test"]
     health = env.apps["ledger"].health
     assert health is not None and health.effective_port == 443 and health.successes == 3
-    assert env.argocd_cluster() == "aks"  # the cluster whose context both argocd entries name
+    # The cluster whose context both argocd entries name.
+    assert env.argocd_host("eks") == "aks" and env.argocd_host("aks") == "aks"
 
 
 def test_two_apps_on_one_record_or_a_broken_constraint_are_refused(tmp_path: Path) -> None:

@@ -66,6 +66,7 @@ def web(eks: Role, aks: Role, record: set[str] | None) -> Topology:
     return topology(app("web", eks, aks, record))
 
 
+ON_AKS = {"eks": "aks", "aks": "aks"}  # one Argo CD, on aks, syncs both (the reference setup)
 LEDGER_ONLY_AS = Constraint("active-standby", "cross-cloud DB latency")
 
 
@@ -403,7 +404,7 @@ def test_argo_cd_unreachable_switches_are_applied_directly_and_the_plan_says_so_
         app("ledger", "standby", "active", {AKS}, constraint=LEDGER_ONLY_AS),
     )
     down = {"aks": "connection refused"}
-    plan = plan_failover(current, Target(evacuate=("aks",)), unreachable=down, argocd="aks")
+    plan = plan_failover(current, Target(evacuate=("aks",)), unreachable=down, argocd=ON_AKS)
     promote, demote = plan.actions[0], plan.actions[-1]
     assert isinstance(promote, SwitchComponents) and promote.direct == ("eks",) and promote.unverified == ()
     assert isinstance(demote, SwitchComponents) and demote.direct == () and demote.unverified == ("aks",)
@@ -412,7 +413,7 @@ def test_argo_cd_unreachable_switches_are_applied_directly_and_the_plan_says_so_
     assert "apply to eks directly (Argo CD unreachable)" in md
     assert "except on aks (unreachable: not verified now)" in md
     # Argo CD reachable (it runs on a cluster that answers): nothing is applied by twincd.
-    normal = plan_failover(current, Target(evacuate=("aks",)), unreachable={}, argocd="aks")
+    normal = plan_failover(current, Target(evacuate=("aks",)), unreachable={}, argocd=ON_AKS)
     assert all(not a.direct for a in normal.actions if isinstance(a, SwitchComponents))
 
 
@@ -422,5 +423,5 @@ def test_promoting_on_an_unreachable_cluster_is_refused_before_anything_changes(
         PlanError, match=r"cannot promote on eks: its API server is unreachable \(timed out\)"
     ):
         plan_failover(
-            current, Target("active-standby", "eks"), unreachable={"eks": "timed out"}, argocd="aks"
+            current, Target("active-standby", "eks"), unreachable={"eks": "timed out"}, argocd=ON_AKS
         )

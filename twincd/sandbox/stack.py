@@ -61,15 +61,6 @@ def _cluster_ports(env: Environment) -> dict[str, int]:
     return {c: ports[c] for c in env.clusters}
 
 
-def _argocd_cluster(env: Environment, cluster: str) -> str:
-    """The sandbox cluster that plays Argo CD for ``cluster`` (matched by kubeconfig context)."""
-    argocd = env.clusters[cluster].argocd
-    if argocd is None:
-        return cluster
-    by_context = {c.context: name for name, c in env.clusters.items()}
-    return by_context.get(argocd.context, cluster)
-
-
 def local_repo_path(env: Environment, value: str) -> Path:
     """Where a repository of the environment file lives on disk for the local stack.
 
@@ -192,10 +183,10 @@ def up(env: Environment, *, say: Callable[[str], None] = print) -> list[Service]
     pull_secret = _write_pull_secret(env, local_registries) if token_port else None
     contexts: dict[str, str] = {}
     # Clusters that hold Applications for others start first, so syncers find their Argo CD.
-    order = sorted(env.clusters, key=lambda c: _argocd_cluster(env, c) != c)
+    order = sorted(env.clusters, key=lambda c: (env.argocd_host(c) or c) != c)
     for name in order:
         url = f"http://127.0.0.1:{ports[name]}"
-        argocd_url = f"http://127.0.0.1:{ports[_argocd_cluster(env, name)]}"
+        argocd_url = f"http://127.0.0.1:{ports[env.argocd_host(name) or name]}"
         say(f"cluster {name:<5} {url} (sandbox API server + Deployment controller + sandbox Argo CD)")
         argv = [
             sys.executable,
