@@ -47,6 +47,7 @@ from tasks.failover import (
     read_dns,
     read_ingress_ips,
     read_overlays,
+    read_record,
     replace_dns,
     revert_switch,
     switch_components,
@@ -493,7 +494,7 @@ def _execute(
 
 
 def _holds(environment: Environment, action: ReplaceRecord, ips: frozenset[str]) -> bool:
-    return read_dns(untraced(environment)).get(action.name, ARecords(frozenset(), None)).ips == ips
+    return read_record(untraced(environment), action.name).ips == ips
 
 
 def _written_before(plan: FailoverPlan, found_done: Sequence[ReplaceRecord]) -> bool:

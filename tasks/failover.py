@@ -46,6 +46,12 @@ def read_dns(env: Environment) -> dict[str, ARecords]:
     return {r.name: dns.read(r.name) for app in env.apps for r in env.app_records(app)}
 
 
+@task(name="read-record", task_run_name="read-{name}", **IO_RETRIES, **FRESH)
+def read_record(env: Environment, name: str) -> ARecords:
+    """One record set (by name relative to the zone) as the authoritative server holds it."""
+    return wiring.dns(env).read(name)
+
+
 @task(name="publish-plan")
 def publish_plan(plan: FailoverPlan, reason: str, dry_run: bool, emergency: bool) -> str:
     """The plan as a markdown artifact in the Prefect UI, before anything changes."""

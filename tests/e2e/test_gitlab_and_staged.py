@@ -595,6 +595,9 @@ def test_a_failover_with_gitlab_waits_for_people_to_merge_each_switch_there(
     fake.merge(mr.iid, user="alice")  # the Merge Request Hook resumes the run
     run = final_run(env, run_id)
     assert run["state"]["type"] == "COMPLETED", run["state"]
+    # A run's process ships its logs in batches (PREFECT_LOGGING_TO_API_BATCH_INTERVAL, 2 s): the
+    # last ones may reach the API after the final state does.
+    wait_for(lambda: "step 4 of 4 done" in run_logs(env, run_id), "the run's last log lines", 30)
     logs = run_logs(env, run_id)
     assert "merged as" in logs and "by alice" in logs and "approved by bob" in logs, logs
     assert "Resumed: carrying out the plan made before the wait" in logs
